@@ -1,0 +1,3 @@
+from kdsr.cli import main
+
+main()

@@ -1,0 +1,164 @@
+"""The `kdsr` command line.  Commands only; the work is in kdsr.operations."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from kdsr import operations
+from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, IntentError, KdsrError
+from kdsr.kernel import KernelError
+from kdsr.kernel.state import StateStore
+from kdsr.plan_format import render_json, render_text
+
+EPILOG_EXIT_CODES = (
+    "Exit codes: 0 ok, 1 kernel or runtime error, 2 changes pending (plan --detailed-exitcode), "
+    "3 invalid intent, 4 usage (unknown or ambiguous node), 5 locked, 6 apply failed and was rolled back."
+)
+
+
+def _kernel():
+    from kdsr.kernel.system import SystemKernel
+
+    return SystemKernel()
+
+
+def _load(path: str):
+    from kdsr.intent import load_intent
+
+    return load_intent(path)
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, IntentError):
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"{len(exc.problems)} problem(s); nothing was changed.", err=True)
+    else:
+        click.echo(f"error: {exc}", err=True)
+    code = getattr(exc, "exit_code", EXIT_ERROR)
+    sys.exit(code)
+
+
+class Context:
+    def __init__(self, state_dir: str | None, wait: float) -> None:
+        self.store = StateStore(state_dir)
+        self.wait = wait
+
+
+@click.group(epilog=EPILOG_EXIT_CODES)
+@click.option("--state-dir", envvar="KDSR_STATE_DIR", default=None, help="Where kdsr records what it owns (default /var/lib/kdsr).")
+@click.option("--wait", default=0.0, type=float, show_default=True, help="Seconds to wait for another kdsr run's lock.")
+@click.version_option(package_name="kdsr")
+@click.pass_context
+def main(ctx: click.Context, state_dir: str | None, wait: float) -> None:
+    """kdsr: Direct Server Return load balancing compiled into the Linux kernel.
+
+    \b
+    kdsr validate examples/l2-web.json
+    kdsr plan examples/l2-web.json --node lb1
+    kdsr apply examples/l2-web.json --node lb1
+    """
+    ctx.obj = Context(state_dir, wait)
+
+
+@main.command(epilog="Example: kdsr validate examples/l2-web.json")
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+def validate(intent_file: str) -> None:
+    """Check an intent file (schema and cross-object rules); touches nothing."""
+    try:
+        intent = _load(intent_file)
+    except KdsrError as exc:
+        _fail(exc)
+    click.echo(
+        f"{intent_file}: valid ({len(intent.services)} services, {len(intent.pools)} pools, "
+        f"{len(intent.load_balancers)} load balancers, {len(intent.servers)} servers)"
+    )
+
+
+def _prepare(obj: Context, intent_file: str, node: str | None, kernel):
+    intent = _load(intent_file)
+    return operations.prepare(intent, node, kernel, obj.store)
+
+
+@main.command(epilog="Example: kdsr plan examples/l2-web.json --node lb1 --detailed-exitcode\n\n" + EPILOG_EXIT_CODES)
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schemas/plan.schema.json).")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when changes are pending, 0 when none.")
+@click.pass_obj
+def plan(obj: Context, intent_file: str, node: str | None, as_json: bool, detailed_exitcode: bool) -> None:
+    """Show what apply would change on this node (a dry run; writes nothing)."""
+    try:
+        prepared = _prepare(obj, intent_file, node, _kernel())
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+    click.echo((render_json if as_json else render_text)(prepared.plan, intent_file), nl=False)
+    if detailed_exitcode and not prepared.plan.empty:
+        sys.exit(EXIT_CHANGES)
+    sys.exit(EXIT_OK)
+
+
+@main.command(epilog="Example: kdsr apply examples/l2-web.json --node lb1\n\n" + EPILOG_EXIT_CODES)
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_obj
+def apply(obj: Context, intent_file: str, node: str | None, dry_run: bool, as_json: bool) -> None:
+    """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
+    kernel = _kernel()
+    render = render_json if as_json else render_text
+    try:
+        if dry_run:
+            prepared = _prepare(obj, intent_file, node, kernel)
+            click.echo(render(prepared.plan, intent_file), nl=False)
+            return
+        intent = _load(intent_file)
+        with obj.store.lock(obj.wait):
+            prepared = operations.prepare(intent, node, kernel, obj.store)
+            click.echo(render(prepared.plan, intent_file), nl=False)
+            if prepared.plan.empty:
+                return
+            result = operations.apply(prepared, kernel, obj.store)
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+    if not as_json:
+        click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; read back and verified.")
+
+
+@main.command(epilog="Example: kdsr show --node lb1 --json")
+@click.option("--node", help="Limit owned addresses and sysctls to this node's records.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def show(obj: Context, node: str | None, as_json: bool) -> None:
+    """What kdsr owns on this host now, with per-VIP and per-server packet counters."""
+    try:
+        report = operations.show(_kernel(), obj.store, node)
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+    click.echo(json.dumps(report, indent=2) if as_json else operations.format_show(report), nl=not as_json or True)
+
+
+@main.command(epilog="Example: kdsr destroy --node s1 --dry-run")
+@click.option("--node", help="The node whose kdsr state to remove (needed when several are recorded here).")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed and write nothing.")
+@click.pass_obj
+def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
+    """Remove exactly what kdsr owns on this node and restore the sysctls it changed."""
+    kernel = _kernel()
+    try:
+        name = operations.destroy_node_name(node, obj.store)
+        if dry_run:
+            click.echo(render_text(operations.prepare_destroy(name, kernel, obj.store).plan), nl=False)
+            return
+        with obj.store.lock(obj.wait):
+            prepared = operations.prepare_destroy(name, kernel, obj.store)
+            click.echo(render_text(prepared.plan), nl=False)
+            result = operations.apply(prepared, kernel, obj.store)
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+    if not prepared.plan.empty:
+        click.echo(f"Destroyed: {len(result.steps)} steps, {result.writes} kernel writes.")

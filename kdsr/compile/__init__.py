@@ -1,0 +1,26 @@
+"""Intent + node name -> Desired state for that node.  Pure: no kernel access.
+
+Nothing in this package may import pyroute2, nftables or subprocess; a unit
+test enforces it, so compile stays deterministic and testable without root.
+"""
+
+from __future__ import annotations
+
+from kdsr.compile.lb_nft_l2 import compile_load_balancer
+from kdsr.compile.server import compile_server
+from kdsr.errors import UsageError
+from kdsr.intent.model import Intent
+from kdsr.model import Desired
+
+__all__ = ["compile_node", "compile_load_balancer", "compile_server"]
+
+
+def compile_node(intent: Intent, node: str) -> Desired:
+    lb = intent.load_balancer(node)
+    if lb is not None:
+        return compile_load_balancer(intent, lb)
+    server = intent.server(node)
+    if server is not None:
+        return compile_server(intent, server)
+    known = ", ".join(intent.node_names()) or "none"
+    raise UsageError(f"{intent.source}: node {node!r} is not in the intent. Nodes: {known}.")

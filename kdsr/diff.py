@@ -1,0 +1,236 @@
+"""Desired x Observed -> Plan: what must change, as data.
+
+The same Plan drives the rendered dry run, apply, and drift reports.  Objects
+are matched by identity (table family+name, chain name, map name, element
+key, address interface+cidr, sysctl key) and compared on configuration only.
+Where a field cannot change in place, the change is a replace and names the
+field that forces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdsr.model import Address, Desired, NftChain, NftMap, NftTable, Observed, Sysctl
+
+CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
+ACTION_ORDER = {CREATE: 0, UPDATE: 1, REPLACE: 2, DELETE: 3}
+
+
+@dataclass(frozen=True)
+class Change:
+    action: str
+    kind: str  # "nft table" | "nft chain" | "nft map" | "nft element" | "address" | "sysctl"
+    ident: str
+    before: Any = None
+    after: Any = None
+    reason: str = ""  # for replace: the field that forces it
+    pointer: str = ""  # where in the intent this comes from
+
+
+@dataclass
+class TableDiff:
+    """Everything that differs inside one nft table, grouped for the batch builder."""
+
+    family: str
+    name: str
+    desired: NftTable | None
+    observed: NftTable | None
+    chains_add: list[NftChain] = field(default_factory=list)
+    chains_delete: list[NftChain] = field(default_factory=list)
+    chains_replace: list[tuple[NftChain, NftChain]] = field(default_factory=list)
+    chains_rebuild: list[NftChain] = field(default_factory=list)  # same hook, new rules
+    maps_add: list[NftMap] = field(default_factory=list)
+    maps_delete: list[NftMap] = field(default_factory=list)
+    maps_replace: list[tuple[NftMap, NftMap]] = field(default_factory=list)
+    # Per surviving map: keys to delete (removed or changed), elements to add.
+    elements_delete: dict[str, list] = field(default_factory=dict)
+    elements_add: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            (self.desired is None) != (self.observed is None)
+            or self.chains_add
+            or self.chains_delete
+            or self.chains_replace
+            or self.chains_rebuild
+            or self.maps_add
+            or self.maps_delete
+            or self.maps_replace
+            or any(self.elements_delete.values())
+            or any(self.elements_add.values())
+        )
+
+
+@dataclass
+class Plan:
+    node: str
+    role: str
+    changes: list[Change]
+    tables: list[TableDiff]
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+    def of_kind(self, kind: str) -> list[Change]:
+        return [c for c in self.changes if c.kind == kind]
+
+
+def _chain_replace_reason(old: NftChain, new: NftChain) -> str:
+    if (old.hook is None) != (new.hook is None):
+        return "base chain"
+    if old.hook and new.hook:
+        for name in ("type", "hook", "device", "priority", "policy"):
+            if getattr(old.hook, name) != getattr(new.hook, name):
+                return f"{name} {getattr(old.hook, name)} -> {getattr(new.hook, name)}"
+    return ""
+
+
+def _map_replace_reason(old: NftMap, new: NftMap) -> str:
+    for name in ("key_type", "data_type", "flags", "counter"):
+        if getattr(old, name) != getattr(new, name):
+            return f"{name} {getattr(old, name)} -> {getattr(new, name)}"
+    return ""
+
+
+def diff_table(desired: NftTable | None, observed: NftTable | None, changes: list[Change]) -> TableDiff:
+    ref = desired or observed
+    assert ref is not None
+    td = TableDiff(family=ref.family, name=ref.name, desired=desired, observed=observed)
+    tid = ref.ident
+    if desired is None:
+        changes.append(Change(DELETE, "nft table", tid, before=observed, pointer=""))
+        return td
+    if observed is None:
+        changes.append(Change(CREATE, "nft table", tid, after=desired, pointer=desired.pointer))
+        observed = NftTable(family=desired.family, name=desired.name, chains=(), maps=())
+    elif observed.comment != desired.comment:
+        # Table comments are fixed at creation; a different one means the
+        # table was not made by this kdsr.  Apply refuses to adopt it (see apply).
+        changes.append(Change(REPLACE, "nft table", tid, observed, desired, reason="comment"))
+
+    old_chains = {c.name: c for c in observed.chains}
+    for chain in desired.chains:
+        old = old_chains.pop(chain.name, None)
+        cid = f"{tid}/{chain.name}"
+        if old is None:
+            td.chains_add.append(chain)
+            changes.append(Change(CREATE, "nft chain", cid, after=chain, pointer=chain.pointer))
+        elif (reason := _chain_replace_reason(old, chain)):
+            td.chains_replace.append((old, chain))
+            changes.append(Change(REPLACE, "nft chain", cid, old, chain, reason=reason, pointer=chain.pointer))
+        elif old.rules != chain.rules:
+            td.chains_rebuild.append(chain)
+            changes.append(Change(UPDATE, "nft chain", cid, old, chain, reason="rules", pointer=chain.pointer))
+    for old in old_chains.values():
+        td.chains_delete.append(old)
+        changes.append(Change(DELETE, "nft chain", f"{tid}/{old.name}", before=old))
+
+    old_maps = {m.name: m for m in observed.maps}
+    for nmap in desired.maps:
+        old = old_maps.pop(nmap.name, None)
+        mid = f"{tid}/{nmap.name}"
+        if old is None:
+            td.maps_add.append(nmap)
+            changes.append(Change(CREATE, "nft map", mid, after=nmap, pointer=nmap.pointer))
+        elif (reason := _map_replace_reason(old, nmap)):
+            td.maps_replace.append((old, nmap))
+            changes.append(Change(REPLACE, "nft map", mid, old, nmap, reason=reason, pointer=nmap.pointer))
+        else:
+            _diff_elements(td, old, nmap, changes)
+    for old in old_maps.values():
+        td.maps_delete.append(old)
+        changes.append(Change(DELETE, "nft map", f"{tid}/{old.name}", before=old))
+    return td
+
+
+def _diff_elements(td: TableDiff, old: NftMap, new: NftMap, changes: list[Change]) -> None:
+    before, after = old.element_dict(), new.element_dict()
+    deletes, adds = [], []
+    for key, elem in new.elements:
+        prev = before.get(key)
+        eid = f"{td.family} {td.name}/{new.name}[{format_key(key)}]"
+        if prev is None:
+            adds.append((key, elem))
+            changes.append(Change(CREATE, "nft element", eid, after=elem, pointer=elem.comment or new.pointer))
+        elif prev != elem:
+            # nft has no in-place element update: delete + add in one batch.
+            deletes.append(key)
+            adds.append((key, elem))
+            changes.append(Change(UPDATE, "nft element", eid, prev, elem, pointer=elem.comment or new.pointer))
+    for key, elem in old.elements:
+        if key not in after:
+            deletes.append(key)
+            eid = f"{td.family} {td.name}/{new.name}[{format_key(key)}]"
+            changes.append(Change(DELETE, "nft element", eid, before=elem, pointer=elem.comment))
+    if deletes:
+        td.elements_delete[new.name] = deletes
+    if adds:
+        td.elements_add[new.name] = adds
+
+
+def format_key(key: Any) -> str:
+    if isinstance(key, tuple) and len(key) == 2 and all(isinstance(p, int) for p in key):
+        return str(key[0]) if key[0] == key[1] else f"{key[0]}-{key[1]}"
+    if isinstance(key, tuple):
+        return " . ".join(format_key(part) for part in key)
+    return str(key)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("jump", "goto"):
+        return f"{value[0]} {value[1]}"
+    return str(value)
+
+
+def _diff_addresses(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    present = {a.ident: a for a in observed.addresses}
+    wanted = {a.ident: a for a in desired.addresses}
+    for ident, addr in sorted(wanted.items()):
+        have = present.get(ident)
+        if have is None:
+            changes.append(Change(CREATE, "address", ident, after=addr, pointer=addr.pointer))
+        elif ident in observed.owned_addresses and have.label != addr.label:
+            changes.append(Change(REPLACE, "address", ident, have, addr, reason="label", pointer=addr.pointer))
+        # A foreign address equal to a wanted one already does the job; kdsr
+        # leaves it alone and never claims it (destroy will not remove it).
+    for ident in sorted(observed.owned_addresses):
+        if ident not in wanted and ident in present:
+            changes.append(Change(DELETE, "address", ident, before=present[ident]))
+
+
+def _diff_sysctls(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    current = {s.key: s for s in observed.sysctls}
+    previous = dict(observed.sysctl_previous)
+    wanted = {s.key: s for s in desired.sysctls}
+    for key, want in sorted(wanted.items()):
+        have = current.get(key)
+        if have is None or have.value != want.value:
+            changes.append(Change(UPDATE, "sysctl", want.dotted, have, want, pointer=want.pointer))
+    for key, value in sorted(previous.items()):
+        if key in wanted:
+            continue
+        have = current.get(key)
+        restore = Sysctl(key=key, value=value)
+        if have is not None and have.value != value:
+            changes.append(Change(DELETE, "sysctl", restore.dotted, have, restore, reason="restore"))
+        elif have is not None:
+            # Already back at the recorded value; only the record goes.
+            changes.append(Change(DELETE, "sysctl", restore.dotted, have, restore, reason="forget"))
+
+
+def diff(desired: Desired, observed: Observed) -> Plan:
+    changes: list[Change] = []
+    tables: list[TableDiff] = []
+    observed_tables = {t.ident: t for t in observed.tables}
+    for table in desired.tables:
+        td = diff_table(table, observed_tables.pop(table.ident, None), changes)
+        tables.append(td)
+    for table in observed_tables.values():
+        tables.append(diff_table(None, table, changes))
+    _diff_addresses(desired, observed, changes)
+    _diff_sysctls(desired, observed, changes)
+    return Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])

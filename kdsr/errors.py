@@ -1,0 +1,62 @@
+"""Errors a person can act on, and the exit codes scripts rely on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Exit codes (documented in README.md).
+EXIT_OK = 0
+EXIT_ERROR = 1  # kernel or runtime failure
+EXIT_CHANGES = 2  # plan --detailed-exitcode: changes pending
+EXIT_INVALID_INTENT = 3  # the intent file is malformed or inconsistent
+EXIT_USAGE = 4  # wrong command line (unknown node, ambiguous node, ...)
+EXIT_LOCKED = 5  # another kdsr run holds the lock
+EXIT_ROLLED_BACK = 6  # apply failed part-way and was rolled back
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an intent: where, what, and how to fix it."""
+
+    source: str  # file name
+    pointer: str  # JSON pointer, "" for the whole document
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.pointer or '/'}"
+        text = f"{where}: {self.message}"
+        if self.hint:
+            text += f" {self.hint}"
+        return text
+
+
+class KdsrError(Exception):
+    exit_code = EXIT_ERROR
+
+
+class IntentError(KdsrError):
+    """The intent is invalid; carries every problem found, not just the first."""
+
+    exit_code = EXIT_INVALID_INTENT
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class UsageError(KdsrError):
+    exit_code = EXIT_USAGE
+
+
+class LockedError(KdsrError):
+    exit_code = EXIT_LOCKED
+
+
+class ApplyError(KdsrError):
+    """A kernel write failed. ``rolled_back`` says whether the previous state is back."""
+
+    def __init__(self, message: str, rolled_back: bool):
+        self.rolled_back = rolled_back
+        self.exit_code = EXIT_ROLLED_BACK if rolled_back else EXIT_ERROR
+        super().__init__(message)

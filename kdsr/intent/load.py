@@ -1,0 +1,506 @@
+"""Read an intent file: parse, check the schema, verify, build the model.
+
+Each stage reports every problem it finds.  A later stage runs only when the
+earlier ones leave a document it can trust: verify needs the shapes the schema
+guarantees, so a document with schema errors gets those errors (all of them)
+and no verify pass; otherwise verify's cross-object problems are reported.
+Either way ``IntentError`` carries the whole list, sorted in file order.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from kdsr.errors import IntentError, Problem
+from kdsr.intent import verify as rules
+from kdsr.intent.model import (
+    DEFAULT_HASH_FIELDS,
+    DEFAULT_HASH_SEED,
+    DSR_L2,
+    ENGINE_NFT,
+    Hashing,
+    Intent,
+    LoadBalancerNode,
+    Pool,
+    PoolMember,
+    PortRange,
+    ServerNode,
+    Service,
+)
+
+SUPPORTED_MODES = (DSR_L2,)
+SUPPORTED_ENGINES = (ENGINE_NFT,)
+SCHEMA_ID = "https://kdsr.dev/schemas/intent-v1.json"
+
+JSON = "json"
+YAML = "yaml"
+_FORMATS_BY_SUFFIX = {".json": JSON, ".yaml": YAML, ".yml": YAML}
+
+
+def load_intent(path: str | Path) -> Intent:
+    """Read and validate an intent file; IntentError lists every problem."""
+    source = str(path)
+    try:
+        # utf-8-sig: tolerate the byte-order mark some Windows editors write.
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise IntentError([Problem(source, "", f"cannot read the file: {error.strerror}.")]) from None
+    except UnicodeDecodeError as error:
+        raise IntentError(
+            [Problem(source, "", f"the file is not UTF-8 text (byte {error.start}).", "Save it as UTF-8.")]
+        ) from None
+    return parse_intent(text, source)
+
+
+def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
+    """Validate intent text; ``fmt`` is "json" or "yaml", else guessed from ``source``."""
+    fmt = fmt or _guess_format(text, source)
+    doc, problems = _parse(text, source, fmt)
+    if doc is _UNREADABLE:
+        raise IntentError(problems)
+    schema_problems = list(_schema_problems(doc, source, fmt))
+    problems += schema_problems
+    # Verify trusts the schema's shapes (see the module docstring).
+    if not schema_problems:
+        problems += rules.verify(doc, source)
+    if problems:
+        raise IntentError(_in_file_order(_unique(problems), doc))
+    return _build(doc, source)
+
+
+def schema() -> dict:
+    """The intent JSON Schema, as shipped in the package (kdsr/data)."""
+    return _schema()
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+def _guess_format(text: str, source: str) -> str:
+    suffix = Path(source).suffix.lower()
+    if suffix in _FORMATS_BY_SUFFIX:
+        return _FORMATS_BY_SUFFIX[suffix]
+    # Standard input or an odd name: JSON documents start with "{".
+    return JSON if text.lstrip().startswith("{") else YAML
+
+
+class _Mapping(dict):
+    """A parsed object that remembers the keys it saw twice (last one wins)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.duplicates: list[tuple[object, str]] = []  # (key, where: " (line 12)")
+
+
+# An empty YAML file parses to None, so failure needs its own marker.
+_UNREADABLE = object()
+
+
+def _parse(text: str, source: str, fmt: str) -> tuple[object, list[Problem]]:
+    """(document or _UNREADABLE, problems); duplicate keys are problems, not fatal."""
+    try:
+        raw = _parse_json(text) if fmt == JSON else _parse_yaml(text)
+    except json.JSONDecodeError as error:
+        message = f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}."
+        return _UNREADABLE, [Problem(source, "", message, "Look for a missing comma, quote or bracket just before it.")]
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = error.problem or error.context or "unreadable"
+        return _UNREADABLE, [Problem(source, "", f"invalid YAML{where}: {what}.", "Check the indentation and quoting there.")]
+    except yaml.YAMLError as error:
+        return _UNREADABLE, [Problem(source, "", f"invalid YAML: {error}.")]
+    problems: list[Problem] = []
+    return _plain(raw, "", source, problems), problems
+
+
+def _parse_json(text: str) -> object:
+    def mapping(pairs: list[tuple[str, object]]) -> _Mapping:
+        result = _Mapping()
+        for key, value in pairs:
+            if key in result:
+                result.duplicates.append((key, ""))  # json keeps no positions
+            result[key] = value
+        return result
+
+    return json.loads(text, object_pairs_hook=mapping)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose mappings record duplicate keys instead of dropping them."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode):
+    # A generator, like SafeLoader's own map constructor, so that nested and
+    # recursive (anchor) structures are filled in after the object exists.
+    data = _Mapping()
+    yield data
+    loader.flatten_mapping(node)  # expand "<<" merge keys
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, "found an unhashable key", key_node.start_mark
+            ) from None
+        if key in data:
+            data.duplicates.append((key, f" (line {key_node.start_mark.line + 1})"))
+        data[key] = loader.construct_object(value_node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str) -> object:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _plain(value: object, pointer: str, source: str, problems: list[Problem]) -> object:
+    """Plain dicts and lists again, reporting duplicate and non-text keys."""
+    if isinstance(value, dict):
+        for key, where in getattr(value, "duplicates", []):
+            problems.append(
+                Problem(
+                    source,
+                    f"{pointer}/{_escape(str(key))}",
+                    f'"{key}" appears twice in the same object{where}; only the last one would count.',
+                    "Remove or rename one of them.",
+                )
+            )
+        result = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                # YAML turns unquoted keys like `on`, `no` or `80` into
+                # booleans and numbers; names must be text.
+                problems.append(
+                    Problem(
+                        source,
+                        f"{pointer}/{_escape(str(key))}",
+                        f"the key {key!r} is not text.",
+                        "Quote it in YAML (\"on\": ...) so it stays a name.",
+                    )
+                )
+                key = str(key)
+            result[key] = _plain(item, f"{pointer}/{_escape(key)}", source, problems)
+        return result
+    if isinstance(value, list):
+        return [_plain(item, f"{pointer}/{i}", source, problems) for i, item in enumerate(value)]
+    return value
+
+
+# --- schema -------------------------------------------------------------------
+
+
+@functools.cache
+def _schema() -> dict:
+    text = importlib.resources.files("kdsr").joinpath("data/intent.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _check_address(value: object) -> bool:
+    if isinstance(value, str):
+        rules.parse_address(value)  # ValueError carries the message
+    return True
+
+
+def _check_interface(value: object) -> bool:
+    if isinstance(value, str):
+        rules.parse_interface(value)
+    return True
+
+
+def _format_checker() -> jsonschema.FormatChecker:
+    # The schema's address formats are kdsr's own, checked with ipaddress here
+    # so that a bad address is reported together with every other schema
+    # error.  Only these formats: the standard ones would depend on which
+    # optional packages happen to be installed.
+    checker = jsonschema.FormatChecker(formats=())
+    checker.checks("ip-address", raises=ValueError)(_check_address)
+    checker.checks("ip-interface", raises=ValueError)(_check_interface)
+    return checker
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(_schema(), format_checker=_format_checker())
+
+
+def _schema_problems(doc: object, source: str, fmt: str) -> Iterable[Problem]:
+    for error in _validator().iter_errors(doc):
+        yield from _explain(error, source, fmt)
+
+
+# Hints by instance location; "*" matches any key or index.  First match wins.
+_PORT_HINT = 'Ports are 1-65535: a port (80), a range "A-B" ("5000-5010"), or a list of them.'
+_ADDRESS_HINT = 'Give one address without prefix length, e.g. "10.10.0.100" or "fd00:10::100".'
+_HINTS: list[tuple[tuple[str, ...], str]] = [
+    (("version",), "This kdsr reads intent version 1; set \"version\": 1."),
+    (("services",), "Define at least one service: a VIP, ports and a pool."),
+    (("load_balancers",), "Define at least one load balancer: its interface and addresses."),
+    (("services", "*", "vip"), "A VIP is one IPv4 or IPv6 address, e.g. \"10.10.0.100\" or \"fd00:10::100\"."),
+    (("services", "*", "ports"), _PORT_HINT),
+    (("services", "*", "ports", "*"), _PORT_HINT),
+    (("services", "*", "protocols"), 'Use "tcp", "udp", "both", or a list such as ["tcp", "udp"].'),
+    (("services", "*", "protocols", "*"), 'A list holds "tcp" and "udp"; "both" is a shorthand for the whole field.'),
+    (("services", "*", "pool"), "Name a pool defined under /pools."),
+    (("services", "*", "dsr", "mode"), "L3 modes (l3-ipip, l3-gre) are not available yet."),
+    (("services", "*", "dsr", "engine"), "The ipvs engine is not available yet."),
+    (("services", "*", "hashing", "seed"), "Seeds are 0-4294967295; leave it out to use the default every LB shares."),
+    (("services", "*", "hashing", "table_size"), "table_size is a prime between 7 and 65537; leave it out to let kdsr choose."),
+    (("pools", "*", "servers"), "List at least one server; to drain a pool, keep its servers with weight 0."),
+    (("pools", "*", "servers", "*"), "Give 'node' (a name under /servers), 'address' (an IP), or both."),
+    (("pools", "*", "servers", "*", "weight"), "Weights are 0-10000; 0 drains the server."),
+    (("pools", "*", "servers", "*", "mac"), "Write a MAC address as six hex pairs: aa:bb:cc:dd:ee:ff."),
+    (("pools", "*", "servers", "*", "address"), _ADDRESS_HINT),
+    (("pools", "*", "servers", "*", "node"), "Name a server node defined under /servers."),
+    (("*", "*", "interface"), "Interface names are 1-15 bytes (IFNAMSIZ) of letters, digits, '_', '.' and '-'."),
+    (("*", "*", "addresses"), 'List the node\'s addresses with prefix length, e.g. ["10.10.0.2/24", "fd00:10::2/64"].'),
+    (("*", "*", "addresses", "*"), 'Write addresses with prefix length, e.g. "10.10.0.2/24" or "fd00:10::2/64".'),
+]
+_NAME_HINT = (
+    "Names start with a lower-case letter followed by up to 22 lower-case letters, digits or '-' "
+    "(they become part of nftables chain names)."
+)
+_JSON_TYPES = {
+    "object": "an object",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+
+
+def _hint(path: list) -> str:
+    for pattern, hint in _HINTS:
+        if len(pattern) == len(path) and all(p in ("*", str(k)) for p, k in zip(pattern, path)):
+            return hint
+    return ""
+
+
+def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[Problem]:
+    """One schema error as Problems a person can act on."""
+    path = list(error.absolute_path)
+    value = error.instance
+    keyword = error.validator
+    shown = _show(value)
+
+    # propertyNames errors are about a key, not the value at `path`.
+    if "propertyNames" in error.absolute_schema_path:
+        return [Problem(source, _pointer(path + [value]), f"{shown} is not a valid name.", _NAME_HINT)]
+
+    if keyword == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        return [
+            Problem(
+                source,
+                _pointer(path + [key]),
+                f'unknown field "{key}".',
+                f"{rules.did_you_mean(key, allowed)}Allowed fields: {', '.join(allowed)}.",
+            )
+            for key in value
+            if key not in allowed
+        ]
+
+    if keyword == "required":
+        # One error per missing field; the message is the only place that
+        # names it, so find the ones that are missing instead.
+        problems = []
+        for name in error.validator_value:
+            if name not in value:
+                description = error.schema.get("properties", {}).get(name, {}).get("description", "")
+                problems.append(
+                    Problem(source, _pointer(path), f'missing required field "{name}".', f'Add "{name}": {description}'.strip())
+                )
+        return problems
+
+    hint = _hint(path)
+    if keyword == "type":
+        expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        message = f"{shown} is {_type_name(value)}; expected {_join_or([_JSON_TYPES[t] for t in expected])}."
+        if fmt == YAML and "string" in expected and not isinstance(value, (dict, list)):
+            hint = "In YAML, put the value in quotes so it stays text. " + hint
+    elif keyword == "minimum":
+        message = f"{shown} is less than {error.validator_value}."
+    elif keyword == "maximum":
+        message = f"{shown} is greater than {error.validator_value}."
+    elif keyword == "enum":
+        supported = ", ".join(_show(v) for v in error.validator_value)
+        message = f"{shown} is not supported. Supported values: {supported}."
+    elif keyword == "const":
+        message = f"{shown} is not supported; expected {_show(error.validator_value)}."
+    elif keyword == "minItems":
+        what = "a pool with no servers" if path[:1] == ["pools"] else "the list is empty"
+        message = f"{what}."
+    elif keyword == "minProperties":
+        message = f"no {str(path[-1]).replace('_', ' ')} defined." if path else "the document is empty."
+    elif keyword == "uniqueItems":
+        message = f"{shown} lists a value twice."
+    elif keyword == "maxLength":
+        message = f"{shown} is {len(value.encode())} bytes long."
+    elif keyword == "minLength":
+        message = "the value is empty."
+    elif keyword == "pattern":
+        message = _pattern_message(path, shown)
+    elif keyword == "not":
+        message = f"{shown} is not a usable name."
+    elif keyword == "format":
+        message = f"{error.cause}." if error.cause else f"{shown} is not a valid {error.validator_value}."
+    elif keyword == "anyOf" and path[:1] == ["pools"]:
+        message = "a pool member needs 'node' or 'address'."
+    elif error.context:
+        # Any other combinator: the most relevant branch says it best.
+        return _explain(jsonschema.exceptions.best_match(error.context), source, fmt)
+    else:
+        message = f"{error.message}."
+    return [Problem(source, _pointer(path), message, hint)]
+
+
+def _pattern_message(path: list, shown: str) -> str:
+    field = str(path[-1]) if path and isinstance(path[-1], str) else str(path[-2]) if len(path) > 1 else ""
+    if field == "ports":
+        return f"{shown} is not a port range."
+    if field == "mac":
+        return f"{shown} is not a MAC address."
+    if field == "interface":
+        return f"{shown} has characters that are not allowed in an interface name."
+    return f"{shown} is not valid here."
+
+
+def _type_name(value: object) -> str:
+    for json_type, name in _JSON_TYPES.items():
+        if json_type != "number" and _validator().is_type(value, json_type):
+            return name
+    if isinstance(value, float):
+        return "a number"
+    return f"a {type(value).__name__}"  # e.g. a YAML date
+
+
+def _join_or(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it (JSON spelling), cut short when long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")  # RFC 6901
+
+
+def _pointer(path: Iterable) -> str:
+    return "".join(f"/{_escape(str(part))}" for part in path)
+
+
+# --- reporting order ----------------------------------------------------------
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+def _in_file_order(problems: list[Problem], doc: object) -> list[Problem]:
+    """Sort problems the way the file reads (stable for ties)."""
+    order: dict[str, int] = {}
+
+    def walk(value: object, pointer: str) -> None:
+        order[pointer] = len(order)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{pointer}/{_escape(str(key))}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{pointer}/{i}")
+
+    walk(doc, "")
+
+    def position(problem: Problem) -> int:
+        pointer = problem.pointer
+        while pointer not in order:  # a missing field: sort by its parent
+            pointer = pointer.rpartition("/")[0]
+        return order[pointer]
+
+    return sorted(problems, key=position)
+
+
+# --- model --------------------------------------------------------------------
+
+
+def _build(doc: dict, source: str) -> Intent:
+    servers = doc.get("servers", {})
+    return Intent(
+        source=source,
+        services=tuple(_service(name, doc["services"][name]) for name in sorted(doc["services"])),
+        pools=tuple(_pool(name, doc["pools"][name], servers) for name in sorted(doc["pools"])),
+        load_balancers=tuple(
+            LoadBalancerNode(**_node(name, doc["load_balancers"][name], "load_balancers"))
+            for name in sorted(doc["load_balancers"])
+        ),
+        servers=tuple(ServerNode(**_node(name, servers[name], "servers")) for name in sorted(servers)),
+    )
+
+
+def _service(name: str, service: dict) -> Service:
+    pointer = f"/services/{name}"
+    ports = []
+    for port_pointer, item in rules.port_entries(service["ports"], f"{pointer}/ports"):
+        first, last = rules.parse_port(item)
+        ports.append(PortRange(first, last, port_pointer))
+    dsr = service.get("dsr", {})
+    hashing = service.get("hashing", {})
+    return Service(
+        name=name,
+        vip=rules.parse_address(service["vip"]),
+        ports=tuple(sorted(ports, key=lambda r: (r.first, r.last))),
+        protocols=rules.service_protocols(service),
+        pool=service["pool"],
+        mode=dsr.get("mode", DSR_L2),
+        engine=dsr.get("engine", ENGINE_NFT),
+        hashing=Hashing(
+            fields=hashing.get("fields", DEFAULT_HASH_FIELDS),
+            seed=int(hashing.get("seed", DEFAULT_HASH_SEED)),
+            table_size=int(hashing["table_size"]) if "table_size" in hashing else None,
+            pointer=f"{pointer}/hashing",
+        ),
+        pointer=pointer,
+    )
+
+
+def _pool(name: str, pool: dict, servers: dict) -> Pool:
+    members = []
+    for i, member in enumerate(pool["servers"]):
+        text, _ = rules.member_address(member, servers)  # verify proved it resolves
+        mac = member.get("mac")
+        members.append(
+            PoolMember(
+                address=rules.parse_address(text),
+                weight=int(member.get("weight", 1)),
+                node=member.get("node"),
+                mac=mac.lower() if mac else None,
+                pointer=f"/pools/{name}/servers/{i}",
+            )
+        )
+    return Pool(name=name, members=tuple(members), pointer=f"/pools/{name}")
+
+
+def _node(name: str, node: dict, kind: str) -> dict:
+    return {
+        "name": name,
+        "interface": node["interface"],
+        "addresses": tuple(rules.parse_interface(a) for a in node["addresses"]),
+        "pointer": f"/{kind}/{name}",
+    }

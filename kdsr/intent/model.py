@@ -1,0 +1,116 @@
+"""The validated intent: frozen objects that remember where they came from.
+
+Every object carries ``pointer``, the JSON pointer (RFC 6901) of the object in
+the intent file, so compile, plan and kernel errors can point back to the line
+the user wrote (``/services/web/ports/0``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+# Hash field choices.  The names are the intent's vocabulary; compile maps them
+# to nft jhash expressions.
+HASH_SOURCE_IP = "source-ip"
+HASH_SOURCE_IP_PORT = "source-ip-port"
+HASH_FIVE_TUPLE = "five-tuple"
+HASH_FIELDS = (HASH_SOURCE_IP, HASH_SOURCE_IP_PORT, HASH_FIVE_TUPLE)
+
+DEFAULT_HASH_FIELDS = HASH_SOURCE_IP_PORT
+# "kdsr" in ASCII.  Any fixed value works; what matters is that every load
+# balancer uses the same one, which a constant default guarantees.
+DEFAULT_HASH_SEED = 0x6B647372
+
+DSR_L2 = "l2"
+ENGINE_NFT = "nft"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """Inclusive port range; a single port has first == last."""
+
+    first: int
+    last: int
+    pointer: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class Hashing:
+    fields: str = DEFAULT_HASH_FIELDS
+    seed: int = DEFAULT_HASH_SEED
+    table_size: int | None = None  # None: chosen from the pool size
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    vip: IPAddress
+    ports: tuple[PortRange, ...]
+    protocols: tuple[str, ...]  # sorted subset of ("tcp", "udp")
+    pool: str
+    mode: str  # "l2"
+    engine: str  # "nft"
+    hashing: Hashing
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    address: IPAddress
+    weight: int
+    node: str | None  # the server node this member is, if kdsr manages it
+    mac: str | None  # lower-case aa:bb:cc:dd:ee:ff, or None: resolve by ARP/ND
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    members: tuple[PoolMember, ...]  # in intent order; compile sorts canonically
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class LoadBalancerNode:
+    name: str
+    interface: str
+    addresses: tuple[IPInterface, ...]
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class ServerNode:
+    name: str
+    interface: str
+    addresses: tuple[IPInterface, ...]
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Intent:
+    source: str  # the file name, for messages
+    services: tuple[Service, ...]
+    pools: tuple[Pool, ...]
+    load_balancers: tuple[LoadBalancerNode, ...]
+    servers: tuple[ServerNode, ...]
+
+    def pool(self, name: str) -> Pool:
+        return next(p for p in self.pools if p.name == name)
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.load_balancers] + [n.name for n in self.servers]
+
+    def load_balancer(self, name: str) -> LoadBalancerNode | None:
+        return next((n for n in self.load_balancers if n.name == name), None)
+
+    def server(self, name: str) -> ServerNode | None:
+        return next((n for n in self.servers if n.name == name), None)

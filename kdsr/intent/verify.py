@@ -1,0 +1,457 @@
+"""Cross-object rules of an intent: what a JSON Schema cannot express.
+
+``verify`` runs on a document that already passed the schema (``load`` skips it
+otherwise), so shapes and types are known here; values are not, which is why
+every address is parsed defensively and a bad one is reported, never raised.
+Every rule reports all of its problems; nothing stops at the first.
+
+The parsing helpers (``parse_address``, ``port_entries``, ``member_address``
+...) are shared with ``load``, which builds the model from the same document:
+one definition of what "the member's address" means.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from dataclasses import dataclass
+
+from kdsr.errors import Problem
+from kdsr.intent.model import DSR_L2, IPAddress, IPInterface
+from kdsr.intent.primes import is_prime, next_prime
+
+PROTOCOLS = ("tcp", "udp")
+
+L3_NOT_YET = "an L3 mode (not available yet)"
+
+
+# --- parsing helpers, shared with load ---------------------------------------
+
+
+def parse_address(text: str) -> IPAddress:
+    """An IPv4/IPv6 address without prefix; ValueError with a readable message."""
+    if "/" in text:
+        raise ValueError(f'"{text}" has a prefix length; give the address alone')
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f'"{text}" is not an IPv4 or IPv6 address') from None
+    if getattr(address, "scope_id", None):
+        # A zone (fe80::1%eth0) names an interface of one host; meaningless
+        # in a file shared by many hosts.
+        raise ValueError(f'"{text}" has a zone (%{address.scope_id}); remove it')
+    return address
+
+
+def parse_interface(text: str) -> IPInterface:
+    """An address with prefix length ("10.10.0.2/24"); ValueError otherwise."""
+    if "/" not in text:
+        # The prefix tells which servers are on the node's segment (L2 DSR).
+        raise ValueError(f'"{text}" has no prefix length; write it like "10.10.0.2/24"')
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise ValueError(
+            f'"{text}" is not an IPv4 or IPv6 address with prefix length'
+        ) from None
+    if getattr(interface.ip, "scope_id", None):
+        raise ValueError(f'"{text}" has a zone (%{interface.ip.scope_id}); remove it')
+    return interface
+
+
+def port_entries(ports: object, pointer: str) -> list[tuple[str, int | str]]:
+    """The service's port items with their pointers (a scalar is its own item)."""
+    if isinstance(ports, list):
+        return [(f"{pointer}/{i}", item) for i, item in enumerate(ports)]
+    return [(pointer, ports)]  # type: ignore[list-item]
+
+
+def parse_port(item: int | str) -> tuple[int, int]:
+    """(first, last) of a port or "A-B" range; ValueError when out of order/range."""
+    if isinstance(item, int):
+        return item, item  # the schema bounded it to 1-65535
+    first, last = (int(part) for part in item.split("-"))
+    for port in (first, last):
+        if not 1 <= port <= 65535:
+            raise ValueError(f'{port} in "{item}" is not a port')
+    if first > last:
+        raise ValueError(f'"{item}" runs backwards; write it "{last}-{first}"')
+    return first, last
+
+
+def protocol_set(value: str | list[str]) -> tuple[str, ...]:
+    """Sorted protocol names from "tcp" / "udp" / "both" / a list."""
+    if value == "both":
+        return PROTOCOLS
+    names = [value] if isinstance(value, str) else value
+    return tuple(sorted(set(names)))
+
+
+def service_protocols(service: dict) -> tuple[str, ...]:
+    return protocol_set(service.get("protocols", "tcp"))
+
+
+def service_mode(service: dict) -> str:
+    return service.get("dsr", {}).get("mode", DSR_L2)
+
+
+def member_address(member: dict, servers: dict) -> tuple[str, str] | None:
+    """(address text, pointer suffix of the field it came from), or None.
+
+    An explicit ``address`` wins; otherwise the node's FIRST address, without
+    its prefix.  None when neither resolves (unknown node); verify reports that.
+    """
+    if "address" in member:
+        return member["address"], "/address"
+    node = servers.get(member.get("node"))
+    if node is None:
+        return None
+    return node["addresses"][0].split("/")[0], "/node"
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f'Did you mean "{close[0]}"? ' if close else ""
+
+
+def names_list(names: list[str]) -> str:
+    return ", ".join(names) if names else "(none)"
+
+
+# --- the rules ----------------------------------------------------------------
+
+
+@dataclass
+class _Owner:
+    """Who holds an address, for "already used by" messages."""
+
+    what: str  # "load balancer lb1", "server s1", "pool web member 0"
+    pointer: str
+
+
+@dataclass
+class _Member:
+    pool: str
+    index: int
+    pointer: str  # /pools/web/servers/0
+    address: IPAddress | None  # None: unresolvable, already reported
+    address_pointer: str  # the field the address came from
+
+
+class _Verifier:
+    def __init__(self, doc: dict, source: str):
+        self.doc = doc
+        self.source = source
+        self.problems: list[Problem] = []
+        self.services: dict = doc["services"]
+        self.pools: dict = doc["pools"]
+        self.load_balancers: dict = doc["load_balancers"]
+        self.servers: dict = doc.get("servers", {})
+        # Filled by the first passes, read by the cross-object rules.
+        self.node_addresses: dict[tuple[str, str], list[IPInterface]] = {}
+        self.address_owner: dict[IPAddress, _Owner] = {}
+        self.vips: dict[str, IPAddress] = {}
+        self.members: dict[str, list[_Member]] = {}
+
+    def report(self, pointer: str, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(self.source, pointer, message, hint))
+
+    def run(self) -> list[Problem]:
+        self.check_node_names()
+        self.check_node_addresses()
+        self.check_vips()
+        self.check_pool_references()
+        self.check_members()
+        self.check_vip_owners()
+        self.check_member_macs()
+        self.check_address_families()
+        self.check_l2_reachability()
+        self.check_ports()
+        self.check_table_sizes()
+        return self.problems
+
+    # Rule 11: one role per node; the CLI selects a node by name (--node).
+    def check_node_names(self) -> None:
+        for name in self.servers:
+            if name in self.load_balancers:
+                self.report(
+                    f"/servers/{name}",
+                    f'"{name}" is both a load balancer (/load_balancers/{name}) and a server.',
+                    "A node is a load balancer or a server, not both; rename one of them.",
+                )
+
+    # Rule 12 for node addresses, plus: one address, one owner.
+    def check_node_addresses(self) -> None:
+        for kind, label, nodes in (
+            ("load_balancers", "load balancer", self.load_balancers),
+            ("servers", "server", self.servers),
+        ):
+            for name, node in nodes.items():
+                parsed: list[IPInterface] = []
+                for i, text in enumerate(node["addresses"]):
+                    pointer = f"/{kind}/{name}/addresses/{i}"
+                    try:
+                        interface = parse_interface(text)
+                    except ValueError as error:
+                        self.report(pointer, f"{error}.", 'Write addresses like "10.10.0.2/24" or "fd00:10::2/64".')
+                        continue
+                    parsed.append(interface)
+                    self.claim(interface.ip, _Owner(f"{label} {name}", pointer), pointer)
+                self.node_addresses[(kind, name)] = parsed
+
+    def claim(self, address: IPAddress, owner: _Owner, pointer: str) -> None:
+        """Record who holds an address; report when someone already does."""
+        earlier = self.address_owner.get(address)
+        if earlier is None:
+            self.address_owner[address] = owner
+            return
+        self.report(
+            pointer,
+            f"{address} is already the address of {earlier.what} ({earlier.pointer}).",
+            "Each address belongs to one node; fix the duplicate.",
+        )
+
+    # Rule 12 for VIPs; rule 2 comes later, once member addresses are known.
+    def check_vips(self) -> None:
+        for name, service in self.services.items():
+            pointer = f"/services/{name}/vip"
+            try:
+                vip = parse_address(service["vip"])
+            except ValueError as error:
+                self.report(pointer, f"{error}.", 'A VIP is one address, e.g. "10.10.0.100" or "fd00:10::100".')
+                continue
+            if vip.is_unspecified or vip.is_multicast or vip.is_loopback:
+                kind = "unspecified" if vip.is_unspecified else "multicast" if vip.is_multicast else "loopback"
+                self.report(pointer, f"{vip} is a {kind} address.", "A VIP must be a unicast address clients can reach.")
+                continue
+            self.vips[name] = vip
+
+    # Rule 2: a VIP is nobody's own address.
+    def check_vip_owners(self) -> None:
+        for name, vip in self.vips.items():
+            owner = self.address_owner.get(vip)
+            if owner is not None:
+                self.report(
+                    f"/services/{name}/vip",
+                    f"VIP {vip} is the address of {owner.what} ({owner.pointer}).",
+                    "A VIP needs an address of its own: load balancers attract it and servers "
+                    "hold it on loopback; pick an unused address.",
+                )
+
+    # Rule 4 for services.
+    def check_pool_references(self) -> None:
+        known = list(self.pools)
+        for name, service in self.services.items():
+            pool = service["pool"]
+            if pool not in self.pools:
+                self.report(
+                    f"/services/{name}/pool",
+                    f'unknown pool "{pool}".',
+                    f"{did_you_mean(pool, known)}Defined pools: {names_list(known)}.",
+                )
+
+    # Rules 4 (nodes), 7, 12 for members; the member `port` field; resolution.
+    def check_members(self) -> None:
+        for pool_name, pool in self.pools.items():
+            members: list[_Member] = []
+            seen: dict[IPAddress, str] = {}
+            for i, member in enumerate(pool["servers"]):
+                pointer = f"/pools/{pool_name}/servers/{i}"
+                if "port" in member:
+                    self.report(
+                        f"{pointer}/port",
+                        "a server port other than the service's is not supported.",
+                        "DSR forwards packets unchanged, so a server must listen on the "
+                        "service's own port; remove this field.",
+                    )
+                node_ok = self.check_member_node(member, pointer)
+                address, field = self.resolve(member, pointer, node_ok)
+                members.append(_Member(pool_name, i, pointer, address, pointer + field))
+                if address is None:
+                    continue
+                owner = self.address_owner.get(address)
+                if address in seen:
+                    self.report(
+                        pointer + field,
+                        f"{address} is already a member of this pool ({seen[address]}).",
+                        "List each server once; use 'weight' to give it a bigger share.",
+                    )
+                    continue
+                seen[address] = pointer
+                if owner is None:
+                    # An unmanaged server (address only): no VIP may take it either.
+                    self.address_owner[address] = _Owner(f"pool {pool_name} member {i}", pointer)
+                elif owner.what.startswith("load balancer"):
+                    self.report(
+                        pointer + field,
+                        f"{address} is the address of {owner.what} ({owner.pointer}).",
+                        "A load balancer cannot be a member of its own pool; use a server's address.",
+                    )
+            self.members[pool_name] = members
+
+    def check_member_node(self, member: dict, pointer: str) -> bool:
+        """Rule 4 for members: True when `node` is absent or names a server."""
+        node = member.get("node")
+        if node is None or node in self.servers:
+            return True
+        if node in self.load_balancers:
+            self.report(
+                f"{pointer}/node",
+                f'"{node}" is a load balancer, not a server node.',
+                "Pool members are servers (under /servers).",
+            )
+            return False
+        known = list(self.servers)
+        hint = (
+            f"{did_you_mean(node, known)}Defined server nodes: {names_list(known)}."
+            if known
+            else "There are no server nodes under /servers; define it there, or give the member an 'address' instead."
+        )
+        self.report(f"{pointer}/node", f'unknown server node "{node}".', hint)
+        return False
+
+    def resolve(self, member: dict, pointer: str, node_ok: bool) -> tuple[IPAddress | None, str]:
+        """The member's address (None when it can't be known) and its field."""
+        resolved = member_address(member, self.servers) if node_ok else None
+        if resolved is None:
+            return None, "/node"
+        text, field = resolved
+        try:
+            address = parse_address(text)
+        except ValueError as error:
+            if field == "/address":
+                self.report(pointer + field, f"{error}.", 'Give one address, e.g. "10.10.0.11".')
+            # else: the node's own address is bad, reported under /servers.
+            return None, field
+        node = member.get("node")
+        if field == "/address" and node is not None:
+            ips = [i.ip for i in self.node_addresses.get(("servers", node), [])]
+            if ips and address not in ips:
+                self.report(
+                    pointer + field,
+                    f"{address} is not an address of server {node} ({', '.join(map(str, ips))}).",
+                    "Use one of the node's addresses, or leave 'address' out to use its first one.",
+                )
+        return address, field
+
+    # Rule 6: the compiler either programs static neighbours or resolves all.
+    def check_member_macs(self) -> None:
+        for pool_name, pool in self.pools.items():
+            servers = pool["servers"]
+            pinned = [i for i, m in enumerate(servers) if "mac" in m]
+            for i in pinned:
+                mac = bytes.fromhex(servers[i]["mac"].replace(":", ""))
+                if mac == bytes(6) or mac[0] & 1:
+                    self.report(
+                        f"/pools/{pool_name}/servers/{i}/mac",
+                        f"{servers[i]['mac']} is not a unicast MAC address.",
+                        "Give the server interface's own MAC address.",
+                    )
+            unpinned = [i for i in range(len(servers)) if i not in pinned]
+            if pinned and unpinned:
+                self.report(
+                    f"/pools/{pool_name}/servers",
+                    f"members {_indexes(pinned)} pin a 'mac' but members {_indexes(unpinned)} do not.",
+                    "Pin a MAC on every member of the pool or on none (kdsr then resolves them by ARP/ND).",
+                )
+
+    # Rule 3: one pool serves one address family.
+    def check_address_families(self) -> None:
+        for name, service in self.services.items():
+            vip = self.vips.get(name)
+            members = self.members.get(service["pool"])
+            if vip is None or members is None:
+                continue
+            wrong = [m for m in members if m.address is not None and m.address.version != vip.version]
+            if wrong:
+                listed = ", ".join(f"{m.address} ({m.pointer})" for m in wrong)
+                self.report(
+                    f"/services/{name}/pool",
+                    f"service {name} has IPv{vip.version} VIP {vip} but pool {service['pool']} "
+                    f"has IPv{wrong[0].address.version} members: {listed}.",
+                    f"DSR does not translate addresses: give those members an IPv{vip.version} "
+                    "'address', or use a separate pool per address family.",
+                )
+
+    # Rule 5: L2 DSR rewrites only the MAC, so each server must be on a
+    # segment every load balancer is directly connected to.
+    def check_l2_reachability(self) -> None:
+        l2_pools = dict.fromkeys(
+            s["pool"] for s in self.services.values() if service_mode(s) == DSR_L2 and s["pool"] in self.members
+        )
+        for pool_name in l2_pools:
+            for member in self.members[pool_name]:
+                if member.address is None:
+                    continue
+                for lb_name in self.load_balancers:
+                    interfaces = self.node_addresses.get(("load_balancers", lb_name), [])
+                    if any(member.address in i.network for i in interfaces if i.version == member.address.version):
+                        continue
+                    networks = ", ".join(str(i.network) for i in interfaces)
+                    self.report(
+                        member.address_pointer,
+                        f"server {member.address} is not on a subnet connected to load balancer "
+                        f"{lb_name} ({networks}).",
+                        "L2 DSR needs servers on the LB's segment; use a server on that segment "
+                        f"or {L3_NOT_YET}.",
+                    )
+
+    # Port ranges (rule 12's cousin) and rule 1: one service per VIP/proto/port.
+    def check_ports(self) -> None:
+        claimed: list[tuple[IPAddress, str, int, int, str, str]] = []
+        for name, service in self.services.items():
+            vip = self.vips.get(name)
+            protocols = service_protocols(service)
+            for pointer, item in port_entries(service["ports"], f"/services/{name}/ports"):
+                try:
+                    first, last = parse_port(item)
+                except ValueError as error:
+                    self.report(pointer, f"{error}.", 'Ports are 1-65535; a range is written "A-B" with A <= B.')
+                    continue
+                if vip is None:
+                    continue
+                # Group by earlier entry so "tcp/udp" is one line, not two.
+                clashes: dict[tuple[str, str, int, int], list[str]] = {}
+                for c_vip, c_proto, c_first, c_last, c_name, c_pointer in claimed:
+                    if c_vip == vip and c_proto in protocols and c_first <= last and first <= c_last:
+                        clashes.setdefault((c_name, c_pointer, c_first, c_last), []).append(c_proto)
+                for (c_name, c_pointer, c_first, c_last), protos in clashes.items():
+                    what = f"{vip} {'/'.join(protos)} {_ports(first, last)}"
+                    where = "this service" if c_name == name else f"service {c_name}"
+                    if (c_first, c_last) == (first, last):
+                        message = f"{what} already belong{'s' if first == last else ''} to {where} ({c_pointer})."
+                    else:
+                        verb = "overlaps" if first == last else "overlap"
+                        message = f"{what} {verb} {_ports(c_first, c_last)} of {where} ({c_pointer})."
+                    hint = (
+                        "Remove the duplicate."
+                        if c_name == name
+                        else "A VIP, protocol and port select one service; change the ports or the VIP."
+                    )
+                    self.report(pointer, message, hint)
+                claimed.extend((vip, proto, first, last, name, pointer) for proto in protocols)
+
+    # Rule 10: Maglev needs a prime table size.
+    def check_table_sizes(self) -> None:
+        for name, service in self.services.items():
+            size = service.get("hashing", {}).get("table_size")
+            if size is not None and not is_prime(size):
+                # next_prime(<= 65537) <= 65537, so the suggestion is always allowed.
+                self.report(
+                    f"/services/{name}/hashing/table_size",
+                    f"table_size {size} is not prime.",
+                    f"A consistent-hash (Maglev) table needs a prime size; try {next_prime(size)}.",
+                )
+
+
+def _indexes(indexes: list[int]) -> str:
+    return ", ".join(map(str, indexes))
+
+
+def _ports(first: int, last: int) -> str:
+    return f"port {first}" if first == last else f"ports {first}-{last}"
+
+
+def verify(doc: dict, source: str) -> list[Problem]:
+    """Every cross-object problem of a schema-valid intent document."""
+    return _Verifier(doc, source).run()

@@ -1,0 +1,232 @@
+"""A validating in-memory kernel for unit tests.
+
+It rejects what the real kernel rejects (a map still named by a rule, a chain
+still jumped to, an element added twice with another value, a jump to a
+chain that does not exist), applies an nft batch all-or-nothing, records every
+write it received, and can fail the k-th write on purpose (fault injection).
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+from dataclasses import dataclass, field
+
+from kdsr.kernel import KernelError
+from kdsr.kernel.nft_json import decode_element, decode_map
+from kdsr.model import Address, ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
+
+
+@dataclass
+class _Table:
+    chains: dict[str, tuple[ChainHook | None, list[NftRule]]] = field(default_factory=dict)
+    maps: dict[str, tuple[NftMap, dict]] = field(default_factory=dict)  # decl, key -> NftElement
+
+
+class FakeKernel:
+    def __init__(self, interfaces: tuple[str, ...] = ("lo", "eth0"), local: tuple[str, ...] = ()) -> None:
+        self.writes = 0
+        self.ops: list[str] = []  # one line per write, for assertions
+        self.fail_at: int | None = None  # fail the write with this 1-based number
+        self.fail_message = "EBUSY (injected)"
+        self.tables: dict[tuple[str, str], _Table] = {}
+        self.interfaces = set(interfaces)
+        self.addresses: dict[str, list[Address]] = {name: [] for name in interfaces}
+        self.sysctls: dict[str, str] = {}
+        self.local = set(local)
+
+    # ------------------------------------------------------------ helpers
+    def _write(self, what: str) -> None:
+        number = self.writes + 1
+        if self.fail_at is not None and number == self.fail_at:
+            raise KernelError(f"{what}: {self.fail_message}")
+        self.writes = number
+        self.ops.append(what)
+
+    # ------------------------------------------------------------ nftables
+    def nft_tables(self) -> list[tuple[str, str]]:
+        return sorted(self.tables)
+
+    def nft_read_table(self, family: str, name: str) -> tuple[NftTable | None, list[dict]]:
+        table = self.tables.get((family, name))
+        if table is None:
+            return None, []
+        chains = tuple(
+            NftChain(name=n, hook=hook, rules=tuple(rules)) for n, (hook, rules) in sorted(table.chains.items())
+        )
+        maps = []
+        listing: list[dict] = []
+        for n, (decl, elements) in sorted(table.maps.items()):
+            items = tuple(sorted(elements.items()))
+            maps.append(NftMap(n, decl.key_type, decl.data_type, decl.flags, decl.counter, items))
+            listing.append({"map": {"name": n, "elem": []}})
+        return NftTable(family=family, name=name, chains=chains, maps=tuple(maps)), listing
+
+    def nft_apply(self, commands: list[dict], check_only: bool = False) -> None:
+        tables = copy.deepcopy(self.tables)
+        for cmd in commands:
+            self._nft_command(tables, cmd)
+        if check_only:
+            return
+        self._write(f"nft transaction ({len(commands)} commands)")
+        self.tables = tables
+
+    def _table(self, tables: dict, obj: dict) -> _Table:
+        key = (obj["family"], obj["table"])
+        if key not in tables:
+            raise KernelError(f"No such file or directory: table {key[0]} {key[1]}")
+        return tables[key]
+
+    def _nft_command(self, tables: dict, cmd: dict) -> None:
+        ((verb, body),) = cmd.items()
+        ((kind, obj),) = body.items()
+        handler = getattr(self, f"_{verb}_{kind}", None)
+        if handler is None:
+            raise KernelError(f"fake kernel does not support {verb} {kind}")
+        handler(tables, obj)
+
+    def _add_table(self, tables: dict, obj: dict) -> None:
+        tables.setdefault((obj["family"], obj["name"]), _Table())
+
+    def _delete_table(self, tables: dict, obj: dict) -> None:
+        if tables.pop((obj["family"], obj["name"]), None) is None:
+            raise KernelError(f"No such file or directory: table {obj['family']} {obj['name']}")
+
+    def _add_chain(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        hook = None
+        if "hook" in obj:
+            if obj["hook"] == "ingress" and obj.get("dev") not in self.interfaces:
+                raise KernelError(f"No such file or directory: device {obj.get('dev')}")
+            hook = ChainHook(obj["type"], obj["hook"], obj.get("dev"), obj["prio"], obj.get("policy", "accept"))
+        if obj["name"] in table.chains:
+            if table.chains[obj["name"]][0] != hook:
+                raise KernelError(f"Device or resource busy: chain {obj['name']} exists with another hook")
+            return
+        table.chains[obj["name"]] = (hook, [])
+
+    def _flush_chain(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        if obj["name"] not in table.chains:
+            raise KernelError(f"No such file or directory: chain {obj['name']}")
+        table.chains[obj["name"]][1].clear()
+
+    def _delete_chain(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        name = obj["name"]
+        if name not in table.chains:
+            raise KernelError(f"No such file or directory: chain {name}")
+        if table.chains[name][1]:
+            raise KernelError(f"Device or resource busy: chain {name} is not empty")
+        for map_name, (_decl, elements) in table.maps.items():
+            if any(e.value == ("jump", name) or e.value == ("goto", name) for e in elements.values()):
+                raise KernelError(f"Device or resource busy: chain {name} is used by map {map_name}")
+        del table.chains[name]
+
+    def _add_rule(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        if obj["chain"] not in table.chains:
+            raise KernelError(f"No such file or directory: chain {obj['chain']}")
+        text = json.dumps(obj["expr"])
+        for map_name in _referenced_maps(text):
+            if map_name not in table.maps:
+                raise KernelError(f"No such file or directory: map {map_name}")
+        table.chains[obj["chain"]][1].append(NftRule(comment=obj.get("comment", ""), expr_json=text))
+
+    def _add_map(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        decl = decode_map({k: v for k, v in obj.items() if k != "elem"})
+        if obj["name"] in table.maps:
+            if table.maps[obj["name"]][0].declaration() != decl.declaration():
+                raise KernelError(f"File exists: map {obj['name']} with another type")
+            return
+        table.maps[obj["name"]] = (decl, {})
+        if obj.get("elem"):
+            self._add_element(tables, {**obj, "table": obj["table"]})
+
+    def _delete_map(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        name = obj["name"]
+        if name not in table.maps:
+            raise KernelError(f"No such file or directory: map {name}")
+        for chain, (_hook, rules) in table.chains.items():
+            if any(name in _referenced_maps(r.expr_json) for r in rules):
+                raise KernelError(f"Device or resource busy: map {name} is used by chain {chain}")
+        del table.maps[name]
+
+    def _add_element(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        if obj["name"] not in table.maps:
+            raise KernelError(f"No such file or directory: map {obj['name']}")
+        decl, elements = table.maps[obj["name"]]
+        for item in obj["elem"]:
+            key, elem = decode_element(item)
+            if isinstance(elem.value, tuple) and elem.value[1] not in table.chains:
+                raise KernelError(f"No such file or directory: chain {elem.value[1]}")
+            old = elements.get(key)
+            if old is not None and old.value != elem.value:
+                raise KernelError(f"File exists: element {key} in map {obj['name']}")
+            elements[key] = NftElement(value=elem.value, comment=elem.comment)
+        del decl
+
+    def _delete_element(self, tables: dict, obj: dict) -> None:
+        table = self._table(tables, obj)
+        if obj["name"] not in table.maps:
+            raise KernelError(f"No such file or directory: map {obj['name']}")
+        elements = table.maps[obj["name"]][1]
+        for item in obj["elem"]:
+            key, _elem = decode_element(item)
+            if key not in elements:
+                raise KernelError(f"No such file or directory: element {key} in map {obj['name']}")
+            del elements[key]
+
+    # ------------------------------------------------------------ addresses
+    def link_exists(self, ifname: str) -> bool:
+        return ifname in self.interfaces
+
+    def addr_list(self, ifname: str) -> list[Address]:
+        return list(self.addresses.get(ifname, []))
+
+    def addr_add(self, addr: Address) -> None:
+        if addr.ifname not in self.interfaces:
+            raise KernelError(f"interface {addr.ifname} does not exist")
+        if any(a.cidr == addr.cidr for a in self.addresses[addr.ifname]):
+            raise KernelError(f"add address {addr.cidr} on {addr.ifname}: EEXIST")
+        self._write(f"addr add {addr.ifname} {addr.cidr}")
+        self.addresses[addr.ifname].append(Address(addr.ifname, addr.cidr, addr.label))
+
+    def addr_del(self, addr: Address) -> None:
+        have = [a for a in self.addresses.get(addr.ifname, []) if a.cidr == addr.cidr]
+        if not have:
+            raise KernelError(f"del address {addr.cidr} on {addr.ifname}: EADDRNOTAVAIL")
+        self._write(f"addr del {addr.ifname} {addr.cidr}")
+        self.addresses[addr.ifname].remove(have[0])
+
+    def local_addresses(self) -> set[str]:
+        found = set(self.local)
+        for addrs in self.addresses.values():
+            found.update(str(ipaddress.ip_interface(a.cidr).ip) for a in addrs)
+        return found
+
+    # ------------------------------------------------------------ sysctls
+    def sysctl_read(self, key: str) -> str | None:
+        return self.sysctls.get(key)
+
+    def sysctl_write(self, key: str, value: str) -> None:
+        if key not in self.sysctls:
+            raise KernelError(f"sysctl {key}: No such file or directory")
+        self._write(f"sysctl {key}={value}")
+        self.sysctls[key] = value
+
+    def close(self) -> None:
+        pass
+
+
+def _referenced_maps(expr_json: str) -> set[str]:
+    """Names of maps a rule refers to ("@name" strings in its expression)."""
+    found = set()
+    for token in expr_json.split('"'):
+        if token.startswith("@"):
+            found.add(token[1:])
+    return found

@@ -1,0 +1,109 @@
+"""Maglev consistent hashing (Eisenbud et al., NSDI 2016), pure and stable.
+
+The table maps slot -> backend.  It depends only on the *set* of
+(backend, weight) pairs, the seed and the table size: backends are sorted
+canonically before population, so two load balancers that reached the same
+pool through different histories build byte-identical tables.  The hash is
+BLAKE2b over a fixed byte encoding, so the table is the same on every machine,
+Python version and kdsr release.  Changing the table for the same input is a
+breaking change (tests pin golden tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Sequence
+
+MAX_TABLE_SIZE = 65537  # largest prime we offer; nft maps carry this easily
+
+
+@dataclass(frozen=True)
+class Backend:
+    key: str  # stable identity, e.g. the server address "10.0.0.11"
+    weight: int = 1
+
+
+def _canonical_sort_key(key: str) -> tuple:
+    # Addresses sort numerically (v4 before v6) so "10.0.0.9" < "10.0.0.10";
+    # anything else sorts as text after them.
+    try:
+        addr = ipaddress.ip_address(key)
+        return (0, addr.version, int(addr), key)
+    except ValueError:
+        return (1, 0, 0, key)
+
+
+def _hash64(data: bytes, seed: int, salt: bytes) -> int:
+    h = hashlib.blake2b(data, digest_size=8, key=seed.to_bytes(4, "big") + salt)
+    return int.from_bytes(h.digest(), "big")
+
+
+def _offset_and_skip(key: str, seed: int, size: int) -> tuple[int, int]:
+    raw = key.encode()
+    offset = _hash64(raw, seed, b"offset") % size
+    skip = _hash64(raw, seed, b"skip") % (size - 1) + 1
+    return offset, skip
+
+
+def populate(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ...]:
+    """Return the lookup table: ``table[slot]`` is a backend key.
+
+    ``size`` must be prime (every skip is then coprime with it, so each
+    backend's permutation visits every slot).  Backends with weight 0 get no
+    slots; with no positive weight the table is empty.
+
+    Weights follow the paper's suggestion of giving heavier backends more
+    turns: in round r a backend of weight w takes a turn when
+    floor((r+1)·w/W) > floor(r·w/W), W being the largest weight.  The
+    heaviest backend takes every round; the others in proportion.
+    """
+    if size < 2:
+        raise ValueError(f"table size {size} is too small")
+    live = sorted((b for b in backends if b.weight > 0), key=lambda b: _canonical_sort_key(b.key))
+    if not live:
+        return ()
+    keys = [b.key for b in live]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate backend keys")
+    max_weight = max(b.weight for b in live)
+    perms = [_offset_and_skip(b.key, seed, size) for b in live]
+    next_index = [0] * len(live)
+    table: list[int] = [-1] * size
+    filled = 0
+    round_no = 0
+    while True:
+        for i, backend in enumerate(live):
+            turns = (round_no + 1) * backend.weight // max_weight - round_no * backend.weight // max_weight
+            if not turns:
+                continue
+            offset, skip = perms[i]
+            # Walk this backend's permutation to its next free slot.
+            while True:
+                slot = (offset + next_index[i] * skip) % size
+                next_index[i] += 1
+                if table[slot] < 0:
+                    break
+            table[slot] = i
+            filled += 1
+            if filled == size:
+                return tuple(keys[j] for j in table)
+        round_no += 1
+
+
+def shares(table: Sequence[str]) -> dict[str, int]:
+    """Slots per backend."""
+    counts: dict[str, int] = {}
+    for key in table:
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def moved_fraction(before: Sequence[str], after: Sequence[str]) -> float:
+    """Fraction of slots whose backend differs between two tables of one size."""
+    if len(before) != len(after):
+        raise ValueError("tables differ in size")
+    if not before:
+        return 0.0
+    return sum(1 for a, b in zip(before, after) if a != b) / len(before)

@@ -1,0 +1,183 @@
+"""What each CLI command does, without the CLI: plan, apply, destroy, show.
+
+Kept apart from cli.py so tests (and the health daemon later) can drive the
+same paths with a fake kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from kdsr.apply import ApplyResult, apply_plan
+from kdsr.compile import compile_node
+from kdsr.compile.lb_nft_l2 import SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
+from kdsr.diff import Plan, diff
+from kdsr.errors import UsageError
+from kdsr.intent.model import Intent
+from kdsr.kernel import Kernel
+from kdsr.kernel.nft_json import element_counters
+from kdsr.kernel.observe import observe
+from kdsr.kernel.state import NodeState, StateStore
+from kdsr.model import Desired
+
+
+@dataclass
+class Prepared:
+    intent: Intent | None
+    node: str
+    desired: Desired
+    state: NodeState
+    plan: Plan
+
+
+def select_node(intent: Intent, node: str | None, kernel: Kernel) -> str:
+    """The node given, or the one node whose addresses are local here."""
+    if node is not None:
+        if node not in intent.node_names():
+            known = ", ".join(intent.node_names())
+            raise UsageError(f"{intent.source}: node {node!r} is not in the intent. Nodes: {known}.")
+        return node
+    local = kernel.local_addresses()
+    candidates = []
+    for lb in intent.load_balancers:
+        if any(str(a.ip) in local for a in lb.addresses):
+            candidates.append(lb.name)
+    for server in intent.servers:
+        if any(str(a.ip) in local for a in server.addresses):
+            candidates.append(server.name)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UsageError(
+            f"{intent.source}: no node of the intent has an address on this host; pass --node "
+            f"({', '.join(intent.node_names())})"
+        )
+    raise UsageError(f"{intent.source}: several nodes match this host ({', '.join(candidates)}); pass --node")
+
+
+def prepare(intent: Intent, node: str | None, kernel: Kernel, store: StateStore) -> Prepared:
+    name = select_node(intent, node, kernel)
+    desired = compile_node(intent, name)
+    _check_interfaces(intent, name, kernel)
+    state = store.load(name)
+    plan = diff(desired, observe(kernel, desired, state))
+    return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan)
+
+
+def _check_interfaces(intent: Intent, node: str, kernel: Kernel) -> None:
+    lb = intent.load_balancer(node)
+    if lb is not None and not kernel.link_exists(lb.interface):
+        raise UsageError(
+            f"{intent.source}: {lb.pointer}/interface: interface {lb.interface!r} does not exist on this host. "
+            "Name the load balancer's front interface here."
+        )
+    server = intent.server(node)
+    if server is not None and not kernel.link_exists(server.interface):
+        raise UsageError(
+            f"{intent.source}: {server.pointer}/interface: interface {server.interface!r} does not exist on this "
+            "host. Name the server's uplink interface here."
+        )
+
+
+def apply(prepared: Prepared, kernel: Kernel, store: StateStore) -> ApplyResult:
+    result = apply_plan(prepared.plan, prepared.desired, kernel, store, prepared.state)
+    return result
+
+
+def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:
+    state = store.load(node)
+    # Nothing is desired; the observed side comes from what the state file
+    # and the kdsr-owned table say is ours.
+    desired = Desired(node=node, role="destroy")
+    plan = diff(desired, observe(kernel, desired, state))
+    return Prepared(intent=None, node=node, desired=desired, state=state, plan=plan)
+
+
+def destroy_node_name(node: str | None, store: StateStore) -> str:
+    if node:
+        return node
+    nodes = store.nodes()
+    if len(nodes) == 1:
+        return nodes[0]
+    if not nodes:
+        raise UsageError(f"no kdsr state in {store.directory}; pass --node to destroy by name")
+    raise UsageError(f"state for several nodes in {store.directory} ({', '.join(nodes)}); pass --node")
+
+
+def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
+    """What kdsr owns on this host now, with packet counters where the kernel has them."""
+    table, listing = kernel.nft_read_table(TABLE_FAMILY, TABLE_NAME)
+    report: dict = {"nodes": store.nodes(), "tables": [], "services": [], "servers": [], "addresses": [], "sysctls": []}
+    if table is not None:
+        report["tables"].append(table.ident)
+        counters = element_counters(listing)
+        for family, map_name in SERVICE_MAPS.items():
+            nmap = table.map(map_name)
+            for key, elem in (nmap.elements if nmap else ()):
+                packets, nbytes = counters.get(map_name, {}).get(key, (0, 0))
+                vip, proto, (first, last) = key
+                port = str(first) if first == last else f"{first}-{last}"
+                report["services"].append(
+                    {"vip": vip, "protocol": proto, "port": port, "selector": elem.value[1],
+                     "packets": packets, "bytes": nbytes, "source": elem.comment}
+                )
+        for nmap in table.maps:
+            if nmap.name in SERVICE_MAPS.values():
+                continue
+            per_server: dict[str, list[int]] = {}
+            for key, elem in nmap.elements:
+                packets, nbytes = counters.get(nmap.name, {}).get(key, (0, 0))
+                entry = per_server.setdefault(str(elem.value), [0, 0, 0])
+                entry[0] += 1
+                entry[1] += packets
+                entry[2] += nbytes
+            for server, (slots, packets, nbytes) in sorted(per_server.items()):
+                report["servers"].append(
+                    {"selector": nmap.name, "server": server, "slots": slots, "packets": packets, "bytes": nbytes}
+                )
+    nodes = [node] if node else store.nodes()
+    for name in nodes:
+        state = store.load(name)
+        for ident in sorted(state.owned_addresses):
+            ifname, cidr = ident.split(" ", 1)
+            present = any(a.cidr == cidr for a in kernel.addr_list(ifname))
+            report["addresses"].append({"node": name, "interface": ifname, "address": cidr, "present": present})
+        for key, previous in sorted(state.sysctl_previous.items()):
+            report["sysctls"].append(
+                {"node": name, "key": key.replace("/", "."), "value": kernel.sysctl_read(key), "previous": previous}
+            )
+    return report
+
+
+def format_show(report: dict) -> str:
+    lines = []
+    if not (report["tables"] or report["addresses"] or report["sysctls"]):
+        return "kdsr owns nothing on this host.\n"
+    for table in report["tables"]:
+        lines.append(f"nft table {table}")
+    if report["services"]:
+        lines.append("\nservices (VIP . protocol . port -> selector, packets/bytes seen by the load balancer):")
+        for s in report["services"]:
+            lines.append(f"  {s['vip']} {s['protocol']}/{s['port']} -> {s['selector']}  {s['packets']} pkts {s['bytes']} B  # {s['source']}")
+    if report["servers"]:
+        lines.append("\nservers (Maglev slots, packets/bytes forwarded):")
+        for s in report["servers"]:
+            lines.append(f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B")
+    if report["addresses"]:
+        lines.append("\naddresses owned:")
+        for a in report["addresses"]:
+            lines.append(f"  [{a['node']}] {a['interface']} {a['address']}" + ("" if a["present"] else "  (MISSING)"))
+    if report["sysctls"]:
+        lines.append("\nsysctls set (value now / value before kdsr):")
+        for s in report["sysctls"]:
+            lines.append(f"  [{s['node']}] {s['key']} = {s['value']} (was {s['previous']})")
+    return "\n".join(lines) + "\n"
+
+
+def is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,163 @@
+"""Render a Plan for people (Terraform-style text) and for programs (JSON).
+
+Text: one line per object, ``+`` create, ``~`` update, ``-/+`` replace (with
+the field that forces it), ``-`` delete, each ending with the intent path it
+comes from, then one summary line.  Map elements are listed up to a limit per
+map (a Maglev table has thousands of slots) and summarised beyond it; the
+JSON form always has every change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
+from kdsr.model import Address, NftChain, NftElement, NftMap, NftTable, Sysctl
+
+SYMBOL = {CREATE: "+", UPDATE: "~", REPLACE: "-/+", DELETE: "-"}
+ELEMENTS_SHOWN_PER_MAP = 12
+PLAN_FORMAT_VERSION = 1
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, NftTable):
+        return f"{len(obj.chains)} chains, {len(obj.maps)} maps"
+    if isinstance(obj, NftChain):
+        if obj.hook:
+            return f"hook {obj.hook.hook} device {obj.hook.device} priority {obj.hook.priority}, {len(obj.rules)} rules"
+        return f"{len(obj.rules)} rules"
+    if isinstance(obj, NftMap):
+        values = Counter(format_value(e.value) for _k, e in obj.elements)
+        top = ", ".join(f"{v} x{n}" for v, n in sorted(values.items())[:4])
+        more = f", +{len(values) - 4} more" if len(values) > 4 else ""
+        return f"{' . '.join(obj.key_type)} : {obj.data_type}, {len(obj.elements)} elements" + (
+            f" ({top}{more})" if top else ""
+        )
+    if isinstance(obj, NftElement):
+        return format_value(obj.value)
+    if isinstance(obj, Address):
+        return f"label {obj.label}" if obj.label else ""
+    if isinstance(obj, Sysctl):
+        return obj.value
+    return ""
+
+
+def _line(change: Change) -> str:
+    symbol = SYMBOL[change.action]
+    text = f"  {symbol} {change.kind} {change.ident}"
+    if change.kind == "nft element" and change.action == UPDATE:
+        text += f": {_describe(change.before)} -> {_describe(change.after)}"
+    elif change.kind == "sysctl":
+        before = change.before.value if change.before else "(absent)"
+        text += f": {before} -> {change.after.value}"
+        if change.reason == "restore":
+            text += " (restore the value found before kdsr)"
+        elif change.reason == "forget":
+            text += " (already restored; forget the record)"
+    elif change.action == DELETE:
+        detail = _describe(change.before)
+        text += f" ({detail})" if detail else ""
+    else:
+        detail = _describe(change.after)
+        text += f": {detail}" if detail and change.kind != "nft element" else (f" : {detail}" if detail else "")
+    if change.action == REPLACE and change.reason:
+        text += f"  [{change.reason} forces replacement]"
+    elif change.action == UPDATE and change.kind == "nft chain":
+        text += "  [rules changed]"
+    if change.pointer:
+        text += f"  # {change.pointer}"
+    return text
+
+
+def summary(plan: Plan) -> dict[str, int]:
+    counts = {"add": 0, "change": 0, "replace": 0, "destroy": 0, "elements_add": 0, "elements_change": 0, "elements_destroy": 0}
+    for change in plan.changes:
+        prefix = "elements_" if change.kind == "nft element" else ""
+        key = {CREATE: "add", UPDATE: "change", REPLACE: "replace", DELETE: "destroy"}[change.action]
+        counts[prefix + key if prefix else key] += 1
+    return counts
+
+
+def render_text(plan: Plan, source: str = "") -> str:
+    header = f"kdsr plan for node {plan.node} ({plan.role})" + (f" from {source}" if source else "")
+    if plan.empty:
+        return f"{header}\n\nNo changes. The kernel matches the intent.\n"
+    lines = [header, ""]
+    per_map: Counter = Counter()
+    hidden: Counter = Counter()
+    for change in plan.changes:
+        if change.kind == "nft element":
+            map_id = change.ident.split("[", 1)[0]
+            per_map[map_id] += 1
+            if per_map[map_id] > ELEMENTS_SHOWN_PER_MAP:
+                hidden[map_id] += 1
+                continue
+        lines.append(_line(change))
+    for map_id, count in sorted(hidden.items()):
+        lines.append(f"    ... and {count} more element changes in {map_id} (see --json)")
+    s = summary(plan)
+    lines.append("")
+    text = f"Plan: {s['add']} to add, {s['change']} to change, {s['replace']} to replace, {s['destroy']} to destroy."
+    if s["elements_add"] or s["elements_change"] or s["elements_destroy"]:
+        text += (
+            f" Map elements: {s['elements_add']} to add, {s['elements_change']} to change,"
+            f" {s['elements_destroy']} to destroy."
+        )
+    lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, NftTable):
+        return {"family": obj.family, "name": obj.name, "chains": [c.name for c in obj.chains], "maps": [m.name for m in obj.maps]}
+    if isinstance(obj, NftChain):
+        hook = None
+        if obj.hook:
+            hook = {"type": obj.hook.type, "hook": obj.hook.hook, "device": obj.hook.device, "priority": obj.hook.priority, "policy": obj.hook.policy}
+        return {"name": obj.name, "hook": hook, "rules": [r.comment for r in obj.rules]}
+    if isinstance(obj, NftMap):
+        return {
+            "name": obj.name,
+            "key_type": list(obj.key_type),
+            "data_type": obj.data_type,
+            "flags": list(obj.flags),
+            "counter": obj.counter,
+            "elements": len(obj.elements),
+        }
+    if isinstance(obj, NftElement):
+        return {"value": format_value(obj.value), "comment": obj.comment}
+    if isinstance(obj, Address):
+        return {"interface": obj.ifname, "address": obj.cidr, "label": obj.label}
+    if isinstance(obj, Sysctl):
+        return {"key": obj.dotted, "value": obj.value}
+    return str(obj)
+
+
+def render_json(plan: Plan, source: str = "") -> str:
+    doc = {
+        "format_version": PLAN_FORMAT_VERSION,
+        "node": plan.node,
+        "role": plan.role,
+        "intent": source,
+        "changes": [
+            {
+                "action": c.action,
+                "kind": c.kind,
+                "id": c.ident,
+                "before": _jsonable(c.before),
+                "after": _jsonable(c.after),
+                "reason": c.reason,
+                "pointer": c.pointer,
+            }
+            for c in plan.changes
+        ],
+        "summary": summary(plan),
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+__all__ = ["render_text", "render_json", "summary", "format_key"]

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything kdsr and its lab need on a fresh Debian/Ubuntu machine,
+# then make the project's venv. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump)
+missing=()
+for p in "${need_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing packages ${missing[*]}; run as root" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The venv is made from the distribution's interpreter so that
+# --system-site-packages exposes python3-nftables (libnftables' JSON API).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nftables' 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c 'import kdsr, click, jsonschema, pyroute2, yaml, pytest' 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+fi
