@@ -65,6 +65,10 @@ def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
     doc, problems = _parse(text, source, fmt)
     if doc is _UNREADABLE:
         raise IntentError(problems)
+    if doc is None:  # YAML: an empty file or only comments
+        raise IntentError(
+            [Problem(source, "", "the file is empty.", "An intent holds version, services, pools and load_balancers.")]
+        )
     schema_problems = list(_schema_problems(doc, source, fmt))
     problems += schema_problems
     # Verify trusts the schema's shapes (see the module docstring).
@@ -142,8 +146,14 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode):
     # recursive (anchor) structures are filled in after the object exists.
     data = _Mapping()
     yield data
-    loader.flatten_mapping(node)  # expand "<<" merge keys
-    for key_node, value_node in node.value:
+    # "<<" merge keys put the merged entries first; keys written in this
+    # mapping may override them (YAML merge semantics), so only a key written
+    # twice in this mapping itself is a duplicate.
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)
+    first_own = len(node.value) - own
+    own_keys: set = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node)
         try:
             hash(key)
@@ -151,8 +161,10 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode):
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping", node.start_mark, "found an unhashable key", key_node.start_mark
             ) from None
-        if key in data:
-            data.duplicates.append((key, f" (line {key_node.start_mark.line + 1})"))
+        if index >= first_own:
+            if key in own_keys:
+                data.duplicates.append((key, f" (line {key_node.start_mark.line + 1})"))
+            own_keys.add(key)
         data[key] = loader.construct_object(value_node)
 
 
@@ -184,8 +196,9 @@ def _plain(value: object, pointer: str, source: str, problems: list[Problem]) ->
                     Problem(
                         source,
                         f"{pointer}/{_escape(str(key))}",
-                        f"the key {key!r} is not text.",
-                        "Quote it in YAML (\"on\": ...) so it stays a name.",
+                        f"the key {_show(key)} is not text.",
+                        "YAML reads unquoted on/off/yes/no as booleans and digits as numbers; "
+                        'quote the key ("on": ...) so it stays a name.',
                     )
                 )
                 key = str(key)
@@ -275,7 +288,7 @@ _JSON_TYPES = {
     "string": "a string",
     "integer": "an integer",
     "number": "a number",
-    "boolean": "true or false",
+    "boolean": "a boolean",
     "null": "null",
 }
 
@@ -326,7 +339,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
     hint = _hint(path)
     if keyword == "type":
         expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        message = f"{shown} is {_type_name(value)}; expected {_join_or([_JSON_TYPES[t] for t in expected])}."
+        message = f"{shown} is {_type_name(value)}, expected {_join_or([_JSON_TYPES[t] for t in expected])}."
         if fmt == YAML and "string" in expected and not isinstance(value, (dict, list)):
             hint = "In YAML, put the value in quotes so it stays text. " + hint
     elif keyword == "minimum":
@@ -350,7 +363,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
     elif keyword == "minLength":
         message = "the value is empty."
     elif keyword == "pattern":
-        message = _pattern_message(path, shown)
+        message = _pattern_message(path, value)
     elif keyword == "not":
         message = f"{shown} is not a usable name."
     elif keyword == "format":
@@ -365,9 +378,13 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
     return [Problem(source, _pointer(path), message, hint)]
 
 
-def _pattern_message(path: list, shown: str) -> str:
-    field = str(path[-1]) if path and isinstance(path[-1], str) else str(path[-2]) if len(path) > 1 else ""
+def _pattern_message(path: list, value: object) -> str:
+    # The field is the last key; for a list item (ports/0) the key before it.
+    field = next((str(part) for part in reversed(path) if isinstance(part, str)), "")
+    shown = _show(value)
     if field == "ports":
+        if isinstance(value, str) and value.isdigit():
+            return f"{shown} is text; write a single port as a number ({value})."
         return f"{shown} is not a port range."
     if field == "mac":
         return f"{shown} is not a MAC address."

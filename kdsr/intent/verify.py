@@ -125,6 +125,7 @@ def names_list(names: list[str]) -> str:
 class _Owner:
     """Who holds an address, for "already used by" messages."""
 
+    role: str  # "load_balancers", "servers" or "pools"
     what: str  # "load balancer lb1", "server s1", "pool web member 0"
     pointer: str
 
@@ -196,7 +197,7 @@ class _Verifier:
                         self.report(pointer, f"{error}.", 'Write addresses like "10.10.0.2/24" or "fd00:10::2/64".')
                         continue
                     parsed.append(interface)
-                    self.claim(interface.ip, _Owner(f"{label} {name}", pointer), pointer)
+                    self.claim(interface.ip, _Owner(kind, f"{label} {name}", pointer), pointer)
                 self.node_addresses[(kind, name)] = parsed
 
     def claim(self, address: IPAddress, owner: _Owner, pointer: str) -> None:
@@ -280,8 +281,8 @@ class _Verifier:
                 seen[address] = pointer
                 if owner is None:
                     # An unmanaged server (address only): no VIP may take it either.
-                    self.address_owner[address] = _Owner(f"pool {pool_name} member {i}", pointer)
-                elif owner.what.startswith("load balancer"):
+                    self.address_owner[address] = _Owner("pools", f"pool {pool_name} member {i}", pointer)
+                elif owner.role == "load_balancers":
                     self.report(
                         pointer + field,
                         f"{address} is the address of {owner.what} ({owner.pointer}).",
@@ -351,7 +352,8 @@ class _Verifier:
             if pinned and unpinned:
                 self.report(
                     f"/pools/{pool_name}/servers",
-                    f"members {_indexes(pinned)} pin a 'mac' but members {_indexes(unpinned)} do not.",
+                    f"{_members(pinned)} {'pins' if len(pinned) == 1 else 'pin'} a 'mac' but "
+                    f"{_members(unpinned)} {'does' if len(unpinned) == 1 else 'do'} not.",
                     "Pin a MAC on every member of the pool or on none (kdsr then resolves them by ARP/ND).",
                 )
 
@@ -385,6 +387,8 @@ class _Verifier:
                     continue
                 for lb_name in self.load_balancers:
                     interfaces = self.node_addresses.get(("load_balancers", lb_name), [])
+                    if not interfaces:
+                        continue  # all its addresses are invalid, reported already
                     if any(member.address in i.network for i in interfaces if i.version == member.address.version):
                         continue
                     networks = ", ".join(str(i.network) for i in interfaces)
@@ -444,8 +448,8 @@ class _Verifier:
                 )
 
 
-def _indexes(indexes: list[int]) -> str:
-    return ", ".join(map(str, indexes))
+def _members(indexes: list[int]) -> str:
+    return ("member " if len(indexes) == 1 else "members ") + ", ".join(map(str, indexes))
 
 
 def _ports(first: int, last: int) -> str:

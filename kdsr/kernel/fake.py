@@ -40,6 +40,7 @@ class FakeKernel:
     def _write(self, what: str) -> None:
         number = self.writes + 1
         if self.fail_at is not None and number == self.fail_at:
+            self.fail_at = None  # one fault; the rollback that follows succeeds
             raise KernelError(f"{what}: {self.fail_message}")
         self.writes = number
         self.ops.append(what)

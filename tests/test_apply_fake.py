@@ -1,0 +1,221 @@
+"""Apply against the validating fake kernel: idempotence, minimal changes,
+transitions, rollback at every step, ownership."""
+
+import copy
+import json
+
+import pytest
+
+from kdsr import operations
+from kdsr.errors import ApplyError, LockedError
+from kdsr.intent import parse_intent
+from kdsr.kernel import KernelError
+from kdsr.kernel.fake import FakeKernel
+from kdsr.kernel.state import StateStore
+from kdsr.model import Address
+
+BASE = {
+    "version": 1,
+    "services": {
+        "web": {"vip": "10.10.0.100", "ports": [80, 443], "protocols": "tcp", "pool": "web"},
+        "dns": {"vip": "10.10.0.100", "ports": 53, "protocols": "both", "pool": "web"},
+        "web6": {"vip": "fd00:10::100", "ports": 80, "pool": "web6"},
+    },
+    "pools": {
+        "web": {"servers": [{"node": "s1"}, {"node": "s2"}, {"node": "s3"}]},
+        "web6": {"servers": [{"address": "fd00:10::11"}, {"address": "fd00:10::12"}]},
+    },
+    "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.10.0.2/24", "fd00:10::2/64"]}},
+    "servers": {
+        "s1": {"interface": "eth0", "addresses": ["10.10.0.11/24"]},
+        "s2": {"interface": "eth0", "addresses": ["10.10.0.12/24"]},
+        "s3": {"interface": "eth0", "addresses": ["10.10.0.13/24"]},
+    },
+}
+
+SYSCTL_KEYS = [f"net/ipv4/conf/{s}/{n}" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")]
+
+
+def intent(mutate=None):
+    doc = copy.deepcopy(BASE)
+    if mutate:
+        mutate(doc)
+    return parse_intent(json.dumps(doc), "test.json")
+
+
+@pytest.fixture
+def kernel():
+    k = FakeKernel()
+    k.sysctls.update({key: "0" for key in SYSCTL_KEYS})
+    return k
+
+
+@pytest.fixture
+def store(tmp_path):
+    return StateStore(tmp_path / "state")
+
+
+def run(it, node, kernel, store):
+    prepared = operations.prepare(it, node, kernel, store)
+    operations.apply(prepared, kernel, store)
+    return prepared.plan
+
+
+def snapshot(kernel):
+    return (
+        {k: kernel.nft_read_table(*k)[0] for k in kernel.nft_tables()},
+        {i: sorted(a.cidr for a in addrs) for i, addrs in kernel.addresses.items()},
+        dict(kernel.sysctls),
+    )
+
+
+@pytest.mark.parametrize("node", ["lb1", "s1"])
+def test_second_apply_makes_zero_writes(kernel, store, node):
+    run(intent(), node, kernel, store)
+    writes = kernel.writes
+    plan = run(intent(), node, kernel, store)
+    assert plan.empty
+    assert kernel.writes == writes
+
+
+def test_first_lb_apply_is_one_transaction(kernel, store):
+    run(intent(), "lb1", kernel, store)
+    assert kernel.ops == ["nft transaction (21 commands)"] or kernel.writes == 1
+
+
+def test_weight_change_touches_only_moved_slots(kernel, store):
+    run(intent(), "lb1", kernel, store)
+
+    def heavier(doc):
+        doc["pools"]["web"]["servers"][0]["weight"] = 2
+
+    prepared = operations.prepare(intent(heavier), "lb1", kernel, store)
+    kinds = {c.kind for c in prepared.plan.changes}
+    assert kinds == {"nft element"}, prepared.plan.changes[:3]
+    changed = len(prepared.plan.changes)
+    assert 0 < changed < 307 // 2
+    assert all(c.action == "update" for c in prepared.plan.changes)
+    writes = kernel.writes
+    operations.apply(prepared, kernel, store)
+    assert kernel.writes == writes + 1  # one transaction
+
+
+def test_transitions_equal_fresh_apply(store, tmp_path):
+    def remove_s3(doc):
+        doc["pools"]["web"]["servers"].pop()
+
+    def new_service(doc):
+        doc["services"]["media"] = {"vip": "10.10.0.101", "ports": "5000-5010", "protocols": "udp", "pool": "web",
+                                    "hashing": {"fields": "source-ip", "seed": 5}}
+
+    states = [intent(), intent(remove_s3), intent(new_service), intent()]
+    walker = FakeKernel()
+    for i, it in enumerate(states):
+        run(it, "lb1", walker, store)
+        fresh = FakeKernel()
+        run(it, "lb1", fresh, StateStore(tmp_path / f"fresh{i}"))
+        assert snapshot(walker) == snapshot(fresh), f"step {i}"
+
+
+def test_destroy_removes_exactly_what_kdsr_owns(kernel, store):
+    kernel.addresses["lo"].append(Address("lo", "127.0.0.1/8"))
+    kernel.addresses["lo"].append(Address("lo", "192.0.2.1/32", "lo:mine"))
+    kernel.sysctls["net/ipv4/conf/eth0/arp_ignore"] = "2"  # foreign value, higher than ours
+    before = snapshot(kernel)
+    run(intent(), "s1", kernel, store)
+    assert "10.10.0.100/32" in [a.cidr for a in kernel.addresses["lo"]]
+    assert kernel.sysctls["net/ipv4/conf/all/arp_ignore"] == "1"
+    destroy = operations.prepare_destroy("s1", kernel, store)
+    operations.apply(destroy, kernel, store)
+    assert snapshot(kernel) == before
+    assert store.nodes() == []
+
+
+def test_foreign_address_equal_to_vip_is_neither_claimed_nor_removed(kernel, store):
+    kernel.addresses["lo"].append(Address("lo", "10.10.0.100/32"))
+    plan = run(intent(), "s1", kernel, store)
+    assert not [c for c in plan.changes if c.kind == "address"]
+    operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
+    assert [a.cidr for a in kernel.addresses["lo"]] == ["10.10.0.100/32"]
+
+
+def test_fault_at_every_step_rolls_back(kernel, store):
+    it = intent()
+    before = snapshot(kernel)
+    steps = len(operations.prepare(it, "s1", kernel, store).plan.changes)
+    assert steps >= 5
+    for k in range(1, steps + 1):
+        kernel.fail_at = kernel.writes + k
+        with pytest.raises(ApplyError) as info:
+            run(it, "s1", kernel, store)
+        assert info.value.rolled_back, k
+        kernel.fail_at = None
+        assert snapshot(kernel) == before, f"fault at write {k} left changes behind"
+    # And the next apply converges.
+    run(it, "s1", kernel, store)
+    assert operations.prepare(it, "s1", kernel, store).plan.empty
+
+
+def test_failed_rollback_is_reported_and_next_apply_converges(kernel, store):
+    it = intent()
+    # Fail the 3rd write, and the undo that follows (the 4th write).
+    original = kernel._write
+    failures = {3, 4}
+    count = {"n": 0}
+
+    def flaky(what):
+        count["n"] += 1
+        if count["n"] in failures:
+            raise KernelError(f"{what}: ENOMEM (injected)")
+        original(what)
+
+    kernel._write = flaky
+    with pytest.raises(ApplyError) as info:
+        run(it, "s1", kernel, store)
+    assert not info.value.rolled_back
+    assert "rolling back also failed" in str(info.value)
+    kernel._write = original
+    run(it, "s1", kernel, store)
+    assert operations.prepare(it, "s1", kernel, store).plan.empty
+
+
+def test_rejected_nft_transaction_changes_nothing(kernel, store):
+    run(intent(), "lb1", kernel, store)
+    before = snapshot(kernel)
+    writes = kernel.writes
+
+    real = kernel.nft_apply
+
+    def reject(commands, check_only=False):
+        raise KernelError("Error: Could not process rule: Invalid argument")
+
+    kernel.nft_apply = reject
+    with pytest.raises(ApplyError) as info:
+        run(intent(lambda d: d["pools"]["web"]["servers"].pop()), "lb1", kernel, store)
+    assert "nothing was changed" in str(info.value)
+    kernel.nft_apply = real
+    assert snapshot(kernel) == before and kernel.writes == writes
+
+
+def test_server_plan_never_touches_lb_table(kernel, store):
+    run(intent(), "lb1", kernel, store)
+    plan = operations.prepare(intent(), "s1", kernel, StateStore(store.directory / "other")).plan
+    assert not [c for c in plan.changes if c.kind.startswith("nft")]
+
+
+def test_node_selection(kernel, store):
+    from kdsr.errors import UsageError
+
+    with pytest.raises(UsageError, match="no node"):
+        operations.select_node(intent(), None, kernel)
+    kernel.local = {"10.10.0.12"}
+    assert operations.select_node(intent(), None, kernel) == "s2"
+    with pytest.raises(UsageError, match="not in the intent"):
+        operations.select_node(intent(), "nope", kernel)
+
+
+def test_lock_refuses_second_holder(store):
+    with store.lock():
+        with pytest.raises(LockedError, match="pid"):
+            with store.lock(wait_seconds=0.2):
+                pass

@@ -1,0 +1,63 @@
+"""Golden files pin the compiler's output byte for byte.
+
+Each case in tests/golden/<case>/ holds intent.json and, per node, the
+artefacts compile produces: the nft batch of a first apply (JSON), the
+server-side addresses and sysctls, and the rendered plan.  Run
+`make golden` (pytest --update-golden) to rewrite them; the diff is the
+change to review.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdsr.compile import compile_node
+from kdsr.diff import diff
+from kdsr.intent import load_intent
+from kdsr.kernel.nft_json import batch_for
+from kdsr.model import Observed
+from kdsr.plan_format import render_text
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "intent.json").exists())
+
+
+def artefacts(case_dir: Path) -> dict[str, str]:
+    intent = load_intent(case_dir / "intent.json")
+    out = {}
+    for node in intent.node_names():
+        desired = compile_node(intent, node)
+        plan = diff(desired, Observed())
+        out[f"{node}.plan.txt"] = render_text(plan, "intent.json")
+        if desired.tables:
+            batch = [cmd for td in plan.tables for cmd in batch_for(td)]
+            out[f"{node}.nft.json"] = json.dumps({"nftables": batch}, indent=1, sort_keys=True) + "\n"
+        if desired.addresses or desired.sysctls:
+            server = {
+                "addresses": [{"interface": a.ifname, "address": a.cidr, "label": a.label} for a in desired.addresses],
+                "sysctls": {s.dotted: s.value for s in desired.sysctls},
+            }
+            out[f"{node}.server.json"] = json.dumps(server, indent=1, sort_keys=True) + "\n"
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden(case, update_golden):
+    case_dir = GOLDEN / case
+    produced = artefacts(case_dir)
+    if update_golden:
+        for old in case_dir.iterdir():
+            if old.name != "intent.json":
+                old.unlink()
+        for name, text in produced.items():
+            (case_dir / name).write_text(text)
+        return
+    stored = {p.name: p.read_text() for p in case_dir.iterdir() if p.name != "intent.json"}
+    assert sorted(stored) == sorted(produced), "artefact set changed; run `make golden` and review"
+    for name, text in produced.items():
+        assert text == stored[name], f"{case}/{name} differs from the compiler's output; run `make golden` and review"
+
+
+def test_cases_exist():
+    assert len(CASES) >= 3
