@@ -62,10 +62,11 @@ class LabError(RuntimeError):
 
 
 def _exec(argv: Sequence[str], check: bool = True, timeout: float = COMMAND_TIMEOUT,
-          input: str | None = None) -> subprocess.CompletedProcess:
+          input: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run one command, bounded in time; errors name the command and its stderr."""
     try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input,
+                                cwd=cwd)
     except subprocess.TimeoutExpired as exc:
         raise LabError(f"timed out after {timeout:g}s: {shlex.join(argv)}") from exc
     if check and result.returncode != 0:
@@ -390,7 +391,7 @@ class L2Lab:
         if pids:
             lines.append(f"  stop helpers : kill {' '.join(pids)}")
         lines.append(f"  delete       : " + "; ".join(f"ip netns del {ns}" for ns in reversed(self._created)))
-        lines.append(f"  files        : {self.workdir}")
+        lines.append(f"  files        : {self.workdir}" + ("  (rm -r it when done)" if self._own_workdir else ""))
         return "\n".join(lines)
 
     # --- building ------------------------------------------------------------
@@ -449,11 +450,15 @@ class L2Lab:
     def host(self, name: str) -> Host:
         return self.HOSTS[name]
 
-    def run(self, name: str, cmd: Sequence[str] | str, check: bool = True,
-            timeout: float = COMMAND_TIMEOUT, input: str | None = None) -> subprocess.CompletedProcess:
-        """`ip netns exec <ns> cmd` (cmd as a list, or a string split like a shell would)."""
+    def run(self, name: str, cmd: Sequence[str] | str, check: bool = True, timeout: float = COMMAND_TIMEOUT,
+            input: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+        """`ip netns exec <ns> cmd` (cmd as a list, or a string split like a shell would).
+
+        check=True raises LabError carrying the command, exit code and stderr.
+        """
         argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        return _exec(["ip", "netns", "exec", self.ns(name), *argv], check=check, timeout=timeout, input=input)
+        return _exec(["ip", "netns", "exec", self.ns(name), *argv], check=check, timeout=timeout,
+                     input=input, cwd=cwd)
 
     def sysctl(self, name: str, key: str, value) -> None:
         self.run(name, ["sysctl", "-q", "-w", f"{key}={value}"])

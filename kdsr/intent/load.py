@@ -266,6 +266,7 @@ _HINTS: list[tuple[tuple[str, ...], str]] = [
     (("services", "*", "pool"), "Name a pool defined under /pools."),
     (("services", "*", "dsr", "mode"), "L3 modes (l3-ipip, l3-gre) are not available yet."),
     (("services", "*", "dsr", "engine"), "The ipvs engine is not available yet."),
+    (("services", "*", "hashing", "fields"), "source-ip keeps each client on one server; five-tuple spreads its connections."),
     (("services", "*", "hashing", "seed"), "Seeds are 0-4294967295; leave it out to use the default every LB shares."),
     (("services", "*", "hashing", "table_size"), "table_size is a prime between 7 and 65537; leave it out to let kdsr choose."),
     (("pools", "*", "servers"), "List at least one server; to drain a pool, keep its servers with weight 0."),
@@ -361,7 +362,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
     elif keyword == "maxLength":
         message = f"{shown} is {len(value.encode())} bytes long."
     elif keyword == "minLength":
-        message = "the value is empty."
+        message = "the interface name is empty." if path[-1:] == ["interface"] else "the value is empty."
     elif keyword == "pattern":
         message = _pattern_message(path, value)
     elif keyword == "not":
