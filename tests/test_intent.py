@@ -187,6 +187,14 @@ def test_defaults_and_normalisation():
     assert [m.node for m in members] == [None, None]
 
 
+def test_integral_floats_are_integers():
+    # JSON Schema counts 80.0 as an integer; the model must not hold floats.
+    doc = changed(services__web__ports=[80.0], pools__web__servers__0__weight=2.0)
+    intent = parse_intent(json.dumps(doc), SOURCE)
+    web = next(s for s in intent.services if s.name == "web")
+    assert type(web.ports[0].first) is int and type(intent.pool("web").members[0].weight) is int
+
+
 def test_a_pool_with_all_weights_zero_is_allowed():
     doc = example()
     for member in doc["pools"]["web"]["servers"]:

@@ -51,7 +51,7 @@ def load_intent(path: str | Path) -> Intent:
         # utf-8-sig: tolerate the byte-order mark some Windows editors write.
         text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as error:
-        raise IntentError([Problem(source, "", f"cannot read the file: {error.strerror}.")]) from None
+        raise IntentError([Problem(source, "", f"cannot read the file: {error.strerror or error}.")]) from None
     except UnicodeDecodeError as error:
         raise IntentError(
             [Problem(source, "", f"the file is not UTF-8 text (byte {error.start}).", "Save it as UTF-8.")]
@@ -62,13 +62,14 @@ def load_intent(path: str | Path) -> Intent:
 def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
     """Validate intent text; ``fmt`` is "json" or "yaml", else guessed from ``source``."""
     fmt = fmt or _guess_format(text, source)
+    if fmt not in (JSON, YAML):
+        raise ValueError(f"fmt must be {JSON!r} or {YAML!r}, not {fmt!r}")  # a caller's bug, not the user's
     doc, problems = _parse(text, source, fmt)
     if doc is _UNREADABLE:
         raise IntentError(problems)
     if doc is None:  # YAML: an empty file or only comments
-        raise IntentError(
-            [Problem(source, "", "the file is empty.", "An intent holds version, services, pools and load_balancers.")]
-        )
+        hint = "An intent holds version, services, pools and load_balancers."
+        raise IntentError([Problem(source, "", "the file is empty.", hint)])
     schema_problems = list(_schema_problems(doc, source, fmt))
     problems += schema_problems
     # Verify trusts the schema's shapes (see the module docstring).
@@ -113,12 +114,14 @@ def _parse(text: str, source: str, fmt: str) -> tuple[object, list[Problem]]:
         raw = _parse_json(text) if fmt == JSON else _parse_yaml(text)
     except json.JSONDecodeError as error:
         message = f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}."
-        return _UNREADABLE, [Problem(source, "", message, "Look for a missing comma, quote or bracket just before it.")]
+        hint = "Look for a missing comma, quote or bracket just before it."
+        return _UNREADABLE, [Problem(source, "", message, hint)]
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = error.problem or error.context or "unreadable"
-        return _UNREADABLE, [Problem(source, "", f"invalid YAML{where}: {what}.", "Check the indentation and quoting there.")]
+        hint = "Check the indentation and quoting there."
+        return _UNREADABLE, [Problem(source, "", f"invalid YAML{where}: {what}.", hint)]
     except yaml.YAMLError as error:
         return _UNREADABLE, [Problem(source, "", f"invalid YAML: {error}.")]
     problems: list[Problem] = []
@@ -206,6 +209,10 @@ def _plain(value: object, pointer: str, source: str, problems: list[Problem]) ->
         return result
     if isinstance(value, list):
         return [_plain(item, f"{pointer}/{i}", source, problems) for i, item in enumerate(value)]
+    if isinstance(value, float) and value.is_integer():
+        # JSON Schema counts 80.0 as an integer; make it one, so that the
+        # model never holds a float port, weight or seed.
+        return int(value)
     return value
 
 
@@ -214,6 +221,8 @@ def _plain(value: object, pointer: str, source: str, problems: list[Problem]) ->
 
 @functools.cache
 def _schema() -> dict:
+    # From the package, so an installed kdsr finds it; schemas/ holds an
+    # identical copy for people and editors (a test keeps them equal).
     text = importlib.resources.files("kdsr").joinpath("data/intent.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
 
@@ -262,13 +271,16 @@ _HINTS: list[tuple[tuple[str, ...], str]] = [
     (("services", "*", "ports"), _PORT_HINT),
     (("services", "*", "ports", "*"), _PORT_HINT),
     (("services", "*", "protocols"), 'Use "tcp", "udp", "both", or a list such as ["tcp", "udp"].'),
-    (("services", "*", "protocols", "*"), 'A list holds "tcp" and "udp"; "both" is a shorthand for the whole field.'),
+    (("services", "*", "protocols", "*"), 'A list holds "tcp" and "udp"; "both" only replaces the whole list.'),
     (("services", "*", "pool"), "Name a pool defined under /pools."),
     (("services", "*", "dsr", "mode"), "L3 modes (l3-ipip, l3-gre) are not available yet."),
     (("services", "*", "dsr", "engine"), "The ipvs engine is not available yet."),
-    (("services", "*", "hashing", "fields"), "source-ip keeps each client on one server; five-tuple spreads its connections."),
-    (("services", "*", "hashing", "seed"), "Seeds are 0-4294967295; leave it out to use the default every LB shares."),
-    (("services", "*", "hashing", "table_size"), "table_size is a prime between 7 and 65537; leave it out to let kdsr choose."),
+    (
+        ("services", "*", "hashing", "fields"),
+        "source-ip keeps each client on one server; five-tuple spreads its connections.",
+    ),
+    (("services", "*", "hashing", "seed"), "Seeds are 0-4294967295; leave it out for the default."),
+    (("services", "*", "hashing", "table_size"), "table_size is a prime between 7 and 65537; or let kdsr choose."),
     (("pools", "*", "servers"), "List at least one server; to drain a pool, keep its servers with weight 0."),
     (("pools", "*", "servers", "*"), "Give 'node' (a name under /servers), 'address' (an IP), or both."),
     (("pools", "*", "servers", "*", "weight"), "Weights are 0-10000; 0 drains the server."),
@@ -276,7 +288,7 @@ _HINTS: list[tuple[tuple[str, ...], str]] = [
     (("pools", "*", "servers", "*", "address"), _ADDRESS_HINT),
     (("pools", "*", "servers", "*", "node"), "Name a server node defined under /servers."),
     (("*", "*", "interface"), "Interface names are 1-15 bytes (IFNAMSIZ) of letters, digits, '_', '.' and '-'."),
-    (("*", "*", "addresses"), 'List the node\'s addresses with prefix length, e.g. ["10.10.0.2/24", "fd00:10::2/64"].'),
+    (("*", "*", "addresses"), 'List the node\'s addresses with prefix, e.g. ["10.10.0.2/24", "fd00:10::2/64"].'),
     (("*", "*", "addresses", "*"), 'Write addresses with prefix length, e.g. "10.10.0.2/24" or "fd00:10::2/64".'),
 ]
 _NAME_HINT = (
@@ -332,9 +344,8 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
         for name in error.validator_value:
             if name not in value:
                 description = error.schema.get("properties", {}).get(name, {}).get("description", "")
-                problems.append(
-                    Problem(source, _pointer(path), f'missing required field "{name}".', f'Add "{name}": {description}'.strip())
-                )
+                hint = f'Add "{name}": {description}'.strip()
+                problems.append(Problem(source, _pointer(path), f'missing required field "{name}".', hint))
         return problems
 
     hint = _hint(path)

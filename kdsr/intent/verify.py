@@ -68,8 +68,8 @@ def port_entries(ports: object, pointer: str) -> list[tuple[str, int | str]]:
 
 def parse_port(item: int | str) -> tuple[int, int]:
     """(first, last) of a port or "A-B" range; ValueError when out of order/range."""
-    if isinstance(item, int):
-        return item, item  # the schema bounded it to 1-65535
+    if not isinstance(item, str):
+        return int(item), int(item)  # the schema bounded it to 1-65535
     first, last = (int(part) for part in item.split("-"))
     for port in (first, last):
         if not 1 <= port <= 65535:
@@ -132,8 +132,6 @@ class _Owner:
 
 @dataclass
 class _Member:
-    pool: str
-    index: int
     pointer: str  # /pools/web/servers/0
     address: IPAddress | None  # None: unresolvable, already reported
     address_pointer: str  # the field the address came from
@@ -194,7 +192,7 @@ class _Verifier:
                     try:
                         interface = parse_interface(text)
                     except ValueError as error:
-                        self.report(pointer, f"{error}.", 'Write addresses like "10.10.0.2/24" or "fd00:10::2/64".')
+                        self.report(pointer, f"{error}.", 'Write them like "10.10.0.2/24" or "fd00:10::2/64".')
                         continue
                     parsed.append(interface)
                     self.claim(interface.ip, _Owner(kind, f"{label} {name}", pointer), pointer)
@@ -223,7 +221,7 @@ class _Verifier:
                 continue
             if vip.is_unspecified or vip.is_multicast or vip.is_loopback:
                 kind = "unspecified" if vip.is_unspecified else "multicast" if vip.is_multicast else "loopback"
-                self.report(pointer, f"{vip} is a {kind} address.", "A VIP must be a unicast address clients can reach.")
+                self.report(pointer, f"{vip} is a {kind} address.", "A VIP is a unicast address clients reach.")
                 continue
             self.vips[name] = vip
 
@@ -267,7 +265,7 @@ class _Verifier:
                     )
                 node_ok = self.check_member_node(member, pointer)
                 address, field = self.resolve(member, pointer, node_ok)
-                members.append(_Member(pool_name, i, pointer, address, pointer + field))
+                members.append(_Member(pointer, address, pointer + field))
                 if address is None:
                     continue
                 owner = self.address_owner.get(address)
@@ -306,7 +304,7 @@ class _Verifier:
         hint = (
             f"{did_you_mean(node, known)}Defined server nodes: {names_list(known)}."
             if known
-            else "There are no server nodes under /servers; define it there, or give the member an 'address' instead."
+            else "There are no server nodes; define it under /servers, or give the member an 'address'."
         )
         self.report(f"{pointer}/node", f'unknown server node "{node}".', hint)
         return False
@@ -439,12 +437,12 @@ class _Verifier:
     def check_table_sizes(self) -> None:
         for name, service in self.services.items():
             size = service.get("hashing", {}).get("table_size")
-            if size is not None and not is_prime(size):
+            if size is not None and not is_prime(int(size)):
                 # next_prime(<= 65537) <= 65537, so the suggestion is always allowed.
                 self.report(
                     f"/services/{name}/hashing/table_size",
                     f"table_size {size} is not prime.",
-                    f"A consistent-hash (Maglev) table needs a prime size; try {next_prime(size)}.",
+                    f"A consistent-hash (Maglev) table needs a prime size; try {next_prime(int(size))}.",
                 )
 
 

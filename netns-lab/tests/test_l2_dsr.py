@@ -1,0 +1,271 @@
+"""L2 DSR on the host kernel, proven with real packets and the real CLI.
+
+One lab for the module: client, lb, s1-s3 on a bridge.  Foreign state is put
+in place first (an `inet filter` table and a foreign `netdev` table on the
+LB's interface, a foreign address on a server's `lo`, foreign sysctl values);
+kdsr applies examples/l2-web.json to every node; the tests send traffic and
+look at headers; the last test destroys and compares the foreign state byte
+for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lab as netns_lab
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "l2-web.json"
+VIP4, VIP4_MEDIA, VIP6 = "10.10.0.100", "10.10.0.101", "fd00:10::100"
+NODES = {"lb": "lb1", "s1": "s1", "s2": "s2", "s3": "s3"}
+FOREIGN_NFT = """
+table inet filter {
+    chain input { type filter hook input priority 0; policy accept; counter; }
+}
+table netdev guard {
+    chain edge { type filter hook ingress device "eth0" priority 0; policy accept; counter; }
+}
+"""
+
+
+class Deployment:
+    def __init__(self, lab: netns_lab.L2Lab, state_dir: Path, workdir: Path):
+        self.lab = lab
+        self.state_dir = state_dir
+        self.workdir = workdir
+        self.before: dict[str, str] = {}
+
+    def kdsr(self, host: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir), *args]
+        result = self.lab.run(host, argv, check=False, cwd=ROOT)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kdsr {' '.join(args)} in {host} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def snapshot(self, host: str) -> str:
+        """Everything of a host's kernel state that kdsr could touch, as text."""
+        parts = [self.lab.run(host, ["nft", "list", "ruleset"]).stdout]
+        parts.append(self.lab.run(host, ["ip", "-d", "addr", "show", "dev", "lo"]).stdout)
+        for key in ("all", "eth0"):
+            for name in ("arp_ignore", "arp_announce"):
+                parts.append(self.lab.run(host, ["sysctl", f"net.ipv4.conf.{key}.{name}"]).stdout)
+        return "\n".join(parts)
+
+    def nft_events(self, host: str, action) -> str:
+        """What `nft monitor` prints in `host` while `action()` runs."""
+        mon = self.lab.spawn(host, ["timeout", "60", "nft", "monitor"], tag="nft-monitor")
+        time.sleep(0.3)  # let the monitor subscribe before the action
+        try:
+            action()
+            time.sleep(0.3)
+        finally:
+            mon.stop(signal.SIGTERM)
+        return mon.stdout()
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    reason = netns_lab.lab_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("l2dsr")
+    with netns_lab.L2Lab(workdir=workdir / "lab") as lab:
+        dep = Deployment(lab, workdir / "state", workdir)
+        # Foreign state kdsr must leave alone.
+        lab.run("lb", ["nft", "-f", "-"], input=FOREIGN_NFT)
+        lab.run("s1", ["ip", "addr", "add", "192.0.2.77/32", "dev", "lo", "label", "lo:app"])
+        lab.sysctl("s1", "net.ipv4.conf.all.arp_announce", 1)
+        lab.sysctl("s2", "net.ipv4.conf.eth0.arp_ignore", 2)  # stricter than ours: max() keeps it
+        for host in NODES:
+            dep.before[host] = dep.snapshot(host)
+        for server in lab.SERVERS:
+            lab.start_responder(server, tcp_ports=[80, 443, 53], udp_ports="53,80,5000-5010")
+        for host, node in NODES.items():
+            dep.kdsr(host, "apply", str(EXAMPLE), "--node", node)
+        yield dep
+
+
+def _assert_flows(report, vip: str, min_servers: int = 2) -> None:
+    assert report.all_ok, report.describe_failures()
+    assert len(report.by_server()) >= min_servers, report.by_server()
+    for flow in report.flows:
+        assert flow.server_saw_dst == vip, flow  # the server got the VIP as destination
+        assert flow.reply_src == vip, flow  # and answered from it
+        assert flow.server_saw_peer.startswith(("10.10.0.50", "fd00:10::50")), flow  # no SNAT
+
+
+def test_second_apply_changes_nothing(deployed):
+    events = deployed.nft_events(
+        "lb", lambda: deployed.__setattr__("out", deployed.kdsr("lb", "apply", str(EXAMPLE), "--node", "lb1").stdout)
+    )
+    assert "No changes" in deployed.out
+    assert events.strip() == "", f"a no-op apply wrote to nftables:\n{events}"
+    for server in ("s1", "s2", "s3"):
+        assert "No changes" in deployed.kdsr(server, "apply", str(EXAMPLE), "--node", server).stdout
+    plan = deployed.kdsr("lb", "plan", str(EXAMPLE), "--node", "lb1", "--detailed-exitcode")
+    assert plan.returncode == 0
+
+
+def test_200_tcp_connections(deployed):
+    lab = deployed.lab
+    report = lab.probe(VIP4, "tcp", 80, flows=200, first_sport=lab.next_sports(200))
+    _assert_flows(report, VIP4)
+
+
+def test_200_udp_flows(deployed):
+    lab = deployed.lab
+    report = lab.probe(VIP4, "udp", 53, flows=200, first_sport=lab.next_sports(200))
+    _assert_flows(report, VIP4)
+
+
+def test_udp_port_range_service(deployed):
+    lab = deployed.lab
+    report = lab.probe(VIP4_MEDIA, "udp", 5007, flows=60, first_sport=lab.next_sports(60))
+    _assert_flows(report, VIP4_MEDIA)
+
+
+def test_port_outside_the_service_is_not_balanced(deployed):
+    lab = deployed.lab
+    report = lab.probe(VIP4_MEDIA, "udp", 5011, flows=3, first_sport=lab.next_sports(3), timeout=0.5)
+    assert not any(f.ok for f in report.flows)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_ipv6_flows(deployed, proto):
+    lab = deployed.lab
+    report = lab.probe(VIP6, proto, 80, flows=200, first_sport=lab.next_sports(200))
+    _assert_flows(report, VIP6)
+
+
+def test_headers_on_the_wire_and_no_reply_through_lb(deployed):
+    lab = deployed.lab
+    macs = {s: lab.mac(s) for s in lab.SERVERS}
+    captures = {}
+    with lab.capture("lb", "eth0", f"-p host {VIP4} or host {VIP6}") as lb_cap:
+        with lab.capture("s1", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c1, \
+             lab.capture("s2", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c2, \
+             lab.capture("s3", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c3:
+            captures = {"s1": c1, "s2": c2, "s3": c3}
+            r4 = lab.probe(VIP4, "udp", 53, flows=60, first_sport=lab.next_sports(60))
+            r6 = lab.probe(VIP6, "udp", 80, flows=60, first_sport=lab.next_sports(60))
+    assert r4.all_ok and r6.all_ok
+    seen = 0
+    for server, cap in captures.items():
+        for packet in cap.packets:
+            if packet.family not in ("ipv4", "ipv6"):
+                continue
+            seen += 1
+            assert packet.dst_mac == macs[server], (server, packet)  # delivered by MAC to this server
+            assert packet.dst in (VIP4, VIP6), packet  # IP header unchanged
+            assert packet.src in ("10.10.0.50", "fd00:10::50"), packet
+    assert seen >= 120, f"servers captured {seen} requests, expected >= 120"
+    replies_at_lb = [p for p in lb_cap.packets if p.src in (VIP4, VIP6)]
+    requests_at_lb = [p for p in lb_cap.packets if p.dst in (VIP4, VIP6)]
+    assert requests_at_lb, "the capture at the LB saw no requests: the test proves nothing"
+    assert replies_at_lb == [], f"{len(replies_at_lb)} replies crossed the load balancer"
+
+
+def test_same_flow_same_server(deployed):
+    lab = deployed.lab
+    first = lab.next_sports(50)
+    a = lab.probe(VIP4, "udp", 53, flows=50, first_sport=first)
+    b = lab.probe(VIP4, "udp", 53, flows=50, first_sport=first)
+    assert a.all_ok and b.all_ok
+    assert a.server_by_sport() == b.server_by_sport()
+
+
+def _neighbour_answers(lab, vip: str, family: str) -> bool:
+    """Route the VIP on-link from the client and see whether anyone answers ARP/ND for it."""
+    flag = "-6" if family == "6" else "-4"
+    prefix = "/128" if family == "6" else "/32"
+    lab.run("client", ["ip", flag, "route", "replace", vip + prefix, "dev", "eth0"])
+    try:
+        lab.run("client", ["ping", flag, "-c", "2", "-W", "1", vip], check=False, timeout=10)
+        neigh = lab.run("client", ["ip", flag, "neigh", "show", vip]).stdout
+        return "lladdr" in neigh
+    finally:
+        lab.run("client", ["ip", flag, "neigh", "flush", "to", vip], check=False)
+        via = "10.10.0.2" if family == "4" else "fd00:10::2"
+        lab.run("client", ["ip", flag, "route", "replace", vip + prefix, "via", via])
+
+
+def test_servers_stay_silent_about_the_vip(deployed):
+    lab = deployed.lab
+    assert not _neighbour_answers(lab, VIP4, "4"), "a server answered ARP for the VIP (ARP flux)"
+    assert not _neighbour_answers(lab, VIP6, "6"), "a server answered neighbour discovery for the VIP"
+
+
+def test_show_counts_packets(deployed):
+    lab = deployed.lab
+    lab.probe(VIP4, "tcp", 443, flows=10, first_sport=lab.next_sports(10))
+    report = json.loads(deployed.kdsr("lb", "show", "--json").stdout)
+    https = [s for s in report["services"] if s["vip"] == VIP4 and s["protocol"] == "tcp" and s["port"] == "443"]
+    assert https and https[0]["packets"] >= 10
+    assert sum(s["packets"] for s in report["servers"]) > 0
+    server_report = json.loads(deployed.kdsr("s1", "show", "--json", "--node", "s1").stdout)
+    assert {a["address"] for a in server_report["addresses"]} >= {"10.10.0.100/32", "fd00:10::100/128"}
+
+
+def test_weight_change_is_an_element_diff(deployed):
+    doc = json.loads(EXAMPLE.read_text())
+    doc["pools"]["web"]["servers"][0]["weight"] = 3
+    changed = deployed.workdir / "heavier.json"
+    changed.write_text(json.dumps(doc))
+    plan = json.loads(deployed.kdsr("lb", "plan", str(changed), "--node", "lb1", "--json").stdout)
+    kinds = {c["kind"] for c in plan["changes"]}
+    assert kinds == {"nft element"}, kinds
+    assert 0 < len(plan["changes"]) < 307
+    lab = deployed.lab
+    first = lab.next_sports(100)
+    deployed.kdsr("lb", "apply", str(changed), "--node", "lb1")
+    heavy = lab.probe(VIP4, "udp", 53, flows=100, first_sport=first)
+    assert heavy.all_ok
+    counts = heavy.by_server()
+    assert counts.get("s1", 0) > max(counts.get("s2", 0), counts.get("s3", 0)), counts
+    deployed.kdsr("lb", "apply", str(EXAMPLE), "--node", "lb1")
+    assert "No changes" in deployed.kdsr("lb", "plan", str(EXAMPLE), "--node", "lb1").stdout
+
+
+def test_bad_intent_changes_nothing(deployed):
+    doc = json.loads(EXAMPLE.read_text())
+    doc["services"]["web"]["ports"] = [0]
+    doc["services"]["dns"]["vip"] = "10.10.0.11"  # equal to a server address
+    bad = deployed.workdir / "bad.json"
+    bad.write_text(json.dumps(doc))
+    before = deployed.lab.run("lb", ["nft", "list", "ruleset"]).stdout
+    result = deployed.kdsr("lb", "apply", str(bad), "--node", "lb1", check=False)
+    assert result.returncode == 3, result.stderr
+    assert "/services/web/ports/0" in result.stderr and "/services/dns/vip" in result.stderr
+    assert deployed.lab.run("lb", ["nft", "list", "ruleset"]).stdout == before
+
+
+def test_golden_batches_are_accepted_by_the_kernel(deployed):
+    """Every golden nft batch passes the real kernel's check (libnftables dry run)."""
+    for path in sorted((ROOT / "tests" / "golden").glob("*/*.nft.json")):
+        doc = json.loads(path.read_text())
+        ifname = next(c["add"]["chain"]["dev"] for c in doc["nftables"] if "chain" in c.get("add", {}) and "dev" in c["add"]["chain"])
+        lab = deployed.lab
+        lab.run("client", ["ip", "link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p"], check=False)
+        try:
+            result = lab.run("client", ["nft", "-c", "-j", "-f", "-"], input=path.read_text(), check=False)
+            assert result.returncode == 0, f"{path}: {result.stderr}"
+        finally:
+            lab.run("client", ["ip", "link", "del", ifname], check=False)
+
+
+def test_destroy_restores_foreign_state_byte_for_byte(deployed):
+    for host, node in NODES.items():
+        deployed.kdsr(host, "destroy", "--node", node)
+    for host in NODES:
+        assert deployed.snapshot(host) == deployed.before[host], f"{host} differs after destroy"
+    # And traffic to the VIP is no longer balanced.
+    lab = deployed.lab
+    report = lab.probe(VIP4, "udp", 53, flows=3, first_sport=lab.next_sports(3), timeout=0.5)
+    assert not any(f.ok for f in report.flows)
