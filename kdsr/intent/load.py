@@ -72,12 +72,42 @@ def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
         raise IntentError([Problem(source, "", "the file is empty.", hint)])
     schema_problems = list(_schema_problems(doc, source, fmt))
     problems += schema_problems
-    # Verify trusts the schema's shapes (see the module docstring).
     if not schema_problems:
         problems += rules.verify(doc, source)
+    else:
+        problems += _verify_around(doc, source, schema_problems)
     if problems:
         raise IntentError(_in_file_order(_unique(problems), doc))
     return _build(doc, source)
+
+
+def _object_of(pointer: str) -> str:
+    """"/services/web/ports/0" -> "/services/web": the named object a problem is in."""
+    return "/".join(pointer.split("/")[:3])
+
+
+def _verify_around(doc: object, source: str, schema_problems: list[Problem]) -> list[Problem]:
+    """Cross-object problems of the objects the schema found no fault in.
+
+    Verify trusts the schema's shapes, so on a document with schema errors it
+    may trip over a wrong type: then it reports nothing.  Otherwise its
+    problems inside objects that already have a schema error are dropped
+    (they are likely echoes of it); the rest are real and the user gets them
+    in the same run instead of after fixing the first batch.
+    """
+    if not isinstance(doc, dict):
+        return []
+    # Services are leaves: nothing refers to them.  A fault in a pool or a
+    # node would echo through every service and member that refers to it, so
+    # then verify waits for the schema problems to be fixed.
+    if any(not p.pointer.startswith("/services/") for p in schema_problems):
+        return []
+    try:
+        found = rules.verify(doc, source)
+    except Exception:  # noqa: BLE001 - a malformed shape; the schema problems say why
+        return []
+    faulty = {_object_of(p.pointer) for p in schema_problems}
+    return [p for p in found if _object_of(p.pointer) not in faulty and p.pointer]
 
 
 def schema() -> dict:

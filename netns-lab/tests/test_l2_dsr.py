@@ -51,7 +51,8 @@ class Deployment:
 
     def snapshot(self, host: str) -> str:
         """Everything of a host's kernel state that kdsr could touch, as text."""
-        parts = [self.lab.run(host, ["nft", "list", "ruleset"]).stdout]
+        # -s (stateless): counters of foreign rules move with traffic, their config must not.
+        parts = [self.lab.run(host, ["nft", "-s", "list", "ruleset"]).stdout]
         parts.append(self.lab.run(host, ["ip", "-d", "addr", "show", "dev", "lo"]).stdout)
         for key in ("all", "eth0"):
             for name in ("arp_ignore", "arp_announce"):
@@ -72,9 +73,9 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
-    reason = netns_lab.lab_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    from conftest import require_lab
+
+    require_lab()
     workdir = tmp_path_factory.mktemp("l2dsr")
     with netns_lab.L2Lab(workdir=workdir / "lab") as lab:
         dep = Deployment(lab, workdir / "state", workdir)
