@@ -45,7 +45,7 @@ def require_lab() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def lab_available() -> None:
     require_lab()
 

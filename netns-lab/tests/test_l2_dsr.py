@@ -72,10 +72,7 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    from conftest import require_lab
-
-    require_lab()
+def deployed(lab_available, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("l2dsr")
     with netns_lab.L2Lab(workdir=workdir / "lab") as lab:
         dep = Deployment(lab, workdir / "state", workdir)
