@@ -19,8 +19,8 @@ compared with Desired: a mismatch is an error, not a silent success.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table
 from kdsr.errors import ApplyError
@@ -187,7 +187,9 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
                     "and `kdsr apply` converges",
                     rolled_back=False,
                 ) from exc
-            raise ApplyError(f"{step.description} failed: {exc}; the previous state was restored", rolled_back=True) from exc
+            raise ApplyError(
+                f"{step.description} failed: {exc}; the previous state was restored", rolled_back=True
+            ) from exc
         result.steps.append(step.description)
     result.writes = kernel.writes - writes_before
 

@@ -49,7 +49,12 @@ class Context:
 
 
 @click.group(epilog=EPILOG_EXIT_CODES)
-@click.option("--state-dir", envvar="KDSR_STATE_DIR", default=None, help="Where kdsr records what it owns (default /var/lib/kdsr).")
+@click.option(
+    "--state-dir",
+    envvar="KDSR_STATE_DIR",
+    default=None,
+    help="Where kdsr records what it owns (default /var/lib/kdsr).",
+)
 @click.option("--wait", default=0.0, type=float, show_default=True, help="Seconds to wait for another kdsr run's lock.")
 @click.version_option(package_name="kdsr")
 @click.pass_context
@@ -139,7 +144,7 @@ def show(obj: Context, node: str | None, as_json: bool) -> None:
         report = operations.show(_kernel(), obj.store, node)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
-    click.echo(json.dumps(report, indent=2) if as_json else operations.format_show(report), nl=not as_json or True)
+    click.echo(json.dumps(report, indent=2) if as_json else operations.format_show(report).rstrip("\n"))
 
 
 @main.command(epilog="Example: kdsr destroy --node s1 --dry-run")

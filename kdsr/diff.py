@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsr.model import Address, Desired, NftChain, NftMap, NftTable, Observed, Sysctl
+from kdsr.model import Desired, NftChain, NftMap, NftTable, Observed, Sysctl
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
 ACTION_ORDER = {CREATE: 0, UPDATE: 1, REPLACE: 2, DELETE: 3}
@@ -119,7 +119,7 @@ def diff_table(desired: NftTable | None, observed: NftTable | None, changes: lis
         if old is None:
             td.chains_add.append(chain)
             changes.append(Change(CREATE, "nft chain", cid, after=chain, pointer=chain.pointer))
-        elif (reason := _chain_replace_reason(old, chain)):
+        elif reason := _chain_replace_reason(old, chain):
             td.chains_replace.append((old, chain))
             changes.append(Change(REPLACE, "nft chain", cid, old, chain, reason=reason, pointer=chain.pointer))
         elif old.rules != chain.rules:
@@ -136,7 +136,7 @@ def diff_table(desired: NftTable | None, observed: NftTable | None, changes: lis
         if old is None:
             td.maps_add.append(nmap)
             changes.append(Change(CREATE, "nft map", mid, after=nmap, pointer=nmap.pointer))
-        elif (reason := _map_replace_reason(old, nmap)):
+        elif reason := _map_replace_reason(old, nmap):
             td.maps_replace.append((old, nmap))
             changes.append(Change(REPLACE, "nft map", mid, old, nmap, reason=reason, pointer=nmap.pointer))
         else:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 MAX_TABLE_SIZE = 65537  # largest prime we offer; nft maps carry this easily
 
@@ -106,4 +106,4 @@ def moved_fraction(before: Sequence[str], after: Sequence[str]) -> float:
         raise ValueError("tables differ in size")
     if not before:
         return 0.0
-    return sum(1 for a, b in zip(before, after) if a != b) / len(before)
+    return sum(1 for a, b in zip(before, after, strict=False) if a != b) / len(before)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 # A map element key or value: an int (slot), a string (address, MAC) or a
 # tuple for concatenations, with a port range as a (first, last) tuple.
-ElementKey = Union[int, str, tuple]
-ElementValue = Union[str, tuple]
+ElementKey = int | str | tuple
+ElementValue = str | tuple
 
 RULE_COMMENT_PREFIX = "kdsr:"
 
@@ -47,7 +47,7 @@ class NftRule:
     expr_json: str = field(default="", compare=False)
 
     @classmethod
-    def build(cls, expr: list, pointer: str) -> "NftRule":
+    def build(cls, expr: list, pointer: str) -> NftRule:
         comment = f"{RULE_COMMENT_PREFIX}{rule_digest(expr)} {pointer}".strip()
         # The kernel caps comments (NFT_USERDATA_MAXLEN) at 256 bytes;
         # nft's own parser at 128.  Pointers are short; truncate to be sure.
@@ -61,7 +61,7 @@ class NftRule:
     def digest(self) -> str:
         if not self.comment.startswith(RULE_COMMENT_PREFIX):
             return ""
-        return self.comment[len(RULE_COMMENT_PREFIX):].split(" ", 1)[0]
+        return self.comment[len(RULE_COMMENT_PREFIX) :].split(" ", 1)[0]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ same paths with a fake kernel.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from kdsr.apply import ApplyResult, apply_plan
@@ -81,8 +80,7 @@ def _check_interfaces(intent: Intent, node: str, kernel: Kernel) -> None:
 
 
 def apply(prepared: Prepared, kernel: Kernel, store: StateStore) -> ApplyResult:
-    result = apply_plan(prepared.plan, prepared.desired, kernel, store, prepared.state)
-    return result
+    return apply_plan(prepared.plan, prepared.desired, kernel, store, prepared.state)
 
 
 def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:
@@ -112,15 +110,22 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     if table is not None:
         report["tables"].append(table.ident)
         counters = element_counters(listing)
-        for family, map_name in SERVICE_MAPS.items():
+        for _family, map_name in SERVICE_MAPS.items():
             nmap = table.map(map_name)
-            for key, elem in (nmap.elements if nmap else ()):
+            for key, elem in nmap.elements if nmap else ():
                 packets, nbytes = counters.get(map_name, {}).get(key, (0, 0))
                 vip, proto, (first, last) = key
                 port = str(first) if first == last else f"{first}-{last}"
                 report["services"].append(
-                    {"vip": vip, "protocol": proto, "port": port, "selector": elem.value[1],
-                     "packets": packets, "bytes": nbytes, "source": elem.comment}
+                    {
+                        "vip": vip,
+                        "protocol": proto,
+                        "port": port,
+                        "selector": elem.value[1],
+                        "packets": packets,
+                        "bytes": nbytes,
+                        "source": elem.comment,
+                    }
                 )
         for nmap in table.maps:
             if nmap.name in SERVICE_MAPS.values():
@@ -159,7 +164,10 @@ def format_show(report: dict) -> str:
     if report["services"]:
         lines.append("\nservices (VIP . protocol . port -> selector, packets/bytes seen by the load balancer):")
         for s in report["services"]:
-            lines.append(f"  {s['vip']} {s['protocol']}/{s['port']} -> {s['selector']}  {s['packets']} pkts {s['bytes']} B  # {s['source']}")
+            lines.append(
+                f"  {s['vip']} {s['protocol']}/{s['port']} -> {s['selector']}"
+                f"  {s['packets']} pkts {s['bytes']} B  # {s['source']}"
+            )
     if report["servers"]:
         lines.append("\nservers (Maglev slots, packets/bytes forwarded):")
         for s in report["servers"]:
@@ -173,11 +181,3 @@ def format_show(report: dict) -> str:
         for s in report["sysctls"]:
             lines.append(f"  [{s['node']}] {s['key']} = {s['value']} (was {s['previous']})")
     return "\n".join(lines) + "\n"
-
-
-def is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False

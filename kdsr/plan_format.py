@@ -72,7 +72,15 @@ def _line(change: Change) -> str:
 
 
 def summary(plan: Plan) -> dict[str, int]:
-    counts = {"add": 0, "change": 0, "replace": 0, "destroy": 0, "elements_add": 0, "elements_change": 0, "elements_destroy": 0}
+    counts = {
+        "add": 0,
+        "change": 0,
+        "replace": 0,
+        "destroy": 0,
+        "elements_add": 0,
+        "elements_change": 0,
+        "elements_destroy": 0,
+    }
     for change in plan.changes:
         prefix = "elements_" if change.kind == "nft element" else ""
         key = {CREATE: "add", UPDATE: "change", REPLACE: "replace", DELETE: "destroy"}[change.action]
@@ -113,11 +121,22 @@ def _jsonable(obj: Any) -> Any:
     if obj is None:
         return None
     if isinstance(obj, NftTable):
-        return {"family": obj.family, "name": obj.name, "chains": [c.name for c in obj.chains], "maps": [m.name for m in obj.maps]}
+        return {
+            "family": obj.family,
+            "name": obj.name,
+            "chains": [c.name for c in obj.chains],
+            "maps": [m.name for m in obj.maps],
+        }
     if isinstance(obj, NftChain):
         hook = None
         if obj.hook:
-            hook = {"type": obj.hook.type, "hook": obj.hook.hook, "device": obj.hook.device, "priority": obj.hook.priority, "policy": obj.hook.policy}
+            hook = {
+                "type": obj.hook.type,
+                "hook": obj.hook.hook,
+                "device": obj.hook.device,
+                "priority": obj.hook.priority,
+                "policy": obj.hook.policy,
+            }
         return {"name": obj.name, "hook": hook, "rules": [r.comment for r in obj.rules]}
     if isinstance(obj, NftMap):
         return {

@@ -52,8 +52,10 @@ def main() -> int:
     state_dir = workdir / "state"
     with netns_lab.L2Lab(keep=args.keep, workdir=workdir / "lab") as lab:
         print(f"kdsr demo: L2 DSR on the nftables fast path (lab {lab.prefix}-*)")
-        print("  client 10.10.0.50  ->  lb 10.10.0.2  ->  s1 .11 / s2 .12 / s3 .13, one bridge; "
-              "the client routes the VIPs to the lb\n")
+        print(
+            "  client 10.10.0.50  ->  lb 10.10.0.2  ->  s1 .11 / s2 .12 / s3 .13, one bridge; "
+            "the client routes the VIPs to the lb\n"
+        )
         for server in lab.SERVERS:
             lab.start_responder(server, tcp_ports=[80, 443, 53], udp_ports="53,80,5000-5010")
 
@@ -71,28 +73,36 @@ def main() -> int:
         dst_filter = " or ".join(f"dst host {v}" for v in vips)
         lb_filter = "-p " + " or ".join(f"host {v}" for v in vips)
         reports = []
-        with lab.capture("lb", "eth0", lb_filter) as lb_cap, \
-             lab.capture("s1", "eth0", dst_filter) as c1, \
-             lab.capture("s2", "eth0", dst_filter) as c2, \
-             lab.capture("s3", "eth0", dst_filter) as c3:
+        with (
+            lab.capture("lb", "eth0", lb_filter) as lb_cap,
+            lab.capture("s1", "eth0", dst_filter) as c1,
+            lab.capture("s2", "eth0", dst_filter) as c2,
+            lab.capture("s3", "eth0", dst_filter) as c3,
+        ):
             for vip, proto, port, flows in TRAFFIC:
                 reports.append(lab.probe(vip, proto, port, flows=flows, first_sport=lab.next_sports(flows)))
 
         print("Traffic from the client (each flow from its own source port):")
-        print(f"  {'service':<20} {'proto':<5} {'flows':>5} {'answered':>8}   {'s1':>4} {'s2':>4} {'s3':>4}   "
-              "server saw dst / reply src")
+        print(
+            f"  {'service':<20} {'proto':<5} {'flows':>5} {'answered':>8}   {'s1':>4} {'s2':>4} {'s3':>4}   "
+            "server saw dst / reply src"
+        )
         for report in reports:
             counts = report.by_server()
             answered = sum(counts.values())
             dsts = sorted({f.server_saw_dst for f in report.flows if f.ok})
             srcs = sorted({f.reply_src for f in report.flows if f.ok})
             service = f"{report.vip}:{report.port}" if ":" not in report.vip else f"[{report.vip}]:{report.port}"
-            print(f"  {service:<20} {report.proto:<5} {len(report.flows):>5} {answered:>8}   "
-                  f"{counts.get('s1', 0):>4} {counts.get('s2', 0):>4} {counts.get('s3', 0):>4}   "
-                  f"{', '.join(dsts)} / {', '.join(srcs)}")
+            print(
+                f"  {service:<20} {report.proto:<5} {len(report.flows):>5} {answered:>8}   "
+                f"{counts.get('s1', 0):>4} {counts.get('s2', 0):>4} {counts.get('s3', 0):>4}   "
+                f"{', '.join(dsts)} / {', '.join(srcs)}"
+            )
             if answered != len(report.flows):
-                failures.append(f"{service}/{report.proto}: {len(report.flows) - answered} flows unanswered "
-                                f"({report.describe_failures(2)})")
+                failures.append(
+                    f"{service}/{report.proto}: {len(report.flows) - answered} flows unanswered "
+                    f"({report.describe_failures(2)})"
+                )
             if len(counts) < 2:
                 failures.append(f"{service}/{report.proto}: only {len(counts)} server(s) used")
             if dsts != [report.vip] or srcs != [report.vip]:
@@ -107,10 +117,14 @@ def main() -> int:
                     wrong += packet.dst_mac != macs[server] or packet.dst not in vips
         replies_at_lb = [p for p in lb_cap.packets if p.src in vips]
         requests_at_lb = [p for p in lb_cap.packets if p.dst in vips]
-        print(f"\nAt the servers: {requests} request packets captured; "
-              f"{requests - wrong} carried the server's own MAC and the VIP as destination, {wrong} did not.")
-        print(f"At the load balancer: {len(requests_at_lb)} request frames seen (each twice: in from the client, "
-              f"out to a server), {len(replies_at_lb)} reply packets (replies go server -> client directly).")
+        print(
+            f"\nAt the servers: {requests} request packets captured; "
+            f"{requests - wrong} carried the server's own MAC and the VIP as destination, {wrong} did not."
+        )
+        print(
+            f"At the load balancer: {len(requests_at_lb)} request frames seen (each twice: in from the client, "
+            f"out to a server), {len(replies_at_lb)} reply packets (replies go server -> client directly)."
+        )
         if wrong:
             failures.append(f"{wrong} request packets at the servers had the wrong MAC or destination")
         if replies_at_lb:

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import pcap_reader
 from pcap_reader import Packet
@@ -61,12 +61,16 @@ class LabError(RuntimeError):
 # Host-side command helpers
 
 
-def _exec(argv: Sequence[str], check: bool = True, timeout: float = COMMAND_TIMEOUT,
-          input: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def _exec(
+    argv: Sequence[str],
+    check: bool = True,
+    timeout: float = COMMAND_TIMEOUT,
+    input: str | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run one command, bounded in time; errors name the command and its stderr."""
     try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input,
-                                cwd=cwd)
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd)
     except subprocess.TimeoutExpired as exc:
         raise LabError(f"timed out after {timeout:g}s: {shlex.join(argv)}") from exc
     if check and result.returncode != 0:
@@ -211,7 +215,7 @@ class LinkCounters:
     rx_dropped: int
     tx_dropped: int
 
-    def __sub__(self, earlier: "LinkCounters") -> "LinkCounters":
+    def __sub__(self, earlier: LinkCounters) -> LinkCounters:
         """after - before: the traffic in between."""
         return LinkCounters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
 
@@ -256,8 +260,11 @@ def _tcpdump_stats(stderr: str) -> dict[str, int]:
     stats = {}
     for line in stderr.splitlines():
         words = line.split()
-        for key, phrase in (("captured", "packets captured"), ("received", "received by filter"),
-                            ("dropped", "dropped by kernel")):
+        for key, phrase in (
+            ("captured", "packets captured"),
+            ("received", "received by filter"),
+            ("dropped", "dropped by kernel"),
+        ):
             if phrase in line and words and words[0].isdigit():
                 stats[key] = int(words[0])
     return stats
@@ -303,8 +310,9 @@ class L2Lab:
     BRIDGE = "br0"
     VIPS = ("10.10.0.100", "10.10.0.101", "fd00:10::100")
 
-    def __init__(self, keep: bool = False, prefix: str = "kdsr", workdir: str | Path | None = None,
-                 vips: Iterable[str] = VIPS):
+    def __init__(
+        self, keep: bool = False, prefix: str = "kdsr", workdir: str | Path | None = None, vips: Iterable[str] = VIPS
+    ):
         self.keep = keep
         self.suffix = random_suffix()
         self.prefix = f"{prefix}-{self.suffix}"
@@ -319,7 +327,7 @@ class L2Lab:
 
     # --- lifecycle ---------------------------------------------------------
 
-    def __enter__(self) -> "L2Lab":
+    def __enter__(self) -> L2Lab:
         # Safety net for an interpreter that exits without running __exit__
         # (e.g. sys.exit from a signal handler); SIGKILL cannot be covered.
         atexit.register(self._down_at_exit)
@@ -390,7 +398,7 @@ class L2Lab:
         pids = [str(p.pid) for p in self._processes if p.running()]
         if pids:
             lines.append(f"  stop helpers : kill {' '.join(pids)}")
-        lines.append(f"  delete       : " + "; ".join(f"ip netns del {ns}" for ns in reversed(self._created)))
+        lines.append("  delete       : " + "; ".join(f"ip netns del {ns}" for ns in reversed(self._created)))
         lines.append(f"  files        : {self.workdir}" + ("  (rm -r it when done)" if self._own_workdir else ""))
         return "\n".join(lines)
 
@@ -404,8 +412,7 @@ class L2Lab:
         # `default` is copied into every interface created later, so eth0 is
         # born without DAD (v6 addresses usable at once) and without router
         # solicitations (less noise in captures and link counters).
-        for key, value in (("accept_dad", 0), ("dad_transmits", 0), ("router_solicitations", 0),
-                           ("accept_ra", 0)):
+        for key, value in (("accept_dad", 0), ("dad_transmits", 0), ("router_solicitations", 0), ("accept_ra", 0)):
             self.sysctl(name, f"net.ipv6.conf.default.{key}", value)
             self.sysctl(name, f"net.ipv6.conf.all.{key}", value)
         if name == self.SWITCH:
@@ -416,16 +423,32 @@ class L2Lab:
     def _build_switch(self) -> None:
         # No STP: ports forward as soon as they have carrier. No multicast
         # snooping: IPv6 neighbour discovery must be flooded without a querier.
-        self.run(self.SWITCH, ["ip", "link", "add", self.BRIDGE, "type", "bridge",
-                               "stp_state", "0", "mcast_snooping", "0"])
+        self.run(
+            self.SWITCH, ["ip", "link", "add", self.BRIDGE, "type", "bridge", "stp_state", "0", "mcast_snooping", "0"]
+        )
         self.run(self.SWITCH, ["ip", "link", "set", self.BRIDGE, "up"])
 
     def _attach(self, host: Host) -> None:
         port = f"p{host.name}"
         # Created straight into both namespaces: nothing ever appears in the
         # host's namespace, and names cannot collide with a parallel lab.
-        _exec(["ip", "link", "add", "eth0", "netns", self.ns(host.name), "type", "veth",
-               "peer", "name", port, "netns", self.ns(self.SWITCH)])
+        _exec(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                self.ns(host.name),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                self.ns(self.SWITCH),
+            ]
+        )
         self.run(self.SWITCH, ["ip", "link", "set", port, "master", self.BRIDGE, "up"])
         self.run(host.name, ["ip", "link", "set", "eth0", "up"])
         self.run(host.name, ["ip", "addr", "add", host.ipv4, "dev", "eth0"])
@@ -450,15 +473,21 @@ class L2Lab:
     def host(self, name: str) -> Host:
         return self.HOSTS[name]
 
-    def run(self, name: str, cmd: Sequence[str] | str, check: bool = True, timeout: float = COMMAND_TIMEOUT,
-            input: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        name: str,
+        cmd: Sequence[str] | str,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT,
+        input: str | None = None,
+        cwd: str | Path | None = None,
+    ) -> subprocess.CompletedProcess:
         """`ip netns exec <ns> cmd` (cmd as a list, or a string split like a shell would).
 
         check=True raises LabError carrying the command, exit code and stderr.
         """
         argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        return _exec(["ip", "netns", "exec", self.ns(name), *argv], check=check, timeout=timeout,
-                     input=input, cwd=cwd)
+        return _exec(["ip", "netns", "exec", self.ns(name), *argv], check=check, timeout=timeout, input=input, cwd=cwd)
 
     def sysctl(self, name: str, key: str, value) -> None:
         self.run(name, ["sysctl", "-q", "-w", f"{key}={value}"])
@@ -479,8 +508,14 @@ class L2Lab:
 
     # --- processes -------------------------------------------------------------
 
-    def spawn(self, name: str, argv: Sequence[str], tag: str, ready_marker: str | None = None,
-              ready_timeout: float = READY_TIMEOUT) -> LabProcess:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        tag: str,
+        ready_marker: str | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> LabProcess:
         """Start a background process in a host; it is stopped on teardown.
 
         `ip netns exec` execs the command in place, so the pid we hold is the
@@ -490,8 +525,9 @@ class L2Lab:
         base = f"{name}-{tag}-{self._spawned}"
         stdout_path, stderr_path = self.workdir / f"{base}.out", self.workdir / f"{base}.err"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            popen = subprocess.Popen(["ip", "netns", "exec", self.ns(name), *argv],
-                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(name), *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
         proc = LabProcess(name, list(argv), popen, stdout_path, stderr_path)
         self._processes.append(proc)
         if ready_marker:
@@ -504,22 +540,39 @@ class L2Lab:
             if marker in path.read_text(errors="replace"):
                 return
             if not proc.running():
-                raise LabError(f"{shlex.join(proc.argv)} in {proc.host} exited {proc.popen.returncode} "
-                               f"before it was ready:\n{proc.stderr().strip()}")
+                raise LabError(
+                    f"{shlex.join(proc.argv)} in {proc.host} exited {proc.popen.returncode} "
+                    f"before it was ready:\n{proc.stderr().strip()}"
+                )
             time.sleep(0.02)
         proc.stop()
-        raise LabError(f"{shlex.join(proc.argv)} in {proc.host} not ready after {timeout:g}s:\n"
-                       f"{proc.stderr().strip()}")
+        raise LabError(f"{shlex.join(proc.argv)} in {proc.host} not ready after {timeout:g}s:\n{proc.stderr().strip()}")
 
-    def start_responder(self, name: str, tcp_ports: Iterable[int] = (), udp_ports: Iterable[int] = (),
-                        log_path: str | Path | None = None, bind: str | Iterable[str] = "::",
-                        max_seconds: float = 300, server_name: str | None = None) -> Responder:
+    def start_responder(
+        self,
+        name: str,
+        tcp_ports: Iterable[int] = (),
+        udp_ports: Iterable[int] = (),
+        log_path: str | Path | None = None,
+        bind: str | Iterable[str] = "::",
+        max_seconds: float = 300,
+        server_name: str | None = None,
+    ) -> Responder:
         """Run responder.py in host `name`; returns once its sockets are bound."""
         tcp, udp = _port_list(tcp_ports), _port_list(udp_ports)
         log = Path(log_path) if log_path else self.workdir / f"{name}-responder.jsonl"
         binds = [bind] if isinstance(bind, str) else list(bind)
-        argv = [PYTHON, str(RESPONDER), "--name", server_name or name, "--log", str(log),
-                "--max-seconds", str(max_seconds), *(a for b in binds for a in ("--bind", b))]
+        argv = [
+            PYTHON,
+            str(RESPONDER),
+            "--name",
+            server_name or name,
+            "--log",
+            str(log),
+            "--max-seconds",
+            str(max_seconds),
+            *(a for b in binds for a in ("--bind", b)),
+        ]
         argv += ["--tcp", tcp] if tcp else []
         argv += ["--udp", udp] if udp else []
         proc = self.spawn(name, argv, tag="responder", ready_marker="READY")
@@ -527,22 +580,58 @@ class L2Lab:
         self._processes[self._processes.index(proc)] = responder
         return responder
 
-    def probe(self, vip: str, proto: str, port: int, flows: int, first_sport: int,
-              payload_bytes: int = 64, timeout: float = 2.0, workers: int = 8,
-              source: str | None = None, client: str = "client", deadline: float | None = None) -> ProbeReport:
+    def probe(
+        self,
+        vip: str,
+        proto: str,
+        port: int,
+        flows: int,
+        first_sport: int,
+        payload_bytes: int = 64,
+        timeout: float = 2.0,
+        workers: int = 8,
+        source: str | None = None,
+        client: str = "client",
+        deadline: float | None = None,
+    ) -> ProbeReport:
         """Run probe.py in the client; returns every flow's result (it does not assert)."""
         deadline = deadline if deadline is not None else min(120.0, 5.0 + flows * timeout / max(workers, 1) * 2)
-        argv = [PYTHON, str(PROBE), "--vip", vip, "--proto", proto, "--port", str(port),
-                "--flows", str(flows), "--first-sport", str(first_sport),
-                "--payload-bytes", str(payload_bytes), "--timeout", str(timeout),
-                "--workers", str(workers), "--deadline", str(deadline), "--json"]
+        argv = [
+            PYTHON,
+            str(PROBE),
+            "--vip",
+            vip,
+            "--proto",
+            proto,
+            "--port",
+            str(port),
+            "--flows",
+            str(flows),
+            "--first-sport",
+            str(first_sport),
+            "--payload-bytes",
+            str(payload_bytes),
+            "--timeout",
+            str(timeout),
+            "--workers",
+            str(workers),
+            "--deadline",
+            str(deadline),
+            "--json",
+        ]
         argv += ["--source", source] if source else []
         result = self.run(client, argv, check=False, timeout=deadline + 15)
         if result.returncode not in (0, 1):
             raise LabError(f"probe failed (exit {result.returncode}): {result.stderr.strip()}")
         data = json.loads(result.stdout)
-        return ProbeReport(data["vip"], data["proto"], data["port"],
-                           [FlowResult(**flow) for flow in data["flows"]], data["elapsed_s"], result.returncode)
+        return ProbeReport(
+            data["vip"],
+            data["proto"],
+            data["port"],
+            [FlowResult(**flow) for flow in data["flows"]],
+            data["elapsed_s"],
+            result.returncode,
+        )
 
     def next_sports(self, count: int, base: int = 20000) -> int:
         """A fresh block of source ports, so successive probes never share 4-tuples."""
@@ -555,8 +644,15 @@ class L2Lab:
     # --- captures --------------------------------------------------------------
 
     @contextlib.contextmanager
-    def capture(self, name: str, iface: str = "eth0", bpf_filter: str = "", count_limit: int = 10000,
-                seconds: float = 60, settle: float = 0.3) -> Iterator[Capture]:
+    def capture(
+        self,
+        name: str,
+        iface: str = "eth0",
+        bpf_filter: str = "",
+        count_limit: int = 10000,
+        seconds: float = 60,
+        settle: float = 0.3,
+    ) -> Iterator[Capture]:
         """Capture inside a host while the block runs; parsed packets afterwards.
 
             with lab.capture("s1", "eth0", "udp port 53") as cap:
@@ -566,9 +662,27 @@ class L2Lab:
         tcpdump is bounded twice: `-c count_limit` and `timeout seconds`.
         """
         cap = Capture(name, iface, bpf_filter, self.workdir / f"{name}-{iface}-{self._spawned + 1}.pcap")
-        argv = ["timeout", "-s", "INT", f"{seconds:g}",
-                "tcpdump", "-n", "-e", "-l", "-U", "--immediate-mode", "-Z", "root", "-i", iface,
-                "-c", str(count_limit), "-w", str(cap.pcap_path), *shlex.split(bpf_filter)]
+        argv = [
+            "timeout",
+            "-s",
+            "INT",
+            f"{seconds:g}",
+            "tcpdump",
+            "-n",
+            "-e",
+            "-l",
+            "-U",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-i",
+            iface,
+            "-c",
+            str(count_limit),
+            "-w",
+            str(cap.pcap_path),
+            *shlex.split(bpf_filter),
+        ]
         # -Z root: tcpdump otherwise drops to user `tcpdump` before opening the
         # file and cannot write into a 0700 temporary directory.
         cap.process = self.spawn(name, argv, tag="tcpdump")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 # Link-layer header types (https://www.tcpdump.org/linktypes.html).
 LINKTYPE_ETHERNET = 1
@@ -66,7 +66,7 @@ class Packet:
     payload_len: int | None = None  # L4 payload bytes according to the headers
     icmp_type: int | None = None
     arp_op: int | None = None
-    inner: "Packet | None" = field(default=None, repr=False)
+    inner: Packet | None = field(default=None, repr=False)
 
     @property
     def is_syn(self) -> bool:
@@ -92,7 +92,7 @@ def iter_pcap(data: bytes) -> Iterator[Packet]:
         offset += record.size
         if offset + incl_len > len(data):
             return
-        frame = data[offset:offset + incl_len]
+        frame = data[offset : offset + incl_len]
         offset += incl_len
         yield parse_frame(frame, linktype, ts_sec + ts_frac / ts_divisor, orig_len)
 
@@ -170,8 +170,8 @@ def _ipv4(frame: bytes, offset: int, fields: dict, depth: int) -> None:
     header_len = (ver_ihl & 0x0F) * 4
     fields.update(
         family="ipv4",
-        src=str(ipaddress.IPv4Address(frame[offset + 12:offset + 16])),
-        dst=str(ipaddress.IPv4Address(frame[offset + 16:offset + 20])),
+        src=str(ipaddress.IPv4Address(frame[offset + 12 : offset + 16])),
+        dst=str(ipaddress.IPv4Address(frame[offset + 16 : offset + 20])),
         ttl=ttl,
         proto=_IPPROTO_NAMES.get(proto, str(proto)),
     )
@@ -185,8 +185,8 @@ def _ipv6(frame: bytes, offset: int, fields: dict, depth: int) -> None:
     payload_len, next_header, hop_limit = struct.unpack_from("!HBB", frame, offset + 4)
     fields.update(
         family="ipv6",
-        src=str(ipaddress.IPv6Address(frame[offset + 8:offset + 24])),
-        dst=str(ipaddress.IPv6Address(frame[offset + 24:offset + 40])),
+        src=str(ipaddress.IPv6Address(frame[offset + 8 : offset + 24])),
+        dst=str(ipaddress.IPv6Address(frame[offset + 24 : offset + 40])),
         ttl=hop_limit,
     )
     offset += 40
@@ -214,15 +214,14 @@ def _arp(frame: bytes, offset: int, fields: dict) -> None:
     _htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, offset)
     fields.update(family="arp", proto="arp", arp_op=op)
     if ptype == ETH_P_IP and hlen == 6 and plen == 4:
-        fields["src"] = str(ipaddress.IPv4Address(frame[offset + 14:offset + 18]))
-        fields["dst"] = str(ipaddress.IPv4Address(frame[offset + 24:offset + 28]))
+        fields["src"] = str(ipaddress.IPv4Address(frame[offset + 14 : offset + 18]))
+        fields["dst"] = str(ipaddress.IPv4Address(frame[offset + 24 : offset + 28]))
 
 
 def _transport(frame: bytes, offset: int, proto: int, l4_len: int, fields: dict, depth: int) -> None:
     if proto == 6:
         sport, dport, _seq, _ack, data_off, flags = struct.unpack_from("!HHIIBB", frame, offset)
-        fields.update(sport=sport, dport=dport, tcp_flags=_tcp_flags(flags),
-                      payload_len=l4_len - (data_off >> 4) * 4)
+        fields.update(sport=sport, dport=dport, tcp_flags=_tcp_flags(flags), payload_len=l4_len - (data_off >> 4) * 4)
     elif proto == 17:
         sport, dport, udp_len = struct.unpack_from("!HHH", frame, offset)
         fields.update(sport=sport, dport=dport, payload_len=udp_len - 8)

@@ -141,9 +141,12 @@ def run(args: argparse.Namespace) -> dict:
         if flow.ok:
             by_server[flow.server] = by_server.get(flow.server, 0) + 1
     return {
-        "vip": normalise(args.vip), "proto": args.proto, "port": args.port,
+        "vip": normalise(args.vip),
+        "proto": args.proto,
+        "port": args.port,
         "elapsed_s": round(time.monotonic() - started, 3),
-        "ok": sum(f.ok for f in flows), "failed": sum(not f.ok for f in flows),
+        "ok": sum(f.ok for f in flows),
+        "failed": sum(not f.ok for f in flows),
         "by_server": dict(sorted(by_server.items())),
         "flows": [asdict(f) for f in flows],
     }
@@ -187,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for flow in report["flows"]:
             status = "ok " if flow["ok"] else "ERR"
-            print(f"{status} sport={flow['sport']} server={flow['server']} saw_dst={flow['server_saw_dst']} "
-                  f"reply_src={flow['reply_src']} {flow['error'] or ''}".rstrip())
+            print(
+                f"{status} sport={flow['sport']} server={flow['server']} saw_dst={flow['server_saw_dst']} "
+                f"reply_src={flow['reply_src']} {flow['error'] or ''}".rstrip()
+            )
         print(f"{report['ok']} ok, {report['failed']} failed, by server {report['by_server']}")
     return 0 if report["failed"] == 0 else 1
 

@@ -139,8 +139,15 @@ class Responder:
             sock.sendmsg([reply], source_cmsgs(sock.family, local), 0, peer)
         except OSError as exc:
             error = str(exc)
-        self.log.write(proto="udp", dst=plain_address(local), port=port,
-                       peer=plain_address(peer[0]), peer_port=peer[1], bytes=len(data), error=error)
+        self.log.write(
+            proto="udp",
+            dst=plain_address(local),
+            port=port,
+            peer=plain_address(peer[0]),
+            peer_port=peer[1],
+            bytes=len(data),
+            error=error,
+        )
 
     # --- TCP -------------------------------------------------------------
 
@@ -164,8 +171,15 @@ class Responder:
                 drain_until_eof(conn)
             except OSError as exc:
                 error = str(exc)
-            self.log.write(proto="tcp", dst=plain_address(local), port=port,
-                           peer=plain_address(peer[0]), peer_port=peer[1], bytes=len(data), error=error)
+            self.log.write(
+                proto="tcp",
+                dst=plain_address(local),
+                port=port,
+                peer=plain_address(peer[0]),
+                peer_port=peer[1],
+                bytes=len(data),
+                error=error,
+            )
         finally:
             conn.close()
             self.threads.release()
@@ -206,10 +220,8 @@ def source_cmsgs(family: int, local: str) -> list[tuple[int, int, bytes]]:
     """Ancillary data that makes the kernel send from `local` (e.g. the VIP)."""
     if family == socket.AF_INET6:
         # For a v4-mapped `local` the kernel's IPv4 path accepts IPV6_PKTINFO too.
-        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
-                 ipaddress.IPv6Address(local).packed + struct.pack("=i", 0))]
-    return [(socket.IPPROTO_IP, IP_PKTINFO,
-             struct.pack("=i4s4s", 0, ipaddress.IPv4Address(local).packed, b"\0" * 4))]
+        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, ipaddress.IPv6Address(local).packed + struct.pack("=i", 0))]
+    return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ipaddress.IPv4Address(local).packed, b"\0" * 4))]
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -226,7 +238,7 @@ def read_request(conn: socket.socket) -> bytes:
     while data and len(data) < MAX_REQUEST_BYTES and time.monotonic() < deadline:
         try:
             chunk = conn.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             break
         if not chunk:
             break
@@ -238,7 +250,7 @@ def read_framed(conn: socket.socket, data: bytes, deadline: float) -> bytes:
     while b"\n" not in data and len(data) < 64:
         data += recv_before(conn, deadline)
     header, _, payload = data.partition(b"\n")
-    length = int(header[len(TCP_FRAME_MAGIC):])
+    length = int(header[len(TCP_FRAME_MAGIC) :])
     if not 0 <= length <= MAX_REQUEST_BYTES:
         raise OSError(f"framed request of {length} bytes exceeds {MAX_REQUEST_BYTES}")
     while len(payload) < length:

@@ -105,8 +105,13 @@ def test_transitions_equal_fresh_apply(store, tmp_path):
         doc["pools"]["web"]["servers"].pop()
 
     def new_service(doc):
-        doc["services"]["media"] = {"vip": "10.10.0.101", "ports": "5000-5010", "protocols": "udp", "pool": "web",
-                                    "hashing": {"fields": "source-ip", "seed": 5}}
+        doc["services"]["media"] = {
+            "vip": "10.10.0.101",
+            "ports": "5000-5010",
+            "protocols": "udp",
+            "pool": "web",
+            "hashing": {"fields": "source-ip", "seed": 5},
+        }
 
     states = [intent(), intent(remove_s3), intent(new_service), intent()]
     walker = FakeKernel()

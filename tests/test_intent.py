@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 from pathlib import Path
@@ -518,7 +517,9 @@ def test_member_address_must_belong_to_its_node():
 
 
 def test_l2_server_off_the_load_balancer_segment():  # rule 5
-    doc = changed(servers__s4={"interface": "eth0", "addresses": ["10.9.0.5/24"]}, pools__web__servers__3={"node": "s4"})
+    doc = changed(
+        servers__s4={"interface": "eth0", "addresses": ["10.9.0.5/24"]}, pools__web__servers__3={"node": "s4"}
+    )
     problem = only_problem(doc)
     assert problem.pointer == "/pools/web/servers/3/node"
     assert str(problem) == (
@@ -650,3 +651,14 @@ def test_is_prime():
 def test_next_prime():
     assert [next_prime(n) for n in (-5, 0, 2, 3, 4, 100, 65536, 65537)] == [2, 2, 2, 3, 5, 101, 65537, 65537]
     assert next_prime(999_984) == 1_000_003
+
+
+def test_table_smaller_than_pool_is_refused():
+    doc = json.loads(EXAMPLE.read_text())
+    doc["pools"]["web"]["servers"] = [{"address": f"10.10.0.{20 + i}"} for i in range(11)]
+    doc["services"]["web"]["hashing"] = {"table_size": 7}
+    with pytest.raises(IntentError) as info:
+        parse_intent(json.dumps(doc), SOURCE)
+    (problem,) = info.value.problems
+    assert problem.pointer == "/services/web/hashing/table_size"
+    assert "smaller than pool 'web'" in problem.message and "1103" in problem.hint

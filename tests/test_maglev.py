@@ -11,9 +11,7 @@ def test_golden_table_is_stable_across_releases():
     # Changing this table for the same input is a breaking change: every load
     # balancer running an older kdsr would disagree on where flows go.
     table = populate([Backend("10.0.0.1"), Backend("10.0.0.2"), Backend("10.0.0.3")], 13, seed=1)
-    assert table == (
-        GOLDEN_13
-    ), "Maglev table changed for the same input: a breaking change, call it out"
+    assert table == (GOLDEN_13), "Maglev table changed for the same input: a breaking change, call it out"
 
 
 A, B, C = "10.0.0.1", "10.0.0.2", "10.0.0.3"

@@ -69,18 +69,61 @@ def test_decode_kernel_listing():
     # Shape of `nft -j list table netdev kdsr` as nft 1.0.6 prints it.
     listing = [
         {"table": {"family": "netdev", "name": "kdsr", "handle": 1}},
-        {"map": {"family": "netdev", "name": "s", "table": "kdsr", "type": ["ipv4_addr", "inet_proto", "inet_service"],
-                 "handle": 4, "map": "verdict", "flags": ["interval"], "stmt": [{"counter": None}],
-                 "elem": [[{"elem": {"val": {"concat": ["10.0.0.10", "tcp", {"range": [80, 90]}]},
-                                     "counter": {"packets": 3, "bytes": 180}}}, {"jump": {"target": "p"}}],
-                          [{"elem": {"val": {"concat": ["10.0.0.10", "udp", 53]}, "counter": {"packets": 0, "bytes": 0}}},
-                           {"jump": {"target": "p"}}]]}},
-        {"chain": {"family": "netdev", "table": "kdsr", "name": "ingress", "handle": 3, "type": "filter",
-                   "hook": "ingress", "prio": 10, "policy": "accept"}},
-        {"rule": {"family": "netdev", "table": "kdsr", "chain": "ingress", "handle": 9, "comment": "kdsr:abc /x", "expr": []}},
+        {
+            "map": {
+                "family": "netdev",
+                "name": "s",
+                "table": "kdsr",
+                "type": ["ipv4_addr", "inet_proto", "inet_service"],
+                "handle": 4,
+                "map": "verdict",
+                "flags": ["interval"],
+                "stmt": [{"counter": None}],
+                "elem": [
+                    [
+                        {
+                            "elem": {
+                                "val": {"concat": ["10.0.0.10", "tcp", {"range": [80, 90]}]},
+                                "counter": {"packets": 3, "bytes": 180},
+                            }
+                        },
+                        {"jump": {"target": "p"}},
+                    ],
+                    [
+                        {"elem": {"val": {"concat": ["10.0.0.10", "udp", 53]}, "counter": {"packets": 0, "bytes": 0}}},
+                        {"jump": {"target": "p"}},
+                    ],
+                ],
+            }
+        },
+        {
+            "chain": {
+                "family": "netdev",
+                "table": "kdsr",
+                "name": "ingress",
+                "handle": 3,
+                "type": "filter",
+                "hook": "ingress",
+                "prio": 10,
+                "policy": "accept",
+            }
+        },
+        {
+            "rule": {
+                "family": "netdev",
+                "table": "kdsr",
+                "chain": "ingress",
+                "handle": 9,
+                "comment": "kdsr:abc /x",
+                "expr": [],
+            }
+        },
         {"rule": {"family": "netdev", "table": "kdsr", "chain": "ingress", "handle": 10, "expr": []}},
     ]
-    text = 'table netdev kdsr {\n\tchain ingress {\n\t\ttype filter hook ingress device "eth0" priority filter + 10; policy accept;\n'
+    text = (
+        "table netdev kdsr {\n\tchain ingress {\n"
+        '\t\ttype filter hook ingress device "eth0" priority filter + 10; policy accept;\n'
+    )
     table = decode_table(listing, devices_from_text(text))
     nmap = table.map("s")
     assert nmap.counter and nmap.flags == ("interval",)

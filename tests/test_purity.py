@@ -22,7 +22,11 @@ def imported_modules(path: Path) -> set[str]:
 def test_pure_modules_import_nothing_with_side_effects():
     offenders = {}
     for path in PURE:
-        bad = {m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN or m.startswith("kdsr.kernel")}
+        bad = {
+            m
+            for m in imported_modules(path)
+            if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN or m.startswith("kdsr.kernel")
+        }
         if bad:
             offenders[path.name] = sorted(bad)
     assert not offenders, f"pure modules import side-effecting modules: {offenders}"

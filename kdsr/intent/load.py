@@ -82,7 +82,7 @@ def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
 
 
 def _object_of(pointer: str) -> str:
-    """"/services/web/ports/0" -> "/services/web": the named object a problem is in."""
+    """ "/services/web/ports/0" -> "/services/web": the named object a problem is in."""
     return "/".join(pointer.split("/")[:3])
 
 
@@ -294,10 +294,10 @@ def _schema_problems(doc: object, source: str, fmt: str) -> Iterable[Problem]:
 _PORT_HINT = 'Ports are 1-65535: a port (80), a range "A-B" ("5000-5010"), or a list of them.'
 _ADDRESS_HINT = 'Give one address without prefix length, e.g. "10.10.0.100" or "fd00:10::100".'
 _HINTS: list[tuple[tuple[str, ...], str]] = [
-    (("version",), "This kdsr reads intent version 1; set \"version\": 1."),
+    (("version",), 'This kdsr reads intent version 1; set "version": 1.'),
     (("services",), "Define at least one service: a VIP, ports and a pool."),
     (("load_balancers",), "Define at least one load balancer: its interface and addresses."),
-    (("services", "*", "vip"), "A VIP is one IPv4 or IPv6 address, e.g. \"10.10.0.100\" or \"fd00:10::100\"."),
+    (("services", "*", "vip"), 'A VIP is one IPv4 or IPv6 address, e.g. "10.10.0.100" or "fd00:10::100".'),
     (("services", "*", "ports"), _PORT_HINT),
     (("services", "*", "ports", "*"), _PORT_HINT),
     (("services", "*", "protocols"), 'Use "tcp", "udp", "both", or a list such as ["tcp", "udp"].'),
@@ -338,7 +338,7 @@ _JSON_TYPES = {
 
 def _hint(path: list) -> str:
     for pattern, hint in _HINTS:
-        if len(pattern) == len(path) and all(p in ("*", str(k)) for p, k in zip(pattern, path)):
+        if len(pattern) == len(path) and all(p in ("*", str(k)) for p, k in zip(pattern, path, strict=False)):
             return hint
     return ""
 

@@ -51,9 +51,7 @@ def parse_interface(text: str) -> IPInterface:
     try:
         interface = ipaddress.ip_interface(text)
     except ValueError:
-        raise ValueError(
-            f'"{text}" is not an IPv4 or IPv6 address with prefix length'
-        ) from None
+        raise ValueError(f'"{text}" is not an IPv4 or IPv6 address with prefix length') from None
     if getattr(interface.ip, "scope_id", None):
         raise ValueError(f'"{text}" has a zone (%{interface.ip.scope_id}); remove it')
     return interface
@@ -394,8 +392,7 @@ class _Verifier:
                         member.address_pointer,
                         f"server {member.address} is not on a subnet connected to load balancer "
                         f"{lb_name} ({networks}).",
-                        "L2 DSR needs servers on the LB's segment; use a server on that segment "
-                        f"or {L3_NOT_YET}.",
+                        f"L2 DSR needs servers on the LB's segment; use a server on that segment or {L3_NOT_YET}.",
                     )
 
     # Port ranges (rule 12's cousin) and rule 1: one service per VIP/proto/port.
@@ -443,6 +440,17 @@ class _Verifier:
                     f"/services/{name}/hashing/table_size",
                     f"table_size {size} is not prime.",
                     f"A consistent-hash (Maglev) table needs a prime size; try {next_prime(int(size))}.",
+                )
+                continue
+            pool = self.pools.get(service.get("pool"), {}) if isinstance(service.get("pool"), str) else {}
+            members = len(pool.get("servers", [])) if isinstance(pool, dict) else 0
+            if size is not None and members and int(size) < members:
+                # Fewer slots than servers: some servers would never get a flow.
+                self.report(
+                    f"/services/{name}/hashing/table_size",
+                    f"table_size {size} is smaller than pool {service['pool']!r}'s {members} servers.",
+                    f"Use a prime of at least 100 x the servers ({next_prime(100 * members)}), "
+                    "or leave table_size out to have it chosen.",
                 )
 
 

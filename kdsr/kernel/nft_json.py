@@ -13,7 +13,8 @@ Quirks of nft 1.0.6 (Debian bookworm) handled here:
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kdsr.diff import TableDiff
 from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
@@ -77,8 +78,7 @@ def map_object(table: NftTable | TableDiff, nmap: NftMap, with_elements: bool = 
 
 def rule_objects(table: NftTable | TableDiff, chain: NftChain) -> list[dict]:
     return [
-        {"add": _obj("rule", table, chain=chain.name, expr=rule.expr, comment=rule.comment)}
-        for rule in chain.rules
+        {"add": _obj("rule", table, chain=chain.name, expr=rule.expr, comment=rule.comment)} for rule in chain.rules
     ]
 
 
@@ -93,7 +93,7 @@ ELEMENT_CHUNK = 4096
 
 def _chunks(items: list, size: int = ELEMENT_CHUNK) -> Iterable[list]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def batch_for(td: TableDiff) -> list[dict]:

@@ -42,7 +42,7 @@ class NodeState:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "NodeState":
+    def from_json(cls, data: dict) -> NodeState:
         return cls(
             node=data["node"],
             owned_addresses=set(data.get("owned_addresses", [])),
@@ -84,7 +84,7 @@ class StateStore:
             return []
         return sorted(p.stem for p in self.directory.glob("*.json"))
 
-    def lock(self, wait_seconds: float = 0.0) -> "Lock":
+    def lock(self, wait_seconds: float = 0.0) -> Lock:
         return Lock(self.directory / "lock", wait_seconds)
 
 
@@ -99,7 +99,7 @@ class Lock:
         self.wait_seconds = wait_seconds
         self.fd: int | None = None
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.wait_seconds
@@ -112,8 +112,7 @@ class Lock:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                     os.close(fd)
                     raise LockedError(
-                        f"another kdsr run holds {self.path} (pid {holder}); "
-                        "retry later or pass --wait SECONDS"
+                        f"another kdsr run holds {self.path} (pid {holder}); retry later or pass --wait SECONDS"
                     ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)

@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import lab as netns_lab
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "l2-web.json"
@@ -46,7 +45,9 @@ class Deployment:
         argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir), *args]
         result = self.lab.run(host, argv, check=False, cwd=ROOT)
         if check and result.returncode != 0:
-            raise AssertionError(f"kdsr {' '.join(args)} in {host} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"kdsr {' '.join(args)} in {host} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def snapshot(self, host: str) -> str:
@@ -143,9 +144,11 @@ def test_headers_on_the_wire_and_no_reply_through_lb(deployed):
     macs = {s: lab.mac(s) for s in lab.SERVERS}
     captures = {}
     with lab.capture("lb", "eth0", f"-p host {VIP4} or host {VIP6}") as lb_cap:
-        with lab.capture("s1", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c1, \
-             lab.capture("s2", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c2, \
-             lab.capture("s3", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c3:
+        with (
+            lab.capture("s1", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c1,
+            lab.capture("s2", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c2,
+            lab.capture("s3", "eth0", f"dst host {VIP4} or dst host {VIP6}") as c3,
+        ):
             captures = {"s1": c1, "s2": c2, "s3": c3}
             r4 = lab.probe(VIP4, "udp", 53, flows=60, first_sport=lab.next_sports(60))
             r6 = lab.probe(VIP6, "udp", 80, flows=60, first_sport=lab.next_sports(60))
@@ -247,7 +250,11 @@ def test_golden_batches_are_accepted_by_the_kernel(deployed):
     """Every golden nft batch passes the real kernel's check (libnftables dry run)."""
     for path in sorted((ROOT / "tests" / "golden").glob("*/*.nft.json")):
         doc = json.loads(path.read_text())
-        ifname = next(c["add"]["chain"]["dev"] for c in doc["nftables"] if "chain" in c.get("add", {}) and "dev" in c["add"]["chain"])
+        ifname = next(
+            c["add"]["chain"]["dev"]
+            for c in doc["nftables"]
+            if "chain" in c.get("add", {}) and "dev" in c["add"]["chain"]
+        )
         lab = deployed.lab
         lab.run("client", ["ip", "link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p"], check=False)
         try:

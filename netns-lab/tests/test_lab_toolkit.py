@@ -11,10 +11,9 @@ import os
 import struct
 import subprocess
 
-import pytest
-
 import lab as netns_lab
 import pcap_reader
+import pytest
 import responder
 
 FLOWS = 20
@@ -38,13 +37,37 @@ def _eth(dst: str, src: str, ethertype: int, vlan: int | None = None) -> bytes:
 
 
 def _ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0,
-                       ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed) + payload
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(payload),
+            1,
+            0,
+            64,
+            proto,
+            0,
+            ipaddress.IPv4Address(src).packed,
+            ipaddress.IPv4Address(dst).packed,
+        )
+        + payload
+    )
 
 
 def _ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
-    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 63,
-                       ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + payload
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(payload),
+            next_header,
+            63,
+            ipaddress.IPv6Address(src).packed,
+            ipaddress.IPv6Address(dst).packed,
+        )
+        + payload
+    )
 
 
 def _udp(sport: int, dport: int, data: bytes) -> bytes:
@@ -61,8 +84,13 @@ def test_pcap_reader_parses_headers_tunnels_and_truncation(tmp_path):
         _eth(mac_b, mac_a, 0x0800, vlan=42) + _ipv4("10.10.0.50", "10.10.0.100", 17, _udp(40000, 53, b"x" * 7)),
         _eth(mac_b, mac_a, 0x86DD) + _ipv6("fd00:10::50", "fd00:10::100", 6, _tcp(40001, 80, 0x02)),
         # GRE (with key) carrying IPv4/UDP: the L3 DSR shape on the full kernel.
-        _eth(mac_b, mac_a, 0x0800) + _ipv4("10.20.0.2", "10.30.0.11", 47, struct.pack("!HHI", 0x2000, 0x0800, 7)
-                                           + _ipv4("10.10.0.50", "10.10.0.100", 17, _udp(40002, 53, b""))),
+        _eth(mac_b, mac_a, 0x0800)
+        + _ipv4(
+            "10.20.0.2",
+            "10.30.0.11",
+            47,
+            struct.pack("!HHI", 0x2000, 0x0800, 7) + _ipv4("10.10.0.50", "10.10.0.100", 17, _udp(40002, 53, b"")),
+        ),
     ]
     data = _pcap(frames)
     path = tmp_path / "t.pcap"
@@ -73,14 +101,25 @@ def test_pcap_reader_parses_headers_tunnels_and_truncation(tmp_path):
     udp, tcp, gre = packets
     assert (udp.src_mac, udp.dst_mac, udp.vlans) == (mac_a, mac_b, (42,))
     assert (udp.src, udp.dst, udp.proto, udp.sport, udp.dport, udp.payload_len) == (
-        "10.10.0.50", "10.10.0.100", "udp", 40000, 53, 7)
+        "10.10.0.50",
+        "10.10.0.100",
+        "udp",
+        40000,
+        53,
+        7,
+    )
     assert (tcp.family, tcp.dst, tcp.tcp_flags, tcp.is_syn, tcp.ttl) == ("ipv6", "fd00:10::100", "S", True, 63)
     assert (gre.proto, gre.dst) == ("gre", "10.30.0.11")
     assert (gre.inner.dst, gre.inner.proto, gre.inner.sport) == ("10.10.0.100", "udp", 40002)
 
-    ip6ip6 = list(pcap_reader.iter_pcap(_pcap(
-        [_ipv6("fd00:20::2", "fd00:30::11", 41, _ipv6("fd00:10::50", "fd00:10::100", 17, _udp(1, 80, b"")))],
-        linktype=pcap_reader.LINKTYPE_RAW)))
+    ip6ip6 = list(
+        pcap_reader.iter_pcap(
+            _pcap(
+                [_ipv6("fd00:20::2", "fd00:30::11", 41, _ipv6("fd00:10::50", "fd00:10::100", 17, _udp(1, 80, b"")))],
+                linktype=pcap_reader.LINKTYPE_RAW,
+            )
+        )
+    )
     assert (ip6ip6[0].src_mac, ip6ip6[0].proto, ip6ip6[0].inner.dst) == (None, "ipv6", "fd00:10::100")
 
 
@@ -122,9 +161,12 @@ def test_flows_to_a_server_address_are_answered_and_captured(lab_available, tmp_
         s1_mac, client_mac = lab.mac("s1"), lab.mac("client")
         before = lab.link_counters("s1")
 
-        with lab.capture("s1", "eth0", f"host {s1.addr4} and (tcp port 80 or udp port 53)",
-                         count_limit=2000, seconds=30) as s1_cap, \
-             lab.capture("lb", "eth0", f"ip src {s1.addr4}", count_limit=100, seconds=30) as lb_cap:
+        with (
+            lab.capture(
+                "s1", "eth0", f"host {s1.addr4} and (tcp port 80 or udp port 53)", count_limit=2000, seconds=30
+            ) as s1_cap,
+            lab.capture("lb", "eth0", f"ip src {s1.addr4}", count_limit=100, seconds=30) as lb_cap,
+        ):
             tcp = lab.probe(s1.addr4, "tcp", 80, FLOWS, first_sport=40000, payload_bytes=300)
             udp = lab.probe(s1.addr4, "udp", 53, FLOWS, first_sport=40000, payload_bytes=300)
 
@@ -133,7 +175,8 @@ def test_flows_to_a_server_address_are_answered_and_captured(lab_available, tmp_
             assert report.by_server() == {"s1": FLOWS}
             assert [f.sport for f in report.flows] == list(range(40000, 40000 + FLOWS))
             assert {(f.server_saw_dst, f.reply_src, f.server_saw_peer) for f in report.flows} == {
-                (s1.addr4, s1.addr4, lab.host("client").addr4)}
+                (s1.addr4, s1.addr4, lab.host("client").addr4)
+            }
             assert all(f.server_saw_peer_port == f.sport for f in report.flows)
 
         # What the wire carried, parsed from tcpdump's pcap.
@@ -156,7 +199,8 @@ def test_flows_to_a_server_address_are_answered_and_captured(lab_available, tmp_
         # The responders' logs agree with the probes; s2/s3 saw nothing.
         logged = responders["s1"].requests()
         assert sorted((r["proto"], r["peer_port"]) for r in logged) == sorted(
-            (proto, 40000 + i) for proto in ("tcp", "udp") for i in range(FLOWS))
+            (proto, 40000 + i) for proto in ("tcp", "udp") for i in range(FLOWS)
+        )
         assert responders["s2"].requests() == [] == responders["s3"].requests()
 
         # Same source ports again at once: TIME_WAIT must be on the server side.
@@ -184,8 +228,11 @@ def test_dual_stack_responder_answers_from_the_vip(l2lab):
     s1 = lab.start_responder("s1", tcp_ports=[80], udp_ports="5000-5001")
 
     with lab.capture("s1", "eth0", "tcp port 80 or udp port 5001", count_limit=500, seconds=30) as cap:
-        reports = [lab.probe(vip, proto, port, 8, first_sport=41000)
-                   for vip in (vip4, vip6) for proto, port in (("tcp", 80), ("udp", 5001))]
+        reports = [
+            lab.probe(vip, proto, port, 8, first_sport=41000)
+            for vip in (vip4, vip6)
+            for proto, port in (("tcp", 80), ("udp", 5001))
+        ]
 
     for report in reports:
         assert report.all_ok, report.describe_failures()
