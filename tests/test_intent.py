@@ -662,3 +662,11 @@ def test_table_smaller_than_pool_is_refused():
     (problem,) = info.value.problems
     assert problem.pointer == "/services/web/hashing/table_size"
     assert "smaller than pool 'web'" in problem.message and "1103" in problem.hint
+
+
+def test_yaml_example_equals_json_example():
+    import dataclasses
+
+    from_json = load_intent(EXAMPLE)
+    from_yaml = load_intent(EXAMPLE.with_suffix(".yaml"))
+    assert dataclasses.replace(from_yaml, source=from_json.source) == from_json
