@@ -1,3 +1,3 @@
-from kdsr.cli import main
+from kdsr.cli import run
 
-main()
+run()

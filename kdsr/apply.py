@@ -20,6 +20,7 @@ compared with Desired: a mismatch is an error, not a silent success.
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
 from dataclasses import dataclass, field
 
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table
@@ -45,36 +46,65 @@ class ApplyResult:
 
 
 class Journal:
-    def __init__(self) -> None:
-        self.done: list[Step] = []
+    """Completed steps with the state records as they were before each one.
+
+    Rolling back undoes the kernel side of each step, newest first, and puts
+    the records back as they were, so the state file never claims what a
+    rolled-back step had added.
+    """
+
+    def __init__(self, state: NodeState, store: StateStore) -> None:
+        self.state = state
+        self.store = store
+        self.done: list[tuple[Step, NodeState]] = []
 
     def run(self, step: Step) -> None:
-        step.run()
-        self.done.append(step)
+        before = copy.deepcopy(self.state)
+        try:
+            step.run()
+        except Exception:
+            # The failed step may have recorded what it was about to do.
+            self._restore(before)
+            raise
+        self.done.append((step, before))
+
+    def _restore(self, before: NodeState) -> None:
+        self.state.__dict__.update(copy.deepcopy(before).__dict__)
+        self.store.save(self.state)
 
     def roll_back(self) -> list[str]:
         """Undo completed steps, newest first.  Returns the failures."""
         failures = []
-        for step in reversed(self.done):
-            if step.undo is None:
-                continue
+        for step, before in reversed(self.done):
             try:
-                step.undo()
-            except KernelError as exc:
+                if step.undo is not None:
+                    step.undo()
+                self._restore(before)
+            except Exception as exc:  # noqa: BLE001 - report every failed undo, keep undoing
                 failures.append(f"undo of '{step.description}' failed: {exc}")
         self.done.clear()
         return failures
 
 
 def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> list[Step]:
+    """One Step per kernel write.
+
+    Ownership is recorded *before* a write that creates something and dropped
+    *after* a write that removes it, so a crash at any point leaves a state
+    file that claims too much rather than too little; diff forgets records of
+    things that are not there.
+    """
     steps: list[Step] = []
-    save = lambda: store.save(state)  # noqa: E731 - tiny closure, reads better inline
+
+    def save() -> None:
+        store.save(state)
 
     def set_sysctl(key: str, value: str, previous: str | None) -> Step:
         def run() -> None:
             if previous is not None:
                 state.sysctl_previous.setdefault(key, previous)
-                save()
+            state.sysctl_written[key] = value
+            save()
             kernel.sysctl_write(key, value)
 
         def undo() -> None:
@@ -83,46 +113,42 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
 
         return Step(f"set sysctl {key.replace('/', '.')}={value}", run, undo)
 
-    def restore_sysctl(key: str, value: str, current: str, write: bool) -> Step:
+    def restore_sysctl(key: str, value: str, current: str | None, write: bool) -> Step:
         def run() -> None:
             if write:
                 kernel.sysctl_write(key, value)
             state.sysctl_previous.pop(key, None)
+            state.sysctl_written.pop(key, None)
             save()
 
         def undo() -> None:
-            state.sysctl_previous[key] = value
-            save()
-            if write:
+            if write and current is not None:
                 kernel.sysctl_write(key, current)
 
-        return Step(f"restore sysctl {key.replace('/', '.')}={value}", run, undo)
+        verb = "restore" if write else "forget"
+        return Step(f"{verb} sysctl {key.replace('/', '.')}={value}", run, undo)
 
     def add_address(addr: Address) -> Step:
         def run() -> None:
-            kernel.addr_add(addr)
             state.owned_addresses.add(addr.ident)
             save()
+            kernel.addr_add(addr)
 
-        def undo() -> None:
-            kernel.addr_del(addr)
-            state.owned_addresses.discard(addr.ident)
-            save()
+        return Step(f"add address {addr.cidr} to {addr.ifname}", run, lambda: kernel.addr_del(addr))
 
-        return Step(f"add address {addr.cidr} to {addr.ifname}", run, undo)
-
-    def delete_address(addr: Address) -> Step:
+    def delete_address(addr: Address, write: bool = True) -> Step:
         def run() -> None:
-            kernel.addr_del(addr)
+            if write:
+                kernel.addr_del(addr)
             state.owned_addresses.discard(addr.ident)
             save()
 
         def undo() -> None:
-            kernel.addr_add(addr)
-            state.owned_addresses.add(addr.ident)
-            save()
+            if write:
+                kernel.addr_add(addr)
 
-        return Step(f"delete address {addr.cidr} from {addr.ifname}", run, undo)
+        verb = "delete" if write else "forget"
+        return Step(f"{verb} address {addr.cidr} on {addr.ifname}", run, undo)
 
     for change in plan.of_kind("sysctl"):
         if change.action == UPDATE:
@@ -151,12 +177,11 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
 
     for change in plan.of_kind("address"):
         if change.action == DELETE:
-            steps.append(delete_address(change.before))
+            steps.append(delete_address(change.before, write=change.reason != "forget"))
     for change in plan.of_kind("sysctl"):
         if change.action == DELETE:
-            steps.append(
-                restore_sysctl(change.after.key, change.after.value, change.before.value, change.reason == "restore")
-            )
+            current = change.before.value if change.before is not None else None
+            steps.append(restore_sysctl(change.after.key, change.after.value, current, change.reason == "restore"))
     return steps
 
 
@@ -173,11 +198,11 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
             raise ApplyError(f"nothing was changed: {exc}", rolled_back=True) from exc
 
     writes_before = kernel.writes
-    journal = Journal()
+    journal = Journal(state, store)
     for step in _steps(plan, kernel, store, state):
         try:
             journal.run(step)
-        except KernelError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure (netlink, disk) must roll back
             failures = journal.roll_back()
             if failures:
                 raise ApplyError(

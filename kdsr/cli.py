@@ -8,7 +8,7 @@ import sys
 import click
 
 from kdsr import operations
-from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, IntentError, KdsrError
+from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import render_json, render_text
@@ -167,3 +167,19 @@ def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
         _fail(exc)
     if not prepared.plan.empty:
         click.echo(f"Destroyed: {len(result.steps)} steps, {result.writes} kernel writes.")
+
+
+def run() -> None:
+    """Console entry point.
+
+    Click exits 2 on a command-line mistake, and 2 means "changes pending" to
+    a script using `plan --detailed-exitcode`; kdsr's usage code is 4.
+    """
+    try:
+        main.main(standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(EXIT_ERROR)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsr.model import Desired, NftChain, NftMap, NftTable, Observed, Sysctl
+from kdsr.model import Address, Desired, NftChain, NftMap, NftTable, Observed, Sysctl
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
 ACTION_ORDER = {CREATE: 0, UPDATE: 1, REPLACE: 2, DELETE: 3}
@@ -107,10 +107,6 @@ def diff_table(desired: NftTable | None, observed: NftTable | None, changes: lis
     if observed is None:
         changes.append(Change(CREATE, "nft table", tid, after=desired, pointer=desired.pointer))
         observed = NftTable(family=desired.family, name=desired.name, chains=(), maps=())
-    elif observed.comment != desired.comment:
-        # Table comments are fixed at creation; a different one means the
-        # table was not made by this kdsr.  Apply refuses to adopt it (see apply).
-        changes.append(Change(REPLACE, "nft table", tid, observed, desired, reason="comment"))
 
     old_chains = {c.name: c for c in observed.chains}
     for chain in desired.chains:
@@ -200,25 +196,34 @@ def _diff_addresses(desired: Desired, observed: Observed, changes: list[Change])
     for ident in sorted(observed.owned_addresses):
         if ident not in wanted and ident in present:
             changes.append(Change(DELETE, "address", ident, before=present[ident]))
+    for ident in sorted(observed.address_records - set(present) - set(wanted)):
+        # Recorded as ours but already gone: drop the record, or a later
+        # address someone else adds with the same value would be taken for ours.
+        ifname, cidr = ident.split(" ", 1)
+        changes.append(Change(DELETE, "address", ident, before=Address(ifname, cidr), reason="forget"))
 
 
 def _diff_sysctls(desired: Desired, observed: Observed, changes: list[Change]) -> None:
     current = {s.key: s for s in observed.sysctls}
     previous = dict(observed.sysctl_previous)
+    written = dict(observed.sysctl_written)
     wanted = {s.key: s for s in desired.sysctls}
     for key, want in sorted(wanted.items()):
         have = current.get(key)
-        if have is None or have.value != want.value:
+        if not want.satisfied_by(have.value if have else None):
             changes.append(Change(UPDATE, "sysctl", want.dotted, have, want, pointer=want.pointer))
     for key, value in sorted(previous.items()):
         if key in wanted:
             continue
         have = current.get(key)
         restore = Sysctl(key=key, value=value)
-        if have is not None and have.value != value:
+        ours = have is not None and written.get(key, have.value) == have.value
+        if ours and have.value != value:
             changes.append(Change(DELETE, "sysctl", restore.dotted, have, restore, reason="restore"))
-        elif have is not None:
-            # Already back at the recorded value; only the record goes.
+        else:
+            # Already back at the recorded value, changed by someone after
+            # kdsr (theirs stays), or the key is gone with its interface:
+            # only the record goes.
             changes.append(Change(DELETE, "sysctl", restore.dotted, have, restore, reason="forget"))
 
 

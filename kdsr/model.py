@@ -39,8 +39,12 @@ class NftRule:
     """One rule: libnftables JSON statements plus an identifying comment.
 
     ``comment`` is ``kdsr:<digest> <intent pointer>``; the digest covers the
-    expression, so a rule edited behind kdsr's back (or a foreign rule added
-    to a kdsr chain) no longer compares equal.
+    expression kdsr generated, so a changed rule gets a new comment and a rule
+    added by hand (no kdsr comment) never compares equal.  A rule replaced by
+    hand *keeping* kdsr's comment is not detected: the kernel lists rules in
+    its own normal form, so the expressions cannot be compared literally.
+    ``expr_json`` is what kdsr generated, or for a rule read back, what the
+    kernel listed (a rollback re-adds exactly that).
     """
 
     comment: str
@@ -114,7 +118,6 @@ class NftTable:
     name: str
     chains: tuple[NftChain, ...]
     maps: tuple[NftMap, ...]
-    comment: str = ""
     pointer: str = field(default="", compare=False)
 
     def chain(self, name: str) -> NftChain | None:
@@ -146,7 +149,20 @@ class Address:
 class Sysctl:
     key: str  # "net/ipv4/conf/all/arp_ignore"
     value: str
+    # True: any value >= ``value`` will do.  The kernel takes max(all, iface)
+    # for the ARP knobs, and an admin's stricter setting must not be lowered.
+    at_least: bool = False
     pointer: str = field(default="", compare=False)
+
+    def satisfied_by(self, current: str | None) -> bool:
+        if current is None:
+            return False
+        if self.at_least:
+            try:
+                return int(current) >= int(self.value)
+            except ValueError:
+                return False
+        return current == self.value
 
     @property
     def dotted(self) -> str:
@@ -171,11 +187,14 @@ class Observed:
     ``addresses`` lists the owned addresses and any foreign address that
     equals a desired one; ``owned_addresses`` says which are kdsr's.
     ``sysctl_previous`` holds the values kdsr found before it first changed
-    a key, so destroy can put them back.
+    a key, so destroy can put them back; ``sysctl_written`` what kdsr wrote,
+    so a value someone changed after kdsr is left alone.
     """
 
     tables: tuple[NftTable, ...] = ()
     addresses: tuple[Address, ...] = ()
-    owned_addresses: frozenset[str] = frozenset()  # Address.ident
+    owned_addresses: frozenset[str] = frozenset()  # Address.ident, present now
+    address_records: frozenset[str] = frozenset()  # Address.ident, as the state file says
     sysctls: tuple[Sysctl, ...] = ()
     sysctl_previous: tuple[tuple[str, str], ...] = ()
+    sysctl_written: tuple[tuple[str, str], ...] = ()  # what kdsr wrote, per key

@@ -88,7 +88,10 @@ def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:
     # Nothing is desired; the observed side comes from what the state file
     # and the kdsr-owned table say is ours.
     desired = Desired(node=node, role="destroy")
-    plan = diff(desired, observe(kernel, desired, state))
+    # A kdsr table no node claims (state directory lost) is this node's to
+    # remove; one that another node's record claims never is.
+    claimed_elsewhere = any(store.load(other).tables for other in store.nodes() if other != node)
+    plan = diff(desired, observe(kernel, desired, state, orphans=not claimed_elsewhere))
     return Prepared(intent=None, node=node, desired=desired, state=state, plan=plan)
 
 

@@ -50,12 +50,14 @@ def _line(change: Change) -> str:
     if change.kind == "nft element" and change.action == UPDATE:
         text += f": {_describe(change.before)} -> {_describe(change.after)}"
     elif change.kind == "sysctl":
-        before = change.before.value if change.before else "(absent)"
+        before = change.before.value if change.before and change.before.value is not None else "(absent)"
         text += f": {before} -> {change.after.value}"
         if change.reason == "restore":
             text += " (restore the value found before kdsr)"
         elif change.reason == "forget":
-            text += " (already restored; forget the record)"
+            text += " (not ours to restore, or already restored: forget the record)"
+    elif change.action == DELETE and change.reason == "forget":
+        text += " (already gone; forget the record)"
     elif change.action == DELETE:
         detail = _describe(change.before)
         text += f" ({detail})" if detail else ""

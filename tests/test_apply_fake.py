@@ -224,3 +224,53 @@ def test_lock_refuses_second_holder(store):
         with pytest.raises(LockedError, match="pid"):
             with store.lock(wait_seconds=0.2):
                 pass
+
+
+def test_destroy_of_another_node_leaves_the_lb_table(kernel, store):
+    run(intent(), "lb1", kernel, store)
+    plan = operations.prepare_destroy("s1", kernel, store).plan
+    assert plan.empty
+    # With the state directory gone, the orphan table is destroy's to remove.
+    orphan_store = StateStore(store.directory / "lost")
+    plan = operations.prepare_destroy("lb1", kernel, orphan_store).plan
+    assert [c.kind for c in plan.changes] == ["nft table"]
+
+
+def test_records_of_vanished_objects_are_forgotten_not_reused(kernel, store):
+    run(intent(), "s1", kernel, store)
+    # Someone removes our v4 VIP and the uplink's sysctls vanish with eth0.
+    kernel.addresses["lo"] = [a for a in kernel.addresses["lo"] if a.cidr != "10.10.0.100/32"]
+    for key in [k for k in kernel.sysctls if "/eth0/" in k]:
+        del kernel.sysctls[key]
+    destroy = operations.prepare_destroy("s1", kernel, store)
+    forgotten = {c.ident for c in destroy.plan.changes if c.reason == "forget"}
+    assert "lo 10.10.0.100/32" in forgotten
+    assert "net.ipv4.conf.eth0.arp_ignore" in forgotten
+    operations.apply(destroy, kernel, store)
+    assert store.nodes() == []
+    # An address added later with the VIP's value is not ours.
+    kernel.addresses["lo"].append(Address("lo", "10.10.0.100/32"))
+    assert operations.prepare_destroy("s1", kernel, store).plan.empty
+
+
+def test_sysctl_changed_after_kdsr_is_left_alone(kernel, store):
+    run(intent(), "s1", kernel, store)
+    kernel.sysctls["net/ipv4/conf/all/arp_announce"] = "1"  # an admin's later choice
+    operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
+    assert kernel.sysctls["net/ipv4/conf/all/arp_announce"] == "1"
+    assert kernel.sysctls["net/ipv4/conf/all/arp_ignore"] == "0"  # ours: restored
+
+
+def test_stricter_arp_setting_is_not_lowered(kernel, store):
+    kernel.sysctls["net/ipv4/conf/eth0/arp_ignore"] = "2"
+    plan = run(intent(), "s1", kernel, store)
+    assert "net.ipv4.conf.eth0.arp_ignore" not in {c.ident for c in plan.changes}
+    assert kernel.sysctls["net/ipv4/conf/eth0/arp_ignore"] == "2"
+
+
+def test_rollback_restores_records(kernel, store):
+    it = intent()
+    kernel.fail_at = kernel.writes + 5  # the address, after the four sysctls
+    with pytest.raises(ApplyError):
+        run(it, "s1", kernel, store)
+    assert store.nodes() == []  # nothing claimed

@@ -43,3 +43,14 @@ def test_every_command_has_help_with_example():
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0
         assert "Example: kdsr" in result.output
+
+
+def test_command_line_mistake_exits_with_usage_code_not_changes_pending():
+    import subprocess
+    import sys
+
+    from kdsr.errors import EXIT_USAGE
+
+    result = subprocess.run([sys.executable, "-m", "kdsr", "plan", "--bogus"], capture_output=True, text=True)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "No such option" in result.stderr

@@ -42,7 +42,8 @@ def compile_server(intent: Intent, server: ServerNode) -> Desired:
     if has_ipv4_vip:
         for scope in ("all", server.interface):
             for name, value in ARP_SYSCTLS:
-                sysctls.append(Sysctl(key=f"net/ipv4/conf/{scope}/{name}", value=value, pointer=server.pointer))
+                key = f"net/ipv4/conf/{scope}/{name}"
+                sysctls.append(Sysctl(key=key, value=value, at_least=True, pointer=server.pointer))
 
     return Desired(
         node=server.name,

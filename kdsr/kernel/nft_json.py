@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kdsr.diff import TableDiff
-from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
+from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable, canonical_json
 
 # ---------------------------------------------------------------- encoding
 
@@ -116,7 +116,8 @@ def batch_for(td: TableDiff) -> list[dict]:
     # When a map goes away, any surviving chain might name it: rebuild them all.
     rebuild = {c.name: c for c in td.chains_rebuild}
     if td.maps_delete or td.maps_replace:
-        survivors = {c.name for c in (td.observed.chains if td.observed else ())}
+        replaced = {old.name for old, _new in td.chains_replace}
+        survivors = {c.name for c in (td.observed.chains if td.observed else ())} - replaced
         for chain in td.desired.chains:
             if chain.name in survivors:
                 rebuild.setdefault(chain.name, chain)
@@ -243,7 +244,9 @@ def decode_table(listing: list[dict], devices: dict[str, str] | None = None) -> 
             # A rule without kdsr's comment (hand-added) gets a comment that
             # cannot equal any desired rule, so diff reports drift.
             comment = rule.get("comment") or f"foreign handle {rule.get('handle')}"
-            rules.setdefault(rule["chain"], []).append(NftRule(comment=comment))
+            # Keep the kernel's own expression: a rollback re-adds exactly it.
+            expr = canonical_json(rule.get("expr", []))
+            rules.setdefault(rule["chain"], []).append(NftRule(comment=comment, expr_json=expr))
         elif "map" in item:
             maps.append(decode_map(item["map"]))
     if table is None:

@@ -11,16 +11,17 @@ OWNED_TABLES = (("netdev", "kdsr"),)
 OWNED_LABEL = "lo:kdsr"
 
 
-def read_tables(kernel: Kernel, desired: Desired, state: NodeState) -> list[NftTable]:
+def read_tables(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool) -> list[NftTable]:
     """The kdsr tables this node wants or owns.
 
-    A server node never reads (so never deletes) a load balancer's table;
-    destroy reads every kdsr table, so it works even without a state file.
+    A server node never reads (so never deletes) a load balancer's table.
+    Destroy also takes an orphan kdsr table (one no state file claims, e.g.
+    after the state directory was lost), never one another node owns.
     """
     wanted = {t.ident for t in desired.tables} | state.tables
     tables = []
     for family, name in OWNED_TABLES:
-        if desired.role != "destroy" and f"{family} {name}" not in wanted:
+        if f"{family} {name}" not in wanted and not orphans:
             continue
         table, _listing = kernel.nft_read_table(family, name)
         if table is not None:
@@ -28,7 +29,8 @@ def read_tables(kernel: Kernel, desired: Desired, state: NodeState) -> list[NftT
     return tables
 
 
-def observe(kernel: Kernel, desired: Desired, state: NodeState) -> Observed:
+def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = False) -> Observed:
+    """``orphans``: also read kdsr tables no node's state file claims (destroy)."""
     wanted = {a.ident: a for a in desired.addresses}
     interfaces = {a.ifname for a in desired.addresses} | {i.split(" ", 1)[0] for i in state.owned_addresses}
     addresses: list[Address] = []
@@ -49,9 +51,11 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState) -> Observed:
             sysctls.append(Sysctl(key=key, value=value))
 
     return Observed(
-        tables=tuple(read_tables(kernel, desired, state)),
+        tables=tuple(read_tables(kernel, desired, state, orphans)),
         addresses=tuple(sorted(addresses, key=lambda a: a.ident)),
         owned_addresses=frozenset(owned),
+        address_records=frozenset(state.owned_addresses),
         sysctls=tuple(sysctls),
         sysctl_previous=tuple(sorted(state.sysctl_previous.items())),
+        sysctl_written=tuple(sorted(state.sysctl_written.items())),
     )

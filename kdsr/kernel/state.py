@@ -28,6 +28,7 @@ class NodeState:
     node: str
     owned_addresses: set[str] = field(default_factory=set)  # Address.ident
     sysctl_previous: dict[str, str] = field(default_factory=dict)
+    sysctl_written: dict[str, str] = field(default_factory=dict)
     tables: set[str] = field(default_factory=set)  # "netdev kdsr"
     last_intent: str = ""
 
@@ -37,6 +38,7 @@ class NodeState:
             "node": self.node,
             "owned_addresses": sorted(self.owned_addresses),
             "sysctl_previous": dict(sorted(self.sysctl_previous.items())),
+            "sysctl_written": dict(sorted(self.sysctl_written.items())),
             "tables": sorted(self.tables),
             "last_intent": self.last_intent,
         }
@@ -47,6 +49,7 @@ class NodeState:
             node=data["node"],
             owned_addresses=set(data.get("owned_addresses", [])),
             sysctl_previous=dict(data.get("sysctl_previous", {})),
+            sysctl_written=dict(data.get("sysctl_written", {})),
             tables=set(data.get("tables", [])),
             last_intent=data.get("last_intent", ""),
         )
