@@ -19,8 +19,8 @@ compared with Desired: a mismatch is an error, not a silent success.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table
