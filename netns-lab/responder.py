@@ -139,13 +139,16 @@ class Responder:
             sock.sendmsg([reply], source_cmsgs(sock.family, local), 0, peer)
         except OSError as exc:
             error = str(exc)
+        self._log("udp", local, port, peer, len(data), error)
+
+    def _log(self, proto: str, local, port: int, peer, nbytes: int, error: str | None) -> None:
         self.log.write(
-            proto="udp",
+            proto=proto,
             dst=plain_address(local),
             port=port,
             peer=plain_address(peer[0]),
             peer_port=peer[1],
-            bytes=len(data),
+            bytes=nbytes,
             error=error,
         )
 
@@ -171,15 +174,7 @@ class Responder:
                 drain_until_eof(conn)
             except OSError as exc:
                 error = str(exc)
-            self.log.write(
-                proto="tcp",
-                dst=plain_address(local),
-                port=port,
-                peer=plain_address(peer[0]),
-                peer_port=peer[1],
-                bytes=len(data),
-                error=error,
-            )
+            self._log("tcp", local, port, peer, len(data), error)
         finally:
             conn.close()
             self.threads.release()
