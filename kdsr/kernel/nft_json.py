@@ -195,7 +195,7 @@ def decode_map(obj: dict) -> NftMap:
     key_type = obj["type"]
     key_type = tuple(key_type) if isinstance(key_type, list) else (key_type,)
     counter = any("counter" in stmt for stmt in obj.get("stmt", []))
-    elements = sorted((decode_element(item) for item in obj.get("elem", [])), key=lambda kv: _sort_key(kv[0]))
+    elements = sorted((decode_element(item) for item in obj.get("elem", [])), key=lambda kv: kv[0])  # keys of one map share a shape
     return NftMap(
         name=obj["name"],
         key_type=key_type,
@@ -204,11 +204,6 @@ def decode_map(obj: dict) -> NftMap:
         counter=counter,
         elements=tuple(elements),
     )
-
-
-def _sort_key(key: Any) -> Any:
-    # Keys of one map share a shape, so plain tuple/int ordering works.
-    return key
 
 
 DEVICE_RE = re.compile(r'^\s*chain (\S+) \{\s*$|type \w+ hook \w+ device "([^"]+)"', re.M)
