@@ -195,7 +195,9 @@ def decode_map(obj: dict) -> NftMap:
     key_type = obj["type"]
     key_type = tuple(key_type) if isinstance(key_type, list) else (key_type,)
     counter = any("counter" in stmt for stmt in obj.get("stmt", []))
-    elements = sorted((decode_element(item) for item in obj.get("elem", [])), key=lambda kv: kv[0])  # keys of one map share a shape
+    elements = sorted(
+        (decode_element(item) for item in obj.get("elem", [])), key=lambda kv: kv[0]
+    )  # keys of one map share a shape
     return NftMap(
         name=obj["name"],
         key_type=key_type,
