@@ -239,11 +239,11 @@ def test_bad_intent_changes_nothing(deployed):
     doc["services"]["dns"]["vip"] = "10.10.0.11"  # equal to a server address
     bad = deployed.workdir / "bad.json"
     bad.write_text(json.dumps(doc))
-    before = deployed.lab.run("lb", ["nft", "list", "ruleset"]).stdout
+    before = deployed.snapshot("lb")
     result = deployed.kdsr("lb", "apply", str(bad), "--node", "lb1", check=False)
     assert result.returncode == 3, result.stderr
     assert "/services/web/ports/0" in result.stderr and "/services/dns/vip" in result.stderr
-    assert deployed.lab.run("lb", ["nft", "list", "ruleset"]).stdout == before
+    assert deployed.snapshot("lb") == before
 
 
 def test_golden_batches_are_accepted_by_the_kernel(deployed):
