@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lab golden lint
+.PHONY: setup demo test unit lab lab-full golden lint
 
 setup:
 	./scripts/setup.sh
@@ -11,15 +11,27 @@ setup:
 demo: setup
 	$(PY) netns-lab/demo.py $(if $(KEEP),--keep,)
 
-# Unit tests (no root) and host-kernel lab tests (root, network namespaces).
+# Unit tests (no root) and host-kernel lab tests (root, network namespaces),
+# then the full-kernel tier (IPVS, ipip, gre, ip6tnl): netns-lab/guest_tier.py
+# boots one virtme-ng guest on Debian's kernel when this kernel lacks them
+# (nothing to do on a kernel that has them: the host tier ran those tests).
+# Both tiers always run; the target fails if either failed.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests netns-lab
+	$(PY) -m pytest -q -p no:cacheprovider tests netns-lab; host=$$?; \
+	$(PY) netns-lab/guest_tier.py; guest=$$?; \
+	if [ $$host -ne 0 ] || [ $$guest -ne 0 ]; then \
+		echo "make test: FAILED (host tier exit $$host, full-kernel tier exit $$guest)" >&2; exit 1; fi
 
 unit: setup
 	$(PY) -m pytest -q tests
 
 lab: setup
 	$(PY) -m pytest -q netns-lab
+
+# Only the full-kernel tier: natively on a capable kernel, else in the guest.
+# Results (junit.xml, pytest.log, console.log, timings.json): lab-results/guest-tier/
+lab-full: setup
+	$(PY) netns-lab/guest_tier.py --native-when-capable
 
 # Rewrite tests/golden/ from the current compiler; review the diff.
 golden: setup

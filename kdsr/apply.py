@@ -1,15 +1,23 @@
 """Carry out a Plan: ordered, journaled, rolled back on failure, read back.
 
 Order (deletes mirror creates):
-  1. sysctls to set      - before the VIP appears on lo, so the server never
+  0. kernel modules      - checked (and loaded) before any write;
+  1. links to create     - tunnels first: per-link sysctls and routes need them;
+  2. sysctls to set      - before the VIP appears on lo, so the server never
                            answers ARP for it, not even for a moment;
-  2. addresses to add;
-  3. nftables            - one transaction per table, checked (dry run)
+  3. addresses to add;
+  4. routes, then rules  - a rule never points at an empty table;
+  5. nftables            - one transaction per table, checked (dry run)
                            before anything at all is written;
-  4. addresses to delete;
-  5. sysctls to restore  - after the VIP is gone, for the same reason.
+  6. IPVS services and destinations (canonical order, see below);
+  7. IPVS services to delete;
+  8. rules, then routes to delete;
+  9. addresses to delete;
+ 10. sysctls to restore  - after the VIP is gone, for the same reason;
+ 11. links to delete.
 
-nftables is transactional; addresses and sysctls are not.  Each completed
+nftables is transactional; links, routes, rules, IPVS, addresses and sysctls
+are not.  Each completed
 step records its inverse in a journal; when a later step fails, the journal
 runs backwards and the error says whether the old state is back.  The state
 file is saved after every step, so even a SIGKILL leaves a record that the
@@ -20,16 +28,18 @@ compared with Desired: a mismatch is an error, not a silent success.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table
-from kdsr.errors import ApplyError
+from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
+from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.nft_json import batch_for
 from kdsr.kernel.observe import observe
 from kdsr.kernel.state import NodeState, StateStore
-from kdsr.model import Address, Desired
+from kdsr.model import Address, Desired, IpvsService, Link
 
 
 @dataclass
@@ -150,6 +160,11 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
         verb = "delete" if write else "forget"
         return Step(f"{verb} address {addr.cidr} on {addr.ifname}", run, undo)
 
+    for change in plan.of_kind("link"):
+        if change.action == REPLACE:
+            steps.append(_delete_link(kernel, state, save, change.before))
+        if change.action in (CREATE, REPLACE):
+            steps.append(_add_link(kernel, state, save, change.after))
     for change in plan.of_kind("sysctl"):
         if change.action == UPDATE:
             previous = change.before.value if change.before is not None else None
@@ -159,6 +174,18 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
             if change.action == REPLACE:
                 steps.append(delete_address(change.before))
             steps.append(add_address(change.after))
+
+    for kind, add, delete in (
+        ("route", kernel.route_add, kernel.route_del),
+        ("rule", kernel.rule_add, kernel.rule_del),
+    ):
+        for change in plan.of_kind(kind):
+            if change.action == CREATE:
+                steps.append(
+                    Step(f"add {kind} {change.ident}", partial(add, change.after), partial(delete, change.after))
+                )
+            elif change.action == REPLACE:  # its link was replaced, which took it away
+                steps.append(Step(f"restore {kind} {change.ident}", partial(add, change.after), None))
 
     for td in plan.tables:
         commands = batch_for(td)
@@ -175,6 +202,16 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
 
         steps.append(Step(f"nftables transaction on table {ident} ({len(commands)} commands)", run, undo))
 
+    steps.extend(_ipvs_steps(plan, kernel, state, save))
+    for kind, add, delete in (
+        ("rule", kernel.rule_add, kernel.rule_del),
+        ("route", kernel.route_add, kernel.route_del),
+    ):
+        for change in plan.of_kind(kind):
+            if change.action == DELETE:
+                steps.append(
+                    Step(f"delete {kind} {change.ident}", partial(delete, change.before), partial(add, change.before))
+                )
     for change in plan.of_kind("address"):
         if change.action == DELETE:
             steps.append(delete_address(change.before, write=change.reason != "forget"))
@@ -182,13 +219,173 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
         if change.action == DELETE:
             current = change.before.value if change.before is not None else None
             steps.append(restore_sysctl(change.after.key, change.after.value, current, change.reason == "restore"))
+    for change in plan.of_kind("link"):
+        if change.action == DELETE:
+            steps.append(_delete_link(kernel, state, save, change.before))
     return steps
+
+
+def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
+    def run() -> None:
+        state.links.add(link.name)
+        save()
+        kernel.link_add(link)
+
+    return Step(
+        f"add {link.kind} link {link.name} ({link.local} -> {link.remote or 'any'})",
+        run,
+        lambda: kernel.link_del(link.name),
+    )
+
+
+def _delete_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
+    def run() -> None:
+        kernel.link_del(link.name)
+        state.links.discard(link.name)
+        save()
+
+    return Step(f"delete link {link.name}", run, lambda: kernel.link_add(link))
+
+
+def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[], None]) -> list[Step]:
+    """Per service: create or edit it, then one step that brings its
+    destination list to the desired one (see ``converge_dests``); deleted
+    services last.
+
+    A destination list is not transactional, so that step undoes itself when
+    one of its writes fails, and its undo (a later step failed) converges
+    back to the list it found, in the same order: the mh table is exactly
+    the old one again.
+    """
+    steps: list[Step] = []
+    touched: dict[str, IpvsService] = {}
+    for change in plan.of_kind("ipvs dest"):
+        if change.after is not None:
+            touched[change.after[0].ident] = change.after[0]
+        else:
+            touched.setdefault(change.before[0].ident, None)  # type: ignore[arg-type]
+
+    for change in plan.of_kind("ipvs service"):
+        if change.action == CREATE:
+            svc = change.after
+
+            def run(svc=svc) -> None:
+                state.ipvs.add(svc.ident)
+                save()
+                kernel.ipvs_service("-A", svc)
+
+            def undo(svc=svc) -> None:
+                kernel.ipvs_service("-D", svc)
+
+            steps.append(Step(f"add IPVS service {svc.ident} ({svc.scheduler} {','.join(svc.flags)})", run, undo))
+        elif change.action == UPDATE:
+            steps.append(
+                Step(
+                    f"edit IPVS service {change.ident} ({change.after.scheduler} {','.join(change.after.flags)})",
+                    partial(kernel.ipvs_service, "-E", change.after),
+                    partial(kernel.ipvs_service, "-E", change.before),
+                )
+            )
+        if change.action in (CREATE, UPDATE):
+            touched.setdefault(change.ident, change.after)
+
+    desired_by_ident = {c.after.ident: c.after for c in plan.of_kind("ipvs service") if c.after is not None}
+    for ident in sorted(touched):
+        target = touched[ident] or desired_by_ident.get(ident)
+        if target is None:
+            # Only destinations were dropped: the target is the kernel's list without them.
+            dropped = {c.before[1].ident for c in plan.of_kind("ipvs dest") if c.before and c.before[0].ident == ident}
+            have = next(c.before[0] for c in plan.of_kind("ipvs dest") if c.before and c.before[0].ident == ident)
+            target = dataclasses.replace(have, dests=tuple(d for d in have.dests if d.ident not in dropped))
+        steps.append(_sync_dests_step(kernel, target))
+
+    for change in plan.of_kind("ipvs service"):
+        if change.action == DELETE:
+            svc = change.before
+
+            def run(svc=svc) -> None:
+                kernel.ipvs_service("-D", svc)
+                state.ipvs.discard(svc.ident)
+                save()
+
+            def undo(svc=svc) -> None:
+                kernel.ipvs_service("-A", svc)
+                for dest in reversed(svc.dests):
+                    kernel.ipvs_dest("-a", svc, dest)
+
+            steps.append(Step(f"delete IPVS service {svc.ident}", run, undo))
+    return steps
+
+
+def _kernel_service(kernel: Kernel, ident: str) -> IpvsService | None:
+    return next((s for s in kernel.ipvs_list() if s.ident == ident), None)
+
+
+def converge_dests(kernel: Kernel, current: IpvsService, target: IpvsService) -> None:
+    """Turn the kernel's destination list ``current`` into ``target``, order
+    included: drop what goes, edit weights in place, then (re)add the head of
+    the target list last-first, because the kernel adds at the head.
+
+    A re-added destination is deleted and added back within two netlink
+    calls; the kernel parks it in its trash meanwhile and takes the same
+    object back, so its established connections survive.
+    """
+    wanted = {d.ident for d in target.dests}
+    have = {d.ident: d for d in current.dests}
+    for dest in current.dests:
+        if dest.ident not in wanted:
+            kernel.ipvs_dest("-d", target, dest)
+    readd = reorder_from(current, target)
+    for dest in target.dests[readd:]:
+        if have[dest.ident] != dest:
+            kernel.ipvs_dest("-e", target, dest)
+    for dest in reversed(target.dests[:readd]):
+        if dest.ident in have:
+            kernel.ipvs_dest("-d", target, have[dest.ident])
+        kernel.ipvs_dest("-a", target, dest)
+
+
+def _sync_dests_step(kernel: Kernel, target: IpvsService) -> Step:
+    found: dict[str, IpvsService] = {}
+
+    def run() -> None:
+        current = _kernel_service(kernel, target.ident) or dataclasses.replace(target, dests=())
+        found["before"] = current
+        try:
+            converge_dests(kernel, current, target)
+        except Exception:
+            # Put this service's list back before the journal undoes the rest.
+            now = _kernel_service(kernel, target.ident)
+            if now is not None:
+                converge_dests(kernel, now, current)
+            raise
+
+    def undo() -> None:
+        now = _kernel_service(kernel, target.ident)
+        if now is not None and "before" in found:
+            converge_dests(kernel, now, found["before"])
+
+    listing = ", ".join(f"{d.ident} w{d.weight}" for d in target.dests)
+    return Step(f"set IPVS destinations of {target.ident} to [{listing}]", run, undo)
+
+
+def check_modules(desired: Desired, kernel: Kernel) -> None:
+    """Raise before any write when the kernel lacks (and cannot load) a module."""
+    missing = kernel.modules_missing(desired.modules)
+    if missing:
+        raise KernelFeatureError(
+            f"this kernel lacks {', '.join(missing)} (needed by node {desired.node}'s intent) and cannot load "
+            f"{'it' if len(missing) == 1 else 'them'}: nothing was changed. Install a kernel with "
+            f"{'this module' if len(missing) == 1 else 'these modules'} (e.g. Debian's linux-image-amd64), "
+            "or choose a mode and engine this kernel has (l2 on the nft engine needs only nf_tables)."
+        )
 
 
 def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState) -> ApplyResult:
     result = ApplyResult()
     if plan.empty:
         return result
+    check_modules(desired, kernel)
     # Check every nftables batch before anything is written: a transaction the
     # kernel would refuse must not leave addresses or sysctls half done.
     for td in plan.tables:

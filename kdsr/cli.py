@@ -15,7 +15,8 @@ from kdsr.plan_format import render_json, render_text
 
 EPILOG_EXIT_CODES = (
     "Exit codes: 0 ok, 1 kernel or runtime error, 2 changes pending (plan --detailed-exitcode), "
-    "3 invalid intent, 4 usage (unknown or ambiguous node), 5 locked, 6 apply failed and was rolled back."
+    "3 invalid intent, 4 usage (unknown or ambiguous node), 5 locked, 6 apply failed and was rolled back, "
+    "7 the kernel lacks a module the intent needs, 8 a kdsr-named object exists that kdsr did not create (--adopt)."
 )
 
 
@@ -26,9 +27,14 @@ def _kernel():
 
 
 def _load(path: str):
+    from kdsr.compile.checks import warnings_for
     from kdsr.intent import load_intent
 
-    return load_intent(path)
+    intent = load_intent(path)
+    # Warnings go to stderr so that `plan --json` stays parseable.
+    for problem in warnings_for(intent):
+        click.echo(f"warning: {problem}", err=True)
+    return intent
 
 
 def _fail(exc: Exception) -> None:
@@ -83,9 +89,12 @@ def validate(intent_file: str) -> None:
     )
 
 
-def _prepare(obj: Context, intent_file: str, node: str | None, kernel):
+def _prepare(obj: Context, intent_file: str, node: str | None, kernel, adopt: bool = False):
     intent = _load(intent_file)
-    return operations.prepare(intent, node, kernel, obj.store)
+    return operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
+
+
+ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of creating (e.g. a lost state dir)."
 
 
 @main.command(epilog="Example: kdsr plan examples/l2-web.json --node lb1 --detailed-exitcode\n\n" + EPILOG_EXIT_CODES)
@@ -111,19 +120,20 @@ def plan(obj: Context, intent_file: str, node: str | None, as_json: bool, detail
 @click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--adopt", is_flag=True, help=ADOPT_HELP)
 @click.pass_obj
-def apply(obj: Context, intent_file: str, node: str | None, dry_run: bool, as_json: bool) -> None:
+def apply(obj: Context, intent_file: str, node: str | None, dry_run: bool, as_json: bool, adopt: bool) -> None:
     """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
     kernel = _kernel()
     render = render_json if as_json else render_text
     try:
         if dry_run:
-            prepared = _prepare(obj, intent_file, node, kernel)
+            prepared = _prepare(obj, intent_file, node, kernel, adopt)
             click.echo(render(prepared.plan, intent_file), nl=False)
             return
         intent = _load(intent_file)
         with obj.store.lock(obj.wait):
-            prepared = operations.prepare(intent, node, kernel, obj.store)
+            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
             click.echo(render(prepared.plan, intent_file), nl=False)
             if prepared.plan.empty:
                 return
@@ -167,6 +177,28 @@ def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
         _fail(exc)
     if not prepared.plan.empty:
         click.echo(f"Destroyed: {len(result.steps)} steps, {result.writes} kernel writes.")
+
+
+@main.command(
+    name="maglev",
+    epilog="Example: kdsr maglev examples/l2-web.json --service web --without s3",
+)
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.option("--service", "service_name", required=True, help="The service whose table to show.")
+@click.option(
+    "--without", "without", metavar="SERVER", help="Also show what removing this server (address or node) moves."
+)
+@click.option("--with", "with_", metavar="ADDRESS", help="Also show what adding a server (weight 1) moves.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def maglev_command(intent_file: str, service_name: str, without: str | None, with_: str | None, as_json: bool) -> None:
+    """Per-server share of a service's Maglev table, and the flows a change would move (reads the intent only)."""
+    from kdsr.commands import maglev as maglev_report
+
+    try:
+        data = maglev_report.report(_load(intent_file), service_name, without, with_)
+    except KdsrError as exc:
+        _fail(exc)
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else maglev_report.format_report(data), nl=False)
 
 
 def run() -> None:

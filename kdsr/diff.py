@@ -12,7 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsr.model import Address, Desired, NftChain, NftMap, NftTable, Observed, Sysctl
+from kdsr.model import (
+    Address,
+    Desired,
+    IpvsService,
+    Link,
+    NftChain,
+    NftMap,
+    NftTable,
+    Observed,
+    Sysctl,
+)
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
 ACTION_ORDER = {CREATE: 0, UPDATE: 1, REPLACE: 2, DELETE: 3}
@@ -90,7 +100,7 @@ def _chain_replace_reason(old: NftChain, new: NftChain) -> str:
 
 
 def _map_replace_reason(old: NftMap, new: NftMap) -> str:
-    for name in ("key_type", "data_type", "flags", "counter"):
+    for name in ("key_type", "data_type", "flags", "counter", "size", "timeout"):
         if getattr(old, name) != getattr(new, name):
             return f"{name} {getattr(old, name)} -> {getattr(new, name)}"
     return ""
@@ -238,4 +248,134 @@ def diff(desired: Desired, observed: Observed) -> Plan:
         tables.append(diff_table(None, table, changes))
     _diff_addresses(desired, observed, changes)
     _diff_sysctls(desired, observed, changes)
+    _diff_links(desired, observed, changes)
+    _diff_keyed(desired.routes, observed.routes, "route", changes)
+    _diff_keyed(desired.rules, observed.rules, "rule", changes)
+    _diff_ipvs(desired, observed, changes)
+    _follow_replaced_links(desired, observed, changes)
     return Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])
+
+
+def _link_replace_reason(old: Link, new: Link) -> str:
+    for name in ("kind", "local", "remote", "ttl"):
+        if getattr(old, name) != getattr(new, name):
+            return f"{name} {getattr(old, name) or 'any'} -> {getattr(new, name) or 'any'}"
+    return ""
+
+
+def _diff_links(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    present = {link.name: link for link in observed.links}
+    wanted = {link.name: link for link in desired.links}
+    for name, link in sorted(wanted.items()):
+        have = present.get(name)
+        if have is None:
+            changes.append(Change(CREATE, "link", name, after=link, pointer=link.pointer))
+        elif reason := _link_replace_reason(have, link):
+            changes.append(Change(REPLACE, "link", name, have, link, reason=reason, pointer=link.pointer))
+    for name, have in sorted(present.items()):
+        # A kdsr-named link kdsr did not create is not deleted here; plan
+        # refuses to adopt it (operations.check_foreign).
+        if name not in wanted and name not in observed.foreign_links:
+            changes.append(Change(DELETE, "link", name, before=have))
+
+
+def _diff_keyed(wanted_items: tuple, present_items: tuple, kind: str, changes: list[Change]) -> None:
+    """Objects whose identity is their whole configuration (routes, rules):
+    created or deleted, never changed."""
+    present = {x.ident: x for x in present_items}
+    wanted = {x.ident: x for x in wanted_items}
+    for ident, item in sorted(wanted.items()):
+        if ident not in present:
+            changes.append(Change(CREATE, kind, ident, after=item, pointer=item.pointer))
+    for ident, item in sorted(present.items()):
+        if ident not in wanted:
+            changes.append(Change(DELETE, kind, ident, before=item))
+
+
+def reorder_from(observed: IpvsService, desired: IpvsService) -> int:
+    """How many destinations at the head of the desired list must be (re)added
+    so that the kernel's list ends up in the desired order.
+
+    The kernel adds at the head, so the tail of the desired list that the
+    kernel already holds, in order, at its own tail can stay; everything
+    before it is deleted (if present) and added back in reverse order.
+    """
+    want = [d.ident for d in desired.dests]
+    have = [d.ident for d in observed.dests if d.ident in set(want)]
+    keep = 0
+    while keep < len(want) and keep < len(have) and want[-1 - keep] == have[-1 - keep]:
+        keep += 1
+    # Destinations the kernel has but the intent dropped sit somewhere in the
+    # list; deleting them does not change the relative order of the rest.
+    return len(want) - keep
+
+
+def _diff_ipvs(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    present = {svc.ident: svc for svc in observed.ipvs}
+    wanted = {svc.ident: svc for svc in desired.ipvs}
+    for ident, svc in sorted(wanted.items()):
+        have = present.get(ident)
+        if have is None:
+            changes.append(Change(CREATE, "ipvs service", ident, after=svc, pointer=svc.pointer))
+            for dest in reversed(svc.dests):
+                changes.append(
+                    Change(CREATE, "ipvs dest", f"{ident} -> {dest.ident}", after=(svc, dest), pointer=svc.pointer)
+                )
+            continue
+        if have.config() != svc.config():
+            # scheduler and flags change in place (ipvsadm -E): the
+            # connection table survives.
+            changes.append(
+                Change(UPDATE, "ipvs service", ident, have, svc, reason="scheduler/flags", pointer=svc.pointer)
+            )
+        old_dests = {d.ident: d for d in have.dests}
+        new_idents = {d.ident for d in svc.dests}
+        for dest in have.dests:
+            if dest.ident not in new_idents:
+                changes.append(Change(DELETE, "ipvs dest", f"{ident} -> {dest.ident}", before=(have, dest)))
+        readd = reorder_from(have, svc)
+        for index, dest in enumerate(svc.dests):
+            did = f"{ident} -> {dest.ident}"
+            old = old_dests.get(dest.ident)
+            if old is not None and index < readd:
+                changes.append(
+                    Change(
+                        REPLACE,
+                        "ipvs dest",
+                        did,
+                        (have, old),
+                        (svc, dest),
+                        reason="canonical order",
+                        pointer=svc.pointer,
+                    )
+                )
+            elif old is None:
+                changes.append(Change(CREATE, "ipvs dest", did, after=(svc, dest), pointer=svc.pointer))
+            elif old != dest:
+                reason = "forwarding method" if (old.method, old.tun_type) != (dest.method, dest.tun_type) else "weight"
+                changes.append(
+                    Change(UPDATE, "ipvs dest", did, (have, old), (svc, dest), reason=reason, pointer=svc.pointer)
+                )
+    for ident, have in sorted(present.items()):
+        if ident not in wanted and ident not in observed.foreign_ipvs:
+            changes.append(Change(DELETE, "ipvs service", ident, before=have))
+
+
+def _follow_replaced_links(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    """A replaced link takes its routes and per-link sysctls with it: put them back."""
+    replaced = {c.ident for c in changes if c.kind == "link" and c.action == REPLACE}
+    if not replaced:
+        return
+    planned = {(c.kind, c.ident) for c in changes}
+    present_routes = {r.ident for r in observed.routes}
+    for route in desired.routes:
+        if route.dev in replaced and route.ident in present_routes and ("route", route.ident) not in planned:
+            reason = f"link {route.dev} is replaced"
+            changes.append(Change(REPLACE, "route", route.ident, route, route, reason=reason, pointer=route.pointer))
+    current = {s.key: s for s in observed.sysctls}
+    for sysctl in desired.sysctls:
+        parts = sysctl.key.split("/")
+        if len(parts) > 3 and parts[3] in replaced and ("sysctl", sysctl.dotted) not in planned:
+            changes.append(
+                Change(UPDATE, "sysctl", sysctl.dotted, current.get(sysctl.key), sysctl, pointer=sysctl.pointer)
+            )

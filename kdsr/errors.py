@@ -12,6 +12,8 @@ EXIT_INVALID_INTENT = 3  # the intent file is malformed or inconsistent
 EXIT_USAGE = 4  # wrong command line (unknown node, ambiguous node, ...)
 EXIT_LOCKED = 5  # another kdsr run holds the lock
 EXIT_ROLLED_BACK = 6  # apply failed part-way and was rolled back
+EXIT_KERNEL_FEATURE = 7  # the host's kernel lacks what the intent needs
+EXIT_FOREIGN = 8  # an object with a kdsr name exists that kdsr did not create
 
 
 @dataclass(frozen=True)
@@ -60,3 +62,15 @@ class ApplyError(KdsrError):
         self.rolled_back = rolled_back
         self.exit_code = EXIT_ROLLED_BACK if rolled_back else EXIT_ERROR
         super().__init__(message)
+
+
+class KernelFeatureError(KdsrError):
+    """The kernel lacks a module the intent needs (found before any write)."""
+
+    exit_code = EXIT_KERNEL_FEATURE
+
+
+class ForeignObjectError(KdsrError):
+    """kdsr would have to take over an object it has no record of creating."""
+
+    exit_code = EXIT_FOREIGN

@@ -25,7 +25,7 @@ class Backend:
     weight: int = 1
 
 
-def _canonical_sort_key(key: str) -> tuple:
+def canonical_sort_key(key: str) -> tuple:
     # Addresses sort numerically (v4 before v6) so "10.0.0.9" < "10.0.0.10";
     # anything else sorts as text after them.
     try:
@@ -61,7 +61,7 @@ def populate(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ..
     """
     if size < 2:
         raise ValueError(f"table size {size} is too small")
-    live = sorted((b for b in backends if b.weight > 0), key=lambda b: _canonical_sort_key(b.key))
+    live = sorted((b for b in backends if b.weight > 0), key=lambda b: canonical_sort_key(b.key))
     if not live:
         return ()
     keys = [b.key for b in live]
@@ -107,3 +107,38 @@ def moved_fraction(before: Sequence[str], after: Sequence[str]) -> float:
     if not before:
         return 0.0
     return sum(1 for a, b in zip(before, after, strict=False) if a != b) / len(before)
+
+
+# nft's jhash expression turns the 32-bit hash h of a flow into a slot with
+# reciprocal_scale: slot = (h * M) >> 32 (kernel nft_hash.c).  So slot s
+# serves the hashes in [ceil(s * 2^32 / M), ceil((s + 1) * 2^32 / M)).
+HASH_SPACE = 1 << 32
+
+
+def _slot_starts(size: int) -> list[int]:
+    return [-(-s * HASH_SPACE // size) for s in range(size)] + [HASH_SPACE]
+
+
+def moved_flow_fraction(before: Sequence[str], after: Sequence[str]) -> float:
+    """Fraction of flows (of the 32-bit hash space) whose backend differs.
+
+    Unlike ``moved_fraction`` the tables may differ in size: a new table size
+    re-slots every flow, and this says how many then land on another backend.
+    Exact, by walking both tables' slot boundaries together.
+    """
+    if not before or not after:
+        return 0.0 if not before and not after else 1.0
+    a_starts, b_starts = _slot_starts(len(before)), _slot_starts(len(after))
+    moved = 0
+    i = j = 0
+    position = 0
+    while position < HASH_SPACE:
+        end = min(a_starts[i + 1], b_starts[j + 1])
+        if before[i] != after[j]:
+            moved += end - position
+        position = end
+        if a_starts[i + 1] == end:
+            i += 1
+        if b_starts[j + 1] == end:
+            j += 1
+    return moved / HASH_SPACE

@@ -104,9 +104,13 @@ class NftMap:
     counter: bool = False
     elements: tuple[tuple[ElementKey, NftElement], ...] = ()
     pointer: str = field(default="", compare=False)
+    # Only for maps the packet path fills (flags "timeout"): the most
+    # elements the kernel keeps, and their default lifetime in seconds.
+    size: int | None = None
+    timeout: int | None = None
 
     def declaration(self) -> tuple:
-        return (self.key_type, self.data_type, self.flags, self.counter)
+        return (self.key_type, self.data_type, self.flags, self.counter, self.size, self.timeout)
 
     def element_dict(self) -> dict[ElementKey, NftElement]:
         return dict(self.elements)
@@ -153,10 +157,15 @@ class Sysctl:
     # for the ARP knobs, and an admin's stricter setting must not be lowered.
     at_least: bool = False
     pointer: str = field(default="", compare=False)
+    # Values that also satisfy this one (rp_filter: 0 "off" is as good as 2
+    # "loose" for decapsulated packets; only 1 "strict" drops them).
+    also: tuple[str, ...] = ()
 
     def satisfied_by(self, current: str | None) -> bool:
         if current is None:
             return False
+        if current in self.also:
+            return True
         if self.at_least:
             try:
                 return int(current) >= int(self.value)
@@ -169,6 +178,115 @@ class Sysctl:
         return self.key.replace("/", ".")
 
 
+# Every link kdsr creates has a name starting with this, so ownership is
+# recognisable from the kernel object itself (and a lost state directory never
+# makes kdsr touch someone else's tunnel).
+LINK_PREFIX = "kdsr"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A tunnel interface kdsr owns: an encapsulating link per server on a load
+    balancer, or the decapsulating link on a server.
+
+    ``remote`` empty means "any" (a server's decap link accepts every load
+    balancer).  Any field change needs a new link (the kernel can change some
+    in place, but a replace is simpler to reason about and equally atomic
+    from the traffic's view: the routes that point at it are replaced too).
+    """
+
+    name: str
+    kind: str  # "ipip" | "gre" | "ip6tnl"
+    local: str
+    remote: str = ""
+    ttl: int = 64
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return self.name
+
+    @property
+    def family(self) -> int:
+        return 6 if self.kind == "ip6tnl" else 4
+
+
+@dataclass(frozen=True)
+class Route:
+    """The default route of a kdsr routing table: everything marked for one
+    server leaves through that server's tunnel."""
+
+    family: int
+    table: int
+    dev: str
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return f"ipv{self.family} table {self.table:#x} default dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``fwmark <mark> lookup <table>``: a packet nftables marked for a server
+    is routed by that server's table."""
+
+    family: int
+    fwmark: int
+    table: int
+    priority: int
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return f"ipv{self.family} pref {self.priority} fwmark {self.fwmark:#x} lookup {self.table:#x}"
+
+
+@dataclass(frozen=True)
+class IpvsDest:
+    address: str
+    port: int  # 0 for fwmark services (the packet keeps its port)
+    weight: int
+    method: str  # "route" (DR) | "tunnel"
+    tun_type: str = ""  # "ipip" | "gre" for tunnel; "" for route
+
+    @property
+    def ident(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class IpvsService:
+    """An IPVS virtual service with its destinations in kernel list order.
+
+    The order matters: ``mh`` fills its table walking the list, and a new
+    destination goes to the head of the list, so two directors agree only
+    when they hold the same list.  kdsr keeps it canonical (see
+    compile/lb_ipvs.py).
+    """
+
+    family: int
+    protocol: str  # "tcp" | "udp" | "fwmark"
+    address: str  # the VIP, or "" for a fwmark service
+    port: int  # 0 for a fwmark service
+    fwmark: int  # 0 unless a fwmark service
+    scheduler: str
+    flags: tuple[str, ...]  # sorted, e.g. ("mh-fallback", "mh-port")
+    dests: tuple[IpvsDest, ...] = ()
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        if self.protocol == "fwmark":
+            return f"fwmark {self.fwmark:#x} ipv{self.family}"
+        host = f"[{self.address}]" if self.family == 6 else self.address
+        return f"{self.protocol} {host}:{self.port}"
+
+    def config(self) -> tuple:
+        return (self.scheduler, self.flags)
+
+
 @dataclass(frozen=True)
 class Desired:
     """Everything kdsr wants on one node."""
@@ -178,6 +296,13 @@ class Desired:
     tables: tuple[NftTable, ...] = ()
     addresses: tuple[Address, ...] = ()
     sysctls: tuple[Sysctl, ...] = ()
+    links: tuple[Link, ...] = ()
+    routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    ipvs: tuple[IpvsService, ...] = ()
+    # Kernel modules the node needs (checked, and loaded where possible,
+    # before any write).
+    modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,3 +323,9 @@ class Observed:
     sysctls: tuple[Sysctl, ...] = ()
     sysctl_previous: tuple[tuple[str, str], ...] = ()
     sysctl_written: tuple[tuple[str, str], ...] = ()  # what kdsr wrote, per key
+    links: tuple[Link, ...] = ()  # every link with kdsr's prefix
+    foreign_links: frozenset[str] = frozenset()  # of those, the ones kdsr did not create
+    routes: tuple[Route, ...] = ()  # in kdsr's routing tables
+    rules: tuple[Rule, ...] = ()  # at kdsr's rule priority
+    ipvs: tuple[IpvsService, ...] = ()  # services kdsr owns or wants
+    foreign_ipvs: frozenset[str] = frozenset()  # wanted idents that exist but are not kdsr's

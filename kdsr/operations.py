@@ -6,19 +6,20 @@ same paths with a fake kernel.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from kdsr.apply import ApplyResult, apply_plan
 from kdsr.compile import compile_node
 from kdsr.compile.lb_nft_l2 import SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import Plan, diff
-from kdsr.errors import UsageError
+from kdsr.errors import ForeignObjectError, UsageError
 from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel
 from kdsr.kernel.nft_json import element_counters
 from kdsr.kernel.observe import observe
 from kdsr.kernel.state import NodeState, StateStore
-from kdsr.model import Desired
+from kdsr.model import Desired, Observed
 
 
 @dataclass
@@ -55,13 +56,40 @@ def select_node(intent: Intent, node: str | None, kernel: Kernel) -> str:
     raise UsageError(f"{intent.source}: several nodes match this host ({', '.join(candidates)}); pass --node")
 
 
-def prepare(intent: Intent, node: str | None, kernel: Kernel, store: StateStore) -> Prepared:
+def prepare(intent: Intent, node: str | None, kernel: Kernel, store: StateStore, adopt: bool = False) -> Prepared:
     name = select_node(intent, node, kernel)
     desired = compile_node(intent, name)
     _check_interfaces(intent, name, kernel)
     state = store.load(name)
-    plan = diff(desired, observe(kernel, desired, state))
+    observed = observe(kernel, desired, state)
+    observed = _check_foreign(intent, desired, observed, state, adopt)
+    plan = diff(desired, observed)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan)
+
+
+def _check_foreign(intent: Intent, desired: Desired, observed: Observed, state: NodeState, adopt: bool) -> Observed:
+    """Objects kdsr wants that already exist without kdsr's record of making
+    them (a link with a kdsr name, an IPVS service on a kdsr VIP) are someone
+    else's until the user says otherwise with --adopt."""
+    wanted_links = {link.name: link for link in desired.links}
+    links = sorted(observed.foreign_links & set(wanted_links))
+    services = sorted(observed.foreign_ipvs)
+    if not (links or services):
+        return observed
+    if adopt:
+        state.links.update(links)
+        state.ipvs.update(services)
+        return dataclasses.replace(
+            observed, foreign_links=observed.foreign_links - set(links), foreign_ipvs=frozenset()
+        )
+    lines = [f"link {n} ({wanted_links[n].pointer})" for n in links]
+    lines += [f"IPVS service {i}" for i in services]
+    raise ForeignObjectError(
+        f"{intent.source}: these exist already, but kdsr has no record of creating them: "
+        + "; ".join(lines)
+        + ". kdsr changes only what it made. If they are left over from kdsr (e.g. its state directory was lost), "
+        "run again with --adopt; otherwise remove them or change the intent."
+    )
 
 
 def _check_interfaces(intent: Intent, node: str, kernel: Kernel) -> None:

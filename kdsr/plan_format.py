@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
-from kdsr.model import Address, NftChain, NftElement, NftMap, NftTable, Sysctl
+from kdsr.model import Address, IpvsDest, IpvsService, Link, NftChain, NftElement, NftMap, NftTable, Route, Rule, Sysctl
 
 SYMBOL = {CREATE: "+", UPDATE: "~", REPLACE: "-/+", DELETE: "-"}
 ELEMENTS_SHOWN_PER_MAP = 12
@@ -41,6 +41,15 @@ def _describe(obj: Any) -> str:
         return f"label {obj.label}" if obj.label else ""
     if isinstance(obj, Sysctl):
         return obj.value
+    if isinstance(obj, Link):
+        return f"{obj.kind} local {obj.local} remote {obj.remote or 'any'} ttl {obj.ttl}"
+    if isinstance(obj, IpvsService):
+        flags = f" ({','.join(obj.flags)})" if obj.flags else ""
+        return f"{obj.scheduler}{flags}, {len(obj.dests)} destinations"
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], IpvsDest):
+        dest = obj[1]
+        how = f"tunnel {dest.tun_type}" if dest.method == "tunnel" else "direct routing"
+        return f"{how}, weight {dest.weight}"
     return ""
 
 
@@ -155,6 +164,22 @@ def _jsonable(obj: Any) -> Any:
         return {"interface": obj.ifname, "address": obj.cidr, "label": obj.label}
     if isinstance(obj, Sysctl):
         return {"key": obj.dotted, "value": obj.value}
+    if isinstance(obj, Link):
+        return {"name": obj.name, "kind": obj.kind, "local": obj.local, "remote": obj.remote, "ttl": obj.ttl}
+    if isinstance(obj, Route):
+        return {"family": obj.family, "table": obj.table, "dev": obj.dev}
+    if isinstance(obj, Rule):
+        return {"family": obj.family, "fwmark": obj.fwmark, "table": obj.table, "priority": obj.priority}
+    if isinstance(obj, IpvsService):
+        return {
+            "service": obj.ident,
+            "scheduler": obj.scheduler,
+            "flags": list(obj.flags),
+            "destinations": [_jsonable((obj, d)) for d in obj.dests],
+        }
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], IpvsDest):
+        d = obj[1]
+        return {"address": d.address, "port": d.port, "weight": d.weight, "method": d.method, "tun_type": d.tun_type}
     return str(obj)
 
 

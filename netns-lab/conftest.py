@@ -8,6 +8,16 @@ mode) and offers fixtures:
 - `l2lab`: a fresh L2Lab per test, torn down afterwards even when the test
   fails. Set KDSR_LAB_KEEP=1 to leave it up for inspection; the commands to
   enter and delete it are printed.
+- `netns`: a fullkernel.Namespaces per test (namespaces named by the test,
+  deleted by name afterwards; KDSR_LAB_KEEP=1 keeps them).
+
+Full-kernel tier (`@pytest.mark.full_kernel`, tests that need ip_vs, ip_vs_mh,
+ipip, ip_gre or ip6_tunnel): on a host kernel without them these tests are
+deselected, with a one-line note, and netns-lab/guest_tier.py runs them in a
+virtme-ng guest on Debian's full kernel (`make test` does both). Inside that
+guest (KDSR_IN_GUEST=1) only full_kernel tests run, and a missing feature or
+an unusable lab fails them rather than skipping. On a host kernel that has
+the features they run in the host tier.
 """
 
 from __future__ import annotations
@@ -23,7 +33,10 @@ LAB_DIR = Path(__file__).resolve().parent
 if str(LAB_DIR) not in sys.path:
     sys.path.insert(0, str(LAB_DIR))
 
+import fullkernel  # noqa: E402
 import lab as netns_lab  # noqa: E402  (needs the path above)
+
+_NOTES = pytest.StashKey[list]()
 
 
 @functools.cache
@@ -40,7 +53,7 @@ def require_lab() -> None:
     """
     reason = _lab_unavailable_reason()
     if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes") or fullkernel.in_guest():
             pytest.fail(f"lab unavailable in CI: {reason}")
         pytest.skip(reason)
 
@@ -55,3 +68,55 @@ def l2lab(lab_available, tmp_path):
     keep = os.environ.get("KDSR_LAB_KEEP") == "1"
     with netns_lab.L2Lab(keep=keep, workdir=tmp_path / "lab") as built:
         yield built
+
+
+@pytest.fixture
+def netns():
+    keep = os.environ.get("KDSR_LAB_KEEP") == "1"
+    with fullkernel.Namespaces(keep=keep) as nss:
+        yield nss
+
+
+# --------------------------------------------------------------------------
+# Full-kernel tier
+
+
+@functools.cache
+def _kernel_tier() -> fullkernel.KernelTier:
+    # Probed once per session, and only when full_kernel tests were collected.
+    return fullkernel.probe()
+
+
+def pytest_collection_modifyitems(config, items):
+    full = [item for item in items if item.get_closest_marker("full_kernel")]
+    if fullkernel.in_guest():
+        keep, drop = full, [item for item in items if not item.get_closest_marker("full_kernel")]
+        note = f"{fullkernel.IN_GUEST_ENV}=1: {len(drop)} non-full_kernel tests deselected (they run in the host tier)"
+    else:
+        if not full or _kernel_tier().capable:
+            return
+        keep, drop = [item for item in items if not item.get_closest_marker("full_kernel")], full
+        note = (
+            f"full_kernel: {len(drop)} tests deselected here ({_kernel_tier().describe()}); "
+            "they run in the virtme-ng guest tier (netns-lab/guest_tier.py, `make lab-full`)"
+        )
+    if drop:
+        items[:] = keep
+        config.hook.pytest_deselected(items=drop)
+        config.stash.setdefault(_NOTES, []).append(note)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("full_kernel") is None:
+        return
+    require_lab()
+    tier = _kernel_tier()
+    if not tier.capable:
+        # Only reachable in the guest (or with a kernel that changed under us):
+        # a full-kernel test that cannot run there is a broken tier, not a skip.
+        pytest.fail(f"full_kernel test on a kernel without the features: {'; '.join(tier.details())}")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for note in config.stash.get(_NOTES, []):
+        terminalreporter.write_line(note)

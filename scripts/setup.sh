@@ -4,11 +4,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump)
+need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm)
 missing=()
 for p in "${need_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
+# The full-kernel lab tier (netns-lab/guest_tier.py) boots Debian's kernel in
+# a virtme-ng guest under qemu when this kernel lacks ip_vs/ipip/gre/ip6tnl;
+# busybox-static builds the guest's initramfs. Asked for only on such a kernel
+# (on one that has them, the full-kernel tests run natively).
+guest_pkgs=(qemu-system-x86 linux-image-amd64 busybox-static)
+guest_missing=()
+for p in "${guest_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || guest_missing+=("$p")
+done
+if [ ${#guest_missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: note: the full-kernel lab tier needs ${guest_missing[*]}; run as root to install them" >&2
+    elif ! /usr/bin/python3 netns-lab/fullkernel.py --quiet; then
+        missing+=("${guest_missing[@]}")
+    fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: missing packages ${missing[*]}; run as root" >&2
@@ -25,6 +41,6 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nftables' 2>/dev/n
     rm -rf .venv
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c 'import kdsr, click, jsonschema, pyroute2, yaml, pytest' 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+if ! .venv/bin/python -c 'import kdsr, click, jsonschema, pyroute2, yaml, pytest, virtme_ng' 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lab]'
 fi

@@ -235,7 +235,7 @@ def test_all_verify_problems_are_reported_at_once():
 def test_every_problem_names_the_file_and_the_pointer():
     doc = changed(
         services__web__ports__0=70000,
-        services__web__dsr__mode="l3-ipip",
+        services__web__dsr__mode="l4-magic",
         services__web__colour="red",
         pools__web__servers=[],
         servers__s1__interface="..",
@@ -356,14 +356,13 @@ def test_schema_errors(edits, pointer, text):
     assert problem.hint, "every problem says how to fix it"
 
 
-def test_enum_errors_list_supported_values_and_what_is_not_there_yet():
-    mode = only_problem(changed(services__web__dsr__mode="l3-ipip"))
+def test_enum_errors_list_supported_values():
+    mode = only_problem(changed(services__web__dsr__mode="l3-vxlan"))
     assert mode.pointer == "/services/web/dsr/mode"
-    assert 'Supported values: "l2"' in mode.message
-    assert "l3-ipip" in mode.hint and "not available yet" in mode.hint
-    engine = only_problem(changed(services__web__dsr__engine="ipvs"))
-    assert 'Supported values: "nft"' in engine.message
-    assert "ipvs" in engine.hint and "not available yet" in engine.hint
+    assert 'Supported values: "l2", "l3-ipip", "l3-gre", "l3-ip6tnl"' in mode.message
+    assert "l3-ip6tnl" in mode.hint
+    engine = only_problem(changed(services__web__dsr__engine="xdp"))
+    assert 'Supported values: "nft", "ipvs"' in engine.message
 
 
 def test_unknown_field_names_it_and_lists_the_allowed_ones():
@@ -525,7 +524,8 @@ def test_l2_server_off_the_load_balancer_segment():  # rule 5
     assert str(problem) == (
         "examples/x.json: /pools/web/servers/3/node: server 10.9.0.5 is not on a subnet connected to "
         "load balancer lb1 (10.10.0.0/24, fd00:10::/64). L2 DSR needs servers on the LB's segment; "
-        "use a server on that segment or an L3 mode (not available yet)."
+        'use a server on that segment or an L3 mode ("l3-ipip", "l3-gre" or "l3-ip6tnl") for servers behind '
+        "routers."
     )
 
 

@@ -6,7 +6,7 @@ test enforces it, so compile stays deterministic and testable without root.
 
 from __future__ import annotations
 
-from kdsr.compile.lb_nft_l2 import compile_load_balancer
+from kdsr.compile.load_balancer import compile_load_balancer
 from kdsr.compile.server import compile_server
 from kdsr.errors import UsageError
 from kdsr.intent.model import Intent

@@ -17,7 +17,7 @@ transaction.  Rules and chains exist per selector, and selectors are few.
 
 from __future__ import annotations
 
-from kdsr.compile.selectors import Selector, selectors_for
+from kdsr.compile.selectors import Selector, selectors_for, server_ids
 from kdsr.intent.model import (
     HASH_FIVE_TUPLE,
     HASH_SOURCE_IP,
@@ -25,7 +25,7 @@ from kdsr.intent.model import (
     Intent,
     LoadBalancerNode,
 )
-from kdsr.model import ChainHook, Desired, NftChain, NftElement, NftMap, NftRule, NftTable
+from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
 
 TABLE_FAMILY = "netdev"
 TABLE_NAME = "kdsr"
@@ -126,7 +126,16 @@ def _selector_chain(sel: Selector, device: str) -> NftChain:
             },
         }
     }
+    if sel.hashing.pinning is not None:
+        return _pinned_selector_chain(sel, device, hashing)
     lookup = {"map": {"key": {"meta": {"key": "mark"}}, "data": f"@{sel.name}"}}
+    return NftChain(
+        name=sel.name, hook=None, rules=_forward_rules(sel, device, hashing, lookup), pointer=sel.pool.pointer
+    )
+
+
+def _forward_rules(sel: Selector, device: str, first: dict, lookup: dict) -> tuple[NftRule, ...]:
+    """``first`` (the Maglev hash), then forward to the server ``lookup`` names, else drop."""
     if sel.pins_macs:
         # MACs pinned in the intent: rewrite the frame and send it out as is.
         forward = [
@@ -139,20 +148,132 @@ def _selector_chain(sel: Selector, device: str) -> NftChain:
         # time, so a replaced server (new MAC, same address) needs no apply.
         forward = [{"fwd": {"dev": device, "family": ADDR_PROTO[sel.family], "addr": lookup}}]
     pointer = sel.pool.pointer
-    rules = (
-        NftRule.build([hashing], f"{sel.services[0].hashing.pointer or sel.services[0].pointer}"),
+    return (
+        NftRule.build([first], f"{sel.services[0].hashing.pointer or sel.services[0].pointer}"),
         NftRule.build(forward, pointer),
         # Reached only when the slot has no server (every member drained).
         NftRule.build([{"drop": None}], f"{pointer} (no server)"),
     )
-    return NftChain(name=sel.name, hook=None, rules=rules, pointer=pointer)
+
+
+# --- flow pinning ------------------------------------------------------------
+#
+# Conntrack does not run before netdev ingress, so a pinned selector keeps its
+# own flow table: a map the packet path fills, flow -> server id, each entry
+# living `timeout` seconds past the flow's last packet.
+#
+#   mark = jhash(fields) mod M                          the Maglev slot
+#   mark = slot map[mark]                               the table's server id
+#   update pins { flow : mark }                         a new flow is pinned to it; a
+#                                                       known one keeps its pin (update
+#                                                       only refreshes the timeout)
+#   mark = pins[flow]                                   the pinned server id
+#   fwd to servers[mark]                                (address, or MAC when pinned)
+#
+# When the pins map is full the update fails, the rule stops there and the
+# lookup misses, so the flow is forwarded by the table without a pin.  Server
+# ids are stable per server (selectors.server_id), and the pins and servers
+# maps belong to the pool, not to a table size, so pins survive a new table,
+# a new table size and a new selector name.  Drained members (weight 0) stay
+# in the servers map: their pinned flows keep going there (connection
+# draining); a removed member's pinned flows fall back to the table.
+#
+# The flow is the 5-tuple, hashed to 31 bits: nft 1.0.6 cannot write a map
+# keyed by five header fields from the packet path (the register allocator
+# asserts above four 32-bit registers), and a hash fits every family.  Two
+# flows that share a hash share a pin: the second is sent, consistently, to
+# the first one's server, which serves it as well as any other.  31 bits: the
+# JSON listing of nft 1.0.6 prints a modulus above 2^31 as a negative number.
+PIN_KEY_MOD = 2**31 - 1
+
+
+def pins_map_name(pool: str, family: int) -> str:
+    return f"pins-{pool}-v{family}"
+
+
+def servers_map_name(pool: str, family: int) -> str:
+    return f"servers-{pool}-v{family}"
+
+
+def _flow_key(family: int, seed: int) -> dict:
+    return {"jhash": {"mod": PIN_KEY_MOD, "seed": seed, "expr": _concat(hash_inputs(HASH_FIVE_TUPLE, family))}}
+
+
+def _pinned_selector_chain(sel: Selector, device: str, hashing: dict) -> NftChain:
+    mark = {"meta": {"key": "mark"}}
+    pins = pins_map_name(sel.pool.name, sel.family)
+    to_id = {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{sel.name}"}}}}
+    pin = {
+        "map": {
+            "op": "update",
+            "elem": {"elem": {"val": _flow_key(sel.family, sel.hashing.seed), "timeout": sel.hashing.pinning.timeout}},
+            "data": mark,
+            "map": f"@{pins}",
+        }
+    }
+    pinned = {
+        "mangle": {"key": mark, "value": {"map": {"key": _flow_key(sel.family, sel.hashing.seed), "data": f"@{pins}"}}}
+    }
+    lookup = {"map": {"key": mark, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
+    first, forward, drop = _forward_rules(sel, device, hashing, lookup)
+    pinning_pointer = f"{sel.services[0].hashing.pointer}/flow_pinning"
+    rules = (
+        first,
+        NftRule.build([to_id], sel.pool.pointer),
+        NftRule.build([pin], pinning_pointer),
+        NftRule.build([pinned], pinning_pointer),
+        forward,
+        drop,
+    )
+    return NftChain(name=sel.name, hook=None, rules=rules, pointer=sel.pool.pointer)
+
+
+def _pinning_maps(selectors: list[Selector], source: str) -> list[NftMap]:
+    """Per pool and family: the servers map (id -> server) and the pins map (flow -> id)."""
+    maps: dict[str, NftMap] = {}
+    for sel in selectors:
+        if sel.hashing.pinning is None:
+            continue
+        ids = server_ids(sel, source)
+        servers = servers_map_name(sel.pool.name, sel.family)
+        by_address = {str(m.address): m for m in sel.members}
+        maps[servers] = NftMap(
+            name=servers,
+            key_type=("mark",),
+            data_type="ether_addr" if sel.pins_macs else ADDR_TYPE[sel.family],
+            counter=True,  # per-server packets for `kdsr show`
+            elements=tuple(
+                sorted((ident, NftElement(value=by_address[a].mac if sel.pins_macs else a)) for a, ident in ids.items())
+            ),
+            pointer=sel.pool.pointer,
+        )
+        pins = pins_map_name(sel.pool.name, sel.family)
+        size = max(sel.hashing.pinning.max_flows, maps[pins].size if pins in maps else 0)
+        maps[pins] = NftMap(
+            name=pins,
+            key_type=("integer",),  # a 31-bit flow hash
+            data_type="mark",
+            flags=("timeout",),
+            size=size,
+            pointer=f"{sel.services[0].hashing.pointer}/flow_pinning",
+        )
+    return list(maps.values())
 
 
 def _concat(parts: list[dict]) -> dict:
     return parts[0] if len(parts) == 1 else {"concat": parts}
 
 
-def _selector_map(sel: Selector) -> NftMap:
+def _selector_map(sel: Selector, source: str = "") -> NftMap:
+    if sel.hashing.pinning is not None:
+        ids = server_ids(sel, source)
+        return NftMap(
+            name=sel.name,
+            key_type=("mark",),
+            data_type="mark",  # slot -> server id; the servers map counts packets
+            elements=tuple((slot, NftElement(value=ids[a])) for slot, a in enumerate(sel.addresses())),
+            pointer=sel.pool.pointer,
+        )
     table = sel.table()
     return NftMap(
         name=sel.name,
@@ -167,7 +288,8 @@ def _selector_map(sel: Selector) -> NftMap:
 def build_table(intent: Intent, lb: LoadBalancerNode) -> NftTable:
     selectors = selectors_for(intent)
     chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface) for s in selectors]
-    maps = _service_maps(selectors) + [_selector_map(s) for s in selectors]
+    maps = _service_maps(selectors) + [_selector_map(s, intent.source) for s in selectors]
+    maps += _pinning_maps(selectors, intent.source)
     return NftTable(
         family=TABLE_FAMILY,
         name=TABLE_NAME,
@@ -175,7 +297,3 @@ def build_table(intent: Intent, lb: LoadBalancerNode) -> NftTable:
         maps=tuple(sorted(maps, key=lambda m: m.name)),
         pointer=lb.pointer,
     )
-
-
-def compile_load_balancer(intent: Intent, lb: LoadBalancerNode) -> Desired:
-    return Desired(node=lb.name, role="load-balancer", tables=(build_table(intent, lb),))

@@ -4,22 +4,53 @@ Services that share a pool and a hashing profile share one Maglev table, so a
 thousand VIPs on one pool cost one table, not a thousand.  A selector's name
 is derived from its content (pool name, family and a digest of the hashing
 profile), so adding an unrelated service never renames it.
+
+Table sizes (M for a pool of N servers, drained ones included):
+
+- ``table_size`` from the intent, or by default the smallest prime
+  >= max(100 * N, 251): Maglev's worst share is at most 1 + 1/floor(M/N)
+  times the mean, so M >= 100 * N keeps it within 1% (NSDI 2016, 3.4);
+- at most ``MAX_TABLE_SIZE`` (65537) slots per table;
+- at most ``SLOT_BUDGET`` slots over all the selectors of one nft table.
+  When the default sizes would exceed it, the largest tables are shrunk to a
+  common cap (water-filling: small pools keep their size).  Sizes given in
+  the intent are never shrunk; more of them than the budget holds is an error.
+
+Whenever a table ends up with fewer than 100 slots per server, ``sizing_problems``
+says so, and the CLI prints it as a warning (validate, plan, apply).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdsr import maglev
-from kdsr.intent.model import Hashing, Intent, Pool, Service
-from kdsr.intent.primes import next_prime
+from kdsr.errors import IntentError, Problem
+from kdsr.intent.model import Hashing, Intent, Pool, PoolMember, Service
+from kdsr.intent.primes import is_prime, next_prime
 
 # Maglev needs M >> N for even shares: M >= 100*N keeps the worst share within
 # about 1% of the mean (NSDI 2016, section 3.4).  N counts drained members too,
 # so draining a server never changes M (a new M reshuffles every flow).
 SLOTS_PER_SERVER = 100
 MIN_TABLE_SIZE = 251
+MAX_TABLE_SIZE = maglev.MAX_TABLE_SIZE
+# Slot elements over all the selector maps of one nft table.  Measured with
+# nft 1.0.6 on kernel 6.x (bench/README): the kernel needs ~140 bytes of slab
+# per element plus 16 bytes per CPU for its counter, which is cheap; what
+# grows is kdsr's own read-back (plan, apply, show list the whole table):
+# about 1 s and 5 MB of JSON per 65,537 elements.  2^18 elements keep plan
+# interactive (a few seconds) while fitting, e.g., 1,000 pools at the
+# minimum size (251 slots each) or four pools at the largest size.
+SLOT_BUDGET = 262_144
+
+# Why a selector has the size it has (for warnings and `kdsr maglev`).
+SIZED_BY_INTENT = "table_size"
+SIZED_BY_DEFAULT = "default"
+SIZED_BY_MAX = "largest table"
+SIZED_BY_BUDGET = "slot budget"
 
 
 @dataclass(frozen=True)
@@ -29,10 +60,21 @@ class Selector:
     hashing: Hashing
     table_size: int
     services: tuple[Service, ...]
+    # The DSR mode decides what a slot holds (an address or MAC for l2, a
+    # tunnel's fwmark for L3), so services of one pool in two modes need two
+    # selectors.  L2 names leave the mode out (they predate L3).
+    mode: str = "l2"
+    sized_by: str = SIZED_BY_DEFAULT
 
     @property
     def name(self) -> str:
         profile = f"{self.hashing.fields}/{self.hashing.seed}/{self.table_size}"
+        if self.mode != "l2":
+            profile += f"/{self.mode}"
+        if self.hashing.pinning is not None:
+            # Only pinned selectors add to the profile: unpinned names (and
+            # every table already deployed) stay as they were.
+            profile += f"/pin/{self.hashing.pinning.timeout}"
         digest = hashlib.sha256(profile.encode()).hexdigest()[:6]
         return f"pool-{self.pool.name}-v{self.family}-{digest}"
 
@@ -41,34 +83,103 @@ class Selector:
         # verify guarantees a pool pins MACs for all members or for none.
         return bool(self.pool.members) and all(m.mac for m in self.pool.members)
 
+    @property
+    def members(self) -> tuple[PoolMember, ...]:
+        """The pool's members of this selector's family, drained ones included."""
+        return tuple(m for m in self.pool.members if m.address.version == self.family)
+
+    def addresses(self) -> tuple[str, ...]:
+        """The Maglev table: slot -> member address."""
+        backends = [maglev.Backend(key=str(m.address), weight=m.weight) for m in self.members]
+        return maglev.populate(backends, self.table_size, self.hashing.seed)
+
     def table(self) -> tuple[str, ...]:
         """slot -> member key: the address, or the MAC when MACs are pinned."""
-        backends = [
-            maglev.Backend(key=str(m.address), weight=m.weight)
-            for m in self.pool.members
-            if m.address.version == self.family
-        ]
-        by_address = {str(m.address): m for m in self.pool.members}
-        table = maglev.populate(backends, self.table_size, self.hashing.seed)
+        table = self.addresses()
         if self.pins_macs:
+            by_address = {str(m.address): m for m in self.members}
             return tuple(by_address[a].mac for a in table)
         return table
+
+    @property
+    def slots_per_server(self) -> float:
+        return self.table_size / max(len(self.members), 1)
 
 
 def default_table_size(pool: Pool) -> int:
     wanted = max(SLOTS_PER_SERVER * len(pool.members), MIN_TABLE_SIZE)
-    return min(next_prime(wanted), maglev.MAX_TABLE_SIZE)
+    return min(next_prime(wanted), MAX_TABLE_SIZE)
 
 
-def selectors_for(intent: Intent) -> list[Selector]:
-    grouped: dict[tuple, list[Service]] = {}
+def _prime_at_most(n: int) -> int:
+    while n > 2 and not is_prime(n):
+        n -= 1
+    return n
+
+
+def _cap_for(wanted: list[int], budget: int) -> int:
+    """The largest prime cap c with sum(min(w, c)) <= budget (water-filling)."""
+    low, high = 2, max(wanted)
+    while low < high:  # largest integer c that fits
+        mid = (low + high + 1) // 2
+        if sum(min(w, mid) for w in wanted) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    # Every wanted size is prime, so min(w, prime cap) is prime too.
+    return _prime_at_most(low)
+
+
+def _l2_nft(service: Service) -> bool:
+    return service.mode == "l2" and service.engine == "nft"
+
+
+def selectors_for(
+    intent: Intent, wanted: Callable[[Service], bool] | None = None, budget: int = SLOT_BUDGET
+) -> list[Selector]:
+    """Selectors for the services ``wanted`` picks (default: L2 services of the nft engine).
+
+    One call sizes the selectors of one nft table, so ``budget`` is per table.
+    Raises IntentError when the intent's own table sizes exceed the budget.
+    """
+    wanted = wanted or _l2_nft
+    # Pass 1: every service's table size before the budget (the intent's, or
+    # the default for its pool), grouped so that each table is counted once.
+    provisional: dict[tuple, tuple[int, str]] = {}
+    chosen: list[tuple[Service, tuple]] = []
     for service in intent.services:
+        if not wanted(service):
+            continue
         pool = intent.pool(service.pool)
-        size = service.hashing.table_size or default_table_size(pool)
-        key = (pool.name, service.vip.version, service.hashing.fields, service.hashing.seed, size)
-        grouped.setdefault(key, []).append(service)
+        explicit = service.hashing.table_size
+        key = (pool.name, service.vip.version, service.hashing.fields, service.hashing.seed, explicit, service.mode)
+        key += (service.hashing.pinning,)
+        if explicit is not None:
+            provisional[key] = (explicit, SIZED_BY_INTENT)
+        else:
+            wanted_size = next_prime(max(SLOTS_PER_SERVER * len(pool.members), MIN_TABLE_SIZE))
+            if wanted_size > MAX_TABLE_SIZE:
+                provisional[key] = (MAX_TABLE_SIZE, SIZED_BY_MAX)
+            else:
+                provisional[key] = (wanted_size, SIZED_BY_DEFAULT)
+        chosen.append((service, key))
+    sizes = _apply_budget(intent, provisional, budget)
+
+    # Pass 2: group by the final size (a default that equals an explicit size
+    # is one table).
+    grouped: dict[tuple, list[Service]] = {}
+    reasons: dict[tuple, str] = {}
+    for service, key in chosen:
+        size, reason = sizes[key]
+        final = (service.pool, service.vip.version, service.hashing.fields, service.hashing.seed, size, service.mode)
+        final += (_pinning_key(service.hashing),)
+        grouped.setdefault(final, []).append(service)
+        # The intent's word wins when a default lands on the same size.
+        if reasons.get(final) != SIZED_BY_INTENT:
+            reasons[final] = reason
     selectors = []
-    for (pool_name, family, _fields, _seed, size), services in sorted(grouped.items()):
+    for final, services in sorted(grouped.items()):
+        pool_name, family, _fields, _seed, size, mode, _pin = final
         selectors.append(
             Selector(
                 pool=intent.pool(pool_name),
@@ -76,6 +187,133 @@ def selectors_for(intent: Intent) -> list[Selector]:
                 hashing=services[0].hashing,
                 table_size=size,
                 services=tuple(services),
+                mode=mode,
+                sized_by=reasons[final],
             )
         )
     return selectors
+
+
+def _pinning_key(hashing: Hashing) -> tuple:
+    return () if hashing.pinning is None else (hashing.pinning.timeout, hashing.pinning.max_flows)
+
+
+def _apply_budget(intent: Intent, provisional: dict[tuple, tuple[int, str]], budget: int) -> dict:
+    explicit = {k: v for k, v in provisional.items() if v[1] == SIZED_BY_INTENT}
+    chosen = {k: v for k, v in provisional.items() if v[1] != SIZED_BY_INTENT}
+    explicit_total = sum(size for size, _ in explicit.values())
+    if explicit_total > budget:
+        listed = ", ".join(f"{key[0]} ({size})" for key, (size, _) in sorted(explicit.items(), key=str))
+        raise IntentError(
+            [
+                Problem(
+                    intent.source,
+                    "/services",
+                    f"the table sizes set with table_size add up to {explicit_total} slots, more than one "
+                    f"load balancer's budget of {budget} ({listed}).",
+                    "Use smaller table sizes, or leave table_size out so kdsr sizes the tables within the budget.",
+                )
+            ]
+        )
+    left = budget - explicit_total
+    if sum(size for size, _ in chosen.values()) <= left:
+        return provisional
+    keys = sorted(chosen, key=str)
+    cap = _cap_for([chosen[k][0] for k in keys], left)
+    result = dict(explicit)
+    problems = []
+    for key in keys:
+        size, reason = chosen[key]
+        if size > cap:
+            size, reason = cap, SIZED_BY_BUDGET
+        pool = intent.pool(key[0])
+        if size < len(pool.members):
+            problems.append(
+                Problem(
+                    intent.source,
+                    pool.pointer,
+                    f"pool {pool.name} has {len(pool.members)} servers but the slot budget of {budget} per load "
+                    f"balancer leaves its table {size} slots.",
+                    "Use fewer or smaller pools per load balancer, or set table_size on fewer services.",
+                )
+            )
+        result[key] = (size, reason)
+    if problems:
+        raise IntentError(problems)
+    return result
+
+
+def sizing_problems(intent: Intent, wanted: Callable[[Service], bool] | None = None) -> list[Problem]:
+    """Warnings (not errors): tables with fewer than 100 slots per server.
+
+    Maglev's worst share is at most 1 + 1/floor(M/N) of the mean; below 100
+    slots per server that is more than 1% (NSDI 2016, 3.4).
+    """
+    problems = []
+    for sel in selectors_for(intent, wanted):
+        servers = len(sel.members)
+        if not servers or sel.table_size >= SLOTS_PER_SERVER * servers:
+            continue
+        per_server = sel.table_size // servers
+        spread = f"a server's share of flows can be up to {100 / max(per_server, 1):.1f}% above the mean"
+        each = f"{per_server} slots each (fewer than 100)"
+        pool = f"pool {sel.pool.name}'s {servers} servers"
+        better = next_prime(SLOTS_PER_SERVER * servers)
+        if sel.sized_by == SIZED_BY_INTENT:
+            service = sel.services[0]
+            pointer = f"{service.hashing.pointer or service.pointer + '/hashing'}/table_size"
+            hint = (
+                f"Use a prime of at least 100 x the servers ({better})"
+                if better <= MAX_TABLE_SIZE
+                else "Split the pool"
+            )
+            message = f"table_size {sel.table_size} gives {pool} {each}: {spread}."
+            problems.append(Problem(intent.source, pointer, message, f"{hint}, or leave table_size out."))
+        elif sel.sized_by == SIZED_BY_MAX:
+            message = f"the largest table ({sel.table_size} slots) gives {pool} {each}: {spread}."
+            hint = "Split the pool into smaller pools if the spread matters."
+            problems.append(Problem(intent.source, sel.pool.pointer, message, hint))
+        else:  # SIZED_BY_BUDGET
+            message = (
+                f"the slot budget of a load balancer ({SLOT_BUDGET} over all its tables) leaves {pool} "
+                f"{sel.table_size} slots, {each}: {spread}."
+            )
+            hint = (
+                "The size shrinks further as pools are added, and a new size moves every flow of the pool; "
+                "set table_size on its services to fix it, or spread the pools over more load balancers."
+            )
+            problems.append(Problem(intent.source, sel.pool.pointer, message, hint))
+    return problems
+
+
+def server_id(member: PoolMember) -> int:
+    """A 32-bit name for a server that stays the same across table changes.
+
+    Flow pinning stores it per flow, so it must not depend on the pool's
+    other members or their order.  IPv4: the address itself; IPv6: the first
+    32 bits of its BLAKE2b digest (``pinning_problems`` rejects a collision).
+    """
+    if member.address.version == 4:
+        return int(member.address)
+    return int.from_bytes(hashlib.blake2b(member.address.packed, digest_size=4).digest(), "big")
+
+
+def server_ids(sel: Selector, source: str) -> dict[str, int]:
+    """member address -> server_id for a pinned selector; IntentError on a collision."""
+    ids: dict[int, str] = {}
+    for member in sel.members:
+        ident = server_id(member)
+        other = ids.setdefault(ident, str(member.address))
+        if other != str(member.address):
+            raise IntentError(
+                [
+                    Problem(
+                        source,
+                        sel.pool.pointer,
+                        f"flow pinning names IPv6 servers by a 32-bit digest of their address, and {other} and "
+                        f"{member.address} share one ({ident:#010x}).",
+                        "Give one of them another address, or turn flow_pinning off for the services of this pool.",
+                    )
+                ]
+            )
+    return {address: ident for ident, address in ids.items()}

@@ -23,8 +23,14 @@ from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     DEFAULT_HASH_FIELDS,
     DEFAULT_HASH_SEED,
+    DEFAULT_PATH_MTU,
+    DEFAULT_PIN_MAX_FLOWS,
+    DEFAULT_PIN_TIMEOUT,
     DSR_L2,
+    DSR_MODES,
+    ENGINE_IPVS,
     ENGINE_NFT,
+    FlowPinning,
     Hashing,
     Intent,
     LoadBalancerNode,
@@ -35,8 +41,8 @@ from kdsr.intent.model import (
     Service,
 )
 
-SUPPORTED_MODES = (DSR_L2,)
-SUPPORTED_ENGINES = (ENGINE_NFT,)
+SUPPORTED_MODES = DSR_MODES
+SUPPORTED_ENGINES = (ENGINE_NFT, ENGINE_IPVS)
 SCHEMA_ID = "https://kdsr.dev/schemas/intent-v1.json"
 
 JSON = "json"
@@ -303,14 +309,22 @@ _HINTS: list[tuple[tuple[str, ...], str]] = [
     (("services", "*", "protocols"), 'Use "tcp", "udp", "both", or a list such as ["tcp", "udp"].'),
     (("services", "*", "protocols", "*"), 'A list holds "tcp" and "udp"; "both" only replaces the whole list.'),
     (("services", "*", "pool"), "Name a pool defined under /pools."),
-    (("services", "*", "dsr", "mode"), "L3 modes (l3-ipip, l3-gre) are not available yet."),
-    (("services", "*", "dsr", "engine"), "The ipvs engine is not available yet."),
+    (("services", "*", "dsr", "mode"), 'Modes are "l2", "l3-ipip", "l3-gre" (IPv4) and "l3-ip6tnl" (IPv6).'),
+    (("services", "*", "dsr", "engine"), 'Engines are "nft" (default) and "ipvs".'),
+    (("services", "*", "dsr", "path_mtu"), "path_mtu is 576-65535 bytes; leave it out for 1500."),
+    (("services", "*", "dsr", "mss_clamp"), 'Use "auto" (default), "off", or an MSS in bytes such as 1400.'),
     (
         ("services", "*", "hashing", "fields"),
         "source-ip keeps each client on one server; five-tuple spreads its connections.",
     ),
     (("services", "*", "hashing", "seed"), "Seeds are 0-4294967295; leave it out for the default."),
     (("services", "*", "hashing", "table_size"), "table_size is a prime between 7 and 65537; or let kdsr choose."),
+    (
+        ("services", "*", "hashing", "flow_pinning"),
+        "Write true, or an object with timeout (seconds, 1-86400) and max_flows (1024-16777216).",
+    ),
+    (("services", "*", "hashing", "flow_pinning", "timeout"), "timeout is 1-86400 seconds after a flow's last packet."),
+    (("services", "*", "hashing", "flow_pinning", "max_flows"), "max_flows is 1024-16777216 flows per pool."),
     (("pools", "*", "servers"), "List at least one server; to drain a pool, keep its servers with weight 0."),
     (("pools", "*", "servers", "*"), "Give 'node' (a name under /servers), 'address' (an IP), or both."),
     (("pools", "*", "servers", "*", "weight"), "Weights are 0-10000; 0 drains the server."),
@@ -529,13 +543,27 @@ def _service(name: str, service: dict) -> Service:
         pool=service["pool"],
         mode=dsr.get("mode", DSR_L2),
         engine=dsr.get("engine", ENGINE_NFT),
+        path_mtu=int(dsr.get("path_mtu", DEFAULT_PATH_MTU)),
+        mss_clamp=rules.mss_clamp(service),
         hashing=Hashing(
             fields=hashing.get("fields", DEFAULT_HASH_FIELDS),
             seed=int(hashing.get("seed", DEFAULT_HASH_SEED)),
             table_size=int(hashing["table_size"]) if "table_size" in hashing else None,
             pointer=f"{pointer}/hashing",
+            pinning=_flow_pinning(hashing.get("flow_pinning", False)),
         ),
         pointer=pointer,
+    )
+
+
+def _flow_pinning(value: bool | dict) -> FlowPinning | None:
+    """``true`` or an object (defaults filled in) turns pinning on; ``false`` or absent: off."""
+    if value is False:
+        return None
+    value = {} if value is True else value
+    return FlowPinning(
+        timeout=int(value.get("timeout", DEFAULT_PIN_TIMEOUT)),
+        max_flows=int(value.get("max_flows", DEFAULT_PIN_MAX_FLOWS)),
     )
 
 

@@ -26,7 +26,24 @@ DEFAULT_HASH_FIELDS = HASH_SOURCE_IP_PORT
 DEFAULT_HASH_SEED = 0x6B647372
 
 DSR_L2 = "l2"
+DSR_L3_IPIP = "l3-ipip"
+DSR_L3_GRE = "l3-gre"
+DSR_L3_IP6TNL = "l3-ip6tnl"
+DSR_MODES = (DSR_L2, DSR_L3_IPIP, DSR_L3_GRE, DSR_L3_IP6TNL)
 ENGINE_NFT = "nft"
+ENGINE_IPVS = "ipvs"
+
+# Per L3 mode: the tunnel link kind, the address family it carries (inner and
+# outer are the same family here), and the bytes the outer headers add.
+L3_TUNNELS = {
+    DSR_L3_IPIP: ("ipip", 4, 20),  # outer IPv4 header
+    DSR_L3_GRE: ("gre", 4, 24),  # outer IPv4 + 4-byte GRE header (no key, no csum)
+    DSR_L3_IP6TNL: ("ip6tnl", 6, 40),  # outer IPv6 header, no encapsulation limit option
+}
+DEFAULT_PATH_MTU = 1500
+# IPVS mh's table size is fixed when the kernel is built (Debian:
+# CONFIG_IP_VS_MH_TAB_INDEX=12 -> 4093 slots).
+IPVS_MH_TABLE_SIZE = 4093
 
 
 @dataclass(frozen=True)
@@ -41,12 +58,27 @@ class PortRange:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
+# Flow pinning defaults: IPVS's UDP timeout; 65536 flows cost a few MB of
+# kernel memory per pool (README, "Flow pinning").
+DEFAULT_PIN_TIMEOUT = 300
+DEFAULT_PIN_MAX_FLOWS = 65536
+
+
+@dataclass(frozen=True)
+class FlowPinning:
+    """Keep established flows on their server across table changes (nft engine)."""
+
+    timeout: int = DEFAULT_PIN_TIMEOUT  # seconds after a flow's last packet
+    max_flows: int = DEFAULT_PIN_MAX_FLOWS  # per pool and address family
+
+
 @dataclass(frozen=True)
 class Hashing:
     fields: str = DEFAULT_HASH_FIELDS
     seed: int = DEFAULT_HASH_SEED
     table_size: int | None = None  # None: chosen from the pool size
     pointer: str = field(default="", compare=False)
+    pinning: FlowPinning | None = None  # None: stateless (the default)
 
 
 @dataclass(frozen=True)
@@ -56,10 +88,19 @@ class Service:
     ports: tuple[PortRange, ...]
     protocols: tuple[str, ...]  # sorted subset of ("tcp", "udp")
     pool: str
-    mode: str  # "l2"
-    engine: str  # "nft"
+    mode: str  # one of DSR_MODES
+    engine: str  # "nft" | "ipvs"
     hashing: Hashing
     pointer: str = field(default="", compare=False)
+    path_mtu: int = DEFAULT_PATH_MTU
+    # The MSS servers advertise on connections to this VIP, so that clients'
+    # segments still fit the path once encapsulated; None: no clamp (L2, or
+    # "off" in the intent).
+    mss_clamp: int | None = None
+
+    @property
+    def is_l3(self) -> bool:
+        return self.mode in L3_TUNNELS
 
 
 @dataclass(frozen=True)

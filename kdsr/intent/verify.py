@@ -16,13 +16,31 @@ import difflib
 import ipaddress
 from dataclasses import dataclass
 
+from kdsr import naming
 from kdsr.errors import Problem
-from kdsr.intent.model import DSR_L2, IPAddress, IPInterface
+from kdsr.intent.model import (
+    DEFAULT_HASH_FIELDS,
+    DEFAULT_HASH_SEED,
+    DEFAULT_PATH_MTU,
+    DSR_L2,
+    ENGINE_IPVS,
+    ENGINE_NFT,
+    HASH_FIVE_TUPLE,
+    IPVS_MH_TABLE_SIZE,
+    L3_TUNNELS,
+    IPAddress,
+    IPInterface,
+)
 from kdsr.intent.primes import is_prime, next_prime
 
 PROTOCOLS = ("tcp", "udp")
 
-L3_NOT_YET = "an L3 mode (not available yet)"
+L3_HINT = 'an L3 mode ("l3-ipip", "l3-gre" or "l3-ip6tnl") for servers behind routers'
+# The smallest MSS a host must accept (RFC 879 for IPv4, RFC 8200's 1280-byte
+# minimum MTU for IPv6); a clamp below it breaks peers that assume it.
+MIN_MSS = {4: 536, 6: 1220}
+IP_HEADER = {4: 20, 6: 40}
+TCP_HEADER = 20
 
 
 # --- parsing helpers, shared with load ---------------------------------------
@@ -91,6 +109,28 @@ def service_protocols(service: dict) -> tuple[str, ...]:
 
 def service_mode(service: dict) -> str:
     return service.get("dsr", {}).get("mode", DSR_L2)
+
+
+def service_engine(service: dict) -> str:
+    return service.get("dsr", {}).get("engine", ENGINE_NFT)
+
+
+def auto_mss(mode: str, path_mtu: int) -> int:
+    """The MSS that makes a full TCP segment fit ``path_mtu`` once encapsulated."""
+    _kind, family, overhead = L3_TUNNELS[mode]
+    return path_mtu - overhead - IP_HEADER[family] - TCP_HEADER
+
+
+def mss_clamp(service: dict) -> int | None:
+    """The service's MSS clamp in bytes, or None (L2, or "off")."""
+    dsr = service.get("dsr", {})
+    mode = dsr.get("mode", DSR_L2)
+    value = dsr.get("mss_clamp", "auto")
+    if mode not in L3_TUNNELS or value == "off":
+        return None
+    if value == "auto":
+        return auto_mss(mode, int(dsr.get("path_mtu", DEFAULT_PATH_MTU)))
+    return int(value)
 
 
 def member_address(member: dict, servers: dict) -> tuple[str, str] | None:
@@ -165,6 +205,10 @@ class _Verifier:
         self.check_l2_reachability()
         self.check_ports()
         self.check_table_sizes()
+        self.check_l3()
+        self.check_ipvs()
+        self.check_flow_pinning()
+        self.check_tunnel_names()
         return self.problems
 
     # Rule 11: one role per node; the CLI selects a node by name (--node).
@@ -392,7 +436,7 @@ class _Verifier:
                         member.address_pointer,
                         f"server {member.address} is not on a subnet connected to load balancer "
                         f"{lb_name} ({networks}).",
-                        f"L2 DSR needs servers on the LB's segment; use a server on that segment or {L3_NOT_YET}.",
+                        f"L2 DSR needs servers on the LB's segment; use a server on that segment or {L3_HINT}.",
                     )
 
     # Port ranges (rule 12's cousin) and rule 1: one service per VIP/proto/port.
@@ -452,6 +496,153 @@ class _Verifier:
                     f"Use a prime of at least 100 x the servers ({next_prime(100 * members)}), "
                     "or leave table_size out to have it chosen.",
                 )
+
+    # L3 modes: the tunnel carries one family; its ends need addresses of it;
+    # the MSS clamp must leave room for a TCP segment.
+    def check_l3(self) -> None:
+        for name, service in self.services.items():
+            mode = service_mode(service)
+            dsr_pointer = f"/services/{name}/dsr"
+            if mode not in L3_TUNNELS:
+                if isinstance(service.get("dsr", {}).get("mss_clamp"), int):
+                    self.report(
+                        f"{dsr_pointer}/mss_clamp",
+                        "mss_clamp applies to L3 modes; L2 DSR does not encapsulate.",
+                        "Remove mss_clamp, or use an L3 mode.",
+                    )
+                continue
+            _kind, family, overhead = L3_TUNNELS[mode]
+            vip = self.vips.get(name)
+            if vip is not None and vip.version != family:
+                suggestion = '"l3-ip6tnl"' if vip.version == 6 else '"l3-ipip" or "l3-gre"'
+                self.report(
+                    f"{dsr_pointer}/mode",
+                    f"{mode} carries IPv{family} only, but VIP {vip} is IPv{vip.version}.",
+                    f"For an IPv{vip.version} VIP use {suggestion}.",
+                )
+                continue
+            for lb_name in self.load_balancers:
+                interfaces = self.node_addresses.get(("load_balancers", lb_name), [])
+                if interfaces and not any(i.version == family for i in interfaces):
+                    self.report(
+                        f"/load_balancers/{lb_name}/addresses",
+                        f"load balancer {lb_name} has no IPv{family} address to source {mode} tunnels "
+                        f"from (service {name}).",
+                        f"Add the load balancer's IPv{family} address (the tunnels' outer source).",
+                    )
+            pool = service["pool"]
+            for i, member in enumerate(self.pools.get(pool, {}).get("servers", [])):
+                if "mac" in member:
+                    self.report(
+                        f"/pools/{pool}/servers/{i}/mac",
+                        f"service {name} uses {mode}: a tunnel has no MACs to pin.",
+                        "Remove 'mac' (it is for L2 DSR), or use a separate pool.",
+                    )
+            for member in self.members.get(pool, []):
+                address = member.address
+                if address is None:
+                    continue
+                if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+                    self.report(
+                        member.address_pointer,
+                        f"{address} is not routable, so no tunnel from a load balancer can reach it "
+                        f"(service {name} uses {mode}).",
+                        "Give the server's routable (global or private) address.",
+                    )
+            path_mtu = int(service.get("dsr", {}).get("path_mtu", DEFAULT_PATH_MTU))
+            largest = auto_mss(mode, path_mtu)
+            clamp = service.get("dsr", {}).get("mss_clamp", "auto")
+            if largest < MIN_MSS[family]:
+                self.report(
+                    f"{dsr_pointer}/path_mtu",
+                    f"path_mtu {path_mtu} leaves {largest} bytes per TCP segment after the {mode} "
+                    f"tunnel's {overhead} bytes and the headers, below the minimum MSS {MIN_MSS[family]}.",
+                    f"Raise path_mtu to at least {path_mtu - largest + MIN_MSS[family]}.",
+                )
+            elif isinstance(clamp, int) and not MIN_MSS[family] <= clamp <= largest:
+                self.report(
+                    f"{dsr_pointer}/mss_clamp",
+                    f"mss_clamp {clamp} is outside {MIN_MSS[family]}-{largest}: "
+                    + (
+                        "too small to carry a TCP segment every host accepts."
+                        if clamp < MIN_MSS[family]
+                        else f"segments that large do not fit path_mtu {path_mtu} through {mode}."
+                    ),
+                    f'Use "auto" ({largest} here) or a value in that range.',
+                )
+
+    # Flow pinning lives in the L2 nft fast path (a dynamic map in the netdev
+    # ingress table); IPVS keeps established connections on their server by itself.
+    def check_flow_pinning(self) -> None:
+        for name, service in self.services.items():
+            if service.get("hashing", {}).get("flow_pinning", False) is False:
+                continue
+            if service_engine(service) != ENGINE_NFT or service_mode(service) != DSR_L2:
+                self.report(
+                    f"/services/{name}/hashing/flow_pinning",
+                    "flow pinning is available for L2 DSR with the nft engine only.",
+                    "The ipvs engine keeps established connections on their server by itself; "
+                    "remove flow_pinning, or use mode l2 with engine nft.",
+                )
+
+    # The ipvs engine: what IPVS's mh scheduler can and cannot honour.
+    def check_ipvs(self) -> None:
+        for name, service in self.services.items():
+            if service_engine(service) != ENGINE_IPVS:
+                continue
+            hashing = service.get("hashing", {})
+            pointer = f"/services/{name}/hashing"
+            if hashing.get("fields", DEFAULT_HASH_FIELDS) == HASH_FIVE_TUPLE:
+                self.report(
+                    f"{pointer}/fields",
+                    "the ipvs engine cannot hash the five-tuple: IPVS mh hashes the source address, "
+                    "and the source port with its mh-port flag, nothing else.",
+                    'Use "source-ip" or "source-ip-port", or the nft engine.',
+                )
+            if "seed" in hashing and int(hashing["seed"]) != DEFAULT_HASH_SEED:
+                self.report(
+                    f"{pointer}/seed",
+                    "the ipvs engine cannot take a seed: IPVS mh hashes with fixed keys (the same on every "
+                    "director, so load balancers agree anyway).",
+                    "Remove the seed, or use the nft engine.",
+                )
+            size = hashing.get("table_size")
+            if size is not None and int(size) != IPVS_MH_TABLE_SIZE:
+                self.report(
+                    f"{pointer}/table_size",
+                    f"the ipvs engine's table size is the kernel's ({IPVS_MH_TABLE_SIZE} slots on Debian), not {size}.",
+                    "Remove table_size, or use the nft engine.",
+                )
+            pool = service["pool"]
+            for i, member in enumerate(self.pools.get(pool, {}).get("servers", [])):
+                if "mac" in member and service_mode(service) == DSR_L2:
+                    self.report(
+                        f"/pools/{pool}/servers/{i}/mac",
+                        f"service {name} uses the ipvs engine, which resolves servers' MACs itself.",
+                        "Remove 'mac', or use the nft engine.",
+                    )
+
+    # Tunnel link names and fwmarks are derived from (mode, server address):
+    # two different servers must not end up with the same one.
+    def check_tunnel_names(self) -> None:
+        seen: dict[str, tuple[str, str]] = {}
+        for service in self.services.values():
+            mode = service_mode(service)
+            if mode not in L3_TUNNELS:
+                continue
+            for member in self.members.get(service["pool"], []):
+                if member.address is None:
+                    continue
+                key = naming.server_key(mode, str(member.address))
+                earlier = seen.setdefault(key, (str(member.address), member.address_pointer))
+                if earlier[0] != str(member.address):
+                    self.report(
+                        member.address_pointer,
+                        f"server {member.address} ({mode}) gets the same tunnel name and mark as "
+                        f"{earlier[0]} ({earlier[1]}).",
+                        "This is a hash collision kdsr cannot resolve by itself; report it, and use another "
+                        "server address meanwhile.",
+                    )
 
 
 def _members(indexes: list[int]) -> str:

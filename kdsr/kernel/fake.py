@@ -9,13 +9,27 @@ write it received, and can fail the k-th write on purpose (fault injection).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import json
 from dataclasses import dataclass, field
 
 from kdsr.kernel import KernelError
 from kdsr.kernel.nft_json import decode_element, decode_map
-from kdsr.model import Address, ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
+from kdsr.model import (
+    Address,
+    ChainHook,
+    IpvsDest,
+    IpvsService,
+    Link,
+    NftChain,
+    NftElement,
+    NftMap,
+    NftRule,
+    NftTable,
+    Route,
+    Rule,
+)
 
 
 @dataclass
@@ -35,6 +49,13 @@ class FakeKernel:
         self.addresses: dict[str, list[Address]] = {name: [] for name in interfaces}
         self.sysctls: dict[str, str] = {}
         self.local = set(local)
+        self.modules: set[str] | None = None  # None: every module is there
+        self.links: dict[str, Link] = {}
+        self.routes: list[Route] = []
+        self.rules: list[Rule] = []
+        # IPVS services in creation order, each with its destinations in the
+        # kernel's list order (new ones at the head, as the kernel does).
+        self.ipvs: dict[str, IpvsService] = {}
 
     # ------------------------------------------------------------ helpers
     def _write(self, what: str) -> None:
@@ -60,7 +81,7 @@ class FakeKernel:
         listing: list[dict] = []
         for n, (decl, elements) in sorted(table.maps.items()):
             items = tuple(sorted(elements.items()))
-            maps.append(NftMap(n, decl.key_type, decl.data_type, decl.flags, decl.counter, items))
+            maps.append(dataclasses.replace(decl, elements=items, pointer=""))
             listing.append({"map": {"name": n, "elem": []}})
         return NftTable(family=family, name=name, chains=chains, maps=tuple(maps)), listing
 
@@ -219,6 +240,120 @@ class FakeKernel:
             raise KernelError(f"sysctl {key}: No such file or directory")
         self._write(f"sysctl {key}={value}")
         self.sysctls[key] = value
+
+    # ------------------------------------------------------------ L3 and IPVS
+    def modules_missing(self, names: tuple[str, ...]) -> list[str]:
+        return [] if self.modules is None else [n for n in names if n not in self.modules]
+
+    def link_list(self, prefix: str) -> list[Link]:
+        return [link for name, link in sorted(self.links.items()) if name.startswith(prefix)]
+
+    def link_add(self, link: Link) -> None:
+        if link.name in self.interfaces:
+            raise KernelError(f"add {link.kind} link {link.name}: EEXIST File exists")
+        if len(link.name) > 15:
+            raise KernelError(f"add {link.kind} link {link.name}: EINVAL name too long")
+        self._write(f"link add {link.name} {link.kind} {link.local} -> {link.remote or 'any'}")
+        self.links[link.name] = Link(link.name, link.kind, link.local, link.remote, link.ttl)
+        self.interfaces.add(link.name)
+        self.addresses[link.name] = []
+        if link.family == 4:
+            self.sysctls[f"net/ipv4/conf/{link.name}/rp_filter"] = self.sysctls.get(
+                "net/ipv4/conf/default/rp_filter", "0"
+            )
+
+    def link_del(self, name: str) -> None:
+        if name not in self.links:
+            raise KernelError(f"delete link {name}: ENODEV No such device")
+        self._write(f"link del {name}")
+        del self.links[name]
+        self.interfaces.discard(name)
+        self.addresses.pop(name, None)
+        # The kernel drops what hangs off a link with it.
+        self.routes = [r for r in self.routes if r.dev != name]
+        for key in [k for k in self.sysctls if k.split("/")[3:4] == [name]]:
+            del self.sysctls[key]
+
+    def route_list(self) -> list[Route]:
+        return list(self.routes)
+
+    def route_add(self, route: Route) -> None:
+        if route.dev not in self.interfaces:
+            raise KernelError(f"add route {route.ident}: ENODEV No such device")
+        if any((r.family, r.table) == (route.family, route.table) for r in self.routes):
+            raise KernelError(f"add route {route.ident}: EEXIST File exists")
+        self._write(f"route add {route.ident}")
+        self.routes.append(Route(route.family, route.table, route.dev))
+
+    def route_del(self, route: Route) -> None:
+        plain = Route(route.family, route.table, route.dev)
+        if plain not in self.routes:
+            raise KernelError(f"del route {route.ident}: ESRCH No such process")
+        self._write(f"route del {route.ident}")
+        self.routes.remove(plain)
+
+    def rule_list(self, priority: int) -> list[Rule]:
+        return [r for r in self.rules if r.priority == priority]
+
+    def rule_add(self, rule: Rule) -> None:
+        plain = Rule(rule.family, rule.fwmark, rule.table, rule.priority)
+        if plain in self.rules:
+            raise KernelError(f"add rule {rule.ident}: EEXIST File exists")
+        self._write(f"rule add {rule.ident}")
+        self.rules.append(plain)
+
+    def rule_del(self, rule: Rule) -> None:
+        plain = Rule(rule.family, rule.fwmark, rule.table, rule.priority)
+        if plain not in self.rules:
+            raise KernelError(f"del rule {rule.ident}: ENOENT No such file or directory")
+        self._write(f"rule del {rule.ident}")
+        self.rules.remove(plain)
+
+    def ipvs_list(self) -> list[IpvsService]:
+        return list(self.ipvs.values())
+
+    def ipvs_service(self, verb: str, svc: IpvsService) -> None:
+        have = self.ipvs.get(svc.ident)
+        if verb == "-A":
+            if have is not None:
+                raise KernelError(f"ipvsadm -A {svc.ident}: Service already exists")
+            self._write(f"ipvs add {svc.ident}")
+            self.ipvs[svc.ident] = dataclasses.replace(svc, dests=(), pointer="")
+        elif verb == "-E":
+            if have is None:
+                raise KernelError(f"ipvsadm -E {svc.ident}: No such service")
+            self._write(f"ipvs edit {svc.ident}")
+            self.ipvs[svc.ident] = dataclasses.replace(have, scheduler=svc.scheduler, flags=svc.flags)
+        elif verb == "-D":
+            if have is None:
+                raise KernelError(f"ipvsadm -D {svc.ident}: No such service")
+            self._write(f"ipvs del {svc.ident}")
+            del self.ipvs[svc.ident]
+        else:
+            raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
+
+    def ipvs_dest(self, verb: str, svc: IpvsService, dest: IpvsDest) -> None:
+        have = self.ipvs.get(svc.ident)
+        if have is None:
+            raise KernelError(f"ipvsadm {verb} {svc.ident}: No such service")
+        dests = list(have.dests)
+        index = next((i for i, d in enumerate(dests) if d.ident == dest.ident), None)
+        if verb == "-a":
+            if index is not None:
+                raise KernelError(f"ipvsadm -a {svc.ident} {dest.ident}: Destination already exists")
+            self._write(f"ipvs dest add {svc.ident} {dest.ident}")
+            dests.insert(0, dest)  # the kernel adds at the head of the list
+        elif verb in ("-e", "-d"):
+            if index is None:
+                raise KernelError(f"ipvsadm {verb} {svc.ident} {dest.ident}: No such destination")
+            self._write(f"ipvs dest {'edit' if verb == '-e' else 'del'} {svc.ident} {dest.ident}")
+            if verb == "-e":
+                dests[index] = dest
+            else:
+                del dests[index]
+        else:
+            raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
+        self.ipvs[svc.ident] = dataclasses.replace(have, dests=tuple(dests))
 
     def close(self) -> None:
         pass

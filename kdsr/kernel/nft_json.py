@@ -71,6 +71,10 @@ def map_object(table: NftTable | TableDiff, nmap: NftMap, with_elements: bool = 
         fields["flags"] = list(nmap.flags)
     if nmap.counter:
         fields["stmt"] = [{"counter": None}]
+    if nmap.size is not None:
+        fields["size"] = nmap.size
+    if nmap.timeout is not None:
+        fields["timeout"] = nmap.timeout
     if with_elements and nmap.elements:
         fields["elem"] = [encode_element(k, e) for k, e in nmap.elements]
     return _obj("map", table, **fields)
@@ -195,16 +199,22 @@ def decode_map(obj: dict) -> NftMap:
     key_type = obj["type"]
     key_type = tuple(key_type) if isinstance(key_type, list) else (key_type,)
     counter = any("counter" in stmt for stmt in obj.get("stmt", []))
+    flags = tuple(obj.get("flags", []))
+    # A map with timeouts is filled by the packet path (flow pinning): its
+    # elements are traffic state, not configuration, so they are not read.
+    dynamic = "timeout" in flags
     elements = sorted(
-        (decode_element(item) for item in obj.get("elem", [])), key=lambda kv: kv[0]
+        (decode_element(item) for item in ([] if dynamic else obj.get("elem", []))), key=lambda kv: kv[0]
     )  # keys of one map share a shape
     return NftMap(
         name=obj["name"],
         key_type=key_type,
         data_type=obj.get("map", ""),
-        flags=tuple(obj.get("flags", [])),
+        flags=flags,
         counter=counter,
         elements=tuple(elements),
+        size=obj.get("size") if dynamic else None,
+        timeout=obj.get("timeout") if dynamic else None,
     )
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from kdsr import naming
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import NodeState
-from kdsr.model import Address, Desired, NftTable, Observed, Sysctl
+from kdsr.model import LINK_PREFIX, Address, Desired, IpvsService, Link, NftTable, Observed, Sysctl
 
 # The tables kdsr may own.  Only these are ever read, changed or deleted.
-OWNED_TABLES = (("netdev", "kdsr"),)
-OWNED_LABEL = "lo:kdsr"
+OWNED_TABLES = (("netdev", "kdsr"), ("inet", "kdsr"))
+OWNED_LABEL_SUFFIX = ":kdsr"  # "lo:kdsr", "eth0:kdsr"
 
 
 def read_tables(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool) -> list[NftTable]:
@@ -37,7 +38,7 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = 
     owned: set[str] = set()
     for ifname in sorted(interfaces):
         for addr in kernel.addr_list(ifname):
-            mine = addr.ident in state.owned_addresses or addr.label == OWNED_LABEL
+            mine = addr.ident in state.owned_addresses or addr.label.endswith(OWNED_LABEL_SUFFIX)
             if mine:
                 owned.add(addr.ident)
             if mine or addr.ident in wanted:
@@ -50,7 +51,16 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = 
         if value is not None:
             sysctls.append(Sysctl(key=key, value=value))
 
+    links, foreign_links = _links(kernel, state, orphans)
+    l3 = bool(desired.links or desired.routes or state.links or orphans)
+    ipvs, foreign_ipvs = _ipvs(kernel, desired, state) if (desired.ipvs or state.ipvs) else ([], frozenset())
     return Observed(
+        links=tuple(links),
+        foreign_links=foreign_links,
+        routes=tuple(sorted(kernel.route_list(), key=lambda r: r.ident)) if l3 else (),
+        rules=tuple(sorted(kernel.rule_list(naming.RULE_PRIORITY), key=lambda r: r.ident)) if l3 else (),
+        ipvs=tuple(ipvs),
+        foreign_ipvs=foreign_ipvs,
         tables=tuple(read_tables(kernel, desired, state, orphans)),
         addresses=tuple(sorted(addresses, key=lambda a: a.ident)),
         owned_addresses=frozenset(owned),
@@ -59,3 +69,25 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = 
         sysctl_previous=tuple(sorted(state.sysctl_previous.items())),
         sysctl_written=tuple(sorted(state.sysctl_written.items())),
     )
+
+
+def _links(kernel: Kernel, state: NodeState, orphans: bool) -> tuple[list[Link], frozenset[str]]:
+    """Every link with kdsr's prefix, and which of them kdsr has no record of
+    creating.  Destroy after a lost state directory (``orphans``) also takes
+    links whose whole name is one only kdsr gives (kdsr/naming.py)."""
+    links = kernel.link_list(LINK_PREFIX)
+    if orphans:
+        foreign = frozenset(x.name for x in links if x.name not in state.links and not naming.is_kdsr_link_name(x.name))
+    else:
+        foreign = frozenset(x.name for x in links if x.name not in state.links)
+    return links, foreign
+
+
+def _ipvs(kernel: Kernel, desired: Desired, state: NodeState) -> tuple[list[IpvsService], frozenset[str]]:
+    """IPVS services kdsr created or wants.  IPVS objects carry no label, so
+    ownership is the state file's record; a wanted service that exists
+    without one is someone else's."""
+    wanted = {s.ident for s in desired.ipvs}
+    found = [s for s in kernel.ipvs_list() if s.ident in state.ipvs or s.ident in wanted]
+    foreign = frozenset(s.ident for s in found if s.ident not in state.ipvs)
+    return found, foreign

@@ -31,6 +31,8 @@ class NodeState:
     sysctl_written: dict[str, str] = field(default_factory=dict)
     tables: set[str] = field(default_factory=set)  # "netdev kdsr"
     last_intent: str = ""
+    links: set[str] = field(default_factory=set)  # link names kdsr created
+    ipvs: set[str] = field(default_factory=set)  # IpvsService.ident kdsr created
 
     def to_json(self) -> dict:
         return {
@@ -41,6 +43,8 @@ class NodeState:
             "sysctl_written": dict(sorted(self.sysctl_written.items())),
             "tables": sorted(self.tables),
             "last_intent": self.last_intent,
+            "links": sorted(self.links),
+            "ipvs": sorted(self.ipvs),
         }
 
     @classmethod
@@ -52,11 +56,13 @@ class NodeState:
             sysctl_written=dict(data.get("sysctl_written", {})),
             tables=set(data.get("tables", [])),
             last_intent=data.get("last_intent", ""),
+            links=set(data.get("links", [])),
+            ipvs=set(data.get("ipvs", [])),
         )
 
     @property
     def empty(self) -> bool:
-        return not (self.owned_addresses or self.sysctl_previous or self.tables)
+        return not (self.owned_addresses or self.sysctl_previous or self.tables or self.links or self.ipvs)
 
 
 class StateStore:

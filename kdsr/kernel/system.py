@@ -3,13 +3,17 @@ rtnetlink (pyroute2), sysctls through /proc/sys."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
-from kdsr.kernel import KernelError
+from kdsr.kernel import KernelError, nft_text
 from kdsr.kernel.nft_json import decode_table, devices_from_text
 from kdsr.model import Address, NftTable
 
@@ -27,7 +31,222 @@ def _nftables():
     return nftables
 
 
-class SystemKernel:
+# libnftables 1.0.6 lists a map statement (flow pinning) in JSON as its text
+# and says so on the process's own stderr, past the binding's buffers.
+NO_JSON_CALLBACK = re.compile(r"warning: stmt ops \w+ have no json callback\n?")
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: re.Pattern):
+    """Run the block with file descriptor 2 captured; pass on all but ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            rest = noise.sub("", captured.read().decode(errors="replace"))
+            if rest:
+                sys.stderr.write(rest)
+
+
+# ---------------------------------------------------------------- L3 and IPVS
+# A base class of SystemKernel, so the L2 path below reads on its own.
+
+_LINK_ATTRS = {
+    "ipip": ("IFLA_IPIP_LOCAL", "IFLA_IPIP_REMOTE", "IFLA_IPIP_TTL"),
+    "gre": ("IFLA_GRE_LOCAL", "IFLA_GRE_REMOTE", "IFLA_GRE_TTL"),
+    "ip6tnl": ("IFLA_IP6TNL_LOCAL", "IFLA_IP6TNL_REMOTE", "IFLA_IP6TNL_TTL"),
+}
+_ANY = ("0.0.0.0", "::", None)
+# IP6_TNL_F_IGN_ENCAP_LIMIT: no 8-byte encapsulation-limit option, so the
+# overhead is the 40-byte outer header only (what the MSS clamp assumes).
+_IP6TNL_IGN_ENCAP_LIMIT = 0x1
+IPPROTO_IPV6 = 41
+_AF = {4: 2, 6: 10}
+
+
+def _netlink_error(what: str, exc: Exception) -> KernelError:
+    code = getattr(exc, "code", None)
+    name = errno.errorcode.get(code, "") if code else ""
+    return KernelError(f"{what}: {name} {exc}".strip())
+
+
+class _L3Mixin:
+    """Links, routes, rules (rtnetlink via pyroute2), IPVS (ipvsadm), modules."""
+
+    def modules_missing(self, names: tuple[str, ...]) -> list[str]:
+        import subprocess
+
+        missing = []
+        for name in names:
+            if name == "nf_tables":
+                # Often built in (no /sys/module entry): ask nftables itself.
+                try:
+                    self.nft_tables()  # type: ignore[attr-defined]
+                except KernelError:
+                    missing.append(name)
+                continue
+            if Path("/sys/module", name).is_dir():
+                continue
+            result = subprocess.run(["modprobe", "-q", name], capture_output=True, text=True, check=False)
+            if result.returncode != 0 or not Path("/sys/module", name).is_dir():
+                missing.append(name)
+        return missing
+
+    def link_list(self, prefix: str) -> list:
+        from kdsr.model import Link
+
+        links = []
+        for msg in self.ipr.get_links():  # type: ignore[attr-defined]
+            name = msg.get_attr("IFLA_IFNAME") or ""
+            if not name.startswith(prefix):
+                continue
+            info = msg.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info else None
+            data = info.get_attr("IFLA_INFO_DATA") if info else None
+            if kind not in _LINK_ATTRS or data is None or isinstance(data, str):
+                links.append(Link(name, kind or "unknown", "", ""))
+                continue
+            local_attr, remote_attr, ttl_attr = _LINK_ATTRS[kind]
+            local, remote = data.get_attr(local_attr), data.get_attr(remote_attr)
+            links.append(
+                Link(
+                    name,
+                    kind,
+                    "" if local in _ANY else str(ipaddress.ip_address(local)),
+                    "" if remote in _ANY else str(ipaddress.ip_address(remote)),
+                    int(data.get_attr(ttl_attr) or 0),
+                )
+            )
+        return links
+
+    def link_add(self, link) -> None:
+        prefix = "ip6tnl" if link.kind == "ip6tnl" else link.kind
+        kwargs = {"ifname": link.name, "kind": link.kind, f"{prefix}_local": link.local, f"{prefix}_ttl": link.ttl}
+        if link.remote:
+            kwargs[f"{prefix}_remote"] = link.remote
+        if link.kind == "ip6tnl":
+            kwargs["ip6tnl_proto"] = IPPROTO_IPV6
+            kwargs["ip6tnl_flags"] = _IP6TNL_IGN_ENCAP_LIMIT
+        try:
+            self.ipr.link("add", **kwargs)  # type: ignore[attr-defined]
+            self.ipr.link("set", index=self._index(link.name), state="up")  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _netlink_error(f"add {link.kind} link {link.name}", exc) from exc
+        self.writes += 1  # type: ignore[attr-defined]
+
+    def link_del(self, name: str) -> None:
+        try:
+            self.ipr.link("del", index=self._index(name))  # type: ignore[attr-defined]
+        except KernelError:
+            raise
+        except Exception as exc:
+            raise _netlink_error(f"delete link {name}", exc) from exc
+        self.writes += 1  # type: ignore[attr-defined]
+
+    def route_list(self) -> list:
+        from kdsr import naming
+        from kdsr.model import Route
+
+        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in self.ipr.get_links()}  # type: ignore[attr-defined]
+        routes = []
+        for family, af in _AF.items():
+            for msg in self.ipr.route("dump", family=af):  # type: ignore[attr-defined]
+                table = msg.get_attr("RTA_TABLE") or msg["table"]
+                if not naming.is_kdsr_mark(table) or msg["dst_len"] != 0:
+                    continue
+                routes.append(Route(family, table, names.get(msg.get_attr("RTA_OIF"), "?")))
+        return routes
+
+    def _route(self, op: str, route) -> None:
+        dst = "0.0.0.0/0" if route.family == 4 else "::/0"
+        try:
+            self.ipr.route(op, dst=dst, oif=self._index(route.dev), table=route.table, family=_AF[route.family])  # type: ignore[attr-defined]
+        except KernelError:
+            raise
+        except Exception as exc:
+            raise _netlink_error(f"{op} route {route.ident}", exc) from exc
+        self.writes += 1  # type: ignore[attr-defined]
+
+    def route_add(self, route) -> None:
+        self._route("add", route)
+
+    def route_del(self, route) -> None:
+        self._route("del", route)
+
+    def rule_list(self, priority: int) -> list:
+        from kdsr import naming
+        from kdsr.model import Rule
+
+        rules = []
+        for family, af in _AF.items():
+            for msg in self.ipr.get_rules(family=af):  # type: ignore[attr-defined]
+                mark = msg.get_attr("FRA_FWMARK")
+                if msg.get_attr("FRA_PRIORITY") != priority or mark is None or not naming.is_kdsr_mark(mark):
+                    continue
+                table = msg.get_attr("FRA_TABLE") or msg["table"]
+                rules.append(Rule(family, mark, table, priority))
+        return rules
+
+    def _rule(self, op: str, rule) -> None:
+        try:
+            self.ipr.rule(  # type: ignore[attr-defined]
+                op,
+                family=_AF[rule.family],
+                fwmark=rule.fwmark,
+                fwmask=0xFFFFFFFF,
+                table=rule.table,
+                priority=rule.priority,
+            )
+        except Exception as exc:
+            raise _netlink_error(f"{op} rule {rule.ident}", exc) from exc
+        self.writes += 1  # type: ignore[attr-defined]
+
+    def rule_add(self, rule) -> None:
+        self._rule("add", rule)
+
+    def rule_del(self, rule) -> None:
+        self._rule("del", rule)
+
+    # ---------------------------------------------------------------- IPVS
+    def _ipvsadm(self, args: list[str], write: bool = True) -> str:
+        import shutil
+        import subprocess
+
+        if shutil.which("ipvsadm") is None:
+            raise KernelError("ipvsadm is not installed (Debian package ipvsadm); the ipvs engine needs it")
+        result = subprocess.run(["ipvsadm", *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelError(f"ipvsadm {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+        if write:
+            self.writes += 1  # type: ignore[attr-defined]
+        return result.stdout
+
+    def ipvs_list(self) -> list:
+        from kdsr.kernel import ipvs
+
+        if not Path("/proc/net/ip_vs").exists():
+            return []
+        services = ipvs.parse_save(self._ipvsadm(["-S", "-n"], write=False))
+        return ipvs.in_kernel_order(services, ipvs.parse_proc_order(Path("/proc/net/ip_vs").read_text()))
+
+    def ipvs_service(self, verb: str, svc) -> None:
+        from kdsr.kernel import ipvs
+
+        self._ipvsadm(ipvs.service_args(verb, svc))
+
+    def ipvs_dest(self, verb: str, svc, dest) -> None:
+        from kdsr.kernel import ipvs
+
+        self._ipvsadm(ipvs.dest_args(verb, svc, dest))
+
+
+class SystemKernel(_L3Mixin):
     def __init__(self) -> None:
         self.writes = 0
         self._nft = None
@@ -55,7 +274,8 @@ class SystemKernel:
     def nft_read_table(self, family: str, name: str) -> tuple[NftTable | None, list[dict]]:
         if (family, name) not in self.nft_tables():
             return None, []
-        rc, out, err = self._cmd(f"list table {family} {name}")
+        with _stderr_without(NO_JSON_CALLBACK):
+            rc, out, err = self._cmd(f"list table {family} {name}")
         if rc != 0:
             raise KernelError(f"nft list table {family} {name}: {err.strip()}")
         listing = json.loads(out)["nftables"]
@@ -78,7 +298,12 @@ class SystemKernel:
         batch = {"nftables": [{"metainfo": {"json_schema_version": 1}}] + commands}
         self.nft.set_dry_run(check_only)
         try:
-            rc, _out, err = self.nft.json_cmd(batch)
+            if nft_text.needs_text(commands):
+                # libnftables < 1.0.9 has no JSON for the map statement (flow
+                # pinning): the same batch as text, still one transaction.
+                rc, _out, err = self.nft.cmd(nft_text.render(commands))
+            else:
+                rc, _out, err = self.nft.json_cmd(batch)
         finally:
             self.nft.set_dry_run(False)
         if rc != 0:

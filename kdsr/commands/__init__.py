@@ -1,0 +1,1 @@
+"""The work behind CLI commands that only read an intent (no kernel, no state)."""

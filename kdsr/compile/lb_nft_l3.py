@@ -1,0 +1,271 @@
+"""Load-balancer role, nft engine, L3 DSR (ipip, gre, ip6tnl): mark, route, tunnel.
+
+A routed hop away, the server cannot be reached by rewriting a MAC; the
+unchanged packet travels inside a tunnel instead.  The kernel's tunnels take
+a fixed remote, so there is one tunnel link per server, and the packet is
+steered into the right one by policy routing:
+
+  prerouting (inet kdsr, mangle priority, front interface only)
+    daddr . l4proto . dport  --vmap-->  selector chain of the service's pool
+    selector: mark = jhash(fields, seed) mod M  (the Maglev slot)
+              mark = slot map[mark]             (the server's tunnel mark)
+  ip rule  fwmark <tunnel mark> lookup <table = tunnel mark>
+  table <tunnel mark>: default dev kdsrX-<server key>   (encapsulate, send)
+
+The VIP is not an address of the load balancer in this design: routers send
+VIP traffic to it, and it forwards (so IP forwarding is on).  The Maglev table
+is the same as the L2 engine's, seeded from the intent, so every load
+balancer picks the same server for a flow.
+
+ICMP errors about a flow (e.g. "fragmentation needed" from a router on the
+server's return path) arrive addressed to the VIP and carry the flow's
+original header reversed; a second rule per family hashes those embedded
+fields so the error reaches the server that owns the flow.
+"""
+
+from __future__ import annotations
+
+from kdsr import naming
+from kdsr.compile.lb_nft_l2 import ADDR_PROTO, ADDR_TYPE, hash_inputs
+from kdsr.compile.selectors import Selector, selectors_for
+from kdsr.intent.model import (
+    ENGINE_NFT,
+    HASH_FIVE_TUPLE,
+    HASH_SOURCE_IP,
+    HASH_SOURCE_IP_PORT,
+    L3_TUNNELS,
+    Intent,
+    LoadBalancerNode,
+)
+from kdsr.model import ChainHook, Link, NftChain, NftElement, NftMap, NftRule, NftTable, Route, Rule, Sysctl
+
+TABLE_FAMILY = "inet"
+TABLE_NAME = "kdsr"
+PREROUTING_CHAIN = "prerouting"
+MANGLE_PRIORITY = -150  # before routing, like iptables' mangle table
+SERVICE_MAPS = {4: "l3-services-v4", 6: "l3-services-v6"}
+ICMP_MAPS = {4: "l3-icmp-v4", 6: "l3-icmp-v6"}
+FORWARDING = {4: "net/ipv4/ip_forward", 6: "net/ipv6/conf/all/forwarding"}
+# Modules the kernel needs for each tunnel kind.
+TUNNEL_MODULES = {"ipip": "ipip", "gre": "ip_gre", "ip6tnl": "ip6_tunnel"}
+
+
+def wanted(service) -> bool:
+    return service.is_l3 and service.engine == ENGINE_NFT
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _raw(offset_bits: int, length_bits: int) -> dict:
+    return {"payload": {"base": "th", "offset": offset_bits, "len": length_bits}}
+
+
+# Where the embedded (original) header sits inside an ICMP error, counted from
+# the ICMP header: 8 bytes of ICMP, then the inner IP header (no options /
+# extension headers assumed), then the inner transport header.
+_INNER = {
+    4: {
+        "saddr": (8 + 12, 32),
+        "daddr": (8 + 16, 32),
+        "proto": (8 + 9, 8),
+        "sport": (8 + 20, 16),
+        "dport": (8 + 22, 16),
+    },
+    6: {
+        "saddr": (8 + 8, 128),
+        "daddr": (8 + 24, 128),
+        "proto": (8 + 6, 8),
+        "sport": (8 + 40, 16),
+        "dport": (8 + 42, 16),
+    },
+}
+
+
+def _inner(family: int, name: str) -> dict:
+    offset, length = _INNER[family][name]
+    return _raw(offset * 8, length)
+
+
+def icmp_hash_inputs(fields: str, family: int) -> list[dict]:
+    """The same fields as ``hash_inputs`` read from the header an ICMP error
+    embeds.  That header is the server's reply (VIP -> client), so the
+    client's address and port are its *destination* fields.  Each part loads
+    into the same register width as its counterpart, so jhash sees the same
+    bytes and picks the same slot."""
+    if fields == HASH_SOURCE_IP:
+        return [_inner(family, "daddr")]
+    if fields == HASH_SOURCE_IP_PORT:
+        return [_inner(family, "daddr"), _inner(family, "dport")]
+    if fields == HASH_FIVE_TUPLE:
+        return [
+            _inner(family, "daddr"),
+            _inner(family, "saddr"),
+            _inner(family, "proto"),
+            _inner(family, "dport"),
+            _inner(family, "sport"),
+        ]
+    raise ValueError(f"unknown hash fields {fields!r}")
+
+
+def _concat(parts: list[dict]) -> dict:
+    return parts[0] if len(parts) == 1 else {"concat": parts}
+
+
+def _prerouting(lb: LoadBalancerNode) -> NftChain:
+    rules = []
+    for family in (4, 6):
+        ip = ADDR_PROTO[family]
+        iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": lb.interface}}
+        lookup = {
+            "vmap": {
+                "key": {"concat": [_payload(ip, "daddr"), {"meta": {"key": "l4proto"}}, _payload("th", "dport")]},
+                "data": f"@{SERVICE_MAPS[family]}",
+            }
+        }
+        rules.append(NftRule.build([iif, lookup], "/services"))
+    for family, icmp, code_field, err in (
+        (4, "icmp", "type", "destination-unreachable"),
+        (6, "icmpv6", "type", "packet-too-big"),
+    ):
+        ip = ADDR_PROTO[family]
+        iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": lb.interface}}
+        is_error = {"match": {"op": "==", "left": _payload(icmp, code_field), "right": err}}
+        lookup = {"vmap": {"key": _payload(ip, "daddr"), "data": f"@{ICMP_MAPS[family]}"}}
+        rules.append(NftRule.build([iif, is_error, lookup], "/services (ICMP errors about a flow)"))
+    hook = ChainHook(type="filter", hook="prerouting", device=None, priority=MANGLE_PRIORITY, policy="accept")
+    return NftChain(name=PREROUTING_CHAIN, hook=hook, rules=tuple(rules), pointer=f"{lb.pointer}/interface")
+
+
+def _service_maps(selectors: list[Selector]) -> list[NftMap]:
+    elements: dict[int, dict] = {4: {}, 6: {}}
+    icmp: dict[int, dict] = {4: {}, 6: {}}
+    for sel in selectors:
+        for service in sel.services:
+            vip = str(service.vip)
+            for proto in service.protocols:
+                for ports in service.ports:
+                    key = (vip, proto, (ports.first, ports.last))
+                    elements[sel.family][key] = NftElement(value=("jump", sel.name), comment=ports.pointer)
+            # ICMP errors are keyed by VIP alone; a VIP whose services use two
+            # pools sends errors to the first (sorted) one's selector.
+            icmp[sel.family].setdefault(vip, NftElement(value=("jump", f"{sel.name}-icmp"), comment=service.pointer))
+    maps = [
+        NftMap(
+            name=SERVICE_MAPS[family],
+            key_type=(ADDR_TYPE[family], "inet_proto", "inet_service"),
+            data_type="verdict",
+            flags=("interval",),
+            counter=True,
+            elements=tuple(sorted(elements[family].items())),
+            pointer="/services",
+        )
+        for family in (4, 6)
+    ]
+    maps += [
+        NftMap(
+            name=ICMP_MAPS[family],
+            key_type=(ADDR_TYPE[family],),
+            data_type="verdict",
+            counter=True,
+            elements=tuple(sorted(icmp[family].items())),
+            pointer="/services",
+        )
+        for family in (4, 6)
+    ]
+    return maps
+
+
+def _selector_chains(sel: Selector) -> list[NftChain]:
+    pointer = sel.pool.pointer
+    hashing_pointer = sel.services[0].hashing.pointer or sel.services[0].pointer
+    to_server = {
+        "mangle": {
+            "key": {"meta": {"key": "mark"}},
+            "value": {"map": {"key": {"meta": {"key": "mark"}}, "data": f"@{sel.name}"}},
+        }
+    }
+    chains = []
+    for suffix, inputs in (("", hash_inputs), ("-icmp", icmp_hash_inputs)):
+        slot = {
+            "mangle": {
+                "key": {"meta": {"key": "mark"}},
+                "value": {
+                    "jhash": {
+                        "mod": sel.table_size,
+                        "seed": sel.hashing.seed,
+                        "expr": _concat(inputs(sel.hashing.fields, sel.family)),
+                    }
+                },
+            }
+        }
+        rules = (
+            NftRule.build([slot], hashing_pointer),
+            NftRule.build([to_server, {"accept": None}], pointer),
+            # Reached only when the slot has no server (every member drained).
+            NftRule.build([{"drop": None}], f"{pointer} (no server)"),
+        )
+        chains.append(NftChain(name=f"{sel.name}{suffix}", hook=None, rules=rules, pointer=pointer))
+    return chains
+
+
+def _selector_map(sel: Selector) -> NftMap:
+    table = sel.table()
+    return NftMap(
+        name=sel.name,
+        key_type=("mark",),
+        data_type="mark",
+        counter=True,
+        elements=tuple((slot, NftElement(value=naming.tunnel_mark(sel.mode, a))) for slot, a in enumerate(table)),
+        pointer=sel.pool.pointer,
+    )
+
+
+def build_table(lb: LoadBalancerNode, selectors: list[Selector]) -> NftTable:
+    chains = [_prerouting(lb)] + [c for s in selectors for c in _selector_chains(s)]
+    maps = _service_maps(selectors) + [_selector_map(s) for s in selectors]
+    return NftTable(
+        family=TABLE_FAMILY,
+        name=TABLE_NAME,
+        chains=tuple(sorted(chains, key=lambda c: c.name)),
+        maps=tuple(sorted(maps, key=lambda m: m.name)),
+        pointer=lb.pointer,
+    )
+
+
+def tunnel_source(lb: LoadBalancerNode, family: int) -> str:
+    """The outer source of this load balancer's tunnels: its first address of the family."""
+    return next(str(a.ip) for a in lb.addresses if a.version == family)
+
+
+def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
+    """The parts of the load balancer's Desired state for L3 services on the nft engine."""
+    selectors = selectors_for(intent, wanted)
+    if not selectors:
+        return {}
+    links: dict[str, Link] = {}
+    routes, rules, sysctls, modules = [], [], {}, {"nf_tables"}
+    for sel in selectors:
+        kind, family, _overhead = L3_TUNNELS[sel.mode]
+        modules.add(TUNNEL_MODULES[kind])
+        sysctls[FORWARDING[family]] = Sysctl(FORWARDING[family], "1", pointer=sel.services[0].pointer + "/dsr/mode")
+        for member in sel.pool.members:
+            address = str(member.address)
+            name = naming.tunnel_name(sel.mode, address)
+            if name in links:
+                continue
+            mark = naming.tunnel_mark(sel.mode, address)
+            links[name] = Link(name, kind, tunnel_source(lb, family), address, pointer=member.pointer)
+            routes.append(Route(family=family, table=mark, dev=name, pointer=member.pointer))
+            rules.append(
+                Rule(family=family, fwmark=mark, table=mark, priority=naming.RULE_PRIORITY, pointer=member.pointer)
+            )
+    return {
+        "tables": (build_table(lb, selectors),),
+        "links": tuple(sorted(links.values(), key=lambda x: x.name)),
+        "routes": tuple(sorted(routes, key=lambda r: r.ident)),
+        "rules": tuple(sorted(rules, key=lambda r: r.ident)),
+        "sysctls": tuple(sorted(sysctls.values(), key=lambda s: s.key)),
+        "modules": tuple(sorted(modules)),
+    }

@@ -1,0 +1,417 @@
+#!/usr/bin/env python3
+"""Run the full-kernel lab tier (`pytest -m full_kernel netns-lab`) where the kernel has the features.
+
+`make test` runs this after the host tier:
+
+- host kernel has ip_vs, ip_vs_mh, ipip, ip_gre, ip6_tunnel (fullkernel.probe):
+  nothing to do, the host tier already ran the full_kernel tests;
+  with --native-when-capable (`make lab-full`) they run here, natively.
+- otherwise: boot ONE virtme-ng guest (qemu, TCG) on the newest
+  /boot/vmlinuz-*-amd64 (Debian's linux-image-amd64), run the full_kernel
+  tests inside it with KDSR_IN_GUEST=1, stream the guest's output, and exit
+  with the guest pytest's exit code.
+
+The guest sees the host's root file system read-only with a writable overlay
+(so the project's venv, nft, ipvsadm, tcpdump are there); only the results
+directory (--results, default lab-results/guest-tier/) is shared read-write.
+It receives junit.xml, pytest.log, console.log (everything the guest
+printed), exit-code, timings.json and the guest script itself.
+
+A guest that fails to boot, times out, or leaves no exit code is a failure
+with a message, never a pass. On timeout only the qemu process this run
+started (found by walking its own children) is killed, by pid.
+
+Environment: KDSR_GUEST_KERNEL (kernel image), KDSR_GUEST_TIMEOUT (seconds,
+default 2400), KDSR_GUEST_BOOT_TIMEOUT (seconds until the guest must be
+running the test script, default 300), KDSR_GUEST_KVM=1 (use KVM instead of TCG, on hardware where it
+works), KDSR_GUEST_MEMORY / KDSR_GUEST_CPUS. CI, PYTEST_ADDOPTS and other
+KDSR_* variables are passed into the guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+LAB_DIR = Path(__file__).resolve().parent
+REPO = LAB_DIR.parent
+if str(LAB_DIR) not in sys.path:
+    sys.path.insert(0, str(LAB_DIR))
+
+import fullkernel  # noqa: E402  (needs the path above)
+
+DEFAULT_RESULTS = REPO / "lab-results" / "guest-tier"
+DEFAULT_TIMEOUT = 2400.0
+# A normal TCG boot takes 20-35 s; a kernel that cannot boot (wrong image, a
+# hang before init) would otherwise hold the run until the whole timeout.
+DEFAULT_BOOT_TIMEOUT = 300.0
+BOOT_MARKER = "kdsr-guest: booted"
+# Files this runner owns in the results directory (cleared before a run).
+RESULT_FILES = ("guest.sh", "junit.xml", "pytest.log", "console.log", "exit-code", "timings.json")
+# Variables that configure this runner, not the tests: not passed into the guest.
+RUNNER_ENV = (
+    "KDSR_GUEST_KERNEL",
+    "KDSR_GUEST_TIMEOUT",
+    "KDSR_GUEST_BOOT_TIMEOUT",
+    "KDSR_GUEST_KVM",
+    "KDSR_GUEST_MEMORY",
+    "KDSR_GUEST_CPUS",
+)
+
+
+def say(message: str) -> None:
+    print(f"guest-tier: {message}", flush=True)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def newest_kernel() -> Path | None:
+    """The newest Debian amd64 kernel image in /boot, by version."""
+
+    def version_key(path: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+    images = sorted(Path("/boot").glob("vmlinuz-*-amd64"), key=version_key)
+    return images[-1] if images else None
+
+
+def venv_python() -> str:
+    candidate = REPO / ".venv" / "bin" / "python"
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def find_vng() -> str | None:
+    candidate = REPO / ".venv" / "bin" / "vng"
+    return str(candidate) if candidate.exists() else shutil.which("vng")
+
+
+def guest_env() -> dict[str, str]:
+    passed = {}
+    for key, value in os.environ.items():
+        if key in ("CI", "PYTEST_ADDOPTS") or (
+            key.startswith("KDSR_") and key not in RUNNER_ENV and key != fullkernel.IN_GUEST_ENV
+        ):
+            passed[key] = value
+    return passed
+
+
+def guest_script(results: Path, python: str, pytest_args: list[str]) -> str:
+    """The shell script the guest runs (bash: PIPESTATUS)."""
+    exports = {
+        **guest_env(),
+        fullkernel.IN_GUEST_ENV: "1",
+        "PYTHONDONTWRITEBYTECODE": "1",  # the repository is read-only in the guest
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(python).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+    pytest_argv = [
+        python,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        "-ra",
+        "-m",
+        "full_kernel",
+        f"--junitxml={results / 'junit.xml'}",
+        "-o",
+        "junit_suite_name=full_kernel",
+        "netns-lab",
+        *pytest_args,
+    ]
+    lines = [
+        "#!/bin/bash",
+        "# Written by netns-lab/guest_tier.py; runs inside the virtme-ng guest.",
+        "set -u",
+        f"R={shlex.quote(str(results))}",
+        f'echo "{BOOT_MARKER} kernel $(uname -r), guest uptime $(cut -d" " -f1 /proc/uptime)s"',
+        "# `ip netns add` bind-mounts namespaces under /run/netns: it must be a",
+        "# writable, mountable directory (virtme-ng gives /run a tmpfs; make sure).",
+        "mkdir -p /run/netns 2>/dev/null",
+        "if ! touch /run/netns/.kdsr-check 2>/dev/null; then mount -t tmpfs -o mode=755 tmpfs /run/netns; fi",
+        "rm -f /run/netns/.kdsr-check",
+        f"modprobe -a {' '.join(fullkernel.MODULES)} || echo 'kdsr-guest: modprobe failed'",
+        f"cd {shlex.quote(str(REPO))} || exit 90",
+        *(f"export {key}={shlex.quote(value)}" for key, value in exports.items()),
+        f'{shlex.join(pytest_argv)} 2>&1 | tee "$R/pytest.log"',
+        "rc=${PIPESTATUS[0]}",
+        'echo "$rc" > "$R/exit-code"',
+        'echo "kdsr-guest: pytest exit $rc"',
+        'exit "$rc"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of pid (from /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces and parentheses.
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def stop_guest(vng: subprocess.Popen) -> None:
+    """Kill the qemu this run started (a descendant of our vng), then vng itself; by pid only."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _children(vng.pid):
+            if _comm(pid).startswith("qemu"):
+                say(f"killing qemu pid {pid} ({signal.Signals(sig).name})")
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        try:
+            vng.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    if vng.poll() is None:
+        vng.kill()
+        vng.wait(timeout=15)
+
+
+def junit_counts(path: Path) -> dict[str, float] | None:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}
+    for suite in suites:
+        for key in counts:
+            counts[key] += float(suite.get(key, 0)) if key == "time" else int(suite.get(key, 0))
+    return counts
+
+
+def run_native(pytest_args: list[str]) -> int:
+    argv = [venv_python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "full_kernel", "netns-lab"]
+    say("running the full_kernel tests natively: " + shlex.join(argv[1:] + pytest_args))
+    return subprocess.call(argv + pytest_args, cwd=REPO)
+
+
+def run_guest(args: argparse.Namespace, pytest_args: list[str]) -> int:
+    kernel = Path(args.kernel) if args.kernel else newest_kernel()
+    vng = find_vng()
+    problems = []
+    if kernel is None or not kernel.exists():
+        problems.append(f"no kernel image ({kernel or '/boot/vmlinuz-*-amd64'}): apt-get install linux-image-amd64")
+    if vng is None:
+        problems.append("no vng: .venv/bin/pip install virtme-ng (scripts/setup.sh does)")
+    if shutil.which("qemu-system-x86_64") is None:
+        problems.append("no qemu-system-x86_64: apt-get install qemu-system-x86")
+    if problems:
+        for problem in problems:
+            say(f"ERROR: {problem}")
+        say("ERROR: the full-kernel tier cannot run; run scripts/setup.sh as root")
+        return 1
+
+    results = Path(args.results).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        (results / name).unlink(missing_ok=True)
+    script = results / "guest.sh"
+    script.write_text(guest_script(results, venv_python(), pytest_args))
+
+    argv = [
+        vng,
+        "--run",
+        str(kernel),
+        "--memory",
+        args.memory,
+        "--cpus",
+        str(args.cpus),
+        "--rwdir",
+        str(results),
+        "--exec",
+        f"bash {shlex.quote(str(script))}",
+    ]
+    if not args.kvm:
+        argv.insert(3, "--disable-kvm")
+    env = dict(os.environ)
+    # vng starts virtme-run through a shell: the venv's bin must be on PATH.
+    env["PATH"] = f"{Path(vng).parent}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    say(
+        f"booting {kernel.name} ({'KVM' if args.kvm else 'TCG, no KVM'}), timeout {args.timeout:g}s: {shlex.join(argv)}"
+    )
+
+    start = time.monotonic()
+    boot_s: list[float] = []
+    console = open(results / "console.log", "w", errors="replace")  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a terminal ^C reaches us, and we stop qemu ourselves
+    )
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode(errors="replace")
+            if BOOT_MARKER in line and not boot_s:
+                boot_s.append(time.monotonic() - start)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            console.write(line)
+            console.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = interrupted = False
+    try:
+        while proc.poll() is None:
+            elapsed = time.monotonic() - start
+            if elapsed > args.timeout:
+                say(f"ERROR: the guest did not finish within {args.timeout:g}s; stopping it")
+                break
+            if not boot_s and elapsed > args.boot_timeout:
+                say(f"ERROR: the guest did not reach the test script within {args.boot_timeout:g}s; stopping it")
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+        if proc.poll() is None:
+            timed_out = True
+            stop_guest(proc)
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted; stopping the guest")
+        stop_guest(proc)
+    reader.join(timeout=10)
+    console.close()
+    wall_s = time.monotonic() - start
+
+    exit_file = results / "exit-code"
+    guest_rc = int(exit_file.read_text().strip()) if exit_file.exists() and exit_file.read_text().strip() else None
+    counts = junit_counts(results / "junit.xml")
+    timings = {
+        "kernel": kernel.name,
+        "accel": "kvm" if args.kvm else "tcg",
+        "boot_s": round(boot_s[0], 1) if boot_s else None,
+        "guest_pytest_s": round(counts["time"], 1) if counts else None,
+        "tier_wall_s": round(wall_s, 1),
+        "vng_exit": proc.returncode,
+        "guest_pytest_exit": guest_rc,
+        "junit": counts,
+    }
+    (results / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+
+    boot = f"{boot_s[0]:.1f}s" if boot_s else "never"
+    say(f"boot {boot}, tier wall time {wall_s:.1f}s; results in {results}")
+    if interrupted:
+        return 130
+    if timed_out:
+        return 124
+    if not boot_s:
+        say(f"ERROR: the guest never booted to the test script (vng exit {proc.returncode}); see {results}/console.log")
+        return 1
+    if guest_rc is None:
+        say(f"ERROR: the guest booted but left no exit code (vng exit {proc.returncode}); see {results}/console.log")
+        return 1
+    if counts is None:
+        say(f"ERROR: guest pytest exit {guest_rc} but no junit.xml; see {results}/pytest.log")
+        return guest_rc or 1
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    say(
+        f"full-kernel tier in the guest: {counts['tests']} tests, {passed} passed, {counts['failures']} failed, "
+        f"{counts['errors']} errors, {counts['skipped']} skipped; pytest exit {guest_rc}"
+    )
+    if guest_rc == 0 and counts["tests"] == 0:
+        say("ERROR: no full_kernel tests ran")
+        return 1
+    return guest_rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run the full_kernel lab tests: natively on a capable kernel, else in a virtme-ng guest.",
+        epilog="Arguments after `--` go to the guest's pytest (e.g. -- -k ipip).",
+    )
+    parser.add_argument(
+        "--results", default=str(DEFAULT_RESULTS), help="shared results directory (default: %(default)s)"
+    )
+    parser.add_argument("--kernel", default=os.environ.get("KDSR_GUEST_KERNEL"), help="kernel image for the guest")
+    parser.add_argument(
+        "--timeout", type=float, default=float(os.environ.get("KDSR_GUEST_TIMEOUT", DEFAULT_TIMEOUT)), help="seconds"
+    )
+    parser.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=float(os.environ.get("KDSR_GUEST_BOOT_TIMEOUT", DEFAULT_BOOT_TIMEOUT)),
+        help="seconds until the guest must have started the test script",
+    )
+    parser.add_argument("--memory", default=os.environ.get("KDSR_GUEST_MEMORY", "2G"))
+    parser.add_argument("--cpus", type=int, default=int(os.environ.get("KDSR_GUEST_CPUS", "2")))
+    parser.add_argument(
+        "--kvm", action="store_true", default=os.environ.get("KDSR_GUEST_KVM") == "1", help="use KVM (default: TCG)"
+    )
+    parser.add_argument("--force-guest", action="store_true", help="boot the guest even if this kernel is capable")
+    parser.add_argument(
+        "--native-when-capable",
+        action="store_true",
+        help="on a capable kernel run the tests here (default: do nothing, the host tier ran them)",
+    )
+    own, _, pytest_args = (argv if argv is not None else sys.argv[1:]), None, []
+    if "--" in own:
+        split = own.index("--")
+        own, pytest_args = own[:split], own[split + 1 :]
+    args = parser.parse_args(own)
+
+    if fullkernel.in_guest():
+        say("ERROR: already inside the guest (KDSR_IN_GUEST=1); not nesting")
+        return 2
+    if os.geteuid() != 0:
+        message = "the full-kernel tier needs root (qemu guest with namespaces, module probing)"
+        if in_ci():
+            say(f"ERROR: {message}")
+            return 1
+        say(f"not run: {message}")
+        return 0
+    if not args.force_guest:
+        tier = fullkernel.probe()
+        if tier.capable:
+            if args.native_when_capable:
+                return run_native(pytest_args)
+            say(f"{tier.describe()}: the full_kernel tests ran in the host tier; no guest needed")
+            return 0
+        say(f"{tier.describe()}: running the full_kernel tests in a virtme-ng guest")
+    return run_guest(args, pytest_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

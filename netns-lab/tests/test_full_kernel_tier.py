@@ -1,0 +1,184 @@
+"""The full-kernel tier is real: modules load, IPVS and tunnels work, a tunnel carries a packet.
+
+These tests run natively on a kernel that has ip_vs, ip_vs_mh, ipip, ip_gre
+and ip6_tunnel, otherwise inside the virtme-ng guest that guest_tier.py boots
+(`make test`, `make lab-full`); on the host kernel they are deselected.
+Traffic stays inside namespaces the test creates (the `netns` fixture deletes
+them by name).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fullkernel
+import pcap_reader
+import pytest
+
+pytestmark = pytest.mark.full_kernel
+
+PYTHON = sys.executable or "python3"
+# Guest Python starts ~10x slower than on the host (TCG): be generous.
+HELPER_TIMEOUT = 60.0
+
+
+def test_modules_load():
+    result = subprocess.run(["modprobe", "-a", *fullkernel.MODULES], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert Path("/proc/net/ip_vs").exists()
+
+
+def test_probe_reports_full_kernel():
+    tier = fullkernel.probe()
+    assert tier.capable, tier.details()
+
+
+def test_tunnel_links_in_a_namespace(netns):
+    netns.add("t")
+    netns.run("t", "ip link add kipip type ipip local 192.0.2.1 remote 192.0.2.2")
+    netns.run("t", "ip link add kgre type gre local 192.0.2.1 remote 192.0.2.3")
+    netns.run("t", "ip link add kip6 type ip6tnl mode ip6ip6 local 2001:db8::1 remote 2001:db8::2")
+    links = {link["ifname"]: link for link in json.loads(netns.run("t", "ip -j -d link show").stdout)}
+    kinds = {name: links[name]["linkinfo"]["info_kind"] for name in ("kipip", "kgre", "kip6")}
+    assert kinds == {"kipip": "ipip", "kgre": "gre", "kip6": "ip6tnl"}
+    assert links["kgre"]["linkinfo"]["info_data"]["remote"] == "192.0.2.3"
+
+
+def test_ipvs_mh_service_in_a_namespace(netns):
+    netns.add("lb")
+    netns.run("lb", "ipvsadm -A -t 192.0.2.100:80 -s mh -b mh-port")
+    netns.run("lb", "ipvsadm -a -t 192.0.2.100:80 -r 192.0.2.11:80 -i --tun-type gre -w 1")
+    netns.run("lb", "ipvsadm -a -t 192.0.2.100:80 -r 192.0.2.12:80 -i -w 1")
+    listing = netns.run("lb", "ipvsadm -L -n").stdout
+    assert "TCP  192.0.2.100:80 mh (mh-port)" in listing, listing
+    assert "192.0.2.11:80" in listing and "192.0.2.12:80" in listing, listing
+    assert listing.count("Tunnel") == 2, listing
+    # IPVS is per namespace: the host's table does not see this service.
+    host = subprocess.run(["ipvsadm", "-L", "-n"], capture_output=True, text=True, timeout=30)
+    assert "192.0.2.100:80" not in host.stdout
+
+
+# A receiver that answers one datagram and says what it got, as JSON.
+RECEIVER = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(float(sys.argv[3]))
+print("READY", flush=True)
+data, peer = s.recvfrom(2048)
+s.sendto(b"echo:" + data, peer)
+print(json.dumps({"peer": list(peer), "data": data.decode()}), flush=True)
+"""
+
+SENDER = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(2.0)
+for attempt in range(10):
+    s.sendto(sys.argv[5].encode(), (sys.argv[3], int(sys.argv[4])))
+    try:
+        data, peer = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    print(json.dumps({"peer": list(peer), "data": data.decode(), "attempts": attempt + 1}))
+    break
+else:
+    sys.exit("no reply")
+"""
+
+
+def _wait_for(path: Path, marker: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until `marker` appears in the file `proc` writes to; fails if proc dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited {proc.returncode} before {marker!r}")
+        time.sleep(0.05)
+    raise AssertionError(f"{proc.args}: no {marker!r} after {timeout:g}s")
+
+
+def test_ipip_tunnel_carries_udp_end_to_end(netns, tmp_path):
+    """a --veth (underlay 10.99.0.0/24)-- b, an ipip tunnel over it, one UDP datagram and its echo."""
+    netns.add("a")
+    netns.add("b")
+    netns.veth("a", "eth0", "b", "eth0")
+    for host, mine, peer, inner in (
+        ("a", "10.99.0.1", "10.99.0.2", "172.16.0.1"),
+        ("b", "10.99.0.2", "10.99.0.1", "172.16.0.2"),
+    ):
+        netns.run(host, f"ip addr add {mine}/24 dev eth0")
+        netns.run(host, f"ip link add tun0 type ipip local {mine} remote {peer}")
+        netns.run(host, f"ip addr add {inner}/32 dev tun0")
+        netns.run(host, "ip link set tun0 up")
+    netns.run("a", "ip route add 172.16.0.2/32 dev tun0")
+    netns.run("b", "ip route add 172.16.0.1/32 dev tun0")
+
+    pcap = tmp_path / "b-eth0.pcap"
+    cap_err = tmp_path / "tcpdump.err"
+    recv_out = tmp_path / "receiver.out"
+    helpers: list[subprocess.Popen] = []
+    try:
+        with open(cap_err, "wb") as err:
+            tcpdump = subprocess.Popen(
+                ["ip", "netns", "exec", netns.ns("b"), "timeout", "-s", "INT", "120"]
+                + ["tcpdump", "-n", "-U", "-Z", "root", "-i", "eth0", "-c", "100", "-w", str(pcap), "ip proto 4"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        helpers.append(tcpdump)
+        _wait_for(cap_err, "listening on", tcpdump, HELPER_TIMEOUT)
+        with open(recv_out, "wb") as out:
+            receiver = subprocess.Popen(
+                ["ip", "netns", "exec", netns.ns("b"), PYTHON, "-c", RECEIVER, "172.16.0.2", "5000", "90"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        helpers.append(receiver)
+        _wait_for(recv_out, "READY", receiver, HELPER_TIMEOUT)
+
+        sent = netns.run(
+            "a", [PYTHON, "-c", SENDER, "172.16.0.1", "40000", "172.16.0.2", "5000", "kdsr-ipip"], timeout=90
+        )
+        reply = json.loads(sent.stdout)
+        assert reply["data"] == "echo:kdsr-ipip"
+        assert reply["peer"] == ["172.16.0.2", 5000]
+        receiver.wait(timeout=HELPER_TIMEOUT)
+        got = json.loads(recv_out.read_text().splitlines()[-1])
+        assert got == {"peer": ["172.16.0.1", 40000], "data": "kdsr-ipip"}
+        time.sleep(0.3)  # let tcpdump write the last packet
+    finally:
+        for proc in helpers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+    # On the underlay the datagram travelled encapsulated: outer a -> b, protocol 4,
+    # inner client address and port unchanged.
+    packets = pcap_reader.read_pcap(pcap)
+    outer = [p for p in packets if p.proto == "ipip"]
+    assert outer, f"no ipip packets on b's eth0: {packets}"
+    requests = [p for p in outer if p.src == "10.99.0.1" and p.dst == "10.99.0.2"]
+    assert requests and requests[0].inner is not None
+    inner = requests[0].inner
+    assert (inner.src, inner.dst, inner.proto, inner.sport, inner.dport) == (
+        "172.16.0.1",
+        "172.16.0.2",
+        "udp",
+        40000,
+        5000,
+    )
+    assert any(p.src == "10.99.0.2" and p.dst == "10.99.0.1" for p in outer), "the echo went back through the tunnel"

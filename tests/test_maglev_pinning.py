@@ -1,0 +1,233 @@
+"""Flow pinning: intent, compile, fake-kernel transitions and the nft text form."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from kdsr import operations
+from kdsr.compile import compile_node
+from kdsr.compile import selectors as selectors_module
+from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, servers_map_name
+from kdsr.compile.selectors import selectors_for, server_id
+from kdsr.diff import diff
+from kdsr.errors import IntentError
+from kdsr.intent import parse_intent
+from kdsr.intent.model import DEFAULT_PIN_MAX_FLOWS, DEFAULT_PIN_TIMEOUT, FlowPinning
+from kdsr.kernel import nft_text
+from kdsr.kernel.fake import FakeKernel
+from kdsr.kernel.nft_json import batch_for, decode_map
+from kdsr.kernel.state import StateStore
+from kdsr.model import Observed
+
+BASE = {
+    "version": 1,
+    "services": {
+        "web": {
+            "vip": "10.10.0.100",
+            "ports": 80,
+            "pool": "web",
+            "hashing": {"flow_pinning": {"timeout": 60, "max_flows": 4096}},
+        },
+        "dns": {"vip": "10.10.0.100", "ports": 53, "protocols": "udp", "pool": "web"},
+        "web6": {"vip": "fd00:10::100", "ports": 80, "pool": "web6", "hashing": {"flow_pinning": True}},
+    },
+    "pools": {
+        "web": {"servers": [{"address": f"10.10.0.{11 + i}"} for i in range(3)]},
+        "web6": {"servers": [{"address": f"fd00:10::{11 + i}"} for i in range(3)]},
+    },
+    "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.10.0.2/24", "fd00:10::2/64"]}},
+}
+
+
+def intent(mutate=None):
+    doc = copy.deepcopy(BASE)
+    if mutate:
+        mutate(doc)
+    return parse_intent(json.dumps(doc), "pinning.json")
+
+
+def lb_table(it):
+    (table,) = compile_node(it, "lb1").tables
+    return table
+
+
+def test_intent_forms():
+    it = intent()
+    by_name = {s.name: s for s in it.services}
+    assert by_name["web"].hashing.pinning == FlowPinning(timeout=60, max_flows=4096)
+    assert by_name["web6"].hashing.pinning == FlowPinning(DEFAULT_PIN_TIMEOUT, DEFAULT_PIN_MAX_FLOWS)
+    assert by_name["dns"].hashing.pinning is None
+    off = intent(lambda d: d["services"]["web"]["hashing"].update(flow_pinning=False))
+    assert {s.name: s for s in off.services}["web"].hashing.pinning is None
+
+
+@pytest.mark.parametrize(
+    ("value", "pointer", "text"),
+    [
+        ({"timeout": 0}, "/services/web/hashing/flow_pinning/timeout", "0 is less than 1"),
+        ({"max_flows": 10}, "/services/web/hashing/flow_pinning/max_flows", "10 is less than 1024"),
+        ({"timeot": 5}, "/services/web/hashing/flow_pinning/timeot", 'unknown field "timeot"'),
+        ("yes", "/services/web/hashing/flow_pinning", "expected a boolean or an object"),
+    ],
+)
+def test_bad_flow_pinning_is_explained(value, pointer, text):
+    with pytest.raises(IntentError) as caught:
+        intent(lambda d: d["services"]["web"]["hashing"].update(flow_pinning=value))
+    problems = {p.pointer: p for p in caught.value.problems}
+    assert pointer in problems, caught.value
+    assert text in problems[pointer].message, problems[pointer]
+
+
+def test_flow_pinning_needs_the_l2_nft_fast_path():
+    def ipvs(doc):
+        doc["services"]["web"]["dsr"] = {"mode": "l2", "engine": "ipvs"}
+
+    with pytest.raises(IntentError) as caught:
+        intent(ipvs)
+    assert any(
+        p.pointer == "/services/web/hashing/flow_pinning" and "nft engine only" in p.message
+        for p in caught.value.problems
+    ), caught.value
+
+
+def test_pinned_selector_chain_and_maps():
+    it = intent()
+    table = lb_table(it)
+    web = next(s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning)
+    chain = table.chain(web.name)
+    exprs = [rule.expr for rule in chain.rules]
+    assert [next(iter(e[0])) for e in exprs] == ["mangle", "mangle", "map", "mangle", "fwd", "drop"]
+    pin = exprs[2][0]["map"]
+    assert pin["op"] == "update" and pin["map"] == "@pins-web-v4"
+    assert pin["elem"]["elem"]["timeout"] == 60
+    assert pin["elem"]["elem"]["val"]["jhash"]["mod"] == PIN_KEY_MOD
+    assert exprs[4][0]["fwd"]["addr"]["map"]["data"] == "@servers-web-v4"
+
+    slots = table.map(web.name)
+    assert slots.data_type == "mark" and len(slots.elements) == web.table_size
+    ids = {server_id(m): str(m.address) for m in web.members}
+    assert {elem.value for _slot, elem in slots.elements} == set(ids)
+    servers = table.map(servers_map_name("web", 4))
+    assert {k: e.value for k, e in servers.elements} == ids
+    assert ids[server_id(web.members[0])] == "10.10.0.11" and server_id(web.members[0]) == 0x0A0A000B
+    pins = table.map(pins_map_name("web", 4))
+    assert (pins.key_type, pins.data_type, pins.flags, pins.size, pins.elements) == (
+        ("integer",),
+        "mark",
+        ("timeout",),
+        4096,
+        (),
+    )
+    # The unpinned service on the same pool keeps the stateless selector.
+    dns = next(s for s in selectors_for(it) if s.family == 4 and not s.hashing.pinning)
+    assert len(table.chain(dns.name).rules) == 3 and table.map(dns.name).data_type == "ipv4_addr"
+    assert table.map(pins_map_name("web6", 6)).size == DEFAULT_PIN_MAX_FLOWS
+
+
+def test_unpinned_selector_names_do_not_change():
+    plain = intent(lambda d: d["services"]["web"]["hashing"].pop("flow_pinning"))
+    names = {s.name for s in selectors_for(plain)}
+    assert "pool-web-v4-46a41f" in names  # the name deployed tables already carry
+
+
+def test_drained_member_keeps_its_pins_and_a_removed_one_is_gone():
+    def drain_and_remove(doc):
+        doc["pools"]["web"]["servers"][0]["weight"] = 0
+        doc["pools"]["web"]["servers"].pop()
+
+    table = lb_table(intent(drain_and_remove))
+    servers = {e.value for _k, e in table.map(servers_map_name("web", 4)).elements}
+    assert servers == {"10.10.0.11", "10.10.0.12"}
+    web = next(s for s in selectors_for(intent(drain_and_remove)) if s.family == 4 and s.hashing.pinning)
+    assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000C}
+
+
+def test_pins_survive_a_new_table_size(tmp_path):
+    """Adding a server changes the default table size: a new selector, but the pins stay."""
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
+
+    def add(doc):
+        doc["pools"]["web"]["servers"].append({"address": "10.10.0.14"})
+
+    plan = operations.prepare(intent(add), "lb1", kernel, store).plan
+    touched = {(c.kind, c.ident.split("/")[1].split("[")[0], c.action) for c in plan.changes}
+    for name in (pins_map_name("web", 4), servers_map_name("web", 4)):
+        assert not [t for t in touched if t[1] == name and t[0] != "nft element"], touched
+    assert ("nft element", servers_map_name("web", 4), "create") in touched
+    assert ("nft map", pins_map_name("web", 4), "create") not in touched
+    operations.apply(operations.prepare(intent(add), "lb1", kernel, store), kernel, store)
+    assert operations.prepare(intent(add), "lb1", kernel, store).plan.empty
+
+
+def test_second_apply_of_a_pinned_intent_writes_nothing(tmp_path):
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
+    writes = kernel.writes
+    assert operations.prepare(intent(), "lb1", kernel, store).plan.empty
+    assert kernel.writes == writes
+
+
+def test_ipv6_server_id_collision_is_an_error(monkeypatch):
+    monkeypatch.setattr(selectors_module, "server_id", lambda member: 7)
+    with pytest.raises(IntentError) as caught:
+        compile_node(intent(), "lb1")
+    assert "share one" in str(caught.value)
+
+
+def test_pinned_maps_read_back_without_their_flows():
+    listed = {
+        "name": "pins-web-v4",
+        "type": "integer",
+        "map": "mark",
+        "flags": ["timeout"],
+        "size": 4096,
+        "elem": [[123, 168427531]],
+    }
+    decoded = decode_map(listed)
+    assert decoded.elements == () and decoded.size == 4096 and decoded.timeout is None
+    assert decode_map({"name": "m", "type": "mark", "map": "mark", "size": 9, "elem": [[1, 2]]}).elements
+
+
+def batch(it) -> list[dict]:
+    return [cmd for td in diff(compile_node(it, "lb1"), Observed()).tables for cmd in batch_for(td)]
+
+
+def test_text_form_of_a_pinned_batch():
+    commands = batch(intent())
+    assert nft_text.needs_text(commands)
+    text = nft_text.render(commands)
+    assert "add map netdev kdsr pins-web-v4 { typeof symhash mod 2 : meta mark; flags timeout; size 4096; }" in text
+    assert (
+        "update @pins-web-v4 { jhash ip saddr . ip daddr . meta l4proto . th sport . th dport "
+        "mod 2147483647 seed 0x6b647372 timeout 60s : meta mark }"
+    ) in text
+    assert 'fwd ip6 to meta mark map @servers-web6-v6 device "eth0"' in text
+    assert len(text.splitlines()) == len(commands)
+
+
+def test_unpinned_batches_stay_json():
+    plain = intent(lambda d: [s.get("hashing", {}).pop("flow_pinning", None) for s in d["services"].values()])
+    assert not nft_text.needs_text(batch(plain))
+
+
+def test_text_form_passes_listed_statements_through_and_refuses_the_unknown():
+    rule = {
+        "add": {
+            "rule": {
+                "family": "netdev",
+                "table": "kdsr",
+                "chain": "c",
+                "expr": ["update @p { meta mark : meta mark }", {"drop": None}],
+                "comment": "kdsr:1 /x",
+            }
+        }
+    }
+    assert nft_text.needs_text([rule])
+    assert nft_text.render([rule]) == 'add rule netdev kdsr c update @p { meta mark : meta mark } drop comment "kdsr:1 /x"\n'
+    rule["add"]["rule"]["expr"] = [{"queue": {"num": 1}}]
+    with pytest.raises(Exception, match="queue"):
+        nft_text.render([rule])
