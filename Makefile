@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lab lab-full golden lint
+.PHONY: setup demo test unit lab lab-full golden lint bench-maglev
 
 setup:
 	./scripts/setup.sh
@@ -36,3 +36,8 @@ lab-full: setup
 # Rewrite tests/golden/ from the current compiler; review the diff.
 golden: setup
 	$(PY) -m pytest -q tests/test_golden.py --update-golden
+
+# Consistent-hashing bench (not a test): balance, disruption, weights,
+# agreement, build time; prints a table, writes bench/results/maglev.json.
+bench-maglev: setup
+	$(PY) bench/maglev.py

@@ -175,6 +175,17 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
                 steps.append(delete_address(change.before))
             steps.append(add_address(change.after))
 
+    # A table whose default route moves to another link: the old route goes
+    # first, or the kernel refuses the new one (EEXIST).
+    created_tables = {(c.after.family, c.after.table) for c in plan.of_kind("route") if c.action == CREATE}
+    moved = [
+        c for c in plan.of_kind("route") if c.action == DELETE and (c.before.family, c.before.table) in created_tables
+    ]
+    for change in moved:
+        route = change.before
+        steps.append(
+            Step(f"delete route {change.ident}", partial(kernel.route_del, route), partial(kernel.route_add, route))
+        )
     for kind, add, delete in (
         ("route", kernel.route_add, kernel.route_del),
         ("rule", kernel.rule_add, kernel.rule_del),
@@ -208,7 +219,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
         ("route", kernel.route_add, kernel.route_del),
     ):
         for change in plan.of_kind(kind):
-            if change.action == DELETE:
+            if change.action == DELETE and change not in moved:
                 steps.append(
                     Step(f"delete {kind} {change.ident}", partial(delete, change.before), partial(add, change.before))
                 )

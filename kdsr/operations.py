@@ -159,7 +159,9 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                     }
                 )
         for nmap in table.maps:
-            if nmap.name in SERVICE_MAPS.values():
+            if nmap.name in SERVICE_MAPS.values() or nmap.data_type in ("mark", ""):
+                # Flow pinning's slot maps hold server ids and its pins map
+                # flows; its servers map (id -> address) carries the counts.
                 continue
             per_server: dict[str, list[int]] = {}
             for key, elem in nmap.elements:

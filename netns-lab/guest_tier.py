@@ -145,7 +145,6 @@ def guest_script(results: Path, python: str, pytest_args: list[str]) -> str:
         "mkdir -p /run/netns 2>/dev/null",
         "if ! touch /run/netns/.kdsr-check 2>/dev/null; then mount -t tmpfs -o mode=755 tmpfs /run/netns; fi",
         "rm -f /run/netns/.kdsr-check",
-        f"modprobe -a {' '.join(fullkernel.MODULES)} || echo 'kdsr-guest: modprobe failed'",
         f"cd {shlex.quote(str(REPO))} || exit 90",
         *(f"export {key}={shlex.quote(value)}" for key, value in exports.items()),
         f'{shlex.join(pytest_argv)} 2>&1 | tee "$R/pytest.log"',
@@ -277,7 +276,6 @@ def run_guest(args: argparse.Namespace, pytest_args: list[str]) -> int:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # a terminal ^C reaches us, and we stop qemu ourselves
     )
 
     def pump() -> None:
@@ -291,6 +289,13 @@ def run_guest(args: argparse.Namespace, pytest_args: list[str]) -> int:
             console.write(line)
             console.flush()
 
+    def stop_on_signal(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # A cancelled CI job (SIGTERM) or a closed terminal (SIGHUP) must not leave
+    # qemu running: treat them like ^C, which stops the guest below.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_on_signal)
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     timed_out = interrupted = False
@@ -308,9 +313,9 @@ def run_guest(args: argparse.Namespace, pytest_args: list[str]) -> int:
         if proc.poll() is None:
             timed_out = True
             stop_guest(proc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         interrupted = True
-        say("interrupted; stopping the guest")
+        say(f"interrupted ({exc or 'SIGINT'}); stopping the guest")
         stop_guest(proc)
     reader.join(timeout=10)
     console.close()

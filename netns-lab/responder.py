@@ -23,6 +23,9 @@ Why the details below matter for DSR:
   connect() a 4-tuple the client still holds in TIME_WAIT unless
   tcp_tw_reuse applies, which by default is loopback only). Unframed requests
   (nc, curl) are read until EOF or one idle second.
+- `KDSR2 <length>\n<payload>` frames keep the connection open: each one is
+  answered the same way, until the client closes (tests that hold connections
+  across a change, e.g. flow pinning).
 - One selector loop owns every listening socket, so SIGTERM, SIGINT or the
   lifetime limit stop the process within half a second.
 """
@@ -43,6 +46,10 @@ import time
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python < 3.12 lacks the constant; 8 on Linux
 TCP_FRAME_MAGIC = b"KDSR1 "
+# Persistent connections (flow-pinning tests): `KDSR2 <len>\n<payload>` frames,
+# one at a time, each answered like a KDSR1 request, until the client closes.
+PERSISTENT_MAGIC = b"KDSR2 "
+PERSISTENT_IDLE_SECONDS = 120.0
 MAX_REQUEST_BYTES = 1 << 20
 UNFRAMED_IDLE_SECONDS = 1.0
 CONNECTION_SECONDS = 10.0
@@ -168,6 +175,9 @@ class Responder:
             error = None
             data = b""
             try:
+                if is_persistent(conn):
+                    self._persistent(conn, peer, local, port)
+                    return
                 data = read_request(conn)
                 conn.sendall(self._reply_header(local, peer) + data)
                 conn.shutdown(socket.SHUT_WR)
@@ -178,6 +188,22 @@ class Responder:
         finally:
             conn.close()
             self.threads.release()
+
+    def _persistent(self, conn: socket.socket, peer, local: str, port: int) -> None:
+        """`KDSR2 <len>\\n<payload>` frames, each answered, until the client closes (or idles)."""
+        while not self.stop.is_set():
+            error = None
+            payload = b""
+            try:
+                payload = read_persistent_frame(conn)
+                if payload is None:
+                    return  # the client closed
+                conn.sendall(self._reply_header(local, peer) + payload)
+            except OSError as exc:
+                error = str(exc)
+            self._log("tcp", local, port, peer, len(payload or b""), error)
+            if error:
+                return
 
     def _reply_header(self, local: str, peer) -> bytes:
         return f"{self.name} {plain_address(local)} {plain_address(peer[0])}:{peer[1]}\n".encode()
@@ -217,6 +243,41 @@ def source_cmsgs(family: int, local: str) -> list[tuple[int, int, bytes]]:
         # For a v4-mapped `local` the kernel's IPv4 path accepts IPV6_PKTINFO too.
         return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, ipaddress.IPv6Address(local).packed + struct.pack("=i", 0))]
     return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ipaddress.IPv4Address(local).packed, b"\0" * 4))]
+
+
+def is_persistent(conn: socket.socket) -> bool:
+    """Does the connection start with the persistent magic? (peeked, so nothing is consumed)"""
+    conn.settimeout(CONNECTION_SECONDS)
+    deadline = time.monotonic() + CONNECTION_SECONDS
+    head = conn.recv(len(PERSISTENT_MAGIC), socket.MSG_PEEK)
+    while head and len(head) < len(PERSISTENT_MAGIC) and PERSISTENT_MAGIC.startswith(head):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+        head = conn.recv(len(PERSISTENT_MAGIC), socket.MSG_PEEK)
+    return head == PERSISTENT_MAGIC
+
+
+def read_persistent_frame(conn: socket.socket) -> bytes | None:
+    """One `KDSR2 <len>\\n<payload>` frame; None on a clean EOF between frames."""
+    conn.settimeout(PERSISTENT_IDLE_SECONDS)
+    data = conn.recv(64)
+    if not data:
+        return None
+    deadline = time.monotonic() + CONNECTION_SECONDS
+    while b"\n" not in data and len(data) < 64:
+        data += recv_before(conn, deadline)
+    header, _, payload = data.partition(b"\n")
+    if not header.startswith(PERSISTENT_MAGIC):
+        raise OSError(f"bad persistent frame header {header[:40]!r}")
+    length = int(header[len(PERSISTENT_MAGIC) :])
+    if not 0 <= length <= MAX_REQUEST_BYTES:
+        raise OSError(f"framed request of {length} bytes exceeds {MAX_REQUEST_BYTES}")
+    while len(payload) < length:
+        payload += recv_before(conn, deadline)
+    if len(payload) > length:
+        raise OSError("client sent the next frame before the reply (one request at a time)")
+    return payload
 
 
 def read_request(conn: socket.socket) -> bytes:

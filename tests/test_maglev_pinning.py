@@ -16,7 +16,7 @@ from kdsr.diff import diff
 from kdsr.errors import IntentError
 from kdsr.intent import parse_intent
 from kdsr.intent.model import DEFAULT_PIN_MAX_FLOWS, DEFAULT_PIN_TIMEOUT, FlowPinning
-from kdsr.kernel import nft_text
+from kdsr.kernel import KernelError, nft_text
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.nft_json import batch_for, decode_map
 from kdsr.kernel.state import StateStore
@@ -227,7 +227,10 @@ def test_text_form_passes_listed_statements_through_and_refuses_the_unknown():
         }
     }
     assert nft_text.needs_text([rule])
-    assert nft_text.render([rule]) == 'add rule netdev kdsr c update @p { meta mark : meta mark } drop comment "kdsr:1 /x"\n'
+    assert (
+        nft_text.render([rule])
+        == 'add rule netdev kdsr c update @p { meta mark : meta mark } drop comment "kdsr:1 /x"\n'
+    )
     rule["add"]["rule"]["expr"] = [{"queue": {"num": 1}}]
-    with pytest.raises(Exception, match="queue"):
+    with pytest.raises(KernelError, match="queue"):
         nft_text.render([rule])

@@ -38,12 +38,14 @@ SLOTS_PER_SERVER = 100
 MIN_TABLE_SIZE = 251
 MAX_TABLE_SIZE = maglev.MAX_TABLE_SIZE
 # Slot elements over all the selector maps of one nft table.  Measured with
-# nft 1.0.6 on kernel 6.x (bench/README): the kernel needs ~140 bytes of slab
-# per element plus 16 bytes per CPU for its counter, which is cheap; what
-# grows is kdsr's own read-back (plan, apply, show list the whole table):
-# about 1 s and 5 MB of JSON per 65,537 elements.  2^18 elements keep plan
-# interactive (a few seconds) while fitting, e.g., 1,000 pools at the
-# minimum size (251 slots each) or four pools at the largest size.
+# nft 1.0.6 on a 6.x kernel (2 CPUs): one map of 65,537 elements with
+# counters costs ~8.5 MB of slab (~135 bytes each, plus 16 bytes per CPU for
+# the counter), applies in 0.3 s and lists (JSON, 5 MB) in 0.8 s; sixteen such
+# maps take 8.5 s to apply and 16 s to list.  The kernel copes; what grows is
+# kdsr's own read-back (plan, apply and show list the whole table).  2^18
+# elements keep a plan within a few seconds and hold, e.g., four pools at the
+# largest size, or 1,000 pools of one or two servers at the minimum (251);
+# 1,000 pools of three servers get 257 slots each, with a warning.
 SLOT_BUDGET = 262_144
 
 # Why a selector has the size it has (for warnings and `kdsr maglev`).

@@ -58,7 +58,7 @@ class PortRange:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-# Flow pinning defaults: IPVS's UDP timeout; 65536 flows cost a few MB of
+# Flow pinning defaults: IPVS's UDP timeout; 65536 flows cost ~7 MB of
 # kernel memory per pool (README, "Flow pinning").
 DEFAULT_PIN_TIMEOUT = 300
 DEFAULT_PIN_MAX_FLOWS = 65536

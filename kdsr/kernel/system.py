@@ -158,7 +158,9 @@ class _L3Mixin:
         for family, af in _AF.items():
             for msg in self.ipr.route("dump", family=af):  # type: ignore[attr-defined]
                 table = msg.get_attr("RTA_TABLE") or msg["table"]
-                if not naming.is_kdsr_mark(table) or msg["dst_len"] != 0:
+                # kdsr's routes are unicast defaults out of a tunnel; anything
+                # else in its table range (unreachable, blackhole) is not its own.
+                if not naming.is_kdsr_mark(table) or msg["dst_len"] != 0 or msg["type"] != 1:
                     continue
                 routes.append(Route(family, table, names.get(msg.get_attr("RTA_OIF"), "?")))
         return routes
