@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lab lab-full golden lint bench-maglev
+.PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev
 
 setup:
 	./scripts/setup.sh
@@ -29,9 +29,14 @@ lab: setup
 	$(PY) -m pytest -q netns-lab
 
 # Only the full-kernel tier: natively on a capable kernel, else in the guest.
-# Results (junit.xml, pytest.log, console.log, timings.json): lab-results/guest-tier/
+# Results (junit.xml, pytest.log, console.log, timings.json): lab-results/guest-tier/latest/
 lab-full: setup
 	$(PY) netns-lab/guest_tier.py --native-when-capable
+
+# The L3 DSR scenarios (ipip, gre, ip6tnl x nft, ipvs) on the full kernel; opt-in
+# while they are slow under emulation (see README, "L3 DSR and the IPVS engine").
+lab-l3: setup
+	KDSR_L3_LAB=1 $(PY) netns-lab/guest_tier.py --native-when-capable -- netns-lab/tests/test_l3_dsr.py
 
 # Rewrite tests/golden/ from the current compiler; review the diff.
 golden: setup

@@ -13,9 +13,14 @@
 
 The guest sees the host's root file system read-only with a writable overlay
 (so the project's venv, nft, ipvsadm, tcpdump are there); only the results
-directory (--results, default lab-results/guest-tier/) is shared read-write.
-It receives junit.xml, pytest.log, console.log (everything the guest
-printed), exit-code, timings.json and the guest script itself.
+directory is shared read-write: --results, by default a fresh
+lab-results/guest-tier/run-<time>-<pid>/ (`latest` points at the newest; the
+last few runs are kept). It receives junit.xml, pytest.log, console.log
+(everything the guest printed), exit-code, timings.json and the guest script.
+
+One guest at a time per checkout: a second run waits for the first (a lock in
+lab-results/), because two TCG guests on a small machine slow each other down
+enough to make timing-sensitive lab tests flaky.
 
 A guest that fails to boot, times out, or leaves no exit code is a failure
 with a message, never a pass. On timeout only the qemu process this run
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -53,6 +59,8 @@ if str(LAB_DIR) not in sys.path:
 import fullkernel  # noqa: E402  (needs the path above)
 
 DEFAULT_RESULTS = REPO / "lab-results" / "guest-tier"
+LOCK_PATH = REPO / "lab-results" / ".guest-tier.lock"
+KEEP_RUNS = 5
 DEFAULT_TIMEOUT = 2400.0
 # A normal TCG boot takes 20-35 s; a kernel that cannot boot (wrong image, a
 # hang before init) would otherwise hold the run until the whole timeout.
@@ -215,6 +223,51 @@ def junit_counts(path: Path) -> dict[str, float] | None:
     return counts
 
 
+def new_run_dir() -> Path:
+    """A fresh results directory under DEFAULT_RESULTS; older runs beyond KEEP_RUNS are removed."""
+    DEFAULT_RESULTS.mkdir(parents=True, exist_ok=True)
+    run = DEFAULT_RESULTS / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run.mkdir()
+    latest = DEFAULT_RESULTS / f".latest-{os.getpid()}"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(run.name)
+    os.replace(latest, DEFAULT_RESULTS / "latest")
+    for old in sorted(DEFAULT_RESULTS.glob("run-*"))[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return run
+
+
+@contextlib.contextmanager
+def guest_lock(timeout: float):
+    """Hold the checkout's guest lock; wait (bounded) while another run holds it."""
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_PATH, "a+") as lock:
+        deadline = time.monotonic() + timeout
+        announced = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "?"
+                    say(f"another guest-tier run (pid {holder}) holds {LOCK_PATH}; waiting for it")
+                    announced = True
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{LOCK_PATH} still held after {timeout:g}s") from None
+                time.sleep(2)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_native(pytest_args: list[str]) -> int:
     argv = [venv_python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "full_kernel", "netns-lab"]
     say("running the full_kernel tests natively: " + shlex.join(argv[1:] + pytest_args))
@@ -237,10 +290,22 @@ def run_guest(args: argparse.Namespace, pytest_args: list[str]) -> int:
         say("ERROR: the full-kernel tier cannot run; run scripts/setup.sh as root")
         return 1
 
-    results = Path(args.results).resolve()
-    results.mkdir(parents=True, exist_ok=True)
-    for name in RESULT_FILES:
-        (results / name).unlink(missing_ok=True)
+    try:
+        with guest_lock(args.timeout):
+            return boot_and_test(args, kernel, vng, pytest_args)
+    except TimeoutError as exc:
+        say(f"ERROR: {exc}")
+        return 1
+
+
+def boot_and_test(args: argparse.Namespace, kernel: Path, vng: str, pytest_args: list[str]) -> int:
+    if args.results:
+        results = Path(args.results).resolve()
+        results.mkdir(parents=True, exist_ok=True)
+        for name in RESULT_FILES:
+            (results / name).unlink(missing_ok=True)
+    else:
+        results = new_run_dir()
     script = results / "guest.sh"
     script.write_text(guest_script(results, venv_python(), pytest_args))
 
@@ -368,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Arguments after `--` go to the guest's pytest (e.g. -- -k ipip).",
     )
     parser.add_argument(
-        "--results", default=str(DEFAULT_RESULTS), help="shared results directory (default: %(default)s)"
+        "--results", help=f"shared results directory (default: a fresh {DEFAULT_RESULTS.relative_to(REPO)}/run-*/)"
     )
     parser.add_argument("--kernel", default=os.environ.get("KDSR_GUEST_KERNEL"), help="kernel image for the guest")
     parser.add_argument(

@@ -89,6 +89,11 @@ def test_l3_server_decapsulates_loosens_rp_filter_and_clamps_mss(kernel, store):
     it = example("l3-ipip")
     run(it, "s1", kernel, store)
     assert kernel.links["kdsr-ipip"] == Link("kdsr-ipip", "ipip", "10.3.0.11", "", 64)
+    # rp_filter drops packets on an IPv4 interface without an address: the VIPs go there too.
+    assert {(a.cidr, a.label) for a in kernel.addresses["kdsr-ipip"]} == {
+        ("10.9.0.100/32", "kdsr-ipip:kdsr"),
+        ("10.9.0.101/32", "kdsr-ipip:kdsr"),
+    }
     assert kernel.sysctls["net/ipv4/conf/all/rp_filter"] == "2"
     assert kernel.sysctls["net/ipv4/conf/kdsr-ipip/rp_filter"] in ("0", "2")
     assert kernel.sysctls["net/ipv4/conf/eth0/rp_filter"] == "0"  # 0 already lets decapsulated packets in

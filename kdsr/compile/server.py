@@ -142,6 +142,20 @@ def compile_server(intent: Intent, server: ServerNode) -> Desired:
                 sysctls.append(Sysctl(key=key, value=value, at_least=True, pointer=server.pointer))
 
     links = _decap_links(intent, server)
+    # An IPv4 decap link needs an address of its own: rp_filter (even loose)
+    # drops every packet arriving on an interface without one (the kernel's
+    # "no_addr" case, seen in the lab as TcpExtIPReversePathFilter).  The
+    # VIP serves, as in the classic LVS-TUN set-up.
+    for name, link in links.items():
+        if link.family != 4:
+            continue
+        for service, _members in _served(intent, server):
+            if service.is_l3 and L3_TUNNELS[service.mode][0] == link.kind:
+                cidr = f"{service.vip}/32"
+                addresses.setdefault(
+                    f"{name} {cidr}",
+                    Address(ifname=name, cidr=cidr, label=f"{name}:kdsr", pointer=f"{service.pointer}/vip"),
+                )
     if any(link.family == 4 for link in links.values()):
         for scope in ["all", server.interface] + sorted(n for n, link in links.items() if link.family == 4):
             key = f"net/ipv4/conf/{scope}/rp_filter"

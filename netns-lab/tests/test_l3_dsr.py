@@ -28,7 +28,7 @@ from pathlib import Path
 import l3lab
 import pytest
 
-pytestmark = pytest.mark.full_kernel
+pytestmark = [pytest.mark.full_kernel, pytest.mark.l3_lab]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -115,22 +115,32 @@ FOREIGN = [
 ]
 
 
-@pytest.fixture(scope="module", params=SCENARIOS, ids=[f"{m}-{e}" for m, e in SCENARIOS])
-def deployed(request, tmp_path_factory):
-    mode, engine = request.param
-    workdir = tmp_path_factory.mktemp(f"{mode}-{engine}")
-    with l3lab.L3Lab(workdir=workdir / "lab") as lab:
-        lab.run("lb", ["modprobe", "-a", "ip_vs", "ipip"])
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """One routed lab for every scenario: building it costs minutes under
+    emulation, applying and destroying an intent far less."""
+    workdir = tmp_path_factory.mktemp("l3lab")
+    with l3lab.L3Lab(workdir=workdir / "lab") as built:
+        built.run("lb", ["modprobe", "-a", "ip_vs", "ip_vs_mh", "ipip", "ip_gre", "ip6_tunnel"])
         for cmd in FOREIGN:
-            lab.run("lb", cmd)
-        dep = Deployment(lab, workdir, mode, engine)
-        dep.before["lb"] = dep.snapshot("lb")
-        for server in lab.SERVERS:
-            lab.start_responder(server, tcp_ports=[80], udp_ports="53,5000-5010")
-            lab.spawn(server, [PYTHON, str(BULK), "sink", "--port", str(BULK_PORT), "--name", server], "bulk", "READY")
-        for host, node in NODES.items():
-            dep.kdsr(host, "apply", str(dep.intent), "--node", node)
-        yield dep
+            built.run("lb", cmd)
+        for server in built.SERVERS:
+            built.start_responder(server, tcp_ports=[80], udp_ports="53,5000-5010", max_seconds=3600)
+            argv = [PYTHON, str(BULK), "sink", "--port", str(BULK_PORT), "--name", server, "--max-seconds", "3600"]
+            built.spawn(server, argv, "bulk", "READY", ready_timeout=60)
+        yield built
+
+
+@pytest.fixture(scope="module", params=SCENARIOS, ids=[f"{m}-{e}" for m, e in SCENARIOS])
+def deployed(request, lab, tmp_path_factory):
+    mode, engine = request.param
+    dep = Deployment(lab, tmp_path_factory.mktemp(f"{mode}-{engine}"), mode, engine)
+    dep.before["lb"] = dep.snapshot("lb")
+    for host, node in NODES.items():
+        dep.kdsr(host, "apply", str(dep.intent), "--node", node)
+    yield dep
+    for host, node in NODES.items():  # the next scenario starts clean
+        dep.kdsr(host, "destroy", "--node", node, check=False)
 
 
 def test_flows_are_answered_from_the_vip_and_no_reply_crosses_the_lb(deployed):
@@ -224,39 +234,42 @@ def test_destroy_leaves_foreign_state_as_it_was(deployed):
 
 
 @pytest.mark.parametrize("mode, engine, need", [("l3-ipip", "nft", 1.0), ("l3-gre", "ipvs", 0.999)])
-def test_two_lbs_with_different_histories_pick_the_same_servers(tmp_path, mode, engine, need):
-    with l3lab.L3Lab(workdir=tmp_path / "lab") as lab:
-        dep = Deployment(lab, tmp_path, mode, engine)
-        for server in lab.SERVERS:
-            lab.start_responder(server, udp_ports="53")
+def test_two_lbs_with_different_histories_pick_the_same_servers(lab, tmp_path, mode, engine, need):
+    dep = Deployment(lab, tmp_path, mode, engine)
+    nodes = {**NODES, "lb2": "lb2"}
+    try:
         for host, node in NODES.items():
             dep.kdsr(host, "apply", str(dep.intent), "--node", node)
         # lb2 gets there through churn: one server, then others in another order.
         for i, servers in enumerate([("s3",), ("s3", "s1"), ("s1",), ("s2", "s1"), ("s1", "s2", "s3")]):
             step = dep.write(f"churn-{i}.json", intent_for(mode, engine, servers=servers))
             dep.kdsr("lb2", "apply", str(step), "--node", "lb2")
-        flows, first = 10000, 20000
-        via_lb = lab.probe(dep.vip, "udp", 53, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=600)
+        flows, first = 10000, 30000
+        via_lb = lab.probe(dep.vip, "udp", 53, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900)
         lab.route_vips_via("lb2")
-        via_lb2 = lab.probe(dep.vip, "udp", 53, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=600)
+        via_lb2 = lab.probe(dep.vip, "udp", 53, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900)
         assert via_lb.all_ok and via_lb2.all_ok, (via_lb.describe_failures(), via_lb2.describe_failures())
         a, b = via_lb.server_by_sport(), via_lb2.server_by_sport()
         same = sum(1 for sport, server in a.items() if b.get(sport) == server)
+        print(f"\nagreement {mode}/{engine}: {same}/{flows} flows, servers {via_lb.by_server()}")
         assert same / flows >= need, f"{same}/{flows} flows picked the same server"
-        print(f"\nagreement {mode}/{engine}: {same}/{flows}")
+    finally:
+        lab.route_vips_via("lb")
+        for host, node in nodes.items():
+            dep.kdsr(host, "destroy", "--node", node, check=False)
 
 
-def test_a_kernel_rejection_rolls_back(tmp_path):
+def test_a_kernel_rejection_rolls_back(lab, tmp_path):
     """The real kernel refuses a write part-way: an unreachable route someone
     left in the routing table kdsr derives for s3 makes its default route
     EEXIST, after the tunnels were created.  The apply exits 6 and the
     kernel is as it was; once the junk is gone, apply converges."""
     from kdsr import naming
 
-    with l3lab.L3Lab(workdir=tmp_path / "lab") as lab:
-        dep = Deployment(lab, tmp_path, "l3-ipip", "nft")
-        table = str(naming.tunnel_mark("l3-ipip", "10.3.0.13"))
-        lab.run("lb", ["ip", "route", "add", "unreachable", "default", "table", table])
+    dep = Deployment(lab, tmp_path, "l3-ipip", "nft")
+    table = str(naming.tunnel_mark("l3-ipip", "10.3.0.13"))
+    lab.run("lb", ["ip", "route", "add", "unreachable", "default", "table", table])
+    try:
         before = dep.snapshot("lb")
         result = dep.kdsr("lb", "apply", str(dep.intent), "--node", "lb1", check=False)
         assert result.returncode == 6, (result.returncode, result.stdout, result.stderr)
@@ -265,3 +278,6 @@ def test_a_kernel_rejection_rolls_back(tmp_path):
         lab.run("lb", ["ip", "route", "del", "unreachable", "default", "table", table])
         dep.kdsr("lb", "apply", str(dep.intent), "--node", "lb1")
         assert "No changes" in dep.kdsr("lb", "plan", str(dep.intent), "--node", "lb1").stdout
+    finally:
+        lab.run("lb", ["ip", "route", "del", "unreachable", "default", "table", table], check=False)
+        dep.kdsr("lb", "destroy", "--node", "lb1", check=False)
