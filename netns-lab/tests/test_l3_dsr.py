@@ -195,7 +195,7 @@ def test_10mb_upload_is_byte_exact_with_the_clamp_and_stalls_without_it(deployed
     # Many paths filter ICMP: without it PMTU discovery cannot rescue
     # segments that no longer fit once encapsulated.
     icmp_filter = (
-        "table inet labfilter { chain fwd { type filter hook forward priority 0; "
+        "table inet labfilter { chain drop_icmp { type filter hook forward priority 0; "
         "icmp type destination-unreachable drop; icmpv6 type packet-too-big drop; } }"
     )
     lab.run("r1", ["nft", "-f", "-"], input=icmp_filter)
