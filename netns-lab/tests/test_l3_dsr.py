@@ -195,8 +195,8 @@ def test_10mb_upload_is_byte_exact_with_the_clamp_and_stalls_without_it(deployed
     # Many paths filter ICMP: without it PMTU discovery cannot rescue
     # segments that no longer fit once encapsulated.
     icmp_filter = (
-        "table inet labfilter { chain drop_icmp { type filter hook forward priority 0; "
-        "icmp type destination-unreachable drop; icmpv6 type packet-too-big drop; } }"
+        "table inet labfilter {\n  chain drop_icmp {\n    type filter hook forward priority 0;\n"
+        "    icmp type destination-unreachable drop\n    icmpv6 type packet-too-big drop\n  }\n}\n"
     )
     lab.run("r1", ["nft", "-f", "-"], input=icmp_filter)
     try:
