@@ -127,3 +127,11 @@ def pytest_runtest_setup(item):
 def pytest_terminal_summary(terminalreporter, config):
     for note in config.stash.get(_NOTES, []):
         terminalreporter.write_line(note)
+
+
+def pytest_runtest_logreport(report):
+    # In the guest, print a failure's traceback as soon as it happens: if the
+    # tier times out and the guest is killed, pytest's end-of-run FAILURES
+    # section (and junit.xml) never arrive, and this is all the CI log has.
+    if fullkernel.in_guest() and report.failed:
+        print(f"\n----- {report.when} failed: {report.nodeid}\n{report.longreprtext}\n-----", flush=True)

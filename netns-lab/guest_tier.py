@@ -134,6 +134,7 @@ def guest_script(results: Path, python: str, pytest_args: list[str]) -> str:
         "no:cacheprovider",
         "-v",
         "-ra",
+        "--tb=short",  # failures are also printed in full as they happen (netns-lab/conftest.py)
         "-m",
         "full_kernel",
         f"--junitxml={results / 'junit.xml'}",

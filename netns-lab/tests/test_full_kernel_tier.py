@@ -105,6 +105,17 @@ def _wait_for(path: Path, marker: str, proc: subprocess.Popen, timeout: float) -
     raise AssertionError(f"{proc.args}: no {marker!r} after {timeout:g}s")
 
 
+def _wait_for_capture(pcap: Path, *pairs: tuple[str, str], timeout: float) -> None:
+    """Until the capture holds an ipip packet for every (outer src, outer dst) pair, or timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pcap.exists():
+            seen = {(p.src, p.dst) for p in pcap_reader.read_pcap(pcap) if p.proto == "ipip"}
+            if all(pair in seen for pair in pairs):
+                return
+        time.sleep(0.2)
+
+
 def test_ipip_tunnel_carries_udp_end_to_end(netns, tmp_path):
     """a --veth (underlay 10.99.0.0/24)-- b, an ipip tunnel over it, one UDP datagram and its echo."""
     netns.add("a")
@@ -155,13 +166,15 @@ def test_ipip_tunnel_carries_udp_end_to_end(netns, tmp_path):
         receiver.wait(timeout=HELPER_TIMEOUT)
         got = json.loads(recv_out.read_text().splitlines()[-1])
         assert got == {"peer": ["172.16.0.1", 40000], "data": "kdsr-ipip"}
-        time.sleep(0.3)  # let tcpdump write the last packet
+        # tcpdump drops what it has not yet read when it is stopped, and under
+        # emulation it can lag by seconds: wait until both directions are on file.
+        _wait_for_capture(pcap, ("10.99.0.1", "10.99.0.2"), ("10.99.0.2", "10.99.0.1"), timeout=HELPER_TIMEOUT)
     finally:
         for proc in helpers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
                 try:
-                    proc.wait(timeout=10)
+                    proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
