@@ -90,7 +90,9 @@ def _ingress_chain(lb: LoadBalancerNode) -> NftChain:
     return NftChain(name=INGRESS_CHAIN, hook=hook, rules=tuple(rules), pointer=f"{lb.pointer}/interface")
 
 
-def _service_maps(selectors: list[Selector]) -> list[NftMap]:
+def service_maps(selectors: list[Selector], names: dict[int, str] = SERVICE_MAPS) -> list[NftMap]:
+    """The per-family verdict maps VIP . protocol . ports -> jump to the selector
+    (shared with the L3 engine, which names them differently)."""
     elements: dict[int, dict] = {4: {}, 6: {}}
     for sel in selectors:
         for service in sel.services:
@@ -101,7 +103,7 @@ def _service_maps(selectors: list[Selector]) -> list[NftMap]:
                     elements[sel.family][key] = NftElement(value=("jump", sel.name), comment=ports.pointer)
     return [
         NftMap(
-            name=SERVICE_MAPS[family],
+            name=names[family],
             key_type=(ADDR_TYPE[family], "inet_proto", "inet_service"),
             data_type="verdict",
             flags=("interval",),
@@ -288,7 +290,7 @@ def _selector_map(sel: Selector, source: str = "") -> NftMap:
 def build_table(intent: Intent, lb: LoadBalancerNode) -> NftTable:
     selectors = selectors_for(intent)
     chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface) for s in selectors]
-    maps = _service_maps(selectors) + [_selector_map(s, intent.source) for s in selectors]
+    maps = service_maps(selectors) + [_selector_map(s, intent.source) for s in selectors]
     maps += _pinning_maps(selectors, intent.source)
     return NftTable(
         family=TABLE_FAMILY,

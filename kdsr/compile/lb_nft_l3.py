@@ -26,7 +26,7 @@ fields so the error reaches the server that owns the flow.
 from __future__ import annotations
 
 from kdsr import naming
-from kdsr.compile.lb_nft_l2 import ADDR_PROTO, ADDR_TYPE, hash_inputs
+from kdsr.compile.lb_nft_l2 import ADDR_PROTO, ADDR_TYPE, hash_inputs, service_maps
 from kdsr.compile.selectors import Selector, selectors_for
 from kdsr.intent.model import (
     ENGINE_NFT,
@@ -139,30 +139,14 @@ def _prerouting(lb: LoadBalancerNode) -> NftChain:
 
 
 def _service_maps(selectors: list[Selector]) -> list[NftMap]:
-    elements: dict[int, dict] = {4: {}, 6: {}}
     icmp: dict[int, dict] = {4: {}, 6: {}}
     for sel in selectors:
         for service in sel.services:
-            vip = str(service.vip)
-            for proto in service.protocols:
-                for ports in service.ports:
-                    key = (vip, proto, (ports.first, ports.last))
-                    elements[sel.family][key] = NftElement(value=("jump", sel.name), comment=ports.pointer)
             # ICMP errors are keyed by VIP alone; a VIP whose services use two
             # pools sends errors to the first (sorted) one's selector.
-            icmp[sel.family].setdefault(vip, NftElement(value=("jump", f"{sel.name}-icmp"), comment=service.pointer))
-    maps = [
-        NftMap(
-            name=SERVICE_MAPS[family],
-            key_type=(ADDR_TYPE[family], "inet_proto", "inet_service"),
-            data_type="verdict",
-            flags=("interval",),
-            counter=True,
-            elements=tuple(sorted(elements[family].items())),
-            pointer="/services",
-        )
-        for family in (4, 6)
-    ]
+            element = NftElement(value=("jump", f"{sel.name}-icmp"), comment=service.pointer)
+            icmp[sel.family].setdefault(str(service.vip), element)
+    maps = service_maps(selectors, SERVICE_MAPS)
     maps += [
         NftMap(
             name=ICMP_MAPS[family],
