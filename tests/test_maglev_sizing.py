@@ -173,3 +173,28 @@ def test_an_intent_over_the_budget_fails_validate_with_exit_3(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 3
     assert "budget" in result.stderr
+
+
+def ipvs_doc(servers: int) -> dict:
+    doc = intent_doc({"web": servers})
+    doc["services"]["svc-web"]["dsr"] = {"mode": "l2", "engine": "ipvs"}
+    return doc
+
+
+@pytest.mark.parametrize("servers, warned", [(40, False), (41, True), (120, True)])
+def test_ipvs_pools_over_40_servers_are_warned_about_at_the_pool(servers, warned):
+    problems = warnings_for(load(ipvs_doc(servers)))
+    assert [p.pointer for p in problems] == (["/pools/web"] if warned else [])
+    if warned:
+        assert f"{servers} servers on the ipvs engine" in problems[0].message
+        assert f"{4093 // servers} per server" in problems[0].message
+        assert "nft engine" in problems[0].hint
+
+
+def test_plan_warns_about_a_large_ipvs_pool_and_still_plans(tmp_path, monkeypatch):
+    path = tmp_path / "big-ipvs.json"
+    path.write_text(json.dumps(ipvs_doc(50)))
+    monkeypatch.setattr("kdsr.cli._kernel", lambda: FakeKernel())
+    result = CliRunner().invoke(main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}: /pools/web: pool web has 50 servers on the ipvs engine" in result.stderr
