@@ -9,7 +9,7 @@ setup:
 # Build a namespace lab, apply examples/l2-web.json with the real CLI, send
 # TCP and UDP flows, print the report, tear down (KEEP=1 leaves the lab up).
 demo: setup
-	$(PY) netns-lab/demo.py $(if $(KEEP),--keep,)
+	$(PY) netns-lab/demo.py $(if $(KEEP),--keep,) $(if $(SCENARIO),--scenario $(SCENARIO),) $(if $(ENGINE),--engine $(ENGINE),)
 
 # Unit tests (no root) and host-kernel lab tests (root, network namespaces),
 # then the full-kernel tier (IPVS, ipip, gre, ip6tnl): netns-lab/guest_tier.py

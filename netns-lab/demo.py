@@ -6,6 +6,11 @@ load balancer and to every server, sends TCP and UDP flows (IPv4 and IPv6)
 from the client, and reports which server answered, what the servers saw and
 whether any reply crossed the load balancer.  Exit status 0 only when every
 check holds.  --keep leaves the lab up.
+
+--scenario l3-ipip | l3-gre | l3-ip6tnl [--engine nft|ipvs] runs the L3 DSR
+demo instead (demo_l3.py): natively on a kernel with IPVS and the tunnel
+drivers, otherwise inside one full-kernel virtme-ng guest (guest_tier.py),
+its report streamed here.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ sys.path.insert(0, str(LAB_DIR))
 import lab as netns_lab  # noqa: E402
 
 NODES = {"lb": "lb1", "s1": "s1", "s2": "s2", "s3": "s3"}
+L3_MODES = ("l3-ipip", "l3-gre", "l3-ip6tnl")
 TRAFFIC = [  # (vip, protocol, port, flows)
     ("10.10.0.100", "tcp", 80, 100),
     ("10.10.0.100", "udp", 53, 100),
@@ -41,7 +47,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     parser.add_argument("--intent", default=str(ROOT / "examples" / "l2-web.json"))
+    parser.add_argument("--scenario", choices=("l2", *L3_MODES), default="l2", help="DSR mode to demonstrate")
+    parser.add_argument("--engine", choices=("nft", "ipvs"), default="nft", help="fast path (L3 scenarios)")
     args = parser.parse_args()
+    if args.scenario != "l2":
+        return l3_demo(args)
 
     reason = netns_lab.lab_unavailable_reason()
     if reason:
@@ -146,6 +156,22 @@ def main() -> int:
                     failures.append(f"destroy on {node} exited {result.returncode}: {result.stderr.strip()}")
             print("kdsr destroy ran on every node.")
         return _finish(failures, lab, args.keep)
+
+
+def l3_demo(args) -> int:
+    import fullkernel
+
+    if fullkernel.in_guest() or fullkernel.probe().capable:
+        import demo_l3
+
+        return demo_l3.run(args.scenario, args.engine, keep=args.keep)
+    import guest_tier
+
+    if args.keep:
+        print("demo: --keep is ignored: this kernel lacks the L3 drivers, the lab lives in a guest", file=sys.stderr)
+    print(f"demo: {fullkernel.probe().describe()}: running the {args.scenario} demo in a full-kernel guest")
+    command = [sys.executable, str(Path(__file__).resolve()), "--scenario", args.scenario, "--engine", args.engine]
+    return guest_tier.run_command_in_guest(command)
 
 
 def _finish(failures: list[str], lab, keep: bool) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import l3lab
@@ -46,6 +47,7 @@ SCENARIOS = [
     ("l3-ip6tnl", "ipvs"),
 ]
 NODES = {"lb": "lb1", "s1": "s1", "s2": "s2", "s3": "s3"}
+SERVERS = {"s1": "s1", "s2": "s2", "s3": "s3"}
 BULK_PORT = 9000
 
 
@@ -79,12 +81,30 @@ class Deployment:
 
     def kdsr(self, host: str, *args: str, check: bool = True, state: Path | None = None):
         argv = [PYTHON, "-m", "kdsr", "--state-dir", str(state or self.state_dir / host), *args]
-        result = self.lab.run(host, argv, check=False, cwd=ROOT, timeout=240)
+        result = self.lab.run(host, argv, check=False, cwd=ROOT, timeout=300)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"kdsr {' '.join(args)} in {host} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
             )
         return result
+
+    def kdsr_on(self, hosts: dict[str, str], command: str, intent: Path | None = None, check: bool = True) -> dict:
+        """`kdsr <command> [intent] --node <node>` on several hosts at once.
+
+        Under emulation one CLI run costs seconds of CPU; the hosts are
+        independent, so running them side by side halves a step on 2 vCPUs."""
+
+        def one(item):
+            host, node = item
+            args = [command, *([str(intent)] if intent else []), "--node", node]
+            return host, self.kdsr(host, *args, check=check)
+
+        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+            return dict(pool.map(one, hosts.items()))
+
+    def snapshots(self, hosts) -> dict[str, str]:
+        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+            return dict(zip(hosts, pool.map(self.snapshot, hosts), strict=True))
 
     def snapshot(self, host: str) -> str:
         """What kdsr could touch on a host, as text (counters left out)."""
@@ -135,12 +155,10 @@ def lab(tmp_path_factory):
 def deployed(request, lab, tmp_path_factory):
     mode, engine = request.param
     dep = Deployment(lab, tmp_path_factory.mktemp(f"{mode}-{engine}"), mode, engine)
-    dep.before["lb"] = dep.snapshot("lb")
-    for host, node in NODES.items():
-        dep.kdsr(host, "apply", str(dep.intent), "--node", node)
+    dep.before = dep.snapshots(list(NODES))
+    dep.kdsr_on(NODES, "apply", dep.intent)
     yield dep
-    for host, node in NODES.items():  # the next scenario starts clean
-        dep.kdsr(host, "destroy", "--node", node, check=False)
+    dep.kdsr_on(NODES, "destroy", check=False)  # the next scenario starts clean
 
 
 def test_flows_are_answered_from_the_vip_and_no_reply_crosses_the_lb(deployed):
@@ -203,8 +221,7 @@ def test_10mb_upload_is_byte_exact_with_the_clamp_and_stalls_without_it(deployed
         clamped = _upload(deployed, timeout=120)
         assert clamped["ok"], clamped
         off = deployed.write("clamp-off.json", intent_for(deployed.mode, deployed.engine, mss_clamp="off"))
-        for server in deployed.lab.SERVERS:
-            deployed.kdsr(server, "apply", str(off), "--node", server)
+        deployed.kdsr_on(SERVERS, "apply", off)
         lab.run("client", ["ip", "route", "flush", "cache"], check=False)
         unclamped = _upload(deployed, timeout=15)
         assert not unclamped["ok"], f"the upload got through without the clamp: {unclamped}"
@@ -212,22 +229,23 @@ def test_10mb_upload_is_byte_exact_with_the_clamp_and_stalls_without_it(deployed
         assert clamped["mss"] < unclamped["mss"], (clamped, unclamped)
     finally:
         lab.run("r1", ["nft", "delete", "table", "inet", "labfilter"], check=False)
-        for server in deployed.lab.SERVERS:
-            deployed.kdsr(server, "apply", str(deployed.intent), "--node", server)
+        deployed.kdsr_on(SERVERS, "apply", deployed.intent)
 
 
 def test_second_apply_writes_nothing(deployed):
-    for host, node in NODES.items():
-        out = deployed.kdsr(host, "apply", str(deployed.intent), "--node", node).stdout
-        assert "No changes" in out, out
+    for host, result in deployed.kdsr_on(NODES, "apply", deployed.intent).items():
+        assert "No changes" in result.stdout, (host, result.stdout)
     plan = deployed.kdsr("lb", "plan", str(deployed.intent), "--node", "lb1", "--detailed-exitcode", check=False)
     assert plan.returncode == 0, plan.stdout
 
 
 def test_destroy_leaves_foreign_state_as_it_was(deployed):
-    deployed.kdsr("lb", "destroy", "--node", "lb1")
-    after = deployed.snapshot("lb")
-    assert after == deployed.before["lb"]
+    """The load balancer carries foreign links, routes, rules and IPVS
+    services (FOREIGN); the servers their own addresses and sysctls."""
+    deployed.kdsr_on(NODES, "destroy")
+    after = deployed.snapshots(list(NODES))
+    for host in NODES:
+        assert after[host] == deployed.before[host], f"{host}: destroy left a difference"
 
 
 # ---------------------------------------------------------------- agreement
@@ -238,8 +256,7 @@ def test_two_lbs_with_different_histories_pick_the_same_servers(lab, tmp_path, m
     dep = Deployment(lab, tmp_path, mode, engine)
     nodes = {**NODES, "lb2": "lb2"}
     try:
-        for host, node in NODES.items():
-            dep.kdsr(host, "apply", str(dep.intent), "--node", node)
+        dep.kdsr_on(NODES, "apply", dep.intent)
         # lb2 gets there through churn: one server, then others in another order.
         for i, servers in enumerate([("s3",), ("s3", "s1"), ("s1",), ("s2", "s1"), ("s1", "s2", "s3")]):
             step = dep.write(f"churn-{i}.json", intent_for(mode, engine, servers=servers))
@@ -255,8 +272,7 @@ def test_two_lbs_with_different_histories_pick_the_same_servers(lab, tmp_path, m
         assert same / flows >= need, f"{same}/{flows} flows picked the same server"
     finally:
         lab.route_vips_via("lb")
-        for host, node in nodes.items():
-            dep.kdsr(host, "destroy", "--node", node, check=False)
+        dep.kdsr_on(nodes, "destroy", check=False)
 
 
 def test_a_kernel_rejection_rolls_back(lab, tmp_path):
