@@ -33,10 +33,9 @@ lab: setup
 lab-full: setup
 	$(PY) netns-lab/guest_tier.py --native-when-capable
 
-# The L3 DSR scenarios (ipip, gre, ip6tnl x nft, ipvs) on the full kernel; opt-in
-# while they are slow under emulation (see README, "L3 DSR and the IPVS engine").
+# Only the L3 DSR scenarios (ipip, gre, ip6tnl x nft, ipvs; part of `make test`).
 lab-l3: setup
-	KDSR_L3_LAB=1 $(PY) netns-lab/guest_tier.py --native-when-capable -- netns-lab/tests/test_l3_dsr.py
+	$(PY) netns-lab/guest_tier.py --native-when-capable -- netns-lab/tests/test_l3_dsr.py
 
 # Rewrite tests/golden/ from the current compiler; review the diff.
 golden: setup

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Consistent-hashing bench: kdsr's Maglev tables against the issue's goals,
-with ring hashing and IPVS sh-style modulo on the same inputs for contrast.
+with ring hashing, IPVS sh-style modulo and IPVS mh on the same inputs.
 
     .venv/bin/python bench/maglev.py [--json bench/results/maglev.json] [--quick]
 
@@ -25,8 +25,28 @@ given order.  For a table of M slots the nft data path puts hash h in slot
 - build time of one table (N = 100, M = 65537) and compile time of an intent
   of 1,000 pools.
 
-Strategies are plain objects in ``STRATEGIES``; another engine (say IPVS mh,
-measured in the full-kernel lab) adds its own with ``run(strategies=...)``.
+The IPVS ``mh`` rows (kdsr's ipvs engine) come from a model of the kernel's
+ip_vs_mh.c (bench/ipvs_mh_model.py; netns-lab/tests/test_ipvs_mh_model_kernel.py
+checks it flow by flow against the real kernel in the full-kernel lab).  mh
+hashes the client (address, and port with mh-port) with its own fixed-key
+hsiphash into one of M = 4093 slots (Debian's build); that map from flows to
+slots is the same whatever the destination list, and spreads flows evenly
+over the slots (a keyed PRF; a 32-bit value mod 4093 favours some slots by
+under 1e-6), so each slot carries 1/M of the flows and its interval of the
+partition stands for them: balance, disruption and agreement are exact
+at the table level (a flow moves iff its slot's owner changes), with no
+sampling.  Two rows, because mh's table depends on the order of the
+destination list and ``ipvsadm -a`` adds at the head of it:
+
+- "ipvs mh, kdsr order": the list in kdsr's canonical (sorted) order, which
+  kdsr converges every director to: directors agree whatever their history;
+- "ipvs mh, insertion history": the list that adding the servers one by one
+  gives (each at the head), as plain ipvsadm use does; the second director
+  of the agreement column added them in shuffled order, and an added server
+  lands at the head.
+
+Strategies are plain objects in ``STRATEGIES``; another engine adds its own
+with ``run(strategies=...)``.
 """
 
 from __future__ import annotations
@@ -50,6 +70,9 @@ from kdsr.compile.selectors import MAX_TABLE_SIZE, MIN_TABLE_SIZE, SLOTS_PER_SER
 from kdsr.intent import parse_intent  # noqa: E402
 from kdsr.intent.model import DEFAULT_HASH_SEED  # noqa: E402
 from kdsr.intent.primes import next_prime  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import ipvs_mh_model  # noqa: E402
 
 SPACE = maglev.HASH_SPACE
 SIZES = (3, 16, 100, 1000)
@@ -160,6 +183,24 @@ def sh_build(servers: Servers, _size: int) -> Partition:
     return from_table([turns[b % len(turns)] for b in range(SH_BUCKETS)])
 
 
+IPVS_PORT = 80  # the destinations' port: mh hashes it into each destination's permutation
+
+
+def _ipvs_mh_partition(servers: Servers) -> Partition:
+    table = ipvs_mh_model.MhTable([(key, IPVS_PORT, weight) for key, weight in servers])
+    return from_table(table.owners())
+
+
+def ipvs_mh_kdsr_build(servers: Servers, _size: int) -> Partition:
+    """IPVS mh with the list in kdsr's canonical order, whatever order the servers come in."""
+    return _ipvs_mh_partition(ipvs_mh_model.kdsr_order(servers))
+
+
+def ipvs_mh_history_build(servers: Servers, _size: int) -> Partition:
+    """IPVS mh after ``ipvsadm -a`` of the servers in the given order (each new one at the list's head)."""
+    return _ipvs_mh_partition(ipvs_mh_model.list_after_inserts(("add", server) for server in servers))
+
+
 STRATEGIES = [
     Strategy("kdsr maglev", maglev_build, kdsr_default_size, "table size fixed across the change"),
     Strategy(
@@ -174,6 +215,19 @@ STRATEGIES = [
         sh_build,
         lambda n: SH_BUCKETS,
         "256 buckets filled round-robin in list order; above 256 servers most get no flows at all",
+    ),
+    Strategy(
+        "ipvs mh, kdsr order",
+        ipvs_mh_kdsr_build,
+        lambda n: ipvs_mh_model.TAB_SIZE,
+        "model of the kernel's ip_vs_mh.c, M = 4093 (Debian), destination list in kdsr's sorted order",
+    ),
+    Strategy(
+        "ipvs mh, insertion history",
+        ipvs_mh_history_build,
+        lambda n: ipvs_mh_model.TAB_SIZE,
+        "the same, list from adding the servers one by one (ipvsadm -a puts each at the head); "
+        "agree: the other director added them in shuffled order",
     ),
 ]
 

@@ -88,13 +88,6 @@ def _kernel_tier() -> fullkernel.KernelTier:
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("KDSR_L3_LAB") != "1":
-        # The L3 scenarios are opt-in until they pass in the guest (see issue 3's note).
-        l3 = [item for item in items if item.get_closest_marker("l3_lab")]
-        if l3:
-            items[:] = [item for item in items if not item.get_closest_marker("l3_lab")]
-            config.hook.pytest_deselected(items=l3)
-            config.stash.setdefault(_NOTES, []).append(f"l3_lab: {len(l3)} tests deselected (KDSR_L3_LAB=1 runs them)")
     full = [item for item in items if item.get_closest_marker("full_kernel")]
     if fullkernel.in_guest():
         keep, drop = full, [item for item in items if not item.get_closest_marker("full_kernel")]

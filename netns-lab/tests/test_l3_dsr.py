@@ -29,7 +29,7 @@ from pathlib import Path
 import l3lab
 import pytest
 
-pytestmark = [pytest.mark.full_kernel, pytest.mark.l3_lab]
+pytestmark = pytest.mark.full_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -70,6 +70,8 @@ class Deployment:
         self.lab, self.workdir, self.mode, self.engine = lab, workdir, mode, engine
         self.family = 6 if mode == "l3-ip6tnl" else 4
         self.vip = "fd00:9::100" if self.family == 6 else "10.9.0.100"
+        # A UDP service of the example intents: dns (53) on IPv4, web6 (80, tcp and udp) on IPv6.
+        self.udp_port = 80 if self.family == 6 else 53
         self.state_dir = workdir / "state"
         self.intent = self.write("intent.json", intent_for(mode, engine))
         self.before: dict[str, str] = {}
@@ -145,7 +147,7 @@ def lab(tmp_path_factory):
         for cmd in FOREIGN:
             built.run("lb", cmd)
         for server in built.SERVERS:
-            built.start_responder(server, tcp_ports=[80], udp_ports="53,5000-5010", max_seconds=3600)
+            built.start_responder(server, tcp_ports=[80], udp_ports="53,80,5000-5010", max_seconds=3600)
             argv = [PYTHON, str(BULK), "sink", "--port", str(BULK_PORT), "--name", server, "--max-seconds", "3600"]
             built.spawn(server, argv, "bulk", "READY", ready_timeout=60)
         yield built
@@ -164,7 +166,7 @@ def deployed(request, lab, tmp_path_factory):
 def test_flows_are_answered_from_the_vip_and_no_reply_crosses_the_lb(deployed):
     lab = deployed.lab
     with lab.capture("lb", "eth0", f"src host {deployed.vip}") as replies_at_lb:
-        udp = lab.probe(deployed.vip, "udp", 53, flows=40, first_sport=lab.next_sports(40), timeout=3.0)
+        udp = lab.probe(deployed.vip, "udp", deployed.udp_port, flows=40, first_sport=lab.next_sports(40), timeout=3.0)
         tcp = lab.probe(deployed.vip, "tcp", 80, flows=20, first_sport=lab.next_sports(20), timeout=5.0)
     for report in (udp, tcp):
         assert report.all_ok, report.describe_failures()
@@ -184,7 +186,9 @@ def test_requests_arrive_encapsulated_from_the_lb(deployed):
         lab.capture("s2", "eth0", bpf) as c2,
         lab.capture("s3", "eth0", bpf) as c3,
     ):
-        report = lab.probe(deployed.vip, "udp", 53, flows=30, first_sport=lab.next_sports(30), timeout=3.0)
+        report = lab.probe(
+            deployed.vip, "udp", deployed.udp_port, flows=30, first_sport=lab.next_sports(30), timeout=3.0
+        )
     captures = {"s1": c1, "s2": c2, "s3": c3}
     assert report.all_ok, report.describe_failures()
     for server, count in report.by_server().items():
@@ -198,8 +202,49 @@ def test_requests_arrive_encapsulated_from_the_lb(deployed):
             assert (packet.inner.src, packet.inner.dst, packet.inner.dport) == (
                 CLIENT[deployed.family],
                 deployed.vip,
-                53,
+                deployed.udp_port,
             ), packet.inner
+
+
+# A datagram of the front link's full 1500 bytes, sent with DF (IPv6 never
+# fragments on the way): it cannot enter the tunnel.  Prints the path MTU the
+# client's kernel learned from the ICMP error.
+BIG_DATAGRAM = """
+import socket, sys, time
+vip, family, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# (family, level, IP(V6)_MTU_DISCOVER, IP(V6)_MTU, IP + UDP header bytes)
+v4 = (socket.AF_INET, socket.IPPROTO_IP, 10, 14, 28)
+v6 = (socket.AF_INET6, socket.IPPROTO_IPV6, 23, 24, 48)
+af, level, opt, mtu_opt, header = v4 if family == 4 else v6
+s = socket.socket(af, socket.SOCK_DGRAM)
+s.setsockopt(level, opt, 2)  # IP(V6)_MTU_DISCOVER = PMTUDISC_DO
+s.connect((vip, port))
+learned = None
+for _ in range(10):
+    try:
+        s.send(b"x" * (1500 - header))
+    except OSError:
+        pass  # EMSGSIZE: the kernel already knows the smaller path MTU
+    time.sleep(0.5)
+    learned = s.getsockopt(level, mtu_opt)
+    if learned < 1500:
+        break
+print(learned)
+"""
+TUNNEL_MTU = {"l3-ipip": 1480, "l3-gre": 1476, "l3-ip6tnl": 1460}
+
+
+def test_large_datagram_with_df_gets_fragmentation_needed_not_silence(deployed):
+    lab = deployed.lab
+    icmp = "icmp[0] == 3 and icmp[1] == 4" if deployed.family == 4 else "icmp6 and ip6[40] == 2"
+    with lab.capture("client", "eth0", icmp) as errors:
+        argv = [PYTHON, "-c", BIG_DATAGRAM, deployed.vip, str(deployed.family), str(deployed.udp_port)]
+        learned = int(lab.run("client", argv, timeout=60).stdout.strip())
+    assert errors.packets, "no ICMP fragmentation-needed / packet-too-big reached the client"
+    assert learned == TUNNEL_MTU[deployed.mode], f"the client learned path MTU {learned}"
+    lab.run("client", ["ip", "route", "flush", "cache"], check=False)
+    if deployed.family == 6:
+        lab.run("client", ["ip", "-6", "route", "flush", "cache"], check=False)
 
 
 def _upload(deployed, timeout: float) -> dict:
@@ -262,9 +307,13 @@ def test_two_lbs_with_different_histories_pick_the_same_servers(lab, tmp_path, m
             step = dep.write(f"churn-{i}.json", intent_for(mode, engine, servers=servers))
             dep.kdsr("lb2", "apply", str(step), "--node", "lb2")
         flows, first = 10000, 30000
-        via_lb = lab.probe(dep.vip, "udp", 53, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900)
+        via_lb = lab.probe(
+            dep.vip, "udp", dep.udp_port, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900
+        )
         lab.route_vips_via("lb2")
-        via_lb2 = lab.probe(dep.vip, "udp", 53, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900)
+        via_lb2 = lab.probe(
+            dep.vip, "udp", dep.udp_port, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900
+        )
         assert via_lb.all_ok and via_lb2.all_ok, (via_lb.describe_failures(), via_lb2.describe_failures())
         a, b = via_lb.server_by_sport(), via_lb2.server_by_sport()
         same = sum(1 for sport, server in a.items() if b.get(sport) == server)
