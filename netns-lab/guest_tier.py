@@ -27,7 +27,7 @@ with a message, never a pass. On timeout only the qemu process this run
 started (found by walking its own children) is killed, by pid.
 
 Environment: KDSR_GUEST_KERNEL (kernel image), KDSR_GUEST_TIMEOUT (seconds,
-default 2400), KDSR_GUEST_BOOT_TIMEOUT (seconds until the guest must be
+default 3600), KDSR_GUEST_BOOT_TIMEOUT (seconds until the guest must be
 running the test script, default 300), KDSR_GUEST_KVM=1 (use KVM instead of TCG, on hardware where it
 works), KDSR_GUEST_MEMORY / KDSR_GUEST_CPUS. CI, PYTEST_ADDOPTS and other
 KDSR_* variables are passed into the guest.
@@ -61,7 +61,7 @@ import fullkernel  # noqa: E402  (needs the path above)
 DEFAULT_RESULTS = REPO / "lab-results" / "guest-tier"
 LOCK_PATH = REPO / "lab-results" / ".guest-tier.lock"
 KEEP_RUNS = 5
-DEFAULT_TIMEOUT = 2400.0
+DEFAULT_TIMEOUT = 3600.0
 # A normal TCG boot takes 20-35 s; a kernel that cannot boot (wrong image, a
 # hang before init) would otherwise hold the run until the whole timeout.
 DEFAULT_BOOT_TIMEOUT = 300.0
