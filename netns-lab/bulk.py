@@ -18,6 +18,7 @@ import hashlib
 import json
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -74,6 +75,7 @@ def send(args) -> int:
     expected = hashlib.sha256()
     started = time.monotonic()
     result = {"ok": False, "server": None, "sent": 0, "error": ""}
+    conn = None
     try:
         family = socket.AF_INET6 if ":" in args.vip else socket.AF_INET
         conn = socket.socket(family, socket.SOCK_STREAM)
@@ -98,6 +100,13 @@ def send(args) -> int:
         result.update(server=name, received=digest, expected=expected.hexdigest(), ok=digest == expected.hexdigest())
     except OSError as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
+        if conn is not None:
+            # Abort (RST) instead of leaving an orphan that keeps retransmitting
+            # its oversized segments: once the lab lets ICMP through again, the
+            # errors they draw would teach this host a path MTU that later
+            # tests must not inherit.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
     result["elapsed_s"] = round(time.monotonic() - started, 3)
     print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1

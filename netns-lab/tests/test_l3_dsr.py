@@ -144,6 +144,9 @@ def lab(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("l3lab")
     with l3lab.L3Lab(workdir=workdir / "lab") as built:
         built.run("lb", ["modprobe", "-a", "ip_vs", "ip_vs_mh", "ipip", "ip_gre", "ip6_tunnel"])
+        # Learned IPv6 path MTUs expire after 5 s instead of 10 min, so one
+        # scenario's ICMPv6 packet-too-big cannot leak into the next.
+        built.run("client", ["sysctl", "-w", "net.ipv6.route.mtu_expires=5"], check=False)
         for cmd in FOREIGN:
             built.run("lb", cmd)
         for server in built.SERVERS:
@@ -234,17 +237,23 @@ print(learned)
 TUNNEL_MTU = {"l3-ipip": 1480, "l3-gre": 1476, "l3-ip6tnl": 1460}
 
 
+def forget_path_mtus(lab) -> None:
+    """Drop the client's learned path MTUs (IPv4 exceptions, IPv6 cached
+    routes): each scenario must discover, or fail to discover, its own."""
+    lab.run("client", ["ip", "route", "flush", "cache"], check=False)
+    lab.run("client", ["ip", "-6", "route", "flush", "cache"], check=False)
+
+
 def test_large_datagram_with_df_gets_fragmentation_needed_not_silence(deployed):
     lab = deployed.lab
+    forget_path_mtus(lab)
     icmp = "icmp[0] == 3 and icmp[1] == 4" if deployed.family == 4 else "icmp6 and ip6[40] == 2"
     with lab.capture("client", "eth0", icmp) as errors:
         argv = [PYTHON, "-c", BIG_DATAGRAM, deployed.vip, str(deployed.family), str(deployed.udp_port)]
         learned = int(lab.run("client", argv, timeout=60).stdout.strip())
     assert errors.packets, "no ICMP fragmentation-needed / packet-too-big reached the client"
     assert learned == TUNNEL_MTU[deployed.mode], f"the client learned path MTU {learned}"
-    lab.run("client", ["ip", "route", "flush", "cache"], check=False)
-    if deployed.family == 6:
-        lab.run("client", ["ip", "-6", "route", "flush", "cache"], check=False)
+    forget_path_mtus(lab)
 
 
 def _upload(deployed, timeout: float) -> dict:
@@ -267,7 +276,7 @@ def test_10mb_upload_is_byte_exact_with_the_clamp_and_stalls_without_it(deployed
         assert clamped["ok"], clamped
         off = deployed.write("clamp-off.json", intent_for(deployed.mode, deployed.engine, mss_clamp="off"))
         deployed.kdsr_on(SERVERS, "apply", off)
-        lab.run("client", ["ip", "route", "flush", "cache"], check=False)
+        forget_path_mtus(lab)
         unclamped = _upload(deployed, timeout=15)
         assert not unclamped["ok"], f"the upload got through without the clamp: {unclamped}"
         assert unclamped["sent"] < 10 * 1024 * 1024 or "received" not in unclamped, unclamped
