@@ -317,11 +317,11 @@ def test_two_lbs_with_different_histories_pick_the_same_servers(lab, tmp_path, m
             dep.kdsr("lb2", "apply", str(step), "--node", "lb2")
         flows, first = 10000, 30000
         via_lb = lab.probe(
-            dep.vip, "udp", dep.udp_port, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900
+            dep.vip, "udp", dep.udp_port, flows=flows, first_sport=first, timeout=3.0, workers=16, deadline=900
         )
         lab.route_vips_via("lb2")
         via_lb2 = lab.probe(
-            dep.vip, "udp", dep.udp_port, flows=flows, first_sport=first, timeout=3.0, workers=32, deadline=900
+            dep.vip, "udp", dep.udp_port, flows=flows, first_sport=first, timeout=3.0, workers=16, deadline=900
         )
         assert via_lb.all_ok and via_lb2.all_ok, (via_lb.describe_failures(), via_lb2.describe_failures())
         a, b = via_lb.server_by_sport(), via_lb2.server_by_sport()
