@@ -17,8 +17,10 @@ given order.  For a table of M slots the nft data path puts hash h in slot
   goal 1 + 1/floor(M/N) (Maglev's bound, NSDI 2016);
 - disruption: the fraction of flows whose server changes when one server is
   removed, or one added; goal 1/N (resp. 1/(N+1)) + 1 percentage point.
-  kdsr's default table size follows N, so a second Maglev row shows what that
-  does (every flow is re-slotted);
+  kdsr's default table size steps on a ladder of primes (>= 1000 slots per
+  server), so a second Maglev row recomputes the default after the change:
+  where N crosses a rung every flow is re-slotted, within a rung nothing
+  extra moves;
 - weights 1..4: the worst |share / fair share - 1|; goal 1%;
 - agreement: two load balancers that list the same servers in different
   orders; kdsr's goal is 100%;
@@ -66,10 +68,9 @@ sys.path.insert(0, str(ROOT))
 
 from kdsr import maglev  # noqa: E402
 from kdsr.compile import compile_node  # noqa: E402
-from kdsr.compile.selectors import MAX_TABLE_SIZE, MIN_TABLE_SIZE, SLOTS_PER_SERVER, selectors_for  # noqa: E402
+from kdsr.compile.selectors import default_table_size, selectors_for  # noqa: E402
 from kdsr.intent import parse_intent  # noqa: E402
 from kdsr.intent.model import DEFAULT_HASH_SEED  # noqa: E402
-from kdsr.intent.primes import next_prime  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import ipvs_mh_model  # noqa: E402
@@ -138,7 +139,7 @@ class Strategy:
 
 def kdsr_default_size(n: int) -> int:
     """kdsr's default table size for a pool of n servers (compile/selectors.py)."""
-    return min(next_prime(max(SLOTS_PER_SERVER * n, MIN_TABLE_SIZE)), MAX_TABLE_SIZE)
+    return default_table_size(n)[0]
 
 
 def maglev_build(servers: Servers, size: int) -> Partition:
@@ -147,7 +148,7 @@ def maglev_build(servers: Servers, size: int) -> Partition:
 
 
 def maglev_default_size_build(servers: Servers, _size: int) -> Partition:
-    # The size follows the member count, as kdsr's default does.
+    # The default recomputed for the new member count, as compile does.
     return maglev_build(servers, kdsr_default_size(len(servers)))
 
 
@@ -204,7 +205,7 @@ def ipvs_mh_history_build(servers: Servers, _size: int) -> Partition:
 STRATEGIES = [
     Strategy("kdsr maglev", maglev_build, kdsr_default_size, "table size fixed across the change"),
     Strategy(
-        "kdsr maglev, M follows N",
+        "kdsr maglev, default M after",
         maglev_default_size_build,
         kdsr_default_size,
         "kdsr's default size, recomputed after the change",
@@ -363,14 +364,14 @@ def _mark(value: float, goal: float | None, lower_is_better: bool = True) -> str
 
 def format_table(results: dict) -> str:
     header = (
-        f"{'strategy':<26} {'N':>5} {'M':>6} {'max/mean':>9} {'min/mean':>9} {'goal':>7} "
+        f"{'strategy':<28} {'N':>5} {'M':>6} {'max/mean':>9} {'min/mean':>9} {'goal':>7} "
         f"{'remove':>8} {'goal':>7} {'add':>8} {'goal':>7} {'w 1..4':>7} {'agree':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in results["rows"]:
         goal = f"{r['balance_goal']:.4f}" if r["balance_goal"] else "-"
         lines.append(
-            f"{r['strategy']:<26} {r['n']:>5} {r['table_size'] or '-':>6} "
+            f"{r['strategy']:<28} {r['n']:>5} {r['table_size'] or '-':>6} "
             f"{r['max_over_mean']:>8.4f}{_mark(r['max_over_mean'], r['balance_goal'])} "
             f"{r['min_over_mean']:>9.4f} {goal:>7} "
             f"{_pct(r['remove_moved'])}{_mark(r['remove_moved'], r['remove_goal'])}{_pct(r['remove_goal'])} "

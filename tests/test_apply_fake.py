@@ -93,7 +93,7 @@ def test_weight_change_touches_only_moved_slots(kernel, store):
     kinds = {c.kind for c in prepared.plan.changes}
     assert kinds == {"nft element"}, prepared.plan.changes[:3]
     changed = len(prepared.plan.changes)
-    assert 0 < changed < 307 // 2
+    assert 0 < changed < 4093 // 2  # the default table of a 3-server pool
     assert all(c.action == "update" for c in prepared.plan.changes)
     writes = kernel.writes
     operations.apply(prepared, kernel, store)

@@ -23,6 +23,35 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "intent.json").exists())
 
 
+def batch_text(batch: list[dict]) -> str:
+    """The batch as JSON with one command per line and one map element per line.
+
+    Maglev maps hold thousands of elements: a line each keeps the golden
+    reviewable (a changed table shows as the slots that moved) and compact.
+    """
+    lines = ['{"nftables": [']
+    for index, command in enumerate(batch):
+        comma = "," if index + 1 < len(batch) else ""
+        ((verb, body),) = command.items()
+        if "element" not in body:
+            lines.append(json.dumps(command, sort_keys=True) + comma)
+            continue
+        element = dict(body["element"])
+        elems = element.pop("elem")
+        head = json.dumps({verb: {"element": element}}, sort_keys=True)
+        lines.append(head[: -len("}}}")] + ', "elem": [')
+        lines += [json.dumps(e, sort_keys=True) + ("," if i + 1 < len(elems) else "") for i, e in enumerate(elems)]
+        lines.append("]}}}" + comma)
+    return "\n".join(lines) + "\n]}\n"
+
+
+def test_batch_text_is_the_batch():
+    intent = load_intent(GOLDEN / "l2-web" / "intent.json")
+    plan = diff(compile_node(intent, "lb1"), Observed())
+    batch = [cmd for td in plan.tables for cmd in batch_for(td)]
+    assert json.loads(batch_text(batch)) == {"nftables": batch}
+
+
 def artefacts(case_dir: Path) -> dict[str, str]:
     intent = load_intent(case_dir / "intent.json")
     out = {}
@@ -32,7 +61,7 @@ def artefacts(case_dir: Path) -> dict[str, str]:
         out[f"{node}.plan.txt"] = render_text(plan, "intent.json")
         if desired.tables:
             batch = [cmd for td in plan.tables for cmd in batch_for(td)]
-            out[f"{node}.nft.json"] = json.dumps({"nftables": batch}, indent=1, sort_keys=True) + "\n"
+            out[f"{node}.nft.json"] = batch_text(batch)
         if desired.addresses or desired.sysctls:
             server = {
                 "addresses": [{"interface": a.ifname, "address": a.cidr, "label": a.label} for a in desired.addresses],

@@ -22,14 +22,14 @@ def test_text_report(example_path):
     result = run(str(example_path), "--service", "web")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[1].startswith("table pool-web-v4-46a41f: 307 slots (default")
+    assert lines[1].startswith("table pool-web-v4-60e94c: 4093 slots (default")
     rows = [line.split() for line in lines if line.startswith("  10.10.0.")]
     assert [(r[0], r[1], int(r[3])) for r in rows] == [
-        ("10.10.0.11", "s1", 103),
-        ("10.10.0.12", "s2", 102),
-        ("10.10.0.13", "s3", 102),
+        ("10.10.0.11", "s1", 1365),
+        ("10.10.0.12", "s2", 1364),
+        ("10.10.0.13", "s3", 1364),
     ]
-    assert "max/mean 1.0065, min/mean 0.9967" in result.stdout
+    assert "max/mean 1.0005, min/mean 0.9998" in result.stdout
 
 
 def test_json_report_matches_the_table_compile_builds(example_path):
@@ -58,11 +58,23 @@ def test_without_a_server_of_a_fixed_size_table(tmp_path, example_path):
     assert change["unavoidable"] <= change["moved"] <= change["unavoidable"] + 0.01
 
 
-def test_with_a_server_says_when_the_table_size_changes(example_path):
-    result = run(str(example_path), "--service", "web", "--with", "10.10.0.14")
-    assert result.exit_code == 0, result.output
-    assert "307 -> 401" in result.stdout and "every flow is re-slotted" in result.stdout
+def test_with_a_server_within_a_rung_keeps_the_table_size(example_path):
     data = json.loads(run(str(example_path), "--service", "web", "--with", "10.10.0.14", "--json").stdout)
+    change = data["change"]
+    assert not change["table_size_changed"] and change["table_size"] == 4093
+    # The new server takes its quarter; Maglev's own reshuffle adds under a point.
+    assert change["moved"] == pytest.approx(0.25, abs=0.01)
+
+
+def test_with_a_server_says_when_the_table_size_changes(tmp_path, example_path):
+    doc = json.loads(example_path.read_text())
+    doc["pools"]["web"]["servers"].append({"address": "10.10.0.14"})
+    path = tmp_path / "four.json"
+    path.write_text(json.dumps(doc))
+    result = run(str(path), "--service", "web", "--with", "10.10.0.15")
+    assert result.exit_code == 0, result.output
+    assert "4093 -> 8191" in result.stdout and "every flow is re-slotted" in result.stdout
+    data = json.loads(run(str(path), "--service", "web", "--with", "10.10.0.15", "--json").stdout)
     assert data["change"]["table_size_changed"] and data["change"]["moved"] > 0.5
 
 

