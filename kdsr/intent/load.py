@@ -21,19 +21,28 @@ import yaml
 from kdsr.errors import IntentError, Problem
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
+    ALL_DOWN_KEEP,
+    DEFAULT_FALL,
     DEFAULT_HASH_FIELDS,
     DEFAULT_HASH_SEED,
+    DEFAULT_INTERVAL,
+    DEFAULT_JITTER,
     DEFAULT_PATH_MTU,
     DEFAULT_PIN_MAX_FLOWS,
     DEFAULT_PIN_TIMEOUT,
+    DEFAULT_RISE,
+    DEFAULT_TIMEOUT,
+    DEFAULT_UDP_SEND,
     DSR_L2,
     DSR_MODES,
     ENGINE_IPVS,
     ENGINE_NFT,
+    MONITOR_DSR,
     FlowPinning,
     Hashing,
     Intent,
     LoadBalancerNode,
+    Monitor,
     Pool,
     PoolMember,
     PortRange,
@@ -553,6 +562,39 @@ def _service(name: str, service: dict) -> Service:
             pinning=_flow_pinning(hashing.get("flow_pinning", False)),
         ),
         pointer=pointer,
+        health=_monitors(service.get("health"), f"{pointer}/health"),
+    )
+
+
+def _monitors(value: dict | list | None, pointer: str) -> tuple[Monitor, ...]:
+    """The monitors written at ``pointer`` (one object or a list), defaults filled in."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        return (_monitor(value, pointer),)
+    return tuple(_monitor(item, f"{pointer}/{i}") for i, item in enumerate(value))
+
+
+def _monitor(doc: dict, pointer: str) -> Monitor:
+    status = doc.get("status", ["2xx", "3xx"])
+    status = status if isinstance(status, list) else [status]
+    return Monitor(
+        type=doc["type"],
+        mode=doc.get("mode", MONITOR_DSR),
+        port=doc.get("port"),
+        interval=float(doc.get("interval", DEFAULT_INTERVAL)),
+        timeout=float(doc.get("timeout", DEFAULT_TIMEOUT)),
+        rise=int(doc.get("rise", DEFAULT_RISE)),
+        fall=int(doc.get("fall", DEFAULT_FALL)),
+        jitter=float(doc.get("jitter", DEFAULT_JITTER)),
+        send=doc.get("send", DEFAULT_UDP_SEND),
+        expect=doc.get("expect"),
+        path=doc.get("path", "/"),
+        host=doc.get("host"),
+        status=tuple(str(code) for code in status),
+        body=doc.get("body"),
+        verify_tls=bool(doc.get("verify_tls", False)),
+        pointer=pointer,
     )
 
 
@@ -581,7 +623,14 @@ def _pool(name: str, pool: dict, servers: dict) -> Pool:
                 pointer=f"/pools/{name}/servers/{i}",
             )
         )
-    return Pool(name=name, members=tuple(members), pointer=f"/pools/{name}")
+    pointer = f"/pools/{name}"
+    return Pool(
+        name=name,
+        members=tuple(members),
+        pointer=pointer,
+        health=_monitors(pool.get("health"), f"{pointer}/health"),
+        all_down=pool.get("all_down", ALL_DOWN_KEEP),
+    )
 
 
 def _node(name: str, node: dict, kind: str) -> dict:

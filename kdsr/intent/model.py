@@ -72,6 +72,42 @@ class FlowPinning:
     max_flows: int = DEFAULT_PIN_MAX_FLOWS  # per pool and address family
 
 
+# Health monitor defaults: out within interval x fall + timeout = 3.5 s.
+MONITOR_TYPES = ("tcp", "udp", "http", "https")
+MONITOR_DSR = "dsr"
+MONITOR_PLAIN = "plain"
+DEFAULT_INTERVAL = 1.0
+DEFAULT_TIMEOUT = 0.5
+DEFAULT_RISE = 2
+DEFAULT_FALL = 3
+DEFAULT_JITTER = 0.1
+DEFAULT_UDP_SEND = "kdsr health"
+ALL_DOWN_KEEP = "keep"
+ALL_DOWN_DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """One health check, as written on a pool or a service (``pointer`` says which)."""
+
+    type: str  # one of MONITOR_TYPES
+    mode: str = MONITOR_DSR
+    port: int | None = None  # None: the service's first port
+    interval: float = DEFAULT_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
+    rise: int = DEFAULT_RISE
+    fall: int = DEFAULT_FALL
+    jitter: float = DEFAULT_JITTER
+    send: str = DEFAULT_UDP_SEND
+    expect: str | None = None
+    path: str = "/"
+    host: str | None = None
+    status: tuple[str, ...] = ("2xx", "3xx")  # codes ("200") or classes ("2xx")
+    body: str | None = None
+    verify_tls: bool = False
+    pointer: str = field(default="", compare=False)
+
+
 @dataclass(frozen=True)
 class Hashing:
     fields: str = DEFAULT_HASH_FIELDS
@@ -97,6 +133,7 @@ class Service:
     # segments still fit the path once encapsulated; None: no clamp (L2, or
     # "off" in the intent).
     mss_clamp: int | None = None
+    health: tuple[Monitor, ...] = ()
 
     @property
     def is_l3(self) -> bool:
@@ -117,6 +154,8 @@ class Pool:
     name: str
     members: tuple[PoolMember, ...]  # in intent order; compile sorts canonically
     pointer: str = field(default="", compare=False)
+    health: tuple[Monitor, ...] = ()
+    all_down: str = ALL_DOWN_KEEP
 
 
 @dataclass(frozen=True)

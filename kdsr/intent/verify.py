@@ -209,7 +209,15 @@ class _Verifier:
         self.check_ipvs()
         self.check_flow_pinning()
         self.check_tunnel_names()
+        self.check_health()
         return self.problems
+
+    # Health monitors: kdsr/intent/health_rules.py (imported here: it uses
+    # this module's parsing helpers).
+    def check_health(self) -> None:
+        from kdsr.intent.health_rules import check_health
+
+        check_health(self.services, self.pools, self.report)
 
     # Rule 11: one role per node; the CLI selects a node by name (--node).
     def check_node_names(self) -> None:

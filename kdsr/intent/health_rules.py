@@ -1,0 +1,91 @@
+"""Cross-object rules for health monitors (``pools.*.health``, ``services.*.health``).
+
+The schema checks each monitor's shape and ranges; these rules check what a
+monitor needs from the rest of the intent: a VIP and port to probe, a
+protocol the service carries, and a DSR path the load balancer can send a
+probe down (``kdsr/health/targets.py`` builds the probes from the same facts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from kdsr.intent.model import ENGINE_IPVS, MONITOR_DSR, MONITOR_PLAIN
+from kdsr.intent.verify import port_entries, service_engine, service_protocols
+
+Report = Callable[[str, str, str], None]
+
+# The protocol each monitor type speaks.
+MONITOR_PROTOCOL = {"tcp": "tcp", "http": "tcp", "https": "tcp", "udp": "udp"}
+
+
+def monitors_at(value: object, pointer: str) -> Iterator[tuple[dict, str]]:
+    """(monitor, pointer) for the one object or the list written at ``pointer``."""
+    if isinstance(value, dict):
+        yield value, pointer
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, dict):
+                yield item, f"{pointer}/{i}"
+
+
+def pool_services(services: dict, pool: str) -> list[str]:
+    """Names of the services on ``pool``, sorted: a pool monitor probes the first one's VIP."""
+    return sorted(name for name, service in services.items() if service.get("pool") == pool)
+
+
+def check_health(services: dict, pools: dict, report: Report) -> None:
+    for name, service in services.items():
+        for monitor, pointer in monitors_at(service.get("health"), f"/services/{name}/health"):
+            _check_monitor(monitor, pointer, [name], services, report)
+    for name, pool in pools.items():
+        on_pool = pool_services(services, name)
+        for monitor, pointer in monitors_at(pool.get("health"), f"/pools/{name}/health"):
+            _check_monitor(monitor, pointer, on_pool, services, report, pool=name)
+
+
+def _check_monitor(
+    monitor: dict, pointer: str, names: list[str], services: dict, report: Report, pool: str | None = None
+) -> None:
+    kind = monitor.get("type")
+    mode = monitor.get("mode", MONITOR_DSR)
+    interval = monitor.get("interval", 1)
+    timeout = monitor.get("timeout", 0.5)
+    if isinstance(interval, int | float) and isinstance(timeout, int | float) and timeout >= interval:
+        report(
+            f"{pointer}/timeout",
+            f"timeout {timeout} s is not less than interval {interval} s: probes of one server would overlap.",
+            f"Use a timeout below {interval} s, or a longer interval.",
+        )
+    if not names:
+        if mode == MONITOR_DSR:
+            report(
+                f"{pointer}/mode",
+                f"pool {pool} has no service, so a dsr monitor has no VIP to send its probe to.",
+                'Add a service on the pool, or use "mode": "plain" (probes the servers\' own addresses).',
+            )
+        elif "port" not in monitor:
+            report(
+                pointer,
+                f"pool {pool} has no service to take a port from.",
+                'Give the monitor a "port".',
+            )
+        return
+    target = services[names[0]]
+    protocol = MONITOR_PROTOCOL.get(kind)
+    if protocol and protocol not in service_protocols(target):
+        carried = "/".join(service_protocols(target))
+        report(
+            f"{pointer}/type",
+            f"{'an' if kind.startswith('http') else 'a'} {kind} monitor needs {protocol}, but service {names[0]} carries only {carried}.",
+            f'Use a "{"udp" if protocol == "tcp" else "tcp"}" monitor, or add {protocol} to the service\'s protocols.',
+        )
+    if mode == MONITOR_DSR and service_engine(target) == ENGINE_IPVS:
+        report(
+            f"{pointer}/mode",
+            f"a dsr monitor cannot follow service {names[0]}'s ipvs engine: IPVS makes the VIP a local address "
+            "of the load balancer, so a probe addressed to it never leaves the host.",
+            f'Use "mode": "{MONITOR_PLAIN}" (probes the server\'s own address), or the nft engine.',
+        )
+    if "port" not in monitor and not port_entries(target.get("ports", []), ""):
+        report(pointer, f"service {names[0]} has no port to probe.", 'Give the monitor a "port".')
