@@ -75,9 +75,10 @@ def _check_monitor(
     protocol = MONITOR_PROTOCOL.get(kind)
     if protocol and protocol not in service_protocols(target):
         carried = "/".join(service_protocols(target))
+        article = "an" if kind.startswith("http") else "a"
         report(
             f"{pointer}/type",
-            f"{'an' if kind.startswith('http') else 'a'} {kind} monitor needs {protocol}, but service {names[0]} carries only {carried}.",
+            f"{article} {kind} monitor needs {protocol}, but service {names[0]} carries only {carried}.",
             f'Use a "{"udp" if protocol == "tcp" else "tcp"}" monitor, or add {protocol} to the service\'s protocols.',
         )
     if mode == MONITOR_DSR and service_engine(target) == ENGINE_IPVS:
