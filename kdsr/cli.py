@@ -201,6 +201,60 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else maglev_report.format_report(data), nl=False)
 
 
+@main.command(
+    name="run",
+    epilog="Example: kdsr run examples/l2-web.json --node lb1 --metrics 127.0.0.1:9469\n\n"
+    "SIGTERM stops it and leaves the kernel as the last apply made it; SIGHUP reloads the intent.",
+)
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--node", help="Which load balancer of the intent this host is (default: the one whose address is local)."
+)
+@click.option(
+    "--metrics", "listen", metavar="ADDRESS:PORT", help="Serve Prometheus metrics on /metrics (off by default)."
+)
+@click.option("--adopt", is_flag=True, help=ADOPT_HELP)
+@click.pass_obj
+def run_command(obj: Context, intent_file: str, node: str | None, listen: str | None, adopt: bool) -> None:
+    """Apply the intent, probe every server (health), and apply what health changes, until stopped."""
+    from kdsr.commands.health import run_daemon
+
+    try:
+        code = run_daemon(lambda: _load(intent_file), node, _kernel(), obj.store, max(obj.wait, 10.0), adopt, listen)
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
+def _drain(obj: Context, intent_file: str, server: str, node: str | None, drained: bool) -> None:
+    from kdsr.commands.health import set_drain
+
+    try:
+        set_drain(_load(intent_file), node, server, drained, _kernel(), obj.store, obj.wait)
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+
+
+@main.command(epilog="Example: kdsr drain examples/l2-web.json s3 --node lb1")
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("server")
+@click.option("--node", help="Which load balancer of the intent this host is.")
+@click.pass_obj
+def drain(obj: Context, intent_file: str, server: str, node: str | None) -> None:
+    """Take SERVER (address or node) out of new-flow selection on this load balancer; remembered until undrain."""
+    _drain(obj, intent_file, server, node, True)
+
+
+@main.command(epilog="Example: kdsr undrain examples/l2-web.json s3 --node lb1")
+@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("server")
+@click.option("--node", help="Which load balancer of the intent this host is.")
+@click.pass_obj
+def undrain(obj: Context, intent_file: str, server: str, node: str | None) -> None:
+    """Give a drained SERVER its slots back."""
+    _drain(obj, intent_file, server, node, False)
+
+
 def run() -> None:
     """Console entry point.
 

@@ -214,16 +214,19 @@ class Link:
 @dataclass(frozen=True)
 class Route:
     """The default route of a kdsr routing table: everything marked for one
-    server leaves through that server's tunnel."""
+    server leaves through that server's tunnel, or (``gateway``, l2 health
+    probes) goes on-link to that server's MAC with its destination unchanged."""
 
     family: int
     table: int
     dev: str
     pointer: str = field(default="", compare=False)
+    gateway: str = ""
 
     @property
     def ident(self) -> str:
-        return f"ipv{self.family} table {self.table:#x} default dev {self.dev}"
+        via = f" via {self.gateway}" if self.gateway else ""
+        return f"ipv{self.family} table {self.table:#x} default{via} dev {self.dev}"
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,11 @@ def tunnel_mark(mode: str, address: str) -> int:
     return MARK_BASE | int(server_key(mode, address), 16)
 
 
+def probe_mark(address: str) -> int:
+    """fwmark and routing table id that send an l2 health probe to ``address``'s MAC."""
+    return MARK_BASE | _digest23(f"probe|l2|{address}")
+
+
 def is_kdsr_mark(value: int) -> bool:
     return value & MARK_MASK == MARK_BASE
 

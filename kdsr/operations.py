@@ -7,6 +7,7 @@ same paths with a fake kernel.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 from kdsr.apply import ApplyResult, apply_plan
@@ -14,6 +15,8 @@ from kdsr.compile import compile_node
 from kdsr.compile.lb_nft_l2 import SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import Plan, diff
 from kdsr.errors import ForeignObjectError, UsageError
+from kdsr.health import status as health_status
+from kdsr.health.effective import effective_intent
 from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel
 from kdsr.kernel.nft_json import element_counters
@@ -56,11 +59,24 @@ def select_node(intent: Intent, node: str | None, kernel: Kernel) -> str:
     raise UsageError(f"{intent.source}: several nodes match this host ({', '.join(candidates)}); pass --node")
 
 
-def prepare(intent: Intent, node: str | None, kernel: Kernel, store: StateStore, adopt: bool = False) -> Prepared:
+def prepare(
+    intent: Intent,
+    node: str | None,
+    kernel: Kernel,
+    store: StateStore,
+    adopt: bool = False,
+    down: frozenset[tuple[str, str]] | None = None,
+) -> Prepared:
+    """Plan the node's changes.  Drains recorded with `kdsr drain` and the
+    servers health took out (``down``; by default those a running `kdsr run`
+    reports) are applied as weight 0 (kdsr/health/effective.py)."""
     name = select_node(intent, node, kernel)
-    desired = compile_node(intent, name)
-    _check_interfaces(intent, name, kernel)
     state = store.load(name)
+    if down is None:
+        down = health_status.down_servers(health_status.live_view(store, name))
+    effective = effective_intent(intent, down, frozenset(state.drained))
+    desired = compile_node(effective.intent, name)
+    _check_interfaces(intent, name, kernel)
     observed = observe(kernel, desired, state)
     observed = _check_foreign(intent, desired, observed, state, adopt)
     plan = diff(desired, observed)
@@ -175,6 +191,15 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                     {"selector": nmap.name, "server": server, "slots": slots, "packets": packets, "bytes": nbytes}
                 )
     nodes = [node] if node else store.nodes()
+    report["health"] = []
+    report["drained"] = []
+    for name in nodes:
+        view = health_status.read(store, name)
+        if view:
+            alive = health_status.live_view(store, name) is not None
+            for server in view.get("servers", []):
+                report["health"].append({**server, "node": name, "server_node": server.get("node"), "daemon": alive})
+        report["drained"] += [{"node": name, "server": s} for s in sorted(store.load(name).drained)]
     for name in nodes:
         state = store.load(name)
         for ident in sorted(state.owned_addresses):
@@ -190,7 +215,7 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
 
 def format_show(report: dict) -> str:
     lines = []
-    if not (report["tables"] or report["addresses"] or report["sysctls"]):
+    if not (report["tables"] or report["addresses"] or report["sysctls"] or report.get("health")):
         return "kdsr owns nothing on this host.\n"
     for table in report["tables"]:
         lines.append(f"nft table {table}")
@@ -205,6 +230,18 @@ def format_show(report: dict) -> str:
         lines.append("\nservers (Maglev slots, packets/bytes forwarded):")
         for s in report["servers"]:
             lines.append(f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B")
+    if report.get("health"):
+        lines.append("\nhealth (kdsr run):")
+        for h in report["health"]:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if h.get("since") else "start"
+            note = "" if h["daemon"] else "  (daemon not running: last known)"
+            error = f", last error: {h['last_error']}" if h.get("last_error") and h["state"] != "up" else ""
+            table = "" if h.get("in_table", True) else ", out of the table"
+            lines.append(f"  [{h['node']}] {h['pool']}: {h['server']} {h['state']} since {since}{error}{table}{note}")
+    if report.get("drained"):
+        lines.append("\ndrained (kdsr drain):")
+        for d in report["drained"]:
+            lines.append(f"  [{d['node']}] {d['server']}")
     if report["addresses"]:
         lines.append("\naddresses owned:")
         for a in report["addresses"]:

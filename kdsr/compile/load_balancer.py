@@ -2,6 +2,8 @@
 
 - nft engine, l2:  the ``netdev kdsr`` table (lb_nft_l2);
 - nft engine, L3:  the ``inet kdsr`` table, tunnels, routes and rules (lb_nft_l3);
+- health probes:  for dsr monitors of l2 services, a route and rule per
+                   server (kdsr/health/targets.py);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3
 from kdsr.compile.selectors import selectors_for
+from kdsr.health.targets import probe_paths
 from kdsr.intent.model import Intent, LoadBalancerNode
 from kdsr.model import Desired, NftTable
 
@@ -39,6 +42,7 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode) -> Desired:
     modules.update(l3.get("modules", ()))
     modules.update(ipvs.get("modules", ()))
     sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ()))}
+    probe_routes, probe_rules = probe_paths(intent, lb)
     return Desired(
         node=lb.name,
         role="load-balancer",
@@ -46,8 +50,8 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode) -> Desired:
         addresses=tuple(sorted(ipvs.get("addresses", ()), key=lambda a: a.ident)),
         sysctls=tuple(sorted(sysctls.values(), key=lambda s: s.key)),
         links=tuple(l3.get("links", ())),
-        routes=tuple(l3.get("routes", ())),
-        rules=tuple(l3.get("rules", ())),
+        routes=tuple(sorted([*l3.get("routes", ()), *probe_routes], key=lambda r: r.ident)),
+        rules=tuple(sorted([*l3.get("rules", ()), *probe_rules], key=lambda r: r.ident)),
         ipvs=tuple(ipvs.get("ipvs", ())),
         modules=tuple(sorted(modules)),
     )

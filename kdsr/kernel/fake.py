@@ -283,10 +283,10 @@ class FakeKernel:
         if any((r.family, r.table) == (route.family, route.table) for r in self.routes):
             raise KernelError(f"add route {route.ident}: EEXIST File exists")
         self._write(f"route add {route.ident}")
-        self.routes.append(Route(route.family, route.table, route.dev))
+        self.routes.append(Route(route.family, route.table, route.dev, gateway=route.gateway))
 
     def route_del(self, route: Route) -> None:
-        plain = Route(route.family, route.table, route.dev)
+        plain = Route(route.family, route.table, route.dev, gateway=route.gateway)
         if plain not in self.routes:
             raise KernelError(f"del route {route.ident}: ESRCH No such process")
         self._write(f"route del {route.ident}")

@@ -33,6 +33,7 @@ class NodeState:
     last_intent: str = ""
     links: set[str] = field(default_factory=set)  # link names kdsr created
     ipvs: set[str] = field(default_factory=set)  # IpvsService.ident kdsr created
+    drained: set[str] = field(default_factory=set)  # member addresses or node names (`kdsr drain`)
 
     def to_json(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class NodeState:
             "last_intent": self.last_intent,
             "links": sorted(self.links),
             "ipvs": sorted(self.ipvs),
+            "drained": sorted(self.drained),
         }
 
     @classmethod
@@ -58,11 +60,14 @@ class NodeState:
             last_intent=data.get("last_intent", ""),
             links=set(data.get("links", [])),
             ipvs=set(data.get("ipvs", [])),
+            drained=set(data.get("drained", [])),
         )
 
     @property
     def empty(self) -> bool:
-        return not (self.owned_addresses or self.sysctl_previous or self.tables or self.links or self.ipvs)
+        return not (
+            self.owned_addresses or self.sysctl_previous or self.tables or self.links or self.ipvs or self.drained
+        )
 
 
 class StateStore:
@@ -92,6 +97,10 @@ class StateStore:
         if not self.directory.is_dir():
             return []
         return sorted(p.stem for p in self.directory.glob("*.json"))
+
+    def health_path(self, node: str) -> Path:
+        """Where ``kdsr run`` publishes its health view (read by show, plan and apply)."""
+        return self.directory / "health" / f"{node}.json"
 
     def lock(self, wait_seconds: float = 0.0) -> Lock:
         return Lock(self.directory / "lock", wait_seconds)

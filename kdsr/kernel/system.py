@@ -162,13 +162,17 @@ class _L3Mixin:
                 # else in its table range (unreachable, blackhole) is not its own.
                 if not naming.is_kdsr_mark(table) or msg["dst_len"] != 0 or msg["type"] != 1:
                     continue
-                routes.append(Route(family, table, names.get(msg.get_attr("RTA_OIF"), "?")))
+                gateway = msg.get_attr("RTA_GATEWAY") or ""
+                routes.append(Route(family, table, names.get(msg.get_attr("RTA_OIF"), "?"), gateway=gateway))
         return routes
 
     def _route(self, op: str, route) -> None:
         dst = "0.0.0.0/0" if route.family == 4 else "::/0"
         try:
-            self.ipr.route(op, dst=dst, oif=self._index(route.dev), table=route.table, family=_AF[route.family])  # type: ignore[attr-defined]
+            args = {"dst": dst, "oif": self._index(route.dev), "table": route.table, "family": _AF[route.family]}
+            if route.gateway:
+                args["gateway"] = route.gateway
+            self.ipr.route(op, **args)  # type: ignore[attr-defined]
         except KernelError:
             raise
         except Exception as exc:

@@ -1,0 +1,64 @@
+"""The intent as the load balancer should apply it now: health and drains folded in.
+
+A server that is down or drained keeps its place in the pool with weight 0.
+The pool's member count, and so its table size, stays the same: only the
+slots that server held move (to the others), and no other flow changes
+server.  That is exactly what a drain in the intent does, so health takes
+the same diff/apply path as any edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kdsr.intent.model import ALL_DOWN_DROP, Intent, Pool
+
+# What became of a pool (reported by `kdsr show` and the metrics).
+POOL_OK = "ok"
+POOL_DEGRADED = "degraded"
+POOL_ALL_DOWN_KEPT = "all-down-kept"
+POOL_ALL_DOWN_DROPPED = "all-down-dropped"
+
+
+@dataclass(frozen=True)
+class Effective:
+    intent: Intent
+    pools: dict[str, str]  # pool -> POOL_*
+    out: dict[str, tuple[str, ...]]  # pool -> member addresses at weight 0 because of health or drain
+
+
+def _is_drained(member, drained: frozenset[str]) -> bool:
+    return str(member.address) in drained or (member.node is not None and member.node in drained)
+
+
+def _pool(pool: Pool, down: frozenset[tuple[str, str]], drained: frozenset[str]) -> tuple[Pool, str, tuple]:
+    serving = [m for m in pool.members if m.weight > 0]
+    by_drain = {str(m.address) for m in serving if _is_drained(m, drained)}
+    by_health = {str(m.address) for m in serving if (pool.name, str(m.address)) in down} - by_drain
+    condition = POOL_DEGRADED if by_health else POOL_OK
+    if serving and by_health and len(by_drain | by_health) == len(serving):
+        # Every server that should serve is down.  Keep: health is ignored
+        # for this pool (a check that fails everywhere is more likely wrong
+        # than every server); drop: the table empties and the pool's traffic
+        # is dropped at the load balancer.
+        if pool.all_down == ALL_DOWN_DROP:
+            condition = POOL_ALL_DOWN_DROPPED
+        else:
+            condition, by_health = POOL_ALL_DOWN_KEPT, set()
+    out = by_drain | by_health
+    if not out:
+        return pool, condition, ()
+    members = tuple(dataclasses.replace(m, weight=0) if str(m.address) in out else m for m in pool.members)
+    return dataclasses.replace(pool, members=members), condition, tuple(sorted(out))
+
+
+def effective_intent(
+    intent: Intent, down: frozenset[tuple[str, str]] = frozenset(), drained: frozenset[str] = frozenset()
+) -> Effective:
+    """``down``: (pool, member address) pairs health took out; ``drained``: addresses or node names."""
+    pools, conditions, out = [], {}, {}
+    for pool in intent.pools:
+        new, conditions[pool.name], out[pool.name] = _pool(pool, down, drained)
+        pools.append(new)
+    return Effective(dataclasses.replace(intent, pools=tuple(pools)), conditions, out)
