@@ -73,7 +73,10 @@ def _check_monitor(
         return
     target = services[names[0]]
     protocol = MONITOR_PROTOCOL.get(kind)
-    if protocol and protocol not in service_protocols(target):
+    # A plain monitor with its own port may probe anything the server runs
+    # (a health endpoint beside the service); otherwise it probes the service.
+    own_port = mode == MONITOR_PLAIN and "port" in monitor
+    if protocol and not own_port and protocol not in service_protocols(target):
         carried = "/".join(service_protocols(target))
         article = "an" if kind.startswith("http") else "a"
         report(

@@ -1,0 +1,425 @@
+"""Health monitoring without a lab: the rise/fall state machine, the effective
+intent, probe targets and paths, the daemon driven by scripted probe results
+against the fake kernel, metrics, and real probes to loopback listeners."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from click.testing import CliRunner
+
+from kdsr import naming, operations
+from kdsr.cli import main
+from kdsr.compile import compile_node
+from kdsr.health import metrics
+from kdsr.health import status as health_status
+from kdsr.health.daemon import Runner, log_line
+from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, POOL_DEGRADED, effective_intent
+from kdsr.health.probes import Result, probe, status_matches
+from kdsr.health.state import DOWN, UP, TargetState
+from kdsr.health.targets import targets_for
+from kdsr.intent import parse_intent
+from kdsr.kernel.fake import FakeKernel
+from kdsr.kernel.state import StateStore
+
+BASE = {
+    "version": 1,
+    "services": {
+        "web": {"vip": "10.10.0.100", "ports": [80, 443], "protocols": "tcp", "pool": "web"},
+        "web6": {"vip": "fd00:10::100", "ports": 80, "pool": "web6"},
+    },
+    "pools": {
+        "web": {
+            "servers": [{"node": "s1"}, {"node": "s2"}, {"node": "s3"}],
+            "health": {"type": "tcp", "interval": 1, "timeout": 0.5, "rise": 2, "fall": 3},
+        },
+        "web6": {"servers": [{"address": "fd00:10::11"}, {"address": "fd00:10::12"}]},
+    },
+    "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.10.0.2/24", "fd00:10::2/64"]}},
+    "servers": {
+        "s1": {"interface": "eth0", "addresses": ["10.10.0.11/24"]},
+        "s2": {"interface": "eth0", "addresses": ["10.10.0.12/24"]},
+        "s3": {"interface": "eth0", "addresses": ["10.10.0.13/24"]},
+    },
+}
+
+
+def doc(mutate=None) -> dict:
+    d = copy.deepcopy(BASE)
+    if mutate:
+        mutate(d)
+    return d
+
+
+def intent(mutate=None):
+    return parse_intent(json.dumps(doc(mutate)), "health.json")
+
+
+# --- state machine -------------------------------------------------------------
+
+
+def test_down_after_fall_failures_in_a_row_and_up_after_rise_successes():
+    state = TargetState(rise=2, fall=3)
+    results = [False, False, True, False, False, False, True, True]
+    changes = [state.record(ok, "refused", 0.001, float(i)) for i, ok in enumerate(results)]
+    assert changes == [False, False, False, False, False, True, False, True]
+    assert state.state == UP and state.transitions == 2 and state.since == 7.0
+
+
+@pytest.mark.parametrize(("rise", "fall"), [(1, 1), (2, 3), (3, 2)])
+def test_a_flapping_server_changes_at_most_once_per_rise_or_fall_window(rise, fall):
+    state = TargetState(rise=rise, fall=fall)
+    # 100 probes of a server whose answers alternate in runs of one to three.
+    pattern = [True, False, False, True, True, True, False, True, False, False, False]
+    results = [pattern[i % len(pattern)] for i in range(100)]
+    change_at = [i for i, ok in enumerate(results) if state.record(ok, "x", 0.0, float(i))]
+    window = min(rise, fall)
+    assert all(b - a >= window for a, b in zip(change_at, change_at[1:], strict=False)), change_at
+
+
+# --- effective intent ----------------------------------------------------------
+
+
+def weights(it, pool: str) -> dict[str, int]:
+    return {str(m.address): m.weight for m in it.pool(pool).members}
+
+
+def test_down_and_drained_servers_keep_their_place_at_weight_zero():
+    eff = effective_intent(intent(), frozenset({("web", "10.10.0.12")}), frozenset({"fd00:10::11"}))
+    assert weights(eff.intent, "web") == {"10.10.0.11": 1, "10.10.0.12": 0, "10.10.0.13": 1}
+    assert weights(eff.intent, "web6") == {"fd00:10::11": 0, "fd00:10::12": 1}
+    assert eff.pools == {"web": POOL_DEGRADED, "web6": "ok"}
+    # A drain by node name works too.
+    eff = effective_intent(intent(), drained=frozenset({"s3"}))
+    assert weights(eff.intent, "web")["10.10.0.13"] == 0
+
+
+def test_table_size_does_not_change_when_a_server_goes_down():
+    before = {s.name: s.table_size for s in compile_selectors(intent())}
+    down = effective_intent(intent(), frozenset({("web", "10.10.0.12")})).intent
+    assert {s.name: s.table_size for s in compile_selectors(down)} == before
+
+
+def compile_selectors(it):
+    from kdsr.compile.selectors import selectors_for
+
+    return selectors_for(it)
+
+
+@pytest.mark.parametrize(("all_down", "expected"), [("keep", POOL_ALL_DOWN_KEPT), ("drop", POOL_ALL_DOWN_DROPPED)])
+def test_every_server_down_follows_the_pools_all_down(all_down, expected):
+    it = intent(lambda d: d["pools"]["web"].update(all_down=all_down))
+    down = frozenset(("web", f"10.10.0.1{i}") for i in (1, 2, 3))
+    eff = effective_intent(it, down)
+    assert eff.pools["web"] == expected
+    kept = set(weights(eff.intent, "web").values()) == {1}
+    assert kept == (all_down == "keep")
+
+
+def test_drained_servers_stay_out_when_the_rest_are_down_and_all_down_keeps():
+    down = frozenset({("web", "10.10.0.11"), ("web", "10.10.0.12")})
+    eff = effective_intent(intent(), down, frozenset({"s3"}))
+    assert eff.pools["web"] == POOL_ALL_DOWN_KEPT
+    assert weights(eff.intent, "web") == {"10.10.0.11": 1, "10.10.0.12": 1, "10.10.0.13": 0}
+
+
+# --- targets and paths ---------------------------------------------------------
+
+
+def test_dsr_targets_probe_the_vip_with_a_per_server_mark():
+    targets = targets_for(intent())
+    assert [(t.server, t.address, t.port) for t in targets] == [
+        ("10.10.0.11", "10.10.0.100", 80),
+        ("10.10.0.12", "10.10.0.100", 80),
+        ("10.10.0.13", "10.10.0.100", 80),
+    ]
+    assert [t.mark for t in targets] == [naming.probe_mark(t.server) for t in targets]
+    assert len({t.mark for t in targets}) == 3 and all(naming.is_kdsr_mark(t.mark) for t in targets)
+
+
+def test_plain_targets_probe_the_servers_own_address_unmarked():
+    it = intent(lambda d: d["pools"]["web"]["health"].update(mode="plain", port=8080))
+    assert [(t.address, t.port, t.mark) for t in targets_for(it)] == [
+        ("10.10.0.11", 8080, 0),
+        ("10.10.0.12", 8080, 0),
+        ("10.10.0.13", 8080, 0),
+    ]
+
+
+def test_l3_dsr_targets_use_the_servers_tunnel_marks():
+    def l3(d):
+        d["services"]["web"]["dsr"] = {"mode": "l3-gre"}
+
+    targets = targets_for(intent(l3))
+    assert [t.mark for t in targets] == [naming.tunnel_mark("l3-gre", t.server) for t in targets]
+
+
+def test_l2_dsr_monitors_compile_to_a_route_via_each_server_and_a_rule():
+    desired = compile_node(intent(), "lb1")
+    routes = {r.ident for r in desired.routes}
+    assert routes == {
+        f"ipv4 table {naming.probe_mark(a):#x} default via {a} dev eth0"
+        for a in ("10.10.0.11", "10.10.0.12", "10.10.0.13")
+    }
+    assert {r.fwmark for r in desired.rules} == {naming.probe_mark(f"10.10.0.1{i}") for i in (1, 2, 3)}
+    # Without monitors, no routes at all.
+    plain = compile_node(intent(lambda d: d["pools"]["web"].pop("health")), "lb1")
+    assert not plain.routes and not plain.rules
+
+
+# --- the daemon against the fake kernel ------------------------------------------
+
+
+class Script:
+    """Probe results by server address; anything unscripted succeeds."""
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+
+    def __call__(self, target) -> Result:
+        if target.server in self.failing:
+            return Result(False, 0.001, "connection refused")
+        return Result(True, 0.001)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    kernel = FakeKernel()
+    kernel.sysctls.update(
+        {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
+    )
+    store = StateStore(tmp_path / "state")
+    path = tmp_path / "intent.json"
+    path.write_text(json.dumps(doc()))
+    lines: list[str] = []
+    script = Script()
+
+    def load():
+        from kdsr.intent import load_intent
+
+        return load_intent(path)
+
+    runner = Runner(load, "lb1", kernel, store, emit=lines.append, probe_fn=script)
+    runner.path, runner.lines, runner.script = path, lines, script  # type: ignore[attr-defined]
+    return runner
+
+
+def feed(runner: Runner, rounds: int) -> None:
+    """Probe every target ``rounds`` times, synchronously, and let the runner act after each round."""
+    for _ in range(rounds):
+        for key, target in runner.targets.items():
+            runner.results.put((runner._generation, key, runner._probe(target)))
+        runner.step(poll=0)
+
+
+def slots_of(runner: Runner, server: str) -> int:
+    table, _listing = runner.kernel.nft_read_table("netdev", "kdsr")
+    maps = [m for m in table.maps if m.name.startswith("pool-web-")]
+    return sum(1 for nmap in maps for _k, e in nmap.elements if e.value == server)
+
+
+def test_daemon_takes_a_failing_server_out_in_one_transaction_and_brings_it_back(daemon):
+    daemon.start()
+    daemon._stop_probes()  # the test feeds results itself
+    assert slots_of(daemon, "10.10.0.12") > 0
+    writes = daemon.kernel.writes
+    daemon.script.failing.add("10.10.0.12")
+    feed(daemon, 2)
+    assert daemon.kernel.writes == writes  # fall is 3
+    feed(daemon, 1)
+    assert daemon.kernel.writes == writes + 1  # one nft transaction
+    assert slots_of(daemon, "10.10.0.12") == 0
+    assert any("event=health" in line and "server=10.10.0.12" in line and "state=down" in line for line in daemon.lines)
+    view = health_status.read(daemon.store, "lb1")
+    assert {(s["server"], s["state"], s["in_table"]) for s in view["servers"]} >= {("10.10.0.12", DOWN, False)}
+    # A manual plan while the daemon is alive sees the same table: no change.
+    assert operations.prepare(intent(), "lb1", daemon.kernel, daemon.store).plan.empty
+    daemon.script.failing.clear()
+    feed(daemon, 2)
+    assert slots_of(daemon, "10.10.0.12") > 0 and daemon.kernel.writes == writes + 2
+
+
+def test_daemon_flapping_server_makes_at_most_one_table_change_per_window(daemon):
+    daemon.start()
+    daemon._stop_probes()
+    writes = daemon.kernel.writes
+    for i in range(30):  # alternate every probe: never 3 failures or 2 successes in a row... except by design
+        (daemon.script.failing.add if i % 2 else daemon.script.failing.discard)("10.10.0.11")
+        feed(daemon, 1)
+    assert daemon.kernel.writes == writes
+
+
+def test_daemon_reload_with_a_bad_intent_keeps_the_old_one(daemon):
+    daemon.start()
+    daemon._stop_probes()
+    daemon.path.write_text("{ not json")
+    daemon.reload()
+    assert any("event=reload-failed" in line for line in daemon.lines)
+    assert daemon.intent is not None and daemon.targets
+    daemon._stop_probes()
+
+
+def test_daemon_restart_keeps_a_down_server_down(daemon, tmp_path):
+    daemon.start()
+    daemon._stop_probes()
+    daemon.script.failing.add("10.10.0.13")
+    feed(daemon, 3)
+    assert slots_of(daemon, "10.10.0.13") == 0
+    writes = daemon.kernel.writes
+    again = Runner(lambda: daemon._load(), "lb1", daemon.kernel, daemon.store, emit=[].append, probe_fn=daemon.script)
+    again.start()
+    again._stop_probes()
+    assert daemon.kernel.writes == writes, "restarting re-added the down server (a flap)"
+    assert again.states[next(k for k, t in again.targets.items() if t.server == "10.10.0.13")].state == DOWN
+
+
+def test_daemon_refuses_a_bad_intent_before_touching_anything(tmp_path):
+    kernel = FakeKernel()
+    path = tmp_path / "bad.json"
+    bad = doc(lambda d: d["pools"]["web"]["health"].update(timeout=5))
+    path.write_text(json.dumps(bad))
+    from kdsr.errors import IntentError
+    from kdsr.intent import load_intent
+
+    runner = Runner(lambda: load_intent(path), "lb1", kernel, StateStore(tmp_path / "s"), emit=[].append)
+    with pytest.raises(IntentError) as caught:
+        runner.start()
+    assert "/pools/web/health/timeout" in str(caught.value)
+    assert kernel.writes == 0
+
+
+def test_drain_and_undrain_through_the_cli_functions(daemon):
+    from kdsr.commands.health import set_drain
+
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", daemon.kernel, daemon.store), daemon.kernel, daemon.store)
+    set_drain(it, "lb1", "s2", True, daemon.kernel, daemon.store, 0)
+    assert slots_of(daemon, "10.10.0.12") == 0 and daemon.store.load("lb1").drained == {"s2"}
+    # Apply honours the drain: a second apply of the intent changes nothing.
+    assert operations.prepare(it, "lb1", daemon.kernel, daemon.store).plan.empty
+    set_drain(it, "lb1", "s2", False, daemon.kernel, daemon.store, 0)
+    assert slots_of(daemon, "10.10.0.12") > 0 and not daemon.store.load("lb1").drained
+
+
+def test_drain_of_an_unknown_server_is_a_usage_error(tmp_path):
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps(doc()))
+    result = CliRunner().invoke(main, ["--state-dir", str(tmp_path / "s"), "drain", str(path), "s9", "--node", "lb1"])
+    assert result.exit_code == 4 and "s9" in result.output and "Members: 10.10.0.11" not in result.output
+
+
+# --- metrics and logs ----------------------------------------------------------
+
+
+def test_metrics_render_health_applies_and_kernel_counters(daemon):
+    daemon.start()
+    daemon._stop_probes()
+    daemon.script.failing.add("10.10.0.12")
+    feed(daemon, 3)
+    report = {"services": [{"vip": "10.10.0.100", "protocol": "tcp", "port": "80", "packets": 7}], "servers": []}
+    text = metrics.render(daemon.view(), daemon.counters, report)
+    assert 'kdsr_server_up{pool="web",server="10.10.0.12",node="s2"} 0' in text
+    assert 'kdsr_server_up{pool="web",server="10.10.0.11",node="s1"} 1' in text
+    assert "kdsr_applies_total 2" in text
+    assert 'kdsr_vip_packets_total{vip="10.10.0.100",protocol="tcp",port="80"} 7' in text
+    assert all(line.startswith(("#", "kdsr_")) for line in text.splitlines())
+
+
+def test_metrics_server_answers_on_loopback(daemon):
+    server = metrics.serve("127.0.0.1:0", lambda: "kdsr_up 1\n")
+    try:
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=2) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b"".join(iter(lambda: conn.recv(4096), b""))
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"kdsr_up 1\n")
+    finally:
+        server.shutdown()
+
+
+def test_log_lines_are_one_line_and_quote_what_needs_it():
+    line = log_line("health", server="10.0.0.1", error='connect "refused"\nnext')
+    assert "\n" not in line and line.split()[1] == "event=health"
+    assert 'error="connect \\"refused\\"\\nnext"' in line
+
+
+# --- real probes to loopback ---------------------------------------------------
+
+
+def loopback_target(kind: str, port: int, **monitor):
+    d = doc(lambda d: d["pools"]["web"].update(health={"type": kind, "mode": "plain", "port": port, **monitor}))
+    target = targets_for(parse_intent(json.dumps(d), "t.json"))[0]
+    import dataclasses
+
+    return dataclasses.replace(target, address="127.0.0.1")
+
+
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_probe_passes_on_a_listener_and_fails_refused_without():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert probe(loopback_target("tcp", listener.getsockname()[1])).ok
+    result = probe(loopback_target("tcp", free_port()))
+    assert not result.ok and result.error == "connection refused"
+
+
+def test_udp_probe_checks_the_reply():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def answer():
+            for _ in range(2):
+                data, peer = server.recvfrom(100)
+                server.sendto(b"pong " + data, peer)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        assert probe(loopback_target("udp", port, send="ping", expect="pong")).ok
+        bad = probe(loopback_target("udp", port, send="ping", expect="nope"))
+        assert not bad.ok and "nope" in bad.error
+        thread.join(timeout=2)
+    silent = probe(loopback_target("udp", free_port(socket.SOCK_DGRAM), timeout=0.2, interval=1))
+    assert not silent.ok
+
+
+def test_http_probe_checks_status_and_body():
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            code = 200 if self.path == "/ok" else 503
+            body = b"healthy" if code == 200 else b"no"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert probe(loopback_target("http", port, path="/ok", body="healthy")).ok
+        assert probe(loopback_target("http", port, path="/down")).error == "status 503"
+        assert probe(loopback_target("http", port, path="/ok", body="nope")).error.startswith("body lacks")
+        assert probe(loopback_target("http", port, path="/down", status=[503])).ok
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_status_classes_and_codes():
+    assert status_matches(204, ("2xx",)) and status_matches(301, ("2xx", "3xx"))
+    assert not status_matches(404, ("2xx", "3xx")) and status_matches(404, ("404",))
