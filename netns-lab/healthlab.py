@@ -1,0 +1,116 @@
+"""The health lab: the L2 lab with `kdsr run` on the load balancer, two pools
+(one checked through the DSR path, one plainly), responders on the servers,
+and a client that streams new flows.  Used by netns-lab/tests/test_health_lab.py
+and bench/health_reaction.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lab as netns_lab
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWSTREAM = ROOT / "netns-lab" / "flowstream.py"
+VIP_DSR, VIP_PLAIN = "10.10.0.100", "10.10.0.101"
+INTERVAL, TIMEOUT, RISE, FALL, JITTER = 1.0, 0.5, 2, 3, 0.05
+REACTION_BOUND = INTERVAL * FALL + TIMEOUT + 0.5  # the issue's bound, from the listener's stop
+SERVERS = ("s1", "s2", "s3")
+MONITOR = {"type": "tcp", "interval": INTERVAL, "timeout": TIMEOUT, "rise": RISE, "fall": FALL, "jitter": JITTER}
+
+INTENT = {
+    "version": 1,
+    "services": {
+        "web": {"vip": VIP_DSR, "ports": 80, "protocols": "tcp", "pool": "web"},
+        "plainweb": {"vip": VIP_PLAIN, "ports": 80, "protocols": "tcp", "pool": "plainweb"},
+    },
+    "pools": {
+        "web": {"servers": [{"node": s} for s in SERVERS], "health": MONITOR},
+        "plainweb": {"servers": [{"node": s} for s in SERVERS], "health": {**MONITOR, "mode": "plain", "port": 80}},
+    },
+    "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.10.0.2/24"]}},
+    "servers": {s: {"interface": "eth0", "addresses": [f"10.10.0.1{i}/24"]} for i, s in enumerate(SERVERS, 1)},
+}
+
+
+class HealthLab:
+    def __init__(self, lab: netns_lab.L2Lab, workdir: Path) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.intent_path = workdir / "intent.json"
+        self.intent_path.write_text(json.dumps(INTENT, indent=1))
+        self.responders: dict[str, netns_lab.Responder] = {}
+        self.daemon: netns_lab.LabProcess | None = None
+
+    def kdsr(self, host: str, *args: str) -> None:
+        argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir / host), *args]
+        result = self.lab.run(host, argv, check=False, cwd=ROOT)
+        assert result.returncode == 0, f"kdsr {' '.join(args)} in {host}: {result.stdout}\n{result.stderr}"
+
+    def start_responder(self, server: str) -> None:
+        self.responders[server] = self.lab.start_responder(server, tcp_ports=[80])
+
+    def start_daemon(self) -> None:
+        argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir / "lb"), "run", str(self.intent_path)]
+        argv += ["--node", "lb1"]
+        self.daemon = self.lab.spawn("lb", argv, tag="kdsr-run")
+        applied = lambda: (self.view() or {}).get("applies", 0) >= 1  # noqa: E731
+        self.wait_for(applied, 60, "kdsr run's first apply")
+
+    def view(self) -> dict | None:
+        path = self.state_dir / "lb" / "health" / "lb1.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def state_of(self, pool: str, server: str) -> str:
+        view = self.view() or {}
+        return next(s["state"] for s in view.get("servers", []) if s["pool"] == pool and s["server"] == server)
+
+    def wait_for(self, condition, seconds: float, what: str) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            if condition():
+                return time.monotonic() - started
+            assert self.daemon is None or self.daemon.running(), f"kdsr run exited:\n{self.daemon.stderr()}"
+            time.sleep(0.05)
+        raise AssertionError(f"{what} did not happen within {seconds} s; kdsr run said:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.daemon.stderr() if self.daemon else ""
+
+    def stream(self, seconds: float, vip: str = VIP_DSR) -> netns_lab.LabProcess:
+        out = self.workdir / f"flows-{time.monotonic_ns()}.jsonl"
+        argv = [sys.executable, str(FLOWSTREAM), "--vip", vip, "--port", "80", "--every", "0.02"]
+        argv += ["--seconds", str(seconds), "--first-sport", str(self.lab.next_sports(int(seconds / 0.02) + 1))]
+        argv += ["--out", str(out)]
+        proc = self.lab.spawn("client", argv, tag="flowstream", ready_marker="READY")
+        proc.out_path = out  # type: ignore[attr-defined]
+        return proc
+
+
+def flows_of(proc: netns_lab.LabProcess, seconds: float) -> list[dict]:
+    proc.popen.wait(timeout=seconds + 30)
+    return [json.loads(line) for line in Path(proc.out_path).read_text().splitlines()]  # type: ignore[attr-defined]
+
+
+def deploy(lab: netns_lab.L2Lab, workdir: Path) -> HealthLab:
+    """Responders and kdsr on every server, then `kdsr run` on the load balancer."""
+    hl = HealthLab(lab, workdir)
+    for server in SERVERS:
+        hl.start_responder(server)
+        hl.kdsr(server, "apply", str(hl.intent_path), "--node", server)
+    hl.start_daemon()
+    return hl
+
+
+def teardown(hl: HealthLab) -> None:
+    if hl.daemon and hl.daemon.running():
+        hl.daemon.stop()
+    for server in SERVERS:
+        hl.kdsr(server, "destroy", "--node", server)
+    hl.kdsr("lb", "destroy", "--node", "lb1")
