@@ -15,7 +15,7 @@ import lab as netns_lab
 ROOT = Path(__file__).resolve().parents[1]
 FLOWSTREAM = ROOT / "netns-lab" / "flowstream.py"
 VIP_DSR, VIP_PLAIN = "10.10.0.100", "10.10.0.101"
-INTERVAL, TIMEOUT, RISE, FALL, JITTER = 1.0, 0.5, 2, 3, 0.05
+INTERVAL, TIMEOUT, RISE, FALL, JITTER = 1.0, 0.5, 2, 3, 0.0
 REACTION_BOUND = INTERVAL * FALL + TIMEOUT + 0.5  # the bound, from the listener's stop
 SERVERS = ("s1", "s2", "s3")
 MONITOR = {"type": "tcp", "interval": INTERVAL, "timeout": TIMEOUT, "rise": RISE, "fall": FALL, "jitter": JITTER}
