@@ -66,7 +66,7 @@ def main() -> int:
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="kdsr-health-bench-") as tmp,
-        netns_lab.L2Lab(workdir=Path(tmp) / "lab") as lab,
+        netns_lab.L2Lab(workdir=Path(tmp) / "lab", vips=healthlab.VIPS) as lab,
     ):
         hl = healthlab.deploy(lab, Path(tmp))
         try:

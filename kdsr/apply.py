@@ -398,12 +398,22 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
         return result
     check_modules(desired, kernel)
     # Check every nftables batch before anything is written: a transaction the
-    # kernel would refuse must not leave addresses or sysctls half done.
+    # kernel would refuse must not leave addresses or sysctls half done.  A
+    # plan that is one nft transaction and nothing else (every health change,
+    # every weight change on the nft engine) needs no rehearsal: the
+    # transaction itself is all-or-nothing.
+    only_one_transaction = len(plan.tables) == 1 and all(c.kind.startswith("nft ") for c in plan.changes)
     for td in plan.tables:
+        commands = batch_for(td)
         try:
-            kernel.nft_apply(batch_for(td), check_only=True)
+            if only_one_transaction:
+                kernel.nft_apply(commands)
+            else:
+                kernel.nft_apply(commands, check_only=True)
         except KernelError as exc:
             raise ApplyError(f"nothing was changed: {exc}", rolled_back=True) from exc
+    if only_one_transaction:
+        return _finish_single_transaction(plan, desired, kernel, store, state, result)
 
     writes_before = kernel.writes
     journal = Journal(state, store)
@@ -425,10 +435,26 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
             ) from exc
         result.steps.append(step.description)
     result.writes = kernel.writes - writes_before
+    _read_back(desired, kernel, state)
+    return result
 
-    # Read back: the kernel must now hold exactly what we asked for.
+
+def _finish_single_transaction(
+    plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState, result: ApplyResult
+) -> ApplyResult:
+    """After the one nft transaction of a plan went in: record it, read back."""
+    td = plan.tables[0]
+    (state.tables.add if td.desired is not None else state.tables.discard)(f"{td.family} {td.name}")
+    store.save(state)
+    result.steps.append(f"nftables transaction on table {td.family} {td.name}")
+    result.writes = 1
+    _read_back(desired, kernel, state)
+    return result
+
+
+def _read_back(desired: Desired, kernel: Kernel, state: NodeState) -> None:
+    """The kernel must now hold exactly what we asked for."""
     leftover = diff(desired, observe(kernel, desired, state))
     if not leftover.empty:
         lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)
-    return result

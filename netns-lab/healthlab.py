@@ -14,7 +14,9 @@ import lab as netns_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWSTREAM = ROOT / "netns-lab" / "flowstream.py"
-VIP_DSR, VIP_PLAIN = "10.10.0.100", "10.10.0.101"
+HOLD = ROOT / "netns-lab" / "hold.py"
+VIP_DSR, VIP_PLAIN, VIP_PINNED = "10.10.0.100", "10.10.0.101", "10.10.0.102"
+VIPS = (VIP_DSR, VIP_PLAIN, VIP_PINNED)
 INTERVAL, TIMEOUT, RISE, FALL, JITTER = 1.0, 0.5, 2, 3, 0.0
 REACTION_BOUND = INTERVAL * FALL + TIMEOUT + 0.5  # the issue's bound, from the listener's stop
 SERVERS = ("s1", "s2", "s3")
@@ -25,10 +27,19 @@ INTENT = {
     "services": {
         "web": {"vip": VIP_DSR, "ports": 80, "protocols": "tcp", "pool": "web"},
         "plainweb": {"vip": VIP_PLAIN, "ports": 80, "protocols": "tcp", "pool": "plainweb"},
+        # Flow pinning keeps a drained server's open connections (the drain test).
+        "pinned": {
+            "vip": VIP_PINNED,
+            "ports": 80,
+            "protocols": "tcp",
+            "pool": "pinned",
+            "hashing": {"flow_pinning": {"timeout": 300}},
+        },
     },
     "pools": {
         "web": {"servers": [{"node": s} for s in SERVERS], "health": MONITOR},
         "plainweb": {"servers": [{"node": s} for s in SERVERS], "health": {**MONITOR, "mode": "plain", "port": 80}},
+        "pinned": {"servers": [{"node": s} for s in SERVERS], "health": MONITOR},
     },
     "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.10.0.2/24"]}},
     "servers": {s: {"interface": "eth0", "addresses": [f"10.10.0.1{i}/24"]} for i, s in enumerate(SERVERS, 1)},
@@ -91,6 +102,19 @@ class HealthLab:
         proc = self.lab.spawn("client", argv, tag="flowstream", ready_marker="READY")
         proc.out_path = out  # type: ignore[attr-defined]
         return proc
+
+    def hold(self, connections: int, go_file: Path, vip: str = VIP_PINNED) -> netns_lab.LabProcess:
+        """`connections` open TCP connections to vip:80, each used once; used
+        again when go_file appears (netns-lab/hold.py)."""
+        argv = [sys.executable, str(HOLD), "--vip", vip, "--port", "80", "--connections", str(connections)]
+        argv += ["--first-sport", str(self.lab.next_sports(connections)), "--go-file", str(go_file)]
+        argv += ["--deadline", "120"]
+        return self.lab.spawn("client", argv, tag="hold", ready_marker="READY", ready_timeout=60)
+
+
+def held(proc: netns_lab.LabProcess) -> dict:
+    proc.popen.wait(timeout=130)
+    return json.loads(proc.stdout().splitlines()[-1])
 
 
 def flows_of(proc: netns_lab.LabProcess, seconds: float) -> list[dict]:

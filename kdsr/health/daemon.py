@@ -200,8 +200,12 @@ class Runner:
 
     def _probe_loop(self, target: Target, generation: int, stop: threading.Event) -> None:
         monitor = target.monitor
-        rng = random.Random(f"{target.key}|{os.getpid()}")
-        delay = rng.uniform(0, monitor.interval)  # spread the first round over one interval
+        # Seeded by server: the checks of one server (one per pool and
+        # monitor) fire together, so a dead server fails them in the same
+        # round and costs one apply, not one per pool.  Servers are spread
+        # over the interval.
+        rng = random.Random(f"{target.server}|{monitor.interval}|{os.getpid()}")
+        delay = rng.uniform(0, monitor.interval)
         while not stop.wait(delay):
             result = self._probe(target)
             self.results.put((generation, target.key, result))

@@ -70,7 +70,7 @@ class FakeKernel:
     def nft_tables(self) -> list[tuple[str, str]]:
         return sorted(self.tables)
 
-    def nft_read_table(self, family: str, name: str) -> tuple[NftTable | None, list[dict]]:
+    def nft_read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]:
         table = self.tables.get((family, name))
         if table is None:
             return None, []

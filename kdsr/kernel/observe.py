@@ -24,7 +24,8 @@ def read_tables(kernel: Kernel, desired: Desired, state: NodeState, orphans: boo
     for family, name in OWNED_TABLES:
         if f"{family} {name}" not in wanted and not orphans:
             continue
-        table, _listing = kernel.nft_read_table(family, name)
+        # Reuse a read no nftables transaction has outdated (nft_generation.py).
+        table, _listing = kernel.nft_read_table(family, name, reuse=True)
         if table is not None:
             tables.append(table)
     return tables

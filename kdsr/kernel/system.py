@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kdsr.kernel import KernelError, nft_text
+from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
 from kdsr.model import Address, NftTable
 
@@ -85,9 +86,12 @@ class _L3Mixin:
         missing = []
         for name in names:
             if name == "nf_tables":
-                # Often built in (no /sys/module entry): ask nftables itself.
+                # Often built in (no /sys/module entry): ask nftables itself,
+                # once per process (it does not go away).
                 try:
-                    self.nft_tables()  # type: ignore[attr-defined]
+                    if not self._nf_tables_ok:  # type: ignore[has-type]
+                        self.nft_tables()  # type: ignore[attr-defined]
+                    self._nf_tables_ok = True
                 except KernelError:
                     missing.append(name)
                 continue
@@ -257,6 +261,9 @@ class SystemKernel(_L3Mixin):
         self.writes = 0
         self._nft = None
         self._ipr = None
+        self._nf_tables_ok = False
+        # (family, name) -> (ruleset generation, table, listing) of the last read
+        self._tables_read: dict[tuple[str, str], tuple[int, NftTable | None, list[dict]]] = {}
 
     # ------------------------------------------------------------ nftables
     @property
@@ -277,23 +284,41 @@ class SystemKernel(_L3Mixin):
         items = json.loads(out or '{"nftables": []}')["nftables"]
         return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
 
-    def nft_read_table(self, family: str, name: str) -> tuple[NftTable | None, list[dict]]:
-        if (family, name) not in self.nft_tables():
-            return None, []
+    def nft_read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]:
+        """The table as the kernel has it.  ``reuse``: the last read of it if no
+        nftables transaction committed since (the counters in the listing may
+        then be old; `kdsr show` never reuses)."""
+        generation = read_generation()  # before the listing: a change in between only forces a re-read
+        if reuse and generation is not None and (family, name) in self._tables_read:
+            seen, table, listing = self._tables_read[(family, name)]
+            if seen == generation:
+                return table, listing
+        table, listing = self._list_table(family, name)
+        if generation is not None:
+            self._tables_read[(family, name)] = (generation, table, listing)
+        return table, listing
+
+    def _list_table(self, family: str, name: str) -> tuple[NftTable | None, list[dict]]:
+        # One listing, no `list tables` first: every nft command fetches its
+        # cache afresh, and a missing table is a plain ENOENT.
         with _stderr_without(NO_JSON_CALLBACK):
             rc, out, err = self._cmd(f"list table {family} {name}")
         if rc != 0:
+            if "No such file or directory" in err:
+                return None, []
             raise KernelError(f"nft list table {family} {name}: {err.strip()}")
         listing = json.loads(out)["nftables"]
         devices = {}
-        if family == "netdev":
+        if family == "netdev" and any("hook" in i.get("chain", {}) and "dev" not in i["chain"] for i in listing):
             # nft 1.0.6's JSON listing omits a netdev chain's device: read it
-            # from the text listing.
+            # from the text listing, terse (without the maps' elements).
             self.nft.set_json_output(False)
+            self.nft.set_terse_output(True)
             try:
                 rc, text, err = self._cmd(f"list table {family} {name}")
             finally:
                 self.nft.set_json_output(True)
+                self.nft.set_terse_output(False)
             if rc == 0:
                 devices = devices_from_text(text)
         return decode_table(listing, devices), listing

@@ -9,6 +9,9 @@ servers, real packets and the real CLI (host tier).
 - A server loses the VIP on its loopback while its service keeps listening
   on its own address: the dsr check (probe to the VIP through the server's
   MAC) marks it down, the plain check (probe to its own address) does not.
+- Drain: 100 long-lived TCP connections to a flow-pinned VIP; `kdsr drain`
+  one server while `kdsr run` runs: its open connections keep exchanging data
+  with it, no new flow reaches it; `kdsr undrain` brings new flows back.
 - SIGTERM: the daemon exits 0 and leaves the kernel as its last apply made it.
 """
 
@@ -20,13 +23,13 @@ import time
 import healthlab
 import lab as netns_lab
 import pytest
-from healthlab import FALL, INTERVAL, JITTER, REACTION_BOUND, RISE, TIMEOUT, VIP_DSR, flows_of
+from healthlab import FALL, INTERVAL, JITTER, REACTION_BOUND, RISE, TIMEOUT, VIP_DSR, VIP_PINNED, flows_of, held
 
 
 @pytest.fixture(scope="module")
 def health_lab(lab_available, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("health")
-    with netns_lab.L2Lab(workdir=workdir / "lab") as lab:
+    with netns_lab.L2Lab(workdir=workdir / "lab", vips=healthlab.VIPS) as lab:
         hl = healthlab.deploy(lab, workdir)
         yield hl
         healthlab.teardown(hl)
@@ -77,6 +80,40 @@ def test_the_dsr_check_sees_a_lost_vip_that_the_plain_check_misses(health_lab):
     finally:
         hl.kdsr("s3", "apply", str(hl.intent_path), "--node", "s3")  # puts the VIP back (drift repaired)
     hl.wait_for(lambda: hl.state_of("web", "10.10.0.13") == "up", 15, "s3 back up")
+
+
+def test_drain_keeps_open_connections_and_sends_no_new_flow(health_lab):
+    hl = health_lab
+    go = hl.workdir / "go-drain"
+    holder = hl.hold(100, go)  # returns once all 100 connections did their first exchange
+    try:
+        hl.kdsr("lb", "drain", str(hl.intent_path), "s1", "--node", "lb1")
+        view = hl.view() or {}
+        assert "s1" in view.get("drained", []) or hl.wait_for(
+            lambda: "s1" in (hl.view() or {}).get("drained", []), 5, "the health view showing the drain"
+        )
+        # New flows for a few seconds while the old connections stay open.
+        flows = flows_of(hl.stream(3, vip=VIP_PINNED), 3)
+        go.touch()
+        report = held(holder)
+    finally:
+        go.touch()
+        hl.kdsr("lb", "undrain", str(hl.intent_path), "s1", "--node", "lb1")
+    assert all(f["ok"] for f in flows), [f for f in flows if not f["ok"]][:3]
+    new_servers = {f["server"] for f in flows}
+    assert new_servers == {"s2", "s3"}, f"new flows after the drain went to {new_servers}"
+
+    connections = report["connections"]
+    assert not [c for c in connections if c["before"] is None], [c for c in connections if c["before"] is None][:3]
+    on_s1 = [c for c in connections if c["before"] == "s1"]
+    print(f"\n{len(on_s1)} of 100 open connections were on s1 when it was drained; {len(flows)} new flows after")
+    assert on_s1, "no open connection was on the drained server: the test proved nothing"
+    broken = [c for c in connections if not c["ok"] or c["after"] != c["before"]]
+    assert not broken, f"{len(broken)} of 100 open connections broke or moved: {broken[:3]}"
+
+    # Undrained: new flows reach s1 again.
+    again = flows_of(hl.stream(2, vip=VIP_PINNED), 2)
+    assert all(f["ok"] for f in again) and "s1" in {f["server"] for f in again}
 
 
 def test_sigterm_leaves_the_kernel_as_the_last_apply_made_it(health_lab):

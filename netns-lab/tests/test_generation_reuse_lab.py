@@ -1,0 +1,87 @@
+"""Reusing a table read while the ruleset generation is unchanged never hides
+a change (kdsr/kernel/nft_generation.py), on the host kernel in a throw-away
+namespace.
+
+`kdsr run` keeps one SystemKernel for its life and re-plans after each
+health change; it must still see what anybody else did to its table since.
+The script below runs inside the namespace: apply, then an outside `nft`
+deletes one element of a selector map and another adds a foreign table,
+and the same kernel object's next plan must show exactly the drift.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, subprocess, sys
+from kdsr import operations
+from kdsr.intent import load_intent
+from kdsr.kernel.nft_generation import read_generation
+from kdsr.kernel.state import StateStore
+from kdsr.kernel.system import SystemKernel
+
+intent = load_intent(sys.argv[1])
+kernel, store = SystemKernel(), StateStore(sys.argv[2])
+operations.apply(operations.prepare(intent, "lb1", kernel, store), kernel, store)
+out = {"generation_after_apply": read_generation()}
+first = kernel.nft_read_table("netdev", "kdsr", reuse=True)
+again = kernel.nft_read_table("netdev", "kdsr", reuse=True)
+out["reused_when_unchanged"] = first[0] is again[0]
+out["noop_plan"] = len(operations.prepare(intent, "lb1", kernel, store).plan.changes)
+
+maps = [m for m in first[0].maps if m.name.startswith("pool-web-v4") and m.elements]
+name, (key, _value) = maps[0].name, maps[0].elements[0]
+subprocess.run(["nft", "delete", "element", "netdev", "kdsr", name, "{", str(key), "}"], check=True)
+out["generation_after_drift"] = read_generation()
+plan = operations.prepare(intent, "lb1", kernel, store).plan
+out["drift"] = [f"{c.action} {c.kind} {c.ident}" for c in plan.changes]
+operations.apply(operations.prepare(intent, "lb1", kernel, store), kernel, store)
+subprocess.run(["nft", "add", "table", "ip", "someone-else"], check=True)
+out["after_foreign_table"] = len(operations.prepare(intent, "lb1", kernel, store).plan.changes)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def scratch_ns(lab_available):
+    name = f"kdsr-{secrets.token_hex(3)}-gen"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "link", "set", "peer0", "up"],
+            ["ip", "addr", "add", "10.0.0.1/24", "dev", "eth0"],
+        ):
+            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_reused_read_never_hides_a_change(scratch_ns, tmp_path):
+    result = subprocess.run(
+        ["ip", "netns", "exec", scratch_ns, sys.executable, "-c", SCRIPT]
+        + [str(ROOT / "examples" / "l2-web.json"), str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["generation_after_apply"] is not None, "the generation could not be read: nothing is reused"
+    assert out["reused_when_unchanged"] and out["noop_plan"] == 0
+    assert out["generation_after_drift"] > out["generation_after_apply"]
+    assert len(out["drift"]) == 1 and out["drift"][0].startswith("create nft element"), out["drift"]
+    # Another table's transaction bumps the generation too: re-read, still no change.
+    assert out["after_foreign_table"] == 0
