@@ -47,29 +47,31 @@ INTENT = {
 
 
 class HealthLab:
-    def __init__(self, lab: netns_lab.L2Lab, workdir: Path) -> None:
+    def __init__(self, lab: netns_lab.L2Lab, workdir: Path, intent: dict | None = None, port: int = 80) -> None:
+        """``intent``: INTENT by default; the full-kernel tier passes an L3 one (same host names)."""
         self.lab = lab
         self.workdir = workdir
+        self.port = port
         self.state_dir = workdir / "state"
         self.intent_path = workdir / "intent.json"
-        self.intent_path.write_text(json.dumps(INTENT, indent=1))
+        self.intent_path.write_text(json.dumps(intent or INTENT, indent=1))
         self.responders: dict[str, netns_lab.Responder] = {}
         self.daemon: netns_lab.LabProcess | None = None
 
     def kdsr(self, host: str, *args: str) -> None:
         argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir / host), *args]
-        result = self.lab.run(host, argv, check=False, cwd=ROOT)
+        result = self.lab.run(host, argv, check=False, cwd=ROOT, timeout=300)
         assert result.returncode == 0, f"kdsr {' '.join(args)} in {host}: {result.stdout}\n{result.stderr}"
 
     def start_responder(self, server: str) -> None:
-        self.responders[server] = self.lab.start_responder(server, tcp_ports=[80])
+        self.responders[server] = self.lab.start_responder(server, tcp_ports=[self.port], max_seconds=3600)
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, first_apply_within: float = 60) -> None:
         argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir / "lb"), "run", str(self.intent_path)]
         argv += ["--node", "lb1"]
         self.daemon = self.lab.spawn("lb", argv, tag="kdsr-run")
         applied = lambda: (self.view() or {}).get("applies", 0) >= 1  # noqa: E731
-        self.wait_for(applied, 60, "kdsr run's first apply")
+        self.wait_for(applied, first_apply_within, "kdsr run's first apply")
 
     def view(self) -> dict | None:
         path = self.state_dir / "lb" / "health" / "lb1.json"
@@ -94,12 +96,12 @@ class HealthLab:
     def log(self) -> str:
         return self.daemon.stderr() if self.daemon else ""
 
-    def stream(self, seconds: float, vip: str = VIP_DSR) -> netns_lab.LabProcess:
+    def stream(self, seconds: float, vip: str = VIP_DSR, every: float = 0.02) -> netns_lab.LabProcess:
         out = self.workdir / f"flows-{time.monotonic_ns()}.jsonl"
-        argv = [sys.executable, str(FLOWSTREAM), "--vip", vip, "--port", "80", "--every", "0.02"]
-        argv += ["--seconds", str(seconds), "--first-sport", str(self.lab.next_sports(int(seconds / 0.02) + 1))]
+        argv = [sys.executable, str(FLOWSTREAM), "--vip", vip, "--port", str(self.port), "--every", str(every)]
+        argv += ["--seconds", str(seconds), "--first-sport", str(self.lab.next_sports(int(seconds / every) + 1))]
         argv += ["--out", str(out)]
-        proc = self.lab.spawn("client", argv, tag="flowstream", ready_marker="READY")
+        proc = self.lab.spawn("client", argv, tag="flowstream", ready_marker="READY", ready_timeout=60)
         proc.out_path = out  # type: ignore[attr-defined]
         return proc
 
@@ -118,7 +120,7 @@ def held(proc: netns_lab.LabProcess) -> dict:
 
 
 def flows_of(proc: netns_lab.LabProcess, seconds: float) -> list[dict]:
-    proc.popen.wait(timeout=seconds + 30)
+    proc.popen.wait(timeout=seconds + 90)
     return [json.loads(line) for line in Path(proc.out_path).read_text().splitlines()]  # type: ignore[attr-defined]
 
 
