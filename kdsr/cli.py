@@ -76,7 +76,7 @@ def main(ctx: click.Context, state_dir: str | None, wait: float) -> None:
 
 
 @main.command(epilog="Example: kdsr validate examples/l2-web.json")
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 def validate(intent_file: str) -> None:
     """Check an intent file (schema and cross-object rules); touches nothing."""
     try:
@@ -98,7 +98,7 @@ ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of
 
 
 @main.command(epilog="Example: kdsr plan examples/l2-web.json --node lb1 --detailed-exitcode\n\n" + EPILOG_EXIT_CODES)
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 @click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schemas/plan.schema.json).")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when changes are pending, 0 when none.")
@@ -116,7 +116,7 @@ def plan(obj: Context, intent_file: str, node: str | None, as_json: bool, detail
 
 
 @main.command(epilog="Example: kdsr apply examples/l2-web.json --node lb1\n\n" + EPILOG_EXIT_CODES)
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 @click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -183,7 +183,7 @@ def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
     name="maglev",
     epilog="Example: kdsr maglev examples/l2-web.json --service web --without s3",
 )
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 @click.option("--service", "service_name", required=True, help="The service whose table to show.")
 @click.option(
     "--without", "without", metavar="SERVER", help="Also show what removing this server (address or node) moves."
@@ -206,7 +206,7 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
     epilog="Example: kdsr run examples/l2-web.json --node lb1 --metrics 127.0.0.1:9469\n\n"
     "SIGTERM stops it and leaves the kernel as the last apply made it; SIGHUP reloads the intent.",
 )
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 @click.option(
     "--node", help="Which load balancer of the intent this host is (default: the one whose address is local)."
 )
@@ -236,7 +236,7 @@ def _drain(obj: Context, intent_file: str, server: str, node: str | None, draine
 
 
 @main.command(epilog="Example: kdsr drain examples/l2-web.json s3 --node lb1")
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 @click.argument("server")
 @click.option("--node", help="Which load balancer of the intent this host is.")
 @click.pass_obj
@@ -246,7 +246,7 @@ def drain(obj: Context, intent_file: str, server: str, node: str | None) -> None
 
 
 @main.command(epilog="Example: kdsr undrain examples/l2-web.json s3 --node lb1")
-@click.argument("intent_file", type=click.Path(dir_okay=False))
+@click.argument("intent_file", type=click.Path())
 @click.argument("server")
 @click.option("--node", help="Which load balancer of the intent this host is.")
 @click.pass_obj

@@ -41,6 +41,6 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nftables' 2>/dev/n
     rm -rf .venv
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c 'import kdsr, click, jsonschema, pyroute2, yaml, pytest, virtme_ng' 2>/dev/null; then
+if ! .venv/bin/python -c 'import kdsr, click, jsonschema, pyroute2, yaml, pytest, hypothesis, virtme_ng' 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lab]'
 fi

@@ -14,20 +14,17 @@ from pathlib import Path
 
 from kdsr.health.state import DOWN
 from kdsr.kernel.state import StateStore
+from kdsr.kernel.statefiles import StateFileError, read_text, write_atomic
 
 
 def write(store: StateStore, node: str, view: dict) -> None:
-    path = store.health_path(node)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(view, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(store.health_path(node), json.dumps(view, indent=1, sort_keys=True) + "\n")
 
 
 def read(store: StateStore, node: str) -> dict | None:
     try:
-        return json.loads(store.health_path(node).read_text())
-    except (FileNotFoundError, ValueError):
+        return json.loads(read_text(store.health_path(node)))
+    except (FileNotFoundError, ValueError, StateFileError):
         return None
 
 

@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from kdsr.errors import IntentError, Problem
+from kdsr.files import read_bounded
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
@@ -54,6 +55,13 @@ SUPPORTED_MODES = DSR_MODES
 SUPPORTED_ENGINES = (ENGINE_NFT, ENGINE_IPVS)
 SCHEMA_ID = "https://kdsr.dev/schemas/intent-v1.json"
 
+# Bounds on what an intent may cost to parse (the file's size: kdsr/files.py).
+# 10,000 VIPs x 16 servers is about 300,000 values; a YAML alias bomb or a
+# self-referencing anchor is stopped by the node count and the depth long
+# before memory runs out.
+MAX_NODES = 1_000_000
+MAX_DEPTH = 64
+
 JSON = "json"
 YAML = "yaml"
 _FORMATS_BY_SUFFIX = {".json": JSON, ".yaml": YAML, ".yml": YAML}
@@ -64,7 +72,7 @@ def load_intent(path: str | Path) -> Intent:
     source = str(path)
     try:
         # utf-8-sig: tolerate the byte-order mark some Windows editors write.
-        text = Path(path).read_text(encoding="utf-8-sig")
+        text = read_bounded(path, source).decode("utf-8-sig")
     except OSError as error:
         raise IntentError([Problem(source, "", f"cannot read the file: {error.strerror or error}.")]) from None
     except UnicodeDecodeError as error:
@@ -169,8 +177,36 @@ def _parse(text: str, source: str, fmt: str) -> tuple[object, list[Problem]]:
         return _UNREADABLE, [Problem(source, "", f"invalid YAML{where}: {what}.", hint)]
     except yaml.YAMLError as error:
         return _UNREADABLE, [Problem(source, "", f"invalid YAML: {error}.")]
+    except RecursionError:
+        message = f"the document nests deeper than this parser can follow (more than {MAX_DEPTH} levels is no intent)."
+        return _UNREADABLE, [Problem(source, "", message, "Check that this is the intent file.")]
     problems: list[Problem] = []
-    return _plain(raw, "", source, problems), problems
+    budget = _Budget()
+    try:
+        return _plain(raw, "", source, problems, budget), problems
+    except _TooBig as error:
+        hint = "YAML anchors and aliases repeat a subtree; an intent needs few of them."
+        return _UNREADABLE, [Problem(source, error.pointer, f"{error}.", hint)]
+
+
+class _TooBig(Exception):
+    def __init__(self, message: str, pointer: str) -> None:
+        super().__init__(message)
+        self.pointer = pointer
+
+
+class _Budget:
+    """Counts the nodes _plain visits: aliases make a small YAML file a huge tree."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def visit(self, pointer: str, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooBig(f"the document expands to more than {MAX_NODES:,} values", pointer)
+        if depth > MAX_DEPTH:
+            raise _TooBig(f"the document nests deeper than {MAX_DEPTH} levels (a self-referencing anchor?)", pointer)
 
 
 def _parse_json(text: str) -> object:
@@ -223,8 +259,11 @@ def _parse_yaml(text: str) -> object:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-def _plain(value: object, pointer: str, source: str, problems: list[Problem]) -> object:
+def _plain(
+    value: object, pointer: str, source: str, problems: list[Problem], budget: _Budget, depth: int = 0
+) -> object:
     """Plain dicts and lists again, reporting duplicate and non-text keys."""
+    budget.visit(pointer, depth)
     if isinstance(value, dict):
         for key, where in getattr(value, "duplicates", []):
             problems.append(
@@ -250,10 +289,10 @@ def _plain(value: object, pointer: str, source: str, problems: list[Problem]) ->
                     )
                 )
                 key = str(key)
-            result[key] = _plain(item, f"{pointer}/{_escape(key)}", source, problems)
+            result[key] = _plain(item, f"{pointer}/{_escape(key)}", source, problems, budget, depth + 1)
         return result
     if isinstance(value, list):
-        return [_plain(item, f"{pointer}/{i}", source, problems) for i, item in enumerate(value)]
+        return [_plain(item, f"{pointer}/{i}", source, problems, budget, depth + 1) for i, item in enumerate(value)]
     if isinstance(value, float) and value.is_integer():
         # JSON Schema counts 80.0 as an integer; make it one, so that the
         # model never holds a float port, weight or seed.

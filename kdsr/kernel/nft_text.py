@@ -204,6 +204,9 @@ def _statement(stmt: Any) -> str:
 
 
 def _quoted(text: str) -> str:
-    if '"' in text or "\n" in text:
+    """Text inside nft double quotes.  Only printable ASCII without quote or
+    backslash gets through: the schema already keeps names to [a-z0-9-], so
+    this is the second line of defence against rule text from intent data."""
+    if not all(" " <= ch <= "~" and ch not in '"\\' for ch in text):
         raise KernelError(f"kdsr cannot quote {text!r} in nft text")
     return text

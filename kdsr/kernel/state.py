@@ -3,7 +3,8 @@
 The kernel cannot label everything: IPv6 addresses have no label, and a
 sysctl does not remember its previous value.  So per node kdsr keeps
 ``<state dir>/<node>.json`` with the addresses it added and the sysctl values
-it replaced, written atomically (temp file + rename) after each kernel step
+it replaced, written atomically (temp file + rename, 0600 in a 0700 directory, no
+symlinks followed: kdsr/kernel/statefiles.py) after each kernel step
 succeeds, so a crash leaves a record that is at worst one step behind, never
 torn.  Default state dir: /var/lib/kdsr (``--state-dir`` / KDSR_STATE_DIR).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdsr.errors import LockedError
+from kdsr.kernel.statefiles import open_lock, read_text, write_atomic
 
 DEFAULT_STATE_DIR = "/var/lib/kdsr"
 FORMAT_VERSION = 1
@@ -79,19 +81,16 @@ class StateStore:
 
     def load(self, node: str) -> NodeState:
         try:
-            return NodeState.from_json(json.loads(self.path(node).read_text()))
+            return NodeState.from_json(json.loads(read_text(self.path(node))))
         except FileNotFoundError:
             return NodeState(node=node)
 
     def save(self, state: NodeState) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(state.node)
         if state.empty:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(state.to_json(), indent=2) + "\n")
 
     def nodes(self) -> list[str]:
         if not self.directory.is_dir():
@@ -118,8 +117,7 @@ class Lock:
         self.fd: int | None = None
 
     def __enter__(self) -> Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock(self.path)
         deadline = time.monotonic() + self.wait_seconds
         while True:
             try:

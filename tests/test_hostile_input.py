@@ -1,0 +1,150 @@
+"""Hostile and broken intent files: a clear error naming the file, exit code 3
+(invalid intent), bounded time and memory, and no kernel access at all.
+
+Every case runs `validate`, `plan` and `apply` through the CLI with a fake
+kernel that counts what is asked of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from kdsr import cli
+from kdsr.errors import EXIT_INVALID_INTENT, IntentError
+from kdsr.files import read_bounded
+from kdsr.kernel.fake import FakeKernel
+
+
+class CountingKernel(FakeKernel):
+    """A fake kernel that records every method called on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "calls", [])
+
+    def __getattribute__(self, name: str):
+        value = object.__getattribute__(self, name)
+        if callable(value) and not name.startswith("_"):
+            object.__getattribute__(self, "calls").append(name)
+        return value
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    k = CountingKernel()
+    monkeypatch.setattr(cli, "_kernel", lambda: k)
+    return k
+
+
+def run_all(path, tmp_path, kernel) -> list[str]:
+    outputs = []
+    for command in (["validate"], ["plan", "--node", "lb1"], ["apply", "--node", "lb1"]):
+        result = CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *command, str(path)])
+        assert result.exit_code == EXIT_INVALID_INTENT, (command, result.output)
+        assert "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert errors and all(str(path) in line for line in errors), result.output
+        assert "nothing was changed" in result.output
+        outputs.append(result.output)
+    assert kernel.calls == [] and kernel.writes == 0, kernel.calls
+    return outputs
+
+
+def test_missing_file(tmp_path, kernel):
+    out = run_all(tmp_path / "nope.json", tmp_path, kernel)
+    assert "No such file" in out[0]
+
+
+def test_a_directory(tmp_path, kernel):
+    (tmp_path / "dir.json").mkdir()
+    assert "is a directory" in run_all(tmp_path / "dir.json", tmp_path, kernel)[0]
+
+
+def test_symlink_to_dev_zero_is_refused_without_reading(tmp_path, kernel):
+    link = tmp_path / "zero.json"
+    link.symlink_to("/dev/zero")
+    assert "not a regular file" in run_all(link, tmp_path, kernel)[0]
+
+
+def test_a_fifo_with_no_writer_does_not_hang(tmp_path, kernel):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    assert "not a regular file" in run_all(fifo, tmp_path, kernel)[0]
+
+
+def test_a_100_mb_file_is_refused_by_its_size(tmp_path, kernel):
+    big = tmp_path / "big.json"
+    with big.open("wb") as f:
+        f.truncate(100 * 1024 * 1024)  # sparse: costs no disk
+    assert "larger than 64 MiB" in run_all(big, tmp_path, kernel)[0]
+
+
+def test_the_size_bound_holds_for_files_that_grow_while_read(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_bytes(b"x" * 2000)
+    with pytest.raises(IntentError, match="larger than"):
+        read_bounded(path, str(path), limit=1000)
+    assert read_bounded(path, str(path), limit=2000) == b"x" * 2000
+
+
+def test_invalid_utf8(tmp_path, kernel):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(b'{"version": 1, "services": {"caf\xe9": {}}}')
+    assert "not UTF-8" in run_all(bad, tmp_path, kernel)[0]
+
+
+def test_duplicate_keys(tmp_path, kernel, example_path):
+    text = example_path.read_text().replace('"version": 1,', '"version": 1, "version": 1,', 1)
+    dup = tmp_path / "dup.json"
+    dup.write_text(text)
+    assert "appears twice" in run_all(dup, tmp_path, kernel)[0]
+
+
+def test_yaml_alias_bomb_is_stopped_by_the_node_budget(tmp_path, kernel):
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):  # 10^9 leaves once expanded
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nversion: 1\n")
+    assert "expands to more than" in run_all(bomb, tmp_path, kernel)[0]
+
+
+def test_self_referencing_yaml_anchor(tmp_path, kernel):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("version: 1\nservices: &s\n  web: *s\n")
+    assert "nests deeper" in run_all(loop, tmp_path, kernel)[0]
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_json(tmp_path, kernel, depth):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"version": 1, "x": ' + "[" * depth + "]" * depth + "}")
+    assert "nests deeper" in run_all(deep, tmp_path, kernel)[0]
+
+
+HOSTILE_NAMES = [
+    '"; flush ruleset; "',
+    "web\nflush ruleset",
+    "web}",
+    "$web",
+    "../../etc/passwd",
+    "web\x00",
+    "w" * 300,
+    "wéb",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=range(len(HOSTILE_NAMES)))
+def test_hostile_names_are_rejected_by_the_schema(tmp_path, kernel, example_path, name):
+    doc = json.loads(example_path.read_text())
+    doc["services"][name] = doc["services"].pop("web")
+    doc["pools"][name] = doc["pools"].pop("web")
+    doc["services"][name]["pool"] = name
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(doc))
+    out = run_all(path, tmp_path, kernel)[0]
+    assert "/services/" in out and "/pools/" in out
