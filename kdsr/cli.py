@@ -12,11 +12,13 @@ from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentErr
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import render_json, render_text
+from kdsr.privilege import require_net_admin
 
 EPILOG_EXIT_CODES = (
     "Exit codes: 0 ok, 1 kernel or runtime error, 2 changes pending (plan --detailed-exitcode), "
     "3 invalid intent, 4 usage (unknown or ambiguous node), 5 locked, 6 apply failed and was rolled back, "
-    "7 the kernel lacks a module the intent needs, 8 a kdsr-named object exists that kdsr did not create (--adopt)."
+    "7 the kernel lacks a module the intent needs, 8 a kdsr-named object exists that kdsr did not create (--adopt), "
+    "9 needs root (CAP_NET_ADMIN)."
 )
 
 
@@ -106,6 +108,7 @@ ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of
 def plan(obj: Context, intent_file: str, node: str | None, as_json: bool, detailed_exitcode: bool) -> None:
     """Show what apply would change on this node (a dry run; writes nothing)."""
     try:
+        require_net_admin("plan", "reads this host's nftables, IPVS and link state")
         prepared = _prepare(obj, intent_file, node, _kernel())
     except (KdsrError, KernelError) as exc:
         _fail(exc)
@@ -124,9 +127,10 @@ def plan(obj: Context, intent_file: str, node: str | None, as_json: bool, detail
 @click.pass_obj
 def apply(obj: Context, intent_file: str, node: str | None, dry_run: bool, as_json: bool, adopt: bool) -> None:
     """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
-    kernel = _kernel()
     render = render_json if as_json else render_text
     try:
+        require_net_admin("apply", "changes this host's nftables, IPVS, links, addresses and sysctls")
+        kernel = _kernel()
         if dry_run:
             prepared = _prepare(obj, intent_file, node, kernel, adopt)
             click.echo(render(prepared.plan, intent_file), nl=False)
@@ -151,6 +155,7 @@ def apply(obj: Context, intent_file: str, node: str | None, dry_run: bool, as_js
 def show(obj: Context, node: str | None, as_json: bool) -> None:
     """What kdsr owns on this host now, with per-VIP and per-server packet counters."""
     try:
+        require_net_admin("show", "reads this host's nftables, IPVS and link state")
         report = operations.show(_kernel(), obj.store, node)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
@@ -163,8 +168,9 @@ def show(obj: Context, node: str | None, as_json: bool) -> None:
 @click.pass_obj
 def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
     """Remove exactly what kdsr owns on this node and restore the sysctls it changed."""
-    kernel = _kernel()
     try:
+        require_net_admin("destroy", "changes this host's nftables, IPVS, links, addresses and sysctls")
+        kernel = _kernel()
         name = operations.destroy_node_name(node, obj.store)
         if dry_run:
             click.echo(render_text(operations.prepare_destroy(name, kernel, obj.store).plan), nl=False)
@@ -220,6 +226,7 @@ def run_command(obj: Context, intent_file: str, node: str | None, listen: str | 
     from kdsr.commands.health import run_daemon
 
     try:
+        require_net_admin("run", "changes this host's nftables, IPVS, links, addresses and sysctls")
         code = run_daemon(lambda: _load(intent_file), node, _kernel(), obj.store, max(obj.wait, 10.0), adopt, listen)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
@@ -230,6 +237,9 @@ def _drain(obj: Context, intent_file: str, server: str, node: str | None, draine
     from kdsr.commands.health import set_drain
 
     try:
+        require_net_admin(
+            "drain" if drained else "undrain", "changes this host's nftables, IPVS, links, addresses and sysctls"
+        )
         set_drain(_load(intent_file), node, server, drained, _kernel(), obj.store, obj.wait)
     except (KdsrError, KernelError) as exc:
         _fail(exc)

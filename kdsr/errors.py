@@ -14,6 +14,7 @@ EXIT_LOCKED = 5  # another kdsr run holds the lock
 EXIT_ROLLED_BACK = 6  # apply failed part-way and was rolled back
 EXIT_KERNEL_FEATURE = 7  # the host's kernel lacks what the intent needs
 EXIT_FOREIGN = 8  # an object with a kdsr name exists that kdsr did not create
+EXIT_PRIVILEGE = 9  # the command needs CAP_NET_ADMIN (root) and this process lacks it
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,9 @@ class ForeignObjectError(KdsrError):
     """kdsr would have to take over an object it has no record of creating."""
 
     exit_code = EXIT_FOREIGN
+
+
+class PrivilegeError(KdsrError):
+    """The command reads or writes kernel network state and may not (found before anything)."""
+
+    exit_code = EXIT_PRIVILEGE
