@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from kdsr import naming, operations
 from kdsr.cli import main
 from kdsr.compile import compile_node
+from kdsr.errors import IntentError
 from kdsr.health import metrics
 from kdsr.health import status as health_status
 from kdsr.health.daemon import Runner, log_line
@@ -423,3 +424,18 @@ def test_http_probe_checks_status_and_body():
 def test_status_classes_and_codes():
     assert status_matches(204, ("2xx",)) and status_matches(301, ("2xx", "3xx"))
     assert not status_matches(404, ("2xx", "3xx")) and status_matches(404, ("404",))
+
+
+def test_an_l2_probe_mark_colliding_with_another_is_an_error(monkeypatch):
+    # The 23-bit digests practically never collide; force it to see the check.
+    monkeypatch.setattr(naming, "probe_mark", lambda address: naming.MARK_BASE | 7)
+    with pytest.raises(IntentError) as info:
+        intent()
+    text = str(info.value)
+    assert "same mark and routing table" in text and "l2 health probe route" in text
+    assert "/pools/web/servers/1" in text
+
+
+def test_probe_marks_are_checked_only_where_probes_route(monkeypatch):
+    monkeypatch.setattr(naming, "probe_mark", lambda address: naming.MARK_BASE | 7)
+    intent(lambda d: [p.pop("health", None) for p in d["pools"].values()])  # no monitor: no probe routes

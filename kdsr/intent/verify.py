@@ -632,22 +632,28 @@ class _Verifier:
 
     # Tunnel link names and fwmarks are derived from (mode, server address):
     # two different servers must not end up with the same one.
+    # An l2 health probe's mark (and routing table) shares that space.
     def check_tunnel_names(self) -> None:
-        seen: dict[str, tuple[str, str]] = {}
+        seen: dict[int, tuple[str, str, str]] = {}
         for service in self.services.values():
             mode = service_mode(service)
-            if mode not in L3_TUNNELS:
+            probed = mode == DSR_L2 and "health" in self.pools.get(service["pool"], {})
+            if mode not in L3_TUNNELS and not probed:
                 continue
             for member in self.members.get(service["pool"], []):
                 if member.address is None:
                     continue
-                key = naming.server_key(mode, str(member.address))
-                earlier = seen.setdefault(key, (str(member.address), member.address_pointer))
-                if earlier[0] != str(member.address):
+                address = str(member.address)
+                if mode in L3_TUNNELS:
+                    mark, what = naming.tunnel_mark(mode, address), f"{mode} tunnel"
+                else:
+                    mark, what = naming.probe_mark(address), "l2 health probe route"
+                earlier = seen.setdefault(mark, (address, what, member.address_pointer))
+                if earlier[:2] != (address, what):
                     self.report(
                         member.address_pointer,
-                        f"server {member.address} ({mode}) gets the same tunnel name and mark as "
-                        f"{earlier[0]} ({earlier[1]}).",
+                        f"server {member.address} ({what}) gets the same mark and routing table as "
+                        f"{earlier[0]} ({earlier[1]}, {earlier[2]}).",
                         "This is a hash collision kdsr cannot resolve by itself; report it, and use another "
                         "server address meanwhile.",
                     )
