@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -79,8 +80,11 @@ def main() -> int:
                     f"rejoin {row['rejoin_s']:.2f} s, {row['failed_flows']} of {row['flows']} flows failed",
                     flush=True,
                 )
+            log = hl.log()
         finally:
             healthlab.teardown(hl)
+    # Each health change's apply (plan + one nft transaction + read-back), as the daemon logged it.
+    applies = [float(m) for m in re.findall(r"event=applied node=\S+ reason=health changes=\d+ seconds=([\d.]+)", log)]
     reactions = [r["reaction_s"] for r in rows]
     rejoins = [r["rejoin_s"] for r in rows]
     summary = {
@@ -95,6 +99,9 @@ def main() -> int:
         "ratio_max": round(max(reactions) / window, 3),
         "rejoin_median_s": statistics.median(rejoins),
         "rejoin_max_s": max(rejoins),
+        "apply_count": len(applies),
+        "apply_median_s": statistics.median(applies) if applies else None,
+        "apply_max_s": max(applies) if applies else None,
         "trials": rows,
     }
     print()
@@ -102,6 +109,8 @@ def main() -> int:
     print(f"{'reaction (s)':<22}{summary['reaction_median_s']:>8.2f}{summary['reaction_max_s']:>8.2f}")
     print(f"{'/ (interval x fall)':<22}{summary['ratio_median']:>8.2f}{summary['ratio_max']:>8.2f}")
     print(f"{'rejoin (s)':<22}{summary['rejoin_median_s']:>8.2f}{summary['rejoin_max_s']:>8.2f}")
+    if applies:
+        print(f"{'apply per change (s)':<22}{summary['apply_median_s']:>8.2f}{summary['apply_max_s']:>8.2f}")
     print(f"bound interval x fall + timeout + 0.5 = {healthlab.REACTION_BOUND:g} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
