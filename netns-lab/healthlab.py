@@ -119,6 +119,20 @@ def held(proc: netns_lab.LabProcess) -> dict:
     return json.loads(proc.stdout().splitlines()[-1])
 
 
+def last_refused(flows: list[dict], since: float) -> float:
+    """Seconds from ``since`` to the last new flow a dead listener refused."""
+    refused = [f for f in flows if not f["ok"] and "refused" in (f["error"] or "").lower()]
+    assert refused, "no flow reached the dead server after its listener stopped: the test measured nothing"
+    return max(f["t"] for f in refused) - since
+
+
+def assert_taken_out(flows: list[dict], killed_at: float, bound: float, alive=("s1", "s3")) -> None:
+    """After ``bound`` every new flow worked on the live servers; before the stop all three had flows."""
+    later = [f for f in flows if f["t"] > killed_at + bound]
+    assert later and all(f["ok"] and f["server"] in alive for f in later), [f for f in later if not f["ok"]][:3]
+    assert {f["server"] for f in flows if f["t"] < killed_at} == set(SERVERS)
+
+
 def flows_of(proc: netns_lab.LabProcess, seconds: float) -> list[dict]:
     proc.popen.wait(timeout=seconds + 90)
     return [json.loads(line) for line in Path(proc.out_path).read_text().splitlines()]  # type: ignore[attr-defined]
