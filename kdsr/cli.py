@@ -8,7 +8,7 @@ import sys
 import click
 
 from kdsr import operations
-from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError
+from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import render_json, render_text
@@ -18,7 +18,7 @@ EPILOG_EXIT_CODES = (
     "Exit codes: 0 ok, 1 kernel or runtime error, 2 changes pending (plan --detailed-exitcode), "
     "3 invalid intent, 4 usage (unknown or ambiguous node), 5 locked, 6 apply failed and was rolled back, "
     "7 the kernel lacks a module the intent needs, 8 a kdsr-named object exists that kdsr did not create (--adopt), "
-    "9 needs root (CAP_NET_ADMIN)."
+    "9 needs root (CAP_NET_ADMIN), 10 a saved plan is stale (apply --plan-file)."
 )
 
 
@@ -28,11 +28,12 @@ def _kernel():
     return SystemKernel()
 
 
-def _load(path: str):
+def _load(path: str, text: str | None = None):
+    """The intent at ``path``; ``text`` is its content when already read."""
     from kdsr.compile.checks import warnings_for
-    from kdsr.intent import load_intent
+    from kdsr.intent import load_intent, parse_intent
 
-    intent = load_intent(path)
+    intent = load_intent(path) if text is None else parse_intent(text, path)
     # Warnings go to stderr so that `plan --json` stays parseable.
     for problem in warnings_for(intent):
         click.echo(f"warning: {problem}", err=True)
@@ -91,11 +92,6 @@ def validate(intent_file: str) -> None:
     )
 
 
-def _prepare(obj: Context, intent_file: str, node: str | None, kernel, adopt: bool = False):
-    intent = _load(intent_file)
-    return operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
-
-
 ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of creating (e.g. a lost state dir)."
 
 
@@ -104,40 +100,94 @@ ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of
 @click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schemas/plan.schema.json).")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when changes are pending, 0 when none.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    help="Also save the plan (with the intent) to this file, for `kdsr apply --plan-file`.",
+)
 @click.pass_obj
-def plan(obj: Context, intent_file: str, node: str | None, as_json: bool, detailed_exitcode: bool) -> None:
-    """Show what apply would change on this node (a dry run; writes nothing)."""
+def plan(
+    obj: Context, intent_file: str, node: str | None, as_json: bool, detailed_exitcode: bool, out: str | None
+) -> None:
+    """Show what apply would change on this node (a dry run; writes nothing to the kernel)."""
+    from kdsr import saved_plan
+    from kdsr.intent.load import read_intent_text
+
     try:
         require_net_admin("plan", "reads this host's nftables, IPVS and link state")
-        prepared = _prepare(obj, intent_file, node, _kernel())
-    except (KdsrError, KernelError) as exc:
+        # Read once: the saved plan must carry exactly the text that was planned.
+        text = read_intent_text(intent_file) if out else None
+        prepared = operations.prepare(_load(intent_file, text), node, _kernel(), obj.store)
+        if out:
+            saved_plan.save(out, prepared, text, intent_file)
+    except (KdsrError, KernelError, OSError) as exc:
         _fail(exc)
     click.echo((render_json if as_json else render_text)(prepared.plan, intent_file), nl=False)
+    if out:
+        click.echo(
+            f"Saved to {out}: `kdsr apply --plan-file {out}` applies exactly this plan, or refuses it if the "
+            "kernel changed meanwhile.",
+            err=True,
+        )
     if detailed_exitcode and not prepared.plan.empty:
         sys.exit(EXIT_CHANGES)
     sys.exit(EXIT_OK)
 
 
-@main.command(epilog="Example: kdsr apply examples/l2-web.json --node lb1\n\n" + EPILOG_EXIT_CODES)
-@click.argument("intent_file", type=click.Path())
+@main.command(
+    epilog="Example: kdsr apply examples/l2-web.json --node lb1\n\n"
+    "Reviewed first: kdsr plan examples/l2-web.json --node lb1 --out lb1.plan; kdsr apply --plan-file lb1.plan"
+    "\n\n" + EPILOG_EXIT_CODES
+)
+@click.argument("intent_file", type=click.Path(), required=False)
 @click.option("--node", help="Which node of the intent this host is (default: the one whose address is local).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--adopt", is_flag=True, help=ADOPT_HELP)
+@click.option(
+    "--plan-file",
+    type=click.Path(dir_okay=False),
+    help="Apply a plan saved by `kdsr plan --out` (instead of INTENT_FILE); refused if the kernel changed since.",
+)
 @click.pass_obj
-def apply(obj: Context, intent_file: str, node: str | None, dry_run: bool, as_json: bool, adopt: bool) -> None:
+def apply(
+    obj: Context,
+    intent_file: str | None,
+    node: str | None,
+    dry_run: bool,
+    as_json: bool,
+    adopt: bool,
+    plan_file: str | None,
+) -> None:
     """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
+    from kdsr import saved_plan
+
     render = render_json if as_json else render_text
     try:
+        if (intent_file is None) == (plan_file is None):
+            raise UsageError("give either INTENT_FILE or --plan-file FILE (a plan saved by `kdsr plan --out`)")
         require_net_admin("apply", "changes this host's nftables, IPVS, links, addresses and sysctls")
+        saved = None
+        if plan_file is not None:
+            saved = saved_plan.load(plan_file)
+            if node is not None and node != saved.node:
+                raise UsageError(f"{plan_file} was planned for node {saved.node}, not {node}")
+            node, intent_file = saved.node, saved.source
+            intent = _load(saved.source, saved.intent_text)
+        else:
+            intent = _load(intent_file)
         kernel = _kernel()
         if dry_run:
-            prepared = _prepare(obj, intent_file, node, kernel, adopt)
+            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
+            if saved is not None:
+                saved_plan.check_fresh(saved, prepared)
             click.echo(render(prepared.plan, intent_file), nl=False)
             return
-        intent = _load(intent_file)
         with obj.store.lock(obj.wait):
             prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
+            if saved is not None:
+                saved_plan.check_fresh(saved, prepared)  # under the lock: no kdsr run can slip in between
             click.echo(render(prepared.plan, intent_file), nl=False)
             if prepared.plan.empty:
                 return

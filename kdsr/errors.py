@@ -15,6 +15,7 @@ EXIT_ROLLED_BACK = 6  # apply failed part-way and was rolled back
 EXIT_KERNEL_FEATURE = 7  # the host's kernel lacks what the intent needs
 EXIT_FOREIGN = 8  # an object with a kdsr name exists that kdsr did not create
 EXIT_PRIVILEGE = 9  # the command needs CAP_NET_ADMIN (root) and this process lacks it
+EXIT_STALE_PLAN = 10  # apply --plan-file: the kernel changed since the plan was saved
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,11 @@ _FORMATS_BY_SUFFIX = {".json": JSON, ".yaml": YAML, ".yml": YAML}
 
 def load_intent(path: str | Path) -> Intent:
     """Read and validate an intent file; IntentError lists every problem."""
+    return parse_intent(read_intent_text(path), str(path))
+
+
+def read_intent_text(path: str | Path) -> str:
+    """The intent file's text, read once and within bounds (kdsr/files.py)."""
     source = str(path)
     try:
         # utf-8-sig: tolerate the byte-order mark some Windows editors write.
@@ -79,7 +84,7 @@ def load_intent(path: str | Path) -> Intent:
         raise IntentError(
             [Problem(source, "", f"the file is not UTF-8 text (byte {error.start}).", "Save it as UTF-8.")]
         ) from None
-    return parse_intent(text, source)
+    return text
 
 
 def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:

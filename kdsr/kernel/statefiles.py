@@ -44,8 +44,12 @@ def ensure_dir(path: Path) -> None:
         os.chmod(path, DIR_MODE)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    ensure_dir(path.parent)
+def write_atomic(path: Path, text: str, private_dir: bool = True) -> None:
+    """Write ``text`` to ``path`` (0600) by rename.  ``private_dir`` makes
+    the parent the state directory's way (0700, ours); a saved plan in the
+    user's working directory leaves its directory as it is."""
+    if private_dir:
+        ensure_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:

@@ -284,6 +284,50 @@ def test_drift_is_planned_exactly_and_repaired_foreign_state_untouched(deployed)
     _assert_flows(report, VIP4, min_servers=3)
 
 
+def test_a_saved_plan_is_refused_once_the_kernel_drifts(deployed):
+    """`plan --out` then `apply --plan-file`: on the lb the reviewed weight
+    change goes in as saved; on s1 a sysctl reset after the review makes the
+    saved plan stale (exit 10, the drift named, nothing written), and a plan
+    saved again applies and converges."""
+    lab = deployed.lab
+    doc = json.loads(EXAMPLE.read_text())
+    doc["pools"]["web"]["servers"][1]["weight"] = 2
+    doc["services"]["extra"] = {"vip": "10.10.0.120", "ports": 80, "protocols": "tcp", "pool": "web"}
+    changed = deployed.workdir / "reviewed.json"
+    changed.write_text(json.dumps(doc))
+    lb_plan, s1_plan = deployed.workdir / "lb1.plan", deployed.workdir / "s1.plan"
+    deployed.kdsr("lb", "plan", str(changed), "--node", "lb1", "--out", str(lb_plan))
+    deployed.kdsr("s1", "plan", str(changed), "--node", "s1", "--out", str(s1_plan))
+    changed.write_text(EXAMPLE.read_text())  # an edit after the review: the saved plans carry their intent
+
+    deployed.kdsr("lb", "apply", "--plan-file", str(lb_plan))
+    assert _plan_exit(deployed, "lb")[0] == 2  # the lb runs the reviewed intent, not the edited file
+    assert "10.10.0.120" in lab.run("lb", ["nft", "list", "table", "netdev", "kdsr"]).stdout
+
+    lab.run("s1", ["sysctl", "-w", "net.ipv4.conf.all.arp_ignore=0"])
+    before = deployed.snapshot("s1")
+    stale = deployed.kdsr("s1", "apply", "--plan-file", str(s1_plan), check=False)
+    assert stale.returncode == 10, stale.stdout + stale.stderr
+    assert "is stale" in stale.stderr and "sysctl net.ipv4.conf.all.arp_ignore" in stale.stderr, stale.stderr
+    assert deployed.snapshot("s1") == before  # nothing written
+
+    again = deployed.workdir / "reviewed-again.json"
+    again.write_text(json.dumps(doc))
+    deployed.kdsr("s1", "plan", str(again), "--node", "s1", "--out", str(s1_plan))
+    deployed.kdsr("s1", "apply", "--plan-file", str(s1_plan))
+    assert lab.run("s1", ["sysctl", "-n", "net.ipv4.conf.all.arp_ignore"]).stdout.strip() == "1"
+    lab.run("client", ["ip", "route", "add", "10.10.0.120/32", "via", "10.10.0.2"])
+    try:
+        # Only s1 holds the new VIP so far: its share of the flows is answered, by s1.
+        report = lab.probe("10.10.0.120", "tcp", 80, flows=30, first_sport=lab.next_sports(30), timeout=0.5)
+    finally:
+        lab.run("client", ["ip", "route", "del", "10.10.0.120/32"])
+    assert set(report.by_server()) == {"s1"}, report.by_server()
+    for host in ("lb", "s1"):
+        deployed.kdsr(host, "apply", str(EXAMPLE), "--node", NODES[host])
+        assert _plan_exit(deployed, host)[0] == 0
+
+
 def test_golden_batches_are_accepted_by_the_kernel(deployed):
     """Every golden nft batch passes the real kernel's check (libnftables dry run)."""
     for path in sorted((ROOT / "tests" / "golden").glob("*/*.nft.json")):
