@@ -35,6 +35,7 @@ from functools import partial
 
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
+from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.nft_json import batch_for
 from kdsr.kernel.observe import observe
@@ -69,6 +70,7 @@ class Journal:
         self.done: list[tuple[Step, NodeState]] = []
 
     def run(self, step: Step) -> None:
+        crash_point(f"before {step.description}")
         before = copy.deepcopy(self.state)
         try:
             step.run()
@@ -108,6 +110,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
 
     def save() -> None:
         store.save(state)
+        crash_point("after saving the ownership record")
 
     def set_sysctl(key: str, value: str, previous: str | None) -> Step:
         def run() -> None:
@@ -127,6 +130,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
         def run() -> None:
             if write:
                 kernel.sysctl_write(key, value)
+                crash_point("after the write, before its record is updated")
             state.sysctl_previous.pop(key, None)
             state.sysctl_written.pop(key, None)
             save()
@@ -150,6 +154,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
         def run() -> None:
             if write:
                 kernel.addr_del(addr)
+                crash_point("after the write, before its record is updated")
             state.owned_addresses.discard(addr.ident)
             save()
 
@@ -205,6 +210,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
 
         def run(commands=commands, ident=ident, create=td.desired is not None) -> None:
             kernel.nft_apply(commands)
+            crash_point("after the write, before its record is updated")
             (state.tables.add if create else state.tables.discard)(ident)
             save()
 
@@ -252,6 +258,7 @@ def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: 
 def _delete_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
     def run() -> None:
         kernel.link_del(link.name)
+        crash_point("after the write, before its record is updated")
         state.links.discard(link.name)
         save()
 
@@ -316,6 +323,7 @@ def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[],
 
             def run(svc=svc) -> None:
                 kernel.ipvs_service("-D", svc)
+                crash_point("after the write, before its record is updated")
                 state.ipvs.discard(svc.ident)
                 save()
 
@@ -345,12 +353,15 @@ def converge_dests(kernel: Kernel, current: IpvsService, target: IpvsService) ->
     have = {d.ident: d for d in current.dests}
     for dest in current.dests:
         if dest.ident not in wanted:
+            crash_point(f"before deleting IPVS destination {dest.ident}")
             kernel.ipvs_dest("-d", target, dest)
     readd = reorder_from(current, target)
     for dest in target.dests[readd:]:
         if have[dest.ident] != dest:
+            crash_point(f"before editing IPVS destination {dest.ident}")
             kernel.ipvs_dest("-e", target, dest)
     for dest in reversed(target.dests[:readd]):
+        crash_point(f"before adding IPVS destination {dest.ident}")
         if dest.ident in have:
             kernel.ipvs_dest("-d", target, have[dest.ident])
         kernel.ipvs_dest("-a", target, dest)
@@ -405,6 +416,7 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     only_one_transaction = len(plan.tables) == 1 and all(c.kind.startswith("nft ") for c in plan.changes)
     for td in plan.tables:
         commands = batch_for(td)
+        crash_point(f"before the nft {'transaction' if only_one_transaction else 'dry run'} on {td.family} {td.name}")
         try:
             if only_one_transaction:
                 kernel.nft_apply(commands)
@@ -434,6 +446,7 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
                 f"{step.description} failed: {exc}; the previous state was restored", rolled_back=True
             ) from exc
         result.steps.append(step.description)
+    crash_point("after the last step, before the read-back")
     result.writes = kernel.writes - writes_before
     _read_back(desired, kernel, state)
     return result
@@ -444,6 +457,7 @@ def _finish_single_transaction(
 ) -> ApplyResult:
     """After the one nft transaction of a plan went in: record it, read back."""
     td = plan.tables[0]
+    crash_point("after the one nft transaction, before recording it")
     (state.tables.add if td.desired is not None else state.tables.discard)(f"{td.family} {td.name}")
     store.save(state)
     result.steps.append(f"nftables transaction on table {td.family} {td.name}")

@@ -202,3 +202,116 @@ def test_settled_intent_places_probes_between_applies():
     assert settled_intent(11.0, windows, "A") == "B"
     assert settled_intent(12.2, windows, "A") is None
     assert settled_intent(13.0, windows, "A") == "A"
+
+
+# --- SIGKILL at every crash point of a real apply -----------------------------
+
+KILLED = -9  # subprocess returncode of a process that died of SIGKILL
+MAX_CRASH_POINTS = 60
+
+
+def snapshot(lab: netns_lab.L2Lab, host: str) -> str:
+    """What kdsr may touch on a host, as text (counters left out)."""
+    parts = [lab.run(host, ["nft", "-s", "list", "ruleset"]).stdout]
+    if getattr(lab, "full_kernel", False):
+        parts.append(lab.run(host, ["ipvsadm", "-Ln"]).stdout)
+        parts.append(lab.run(host, ["ip", "-d", "link", "show"]).stdout)
+    parts.append(lab.run(host, ["ip", "-d", "addr", "show"]).stdout)
+    parts.append(lab.run(host, ["ip", "rule", "show"]).stdout)
+    parts.append(lab.run(host, ["ip", "route", "show", "table", "all"]).stdout)
+    keys = [
+        f"net.ipv4.conf.{i}.{k}" for i in ("all", "eth0", "lo") for k in ("arp_ignore", "arp_announce", "rp_filter")
+    ]
+    parts.append(lab.run(host, ["sysctl", *keys]).stdout)
+    return "\n".join(parts)
+
+
+def crash_and_converge(sl: StreamLab, host: str, node: str, args: list[str], converged: str) -> list[str]:
+    """Kill `kdsr <args>` at crash point 1, 2, ... until it completes; after
+    each kill, plan names what is left (exit 0 or 2, no error), one apply
+    converges, the next plan is empty and the host equals ``converged``.
+    Returns where each kill landed."""
+    landed = []
+    for point in range(1, MAX_CRASH_POINTS + 1):
+        argv = [sys.executable, "-m", "kdsr", "--state-dir", str(sl.workdir / "state" / host), *args]
+        killed = sl.lab.run(host, ["env", f"KDSR_TEST_KILL_AT={point}", *argv], check=False, cwd=ROOT, timeout=300)
+        if killed.returncode == 0:
+            return landed  # fewer crash points than `point`: every one was tried
+        assert killed.returncode == KILLED, f"point {point}: exit {killed.returncode}\n{killed.stderr}"
+        landed.append(killed.stderr.strip().splitlines()[-1].split(": ", 2)[-1])
+        intent = args[1] if args[0] == "apply" else None
+        if intent is None:  # destroy: converging means destroying again
+            sl.kdsr(host, "destroy", "--node", node)
+        else:
+            plan = sl.kdsr(host, "plan", intent, "--node", node, "--detailed-exitcode", check=False)
+            assert plan.returncode in (0, 2), (
+                f"point {point} ({landed[-1]}): plan exit {plan.returncode}\n{plan.stderr}"
+            )
+            sl.kdsr(host, "apply", intent, "--node", node)
+            again = sl.kdsr(host, "plan", intent, "--node", node, "--detailed-exitcode", check=False)
+            assert again.returncode == 0, f"point {point} ({landed[-1]}): not converged\n{again.stdout}"
+        assert snapshot(sl.lab, host) == converged, f"point {point} ({landed[-1]}): differs after converging"
+        # Back to the start for the next point.
+        if intent is None:
+            sl.kdsr(host, "apply", sl.intents["X"], "--node", node)
+        else:
+            sl.kdsr(host, "destroy", "--node", node)
+    raise AssertionError(f"still killed after {MAX_CRASH_POINTS} crash points")
+
+
+def crash_test(sl: StreamLab, hosts: dict[str, str], intent_doc: dict, destroy: bool = True) -> None:
+    sl.intents["X"] = sl.workdir / "intent-X.json"
+    sl.intents["X"].write_text(json.dumps(intent_doc, indent=1))
+    intent = str(sl.intents["X"])
+    for host, node in hosts.items():
+        pristine = snapshot(sl.lab, host)
+        sl.kdsr(host, "apply", intent, "--node", node)
+        applied = snapshot(sl.lab, host)
+        sl.kdsr(host, "destroy", "--node", node)
+        assert snapshot(sl.lab, host) == pristine
+        on_apply = crash_and_converge(sl, host, node, ["apply", intent, "--node", node], applied)
+        assert snapshot(sl.lab, host) == applied  # the unkilled last run applied it
+        on_destroy = []
+        if destroy:
+            on_destroy = crash_and_converge(sl, host, node, ["destroy", "--node", node], pristine)
+        else:
+            sl.kdsr(host, "destroy", "--node", node)
+        assert snapshot(sl.lab, host) == pristine
+        print(f"\n{host}: {len(on_apply)} kills during apply, {len(on_destroy)} during destroy, all converged")
+        for where in on_apply + on_destroy:
+            print(f"  killed {where}")
+        assert len(on_apply) >= 3 and (len(on_destroy) >= 2 or not destroy), (on_apply, on_destroy)
+
+
+def test_sigkill_at_every_crash_point_then_plan_and_apply_converge(l2lab, tmp_path):
+    """On the lb (nft table, probe routes and rules of a dsr health check)
+    and on a server (sysctls, VIP addresses): a fresh apply killed at each
+    crash point converges with one more apply to exactly what an unbroken
+    apply makes; a destroy killed at each point, destroyed again, leaves the
+    host exactly as it was before kdsr."""
+    import healthlab
+
+    crash_test(StreamLab(l2lab, tmp_path, "nft"), {"lb": "lb1", "s1": "s1"}, healthlab.INTENT)
+
+
+@pytest.fixture(scope="module")
+def l3lab(tmp_path_factory):
+    import l3lab as routed
+
+    workdir = tmp_path_factory.mktemp("safety-l3")
+    with routed.L3Lab(workdir=workdir / "lab") as built:
+        built.run("lb", ["modprobe", "-a", "ip_vs", "ip_vs_mh", "ipip"])
+        built.full_kernel = True  # type: ignore[attr-defined]
+        yield built
+
+
+@pytest.mark.full_kernel
+def test_sigkill_during_an_ipvs_tunnel_apply_converges(l3lab, tmp_path):
+    """The lb of examples/l3-ipip.json on the ipvs engine: an ipip link, its
+    sysctls, the VIPs on lo, IPVS services and their destination lists, each
+    killed at every crash point, then planned and converged (apply only: each
+    point costs five CLI runs under emulation)."""
+    doc = json.loads((ROOT / "examples" / "l3-ipip.json").read_text())
+    # One service keeps the crash points (each five CLI runs) few.
+    doc["services"] = {"web": {**doc["services"]["web"], "ports": [80], "dsr": {"mode": "l3-ipip", "engine": "ipvs"}}}
+    crash_test(StreamLab(l3lab, tmp_path, "ipvs"), {"lb": "lb1"}, doc, destroy=False)
