@@ -21,6 +21,19 @@ from lab import Host, L2Lab, _exec
 
 VIP_NET4, VIP_NET6 = "10.9.0.0/24", "fd00:9::/64"
 SERVER_NET4, SERVER_NET6 = "10.3.0.0/24", "fd00:3::/64"
+SERVERS = {"s1": "10.3.0.11", "s2": "10.3.0.12", "s3": "10.3.0.13"}
+
+
+def one_service_intent(vip: str, port: int, dsr: dict, pool: dict, **service: object) -> dict:
+    """An intent for this lab: one TCP service app (vip:port) on pool ``app``
+    (``pool``: its servers, health...), load balancer lb1, servers s1-s3."""
+    return {
+        "version": 1,
+        "services": {"app": {"vip": vip, "ports": port, "protocols": "tcp", "pool": "app", "dsr": dsr, **service}},
+        "pools": {"app": pool},
+        "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.2.0.2/24"]}},
+        "servers": {s: {"interface": "eth0", "addresses": [f"{a}/24"]} for s, a in SERVERS.items()},
+    }
 
 
 class L3Lab(L2Lab):

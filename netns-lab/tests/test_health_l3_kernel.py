@@ -34,7 +34,7 @@ pytestmark = pytest.mark.full_kernel
 ROOT = Path(__file__).resolve().parents[2]
 VIP, PORT = "10.9.0.102", 8080
 INTERVAL, TIMEOUT, RISE, FALL = 2.0, 1.0, 2, 3
-SERVERS = {"s1": "10.3.0.11", "s2": "10.3.0.12", "s3": "10.3.0.13"}
+SERVERS = l3lab.SERVERS
 SCENARIOS = [("l3-ipip", "nft", "dsr"), ("l3-gre", "ipvs", "plain")]
 
 
@@ -42,21 +42,8 @@ def intent_for(mode: str, engine: str, check: str) -> dict:
     monitor = {"type": "tcp", "mode": check, "interval": INTERVAL, "timeout": TIMEOUT, "rise": RISE, "fall": FALL}
     if check == "plain":
         monitor["port"] = PORT
-    return {
-        "version": 1,
-        "services": {
-            "app": {
-                "vip": VIP,
-                "ports": PORT,
-                "protocols": "tcp",
-                "pool": "app",
-                "dsr": {"mode": mode, "engine": engine},
-            }
-        },
-        "pools": {"app": {"servers": [{"node": s} for s in SERVERS], "health": monitor}},
-        "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.2.0.2/24"]}},
-        "servers": {s: {"interface": "eth0", "addresses": [f"{a}/24"]} for s, a in SERVERS.items()},
-    }
+    pool = {"servers": [{"node": s} for s in SERVERS], "health": monitor}
+    return l3lab.one_service_intent(VIP, PORT, {"mode": mode, "engine": engine}, pool)
 
 
 @pytest.fixture(scope="module")
