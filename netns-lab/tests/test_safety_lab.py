@@ -8,7 +8,7 @@ means: every probe sent arrived exactly once, and every probe sent while an
 intent was settled (after its apply returned, before the next began) landed
 on a server of that intent's pool.  Probes sent while an apply ran may land
 on either pool; how many did is reported, and each apply is followed by a
-short settled pause so that a fifth or more of the probes are judged.  The nft engine runs on the host
+short settled pause so that a tenth or more of the probes are judged.  The nft engine runs on the host
 kernel; the IPVS engine (DR, same lab) in the full-kernel tier, with fewer
 applies because emulation makes each one seconds long.
 """
@@ -163,7 +163,7 @@ def check_stream(report: dict, applies: int, min_probes: int) -> None:
     assert report["lost"] == 0 and report["duplicated"] == 0, report
     assert report["received"] == report["sent"], report
     assert report["outside_pool"] == 0, report
-    assert report["sent_while_settled"] >= report["sent"] // 5, report  # the pool check had probes to judge
+    assert report["sent_while_settled"] >= report["sent"] // 10, report  # the pool check had probes to judge
     # Both pools carried traffic, so the check above had something to catch.
     assert report["per_server"].get("s2", 0) > 100 and report["per_server"].get("s3", 0) > 100, report
 
