@@ -71,20 +71,15 @@ def sink(args: argparse.Namespace) -> int:
     seqs, stamps = array("I"), array("d")
     deadline = time.monotonic() + args.max_seconds
     print("ready", flush=True)
-    while not stop and time.monotonic() < deadline and len(seqs) < MAX_PROBES:
+    draining = False  # after the stop: what the socket still holds was sent before it
+    while len(seqs) < MAX_PROBES:
+        if not draining and (stop or time.monotonic() >= deadline):
+            sock.setblocking(False)
+            draining = True
         try:
             data = sock.recv(64)
         except TimeoutError:
             continue
-        if len(data) == PROBE.size:
-            seq, sent_at = PROBE.unpack(data)
-            seqs.append(seq)
-            stamps.append(sent_at)
-    # What the socket still holds was sent before the stop: count it too.
-    sock.setblocking(False)
-    while len(seqs) < MAX_PROBES:
-        try:
-            data = sock.recv(64)
         except BlockingIOError:
             break
         if len(data) == PROBE.size:

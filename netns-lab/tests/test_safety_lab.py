@@ -70,6 +70,10 @@ class StreamLab:
             assert result.returncode == 0, f"kdsr {' '.join(args)} in {host}: {result.stdout}\n{result.stderr}"
         return result
 
+    def destroy_everywhere(self) -> None:
+        for host in ("lb", *SERVERS):
+            self.kdsr(host, "destroy", "--node", "lb1" if host == "lb" else host, check=False)
+
     def udpcount(self, host: str, *args: str, ready: str | None = None) -> netns_lab.LabProcess:
         return self.lab.spawn(host, [sys.executable, str(UDPCOUNT), *args], tag="udpcount", ready_marker=ready)
 
@@ -180,8 +184,7 @@ def test_nft_applies_under_a_udp_stream_lose_nothing_and_never_leave_the_pool(l2
     try:
         check_stream(run_stream(sl, applies=100, rate=1000, min_probes=50_000, settle=0.25), 100, 50_000)
     finally:
-        for host in ("lb", *SERVERS):
-            sl.kdsr(host, "destroy", "--node", "lb1" if host == "lb" else host, check=False)
+        sl.destroy_everywhere()
 
 
 @pytest.mark.full_kernel
@@ -191,8 +194,7 @@ def test_ipvs_applies_under_a_udp_stream_lose_nothing_and_never_leave_the_pool(l
     try:
         check_stream(run_stream(sl, applies=20, rate=150, min_probes=5_000, settle=1.0), 20, 5_000)
     finally:
-        for host in ("lb", *SERVERS):
-            sl.kdsr(host, "destroy", "--node", "lb1" if host == "lb" else host, check=False)
+        sl.destroy_everywhere()
 
 
 def test_settled_intent_places_probes_between_applies():
