@@ -130,7 +130,13 @@ def assert_taken_out(flows: list[dict], killed_at: float, bound: float, alive=("
     """After ``bound`` every new flow worked on the live servers; before the stop all three had flows."""
     later = [f for f in flows if f["t"] > killed_at + bound]
     assert later and all(f["ok"] and f["server"] in alive for f in later), [f for f in later if not f["ok"]][:3]
-    assert {f["server"] for f in flows if f["t"] < killed_at} == set(SERVERS)
+    # A flow started in the last moment before the stop may reach the server
+    # just after its listener went (refused): that is the race being measured,
+    # not a failure.  Flows well before the stop must all have worked.
+    before = [f for f in flows if f["t"] < killed_at]
+    early_failures = [f for f in before if not f["ok"] and f["t"] < killed_at - 0.5]
+    assert not early_failures, early_failures[:3]
+    assert {f["server"] for f in before if f["ok"]} == set(SERVERS), before[:3]
 
 
 def flows_of(proc: netns_lab.LabProcess, seconds: float) -> list[dict]:

@@ -42,12 +42,17 @@ def test_a_dead_listener_is_out_within_the_bound_and_rejoins_after_rise(health_l
     time.sleep(2)
     killed_at = time.time()
     hl.responders["s2"].stop()
-    hl.wait_for(lambda: hl.state_of("web", "10.10.0.12") == "down", 15, "s2 marked down")
-    flows = flows_of(stream, 12)
-    last_on_s2 = healthlab.last_refused(flows, killed_at)
-    print(f"\nlast new flow on the dead server {last_on_s2:.2f} s after its listener stopped, bound {REACTION_BOUND} s")
-    assert last_on_s2 <= REACTION_BOUND, hl.log()
-    healthlab.assert_taken_out(flows, killed_at, REACTION_BOUND)
+    try:
+        hl.wait_for(lambda: hl.state_of("web", "10.10.0.12") == "down", 15, "s2 marked down")
+        flows = flows_of(stream, 12)
+        last_on_s2 = healthlab.last_refused(flows, killed_at)
+        print(f"\nlast new flow on the dead server {last_on_s2:.2f} s after its listener stopped", end="")
+        print(f", bound {REACTION_BOUND} s")
+        assert last_on_s2 <= REACTION_BOUND, hl.log()
+        healthlab.assert_taken_out(flows, killed_at, REACTION_BOUND)
+    except BaseException:
+        hl.start_responder("s2")  # the module's other tests need all three servers
+        raise
 
     hl.start_responder("s2")
     back_at = time.time()

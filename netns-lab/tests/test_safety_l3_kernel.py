@@ -181,6 +181,20 @@ def ipvs_figures(lab) -> dict:
     return figures
 
 
+def ipvs_figures_counted(lab, conns: int, seconds: float = 20) -> dict:
+    """ipvs_figures once the service's Conns counter shows ``conns``.
+
+    ipvsadm --stats reads totals the kernel's rate estimator folds in from the
+    per-CPU counters on its own timer (every 2 s on 6.1), so right after the
+    connections opened it can still show 0: wait for it, bounded."""
+    deadline = time.monotonic() + seconds
+    while True:
+        figures = ipvs_figures(lab)
+        if figures["conns"] >= conns or time.monotonic() > deadline:
+            return figures
+        time.sleep(0.5)
+
+
 def model_servers(weights: dict[str, int], sports, mh_port: bool) -> dict[int, str]:
     """Where IPVS mh would send a *new* flow from each client port (kdsr's list order)."""
     dests = mh.kdsr_order(mh.MhDest(a, PORT, weights.get(s, 1)) for s, a in SERVERS.items())
@@ -217,7 +231,7 @@ def test_ipvs_service_identity_survives_weight_and_flag_edits_50_connections(dep
         assert len(spread) >= 2, spread
         base = model_servers({}, before, mh_port=True)
         agree = sum(base[p] == s for p, s in before.items())
-        figures0 = ipvs_figures(lab)
+        figures0 = ipvs_figures_counted(lab, HELD)
         print(
             f"\nheld {HELD} connections, per server {spread} "
             f"(the mh model predicts {agree}/{HELD} of these picks); ipvsadm: Conns {figures0['conns']}, "
