@@ -370,7 +370,7 @@ def test_unknown_field_names_it_and_lists_the_allowed_ones():
     assert problem.pointer == "/services/web/prot"
     assert 'unknown field "prot"' in problem.message
     assert 'Did you mean "ports"?' in problem.hint
-    assert "Allowed fields: vip, ports, protocols, pool, dsr, hashing, health." in problem.hint
+    assert "Allowed fields: vip, ports, protocols, pool, dsr, hashing, health, announce." in problem.hint
 
 
 def test_unknown_top_level_field():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import ipaddress
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,14 +24,20 @@ from kdsr.files import read_bounded
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
+    ANNOUNCE_ACTIVE_ACTIVE,
+    DEFAULT_BIRD_CONFIG,
+    DEFAULT_BIRD_FRAGMENT,
+    DEFAULT_BIRD_SOCKET,
     DEFAULT_FALL,
     DEFAULT_HASH_FIELDS,
     DEFAULT_HASH_SEED,
+    DEFAULT_HOLD_TIME,
     DEFAULT_INTERVAL,
     DEFAULT_JITTER,
     DEFAULT_PATH_MTU,
     DEFAULT_PIN_MAX_FLOWS,
     DEFAULT_PIN_TIMEOUT,
+    DEFAULT_PREPEND,
     DEFAULT_RISE,
     DEFAULT_TIMEOUT,
     DEFAULT_UDP_SEND,
@@ -39,6 +46,10 @@ from kdsr.intent.model import (
     ENGINE_IPVS,
     ENGINE_NFT,
     MONITOR_DSR,
+    Announce,
+    Bgp,
+    BgpNeighbor,
+    BirdFiles,
     FlowPinning,
     Hashing,
     Intent,
@@ -573,7 +584,10 @@ def _build(doc: dict, source: str) -> Intent:
         services=tuple(_service(name, doc["services"][name]) for name in sorted(doc["services"])),
         pools=tuple(_pool(name, doc["pools"][name], servers) for name in sorted(doc["pools"])),
         load_balancers=tuple(
-            LoadBalancerNode(**_node(name, doc["load_balancers"][name], "load_balancers"))
+            LoadBalancerNode(
+                **_node(name, doc["load_balancers"][name], "load_balancers"),
+                bgp=_bgp(doc["load_balancers"][name].get("bgp"), f"/load_balancers/{name}/bgp"),
+            )
             for name in sorted(doc["load_balancers"])
         ),
         servers=tuple(ServerNode(**_node(name, servers[name], "servers")) for name in sorted(servers)),
@@ -607,6 +621,50 @@ def _service(name: str, service: dict) -> Service:
         ),
         pointer=pointer,
         health=_monitors(service.get("health"), f"{pointer}/health"),
+        announce=_announce(service.get("announce", {}), f"{pointer}/announce"),
+    )
+
+
+def _announce(doc: dict, pointer: str) -> Announce:
+    lbs = doc.get("load_balancers")
+    return Announce(
+        mode=doc.get("mode", ANNOUNCE_ACTIVE_ACTIVE),
+        load_balancers=tuple(lbs) if lbs is not None else None,
+        active=doc.get("active"),
+        standby=doc.get("standby"),
+        prepend=int(doc.get("prepend", DEFAULT_PREPEND)),
+        med=doc.get("med"),
+        standby_med=doc.get("standby_med"),
+        communities=tuple(tuple(int(part) for part in c.split(":")) for c in doc.get("communities", ())),
+        pointer=pointer,
+    )
+
+
+def _bgp(doc: dict | None, pointer: str) -> Bgp | None:
+    if doc is None:
+        return None
+    bird = doc.get("bird", {})
+    return Bgp(
+        asn=int(doc["asn"]),
+        router_id=ipaddress.IPv4Address(doc["router_id"]),
+        neighbors=tuple(
+            BgpNeighbor(
+                address=rules.parse_address(n["address"]),
+                asn=int(n["asn"]),
+                password=n.get("password"),
+                bfd=bool(n.get("bfd", False)),
+                multihop=n.get("multihop"),
+                pointer=f"{pointer}/neighbors/{i}",
+            )
+            for i, n in enumerate(doc["neighbors"])
+        ),
+        hold_time=int(doc.get("hold_time", DEFAULT_HOLD_TIME)),
+        bird=BirdFiles(
+            config=bird.get("config", DEFAULT_BIRD_CONFIG),
+            fragment=bird.get("fragment", DEFAULT_BIRD_FRAGMENT),
+            socket=bird.get("socket", DEFAULT_BIRD_SOCKET),
+        ),
+        pointer=pointer,
     )
 
 

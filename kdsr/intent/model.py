@@ -117,6 +117,59 @@ class Hashing:
     pinning: FlowPinning | None = None  # None: stateless (the default)
 
 
+# VIP announcement by BGP (kdsr/compile/bird.py renders it for BIRD 2).
+ANNOUNCE_ACTIVE_ACTIVE = "active-active"
+ANNOUNCE_ACTIVE_STANDBY = "active-standby"
+ANNOUNCE_N_PLUS_M = "n+m"
+DEFAULT_PREPEND = 3
+DEFAULT_HOLD_TIME = 90
+DEFAULT_BIRD_CONFIG = "/etc/bird/bird.conf"
+DEFAULT_BIRD_FRAGMENT = "/etc/bird/kdsr.conf"
+DEFAULT_BIRD_SOCKET = "/run/bird/bird.ctl"
+
+
+@dataclass(frozen=True)
+class Announce:
+    """How a VIP is announced; ``load_balancers`` None: every one with bgp."""
+
+    mode: str = ANNOUNCE_ACTIVE_ACTIVE
+    load_balancers: tuple[str, ...] | None = None
+    active: int | None = None  # n+m: N
+    standby: int | None = None  # n+m: M
+    prepend: int = DEFAULT_PREPEND
+    med: int | None = None
+    standby_med: int | None = None
+    communities: tuple[tuple[int, int], ...] = ()
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class BgpNeighbor:
+    address: IPAddress
+    asn: int
+    password: str | None = None
+    bfd: bool = False
+    multihop: int | None = None
+    pointer: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class BirdFiles:
+    config: str = DEFAULT_BIRD_CONFIG  # the user's main config, which includes ``fragment``
+    fragment: str = DEFAULT_BIRD_FRAGMENT  # the file kdsr owns
+    socket: str = DEFAULT_BIRD_SOCKET
+
+
+@dataclass(frozen=True)
+class Bgp:
+    asn: int
+    router_id: ipaddress.IPv4Address
+    neighbors: tuple[BgpNeighbor, ...]
+    hold_time: int = DEFAULT_HOLD_TIME
+    bird: BirdFiles = BirdFiles()
+    pointer: str = field(default="", compare=False)
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -134,6 +187,7 @@ class Service:
     # "off" in the intent).
     mss_clamp: int | None = None
     health: tuple[Monitor, ...] = ()
+    announce: Announce = Announce()
 
     @property
     def is_l3(self) -> bool:
@@ -164,6 +218,7 @@ class LoadBalancerNode:
     interface: str
     addresses: tuple[IPInterface, ...]
     pointer: str = field(default="", compare=False)
+    bgp: Bgp | None = None
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,7 @@ class _Verifier:
         self.check_flow_pinning()
         self.check_tunnel_names()
         self.check_health()
+        self.check_bgp()
         return self.problems
 
     # Health monitors: kdsr/intent/health_rules.py (imported here: it uses
@@ -218,6 +219,12 @@ class _Verifier:
         from kdsr.intent.health_rules import check_health
 
         check_health(self.services, self.pools, self.report)
+
+    # BGP and VIP announcement: kdsr/intent/bgp_rules.py.
+    def check_bgp(self) -> None:
+        from kdsr.intent.bgp_rules import check_bgp
+
+        check_bgp(self.services, self.load_balancers, self.report)
 
     # Rule 11: one role per node; the CLI selects a node by name (--node).
     def check_node_names(self) -> None:
