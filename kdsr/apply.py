@@ -14,7 +14,10 @@ Order (deletes mirror creates):
   8. rules, then routes to delete;
   9. addresses to delete;
  10. sysctls to restore  - after the VIP is gone, for the same reason;
- 11. links to delete.
+ 11. links to delete;
+ 12. BIRD's fragment (kdsr/kernel/bird.py), checked with BIRD's parser
+     before any write: last when it only announces, first when the plan
+     withdraws a VIP or removes fast path, so routers stop sending first.
 
 nftables is transactional; links, routes, rules, IPVS, addresses and sysctls
 are not.  Each completed
@@ -33,14 +36,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from kdsr.compile.bird import pointer_at
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
-from kdsr.errors import ApplyError, KernelFeatureError
+from kdsr.errors import ApplyError, BirdUnavailableError, KernelFeatureError
 from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
+from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import batch_for
 from kdsr.kernel.observe import observe
 from kdsr.kernel.state import NodeState, StateStore
-from kdsr.model import Address, Desired, IpvsService, Link
+from kdsr.model import Address, BirdConfig, Desired, IpvsService, Link
 
 
 @dataclass
@@ -239,7 +244,40 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
     for change in plan.of_kind("link"):
         if change.action == DELETE:
             steps.append(_delete_link(kernel, state, save, change.before))
+    bird_change = next(iter(plan.of_kind("bird config")), None)
+    if bird_change is not None:
+        # Routers stop sending before the fast path goes, and start only
+        # once it is there: withdrawals first, announcements last.
+        withdraw = any(c.action == DELETE and c.kind in WITHDRAW_FIRST for c in plan.changes)
+        steps.insert(0 if withdraw else len(steps), _bird_step(kernel, state, save, bird_change))
     return steps
+
+
+# A plan that deletes any of these reloads BIRD before its other steps.
+WITHDRAW_FIRST = ("bgp route", "nft table", "nft chain", "ipvs service", "address")
+
+
+def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], change) -> Step:
+    want: BirdConfig = change.after
+    have: BirdConfig | None = change.before
+    declares = bool(want.routes or want.sessions or want.router_id)
+
+    def run() -> None:
+        if declares:
+            state.bird_files = [want.config, want.fragment, want.socket]
+            save()
+        kernel.bird_install(want.config, want.fragment, want.socket, want.text)
+        if not declares:
+            crash_point("after the write, before its record is updated")
+            state.bird_files = []
+            save()
+
+    def undo() -> None:
+        if have is not None:
+            kernel.bird_install(have.config, have.fragment, have.socket, have.text)
+
+    what = f"{len(want.routes)} routes, {len(want.sessions)} sessions" if declares else "empty"
+    return Step(f"write BIRD fragment {want.fragment} ({what}) and reload BIRD", run, undo)
 
 
 def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
@@ -403,11 +441,28 @@ def check_modules(desired: Desired, kernel: Kernel) -> None:
         )
 
 
+def check_bird(plan: Plan, kernel: Kernel) -> None:
+    """BIRD must run and accept the new fragment before anything is written."""
+    for change in plan.of_kind("bird config"):
+        want: BirdConfig = change.after
+        try:
+            kernel.bird_ready(want.config, want.fragment, want.socket)
+        except BirdError as exc:
+            raise BirdUnavailableError(str(exc)) from exc
+        try:
+            kernel.bird_check(want.config, want.fragment, want.text)
+        except BirdError as exc:
+            where = pointer_at(want, exc.line) if exc.line else ""
+            at = f" (fragment line {exc.line}, from the intent's {where})" if where else ""
+            raise ApplyError(f"nothing was changed: {exc}{at}", rolled_back=True) from exc
+
+
 def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState) -> ApplyResult:
     result = ApplyResult()
     if plan.empty:
         return result
     check_modules(desired, kernel)
+    check_bird(plan, kernel)
     # Check every nftables batch before anything is written: a transaction the
     # kernel would refuse must not leave addresses or sysctls half done.  A
     # plan that is one nft transaction and nothing else (every health change,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdsr.compile.bird import empty_config, parse_model
 from kdsr.model import (
     Address,
     Desired,
@@ -253,6 +254,7 @@ def diff(desired: Desired, observed: Observed) -> Plan:
     _diff_keyed(desired.rules, observed.rules, "rule", changes)
     _diff_ipvs(desired, observed, changes)
     _follow_replaced_links(desired, observed, changes)
+    _diff_bird(desired, observed, changes)
     return Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])
 
 
@@ -379,3 +381,39 @@ def _follow_replaced_links(desired: Desired, observed: Observed, changes: list[C
             changes.append(
                 Change(UPDATE, "sysctl", sysctl.dotted, current.get(sysctl.key), sysctl, pointer=sysctl.pointer)
             )
+
+
+def _diff_bird(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    """Routes and sessions as the user thinks of them, then the one file
+    write that carries them all ("bird config"; apply.py runs only that)."""
+    want, have = desired.bird, observed.bird
+    if want is None:
+        if have is None or not (have.routes or have.sessions or have.router_id):
+            return
+        want = empty_config(have.config, have.fragment, have.socket)
+    before_routes = have.routes if have else ()
+    before_sessions = have.sessions if have else ()
+    for kind, wanted, present in (
+        ("bgp route", want.routes, before_routes),
+        ("bgp session", want.sessions, before_sessions),
+    ):
+        wanted_by = {x.ident: x for x in wanted}
+        present_by = {x.ident: x for x in present}
+        for ident, item in wanted_by.items():
+            old = present_by.get(ident)
+            if old is None:
+                changes.append(Change(CREATE, kind, ident, None, item, pointer=item.pointer))
+            elif old != item:
+                fields = [f for f in item.__dataclass_fields__ if getattr(old, f) != getattr(item, f)]
+                changes.append(Change(UPDATE, kind, ident, old, item, reason=",".join(fields), pointer=item.pointer))
+        for ident, item in present_by.items():
+            if ident not in wanted_by:
+                changes.append(Change(DELETE, kind, ident, item, None))
+    old_id = have.router_id if have else None
+    if want.router_id and old_id and want.router_id != old_id:
+        changes.append(Change(UPDATE, "bgp router id", want.router_id, old_id, want.router_id))
+    if have is None or have.text != want.text:
+        edited = have is not None and parse_model(have.text, have.config, have.fragment, have.socket) is not None
+        reason = "not what kdsr writes" if edited and not any(c.kind.startswith("bgp ") for c in changes) else ""
+        action = CREATE if have is None else UPDATE
+        changes.append(Change(action, "bird config", want.fragment, have, want, reason=reason))

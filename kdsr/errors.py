@@ -72,6 +72,13 @@ class KernelFeatureError(KdsrError):
     exit_code = EXIT_KERNEL_FEATURE
 
 
+class BirdUnavailableError(KdsrError):
+    """The intent announces by BGP and BIRD is missing, stopped, or does not
+    include kdsr's fragment (found before any write)."""
+
+    exit_code = EXIT_KERNEL_FEATURE
+
+
 class ForeignObjectError(KdsrError):
     """kdsr would have to take over an object it has no record of creating."""
 

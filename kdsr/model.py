@@ -291,6 +291,60 @@ class IpvsService:
 
 
 @dataclass(frozen=True)
+class BgpSession:
+    """One BGP session in kdsr's BIRD fragment."""
+
+    neighbor: str
+    asn: int
+    local: str
+    local_asn: int
+    hold_time: int
+    bfd: bool = False
+    multihop: int | None = None
+    password: bool = False  # whether one is set (the secret itself is only in the file)
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return self.neighbor
+
+
+@dataclass(frozen=True)
+class BgpRoute:
+    """One VIP announced by this node, with the attributes its role gives it."""
+
+    prefix: str
+    role: str  # "active" | "standby"
+    prepend: int = 0
+    med: int | None = None
+    communities: tuple[tuple[int, int], ...] = ()
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return self.prefix
+
+
+@dataclass(frozen=True)
+class BirdConfig:
+    """kdsr's BIRD fragment: what it announces and to whom, and the file text.
+
+    ``text`` carries the model in its first line (kdsr/compile/bird.py), so
+    the fragment read back from disk is an Observed BirdConfig too."""
+
+    config: str  # the user's main BIRD config (it includes ``fragment``)
+    fragment: str
+    socket: str
+    router_id: str | None
+    sessions: tuple[BgpSession, ...]
+    routes: tuple[BgpRoute, ...]
+    text: str
+    # (first line, last line, intent pointer): maps BIRD's parse errors back.
+    lines: tuple[tuple[int, int, str], ...] = field(default=(), compare=False)
+    withdrawn: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (prefix, why)
+
+
+@dataclass(frozen=True)
 class Desired:
     """Everything kdsr wants on one node."""
 
@@ -306,6 +360,7 @@ class Desired:
     # Kernel modules the node needs (checked, and loaded where possible,
     # before any write).
     modules: tuple[str, ...] = ()
+    bird: BirdConfig | None = None  # load balancers with bgp
 
 
 @dataclass(frozen=True)
@@ -332,3 +387,4 @@ class Observed:
     rules: tuple[Rule, ...] = ()  # at kdsr's rule priority
     ipvs: tuple[IpvsService, ...] = ()  # services kdsr owns or wants
     foreign_ipvs: frozenset[str] = frozenset()  # wanted idents that exist but are not kdsr's
+    bird: BirdConfig | None = None  # kdsr's BIRD fragment as found on disk

@@ -9,12 +9,28 @@ JSON form always has every change.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from typing import Any
 
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
-from kdsr.model import Address, IpvsDest, IpvsService, Link, NftChain, NftElement, NftMap, NftTable, Route, Rule, Sysctl
+from kdsr.model import (
+    Address,
+    BgpRoute,
+    BgpSession,
+    BirdConfig,
+    IpvsDest,
+    IpvsService,
+    Link,
+    NftChain,
+    NftElement,
+    NftMap,
+    NftTable,
+    Route,
+    Rule,
+    Sysctl,
+)
 
 SYMBOL = {CREATE: "+", UPDATE: "~", REPLACE: "-/+", DELETE: "-"}
 ELEMENTS_SHOWN_PER_MAP = 12
@@ -50,6 +66,22 @@ def _describe(obj: Any) -> str:
         dest = obj[1]
         how = f"tunnel {dest.tun_type}" if dest.method == "tunnel" else "direct routing"
         return f"{how}, weight {dest.weight}"
+    if isinstance(obj, BgpRoute):
+        extra = [f"AS path +{obj.prepend}"] if obj.prepend else []
+        extra += [f"MED {obj.med}"] if obj.med is not None else []
+        extra += [" ".join(f"{a}:{b}" for a, b in obj.communities)] if obj.communities else []
+        return f"announce as {obj.role}" + (f" ({', '.join(extra)})" if extra else "")
+    if isinstance(obj, BgpSession):
+        options = [f"hold {obj.hold_time}s"] + (["bfd"] if obj.bfd else []) + (["password"] if obj.password else [])
+        options += [f"multihop {obj.multihop}"] if obj.multihop else []
+        return f"AS {obj.asn} from {obj.local} AS {obj.local_asn}, {', '.join(options)}"
+    if isinstance(obj, BirdConfig):
+        lines = len(obj.text.splitlines())
+        return (
+            f"{lines} lines, then birdc configure"
+            if obj.router_id
+            else "empty (declares nothing), then birdc configure"
+        )
     return ""
 
 
@@ -73,6 +105,8 @@ def _line(change: Change) -> str:
     else:
         detail = _describe(change.after)
         text += f": {detail}" if detail and change.kind != "nft element" else (f" : {detail}" if detail else "")
+    if change.kind == "bird config" and change.reason:
+        text += f"  [{change.reason}]"
     if change.action == REPLACE and change.reason:
         text += f"  [{change.reason} forces replacement]"
     elif change.action == UPDATE and change.kind == "nft chain":
@@ -180,6 +214,25 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], IpvsDest):
         d = obj[1]
         return {"address": d.address, "port": d.port, "weight": d.weight, "method": d.method, "tun_type": d.tun_type}
+    if isinstance(obj, BgpRoute):
+        return {
+            "prefix": obj.prefix,
+            "role": obj.role,
+            "prepend": obj.prepend,
+            "med": obj.med,
+            "communities": [f"{a}:{b}" for a, b in obj.communities],
+        }
+    if isinstance(obj, BgpSession):
+        return {k: v for k, v in obj.__dict__.items() if k != "pointer"}
+    if isinstance(obj, BirdConfig):
+        # The text holds BGP passwords: the plan carries its digest only.
+        return {
+            "fragment": obj.fragment,
+            "config": obj.config,
+            "socket": obj.socket,
+            "sha256": hashlib.sha256(obj.text.encode()).hexdigest(),
+            "lines": len(obj.text.splitlines()),
+        }
     return str(obj)
 
 

@@ -15,10 +15,11 @@ from kdsr.model import Desired
 __all__ = ["compile_node", "compile_load_balancer", "compile_server"]
 
 
-def compile_node(intent: Intent, node: str) -> Desired:
+def compile_node(intent: Intent, node: str, withdraw: dict[str, str] | None = None) -> Desired:
+    """``withdraw``: VIPs a load balancer must not announce by BGP now (VIP -> why)."""
     lb = intent.load_balancer(node)
     if lb is not None:
-        return compile_load_balancer(intent, lb)
+        return compile_load_balancer(intent, lb, withdraw)
     server = intent.server(node)
     if server is not None:
         return compile_server(intent, server)

@@ -5,19 +5,22 @@
 - health probes:  for dsr monitors of l2 services, a route and rule per
                    server (kdsr/health/targets.py);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
-                   ranges a marking chain in ``inet kdsr`` (lb_ipvs).
+                   ranges a marking chain in ``inet kdsr`` (lb_ipvs);
+- bgp:             the BIRD fragment announcing its VIPs (bird).
 """
 
 from __future__ import annotations
 
 from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3
+from kdsr.compile.bird import bird_config
 from kdsr.compile.selectors import selectors_for
 from kdsr.health.targets import probe_paths
 from kdsr.intent.model import Intent, LoadBalancerNode
 from kdsr.model import Desired, NftTable
 
 
-def compile_load_balancer(intent: Intent, lb: LoadBalancerNode) -> Desired:
+def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[str, str] | None = None) -> Desired:
+    """``withdraw``: VIPs this node must not announce now, and why (health)."""
     tables = []
     modules: set[str] = set()
     if selectors_for(intent):  # L2 services on the nft engine
@@ -54,4 +57,5 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode) -> Desired:
         rules=tuple(sorted([*l3.get("rules", ()), *probe_rules], key=lambda r: r.ident)),
         ipvs=tuple(ipvs.get("ipvs", ())),
         modules=tuple(sorted(modules)),
+        bird=bird_config(intent, lb, withdraw),
     )

@@ -66,3 +66,12 @@ class Kernel(Protocol):
     def ipvs_service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
 
     def ipvs_dest(self, verb: str, svc: IpvsService, dest: IpvsDest) -> None: ...  # "-a", "-e", "-d"
+
+    # BIRD (kdsr/kernel/bird.py): kdsr's fragment, checked and loaded.
+    def bird_read(self, fragment: str) -> str | None: ...
+
+    def bird_ready(self, config: str, fragment: str, socket: str) -> None: ...  # BirdError: missing, stopped
+
+    def bird_check(self, config: str, fragment: str, text: str) -> None: ...  # BirdError: rejected
+
+    def bird_install(self, config: str, fragment: str, socket: str, text: str) -> None: ...

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 
 from kdsr.kernel import KernelError
+from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import decode_element, decode_map
 from kdsr.model import (
     Address,
@@ -56,6 +57,10 @@ class FakeKernel:
         # IPVS services in creation order, each with its destinations in the
         # kernel's list order (new ones at the head, as the kernel does).
         self.ipvs: dict[str, IpvsService] = {}
+        # BIRD: fragment files by path; None: BIRD not installed/running.
+        self.bird_files: dict[str, str] | None = {}
+        self.bird_rejects: str | None = None  # a text that makes bird_check fail at its first line
+        self.bird_loaded: str | None = None  # the fragment text BIRD runs now
 
     # ------------------------------------------------------------ helpers
     def _write(self, what: str) -> None:
@@ -366,3 +371,24 @@ def _referenced_maps(expr_json: str) -> set[str]:
         if token.startswith("@"):
             found.add(token[1:])
     return found
+
+    # ------------------------------------------------------------ BIRD
+    def bird_read(self, fragment: str) -> str | None:
+        return None if self.bird_files is None else self.bird_files.get(fragment)
+
+    def bird_ready(self, config: str, fragment: str, socket: str) -> None:
+        if self.bird_files is None:
+            raise BirdError(f"BIRD is not running with control socket {socket} (fake)")
+
+    def bird_check(self, config: str, fragment: str, text: str) -> None:
+        if self.bird_rejects is not None and self.bird_rejects in text:
+            line = text[: text.index(self.bird_rejects)].count("\n") + 1
+            raise BirdError(f"BIRD rejected the config: syntax error (fake, line {line})", line=line)
+
+    def bird_install(self, config: str, fragment: str, socket: str, text: str) -> None:
+        self.bird_ready(config, fragment, socket)
+        self.bird_check(config, fragment, text)
+        self._write(f"bird install {fragment}")
+        assert self.bird_files is not None
+        self.bird_files[fragment] = text
+        self.bird_loaded = text

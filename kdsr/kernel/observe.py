@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from kdsr import naming
+from kdsr.compile.bird import parse_model
+from kdsr.errors import ForeignObjectError
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import NodeState
-from kdsr.model import LINK_PREFIX, Address, Desired, IpvsService, Link, NftTable, Observed, Sysctl
+from kdsr.model import LINK_PREFIX, Address, BirdConfig, Desired, IpvsService, Link, NftTable, Observed, Sysctl
 
 # The tables kdsr may own.  Only these are ever read, changed or deleted.
 OWNED_TABLES = (("netdev", "kdsr"), ("inet", "kdsr"))
@@ -69,7 +71,35 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = 
         sysctls=tuple(sysctls),
         sysctl_previous=tuple(sorted(state.sysctl_previous.items())),
         sysctl_written=tuple(sorted(state.sysctl_written.items())),
+        bird=_bird(kernel, desired, state),
     )
+
+
+def _bird(kernel: Kernel, desired: Desired, state: NodeState) -> BirdConfig | None:
+    """kdsr's BIRD fragment as it is on disk (the one wanted, else the one recorded)."""
+    if desired.bird is not None:
+        files = [desired.bird.config, desired.bird.fragment, desired.bird.socket]
+    elif state.bird_files:
+        files = state.bird_files
+    else:
+        return None
+    config, fragment, socket = files
+    text = kernel.bird_read(fragment)
+    if text is None:
+        return None
+    found = parse_model(text, config, fragment, socket)
+    if found is None:
+        # Not a file kdsr wrote.  One with nothing but comments is the empty
+        # placeholder a user creates for the include: kdsr may fill it.
+        meaningful = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if meaningful:
+            raise ForeignObjectError(
+                f"{fragment} exists and kdsr did not write it (its first line is not kdsr's model line). "
+                "kdsr owns that file and would replace it: move your BIRD config elsewhere, or name another "
+                "file in bgp.bird.fragment."
+            )
+        return BirdConfig(config, fragment, socket, None, (), (), text)
+    return found
 
 
 def _links(kernel: Kernel, state: NodeState, orphans: bool) -> tuple[list[Link], frozenset[str]]:

@@ -36,6 +36,7 @@ class NodeState:
     links: set[str] = field(default_factory=set)  # link names kdsr created
     ipvs: set[str] = field(default_factory=set)  # IpvsService.ident kdsr created
     drained: set[str] = field(default_factory=set)  # member addresses or node names (`kdsr drain`)
+    bird_files: list[str] = field(default_factory=list)  # [config, fragment, socket] once kdsr wrote a fragment
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +50,7 @@ class NodeState:
             "links": sorted(self.links),
             "ipvs": sorted(self.ipvs),
             "drained": sorted(self.drained),
+            "bird_files": list(self.bird_files),
         }
 
     @classmethod
@@ -63,12 +65,19 @@ class NodeState:
             links=set(data.get("links", [])),
             ipvs=set(data.get("ipvs", [])),
             drained=set(data.get("drained", [])),
+            bird_files=list(data.get("bird_files", [])),
         )
 
     @property
     def empty(self) -> bool:
         return not (
-            self.owned_addresses or self.sysctl_previous or self.tables or self.links or self.ipvs or self.drained
+            self.owned_addresses
+            or self.sysctl_previous
+            or self.tables
+            or self.links
+            or self.ipvs
+            or self.drained
+            or self.bird_files
         )
 
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kdsr.kernel import KernelError, nft_text
+from kdsr.kernel import KernelError, bird, nft_text
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
 from kdsr.model import Address, NftTable
@@ -256,7 +256,36 @@ class _L3Mixin:
         self._ipvsadm(ipvs.dest_args(verb, svc, dest))
 
 
-class SystemKernel(_L3Mixin):
+class _BirdMixin:
+    """BIRD through its own tools (kdsr/kernel/bird.py)."""
+
+    def bird_read(self, fragment: str) -> str | None:
+        return bird.read_fragment(fragment)
+
+    def bird_ready(self, config: str, fragment: str, socket: str) -> None:
+        bird.require_installed()
+        bird.require_running(config, socket)
+        bird.main_config(config, fragment)
+
+    def bird_check(self, config: str, fragment: str, text: str) -> None:
+        bird.check(config, fragment, text)
+
+    def bird_install(self, config: str, fragment: str, socket: str, text: str) -> None:
+        """Check, write, reload; on a reload BIRD refuses, put the old fragment back."""
+        bird.check(config, fragment, text)
+        previous = bird.read_fragment(fragment)
+        bird.write_fragment(config, fragment, text)
+        self.writes += 1  # type: ignore[attr-defined]
+        try:
+            bird.configure(socket)
+        except bird.BirdError:
+            if previous is not None:
+                bird.write_fragment(config, fragment, previous)
+                bird.configure(socket)
+            raise
+
+
+class SystemKernel(_L3Mixin, _BirdMixin):
     def __init__(self) -> None:
         self.writes = 0
         self._nft = None
