@@ -14,11 +14,12 @@ from kdsr.apply import ApplyResult, apply_plan
 from kdsr.compile import compile_node
 from kdsr.compile.lb_nft_l2 import SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import Plan, diff
-from kdsr.errors import ForeignObjectError, UsageError
+from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
-from kdsr.health.effective import effective_intent
+from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, Effective, effective_intent
 from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel
+from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import element_counters
 from kdsr.kernel.observe import observe
 from kdsr.kernel.state import NodeState, StateStore
@@ -75,12 +76,43 @@ def prepare(
     if down is None:
         down = health_status.down_servers(health_status.live_view(store, name))
     effective = effective_intent(intent, down, frozenset(state.drained))
-    desired = compile_node(effective.intent, name)
+    desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective))
     _check_interfaces(intent, name, kernel)
     observed = observe(kernel, desired, state)
     observed = _check_foreign(intent, desired, observed, state, adopt)
     plan = diff(desired, observed)
+    _check_bird_ready(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan)
+
+
+def unserved_vips(effective: Effective) -> dict[str, str]:
+    """VIPs no server can take a new flow for on this node (VIP -> why): BGP
+    withdraws them so that routers send their traffic to a load balancer
+    that still has servers.  A VIP shared by several services stays while
+    any of them is served."""
+    why: dict[str, list[str]] = {}
+    served: set[str] = set()
+    for service in effective.intent.services:
+        vip = str(service.vip)
+        pool = effective.intent.pool(service.pool)
+        condition = effective.pools.get(service.pool)
+        if condition in (POOL_ALL_DOWN_KEPT, POOL_ALL_DOWN_DROPPED):
+            why.setdefault(vip, []).append(f"no healthy server in pool {pool.name}")
+        elif not any(m.weight > 0 for m in pool.members):
+            why.setdefault(vip, []).append(f"every server of pool {pool.name} drained")
+        else:
+            served.add(vip)
+    return {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
+
+
+def _check_bird_ready(plan: Plan, kernel: Kernel) -> None:
+    """A plan that changes BIRD's fragment needs BIRD, running, including it."""
+    for change in plan.of_kind("bird config"):
+        want = change.after
+        try:
+            kernel.bird_ready(want.config, want.fragment, want.socket)
+        except BirdError as exc:
+            raise BirdUnavailableError(f"{exc}") from exc
 
 
 def _check_foreign(intent: Intent, desired: Desired, observed: Observed, state: NodeState, adopt: bool) -> Observed:

@@ -363,15 +363,6 @@ class FakeKernel:
     def close(self) -> None:
         pass
 
-
-def _referenced_maps(expr_json: str) -> set[str]:
-    """Names of maps a rule refers to ("@name" strings in its expression)."""
-    found = set()
-    for token in expr_json.split('"'):
-        if token.startswith("@"):
-            found.add(token[1:])
-    return found
-
     # ------------------------------------------------------------ BIRD
     def bird_read(self, fragment: str) -> str | None:
         return None if self.bird_files is None else self.bird_files.get(fragment)
@@ -392,3 +383,12 @@ def _referenced_maps(expr_json: str) -> set[str]:
         assert self.bird_files is not None
         self.bird_files[fragment] = text
         self.bird_loaded = text
+
+
+def _referenced_maps(expr_json: str) -> set[str]:
+    """Names of maps a rule refers to ("@name" strings in its expression)."""
+    found = set()
+    for token in expr_json.split('"'):
+        if token.startswith("@"):
+            found.add(token[1:])
+    return found

@@ -1,0 +1,281 @@
+"""BGP through BIRD on the fake kernel: intent rules, the fragment kdsr
+renders, HA role assignment, and apply/withdraw/destroy ordering.  The lab
+(netns-lab/tests/test_bgp_lab.py) runs the same paths against real BIRD."""
+
+import copy
+import json
+
+import pytest
+
+from kdsr import operations
+from kdsr.compile import compile_node
+from kdsr.compile.announce import assign
+from kdsr.compile.bird import parse_model, pointer_at
+from kdsr.errors import ApplyError, BirdUnavailableError, ForeignObjectError, IntentError
+from kdsr.intent import parse_intent
+from kdsr.kernel.fake import FakeKernel
+from kdsr.kernel.state import StateStore
+
+FILES = {"config": "/etc/bird/bird.conf", "fragment": "/etc/bird/kdsr.conf", "socket": "/run/bird/bird.ctl"}
+
+
+def lb(n: int) -> dict:
+    return {
+        "interface": "eth0",
+        "addresses": [f"10.10.0.{n}/24"],
+        "bgp": {
+            "asn": 65001,
+            "router_id": f"10.10.0.{n}",
+            "hold_time": 3,
+            "neighbors": [{"address": "10.10.0.1", "asn": 65000}],
+            "bird": FILES,
+        },
+    }
+
+
+BASE = {
+    "version": 1,
+    "services": {
+        "web": {"vip": "10.0.0.100", "ports": 80, "protocols": "tcp", "pool": "web"},
+        "dns": {"vip": "10.0.0.100", "ports": 53, "protocols": "udp", "pool": "web"},
+        "media": {"vip": "10.0.0.101", "ports": 5000, "protocols": "udp", "pool": "media"},
+    },
+    "pools": {
+        "web": {"servers": [{"node": "s1"}, {"node": "s2"}]},
+        "media": {"servers": [{"node": "s2"}]},
+    },
+    "load_balancers": {"lb1": lb(2), "lb2": lb(3), "lb3": lb(4)},
+    "servers": {
+        "s1": {"interface": "eth0", "addresses": ["10.10.0.11/24"]},
+        "s2": {"interface": "eth0", "addresses": ["10.10.0.12/24"]},
+    },
+}
+
+
+def doc_with(mutate=None) -> dict:
+    doc = copy.deepcopy(BASE)
+    if mutate:
+        mutate(doc)
+    return doc
+
+
+def intent(mutate=None):
+    return parse_intent(json.dumps(doc_with(mutate)), "bgp.json")
+
+
+def problems(mutate) -> dict[str, str]:
+    with pytest.raises(IntentError) as info:
+        intent(mutate)
+    return {p.pointer: f"{p.message} {p.hint}" for p in info.value.problems}
+
+
+@pytest.fixture
+def kernel():
+    k = FakeKernel()
+    k.sysctls.update({"net/ipv4/conf/all/arp_ignore": "0"})
+    return k
+
+
+@pytest.fixture
+def store(tmp_path):
+    return StateStore(tmp_path / "state")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_every_bgp_problem_is_reported_at_once_with_its_path():
+    def bad(doc):
+        lbs = doc["load_balancers"]
+        lbs["lb1"]["bgp"]["router_id"] = "fd00::1"
+        lbs["lb3"]["bgp"]["router_id"] = "10.10.0.3"  # lb2's
+        lbs["lb2"]["bgp"]["neighbors"].append({"address": "fd00::1", "asn": 65000})
+        doc["services"]["web"]["announce"] = {"mode": "active-active", "prepend": 2}
+        doc["services"]["dns"]["announce"] = {"mode": "active-active", "prepend": 2}
+        doc["services"]["media"]["announce"] = {
+            "mode": "n+m",
+            "active": 2,
+            "standby": 2,
+            "load_balancers": ["lb1", "lbx"],
+        }
+
+    found = problems(bad)
+    assert "is not an IPv4 address" in found["/load_balancers/lb1/bgp/router_id"]
+    assert "also the router ID of load balancer lb2" in found["/load_balancers/lb3/bgp/router_id"]
+    assert "has no IPv6 address" in found["/load_balancers/lb2/bgp/neighbors/1/address"]
+    assert "standby setting" in found["/services/web/prepend".replace("web/", "web/announce/")]
+    assert "not a load balancer" in found["/services/media/announce/load_balancers/1"]
+    assert "group has only 2" in found["/services/media/announce/active"]
+
+
+def test_asn_range_and_password_characters_are_schema_errors():
+    def bad(doc):
+        doc["load_balancers"]["lb1"]["bgp"]["asn"] = 4294967296
+        doc["load_balancers"]["lb2"]["bgp"]["neighbors"][0]["asn"] = 0
+        doc["load_balancers"]["lb3"]["bgp"]["neighbors"][0]["password"] = 'x"; protocol kernel { }'
+
+    found = problems(bad)
+    assert set(found) >= {
+        "/load_balancers/lb1/bgp/asn",
+        "/load_balancers/lb2/bgp/neighbors/0/asn",
+        "/load_balancers/lb3/bgp/neighbors/0/password",
+    }
+
+
+def test_services_on_one_vip_must_announce_it_alike_and_standby_needs_two():
+    def bad(doc):
+        doc["services"]["web"]["announce"] = {"mode": "active-standby", "load_balancers": ["lb1", "lb2"]}
+        doc["services"]["media"]["announce"] = {"mode": "active-standby", "load_balancers": ["lb3"]}
+
+    found = problems(bad)
+    assert "announces the same VIP 10.0.0.100 differently" in found["/services/web/announce"]
+    assert "needs at least 2" in found["/services/media/announce/mode"]
+
+
+def test_announce_without_any_bgp_load_balancer_is_an_error():
+    def bad(doc):
+        for node in doc["load_balancers"].values():
+            del node["bgp"]
+        doc["services"]["web"]["announce"] = {"mode": "active-active"}
+
+    assert "nothing would announce" in problems(bad)["/services/web/announce"]
+
+
+# ------------------------------------------------------------------ roles and text
+
+
+def test_active_standby_prepends_on_the_standby_only():
+    def standby(doc):
+        for name in ("web", "dns"):
+            doc["services"][name]["announce"] = {
+                "mode": "active-standby",
+                "load_balancers": ["lb2", "lb1"],
+                "standby_med": 50,
+                "communities": ["65000:7"],
+            }
+
+    it = intent(standby)
+    active = compile_node(it, "lb2").bird
+    standby_lb = compile_node(it, "lb1").bird
+    route_a = next(r for r in active.routes if r.prefix == "10.0.0.100/32")
+    route_s = next(r for r in standby_lb.routes if r.prefix == "10.0.0.100/32")
+    assert (route_a.role, route_a.prepend, route_a.med) == ("active", 0, None)
+    assert (route_s.role, route_s.prepend, route_s.med) == ("standby", 3, 50)
+    assert "bgp_path.prepend(65001); bgp_path.prepend(65001); bgp_path.prepend(65001); bgp_med = 50;" in (
+        standby_lb.text
+    )
+    assert "bgp_community.add((65000,7));" in active.text
+    # The model line round-trips, and never carries a password.
+    assert parse_model(active.text, **{k: FILES[k] for k in FILES}).routes == active.routes
+
+
+def test_n_plus_m_is_deterministic_and_picks_n_active_m_standby():
+    def nm(doc):
+        doc["services"]["media"]["announce"] = {"mode": "n+m", "active": 1, "standby": 1}
+
+    it = intent(nm)
+    media = next(s for s in it.services if s.name == "media")
+    first = assign(it, media)
+    again = assign(intent(nm), media)
+    assert first == again
+    roles = dict(first.roles)
+    assert sorted(roles.values()) == ["active", "standby"] and len(roles) == 2
+    left_out = ({"lb1", "lb2", "lb3"} - set(roles)).pop()
+    assert "10.0.0.101/32" not in [r.prefix for r in compile_node(it, left_out).bird.routes]
+    assert first.describe().startswith("n+m: active ")
+
+
+def test_a_password_is_in_the_file_but_not_in_the_model_line_or_plan_json(kernel, store):
+    def secret(doc):
+        doc["load_balancers"]["lb1"]["bgp"]["neighbors"][0]["password"] = "s3cr3t!"
+
+    it = intent(secret)
+    bird = compile_node(it, "lb1").bird
+    assert 'password "s3cr3t!";' in bird.text
+    assert "s3cr3t" not in bird.text.splitlines()[0]
+    from kdsr.plan_format import render_json
+
+    prepared = operations.prepare(it, "lb1", kernel, store)
+    assert "s3cr3t" not in render_json(prepared.plan)
+
+
+# ------------------------------------------------------------------ apply
+
+
+def test_apply_writes_the_fragment_last_and_a_second_apply_changes_nothing(kernel, store):
+    it = intent()
+    prepared = operations.prepare(it, "lb1", kernel, store)
+    kinds = [c.kind for c in prepared.plan.changes]
+    assert kinds.count("bgp route") == 2 and kinds.count("bgp session") == 1 and kinds[-1] == "bird config"
+    result = operations.apply(prepared, kernel, store)
+    assert result.steps[-1].startswith("write BIRD fragment /etc/bird/kdsr.conf (2 routes, 1 sessions)")
+    assert kernel.bird_loaded == kernel.bird_files[FILES["fragment"]]
+    assert store.load("lb1").bird_files == [FILES["config"], FILES["fragment"], FILES["socket"]]
+    assert operations.prepare(it, "lb1", kernel, store).plan.empty
+
+
+def test_health_withdraws_a_vip_with_no_server_first_and_keeps_a_shared_one(kernel, store):
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    # media's only server is down: its VIP goes; web and dns keep theirs.
+    prepared = operations.prepare(it, "lb1", kernel, store, down=frozenset({("media", "10.10.0.12")}))
+    routes = [(c.action, c.ident) for c in prepared.plan.changes if c.kind == "bgp route"]
+    assert routes == [("delete", "10.0.0.101/32")]
+    assert prepared.desired.bird.withdrawn == (("10.0.0.101/32", "no healthy server in pool media"),)
+    result = operations.apply(prepared, kernel, store)
+    assert result.steps[0].startswith("write BIRD fragment")  # before the fast path changes
+    assert "10.0.0.101/32" not in kernel.bird_loaded and "10.0.0.100/32" in kernel.bird_loaded
+    # Back up: announced again, last.
+    result = operations.apply(operations.prepare(it, "lb1", kernel, store, down=frozenset()), kernel, store)
+    assert result.steps[-1].startswith("write BIRD fragment") and "10.0.0.101/32" in kernel.bird_loaded
+
+
+def test_destroy_withdraws_everything_before_removing_the_fast_path(kernel, store):
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    prepared = operations.prepare_destroy("lb1", kernel, store)
+    result = operations.apply(prepared, kernel, store)
+    assert result.steps[0] == f"write BIRD fragment {FILES['fragment']} (empty) and reload BIRD"
+    text = kernel.bird_files[FILES["fragment"]]
+    assert "protocol" not in text and "router id" not in text
+    assert store.load("lb1").bird_files == []
+    assert operations.prepare_destroy("lb1", kernel, store).plan.empty
+
+
+def test_a_fragment_bird_rejects_changes_nothing_and_names_the_intent_path(kernel, store):
+    def extra(doc):
+        doc["load_balancers"]["lb1"]["bgp"]["neighbors"].append({"address": "10.10.0.9", "asn": 65009})
+
+    it = intent(extra)
+    kernel.bird_rejects = "neighbor 10.10.0.9 as 65009;"
+    writes = kernel.writes
+    with pytest.raises(ApplyError) as info:
+        operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    assert "nothing was changed" in str(info.value)
+    assert "/load_balancers/lb1/bgp/neighbors/1" in str(info.value)
+    assert kernel.writes == writes and FILES["fragment"] not in kernel.bird_files
+
+
+def test_bird_not_running_is_exit_7_before_any_write(kernel, store):
+    kernel.bird_files = None
+    with pytest.raises(BirdUnavailableError) as info:
+        operations.prepare(intent(), "lb1", kernel, store)
+    assert info.value.exit_code == 7 and "not running" in str(info.value)
+    assert kernel.writes == 0
+
+
+def test_a_fragment_kdsr_did_not_write_is_refused(kernel, store):
+    kernel.bird_files[FILES["fragment"]] = "protocol static mine { ipv4; route 192.0.2.0/24 blackhole; }\n"
+    with pytest.raises(ForeignObjectError):
+        operations.prepare(intent(), "lb1", kernel, store)
+    kernel.bird_files[FILES["fragment"]] = "# placeholder for kdsr\n"
+    assert not operations.prepare(intent(), "lb1", kernel, store).plan.empty
+
+
+def test_pointer_at_maps_fragment_lines_back_to_the_intent():
+    bird = compile_node(intent(), "lb1").bird
+    lines = bird.text.splitlines()
+    neighbor_line = next(i for i, line in enumerate(lines, 1) if line.strip().startswith("neighbor 10.10.0.1"))
+    router_line = next(i for i, line in enumerate(lines, 1) if line.startswith("router id"))
+    assert pointer_at(bird, neighbor_line) == "/load_balancers/lb1/bgp/neighbors/0"
+    assert pointer_at(bird, router_line) == "/load_balancers/lb1/bgp/router_id"
