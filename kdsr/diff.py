@@ -81,6 +81,8 @@ class Plan:
     role: str
     changes: list[Change]
     tables: list[TableDiff]
+    # Facts a reviewer needs that are not changes (e.g. who announces which VIP).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

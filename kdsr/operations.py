@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kdsr.apply import ApplyResult, apply_plan
 from kdsr.compile import compile_node
+from kdsr.compile.announce import assignments
 from kdsr.compile.lb_nft_l2 import SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
@@ -81,6 +82,7 @@ def prepare(
     observed = observe(kernel, desired, state)
     observed = _check_foreign(intent, desired, observed, state, adopt)
     plan = diff(desired, observed)
+    plan.notes = announcement_notes(effective.intent, desired)
     _check_bird_ready(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan)
 
@@ -103,6 +105,27 @@ def unserved_vips(effective: Effective) -> dict[str, str]:
         else:
             served.add(vip)
     return {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
+
+
+def announcement_notes(intent: Intent, desired: Desired) -> list[str]:
+    """For a BGP load balancer: every VIP's HA assignment (the same on every
+    node) and what this node announces of it."""
+    if desired.bird is None:
+        return []
+    mine = {r.prefix: r for r in desired.bird.routes}
+    withdrawn = dict(desired.bird.withdrawn)
+    lines = ["BGP announcements (every load balancer computes the same assignment):"]
+    for service, assignment in assignments(intent):
+        prefix = f"{service.vip}/{service.vip.max_prefixlen}"
+        role = assignment.role_of(desired.node)
+        if prefix in withdrawn:
+            here = f"withdrawn here ({withdrawn[prefix]})"
+        elif role is None:
+            here = "not announced here"
+        else:
+            here = f"announced here as {role}" + (f", AS path +{mine[prefix].prepend}" if mine[prefix].prepend else "")
+        lines.append(f"  {prefix}  {assignment.describe()}  -> {here}  # {assignment.pointer}")
+    return lines
 
 
 def _check_bird_ready(plan: Plan, kernel: Kernel) -> None:

@@ -135,6 +135,8 @@ def summary(plan: Plan) -> dict[str, int]:
 
 def render_text(plan: Plan, source: str = "") -> str:
     header = f"kdsr plan for node {plan.node} ({plan.role})" + (f" from {source}" if source else "")
+    if plan.notes:
+        header += "\n\n" + "\n".join(plan.notes)
     if plan.empty:
         return f"{header}\n\nNo changes. The kernel matches the intent.\n"
     lines = [header, ""]

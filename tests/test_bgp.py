@@ -279,3 +279,17 @@ def test_pointer_at_maps_fragment_lines_back_to_the_intent():
     router_line = next(i for i, line in enumerate(lines, 1) if line.startswith("router id"))
     assert pointer_at(bird, neighbor_line) == "/load_balancers/lb1/bgp/neighbors/0"
     assert pointer_at(bird, router_line) == "/load_balancers/lb1/bgp/router_id"
+
+
+def test_plan_prints_every_vips_assignment_and_this_nodes_part(kernel, store):
+    from kdsr.plan_format import render_text
+
+    def nm(doc):
+        doc["services"]["media"]["announce"] = {"mode": "n+m", "active": 1, "standby": 1}
+
+    it = intent(nm)
+    media = next(s for s in it.services if s.name == "media")
+    left_out = ({"lb1", "lb2", "lb3"} - {lb for lb, _ in assign(it, media).roles}).pop()
+    text = render_text(operations.prepare(it, left_out, kernel, store).plan, "bgp.json")
+    assert "10.0.0.100/32  active-active: active lb1 lb2 lb3; standby -  -> announced here as active" in text
+    assert f"10.0.0.101/32  {assign(it, media).describe()}  -> not announced here" in text
