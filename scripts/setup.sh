@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm)
+need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2)
 missing=()
 for p in "${need_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
