@@ -38,7 +38,7 @@ from functools import partial
 
 from kdsr.compile.bird import pointer_at
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
-from kdsr.errors import ApplyError, BirdUnavailableError, KernelFeatureError
+from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.bird import BirdError
@@ -442,13 +442,10 @@ def check_modules(desired: Desired, kernel: Kernel) -> None:
 
 
 def check_bird(plan: Plan, kernel: Kernel) -> None:
-    """BIRD must run and accept the new fragment before anything is written."""
+    """BIRD must accept the new fragment before anything is written (that
+    BIRD runs and includes it, prepare checked when it made the plan)."""
     for change in plan.of_kind("bird config"):
         want: BirdConfig = change.after
-        try:
-            kernel.bird_ready(want.config, want.fragment, want.socket)
-        except BirdError as exc:
-            raise BirdUnavailableError(str(exc)) from exc
         try:
             kernel.bird_check(want.config, want.fragment, want.text)
         except BirdError as exc:

@@ -293,3 +293,14 @@ def test_plan_prints_every_vips_assignment_and_this_nodes_part(kernel, store):
     text = render_text(operations.prepare(it, left_out, kernel, store).plan, "bgp.json")
     assert "10.0.0.100/32  active-active: active lb1 lb2 lb3; standby -  -> announced here as active" in text
     assert f"10.0.0.101/32  {assign(it, media).describe()}  -> not announced here" in text
+
+
+def test_the_bgp_example_loads_and_every_load_balancer_gets_a_fragment():
+    from pathlib import Path
+
+    from kdsr.intent import load_intent
+
+    it = load_intent(Path(__file__).resolve().parents[1] / "examples" / "l2-bgp-ha.json")
+    announced = {lb.name: {r.prefix for r in compile_node(it, lb.name).bird.routes} for lb in it.load_balancers}
+    assert all("10.0.0.100/32" in prefixes for prefixes in announced.values())
+    assert sum("10.0.0.102/32" in prefixes for prefixes in announced.values()) == 2  # n+m 1+1 of 3

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from kdsr.compile.announce import ACTIVE, STANDBY, assignments
+from kdsr.compile.announce import STANDBY, assignments
 from kdsr.intent.model import Intent, LoadBalancerNode
 from kdsr.model import BgpRoute, BgpSession, BirdConfig
 
@@ -212,11 +212,4 @@ def pointer_at(config: BirdConfig, line: int) -> str:
     return next((p for first, last, p in config.lines if first <= line <= last), "")
 
 
-def roles_text(config: BirdConfig) -> list[str]:
-    """For the plan: what this node announces and what it withholds."""
-    lines = [f"{r.prefix} {r.role}" + (f" (AS path +{r.prepend})" if r.prepend else "") for r in config.routes]
-    lines += [f"{prefix} withdrawn: {why}" for prefix, why in config.withdrawn]
-    return lines
-
-
-__all__ = ["ACTIVE", "STANDBY", "bird_config", "empty_config", "parse_model", "pointer_at", "render"]
+__all__ = ["bird_config", "empty_config", "parse_model", "pointer_at", "render"]

@@ -160,14 +160,3 @@ def configure(socket: str) -> None:
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0 or not re.search(r"Reconfigured|Reconfiguration in progress", output):
         raise BirdError(f"birdc configure failed: {output.splitlines()[-1] if output else result.returncode}")
-
-
-def protocols(socket: str) -> dict[str, str]:
-    """BIRD's protocols whose name starts with kdsr_: name -> state info."""
-    result = _run(["birdc", "-s", socket, "show", "protocols"])
-    found = {}
-    for line in result.stdout.splitlines():
-        words = line.split()
-        if words and words[0].startswith("kdsr_"):
-            found[words[0]] = " ".join(words[3:])
-    return found
