@@ -59,6 +59,11 @@ class Step:
 class ApplyResult:
     steps: list[str] = field(default_factory=list)
     writes: int = 0
+    # True when the ruleset generation proved the one nft transaction was
+    # the only commit since the read: the read-back then takes the map
+    # elements as sent, and lists the table's structure only if it changed
+    # (SystemKernel.nft_apply).
+    proved_by_generation: bool = False
 
 
 class Journal:
@@ -471,7 +476,7 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
         crash_point(f"before the nft {'transaction' if only_one_transaction else 'dry run'} on {td.family} {td.name}")
         try:
             if only_one_transaction:
-                kernel.nft_apply(commands)
+                result.proved_by_generation = kernel.nft_apply(commands, becomes=td.desired)
             else:
                 kernel.nft_apply(commands, check_only=True)
         except KernelError as exc:

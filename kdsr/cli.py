@@ -22,10 +22,12 @@ EPILOG_EXIT_CODES = (
 )
 
 
-def _kernel():
+def _kernel(store: StateStore | None = None):
+    """The real kernel; with ``store``, table reads are kept in its directory
+    while the nftables generation says they are current (kernel/nft_cache.py)."""
     from kdsr.kernel.system import SystemKernel
 
-    return SystemKernel()
+    return SystemKernel(store.directory if store is not None else None)
 
 
 def _load(path: str, text: str | None = None):
@@ -118,7 +120,7 @@ def plan(
         require_net_admin("plan", "reads this host's nftables, IPVS and link state")
         # Read once: the saved plan must carry exactly the text that was planned.
         text = read_intent_text(intent_file) if out else None
-        prepared = operations.prepare(_load(intent_file, text), node, _kernel(), obj.store)
+        prepared = operations.prepare(_load(intent_file, text), node, _kernel(obj.store), obj.store)
         if out:
             saved_plan.save(out, prepared, text, intent_file)
     except (KdsrError, KernelError, OSError) as exc:
@@ -177,7 +179,7 @@ def apply(
             intent = _load(saved.source, saved.intent_text)
         else:
             intent = _load(intent_file)
-        kernel = _kernel()
+        kernel = _kernel(obj.store)
         if dry_run:
             prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
             if saved is not None:
@@ -195,7 +197,12 @@ def apply(
     except (KdsrError, KernelError) as exc:
         _fail(exc)
     if not as_json:
-        click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; read back and verified.")
+        if result.proved_by_generation:
+            # kdsr/kernel/nft_cache.py: no other nftables commit came between the read and this one.
+            how = "read back and verified (map elements as sent: the ruleset generation moved by this commit only)"
+            click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; {how}.")
+        else:
+            click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; read back and verified.")
 
 
 @main.command(epilog="Example: kdsr show --node lb1 --json")
@@ -220,7 +227,7 @@ def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
     """Remove exactly what kdsr owns on this node and restore the sysctls it changed."""
     try:
         require_net_admin("destroy", "changes this host's nftables, IPVS, links, addresses and sysctls")
-        kernel = _kernel()
+        kernel = _kernel(obj.store)
         name = operations.destroy_node_name(node, obj.store)
         if dry_run:
             click.echo(render_text(operations.prepare_destroy(name, kernel, obj.store).plan), nl=False)
@@ -277,7 +284,9 @@ def run_command(obj: Context, intent_file: str, node: str | None, listen: str | 
 
     try:
         require_net_admin("run", "changes this host's nftables, IPVS, links, addresses and sysctls")
-        code = run_daemon(lambda: _load(intent_file), node, _kernel(), obj.store, max(obj.wait, 10.0), adopt, listen)
+        code = run_daemon(
+            lambda: _load(intent_file), node, _kernel(obj.store), obj.store, max(obj.wait, 10.0), adopt, listen
+        )
     except (KdsrError, KernelError) as exc:
         _fail(exc)
     sys.exit(code)
@@ -290,7 +299,7 @@ def _drain(obj: Context, intent_file: str, server: str, node: str | None, draine
         require_net_admin(
             "drain" if drained else "undrain", "changes this host's nftables, IPVS, links, addresses and sysctls"
         )
-        set_drain(_load(intent_file), node, server, drained, _kernel(), obj.store, obj.wait)
+        set_drain(_load(intent_file), node, server, drained, _kernel(obj.store), obj.store, obj.wait)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
 

@@ -157,10 +157,14 @@ def diff_table(desired: NftTable | None, observed: NftTable | None, changes: lis
 
 
 def _diff_elements(td: TableDiff, old: NftMap, new: NftMap, changes: list[Change]) -> None:
+    if old.elements == new.elements:
+        return  # the common case (every untouched pool's map): one comparison in C
     before, after = old.element_dict(), new.element_dict()
     deletes, adds = [], []
     for key, elem in new.elements:
         prev = before.get(key)
+        if prev == elem:
+            continue
         eid = f"{td.family} {td.name}/{new.name}[{format_key(key)}]"
         if prev is None:
             adds.append((key, elem))

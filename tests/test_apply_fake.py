@@ -191,7 +191,7 @@ def test_rejected_nft_transaction_changes_nothing(kernel, store):
 
     real = kernel.nft_apply
 
-    def reject(commands, check_only=False):
+    def reject(commands, check_only=False, becomes=None):
         raise KernelError("Error: Could not process rule: Invalid argument")
 
     kernel.nft_apply = reject

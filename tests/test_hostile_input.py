@@ -36,7 +36,7 @@ class CountingKernel(FakeKernel):
 @pytest.fixture
 def kernel(monkeypatch):
     k = CountingKernel()
-    monkeypatch.setattr(cli, "_kernel", lambda: k)
+    monkeypatch.setattr(cli, "_kernel", lambda store=None: k)
     return k
 
 

@@ -69,10 +69,11 @@ class RecordingKernel(FakeKernel):
         super().__init__()
         self.committed: list[list[dict]] = []
 
-    def nft_apply(self, commands, check_only=False):
-        super().nft_apply(commands, check_only)
+    def nft_apply(self, commands, check_only=False, becomes=None):
+        proved = super().nft_apply(commands, check_only, becomes)
         if not check_only:
             self.committed.append(commands)
+        return proved
 
 
 def element_keys(batch: list[dict], verb: str, map_name: str) -> list:

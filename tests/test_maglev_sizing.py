@@ -187,7 +187,7 @@ def test_validate_prints_warnings_on_stderr_and_succeeds(tmp_path):
 def test_plan_json_stays_parseable_with_warnings(tmp_path, monkeypatch):
     path = tmp_path / "small.json"
     path.write_text(json.dumps(intent_doc({"web": 3}, table_sizes={"web": 31})))
-    monkeypatch.setattr("kdsr.cli._kernel", lambda: FakeKernel())
+    monkeypatch.setattr("kdsr.cli._kernel", lambda store=None: FakeKernel())
     result = CliRunner().invoke(
         main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1", "--json"]
     )
@@ -224,7 +224,7 @@ def test_ipvs_pools_over_40_servers_are_warned_about_at_the_pool(servers, warned
 def test_plan_warns_about_a_large_ipvs_pool_and_still_plans(tmp_path, monkeypatch):
     path = tmp_path / "big-ipvs.json"
     path.write_text(json.dumps(ipvs_doc(50)))
-    monkeypatch.setattr("kdsr.cli._kernel", lambda: FakeKernel())
+    monkeypatch.setattr("kdsr.cli._kernel", lambda store=None: FakeKernel())
     result = CliRunner().invoke(main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1"])
     assert result.exit_code == 0, result.output
     assert f"warning: {path}: /pools/web: pool web has 50 servers on the ipvs engine" in result.stderr

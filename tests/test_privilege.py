@@ -42,7 +42,7 @@ def test_capability_bit_is_read_from_capeff():
 def test_unprivileged_commands_stop_before_anything(monkeypatch, tmp_path, example_path, args):
     monkeypatch.setattr(privilege, "has_net_admin", lambda: False)
     touched = []
-    monkeypatch.setattr(cli, "_kernel", lambda: touched.append("kernel"))
+    monkeypatch.setattr(cli, "_kernel", lambda store=None: touched.append("kernel"))
     argv = ["--state-dir", str(tmp_path / "state"), *(a.format(intent=example_path) for a in args)]
     result = CliRunner().invoke(cli.main, argv)
     assert result.exit_code == EXIT_PRIVILEGE, result.output

@@ -24,7 +24,7 @@ def kernel(monkeypatch):
     k = FakeKernel()
     k.sysctls.update({f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")})
     k.sysctls["net/ipv4/ip_forward"] = "0"
-    monkeypatch.setattr(cli, "_kernel", lambda: k)
+    monkeypatch.setattr(cli, "_kernel", lambda store=None: k)
     monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
     return k
 

@@ -276,15 +276,34 @@ def _selector_map(sel: Selector, source: str = "") -> NftMap:
             elements=tuple((slot, NftElement(value=ids[a])) for slot, a in enumerate(sel.addresses())),
             pointer=sel.pool.pointer,
         )
-    table = sel.table()
     return NftMap(
         name=sel.name,
         key_type=("mark",),
         data_type="ether_addr" if sel.pins_macs else ADDR_TYPE[sel.family],
         counter=True,  # per-slot packets, summed per server by `kdsr show`
-        elements=tuple((slot, NftElement(value=member)) for slot, member in enumerate(table)),
+        elements=slot_elements(sel.table()),
         pointer=sel.pool.pointer,
     )
+
+
+# Element tuples already built, by Maglev table (maglev.populate remembers
+# tables, so an unchanged pool hands back the same one): the daemon's
+# recompile after a change then rebuilds one pool's elements, and the diff
+# compares the others' by identity.
+_SLOT_ELEMENTS: dict[tuple[str, ...], tuple] = {}
+_SLOT_ELEMENTS_MAX = 4096
+
+
+def slot_elements(table: tuple[str, ...]) -> tuple:
+    """slot -> server as map elements, one shared element value per server."""
+    elements = _SLOT_ELEMENTS.get(table)
+    if elements is None:
+        values = {member: NftElement(value=member) for member in set(table)}
+        elements = tuple(zip(range(len(table)), map(values.__getitem__, table), strict=True))
+        if len(_SLOT_ELEMENTS) >= _SLOT_ELEMENTS_MAX:
+            _SLOT_ELEMENTS.pop(next(iter(_SLOT_ELEMENTS)))
+        _SLOT_ELEMENTS[table] = elements
+    return elements
 
 
 def build_table(intent: Intent, lb: LoadBalancerNode) -> NftTable:

@@ -65,7 +65,7 @@ def _first_port(service: Service) -> int:
 
 
 def _services_on(intent: Intent, pool: Pool) -> list[Service]:
-    return sorted((s for s in intent.services if s.pool == pool.name), key=lambda s: s.name)
+    return list(intent.services_on(pool.name))
 
 
 def monitored(intent: Intent) -> list[tuple[Monitor, Pool, Service | None]]:

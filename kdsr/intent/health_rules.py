@@ -29,17 +29,23 @@ def monitors_at(value: object, pointer: str) -> Iterator[tuple[dict, str]]:
                 yield item, f"{pointer}/{i}"
 
 
-def pool_services(services: dict, pool: str) -> list[str]:
-    """Names of the services on ``pool``, sorted: a pool monitor probes the first one's VIP."""
-    return sorted(name for name, service in services.items() if service.get("pool") == pool)
+def services_by_pool(services: dict) -> dict[str, list[str]]:
+    """Names of the services on each pool, sorted: a pool monitor probes the first one's VIP."""
+    by_pool: dict[str, list[str]] = {}
+    for name in sorted(services):
+        pool = services[name].get("pool")
+        if isinstance(pool, str):
+            by_pool.setdefault(pool, []).append(name)
+    return by_pool
 
 
 def check_health(services: dict, pools: dict, report: Report) -> None:
     for name, service in services.items():
         for monitor, pointer in monitors_at(service.get("health"), f"/services/{name}/health"):
             _check_monitor(monitor, pointer, [name], services, report)
+    by_pool = services_by_pool(services)
     for name, pool in pools.items():
-        on_pool = pool_services(services, name)
+        on_pool = by_pool.get(name, [])
         for monitor, pointer in monitors_at(pool.get("health"), f"/pools/{name}/health"):
             _check_monitor(monitor, pointer, on_pool, services, report, pool=name)
 

@@ -7,6 +7,7 @@ the user wrote (``/services/web/ports/0``).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -238,7 +239,23 @@ class Intent:
     servers: tuple[ServerNode, ...]
 
     def pool(self, name: str) -> Pool:
-        return next(p for p in self.pools if p.name == name)
+        return self._pools_by_name[name]
+
+    @functools.cached_property
+    def _pools_by_name(self) -> dict[str, Pool]:
+        # Compile looks a pool up per service: a dict keeps 10k services linear.
+        return {p.name: p for p in self.pools}
+
+    def services_on(self, pool: str) -> tuple[Service, ...]:
+        """The services on ``pool``, sorted by name."""
+        return self._services_by_pool.get(pool, ())
+
+    @functools.cached_property
+    def _services_by_pool(self) -> dict[str, tuple[Service, ...]]:
+        by_pool: dict[str, list[Service]] = {}
+        for service in sorted(self.services, key=lambda s: s.name):
+            by_pool.setdefault(service.pool, []).append(service)
+        return {name: tuple(services) for name, services in by_pool.items()}
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.load_balancers] + [n.name for n in self.servers]

@@ -456,7 +456,11 @@ class _Verifier:
 
     # Port ranges (rule 12's cousin) and rule 1: one service per VIP/proto/port.
     def check_ports(self) -> None:
-        claimed: list[tuple[IPAddress, str, int, int, str, str]] = []
+        # Earlier entries by (VIP, protocol), each with its order of claim, so a
+        # service is checked against its own VIP's entries only (10k VIPs stay
+        # linear) and clashes are still reported in the order they were claimed.
+        claimed: dict[tuple[IPAddress, str], list[tuple[int, int, int, str, str]]] = {}
+        order = 0
         for name, service in self.services.items():
             vip = self.vips.get(name)
             protocols = service_protocols(service)
@@ -470,8 +474,9 @@ class _Verifier:
                     continue
                 # Group by earlier entry so "tcp/udp" is one line, not two.
                 clashes: dict[tuple[str, str, int, int], list[str]] = {}
-                for c_vip, c_proto, c_first, c_last, c_name, c_pointer in claimed:
-                    if c_vip == vip and c_proto in protocols and c_first <= last and first <= c_last:
+                earlier = sorted((entry, proto) for proto in protocols for entry in claimed.get((vip, proto), ()))
+                for (_, c_first, c_last, c_name, c_pointer), c_proto in earlier:
+                    if c_first <= last and first <= c_last:
                         clashes.setdefault((c_name, c_pointer, c_first, c_last), []).append(c_proto)
                 for (c_name, c_pointer, c_first, c_last), protos in clashes.items():
                     what = f"{vip} {'/'.join(protos)} {_ports(first, last)}"
@@ -487,7 +492,9 @@ class _Verifier:
                         else "A VIP, protocol and port select one service; change the ports or the VIP."
                     )
                     self.report(pointer, message, hint)
-                claimed.extend((vip, proto, first, last, name, pointer) for proto in protocols)
+                for proto in protocols:
+                    claimed.setdefault((vip, proto), []).append((order, first, last, name, pointer))
+                    order += 1
 
     # Rule 10: Maglev needs a prime table size.
     def check_table_sizes(self) -> None:

@@ -90,14 +90,15 @@ class FakeKernel:
             listing.append({"map": {"name": n, "elem": []}})
         return NftTable(family=family, name=name, chains=chains, maps=tuple(maps)), listing
 
-    def nft_apply(self, commands: list[dict], check_only: bool = False) -> None:
+    def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool:
         tables = copy.deepcopy(self.tables)
         for cmd in commands:
             self._nft_command(tables, cmd)
         if check_only:
-            return
+            return False
         self._write(f"nft transaction ({len(commands)} commands)")
         self.tables = tables
+        return False  # the fake has no generation: reads always list
 
     def _table(self, tables: dict, obj: dict) -> _Table:
         key = (obj["family"], obj["table"])

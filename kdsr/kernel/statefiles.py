@@ -44,7 +44,7 @@ def ensure_dir(path: Path) -> None:
         os.chmod(path, DIR_MODE)
 
 
-def write_atomic(path: Path, text: str, private_dir: bool = True) -> None:
+def write_atomic(path: Path, text: str, private_dir: bool = True, sync: bool = True) -> None:
     """Write ``text`` to ``path`` (0600) by rename.  ``private_dir`` makes
     the parent the state directory's way (0700, ours); a saved plan in the
     user's working directory leaves its directory as it is."""
@@ -59,7 +59,8 @@ def write_atomic(path: Path, text: str, private_dir: bool = True) -> None:
         fd = os.open(tmp, flags, FILE_MODE)
     try:
         os.write(fd, text.encode())
-        os.fsync(fd)
+        if sync:  # a cache need not survive a crash: a torn file is a miss
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)  # rename replaces a symlink itself, never its target

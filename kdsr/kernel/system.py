@@ -4,6 +4,7 @@ rtnetlink (pyroute2), sysctls through /proc/sys."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import json
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from kdsr.kernel import KernelError, bird, nft_text
+from kdsr.kernel.nft_cache import TableCache
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
 from kdsr.model import Address, NftTable
@@ -87,9 +89,11 @@ class _L3Mixin:
         for name in names:
             if name == "nf_tables":
                 # Often built in (no /sys/module entry): ask nftables itself,
-                # once per process (it does not go away).
+                # once per process (it does not go away).  The generation
+                # request answers in microseconds; `list tables` (the
+                # fallback) makes nft 1.0.6 fetch every set element.
                 try:
-                    if not self._nf_tables_ok:  # type: ignore[has-type]
+                    if not self._nf_tables_ok and read_generation() is None:  # type: ignore[has-type]
                         self.nft_tables()  # type: ignore[attr-defined]
                     self._nf_tables_ok = True
                 except KernelError:
@@ -285,8 +289,18 @@ class _BirdMixin:
             raise
 
 
+def _structure(table: NftTable) -> tuple:
+    """A table without its map elements, in name order (a listing has the
+    kernel's order), compared as the diff compares them."""
+    chains = sorted((c.name, c.hook, c.rules) for c in table.chains)
+    return tuple(chains), tuple(sorted((m.name, m.declaration()) for m in table.maps))
+
+
 class SystemKernel(_L3Mixin, _BirdMixin):
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        """``cache_dir``: the state directory, where table reads are kept
+        across processes while the nftables generation allows (nft_cache.py)."""
+        self._disk = TableCache(cache_dir) if cache_dir is not None else None
         self.writes = 0
         self._nft = None
         self._ipr = None
@@ -322,39 +336,95 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             seen, table, listing = self._tables_read[(family, name)]
             if seen == generation:
                 return table, listing
+        chains = self._chain_fingerprint(family) if self._disk is not None and generation is not None else None
+        if reuse and chains is not None:
+            table = self._disk.load(family, name, generation, chains)
+            if table is not None:
+                self._tables_read[(family, name)] = (generation, table, [])
+                return table, []
         table, listing = self._list_table(family, name)
         if generation is not None:
             self._tables_read[(family, name)] = (generation, table, listing)
+            if chains is not None:
+                self._record(family, name, generation, chains, table)
         return table, listing
 
-    def _list_table(self, family: str, name: str) -> tuple[NftTable | None, list[dict]]:
-        # One listing, no `list tables` first: every nft command fetches its
-        # cache afresh, and a missing table is a plain ENOENT.
+    def _chain_fingerprint(self, family: str) -> str | None:
+        """The family's chains with their hooks, devices and handles (~4 ms:
+        no set elements are fetched); None when they cannot be listed."""
+        self.nft.set_json_output(False)
+        self.nft.set_handle_output(True)
+        try:
+            rc, text, _err = self._cmd(f"list chains {family}")
+        finally:
+            self.nft.set_json_output(True)
+            self.nft.set_handle_output(False)
+        return text if rc == 0 else None
+
+    def _record(self, family: str, name: str, generation: int, chains: str, table: NftTable | None) -> None:
+        if table is None:
+            self._disk.forget(family, name)
+        else:
+            self._disk.save(generation, chains, table)
+
+    def _list_table(self, family: str, name: str, terse: bool = False) -> tuple[NftTable | None, list[dict]]:
+        """One listing, in a context of its own: libnftables keeps what a
+        listing fetched (every element of every set) until the context's next
+        command, and freeing that costs ~0.2 s per 160,000 elements; a
+        throw-away context keeps the cost here, off the next transaction.
+        ``terse``: without map elements (the structure only)."""
+        ctx = _nftables().Nftables()
+        ctx.set_json_output(True)
+        ctx.set_handle_output(False)
+        ctx.set_terse_output(terse)
+        # No `list tables` first: every nft command fetches its cache afresh,
+        # and a missing table is a plain ENOENT.
         with _stderr_without(NO_JSON_CALLBACK):
-            rc, out, err = self._cmd(f"list table {family} {name}")
+            rc, out, err = ctx.cmd(f"list table {family} {name}")
         if rc != 0:
             if "No such file or directory" in err:
                 return None, []
             raise KernelError(f"nft list table {family} {name}: {err.strip()}")
         listing = json.loads(out)["nftables"]
+        del out
         devices = {}
         if family == "netdev" and any("hook" in i.get("chain", {}) and "dev" not in i["chain"] for i in listing):
             # nft 1.0.6's JSON listing omits a netdev chain's device: read it
             # from the text listing, terse (without the maps' elements).
-            self.nft.set_json_output(False)
-            self.nft.set_terse_output(True)
-            try:
-                rc, text, err = self._cmd(f"list table {family} {name}")
-            finally:
-                self.nft.set_json_output(True)
-                self.nft.set_terse_output(False)
+            ctx.set_json_output(False)
+            ctx.set_terse_output(True)
+            rc, text, err = ctx.cmd(f"list table {family} {name}")
             if rc == 0:
                 devices = devices_from_text(text)
         return decode_table(listing, devices), listing
 
-    def nft_apply(self, commands: list[dict], check_only: bool = False) -> None:
+    def _after_commit(self, becomes: NftTable) -> NftTable | None:
+        """The table the commit made, given the one read before it: the same
+        structure (chains, rules, map declarations) needs no listing; a new
+        structure is listed without elements (the kernel's own normal form,
+        for the read-back to compare) and takes its elements from ``becomes``."""
+        _gen, before, _listing = self._tables_read[(becomes.family, becomes.name)]
+        if before is not None and _structure(before) == _structure(becomes):
+            return becomes
+        listed, _ = self._list_table(becomes.family, becomes.name, terse=True)
+        if listed is None:
+            return None
+        elements = {m.name: m.elements for m in becomes.maps}
+        maps = tuple(
+            dataclasses.replace(m, elements=elements.get(m.name, ())) if "timeout" not in m.flags else m
+            for m in listed.maps
+        )
+        return dataclasses.replace(listed, maps=maps)
+
+    def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool:
+        """One transaction.  ``becomes``: the table the batch turns the last
+        read into.  True when the generation proves it did: the read was
+        current right before the commit and the commit was the only one
+        (the generation moved by exactly one), so the table is now
+        ``becomes`` and the next read needs no listing."""
         if not commands:
-            return
+            return False
+        before = read_generation() if becomes is not None and not check_only else None
         batch = {"nftables": [{"metainfo": {"json_schema_version": 1}}] + commands}
         self.nft.set_dry_run(check_only)
         try:
@@ -368,8 +438,25 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             self.nft.set_dry_run(False)
         if rc != 0:
             raise KernelError(f"nftables rejected the transaction: {err.strip()}")
-        if not check_only:
-            self.writes += 1
+        if check_only:
+            return False
+        self.writes += 1
+        if becomes is None or before is None:
+            return False
+        key = (becomes.family, becomes.name)
+        after = read_generation()
+        if key not in self._tables_read or self._tables_read[key][0] != before or after != before + 1:
+            return False
+        now = self._after_commit(becomes)
+        if now is None or read_generation() != after:
+            self._tables_read.pop(key, None)
+            return False
+        self._tables_read[key] = (after, now, [])
+        if self._disk is not None:
+            chains = self._chain_fingerprint(becomes.family)
+            if chains is not None:
+                self._record(becomes.family, becomes.name, after, chains, now)
+        return True
 
     # ------------------------------------------------------------ addresses
     @property

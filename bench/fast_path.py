@@ -1,0 +1,559 @@
+#!/usr/bin/env python3
+"""Fast-path cost bench: delivered packet rate through each kind of load balancer.
+
+    sudo .venv/bin/python bench/fast_path.py [--rounds 3] [--duration 4] [--json bench/results/fast_path.json]
+
+On a kernel without pktgen/IPVS/ipip (the host) it boots ONE full-kernel
+virtme-ng guest (netns-lab/guest_tier.py) and runs itself there with
+``--inside-guest``; every row is measured in that one guest run, so the
+ratios compare like with like.
+
+Topology (one bridge ``br0`` in ``kdsrfp-sw``, 10.10.0.0/24): the client
+``kdsrfp-c`` (.50), the servers ``kdsrfp-s1..s3`` (.11-.13) and one
+namespace per load-balancer kind, each with its own address and MAC on the
+same segment, all configured once before the rounds:
+
+    fwd   .2  plain IPv4 router (ip_forward=1, ECMP route VIP -> s1..s3,
+              L4 multipath hash, no redirects), no kdsr: the baseline
+    l2    .3  kdsr apply, dsr l2 / engine nft, 1 VIP
+    l2-10k .4 kdsr apply, dsr l2 / engine nft, 10,000 VIPs (10.100.0.1 -
+              10.100.49.200, one pool); the packets go to the 5,001st
+    ipvs-dr .5  kdsr apply, dsr l2 / engine ipvs (IPVS DR, mh)
+    ipvs-tun .6 kdsr apply, dsr l3-ipip / engine ipvs (IPVS TUN, mh)
+    l3    .7  kdsr apply, dsr l3-ipip / engine nft
+
+(the servers are on the load balancers' segment in the L3 rows too: the
+outer packet is still LB -> server over ipip, just without a router hop, so
+every row crosses the same bridge and veths).  The servers get kdsr's L2
+server role (VIP on lo, ARP sysctls).
+
+Sender: the kernel's pktgen, thread kpktgend_0 (pinned to CPU 0), in the
+switch namespace, transmitting on the bridge port whose veth peer is the
+row's load balancer's eth0: the packets go straight into the load balancer
+(no client veth or bridge hop on the sender's CPU, which made the first
+version of this bench sender-bound).  60-byte UDP/IPv4 packets
+10.10.0.50:1024-2047 -> 10.100.25.1:5004 (1,024 flows, source port stepping),
+source MAC the client's (``kdsrfp-c``), destination MAC the row's load
+balancer; identical for every row but the destination MAC.  pktgen runs
+``count 0`` for a fixed window and is stopped; its own result (sent packets,
+elapsed time) is recorded.
+
+What is counted: each server drops IPv4 at its own netdev ingress with an
+nft counter (table ``netdev kdsrfp``), so the server side costs the same in
+every row and the sum of the three counters is what the path delivered.
+Rate = delivered packets / pktgen's elapsed time.
+
+CPU placement: veth has no queues of its own, so a packet is processed in
+the softirq of whoever calls netif_rx.  RPS on every load balancer's eth0
+sends the load balancer's work (and everything after it: bridge, server
+veth, server ingress; the same in every row) to CPU 1, while CPU 0 only runs
+pktgen and the enqueue.  When CPU 1 is the bottleneck the extra packets are
+dropped at CPU 1's backlog (/proc/net/softnet_stat, reported) and the
+delivered rate measures the path, not the sender; when pktgen's rate equals
+the delivered rate the sender may be the limit, and the table says so.
+
+Rounds: each round runs every row once (order reversed on alternate rounds,
+after one unmeasured warm-up of every row); the table gives the median over
+rounds, the spread (max-min)/median, and the ratio of medians to the
+plain-forwarding row, plus per-round ratios (each row over the baseline of
+the same round).  Not a timed test: absolute rates depend on the machine
+(under TCG emulation they are small); the ratios are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = ROOT / "bench" / "results" / "fast_path.json"
+MARKER = "KDSR-FASTPATH-JSON: "
+PREFIX = "kdsrfp-"
+SW, CLIENT = PREFIX + "sw", PREFIX + "c"
+SERVERS = {"s1": "10.10.0.11", "s2": "10.10.0.12", "s3": "10.10.0.13"}
+CLIENT_ADDR = "10.10.0.50"
+N_VIPS = 10_000
+VIPS = [f"10.100.{i // 200}.{i % 200 + 1}" for i in range(N_VIPS)]
+VIP = VIPS[N_VIPS // 2]  # 10.100.25.1
+PORT = 5004
+SPORTS = (1024, 2047)
+# row -> (lb address, dsr mode, engine, number of VIPs); mode None = no kdsr.
+ROWS = {
+    "fwd": ("10.10.0.2", None, None, 1),
+    "nft-l2": ("10.10.0.3", "l2", "nft", 1),
+    "nft-l2-10k": ("10.10.0.4", "l2", "nft", N_VIPS),
+    "ipvs-dr": ("10.10.0.5", "l2", "ipvs", 1),
+    "ipvs-tun": ("10.10.0.6", "l3-ipip", "ipvs", 1),
+    "nft-l3": ("10.10.0.7", "l3-ipip", "nft", 1),
+}
+LABEL = {
+    "fwd": "plain forwarding (router ns, ECMP)",
+    "nft-l2": "kdsr nft L2, 1 VIP",
+    "nft-l2-10k": "kdsr nft L2, 10,000 VIPs",
+    "ipvs-dr": "kdsr IPVS DR (l2/ipvs)",
+    "ipvs-tun": "kdsr IPVS TUN (l3-ipip/ipvs)",
+    "nft-l3": "kdsr nft L3 (l3-ipip/nft)",
+}
+BASELINE = "fwd"
+
+
+def log(msg: str) -> None:
+    print(f"[fast_path {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(argv: list[str], check: bool = True, timeout: float = 120.0, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def nsx(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return sh(["ip", "netns", "exec", ns, *argv], **kw)
+
+
+def lb_ns(row: str) -> str:
+    return PREFIX + row
+
+
+def all_namespaces(rows: list[str]) -> list[str]:
+    return [SW, CLIENT, *(PREFIX + s for s in SERVERS), *(lb_ns(r) for r in rows)]
+
+
+def cleanup(rows: list[str]) -> None:
+    existing = set(sh(["ip", "netns", "list"], check=False).stdout.split())
+    for ns in all_namespaces(list(ROWS)):
+        if ns in existing:
+            sh(["ip", "netns", "del", ns], check=False)
+
+
+# ---------------------------------------------------------------- topology
+
+
+def wire(ns: str, addr: str) -> str:
+    """veth eth0 in ns, peer p-<ns> on br0; returns eth0's MAC."""
+    port = port_of(ns)
+    sh(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", SW])
+    nsx(SW, ["ip", "link", "set", port, "master", "br0", "up"])
+    nsx(ns, ["ip", "link", "set", "lo", "up"])
+    nsx(ns, ["ip", "link", "set", "eth0", "up"])
+    nsx(ns, ["ip", "addr", "add", f"{addr}/24", "dev", "eth0"])
+    return json.loads(nsx(ns, ["ip", "-j", "link", "show", "eth0"]).stdout)[0]["address"]
+
+
+def sysctl(ns: str, key: str, value) -> None:
+    nsx(ns, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+
+def build(rows: list[str]) -> dict[str, str]:
+    cleanup(rows)
+    for ns in all_namespaces(rows):
+        sh(["ip", "netns", "add", ns])
+    # ageing 10000 s: servers and idle load balancers stay learned (no flooding).
+    nsx(SW, ["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "ageing_time", "1000000"])
+    nsx(SW, ["ip", "link", "set", "br0", "up"])
+    macs = {"client": wire(CLIENT, CLIENT_ADDR)}
+    for server, addr in SERVERS.items():
+        macs[server] = wire(PREFIX + server, addr)
+        nft(
+            PREFIX + server,
+            "table netdev kdsrfp {\n counter rx { }\n chain in {\n"
+            "  type filter hook ingress device eth0 priority -500;\n  meta protocol ip counter name rx drop\n }\n}",
+        )
+    for row in rows:
+        macs[row] = wire(lb_ns(row), ROWS[row][0])
+        # the load balancer's work (and what follows it) runs on CPU 1.
+        nsx(lb_ns(row), ["sh", "-c", "echo 2 > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
+    if "fwd" in rows:
+        ns = lb_ns("fwd")
+        sysctl(ns, "net.ipv4.ip_forward", 1)
+        sysctl(ns, "net.ipv4.fib_multipath_hash_policy", 1)
+        for dev in ("all", "default", "eth0"):
+            sysctl(ns, f"net.ipv4.conf.{dev}.send_redirects", 0)
+        hops = [w for a in SERVERS.values() for w in ("nexthop", "via", a)]
+        nsx(ns, ["ip", "route", "add", f"{VIP}/32", *hops])
+    return macs
+
+
+def nft(ns: str, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as f:
+        f.write(text + "\n")
+    try:
+        nsx(ns, ["nft", "-f", f.name])
+    finally:
+        os.unlink(f.name)
+
+
+def intent(row: str) -> dict:
+    addr, mode, engine, n = ROWS[row]
+    vips = [VIP] if n == 1 else VIPS
+    return {
+        "version": 1,
+        "services": {
+            f"v{i}": {"vip": v, "ports": PORT, "protocols": "udp", "pool": "p", "dsr": {"mode": mode, "engine": engine}}
+            for i, v in enumerate(vips)
+        },
+        "pools": {"p": {"servers": [{"node": s} for s in SERVERS]}},
+        "load_balancers": {"lb1": {"interface": "eth0", "addresses": [f"{addr}/24"]}},
+        "servers": {s: {"interface": "eth0", "addresses": [f"{a}/24"]} for s, a in SERVERS.items()},
+    }
+
+
+def kdsr_apply(ns: str, intent_path: Path, node: str, state: Path) -> dict:
+    argv = [sys.executable, "-m", "kdsr", "--state-dir", str(state), "apply", str(intent_path), "--node", node]
+    t0 = time.monotonic()
+    res = nsx(ns, argv, check=False, timeout=1200, cwd=ROOT)
+    return {
+        "ns": ns,
+        "node": node,
+        "rc": res.returncode,
+        "seconds": round(time.monotonic() - t0, 1),
+        "tail": (res.stdout + res.stderr).strip().splitlines()[-3:],
+    }
+
+
+def apply_all(rows: list[str], work: Path) -> list[dict]:
+    jobs = []
+    for row in rows:
+        if ROWS[row][1] is None:
+            continue
+        path = work / f"{row}.json"
+        path.write_text(json.dumps(intent(row)))
+        jobs.append((lb_ns(row), path, "lb1", work / "state" / row))
+    # the servers: kdsr's L2 server role (VIP on lo, arp_ignore/announce).
+    srv = work / "servers-l2.json"
+    srv.write_text(json.dumps(intent("nft-l2")))
+    jobs += [(PREFIX + s, srv, s, work / "state" / f"srv-{s}") for s in SERVERS]
+    # the 10k-VIP apply is the long one: start it first.
+    jobs.sort(key=lambda j: "10k" not in j[0])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda j: kdsr_apply(*j), jobs))
+    for r in results:
+        log(f"kdsr apply --node {r['node']} in {r['ns']}: exit {r['rc']} in {r['seconds']}s")
+        if r["rc"] != 0:
+            log("  " + " | ".join(r["tail"]))
+    return results
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def port_of(ns: str) -> str:
+    """The bridge port (in kdsrfp-sw) whose veth peer is ns's eth0."""
+    return "p" + ns[len(PREFIX) :][:12]
+
+
+def pg_write(path: str, cmd: str) -> None:
+    nsx(SW, ["sh", "-c", f"echo '{cmd}' > {path}"])
+
+
+def pktgen_setup(row: str, macs: dict[str, str]) -> str:
+    """pktgen thread 0 (CPU 0) sends on the bridge port facing row's load
+    balancer, so the packets go straight into its eth0."""
+    base, port = "/proc/net/pktgen", port_of(lb_ns(row))
+    pg_write(f"{base}/kpktgend_0", "rem_device_all")
+    pg_write(f"{base}/kpktgend_0", f"add_device {port}")
+    dev = f"{base}/{port}"
+    for cmd in (
+        "count 0",
+        "clone_skb 0",
+        "burst 1",
+        "pkt_size 60",
+        "delay 0",
+        f"dst {VIP}",
+        f"src_min {CLIENT_ADDR}",
+        f"src_max {CLIENT_ADDR}",
+        f"src_mac {macs['client']}",
+        f"dst_mac {macs[row]}",
+        f"udp_dst_min {PORT}",
+        f"udp_dst_max {PORT}",
+        f"udp_src_min {SPORTS[0]}",
+        f"udp_src_max {SPORTS[1]}",
+    ):
+        pg_write(dev, cmd)
+    return dev
+
+
+def server_counts() -> int:
+    total = 0
+    for s in SERVERS:
+        out = nsx(PREFIX + s, ["nft", "-j", "list", "counter", "netdev", "kdsrfp", "rx"]).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                total += item["counter"]["packets"]
+    return total
+
+
+def softnet() -> list[tuple[int, int, int]]:
+    rows = []
+    for line in Path("/proc/net/softnet_stat").read_text().splitlines():
+        f = [int(x, 16) for x in line.split()]
+        rows.append((f[0], f[1], f[2]))
+    return rows
+
+
+def cpu_times() -> list[list[int]]:
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if re.match(r"cpu\d+ ", line):
+            out.append([int(x) for x in line.split()[1:8]])
+    return out
+
+
+def cpu_busy(before: list[list[int]], after: list[list[int]]) -> list[dict]:
+    res = []
+    for b, a in zip(before, after, strict=True):
+        d = [y - x for x, y in zip(b, a, strict=True)]
+        total = sum(d) or 1
+        # user nice system idle iowait irq softirq
+        res.append({"busy": round(1 - (d[3] + d[4]) / total, 3), "softirq": round(d[6] / total, 3)})
+    return res
+
+
+RESULT_RE = re.compile(r"Result: OK: (\d+)\(c\d+\+d\d+\) usec, (\d+) \(\d+byte")
+
+
+def run_pktgen(dev: str, duration: float) -> dict:
+    start = subprocess.Popen(
+        ["ip", "netns", "exec", SW, "sh", "-c", "echo start > /proc/net/pktgen/pgctrl"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(duration)
+    finally:
+        pg_write("/proc/net/pktgen/pgctrl", "stop")
+        start.wait(timeout=60)
+    text = nsx(SW, ["cat", dev]).stdout
+    m = RESULT_RE.search(text)
+    if not m:
+        raise RuntimeError("pktgen left no result:\n" + text)
+    usec, sent = int(m.group(1)), int(m.group(2))
+    return {"usec": usec, "sent": sent}
+
+
+def measure(row: str, macs: dict[str, str], duration: float) -> dict:
+    dev = pktgen_setup(row, macs)
+    c0, s0, t0 = server_counts(), softnet(), cpu_times()
+    pg = run_pktgen(dev, duration)
+    t1, s1 = cpu_times(), softnet()
+    time.sleep(0.3)
+    c1 = server_counts()
+    secs = pg["usec"] / 1e6
+    delivered = c1 - c0
+    return {
+        "row": row,
+        "seconds": round(secs, 3),
+        "sent": pg["sent"],
+        "sent_pps": round(pg["sent"] / secs),
+        "delivered": delivered,
+        "delivered_pps": round(delivered / secs),
+        "lost": pg["sent"] - delivered,
+        "backlog_drops_per_cpu": [b[1] - a[1] for a, b in zip(s0, s1, strict=True)],
+        "squeezes_per_cpu": [b[2] - a[2] for a, b in zip(s0, s1, strict=True)],
+        "cpu": cpu_busy(t0, t1),
+    }
+
+
+def check_row(row: str, macs: dict[str, str]) -> dict:
+    """A short unmeasured run: warms neighbours/flows, shows the row works."""
+    return measure(row, macs, 1.0)
+
+
+def inside(args: argparse.Namespace) -> dict:
+    rows = [r for r in ROWS if r in args.rows]
+    sh(["modprobe", "-a", "pktgen", "ip_vs", "ip_vs_mh", "ipip", "ip_gre"], check=False)
+    work = Path(tempfile.mkdtemp(prefix="kdsrfp-"))
+    info: dict = {"kernel": os.uname().release, "cpus": os.cpu_count(), "in_guest": "KDSR_IN_GUEST" in os.environ}
+    try:
+        log(f"building the lab: {', '.join(all_namespaces(rows))}")
+        macs = build(rows)
+        info["macs"] = macs
+        t0 = time.monotonic()
+        info["applies"] = apply_all(rows, work)
+        info["apply_seconds"] = round(time.monotonic() - t0, 1)
+        failed = {lb_ns(r) for r in rows} & {a["ns"] for a in info["applies"] if a["rc"] != 0}
+        rows = [r for r in rows if lb_ns(r) not in failed]
+        info["rows_failed_apply"] = sorted(failed)
+        log("warm-up (1 s per row, unmeasured)")
+        info["warmup"] = {r: check_row(r, macs) for r in rows}
+        for r, w in info["warmup"].items():
+            log(f"  {r}: sent {w['sent_pps']} pps, delivered {w['delivered_pps']} pps")
+        runs = []
+        for rnd in range(args.rounds):
+            order = rows if rnd % 2 == 0 else rows[::-1]
+            for r in order:
+                m = measure(r, macs, args.duration)
+                m["round"] = rnd
+                runs.append(m)
+                log(
+                    f"round {rnd} {r:<11} sent {m['sent_pps']:>8} pps  delivered {m['delivered_pps']:>8} pps  "
+                    f"backlog drops {m['backlog_drops_per_cpu']}  cpu {m['cpu']}"
+                )
+        info["runs"] = runs
+        info["lb_state"] = {r: lb_snapshot(r) for r in rows}
+    finally:
+        if not args.keep:
+            cleanup(rows)
+            shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def lb_snapshot(row: str) -> dict:
+    ns = lb_ns(row)
+    snap = {}
+    if ROWS[row][2] == "ipvs":
+        snap["ipvsadm"] = nsx(ns, ["ipvsadm", "-Ln", "--stats"], check=False).stdout.strip().splitlines()[:8]
+    link = json.loads(nsx(ns, ["ip", "-j", "-s", "link", "show", "eth0"]).stdout)[0]["stats64"]
+    snap["eth0"] = {"rx": link["rx"]["packets"], "tx": link["tx"]["packets"], "rx_dropped": link["rx"]["dropped"]}
+    return snap
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarise(info: dict) -> dict:
+    runs = info.get("runs", [])
+    rows = list(dict.fromkeys(r["row"] for r in runs))
+    base_by_round = {r["round"]: r["delivered_pps"] for r in runs if r["row"] == BASELINE}
+    table = []
+    base_med = statistics.median(base_by_round.values()) if base_by_round else None
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row]
+        pps = [r["delivered_pps"] for r in mine]
+        med = statistics.median(pps)
+        sent_med = statistics.median(r["sent_pps"] for r in mine)
+        per_round = [
+            round(r["delivered_pps"] / base_by_round[r["round"]], 3) for r in mine if base_by_round.get(r["round"])
+        ]
+        table.append(
+            {
+                "row": row,
+                "label": LABEL[row],
+                "delivered_pps_median": round(med),
+                "delivered_pps_all": pps,
+                "spread": round((max(pps) - min(pps)) / med, 3) if med else None,
+                "sent_pps_median": round(sent_med),
+                "delivered_over_sent": round(med / sent_med, 3) if sent_med else None,
+                "ratio_to_baseline": round(med / base_med, 3) if base_med else None,
+                "ratio_per_round": per_round,
+                "cpu1_softirq_median": statistics.median(r["cpu"][1]["softirq"] for r in mine)
+                if len(mine[0]["cpu"]) > 1
+                else None,
+            }
+        )
+    by = {t["row"]: t for t in table}
+    goals = {}
+    if "nft-l2" in by and "fwd" in by:
+        v = by["nft-l2"]["ratio_to_baseline"]
+        goals["nft_l2_vs_forwarding"] = {"goal": ">= 0.9", "measured": v, "met": v >= 0.9}
+    if "nft-l2-10k" in by and "nft-l2" in by:
+        v = round(by["nft-l2-10k"]["delivered_pps_median"] / by["nft-l2"]["delivered_pps_median"], 3)
+        goals["nft_10k_vs_1_vip"] = {"goal": ">= 0.95", "measured": v, "met": v >= 0.95}
+    return {"table": table, "goals": goals}
+
+
+def print_table(result: dict) -> None:
+    s = result["summary"]
+    print()
+    print(f"Fast path, delivered UDP pps (pktgen sender, {result['params']}):")
+    hdr = (
+        f"{'row':<36} {'delivered pps':>13} {'spread':>7} {'x baseline':>10} {'per round':>20} "
+        f"{'sent pps':>9} {'dlv/sent':>8}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for t in s["table"]:
+        print(
+            f"{t['label']:<36} {t['delivered_pps_median']:>13} {t['spread']:>7.3f} {t['ratio_to_baseline']:>10.3f} "
+            f"{' '.join(f'{x:.3f}' for x in t['ratio_per_round']):>20} {t['sent_pps_median']:>9} "
+            f"{t['delivered_over_sent']:>8.3f}"
+        )
+    for name, g in s["goals"].items():
+        print(f"goal {name}: {g['goal']}, measured {g['measured']}: {'met' if g['met'] else 'MISSED'}")
+
+
+# ---------------------------------------------------------------- entry
+
+
+def capable() -> bool:
+    sh(["modprobe", "-a", "pktgen", "ip_vs", "ipip"], check=False)
+    return Path("/proc/net/pktgen").exists() and Path("/proc/net/ip_vs").exists()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--inside-guest", action="store_true", help="run the rows here (the guest's side)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=3.0, help="seconds of pktgen per measurement")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    p.add_argument("--json", default=str(DEFAULT_JSON))
+    p.add_argument("--keep", action="store_true", help="leave the namespaces up (inside mode)")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 1
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(args.rows) - set(ROWS)
+    if unknown:
+        p.error(f"unknown rows: {sorted(unknown)}")
+    params = {"rounds": args.rounds, "duration_s": args.duration, "rows": args.rows}
+
+    if args.inside_guest or capable():
+        info = inside(args)
+        result = {"params": params, "summary": summarise(info), "detail": info}
+        print(MARKER + json.dumps(result), flush=True)
+        if not os.environ.get("KDSR_IN_GUEST"):
+            write(result, args.json)
+        print_table(result)
+        return 0
+
+    sys.path.insert(0, str(ROOT / "netns-lab"))
+    import guest_tier  # noqa: PLC0415
+
+    command = [
+        guest_tier.venv_python(),
+        "bench/fast_path.py",
+        "--inside-guest",
+        "--rounds",
+        str(args.rounds),
+        "--duration",
+        str(args.duration),
+        "--rows",
+        ",".join(args.rows),
+    ]
+    t0 = time.monotonic()
+    rc = guest_tier.run_command_in_guest(command, timeout=3000)
+    log_path = guest_tier.DEFAULT_RESULTS / "latest" / "command.log"
+    result = None
+    if log_path.exists():
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith(MARKER):
+                result = json.loads(line[len(MARKER) :])
+    if result is None:
+        print(f"no result from the guest (exit {rc}); see {log_path}", file=sys.stderr)
+        return rc or 1
+    result["guest"] = {"wall_s": round(time.monotonic() - t0, 1), "exit": rc}
+    write(result, args.json)
+    print_table(result)
+    return rc
+
+
+def write(result: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""A kdsr table as last read or written, kept on disk while nothing has
+committed an nftables transaction since.
+
+Listing a table is the dearest thing kdsr does: nft 1.0.6 fetches every
+element of every set for any listing, so a table of 164,000 map elements
+takes ~3.5 s and ~0.5 GB to list and decode (bench/control_plane.py), and the
+ruleset-wide cost stays even for one map or one element.  The kernel bumps
+its ruleset generation on every committed transaction, whoever sends it
+(nft_generation.py).  A table recorded together with the generation it was
+read at is therefore still the kernel's table while the generation is the
+same: the no-op re-apply that config management runs every few minutes, and
+`kdsr plan`, need not list it again; an `nft` command by anyone (a flush, a
+hand-added element) bumps the generation and forces a fresh listing.
+
+A record names its network namespace (the kernel's never-reused netns
+cookie), the boot, and the kdsr version that decoded it; any mismatch, or a
+file that does not decode, is simply a miss.  Elements the packet path adds
+(flow pins, in maps with timeouts) do not bump the generation and are never
+compared, so they are never recorded either.
+
+The one case where the generation stays while a table changes is the
+kernel's own: a netdev base chain loses its hook when its device goes away.
+That shows in the table's chain listing, which costs ~4 ms and is compared
+on every use (``chain_fingerprint``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_atomic
+from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
+
+FORMAT = 1
+SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux >= 5.14
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def netns_cookie() -> int | None:
+    """This network namespace's cookie (unique within a boot), or None."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return None
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+@functools.cache
+def _code_identity() -> str:
+    """The code that decodes and compares tables: a record made by other code
+    (an upgrade, or a checkout between two commits) is a miss."""
+    from kdsr import diff, model
+    from kdsr.kernel import nft_json
+
+    digest = hashlib.sha256()
+    for module in (model, nft_json, diff, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- codec
+def _tuples(value):
+    """JSON has no tuples: keys and values of map elements come back as lists."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def encode_table(table: NftTable) -> dict:
+    chains = []
+    for chain in table.chains:
+        hook = None
+        if chain.hook is not None:
+            h = chain.hook
+            hook = [h.type, h.hook, h.device, h.priority, h.policy]
+        rules = [[r.comment, r.expr_json] for r in chain.rules]
+        chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
+    maps = [{**_encode_declaration(nmap), **_encode_elements(nmap.elements)} for nmap in table.maps]
+    return {"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains, "maps": maps}
+
+
+def _encode_declaration(nmap: NftMap) -> dict:
+    return {
+        "name": nmap.name,
+        "key_type": list(nmap.key_type),
+        "data_type": nmap.data_type,
+        "flags": list(nmap.flags),
+        "counter": nmap.counter,
+        "size": nmap.size,
+        "timeout": nmap.timeout,
+        "pointer": nmap.pointer,
+    }
+
+
+# Encoded element tuples, by identity (the tuple is kept alive with its
+# encoding): the daemon records its table after every change, and only the
+# changed map's elements are new objects.
+_ENCODED: dict[int, tuple[tuple, dict]] = {}
+_ENCODED_MAX = 4096
+
+
+def _encode_elements(elements: tuple) -> dict:
+    known = _ENCODED.get(id(elements))
+    if known is not None and known[0] is elements:
+        return known[1]
+    # Parallel lists, each distinct value once: a map of 16,381 slots over 16
+    # servers stores 16 values and a list of indexes.
+    values: dict[tuple, int] = {}
+    index = [values.setdefault((elem.value, elem.comment), len(values)) for _key, elem in elements]
+    keys = [key for key, _elem in elements]
+    encoded = {
+        "keys": None if keys == list(range(len(keys))) else keys,  # slot maps: 0..M-1
+        "values": [[value, comment] for value, comment in values],
+        "index": index,
+    }
+    if len(_ENCODED) >= _ENCODED_MAX:
+        _ENCODED.pop(next(iter(_ENCODED)))
+    _ENCODED[id(elements)] = (elements, encoded)
+    return encoded
+
+
+def decode_table(doc: dict) -> NftTable:
+    chains = []
+    for c in doc["chains"]:
+        hook = ChainHook(*c["hook"]) if c["hook"] is not None else None
+        rules = tuple(NftRule(comment=comment, expr_json=expr) for comment, expr in c["rules"])
+        chains.append(NftChain(name=c["name"], hook=hook, rules=rules, pointer=c["pointer"]))
+    maps = []
+    for m in doc["maps"]:
+        values = [NftElement(value=_tuples(value), comment=comment) for value, comment in m["values"]]
+        if m["keys"] is None:
+            keys = range(len(m["index"]))
+        elif all(isinstance(k, int | str) for k in m["keys"]):
+            keys = m["keys"]
+        else:
+            keys = [_tuples(k) for k in m["keys"]]
+        elements = tuple(zip(keys, map(values.__getitem__, m["index"]), strict=True))
+        maps.append(
+            NftMap(
+                name=m["name"],
+                key_type=tuple(m["key_type"]),
+                data_type=m["data_type"],
+                flags=tuple(m["flags"]),
+                counter=m["counter"],
+                elements=elements,
+                pointer=m["pointer"],
+                size=m["size"],
+                timeout=m["timeout"],
+            )
+        )
+    return NftTable(
+        family=doc["family"], name=doc["name"], chains=tuple(chains), maps=tuple(maps), pointer=doc["pointer"]
+    )
+
+
+# ---------------------------------------------------------------- the store
+class TableCache:
+    """One file per (netns, table) under ``<state dir>/cache/``."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory) / "cache"
+        self._cookie = netns_cookie()
+
+    def _path(self, family: str, name: str) -> Path | None:
+        if self._cookie is None:
+            return None
+        return self.directory / f"nft-{self._cookie}-{family}-{name}"
+
+    def _identity(self) -> dict:
+        return {"format": FORMAT, "code": _code_identity(), "boot": _boot_id(), "netns": self._cookie}
+
+    def load(self, family: str, name: str, generation: int, chains: str) -> NftTable | None:
+        """The table recorded at ``generation`` with this chain fingerprint, or None."""
+        path = self._path(family, name)
+        if path is None:
+            return None
+        try:
+            doc = json.loads(read_text(path))
+            if doc["identity"] != self._identity() or doc["generation"] != generation or doc["chains"] != chains:
+                return None
+            return decode_table(doc["table"])
+        except (OSError, ValueError, KeyError, TypeError, StateFileError):
+            return None
+
+    def save(self, generation: int, chains: str, table: NftTable) -> None:
+        path = self._path(table.family, table.name)
+        if path is None:
+            return
+        doc = {"identity": self._identity(), "generation": generation, "chains": chains, "table": encode_table(table)}
+        try:
+            ensure_dir(self.directory.parent)  # the state directory's own checks (0700, ours) first
+            write_atomic(path, json.dumps(doc, separators=(",", ":")), sync=False)
+        except (OSError, StateFileError):
+            pass  # a cache that cannot be written is a miss next time, not an error
+
+    def forget(self, family: str, name: str) -> None:
+        path = self._path(family, name)
+        if path is not None:
+            path.unlink(missing_ok=True)
