@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev
+.PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile
 
 setup:
 	./scripts/setup.sh
@@ -45,3 +45,12 @@ golden: setup
 # agreement, build time; prints a table, writes bench/results/maglev.json.
 bench-maglev: setup
 	$(PY) bench/maglev.py
+
+# Control-plane bench (root; writes run in throw-away namespaces): 100, 1,000
+# and 10,000 VIPs x 16 servers, step by step; writes bench/results/control_plane.json.
+bench-control-plane: setup
+	$(PY) bench/control_plane.py
+
+# Compile scaling bench (no root): time and memory against VIPs, fitted exponent.
+bench-compile: setup
+	$(PY) bench/compile_scaling.py

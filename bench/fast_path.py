@@ -32,7 +32,8 @@ switch namespace, transmitting on the bridge port whose veth peer is the
 row's load balancer's eth0: the packets go straight into the load balancer
 (no client veth or bridge hop on the sender's CPU, which made the first
 version of this bench sender-bound).  60-byte UDP/IPv4 packets
-10.10.0.50:1024-2047 -> 10.100.25.1:5004 (1,024 flows, source port stepping),
+10.10.0.50:1024-2046 -> 10.100.25.1:5004 (1,023 flows: pktgen's udp_src_max is
+exclusive; the source port steps by one per packet),
 source MAC the client's (``kdsrfp-c``), destination MAC the row's load
 balancer; identical for every row but the destination MAC.  pktgen runs
 ``count 0`` for a fixed window and is stopped; its own result (sent packets,

@@ -85,3 +85,59 @@ def test_a_reused_read_never_hides_a_change(scratch_ns, tmp_path):
     assert len(out["drift"]) == 1 and out["drift"][0].startswith("create nft element"), out["drift"]
     # Another table's transaction bumps the generation too: re-read, still no change.
     assert out["after_foreign_table"] == 0
+
+
+def _kdsr(ns: str, state: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_the_record_on_disk_serves_new_processes_and_never_hides_a_change(scratch_ns, tmp_path):
+    """kernel/nft_cache.py through the real CLI: each command is a new process."""
+    state = tmp_path / "state"
+    intent = json.loads((ROOT / "examples" / "l2-web.json").read_text())
+    original = tmp_path / "web.json"
+    original.write_text(json.dumps(intent))
+    intent["pools"]["web"]["servers"][2]["weight"] = 2
+    heavier = tmp_path / "web-heavier.json"
+    heavier.write_text(json.dumps(intent))
+
+    first = _kdsr(scratch_ns, state, "apply", str(original), "--node", "lb1")
+    assert first.returncode == 0, first.stderr
+    assert "read back and verified" in first.stdout
+    assert len(list((state / "cache").iterdir())) == 1, "the new table was not recorded"
+    assert _kdsr(scratch_ns, state, "plan", str(original), "--node", "lb1", "--detailed-exitcode").returncode == 0
+
+    # An element change: the generation proves the commit was the only one.
+    change = _kdsr(scratch_ns, state, "apply", str(heavier), "--node", "lb1")
+    assert change.returncode == 0, change.stderr
+    assert "map elements as sent" in change.stdout, change.stdout
+    assert _kdsr(scratch_ns, state, "plan", str(heavier), "--node", "lb1", "--detailed-exitcode").returncode == 0
+
+    # Someone else's element delete bumps the generation: the record is not used.
+    listing = subprocess.run(
+        ["ip", "netns", "exec", scratch_ns, "nft", "-j", "list", "table", "netdev", "kdsr"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pool_map = next(
+        i["map"]["name"]
+        for i in json.loads(listing.stdout)["nftables"]
+        if i.get("map", {}).get("name", "").startswith("pool-web-v4")
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", scratch_ns, "nft", "delete", "element", "netdev", "kdsr", pool_map, "{", "5", "}"],
+        check=True,
+    )
+    drift = _kdsr(scratch_ns, state, "plan", str(heavier), "--node", "lb1", "--detailed-exitcode")
+    assert drift.returncode == 2, drift.stdout + drift.stderr
+    assert f"{pool_map}[5]" in drift.stdout
+    repair = _kdsr(scratch_ns, state, "apply", str(heavier), "--node", "lb1")
+    assert repair.returncode == 0, repair.stderr
+    assert _kdsr(scratch_ns, state, "plan", str(heavier), "--node", "lb1", "--detailed-exitcode").returncode == 0

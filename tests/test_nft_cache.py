@@ -1,0 +1,76 @@
+"""kernel/nft_cache.py: the on-disk table record and when it may be used."""
+
+from kdsr.compile import compile_node
+from kdsr.intent import load_intent
+from kdsr.kernel import nft_cache
+from kdsr.kernel.nft_cache import TableCache, decode_table, encode_table
+from kdsr.model import NftElement, NftMap, NftTable
+
+
+def test_round_trip_of_a_compiled_table_is_exact(example_path):
+    for table in compile_node(load_intent(example_path), "lb1").tables:
+        assert decode_table(encode_table(table)) == table
+        again = decode_table(encode_table(table))
+        assert [m.elements for m in again.maps] == [m.elements for m in table.maps]
+
+
+def test_concatenated_and_range_keys_come_back_as_tuples():
+    nmap = NftMap(
+        name="services-v4",
+        key_type=("ipv4_addr", "inet_proto", "inet_service"),
+        data_type="verdict",
+        flags=("interval",),
+        elements=(
+            (("10.0.0.1", "tcp", (80, 80)), NftElement(value=("jump", "pool-a"), comment="/services/a/ports/0")),
+            (("10.0.0.1", "udp", (5000, 5010)), NftElement(value=("jump", "pool-b"))),
+        ),
+    )
+    table = NftTable(family="netdev", name="kdsr", chains=(), maps=(nmap,))
+    assert decode_table(encode_table(table)) == table
+
+
+def _table(value: str = "10.0.0.11") -> NftTable:
+    slots = tuple((i, NftElement(value=value)) for i in range(7))
+    return NftTable("netdev", "kdsr", (), (NftMap("pool", ("mark",), "ipv4_addr", elements=slots),))
+
+
+def test_a_record_is_used_only_at_its_generation_and_chain_listing(tmp_path, monkeypatch):
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
+    cache = TableCache(tmp_path)
+    cache.save(7, "chains A", _table())
+    assert cache.load("netdev", "kdsr", 7, "chains A") == _table()
+    assert cache.load("netdev", "kdsr", 8, "chains A") is None  # someone committed since
+    assert cache.load("netdev", "kdsr", 7, "chains B") is None  # a hook went with its device
+    assert cache.load("inet", "kdsr", 7, "chains A") is None
+    (path,) = (tmp_path / "cache").iterdir()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"
+
+
+def test_another_namespace_boot_or_code_misses(tmp_path, monkeypatch):
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
+    TableCache(tmp_path).save(7, "c", _table())
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 43)
+    assert TableCache(tmp_path).load("netdev", "kdsr", 7, "c") is None
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
+    monkeypatch.setattr(nft_cache, "_boot_id", lambda: "another boot")
+    assert TableCache(tmp_path).load("netdev", "kdsr", 7, "c") is None
+
+
+def test_a_damaged_record_is_a_miss(tmp_path, monkeypatch):
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
+    cache = TableCache(tmp_path)
+    cache.save(7, "c", _table())
+    (path,) = (tmp_path / "cache").iterdir()
+    path.write_text(path.read_text()[:100])
+    assert cache.load("netdev", "kdsr", 7, "c") is None
+    cache.forget("netdev", "kdsr")
+    assert not path.exists()
+
+
+def test_without_a_netns_cookie_nothing_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: None)
+    cache = TableCache(tmp_path)
+    cache.save(7, "c", _table())
+    assert not (tmp_path / "cache").exists()
+    assert cache.load("netdev", "kdsr", 7, "c") is None
