@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from kdsr.apply import ApplyResult, apply_plan
 from kdsr.compile import compile_node
 from kdsr.compile.announce import assignments
-from kdsr.compile.lb_nft_l2 import SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
+from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
@@ -212,7 +212,8 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     if table is not None:
         report["tables"].append(table.ident)
         counters = element_counters(listing)
-        for _family, map_name in SERVICE_MAPS.items():
+        service_map_names = [*SERVICE_MAPS.values(), *RANGE_MAPS.values()]
+        for map_name in service_map_names:
             nmap = table.map(map_name)
             for key, elem in nmap.elements if nmap else ():
                 packets, nbytes = counters.get(map_name, {}).get(key, (0, 0))
@@ -230,7 +231,7 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                     }
                 )
         for nmap in table.maps:
-            if nmap.name in SERVICE_MAPS.values() or nmap.data_type in ("mark", ""):
+            if nmap.name in service_map_names or nmap.data_type in ("mark", ""):
                 # Flow pinning's slot maps hold server ids and its pins map
                 # flows; its servers map (id -> address) carries the counts.
                 continue

@@ -26,7 +26,7 @@ fields so the error reaches the server that owns the flow.
 from __future__ import annotations
 
 from kdsr import naming
-from kdsr.compile.lb_nft_l2 import ADDR_PROTO, ADDR_TYPE, hash_inputs, service_maps
+from kdsr.compile.lb_nft_l2 import ADDR_PROTO, ADDR_TYPE, hash_inputs, service_lookups, service_maps
 from kdsr.compile.selectors import Selector, selectors_for
 from kdsr.intent.model import (
     ENGINE_NFT,
@@ -44,6 +44,7 @@ TABLE_NAME = "kdsr"
 PREROUTING_CHAIN = "prerouting"
 MANGLE_PRIORITY = -150  # before routing, like iptables' mangle table
 SERVICE_MAPS = {4: "l3-services-v4", 6: "l3-services-v6"}
+RANGE_MAPS = {4: "l3-service-ranges-v4", 6: "l3-service-ranges-v6"}
 ICMP_MAPS = {4: "l3-icmp-v4", 6: "l3-icmp-v6"}
 FORWARDING = {4: "net/ipv4/ip_forward", 6: "net/ipv6/conf/all/forwarding"}
 # Modules the kernel needs for each tunnel kind.
@@ -116,15 +117,9 @@ def _concat(parts: list[dict]) -> dict:
 def _prerouting(lb: LoadBalancerNode) -> NftChain:
     rules = []
     for family in (4, 6):
-        ip = ADDR_PROTO[family]
         iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": lb.interface}}
-        lookup = {
-            "vmap": {
-                "key": {"concat": [_payload(ip, "daddr"), {"meta": {"key": "l4proto"}}, _payload("th", "dport")]},
-                "data": f"@{SERVICE_MAPS[family]}",
-            }
-        }
-        rules.append(NftRule.build([iif, lookup], "/services"))
+        for lookup in service_lookups(family, SERVICE_MAPS, RANGE_MAPS):
+            rules.append(NftRule.build([iif, lookup], "/services"))
     for family, icmp, code_field, err in (
         (4, "icmp", "type", "destination-unreachable"),
         (6, "icmpv6", "type", "packet-too-big"),
@@ -146,7 +141,7 @@ def _service_maps(selectors: list[Selector]) -> list[NftMap]:
             # pools sends errors to the first (sorted) one's selector.
             element = NftElement(value=("jump", f"{sel.name}-icmp"), comment=service.pointer)
             icmp[sel.family].setdefault(str(service.vip), element)
-    maps = service_maps(selectors, SERVICE_MAPS)
+    maps = service_maps(selectors, SERVICE_MAPS, RANGE_MAPS)
     maps += [
         NftMap(
             name=ICMP_MAPS[family],

@@ -75,7 +75,7 @@ def test_skeleton_matches_compiler(scratch_ns, skeleton, case, node, family):
     device = desired.tables[0].chain("ingress").hook.device
     selector = next(s for s in selectors_for(intent) if s.family == family)
     subprocess.run(["ip", "-n", scratch_ns, "link", "add", device, "type", "veth", "peer", "name", "peer0"], check=True)
-    keep = {"ingress", "services-v4", "services-v6", selector.name}
+    keep = {"ingress", "services-v4", "services-v6", "service-ranges-v4", "service-ranges-v6", selector.name}
 
     text = (ROOT / "nft" / skeleton).read_text()
     for placeholder, value in {
