@@ -30,16 +30,45 @@ def _kernel(store: StateStore | None = None):
     return SystemKernel(store.directory if store is not None else None)
 
 
+def _warnings(intent) -> list[str]:
+    from kdsr.compile.checks import warnings_for
+
+    return [str(problem) for problem in warnings_for(intent)]
+
+
 def _load(path: str, text: str | None = None):
     """The intent at ``path``; ``text`` is its content when already read."""
-    from kdsr.compile.checks import warnings_for
     from kdsr.intent import load_intent, parse_intent
 
     intent = load_intent(path) if text is None else parse_intent(text, path)
     # Warnings go to stderr so that `plan --json` stays parseable.
-    for problem in warnings_for(intent):
-        click.echo(f"warning: {problem}", err=True)
+    for warning in _warnings(intent):
+        click.echo(f"warning: {warning}", err=True)
     return intent
+
+
+def _unchanged(obj: Context, kernel, intent_file: str, text: str, node: str | None):
+    """The empty plan of an intent unchanged since kdsr last verified the
+    kernel against it, without validating or compiling (kdsr/receipt.py);
+    None when anything may differ."""
+    from kdsr import receipt
+
+    found = receipt.unchanged(obj.store, kernel, intent_file, text.encode(), node)
+    if found is not None:
+        for warning in found.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    return found
+
+
+def _record_receipt(obj: Context, kernel, intent_file: str, text: str, node: str | None, prepared) -> None:
+    """Under the lock, right after kdsr verified the kernel against ``prepared``."""
+    from kdsr import receipt
+
+    inputs = receipt.inputs_digest(
+        intent_file, text.encode(), node, prepared.node, kernel, obj.store, down=prepared.down
+    )
+    warnings = _warnings(prepared.intent)
+    receipt.record(obj.store, kernel, node, inputs, prepared.desired, prepared.plan.notes, warnings)
 
 
 def _fail(exc: Exception) -> None:
@@ -118,9 +147,13 @@ def plan(
 
     try:
         require_net_admin("plan", "reads this host's nftables, IPVS and link state")
-        # Read once: the saved plan must carry exactly the text that was planned.
-        text = read_intent_text(intent_file) if out else None
-        prepared = operations.prepare(_load(intent_file, text), node, _kernel(obj.store), obj.store)
+        # Read once: the plan (and a saved plan) is of exactly this text.
+        text = read_intent_text(intent_file)
+        kernel = _kernel(obj.store)
+        # A saved plan carries kdsr's full plan; otherwise an unchanged intent needs no compile.
+        prepared = None if out else _unchanged(obj, kernel, intent_file, text, node)
+        if prepared is None:
+            prepared = operations.prepare(_load(intent_file, text), node, kernel, obj.store)
         if out:
             saved_plan.save(out, prepared, text, intent_file)
     except (KdsrError, KernelError, OSError) as exc:
@@ -163,7 +196,8 @@ def apply(
     plan_file: str | None,
 ) -> None:
     """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
-    from kdsr import saved_plan
+    from kdsr import receipt, saved_plan
+    from kdsr.intent.load import read_intent_text
 
     render = render_json if as_json else render_text
     try:
@@ -178,22 +212,35 @@ def apply(
             node, intent_file = saved.node, saved.source
             intent = _load(saved.source, saved.intent_text)
         else:
-            intent = _load(intent_file)
+            text = read_intent_text(intent_file)
+            intent = None
+        # A saved plan is checked against the kernel in full; --adopt changes ownership.
+        receipts = saved is None and not adopt
         kernel = _kernel(obj.store)
         if dry_run:
-            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
+            if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
+                click.echo(render(same.plan, intent_file), nl=False)
+                return
+            prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)
             click.echo(render(prepared.plan, intent_file), nl=False)
             return
         with obj.store.lock(obj.wait):
-            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt)
+            if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
+                click.echo(render(same.plan, intent_file), nl=False)
+                return
+            prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)  # under the lock: no kdsr run can slip in between
             click.echo(render(prepared.plan, intent_file), nl=False)
+            if not prepared.plan.empty:
+                receipt.forget(obj.store, node)
+                result = operations.apply(prepared, kernel, obj.store)
+            if receipts:
+                _record_receipt(obj, kernel, intent_file, text, node, prepared)
             if prepared.plan.empty:
                 return
-            result = operations.apply(prepared, kernel, obj.store)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
     if not as_json:

@@ -34,6 +34,7 @@ class Prepared:
     desired: Desired
     state: NodeState
     plan: Plan
+    down: frozenset[tuple[str, str]] = frozenset()  # the servers health reported down, as planned with
 
 
 def select_node(intent: Intent, node: str | None, kernel: Kernel) -> str:
@@ -84,7 +85,7 @@ def prepare(
     plan = diff(desired, observed)
     plan.notes = announcement_notes(effective.intent, desired)
     _check_bird_ready(plan, kernel)
-    return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan)
+    return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
 
 
 def unserved_vips(effective: Effective) -> dict[str, str]:

@@ -53,7 +53,7 @@ def test_another_namespace_boot_or_code_misses(tmp_path, monkeypatch):
     monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 43)
     assert TableCache(tmp_path).load("netdev", "kdsr", 7, "c") is None
     monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
-    monkeypatch.setattr(nft_cache, "_boot_id", lambda: "another boot")
+    monkeypatch.setattr(nft_cache, "boot_id", lambda: "another boot")
     assert TableCache(tmp_path).load("netdev", "kdsr", 7, "c") is None
 
 

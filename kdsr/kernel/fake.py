@@ -100,6 +100,9 @@ class FakeKernel:
         self.tables = tables
         return False  # the fake has no generation: reads always list
 
+    def nft_token(self, family: str, name: str) -> tuple[str, bool] | None:
+        return None  # no generation: an unchanged re-apply always plans in full
+
     def _table(self, tables: dict, obj: dict) -> _Table:
         key = (obj["family"], obj["table"])
         if key not in tables:

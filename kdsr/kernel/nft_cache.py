@@ -51,7 +51,7 @@ def netns_cookie() -> int | None:
         return None
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         return BOOT_ID.read_text().strip()
     except OSError:
@@ -180,7 +180,7 @@ class TableCache:
         return self.directory / f"nft-{self._cookie}-{family}-{name}"
 
     def _identity(self) -> dict:
-        return {"format": FORMAT, "code": _code_identity(), "boot": _boot_id(), "netns": self._cookie}
+        return {"format": FORMAT, "code": _code_identity(), "boot": boot_id(), "netns": self._cookie}
 
     def load(self, family: str, name: str, generation: int, chains: str) -> NftTable | None:
         """The table recorded at ``generation`` with this chain fingerprint, or None."""

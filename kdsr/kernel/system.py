@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import ipaddress
 import json
 import os
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from kdsr.kernel import KernelError, bird, nft_text
-from kdsr.kernel.nft_cache import TableCache
+from kdsr.kernel.nft_cache import TableCache, boot_id, netns_cookie
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
 from kdsr.model import Address, NftTable
@@ -348,6 +349,20 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             if chains is not None:
                 self._record(family, name, generation, chains, table)
         return table, listing
+
+    def nft_token(self, family: str, name: str) -> tuple[str, bool] | None:
+        """A token for the family's nftables state now (namespace, boot,
+        ruleset generation, chain listing), and whether this process read or
+        proved the table at that very generation (so its verdict on the table
+        still holds).  None when the kernel cannot say (no generation)."""
+        generation = read_generation()
+        chains = self._chain_fingerprint(family) if generation is not None else None
+        if chains is None:
+            return None
+        digest = hashlib.sha256(chains.encode()).hexdigest()
+        token = f"{netns_cookie()}:{boot_id()}:{generation}:{digest}"
+        known = self._tables_read.get((family, name))
+        return token, known is not None and known[0] == generation
 
     def _chain_fingerprint(self, family: str) -> str | None:
         """The family's chains with their hooks, devices and handles (~4 ms:

@@ -110,8 +110,15 @@ def test_the_record_on_disk_serves_new_processes_and_never_hides_a_change(scratc
     first = _kdsr(scratch_ns, state, "apply", str(original), "--node", "lb1")
     assert first.returncode == 0, first.stderr
     assert "read back and verified" in first.stdout
-    assert len(list((state / "cache").iterdir())) == 1, "the new table was not recorded"
+    assert len(list((state / "cache").glob("nft-*"))) == 1, "the new table was not recorded"
+    # kdsr/receipt.py: the verified apply left a receipt; the same intent again
+    # is answered from it (nothing validated or compiled, so nothing rewritten).
+    (receipt,) = (state / "cache").glob("receipt-*")
+    written = receipt.stat().st_mtime_ns
+    again = _kdsr(scratch_ns, state, "apply", str(original), "--node", "lb1")
+    assert again.returncode == 0 and "No changes" in again.stdout, again.stdout + again.stderr
     assert _kdsr(scratch_ns, state, "plan", str(original), "--node", "lb1", "--detailed-exitcode").returncode == 0
+    assert receipt.stat().st_mtime_ns == written, "the receipt did not serve: the intent was planned in full"
 
     # An element change: the generation proves the commit was the only one.
     change = _kdsr(scratch_ns, state, "apply", str(heavier), "--node", "lb1")
@@ -137,7 +144,7 @@ def test_the_record_on_disk_serves_new_processes_and_never_hides_a_change(scratc
     )
     drift = _kdsr(scratch_ns, state, "plan", str(heavier), "--node", "lb1", "--detailed-exitcode")
     assert drift.returncode == 2, drift.stdout + drift.stderr
-    assert f"{pool_map}[5]" in drift.stdout
+    assert f"{pool_map}[5]" in drift.stdout, "the receipt hid a hand-made change"
     repair = _kdsr(scratch_ns, state, "apply", str(heavier), "--node", "lb1")
     assert repair.returncode == 0, repair.stderr
     assert _kdsr(scratch_ns, state, "plan", str(heavier), "--node", "lb1", "--detailed-exitcode").returncode == 0

@@ -1,0 +1,163 @@
+"""The receipt (kdsr/receipt.py): an unchanged re-apply skips validate and
+compile, and any change to an input or to the kernel goes back to the full
+plan.  The CLI runs against a fake kernel given an nftables generation; the
+real kernel's token is exercised by
+netns-lab/tests/test_generation_reuse_lab.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kdsr import cli, privilege, receipt
+from kdsr.compile import compile_node
+from kdsr.intent import load_intent
+from kdsr.kernel.fake import FakeKernel
+
+
+class GenerationKernel(FakeKernel):
+    """The fake with a ruleset generation: every transaction moves it, as does
+    a hand edit (``hand_edit``); reads remember the generation they saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 1
+        self.read_at: dict[tuple[str, str], int] = {}
+
+    def nft_read_table(self, family, name, reuse=False):
+        self.read_at[(family, name)] = self.generation
+        return super().nft_read_table(family, name, reuse)
+
+    def nft_apply(self, commands, check_only=False, becomes=None):
+        proved = super().nft_apply(commands, check_only, becomes)
+        if not check_only and commands:
+            self.generation += 1
+        return proved
+
+    def nft_token(self, family, name):
+        return f"gen {self.generation}", self.read_at.get((family, name)) == self.generation
+
+    def hand_edit(self) -> None:
+        self.generation += 1
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    k = GenerationKernel()
+    k.sysctls.update({f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")})
+    k.sysctls["net/ipv4/ip_forward"] = "0"
+    monkeypatch.setattr(cli, "_kernel", lambda store=None: k)
+    monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
+    monkeypatch.setattr(receipt, "netns_cookie", lambda: 4242)
+    return k
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """How many times the CLI validated the intent."""
+    count = []
+    real = cli._load
+
+    def counting(*args, **kwargs):
+        count.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_load", counting)
+    return count
+
+
+@pytest.fixture
+def intent(tmp_path, example_path):
+    path = tmp_path / "intent.json"
+    path.write_text(example_path.read_text())
+    return path
+
+
+def kdsr(tmp_path, *args: str):
+    return CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *args])
+
+
+def apply_twice(tmp_path, intent, node):
+    first = kdsr(tmp_path, "apply", str(intent), "--node", node)
+    assert first.exit_code == 0 and "read back and verified" in first.output, first.output
+    return kdsr(tmp_path, "apply", str(intent), "--node", node)
+
+
+@pytest.mark.parametrize("node", ["lb1", "s1"])
+def test_an_unchanged_reapply_neither_validates_nor_compiles_nor_writes(tmp_path, intent, kernel, loads, node):
+    writes = None
+    first = kdsr(tmp_path, "apply", str(intent), "--node", node)
+    assert first.exit_code == 0, first.output
+    writes = kernel.writes
+    assert len(loads) == 1
+    again = kdsr(tmp_path, "apply", str(intent), "--node", node)
+    assert again.exit_code == 0, again.output
+    assert "No changes" in again.output
+    assert len(loads) == 1, "the second apply validated the intent again"
+    assert kernel.writes == writes
+    plan = kdsr(tmp_path, "plan", str(intent), "--node", node, "--detailed-exitcode")
+    assert plan.exit_code == 0 and len(loads) == 1, plan.output
+
+
+def test_an_edited_intent_is_planned_in_full(tmp_path, intent, kernel, loads):
+    assert "No changes" in apply_twice(tmp_path, intent, "lb1").output
+    doc = json.loads(intent.read_text())
+    doc["pools"]["web"]["servers"][0]["weight"] = 3
+    intent.write_text(json.dumps(doc))
+    edited = kdsr(tmp_path, "apply", str(intent), "--node", "lb1")
+    assert edited.exit_code == 0 and "to change" in edited.output and len(loads) == 2, edited.output
+
+
+def test_a_hand_made_nftables_change_is_planned_in_full(tmp_path, intent, kernel, loads):
+    apply_twice(tmp_path, intent, "lb1")
+    table = kernel.tables[("netdev", "kdsr")]
+    slots = next(elements for name, (_decl, elements) in table.maps.items() if name.startswith("pool-web-v4"))
+    del slots[min(slots)]
+    kernel.hand_edit()
+    plan = kdsr(tmp_path, "plan", str(intent), "--node", "lb1", "--detailed-exitcode")
+    assert plan.exit_code == 2 and len(loads) == 2, plan.output
+
+
+def test_a_changed_sysctl_is_seen_without_compiling(tmp_path, intent, kernel, loads):
+    """Sysctls, addresses, links and IPVS have no generation: the receipt's
+    copy of what the intent wants is diffed against a fresh read; a
+    difference sends the plan down the full path, which names it."""
+    apply_twice(tmp_path, intent, "s1")
+    kernel.sysctls["net/ipv4/conf/all/arp_ignore"] = "0"
+    plan = kdsr(tmp_path, "plan", str(intent), "--node", "s1", "--detailed-exitcode")
+    assert plan.exit_code == 2 and "arp_ignore" in plan.output and len(loads) == 2, plan.output
+
+
+def test_a_drain_another_kdsr_or_another_node_is_planned_in_full(tmp_path, intent, kernel, loads, monkeypatch):
+    apply_twice(tmp_path, intent, "lb1")
+    drained = kdsr(tmp_path, "drain", str(intent), "s1", "--node", "lb1")
+    assert drained.exit_code == 0, drained.output
+    count = len(loads)
+    assert "No changes" in kdsr(tmp_path, "apply", str(intent), "--node", "lb1").output
+    assert len(loads) == count + 1, "the drained set is an input: the receipt from before it must not serve"
+    assert "No changes" in kdsr(tmp_path, "apply", str(intent), "--node", "lb1").output
+    assert len(loads) == count + 1
+    monkeypatch.setattr(receipt, "code_digest", lambda: "another kdsr")
+    assert "No changes" in kdsr(tmp_path, "apply", str(intent), "--node", "lb1").output
+    assert len(loads) == count + 2
+    other = kdsr(tmp_path, "apply", str(intent), "--node", "s1")
+    assert other.exit_code == 0 and "Applied" in other.output and len(loads) == count + 3, other.output
+
+
+def test_no_receipt_when_another_commit_came_between(tmp_path, intent, kernel, loads, monkeypatch):
+    real = kernel.nft_token
+    monkeypatch.setattr(kernel, "nft_token", lambda f, n: (real(f, n)[0], False))
+    apply_twice(tmp_path, intent, "lb1")
+    assert len(loads) == 2
+    monkeypatch.setattr(kernel, "nft_token", lambda f, n: None)
+    kdsr(tmp_path, "apply", str(intent), "--node", "lb1")
+    assert len(loads) == 3
+
+
+def test_the_receipt_keeps_the_model_exactly(example_path):
+    intent = load_intent(example_path)
+    for node in intent.node_names():
+        desired = compile_node(intent, node)
+        assert receipt.decode(json.loads(json.dumps(receipt.encode(desired)))) == desired
