@@ -1,7 +1,8 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile
+.PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
+	bench-ipvs-control-plane
 
 setup:
 	./scripts/setup.sh
@@ -50,6 +51,12 @@ bench-maglev: setup
 # and 10,000 VIPs x 16 servers, step by step; writes bench/results/control_plane.json.
 bench-control-plane: setup
 	$(PY) bench/control_plane.py
+
+# The same steps on the ipvs engine against the nft engine, 1,000 and 10,000
+# IPVS services, in the full-kernel guest when this kernel lacks IPVS (slow:
+# TCG; bounded by --budget); writes bench/results/ipvs_control_plane.json.
+bench-ipvs-control-plane: setup
+	$(PY) bench/ipvs_control_plane.py
 
 # Compile scaling bench (no root): time and memory against VIPs, fitted exponent.
 bench-compile: setup

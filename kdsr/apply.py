@@ -309,48 +309,58 @@ def _delete_link(kernel: Kernel, state: NodeState, save: Callable[[], None], lin
 
 
 def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[], None]) -> list[Step]:
-    """Per service: create or edit it, then one step that brings its
-    destination list to the desired one (see ``converge_dests``); deleted
-    services last.
+    """At most four steps, each ONE ipvsadm batch (``Kernel.ipvs_batch``), so
+    10,000 services cost a handful of processes, not one per write:
 
-    A destination list is not transactional, so that step undoes itself when
-    one of its writes fails, and its undo (a later step failed) converges
-    back to the list it found, in the same order: the mh table is exactly
-    the old one again.
+    1. new services with their destination lists (``-A``, then ``-a``
+       last-first: the kernel adds at the head, and the order decides the
+       mh table);
+    2. edited services (``-E``);
+    3. the destination lists of the other touched services, each brought
+       to the desired one (see ``converge_commands``);
+    4. deleted services last.
+
+    The kernel is listed once for all of them (``ipvs.Listing``), and again
+    only after a batch failed.  Batches are not transactional, so a step
+    whose batch fails puts back, from a fresh listing, what it had found;
+    its undo (a later step failed) does the same: every destination list is
+    exactly the old one again, order included, so the mh table is too.
     """
+    from kdsr.kernel import ipvs as ipvs_cmd
+
+    listing = ipvs_cmd.Listing(kernel.ipvs_list)
+    services = plan.of_kind("ipvs service")
+    created = [c.after for c in services if c.action == CREATE]
+    edited = [(c.before, c.after) for c in services if c.action == UPDATE]
+    deleted = [c.before for c in services if c.action == DELETE]
+    new_idents = {s.ident for s in created}
+
     steps: list[Step] = []
-    touched: dict[str, IpvsService] = {}
+    if created:
+        steps.append(_create_services_step(kernel, state, save, listing, created))
+    if edited:
+        steps.append(_edit_services_step(kernel, listing, edited))
+    targets = [t for t in _dest_targets(plan) if t.ident not in new_idents]
+    if targets:
+        steps.append(_sync_dests_step(kernel, targets, listing))
+    if deleted:
+        steps.append(_delete_services_step(kernel, state, save, listing, deleted))
+    return steps
+
+
+def _dest_targets(plan: Plan) -> list[IpvsService]:
+    """Each service whose destinations or settings change, with the list it must end with."""
+    touched: dict[str, IpvsService | None] = {}
     for change in plan.of_kind("ipvs dest"):
         if change.after is not None:
             touched[change.after[0].ident] = change.after[0]
         else:
-            touched.setdefault(change.before[0].ident, None)  # type: ignore[arg-type]
-
+            touched.setdefault(change.before[0].ident, None)
     for change in plan.of_kind("ipvs service"):
-        if change.action == CREATE:
-            svc = change.after
-
-            def run(svc=svc) -> None:
-                state.ipvs.add(svc.ident)
-                save()
-                kernel.ipvs_service("-A", svc)
-
-            def undo(svc=svc) -> None:
-                kernel.ipvs_service("-D", svc)
-
-            steps.append(Step(f"add IPVS service {svc.ident} ({svc.scheduler} {','.join(svc.flags)})", run, undo))
-        elif change.action == UPDATE:
-            steps.append(
-                Step(
-                    f"edit IPVS service {change.ident} ({change.after.scheduler} {','.join(change.after.flags)})",
-                    partial(kernel.ipvs_service, "-E", change.after),
-                    partial(kernel.ipvs_service, "-E", change.before),
-                )
-            )
         if change.action in (CREATE, UPDATE):
             touched.setdefault(change.ident, change.after)
-
     desired_by_ident = {c.after.ident: c.after for c in plan.of_kind("ipvs service") if c.after is not None}
+    targets = []
     for ident in sorted(touched):
         target = touched[ident] or desired_by_ident.get(ident)
         if target is None:
@@ -358,80 +368,177 @@ def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[],
             dropped = {c.before[1].ident for c in plan.of_kind("ipvs dest") if c.before and c.before[0].ident == ident}
             have = next(c.before[0] for c in plan.of_kind("ipvs dest") if c.before and c.before[0].ident == ident)
             target = dataclasses.replace(have, dests=tuple(d for d in have.dests if d.ident not in dropped))
-        steps.append(_sync_dests_step(kernel, target))
-
-    for change in plan.of_kind("ipvs service"):
-        if change.action == DELETE:
-            svc = change.before
-
-            def run(svc=svc) -> None:
-                kernel.ipvs_service("-D", svc)
-                crash_point("after the write, before its record is updated")
-                state.ipvs.discard(svc.ident)
-                save()
-
-            def undo(svc=svc) -> None:
-                kernel.ipvs_service("-A", svc)
-                for dest in reversed(svc.dests):
-                    kernel.ipvs_dest("-a", svc, dest)
-
-            steps.append(Step(f"delete IPVS service {svc.ident}", run, undo))
-    return steps
+        targets.append(target)
+    return targets
 
 
-def _kernel_service(kernel: Kernel, ident: str) -> IpvsService | None:
-    return next((s for s in kernel.ipvs_list() if s.ident == ident), None)
+def _names(services: list[IpvsService]) -> str:
+    shown = ", ".join(s.ident for s in services[:3])
+    return shown + (f" and {len(services) - 3} more" if len(services) > 3 else "")
 
 
-def converge_dests(kernel: Kernel, current: IpvsService, target: IpvsService) -> None:
-    """Turn the kernel's destination list ``current`` into ``target``, order
-    included: drop what goes, edit weights in place, then (re)add the head of
-    the target list last-first, because the kernel adds at the head.
-
-    A re-added destination is deleted and added back within two netlink
-    calls; the kernel parks it in its trash meanwhile and takes the same
-    object back, so its established connections survive.
-    """
-    wanted = {d.ident for d in target.dests}
-    have = {d.ident: d for d in current.dests}
-    for dest in current.dests:
-        if dest.ident not in wanted:
-            crash_point(f"before deleting IPVS destination {dest.ident}")
-            kernel.ipvs_dest("-d", target, dest)
-    readd = reorder_from(current, target)
-    for dest in target.dests[readd:]:
-        if have[dest.ident] != dest:
-            crash_point(f"before editing IPVS destination {dest.ident}")
-            kernel.ipvs_dest("-e", target, dest)
-    for dest in reversed(target.dests[:readd]):
-        crash_point(f"before adding IPVS destination {dest.ident}")
-        if dest.ident in have:
-            kernel.ipvs_dest("-d", target, have[dest.ident])
-        kernel.ipvs_dest("-a", target, dest)
+def _send(kernel: Kernel, listing, commands: list, results: dict[str, IpvsService | None]) -> None:
+    """One batch; the listing learns what it made, or forgets all when it failed."""
+    if not commands:
+        return
+    crash_point(f"before an ipvsadm batch of {len(commands)} commands")
+    try:
+        kernel.ipvs_batch(commands)
+    except Exception:
+        listing.forget()
+        raise
+    for ident, service in results.items():
+        listing.put(ident, service)
 
 
-def _sync_dests_step(kernel: Kernel, target: IpvsService) -> Step:
-    found: dict[str, IpvsService] = {}
+def _create_commands(services: list[IpvsService]) -> list:
+    from kdsr.kernel.ipvs import IpvsCommand
+
+    commands = []
+    for svc in services:
+        commands.append(IpvsCommand("-A", svc))
+        commands.extend(IpvsCommand("-a", svc, d) for d in reversed(svc.dests))
+    return commands
+
+
+def _create_services_step(kernel: Kernel, state: NodeState, save, listing, created: list[IpvsService]) -> Step:
+    from kdsr.kernel.ipvs import IpvsCommand
+
+    def delete_what_landed() -> None:
+        # Which lines of a failed batch ran is unknown: list, delete ours that exist.
+        there = [s for s in created if listing.get(s.ident) is not None]
+        _send(kernel, listing, [IpvsCommand("-D", s) for s in there], {s.ident: None for s in there})
 
     def run() -> None:
-        current = _kernel_service(kernel, target.ident) or dataclasses.replace(target, dests=())
-        found["before"] = current
+        state.ipvs.update(s.ident for s in created)
+        save()
         try:
-            converge_dests(kernel, current, target)
+            _send(kernel, listing, _create_commands(created), {s.ident: s for s in created})
         except Exception:
-            # Put this service's list back before the journal undoes the rest.
-            now = _kernel_service(kernel, target.ident)
-            if now is not None:
-                converge_dests(kernel, now, current)
+            delete_what_landed()  # the journal drops the ownership records again
             raise
 
     def undo() -> None:
-        now = _kernel_service(kernel, target.ident)
-        if now is not None and "before" in found:
-            converge_dests(kernel, now, found["before"])
+        _send(kernel, listing, [IpvsCommand("-D", s) for s in created], {s.ident: None for s in created})
 
-    listing = ", ".join(f"{d.ident} w{d.weight}" for d in target.dests)
-    return Step(f"set IPVS destinations of {target.ident} to [{listing}]", run, undo)
+    if len(created) == 1:
+        svc = created[0]
+        what = (
+            f"add IPVS service {svc.ident} ({svc.scheduler} {','.join(svc.flags)}) with {len(svc.dests)} destinations"
+        )
+    else:
+        what = f"add {len(created)} IPVS services with their destinations ({_names(created)})"
+    return Step(what, run, undo)
+
+
+def _edit_services_step(kernel: Kernel, listing, edited: list[tuple[IpvsService, IpvsService]]) -> Step:
+    from kdsr.kernel.ipvs import IpvsCommand
+
+    def edit(pairs: list[tuple[IpvsService, IpvsService]]) -> None:
+        """``-E`` each ``old`` to ``new``'s settings; an edit keeps the destinations."""
+        results = {}
+        for _old, new in pairs:
+            have = listing.get(new.ident)
+            if have is not None:
+                results[new.ident] = dataclasses.replace(have, scheduler=new.scheduler, flags=new.flags)
+        _send(kernel, listing, [IpvsCommand("-E", new) for _old, new in pairs], results)
+
+    def undo() -> None:
+        edit([(new, old) for old, new in edited])
+
+    if len(edited) == 1:
+        svc = edited[0][1]
+        what = f"edit IPVS service {svc.ident} ({svc.scheduler} {','.join(svc.flags)})"
+    else:
+        what = f"edit {len(edited)} IPVS services ({_names([new for _old, new in edited])})"
+    return Step(what, partial(edit, edited), undo)
+
+
+def _delete_services_step(kernel: Kernel, state: NodeState, save, listing, deleted: list[IpvsService]) -> Step:
+    from kdsr.kernel.ipvs import IpvsCommand
+
+    def run() -> None:
+        _send(kernel, listing, [IpvsCommand("-D", s) for s in deleted], {s.ident: None for s in deleted})
+        crash_point("after the write, before its record is updated")
+        state.ipvs.difference_update(s.ident for s in deleted)
+        save()
+
+    def undo() -> None:
+        # Back with the destination lists they had, in the same order.
+        _send(kernel, listing, _create_commands(deleted), {s.ident: s for s in deleted})
+
+    what = f"delete IPVS service {deleted[0].ident}" if len(deleted) == 1 else None
+    return Step(what or f"delete {len(deleted)} IPVS services ({_names(deleted)})", run, undo)
+
+
+def converge_commands(current: IpvsService, target: IpvsService) -> list:
+    """The writes that turn the kernel's destination list ``current`` into
+    ``target``, order included: drop what goes, edit weights in place, then
+    (re)add the head of the target list last-first, because the kernel adds
+    at the head.
+
+    A re-added destination is deleted and added back by two consecutive
+    lines; the kernel parks it in its trash meanwhile and takes the same
+    object back, so its established connections survive.
+    """
+    from kdsr.kernel.ipvs import IpvsCommand
+
+    wanted = {d.ident for d in target.dests}
+    have = {d.ident: d for d in current.dests}
+    commands = [IpvsCommand("-d", target, d) for d in current.dests if d.ident not in wanted]
+    readd = reorder_from(current, target)
+    commands += [IpvsCommand("-e", target, d) for d in target.dests[readd:] if have[d.ident] != d]
+    for dest in reversed(target.dests[:readd]):
+        if dest.ident in have:
+            commands.append(IpvsCommand("-d", target, have[dest.ident]))
+        commands.append(IpvsCommand("-a", target, dest))
+    return commands
+
+
+def converge_dests(kernel: Kernel, current: IpvsService, target: IpvsService) -> None:
+    """``converge_commands`` sent as one batch."""
+    commands = converge_commands(current, target)
+    if commands:
+        kernel.ipvs_batch(commands)
+
+
+def _sync_dests_step(kernel: Kernel, targets: list[IpvsService], listing) -> Step:
+    found: dict[str, IpvsService] = {}
+
+    def converge(wanted: dict[str, IpvsService]) -> None:
+        """One batch taking each service, as the listing has it, to ``wanted``'s list."""
+        commands: list = []
+        results: dict[str, IpvsService | None] = {}
+        for ident, want in wanted.items():
+            now = listing.get(ident)
+            if now is None:
+                continue  # gone (deleted by someone else): nothing to converge
+            commands += converge_commands(now, want)
+            results[ident] = dataclasses.replace(now, dests=want.dests)
+        _send(kernel, listing, commands, results)
+
+    def run() -> None:
+        for target in targets:
+            found[target.ident] = listing.get(target.ident) or dataclasses.replace(target, dests=())
+        try:
+            converge({t.ident: t for t in targets})
+        except Exception as exc:
+            # Put these lists back (from a fresh listing) before the journal undoes the rest.
+            try:
+                converge(found)
+            except Exception as again:  # noqa: BLE001 - say both
+                raise KernelError(f"{exc}; putting the destination lists back also failed: {again}") from exc
+            raise
+
+    def undo() -> None:
+        converge(found)
+
+    if len(targets) == 1:
+        listing_text = ", ".join(f"{d.ident} w{d.weight}" for d in targets[0].dests)
+        what = f"set IPVS destinations of {targets[0].ident} to [{listing_text}]"
+    else:
+        what = f"set IPVS destinations of {len(targets)} services ({_names(targets)})"
+    return Step(what, run, undo)
 
 
 def check_modules(desired: Desired, kernel: Kernel) -> None:

@@ -8,9 +8,12 @@ Every write goes through one of these methods, so ``writes`` counts them.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kdsr.model import Address, IpvsDest, IpvsService, Link, NftTable, Route, Rule
+
+if TYPE_CHECKING:
+    from kdsr.kernel.ipvs import IpvsCommand
 
 
 class KernelError(Exception):
@@ -26,11 +29,11 @@ class Kernel(Protocol):
 
     def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool: ...
 
+    def nft_token(self, family: str, name: str) -> tuple[str, bool] | None: ...  # (token, read at it); see receipt.py
+
     def addr_list(self, ifname: str) -> list[Address]: ...
 
     def addr_add(self, addr: Address) -> None: ...
-    def nft_token(self, family: str, name: str) -> tuple[str, bool] | None: ...  # (token, read at it); see receipt.py
-
 
     def addr_del(self, addr: Address) -> None: ...
 
@@ -68,6 +71,12 @@ class Kernel(Protocol):
     def ipvs_service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
 
     def ipvs_dest(self, verb: str, svc: IpvsService, dest: IpvsDest) -> None: ...  # "-a", "-e", "-d"
+
+    # Many ipvsadm writes in one go (ipvs.IpvsCommand).  Not a transaction:
+    # raises KernelError naming a failed command; which of the others took
+    # effect is unknown (SystemKernel: ipvsadm -R runs the lines after a
+    # refused one; FakeKernel: stops there), so a caller lists the kernel again.
+    def ipvs_batch(self, commands: list[IpvsCommand]) -> None: ...
 
     # BIRD (kdsr/kernel/bird.py): kdsr's fragment, checked and loaded.
     def bird_read(self, fragment: str) -> str | None: ...

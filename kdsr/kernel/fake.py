@@ -57,6 +57,9 @@ class FakeKernel:
         # IPVS services in creation order, each with its destinations in the
         # kernel's list order (new ones at the head, as the kernel does).
         self.ipvs: dict[str, IpvsService] = {}
+        self.ipvs_lists = 0  # ipvs_list calls, to check an apply lists once
+        self.ipvs_batches = 0
+        self.ipvs_batch_runs_on = False  # True: a refused batch line does not stop the rest
         # BIRD: fragment files by path; None: BIRD not installed/running.
         self.bird_files: dict[str, str] | None = {}
         self.bird_rejects: str | None = None  # a text that makes bird_check fail at its first line
@@ -319,6 +322,7 @@ class FakeKernel:
         self.rules.remove(plain)
 
     def ipvs_list(self) -> list[IpvsService]:
+        self.ipvs_lists += 1
         return list(self.ipvs.values())
 
     def ipvs_service(self, verb: str, svc: IpvsService) -> None:
@@ -363,6 +367,26 @@ class FakeKernel:
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
         self.ipvs[svc.ident] = dataclasses.replace(have, dests=tuple(dests))
+
+    def ipvs_batch(self, commands: list) -> None:
+        """Line by line, each a write of its own, like ``ipvsadm -R``; stops
+        at the first refused line, unless ``ipvs_batch_runs_on`` (what
+        ipvsadm 1.31 really does: it runs the rest, and tells only that
+        something failed)."""
+        self.ipvs_batches += 1
+        failed: list[str] = []
+        for number, command in enumerate(commands, 1):
+            try:
+                if command.dest is None:
+                    self.ipvs_service(command.verb, command.service)
+                else:
+                    self.ipvs_dest(command.verb, command.service, command.dest)
+            except KernelError as exc:
+                failed.append(f"line {number} of {len(commands)}: {command}: {exc}")
+                if not self.ipvs_batch_runs_on:
+                    break
+        if failed:
+            raise KernelError("ipvsadm -R failed at " + "; ".join(failed))
 
     def close(self) -> None:
         pass

@@ -18,8 +18,11 @@ Pure except ``run`` and the readers at the bottom, which take callables.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import shlex
+from collections.abc import Callable, Iterable
 
 from kdsr.model import IpvsDest, IpvsService
 
@@ -60,7 +63,102 @@ def dest_args(verb: str, svc: IpvsService, dest: IpvsDest) -> list[str]:
     return args
 
 
+# ---------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass(frozen=True)
+class IpvsCommand:
+    """One ipvsadm write: a service verb (-A -E -D) or, with ``dest``, a
+    destination verb (-a -e -d)."""
+
+    verb: str
+    service: IpvsService
+    dest: IpvsDest | None = None
+
+    def args(self) -> list[str]:
+        if self.dest is None:
+            return service_args(self.verb, self.service)
+        return dest_args(self.verb, self.service, self.dest)
+
+    def __str__(self) -> str:
+        return "ipvsadm " + " ".join(self.args())
+
+
+def restore_text(commands: Iterable[IpvsCommand]) -> str:
+    """``ipvsadm -R`` input: one command per line, the words of its command line.
+
+    ipvsadm splits a restore line on white space; every word here is an
+    address, a number or a fixed word kdsr formatted itself, so none holds
+    white space or a quote (checked: a word that did would change meaning).
+    """
+    lines = []
+    for command in commands:
+        words = command.args()
+        if any(not w or any(c.isspace() or c in "'\"\\#" for c in w) for w in words):
+            raise ValueError(f"refusing to pass {words!r} to ipvsadm -R")
+        lines.append(" ".join(words) + "\n")
+    return "".join(lines)
+
+
+def landed(command: IpvsCommand, services: dict[str, IpvsService]) -> bool:
+    """Whether the kernel listing ``services`` shows the effect of ``command``."""
+    have = services.get(command.service.ident)
+    if command.dest is None:
+        if command.verb == "-D":
+            return have is None
+        return have is not None and (have.scheduler, have.flags) == (command.service.scheduler, command.service.flags)
+    dest = next((d for d in have.dests if d.ident == command.dest.ident), None) if have else None
+    if command.verb == "-d":
+        return dest is None
+    return dest == command.dest
+
+
+def first_not_landed(commands: list[IpvsCommand], services: dict[str, IpvsService]) -> IpvsCommand | None:
+    """After a failed ``ipvsadm -R``: the first command whose effect the
+    kernel does not show.  Only the last command on each object is judged,
+    since an earlier one (a delete before a re-add) is meant to be undone."""
+    last: dict[tuple, int] = {}
+    for i, command in enumerate(commands):
+        last[(command.service.ident, command.dest.ident if command.dest else None)] = i
+    for i in sorted(last.values()):
+        if not landed(commands[i], services):
+            return commands[i]
+    return None
+
+
+class Listing:
+    """The kernel's IPVS services, listed once per apply and kept current by
+    the writer: after a batch that went through, a service is what the batch
+    made it (``put``); after one that failed nobody knows which lines landed,
+    so ``forget`` drops everything and the next ``get`` lists the kernel again.
+    """
+
+    def __init__(self, read: Callable[[], list[IpvsService]]) -> None:
+        self._read = read
+        self._services: dict[str, IpvsService | None] | None = None
+        self.reads = 0
+
+    def get(self, ident: str) -> IpvsService | None:
+        if self._services is None:
+            self.reads += 1
+            self._services = {s.ident: s for s in self._read()}
+        return self._services.get(ident)
+
+    def put(self, ident: str, service: IpvsService | None) -> None:
+        if self._services is not None:
+            self._services[ident] = service
+
+    def forget(self) -> None:
+        self._services = None
+
+
 # ---------------------------------------------------------------- reading
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_address(host: str) -> str:
+    # A listing of 10,000 services names the same few servers 160,000 times.
+    return str(ipaddress.ip_address(host))
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
@@ -68,7 +166,7 @@ def _split_hostport(text: str) -> tuple[str, int]:
         host, port = text[1:].rsplit("]:", 1)
     else:
         host, port = text.rsplit(":", 1)
-    return str(ipaddress.ip_address(host)), int(port)
+    return _canonical_address(host), int(port)
 
 
 def parse_save(text: str) -> list[IpvsService]:
@@ -76,7 +174,8 @@ def parse_save(text: str) -> list[IpvsService]:
     services: dict[str, IpvsService] = {}
     dests: dict[str, list[IpvsDest]] = {}
     for line in text.splitlines():
-        words = shlex.split(line)
+        # ipvsadm -S quotes nothing kdsr creates; shlex only when it did.
+        words = shlex.split(line) if any(q in line for q in "'\"\\") else line.split()
         if not words:
             continue
         verb, rest = words[0], words[1:]

@@ -260,6 +260,39 @@ class _L3Mixin:
 
         self._ipvsadm(ipvs.dest_args(verb, svc, dest))
 
+    def ipvs_batch(self, commands: list) -> None:
+        """Many writes through ONE ``ipvsadm -R`` (restore lines on stdin).
+
+        ipvsadm 1.31 runs every line it reads: a line the kernel refuses
+        prints its error on stderr and the next line runs anyway; the exit
+        status is that of the LAST line only; a line it cannot parse ends
+        the process there (status 2).  So: any stderr or a non-zero status
+        is a failure, and since ipvsadm says neither which line failed nor
+        which ran, the kernel is listed again and the first command whose
+        effect is missing is named.  Callers must re-read, not assume.
+        """
+        import shutil
+        import subprocess
+
+        from kdsr.kernel import ipvs
+
+        if not commands:
+            return
+        if shutil.which("ipvsadm") is None:
+            raise KernelError("ipvsadm is not installed (Debian package ipvsadm); the ipvs engine needs it")
+        text = ipvs.restore_text(commands)
+        result = subprocess.run(["ipvsadm", "-R"], input=text, capture_output=True, text=True, check=False)
+        self.writes += len(commands)  # type: ignore[attr-defined]
+        said = " / ".join(line for line in (result.stderr + result.stdout).splitlines() if line.strip())
+        if result.returncode == 0 and not result.stderr.strip():
+            return
+        now = {s.ident: s for s in self.ipvs_list()}
+        culprit = ipvs.first_not_landed(commands, now)
+        where = f"{culprit}" if culprit else "(every command's effect shows on re-reading the kernel)"
+        raise KernelError(
+            f"ipvsadm -R ({len(commands)} commands, exit {result.returncode}) failed at {where}: {said or 'no message'}"
+        )
+
 
 class _BirdMixin:
     """BIRD through its own tools (kdsr/kernel/bird.py)."""

@@ -1,0 +1,191 @@
+"""IPVS writes in batches (Kernel.ipvs_batch, one ``ipvsadm -R``): the
+restore text, failures mid-batch (stopping there, or running on past the
+refused line as ipvsadm 1.31 does) rolled back to the old state, and an
+apply that lists the kernel's IPVS table a constant number of times however
+many services it touches."""
+
+import copy
+import json
+
+import pytest
+
+from kdsr import operations
+from kdsr.errors import ApplyError
+from kdsr.intent import parse_intent
+from kdsr.kernel import KernelError
+from kdsr.kernel.fake import FakeKernel
+from kdsr.kernel.ipvs import IpvsCommand, Listing, first_not_landed, restore_text
+from kdsr.kernel.state import StateStore
+from kdsr.model import IpvsDest, IpvsService
+
+SVC = IpvsService(4, "tcp", "10.9.0.1", 80, 0, "mh", ("mh-port",))
+D1 = IpvsDest("10.3.0.1", 80, 1, "route")
+D2 = IpvsDest("10.3.0.2", 80, 1, "tunnel", "gre")
+
+
+def intent(vips: int, servers: int = 4, weight_of_first: int = 1, drop_second: bool = False):
+    """``vips`` VIPs x ports 80 and 443 on the ipvs engine, over vips/10 pools."""
+    pools = max(1, vips // 10)
+    doc = {
+        "version": 1,
+        "services": {},
+        "pools": {},
+        "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.200.0.2/16"]}},
+        "servers": {f"s{n}": {"interface": "eth0", "addresses": [f"10.200.1.{1 + n}/16"]} for n in range(16)},
+    }
+    for p in range(pools):
+        members = [{"node": f"s{(p * 3 + k) % 16}"} for k in range(servers)]
+        doc["pools"][f"p{p}"] = {"servers": members}
+    doc["pools"]["p0"]["servers"][0]["weight"] = weight_of_first
+    if drop_second:
+        del doc["pools"]["p0"]["servers"][1]
+    for v in range(vips):
+        doc["services"][f"v{v}"] = {
+            "vip": f"10.100.{v // 256}.{v % 256}",
+            "ports": [80, 443],
+            "protocols": "tcp",
+            "pool": f"p{v % pools}",
+            "dsr": {"mode": "l2", "engine": "ipvs"},
+        }
+    return parse_intent(json.dumps(doc), "bench.json")
+
+
+LB_SYSCTLS = ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"] + [
+    f"net/ipv4/vs/{k}" for k in ("expire_nodest_conn", "sloppy_tcp", "schedule_icmp")
+]
+
+
+def new_kernel(runs_on: bool = False) -> FakeKernel:
+    kernel = FakeKernel()
+    kernel.sysctls.update({key: "0" for key in LB_SYSCTLS})
+    kernel.ipvs_batch_runs_on = runs_on
+    return kernel
+
+
+@pytest.fixture
+def store(tmp_path):
+    return StateStore(tmp_path / "state")
+
+
+def apply(it, kernel, store):
+    prepared = operations.prepare(it, "lb1", kernel, store)
+    operations.apply(prepared, kernel, store)
+    return prepared.plan
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+def test_restore_text_is_the_command_line_words_one_line_each():
+    commands = [IpvsCommand("-A", SVC), IpvsCommand("-a", SVC, D2), IpvsCommand("-d", SVC, D1)]
+    assert restore_text(commands).splitlines() == [
+        "-A -t 10.9.0.1:80 -s mh -b mh-port",
+        "-a -t 10.9.0.1:80 -r 10.3.0.2:80 -i -w 1 --tun-type gre",
+        "-d -t 10.9.0.1:80 -r 10.3.0.1:80",
+    ]
+    assert str(commands[2]) == "ipvsadm -d -t 10.9.0.1:80 -r 10.3.0.1:80"
+
+
+def test_restore_text_refuses_a_word_that_would_split_or_quote():
+    bad = IpvsService(4, "tcp", "10.9.0.1", 80, 0, "mh x", ())
+    with pytest.raises(ValueError):
+        restore_text([IpvsCommand("-A", bad)])
+
+
+def test_first_not_landed_judges_the_last_command_on_each_object():
+    kernel_now = {SVC.ident: IpvsService(4, "tcp", "10.9.0.1", 80, 0, "mh", ("mh-port",), (D1,))}
+    # D1 deleted then re-added: the delete is not judged, the re-add landed.
+    commands = [IpvsCommand("-d", SVC, D1), IpvsCommand("-a", SVC, D1), IpvsCommand("-a", SVC, D2)]
+    assert first_not_landed(commands, kernel_now) == commands[2]
+    assert first_not_landed(commands[:2], kernel_now) is None
+
+
+def test_listing_lists_once_until_forgotten():
+    kernel = FakeKernel()
+    listing = Listing(kernel.ipvs_list)
+    assert listing.get(SVC.ident) is None and listing.get("other") is None
+    listing.put(SVC.ident, SVC)
+    assert listing.get(SVC.ident) == SVC and kernel.ipvs_lists == 1
+    listing.forget()
+    assert listing.get(SVC.ident) is None and kernel.ipvs_lists == 2
+
+
+@pytest.mark.parametrize("runs_on", [False, True])
+def test_fake_batch_names_the_refused_line_and_stops_or_runs_on(runs_on):
+    kernel = FakeKernel()
+    kernel.ipvs_batch_runs_on = runs_on
+    commands = [
+        IpvsCommand("-A", SVC),
+        IpvsCommand("-a", SVC, D1),
+        IpvsCommand("-a", SVC, D1),  # refused: already there
+        IpvsCommand("-a", SVC, D2),
+    ]
+    with pytest.raises(KernelError, match=r"line 3 of 4: ipvsadm -a -t 10.9.0.1:80 -r 10.3.0.1:80 .*already exists"):
+        kernel.ipvs_batch(commands)
+    expected = (D2, D1) if runs_on else (D1,)
+    assert kernel.ipvs[SVC.ident].dests == expected
+
+
+# ---------------------------------------------------------------- in an apply
+
+
+@pytest.mark.parametrize("runs_on", [False, True])
+def test_a_batch_failing_mid_way_rolls_the_apply_back(store, runs_on):
+    """Every write of a change that edits, drops and adds destinations (and a
+    nftables/sysctl part around it) fails once in turn: the kernel is the
+    old one afterwards, destination order included, and the next apply
+    converges."""
+    base = intent(2)
+    changed = intent(2, servers=5, weight_of_first=3, drop_second=True)
+    reference = new_kernel()
+    apply(base, reference, StateStore(store.directory.parent / "ref"))
+    writes_before = reference.writes
+    apply(changed, reference, StateStore(store.directory.parent / "ref"))
+    total = reference.writes - writes_before
+    assert total > 10
+    for k in range(1, total + 1):
+        kernel = new_kernel(runs_on)
+        k_store = StateStore(store.directory.parent / f"s{k}-{runs_on}")
+        apply(base, kernel, k_store)
+        old = copy.deepcopy(kernel.ipvs)
+        kernel.fail_at = kernel.writes + k
+        with pytest.raises(ApplyError) as caught:
+            apply(changed, kernel, k_store)
+        assert caught.value.rolled_back, caught.value
+        assert kernel.ipvs == old, f"write {k}: {caught.value}"
+        apply(changed, kernel, k_store)
+        assert kernel.ipvs == reference.ipvs
+
+
+def test_a_failed_create_batch_leaves_no_service_and_no_record(store):
+    it = intent(10)
+    reference = new_kernel()
+    apply(it, reference, StateStore(store.directory.parent / "ref"))
+    first_ipvs = next(i for i, op in enumerate(reference.ops) if op.startswith("ipvs"))
+    kernel = new_kernel(runs_on=True)
+    kernel.fail_at = first_ipvs + 5  # inside the batch that creates the services
+    with pytest.raises(ApplyError, match="ipvsadm -R failed at line"):
+        apply(it, kernel, store)
+    assert kernel.ipvs == {}
+    assert store.load("lb1").ipvs == set()
+    apply(it, kernel, store)
+    assert len(kernel.ipvs) == 20
+
+
+def test_many_services_apply_with_a_constant_number_of_listings(store):
+    kernel = new_kernel()
+    it = intent(300)  # 600 services x 4 destinations
+    lists, batches = kernel.ipvs_lists, kernel.ipvs_batches
+    apply(it, kernel, store)
+    assert len(kernel.ipvs) == 600
+    # prepare's read, the read-back; the steps list nothing (all new) and send one batch.
+    assert kernel.ipvs_lists - lists <= 3
+    assert kernel.ipvs_batches - batches == 1
+    # A weight change of one pool's first server: its 20 services edited, one listing by the steps.
+    lists, batches, writes = kernel.ipvs_lists, kernel.ipvs_batches, kernel.writes
+    apply(intent(300, weight_of_first=2), kernel, store)
+    assert kernel.ipvs_lists - lists <= 3
+    assert kernel.ipvs_batches - batches == 1
+    assert kernel.writes - writes == 20
+    heavier = [d for s in kernel.ipvs.values() for d in s.dests if d.weight == 2]
+    assert len(heavier) == 20 and {d.address for d in heavier} == {"10.200.1.1"}
