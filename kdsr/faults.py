@@ -4,7 +4,7 @@ The crash-convergence lab test (netns-lab/tests/test_safety_lab.py) runs
 `kdsr apply` with KDSR_TEST_KILL_AT=N and the process kills itself with
 SIGKILL at the N-th crash point it reaches: before each journaled step,
 right after each ownership record is saved (before the write it announces),
-between the writes of an IPVS destination list, and after the last step.
+before each ipvsadm batch (one per IPVS step), and after the last step.
 Then `kdsr plan` and `kdsr apply` must converge.  Without the variable a
 crash point costs one environment lookup.
 """
