@@ -343,10 +343,22 @@ def run_pktgen(dev: str, duration: float) -> dict:
     return {"usec": usec, "sent": sent}
 
 
-def measure(row: str, macs: dict[str, str], duration: float) -> dict:
-    dev = pktgen_setup(row, macs)
+def run_afpacket(sender: str, row: str, macs: dict[str, str], duration: float) -> dict:
+    """The compiled AF_PACKET sender on CPU 0, on the same bridge port and
+    with the same frames pktgen would send."""
+    argv = [sender, port_of(lb_ns(row)), macs["client"], macs[row], CLIENT_ADDR, VIP, str(PORT), str(SPORTS[0])]
+    argv += [str(SPORTS[1]), str(duration), "0"]
+    res = nsx(SW, argv, timeout=duration + 30)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"usec": out["usec"], "sent": out["sent"]}
+
+
+def measure(row: str, macs: dict[str, str], duration: float, sender: str | None = None) -> dict:
+    """One window of traffic into row's load balancer. sender: None for
+    pktgen, else the path of the compiled AF_PACKET sender."""
+    dev = pktgen_setup(row, macs) if sender is None else ""
     c0, s0, t0 = server_counts(), softnet(), cpu_times()
-    pg = run_pktgen(dev, duration)
+    pg = run_pktgen(dev, duration) if sender is None else run_afpacket(sender, row, macs, duration)
     t1, s1 = cpu_times(), softnet()
     time.sleep(0.3)
     c1 = server_counts()
@@ -366,12 +378,12 @@ def measure(row: str, macs: dict[str, str], duration: float) -> dict:
     }
 
 
-def check_row(row: str, macs: dict[str, str]) -> dict:
+def check_row(row: str, macs: dict[str, str], sender: str | None) -> dict:
     """A short unmeasured run: warms neighbours/flows, shows the row works."""
-    return measure(row, macs, 1.0)
+    return measure(row, macs, 1.0, sender)
 
 
-def inside(args: argparse.Namespace) -> dict:
+def inside(args: argparse.Namespace, sender: str | None = None) -> dict:
     rows = [r for r in ROWS if r in args.rows]
     sh(["modprobe", "-a", "pktgen", "ip_vs", "ip_vs_mh", "ipip", "ip_gre"], check=False)
     work = Path(tempfile.mkdtemp(prefix="kdsrfp-"))
@@ -387,14 +399,14 @@ def inside(args: argparse.Namespace) -> dict:
         rows = [r for r in rows if lb_ns(r) not in failed]
         info["rows_failed_apply"] = sorted(failed)
         log("warm-up (1 s per row, unmeasured)")
-        info["warmup"] = {r: check_row(r, macs) for r in rows}
+        info["warmup"] = {r: check_row(r, macs, sender) for r in rows}
         for r, w in info["warmup"].items():
             log(f"  {r}: sent {w['sent_pps']} pps, delivered {w['delivered_pps']} pps")
         runs = []
         for rnd in range(args.rounds):
             order = rows if rnd % 2 == 0 else rows[::-1]
             for r in order:
-                m = measure(r, macs, args.duration)
+                m = measure(r, macs, args.duration, sender)
                 m["round"] = rnd
                 runs.append(m)
                 log(
@@ -467,7 +479,8 @@ def summarise(info: dict) -> dict:
 def print_table(result: dict) -> None:
     s = result["summary"]
     print()
-    print(f"Fast path, delivered UDP pps (pktgen sender, {result['params']}):")
+    where = "this kernel, AF_PACKET sender" if result["params"].get("host") else "guest, pktgen sender"
+    print(f"Fast path, delivered UDP pps ({where}, {result['params']}):")
     hdr = (
         f"{'row':<36} {'delivered pps':>13} {'spread':>7} {'x baseline':>10} {'per round':>20} "
         f"{'sent pps':>9} {'dlv/sent':>8}"
@@ -492,6 +505,33 @@ def capable() -> bool:
     return Path("/proc/net/pktgen").exists() and Path("/proc/net/ip_vs").exists()
 
 
+# Rows that need nothing the host kernel lacks (IPVS, ipip, pktgen).
+HOST_ROWS = ("fwd", "nft-l2", "nft-l2-10k")
+SENDER_SOURCE = ROOT / "bench" / "fastpath_sender.c"
+
+
+def build_sender(work: Path) -> str:
+    """Compile the AF_PACKET sender (bench only; needs a C compiler)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("--host needs a C compiler (cc or gcc) to build bench/fastpath_sender.c")
+    out = work / "fastpath_sender"
+    sh([cc, "-O2", "-Wall", "-o", str(out), str(SENDER_SOURCE)])
+    return str(out)
+
+
+def run_on_host(args: argparse.Namespace, params: dict) -> int:
+    """The rows the host kernel can carry, on real CPUs instead of the
+    emulated guest, with the compiled sender in place of pktgen."""
+    with tempfile.TemporaryDirectory(prefix="kdsrfp-sender-") as work:
+        info = inside(args, sender=build_sender(Path(work)))
+    info["sender"] = "bench/fastpath_sender.c: AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg x256, CPU 0"
+    result = {"params": params, "summary": summarise(info), "detail": info}
+    write(result, args.json)
+    print_table(result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inside-guest", action="store_true", help="run the rows here (the guest's side)")
@@ -500,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--keep", action="store_true", help="leave the namespaces up (inside mode)")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help=f"run on this kernel with the compiled AF_PACKET sender (rows {','.join(HOST_ROWS)} only; no guest)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -509,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown rows: {sorted(unknown)}")
     params = {"rounds": args.rounds, "duration_s": args.duration, "rows": args.rows}
+    if args.host:
+        if set(args.rows) - set(HOST_ROWS):
+            p.error(f"--host carries only {','.join(HOST_ROWS)}; pass --rows with those (the rest need the guest)")
+        params["host"] = True
+        if args.json == str(DEFAULT_JSON):
+            args.json = str(DEFAULT_JSON.with_name("fast_path_host.json"))
+        return run_on_host(args, params)
 
     if args.inside_guest or capable():
         info = inside(args)

@@ -25,6 +25,7 @@ from kdsr.intent.model import (
     HASH_SOURCE_IP_PORT,
     Intent,
     LoadBalancerNode,
+    address_text,
 )
 from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
 
@@ -95,6 +96,12 @@ def _ingress_chain(lb: LoadBalancerNode) -> NftChain:
     return NftChain(name=INGRESS_CHAIN, hook=hook, rules=tuple(rules), pointer=f"{lb.pointer}/interface")
 
 
+# The last answer per pair of map names (L2, L3), with what it was built
+# from: a change to a pool leaves every service as it was, and building,
+# then sorting, 20,000 elements at 10,000 VIPs costs more than comparing.
+_LAST_SERVICE_MAPS: dict[tuple, tuple[tuple, list[NftMap]]] = {}
+
+
 def service_maps(
     selectors: list[Selector], names: dict[int, str] = SERVICE_MAPS, range_names: dict[int, str] = RANGE_MAPS
 ) -> list[NftMap]:
@@ -103,11 +110,29 @@ def service_maps(
     (see ``service_lookups``; shared with the L3 engine, which names them
     differently).  Keys hold ports as ``(first, last)`` in both, the form a
     listing decodes to."""
+    made_of = tuple(
+        (
+            sel.name,
+            sel.family,
+            tuple((s.vip, s.protocols, s.ports, tuple(p.pointer for p in s.ports)) for s in sel.services),
+        )
+        for sel in selectors
+    )
+    which = (tuple(names.items()), tuple(range_names.items()))
+    last = _LAST_SERVICE_MAPS.get(which)
+    if last is not None and last[0] == made_of:
+        return list(last[1])
+    maps = _service_maps(selectors, names, range_names)
+    _LAST_SERVICE_MAPS[which] = (made_of, maps)
+    return list(maps)
+
+
+def _service_maps(selectors: list[Selector], names: dict[int, str], range_names: dict[int, str]) -> list[NftMap]:
     exact: dict[int, dict] = {4: {}, 6: {}}
     ranges: dict[int, dict] = {4: {}, 6: {}}
     for sel in selectors:
         for service in sel.services:
-            vip = str(service.vip)
+            vip = address_text(service.vip)
             for proto in service.protocols:
                 for ports in service.ports:
                     key = (vip, proto, (ports.first, ports.last))
@@ -130,7 +155,29 @@ def service_maps(
     return maps
 
 
+# Selector chains already built, by everything they are made of: the
+# daemon's recompile after a change then builds (and digests) only the
+# chains whose selector changed, not one per pool.
+_CHAINS: dict[tuple, NftChain] = {}
+_CHAINS_MAX = 4096
+
+
 def _selector_chain(sel: Selector, device: str) -> NftChain:
+    if sel.hashing.pinning is not None:
+        return _build_selector_chain(sel, device)
+    first = sel.services[0]
+    key = (sel.name, sel.family, sel.table_size, sel.hashing, sel.pins_macs, device, sel.pool.pointer)
+    key += (first.hashing.pointer, first.pointer)
+    chain = _CHAINS.get(key)
+    if chain is None:
+        chain = _build_selector_chain(sel, device)
+        if len(_CHAINS) >= _CHAINS_MAX:
+            _CHAINS.pop(next(iter(_CHAINS)))
+        _CHAINS[key] = chain
+    return chain
+
+
+def _build_selector_chain(sel: Selector, device: str) -> NftChain:
     hashing = {
         "mangle": {
             "key": {"meta": {"key": "mark"}},

@@ -29,13 +29,14 @@ says so, and the CLI prints it as a warning (validate, plan, apply).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdsr import maglev
 from kdsr.errors import IntentError, Problem
-from kdsr.intent.model import Hashing, Intent, Pool, PoolMember, Service
+from kdsr.intent.model import Hashing, Intent, Pool, PoolMember, Service, address_text
 from kdsr.intent.primes import is_prime, next_prime
 
 # Maglev's worst share is at most 1 + 1/floor(M/N) of the mean (NSDI 2016,
@@ -81,7 +82,7 @@ class Selector:
     mode: str = "l2"
     sized_by: str = SIZED_BY_DEFAULT
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         profile = f"{self.hashing.fields}/{self.hashing.seed}/{self.table_size}"
         if self.mode != "l2":
@@ -105,7 +106,7 @@ class Selector:
 
     def addresses(self) -> tuple[str, ...]:
         """The Maglev table: slot -> member address."""
-        backends = [maglev.Backend(key=str(m.address), weight=m.weight) for m in self.members]
+        backends = [maglev.Backend(key=address_text(m.address), weight=m.weight) for m in self.members]
         return maglev.populate(backends, self.table_size, self.hashing.seed)
 
     def table(self) -> tuple[str, ...]:
@@ -161,6 +162,13 @@ def _l2_nft(service: Service) -> bool:
     return service.mode == "l2" and service.engine == "nft"
 
 
+# The last answer per (wanted, budget), with the intent it was for: one
+# compile asks for the same intent's selectors more than once (whether there
+# is an L2 table, then its contents), and at 10,000 services each answer
+# walks all of them.  Compared by identity: an intent is frozen.
+_LAST_SELECTORS: dict[tuple, tuple[Intent, list[Selector]]] = {}
+
+
 def selectors_for(
     intent: Intent, wanted: Callable[[Service], bool] | None = None, budget: int = SLOT_BUDGET
 ) -> list[Selector]:
@@ -170,6 +178,17 @@ def selectors_for(
     Raises IntentError when the intent's own table sizes exceed the budget.
     """
     wanted = wanted or _l2_nft
+    last = _LAST_SELECTORS.get((wanted, budget))
+    if last is not None and last[0] is intent:
+        return list(last[1])
+    selectors = _selectors(intent, wanted, budget)
+    if len(_LAST_SELECTORS) >= 8:  # a caller passing a new function each time
+        _LAST_SELECTORS.clear()
+    _LAST_SELECTORS[(wanted, budget)] = (intent, selectors)
+    return list(selectors)
+
+
+def _selectors(intent: Intent, wanted: Callable[[Service], bool], budget: int) -> list[Selector]:
     # Pass 1: every service's table size before the budget (the intent's, or
     # the default for its pool), grouped so that each table is counted once.
     provisional: dict[tuple, tuple[int, str]] = {}

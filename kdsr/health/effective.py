@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kdsr.intent.model import ALL_DOWN_DROP, Intent, Pool
+from kdsr.intent.model import ALL_DOWN_DROP, Intent, Pool, address_text
 
 # What became of a pool (reported by `kdsr show` and the metrics).
 POOL_OK = "ok"
@@ -29,13 +29,14 @@ class Effective:
 
 
 def _is_drained(member, drained: frozenset[str]) -> bool:
-    return str(member.address) in drained or (member.node is not None and member.node in drained)
+    return address_text(member.address) in drained or (member.node is not None and member.node in drained)
 
 
 def _pool(pool: Pool, down: frozenset[tuple[str, str]], drained: frozenset[str]) -> tuple[Pool, str, tuple]:
     serving = [m for m in pool.members if m.weight > 0]
-    by_drain = {str(m.address) for m in serving if _is_drained(m, drained)}
-    by_health = {str(m.address) for m in serving if (pool.name, str(m.address)) in down} - by_drain
+    by_drain = {address_text(m.address) for m in serving if drained and _is_drained(m, drained)}
+    by_health = {address_text(m.address) for m in serving if down and (pool.name, address_text(m.address)) in down}
+    by_health -= by_drain
     condition = POOL_DEGRADED if by_health else POOL_OK
     if serving and by_health and len(by_drain | by_health) == len(serving):
         # Every server that should serve is down.  Keep: health is ignored
@@ -49,14 +50,19 @@ def _pool(pool: Pool, down: frozenset[tuple[str, str]], drained: frozenset[str])
     out = by_drain | by_health
     if not out:
         return pool, condition, ()
-    members = tuple(dataclasses.replace(m, weight=0) if str(m.address) in out else m for m in pool.members)
+    members = tuple(dataclasses.replace(m, weight=0) if address_text(m.address) in out else m for m in pool.members)
     return dataclasses.replace(pool, members=members), condition, tuple(sorted(out))
 
 
 def effective_intent(
     intent: Intent, down: frozenset[tuple[str, str]] = frozenset(), drained: frozenset[str] = frozenset()
 ) -> Effective:
-    """``down``: (pool, member address) pairs health took out; ``drained``: addresses or node names."""
+    """``down``: (pool, member address) pairs health took out; ``drained``: addresses or node names.
+
+    With nothing down or drained the intent itself is the effective one
+    (the same object, so compile's per-intent memory holds)."""
+    if not down and not drained:
+        return Effective(intent, {p.name: POOL_OK for p in intent.pools}, {p.name: () for p in intent.pools})
     pools, conditions, out = [], {}, {}
     for pool in intent.pools:
         new, conditions[pool.name], out[pool.name] = _pool(pool, down, drained)

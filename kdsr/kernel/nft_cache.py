@@ -80,6 +80,13 @@ def _tuples(value):
 
 
 def encode_table(table: NftTable) -> dict:
+    return json.loads(encode_table_text(table))
+
+
+def encode_table_text(table: NftTable) -> str:
+    """The table as JSON text.  Each map's elements are encoded once per
+    element tuple (see ``_elements_text``), so recording a table after a
+    change re-encodes only the changed maps, not every element."""
     chains = []
     for chain in table.chains:
         hook = None
@@ -88,8 +95,15 @@ def encode_table(table: NftTable) -> dict:
             hook = [h.type, h.hook, h.device, h.priority, h.policy]
         rules = [[r.comment, r.expr_json] for r in chain.rules]
         chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
-    maps = [{**_encode_declaration(nmap), **_encode_elements(nmap.elements)} for nmap in table.maps]
-    return {"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains, "maps": maps}
+    head = _dumps({"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains})
+    maps = ",".join(
+        f"{_dumps(_encode_declaration(nmap))[:-1]},{_elements_text(nmap.elements)}}}" for nmap in table.maps
+    )
+    return f'{head[:-1]},"maps":[{maps}]}}'
+
+
+def _dumps(data) -> str:
+    return json.dumps(data, separators=(",", ":"))
 
 
 def _encode_declaration(nmap: NftMap) -> dict:
@@ -108,11 +122,12 @@ def _encode_declaration(nmap: NftMap) -> dict:
 # Encoded element tuples, by identity (the tuple is kept alive with its
 # encoding): the daemon records its table after every change, and only the
 # changed map's elements are new objects.
-_ENCODED: dict[int, tuple[tuple, dict]] = {}
+_ENCODED: dict[int, tuple[tuple, str]] = {}
 _ENCODED_MAX = 4096
 
 
-def _encode_elements(elements: tuple) -> dict:
+def _elements_text(elements: tuple) -> str:
+    """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
     known = _ENCODED.get(id(elements))
     if known is not None and known[0] is elements:
         return known[1]
@@ -126,10 +141,11 @@ def _encode_elements(elements: tuple) -> dict:
         "values": [[value, comment] for value, comment in values],
         "index": index,
     }
+    text = _dumps(encoded)[1:-1]
     if len(_ENCODED) >= _ENCODED_MAX:
         _ENCODED.pop(next(iter(_ENCODED)))
-    _ENCODED[id(elements)] = (elements, encoded)
-    return encoded
+    _ENCODED[id(elements)] = (elements, text)
+    return text
 
 
 def decode_table(doc: dict) -> NftTable:
@@ -199,10 +215,11 @@ class TableCache:
         path = self._path(table.family, table.name)
         if path is None:
             return
-        doc = {"identity": self._identity(), "generation": generation, "chains": chains, "table": encode_table(table)}
+        head = _dumps({"identity": self._identity(), "generation": generation, "chains": chains})
+        text = f'{head[:-1]},"table":{encode_table_text(table)}}}'
         try:
             ensure_dir(self.directory.parent)  # the state directory's own checks (0700, ours) first
-            write_atomic(path, json.dumps(doc, separators=(",", ":")), sync=False)
+            write_atomic(path, text, sync=False)
         except (OSError, StateFileError):
             pass  # a cache that cannot be written is a miss next time, not an error
 
