@@ -3,6 +3,13 @@
 
     sudo .venv/bin/python bench/fast_path.py [--rounds 3] [--duration 4] [--json bench/results/fast_path.json]
 
+    sudo .venv/bin/python bench/fast_path.py --host --rows fwd,nft-l2,nft-l2-10k
+
+``--host`` runs the rows this kernel can carry here, on real CPUs, with
+``bench/fastpath_sender.c`` (compiled on the spot: AF_PACKET,
+PACKET_QDISC_BYPASS, sendmmsg) in pktgen's place, and writes
+``bench/results/fast_path_host.json``.  Otherwise:
+
 On a kernel without pktgen/IPVS/ipip (the host) it boots ONE full-kernel
 virtme-ng guest (netns-lab/guest_tier.py) and runs itself there with
 ``--inside-guest``; every row is measured in that one guest run, so the
