@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
+from conftest import run_kdsr as kdsr
 
 from kdsr import cli, privilege, receipt
 from kdsr.compile import compile_node
@@ -66,17 +66,6 @@ def loads(monkeypatch):
 
     monkeypatch.setattr(cli, "_load", counting)
     return count
-
-
-@pytest.fixture
-def intent(tmp_path, example_path):
-    path = tmp_path / "intent.json"
-    path.write_text(example_path.read_text())
-    return path
-
-
-def kdsr(tmp_path, *args: str):
-    return CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *args])
 
 
 def apply_twice(tmp_path, intent, node):

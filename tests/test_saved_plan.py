@@ -11,7 +11,7 @@ import os
 import stat
 
 import pytest
-from click.testing import CliRunner
+from conftest import run_kdsr as kdsr
 
 from kdsr import cli, privilege, saved_plan
 from kdsr.errors import EXIT_STALE_PLAN, EXIT_USAGE
@@ -27,17 +27,6 @@ def kernel(monkeypatch):
     monkeypatch.setattr(cli, "_kernel", lambda store=None: k)
     monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
     return k
-
-
-@pytest.fixture
-def intent(tmp_path, example_path):
-    path = tmp_path / "intent.json"
-    path.write_text(example_path.read_text())
-    return path
-
-
-def kdsr(tmp_path, *args: str):
-    return CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *args])
 
 
 def save_plan(tmp_path, intent, node="s1"):
