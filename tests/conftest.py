@@ -32,12 +32,3 @@ def intent(tmp_path, example_path):
     path = tmp_path / "intent.json"
     path.write_text(example_path.read_text())
     return path
-
-
-def run_kdsr(tmp_path, *args: str):
-    """The real CLI in process, with its state under tmp_path."""
-    from click.testing import CliRunner  # noqa: PLC0415
-
-    from kdsr import cli  # noqa: PLC0415
-
-    return CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *args])

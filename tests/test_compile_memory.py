@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from kdsr import maglev
 from kdsr.compile import compile_node, lb_nft_l2, selectors
@@ -19,6 +19,7 @@ from kdsr.intent import load_intent
 from kdsr.intent.model import address_text
 from kdsr.kernel import nft_cache
 
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["l2-web.json", "l2-bgp-ha.json", "l3-ipip.json", "l3-gre-ipvs.json", "l3-ip6tnl.json"]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_kdsr as kdsr
+from cli_in_process import run_kdsr as kdsr
 
 from kdsr import cli, privilege, receipt
 from kdsr.compile import compile_node

@@ -11,7 +11,7 @@ import os
 import stat
 
 import pytest
-from conftest import run_kdsr as kdsr
+from cli_in_process import run_kdsr as kdsr
 
 from kdsr import cli, privilege, saved_plan
 from kdsr.errors import EXIT_STALE_PLAN, EXIT_USAGE
