@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from kdsr import cli
+from kdsr import cli, privilege
 
 
 def run_kdsr(tmp_path, *args: str):
     """``kdsr --state-dir <tmp_path>/state <args>``; returns click's Result."""
     return CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *args])
+
+
+def install_kernel(monkeypatch, kernel):
+    """Make ``kernel`` (a fake) the one the CLI drives, with the server-side
+    sysctls at the distribution defaults and NET_ADMIN granted; returns it."""
+    kernel.sysctls.update({f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")})
+    kernel.sysctls["net/ipv4/ip_forward"] = "0"
+    monkeypatch.setattr(cli, "_kernel", lambda store=None: kernel)
+    monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
+    return kernel

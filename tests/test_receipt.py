@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_in_process import install_kernel
 from cli_in_process import run_kdsr as kdsr
 
-from kdsr import cli, privilege, receipt
+from kdsr import cli, receipt
 from kdsr.compile import compile_node
 from kdsr.intent import load_intent
 from kdsr.kernel.fake import FakeKernel
@@ -45,13 +46,8 @@ class GenerationKernel(FakeKernel):
 
 @pytest.fixture
 def kernel(monkeypatch):
-    k = GenerationKernel()
-    k.sysctls.update({f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")})
-    k.sysctls["net/ipv4/ip_forward"] = "0"
-    monkeypatch.setattr(cli, "_kernel", lambda store=None: k)
-    monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
     monkeypatch.setattr(receipt, "netns_cookie", lambda: 4242)
-    return k
+    return install_kernel(monkeypatch, GenerationKernel())
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ import os
 import stat
 
 import pytest
+from cli_in_process import install_kernel
 from cli_in_process import run_kdsr as kdsr
 
-from kdsr import cli, privilege, saved_plan
+from kdsr import saved_plan
 from kdsr.errors import EXIT_STALE_PLAN, EXIT_USAGE
 from kdsr.kernel.fake import FakeKernel
 from kdsr.model import Address
@@ -21,12 +22,7 @@ from kdsr.model import Address
 
 @pytest.fixture
 def kernel(monkeypatch):
-    k = FakeKernel()
-    k.sysctls.update({f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")})
-    k.sysctls["net/ipv4/ip_forward"] = "0"
-    monkeypatch.setattr(cli, "_kernel", lambda store=None: k)
-    monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
-    return k
+    return install_kernel(monkeypatch, FakeKernel())
 
 
 def save_plan(tmp_path, intent, node="s1"):
