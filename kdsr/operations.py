@@ -103,16 +103,29 @@ def unserved_vips(effective: Effective) -> dict[str, str]:
             pool_why[pool.name] = f"every server of pool {pool.name} drained"
         else:
             pool_why[pool.name] = None
+    services = effective.intent.services
+    last = _LAST_UNSERVED.get("last")
+    if last is not None and last[0] is services and last[1] == pool_why:
+        return dict(last[2])
     why: dict[str, list[str]] = {}
     served: set[str] = set()
-    for service in effective.intent.services:
+    for service in services:
         vip = address_text(service.vip)
         reason = pool_why[service.pool]
         if reason is None:
             served.add(vip)
         else:
             why.setdefault(vip, []).append(reason)
-    return {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
+    unserved = {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
+    _LAST_UNSERVED["last"] = (services, pool_why, unserved)
+    return dict(unserved)
+
+
+# The last answer, with the services and per-pool reasons it came from: the
+# health daemon asks after every event with the same services (a health
+# event changes members' weights, not services), and at 10,000 services the
+# walk is a tenth of a change's compile.
+_LAST_UNSERVED: dict[str, tuple] = {}
 
 
 def announcement_notes(intent: Intent, desired: Desired) -> list[str]:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kdsr import maglev
+from kdsr import maglev, operations
 from kdsr.compile import compile_node, lb_nft_l2, selectors
 from kdsr.health.effective import effective_intent
-from kdsr.intent import load_intent
+from kdsr.intent import load_intent, model
 from kdsr.intent.model import address_text
 from kdsr.kernel import nft_cache
 
@@ -26,11 +26,15 @@ EXAMPLES = ["l2-web.json", "l2-bgp-ha.json", "l3-ipip.json", "l3-gre-ipvs.json",
 def forget_everything() -> None:
     selectors._LAST_SELECTORS.clear()
     lb_nft_l2._LAST_SERVICE_MAPS.clear()
+    lb_nft_l2._LAST_SELECTOR_MAPS.clear()
+    operations._LAST_UNSERVED.clear()
+    model._LAST_BY_POOL.clear()
     lb_nft_l2._CHAINS.clear()
     lb_nft_l2._SLOT_ELEMENTS.clear()
     maglev._BUILT.clear()
     address_text.cache_clear()
     nft_cache._ENCODED.clear()
+    nft_cache._MAP_TEXT.clear()
 
 
 def edits(doc: dict) -> list[dict]:
@@ -93,17 +97,54 @@ def test_health_and_drains_after_a_clean_compile(tmp_path):
     path = tmp_path / "i.json"
     path.write_text(json.dumps(doc))
     intent = load_intent(path)
-    member = str(intent.pool(pool).members[0].address)
+    members = [str(m.address) for m in intent.pool(pool).members]
+
+    def compile_with_withdrawals(down, drained):
+        effective = effective_intent(intent, down, drained)
+        withdraw = operations.unserved_vips(effective)
+        return compile_node(effective.intent, node, withdraw=withdraw), withdraw
+
     for down, drained in [
         (frozenset(), frozenset()),
-        (frozenset({(pool, member)}), frozenset()),
-        (frozenset(), frozenset({member})),
+        (frozenset({(pool, members[0])}), frozenset()),
+        (frozenset(), frozenset({members[0]})),
+        (frozenset(), frozenset(members)),  # the whole pool drained: its VIPs unserved
+        (frozenset({(pool, members[0])}), frozenset()),
         (frozenset(), frozenset()),
     ]:
-        warm = compile_node(effective_intent(intent, down, drained).intent, node)
+        warm = compile_with_withdrawals(down, drained)
         forget_everything()
-        cold = compile_node(effective_intent(intent, down, drained).intent, node)
-        assert warm == cold
+        cold = compile_with_withdrawals(down, drained)
+        assert warm == cold, (down, drained)
+
+
+def test_a_health_event_rebuilds_only_the_changed_pool(tmp_path):
+    """After one server goes down, every other pool's slot map is the one
+    already built (the same object): the daemon's cost follows the change."""
+    doc = json.loads((ROOT / "examples" / "l2-web.json").read_text())
+    first = next(iter(doc["pools"]))
+    for i in range(3):  # more pools of the same servers
+        doc["pools"][f"extra{i}"] = copy.deepcopy(doc["pools"][first])
+        service = copy.deepcopy(next(iter(doc["services"].values())))
+        service["vip"] = f"192.0.2.{200 + i}"
+        service["pool"] = f"extra{i}"
+        doc["services"][f"extra{i}"] = service
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps(doc))
+    intent = load_intent(path)
+    node = next(iter(doc["load_balancers"]))
+    member = str(intent.pool(first).members[0].address)
+
+    def slot_maps(down):
+        table = compile_node(effective_intent(intent, down).intent, node).tables[0]
+        return {m.name: m for m in table.maps if m.name.startswith("pool-")}
+
+    before = slot_maps(frozenset())
+    after = slot_maps(frozenset({(first, member)}))
+    changed = {name for name in before if before[name] is not after[name]}
+    assert changed == {name for name in before if name.startswith(f"pool-{first}-")}
+    assert all(before[n] == after[n] for n in before if n not in changed)
+    assert all(before[n] != after[n] for n in changed)
 
 
 def test_nothing_down_or_drained_is_the_intent_itself(example_path):

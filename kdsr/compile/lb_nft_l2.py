@@ -23,8 +23,10 @@ from kdsr.intent.model import (
     HASH_FIVE_TUPLE,
     HASH_SOURCE_IP,
     HASH_SOURCE_IP_PORT,
+    Hashing,
     Intent,
     LoadBalancerNode,
+    Pool,
     address_text,
 )
 from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
@@ -99,7 +101,7 @@ def _ingress_chain(lb: LoadBalancerNode) -> NftChain:
 # The last answer per pair of map names (L2, L3), with what it was built
 # from: a change to a pool leaves every service as it was, and building,
 # then sorting, 20,000 elements at 10,000 VIPs costs more than comparing.
-_LAST_SERVICE_MAPS: dict[tuple, tuple[tuple, list[NftMap]]] = {}
+_LAST_SERVICE_MAPS: dict[tuple, tuple[tuple, tuple, list[NftMap]]] = {}
 
 
 def service_maps(
@@ -110,21 +112,29 @@ def service_maps(
     (see ``service_lookups``; shared with the L3 engine, which names them
     differently).  Keys hold ports as ``(first, last)`` in both, the form a
     listing decodes to."""
-    made_of = tuple(
-        (
-            sel.name,
-            sel.family,
-            tuple((s.vip, s.protocols, s.ports, tuple(p.pointer for p in s.ports)) for s in sel.services),
-        )
-        for sel in selectors
-    )
     which = (tuple(names.items()), tuple(range_names.items()))
+    heads = tuple((sel.name, sel.family, sel.services) for sel in selectors)
     last = _LAST_SERVICE_MAPS.get(which)
-    if last is not None and last[0] == made_of:
-        return list(last[1])
-    maps = _service_maps(selectors, names, range_names)
-    _LAST_SERVICE_MAPS[which] = (made_of, maps)
+    # The same service objects (a health event's intent shares them): no
+    # need to look inside.  Else compare by value, pointers included (they
+    # are the elements' comments, and services compare without them).
+    if last is not None and _same_objects(last[0], heads):
+        return list(last[2])
+    made_of = tuple(
+        (name, family, tuple((s.vip, s.protocols, s.ports, tuple(p.pointer for p in s.ports)) for s in services))
+        for name, family, services in heads
+    )
+    if last is not None and last[1] == made_of:
+        maps = last[2]
+    else:
+        maps = _service_maps(selectors, names, range_names)
+    _LAST_SERVICE_MAPS[which] = (heads, made_of, maps)
     return list(maps)
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    """Equal (name, family, services) heads, the services the very same objects."""
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] == y[1] and x[2] is y[2] for x, y in zip(a, b, strict=True))
 
 
 def _service_maps(selectors: list[Selector], names: dict[int, str], range_names: dict[int, str]) -> list[NftMap]:
@@ -328,7 +338,25 @@ def _concat(parts: list[dict]) -> dict:
     return parts[0] if len(parts) == 1 else {"concat": parts}
 
 
+# The last slot map per selector name, with the pool and hashing it came
+# from: after a health event only the changed pool is a new object, so the
+# other 999 of 1,000 maps skip their Maglev lookup and element tuples.
+_LAST_SELECTOR_MAPS: dict[tuple[str, str], tuple[Pool, Hashing, NftMap]] = {}
+_LAST_SELECTOR_MAPS_MAX = 4096
+
+
 def _selector_map(sel: Selector, source: str = "") -> NftMap:
+    last = _LAST_SELECTOR_MAPS.get((sel.name, source))
+    if last is not None and last[0] is sel.pool and last[1] == sel.hashing:
+        return last[2]
+    built = _build_selector_map(sel, source)
+    if len(_LAST_SELECTOR_MAPS) >= _LAST_SELECTOR_MAPS_MAX:
+        _LAST_SELECTOR_MAPS.pop(next(iter(_LAST_SELECTOR_MAPS)))
+    _LAST_SELECTOR_MAPS[(sel.name, source)] = (sel.pool, sel.hashing, built)
+    return built
+
+
+def _build_selector_map(sel: Selector, source: str) -> NftMap:
     if sel.hashing.pinning is not None:
         ids = server_ids(sel, source)
         return NftMap(

@@ -29,6 +29,7 @@ says so, and the CLI prints it as a warning (validate, plan, apply).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable
@@ -162,11 +163,21 @@ def _l2_nft(service: Service) -> bool:
     return service.mode == "l2" and service.engine == "nft"
 
 
-# The last answer per (wanted, budget), with the intent it was for: one
+# The last answer per (wanted, budget), with what it was built from: one
 # compile asks for the same intent's selectors more than once (whether there
 # is an L2 table, then its contents), and at 10,000 services each answer
-# walks all of them.  Compared by identity: an intent is frozen.
-_LAST_SELECTORS: dict[tuple, tuple[Intent, list[Selector]]] = {}
+# walks all of them.  A health event or a drain makes a new intent that
+# shares the services tuple and changes only member weights: the grouping
+# and the sizes then stand, and only the pools are swapped in.
+@dataclass(frozen=True)
+class _Last:
+    intent: Intent
+    services: tuple[Service, ...]
+    pool_sizes: tuple[tuple[str, int], ...]
+    selectors: tuple[Selector, ...]
+
+
+_LAST_SELECTORS: dict[tuple, _Last] = {}
 
 
 def selectors_for(
@@ -179,13 +190,25 @@ def selectors_for(
     """
     wanted = wanted or _l2_nft
     last = _LAST_SELECTORS.get((wanted, budget))
-    if last is not None and last[0] is intent:
-        return list(last[1])
-    selectors = _selectors(intent, wanted, budget)
+    if last is not None and last.intent is intent:
+        return list(last.selectors)
+    # What sizing and grouping read of the pools: their names and member
+    # counts (drained and down members stay members, at weight 0).
+    pool_sizes = tuple((p.name, len(p.members)) for p in intent.pools)
+    if last is not None and last.services is intent.services and last.pool_sizes == pool_sizes:
+        selectors = tuple(_with_pool_of(intent, sel) for sel in last.selectors)
+    else:
+        selectors = tuple(_selectors(intent, wanted, budget))
     if len(_LAST_SELECTORS) >= 8:  # a caller passing a new function each time
         _LAST_SELECTORS.clear()
-    _LAST_SELECTORS[(wanted, budget)] = (intent, selectors)
+    _LAST_SELECTORS[(wanted, budget)] = _Last(intent, intent.services, pool_sizes, selectors)
     return list(selectors)
+
+
+def _with_pool_of(intent: Intent, sel: Selector) -> Selector:
+    """``sel`` with ``intent``'s pool of that name (the same selector when the pool is)."""
+    pool = intent.pool(sel.pool.name)
+    return sel if pool is sel.pool else dataclasses.replace(sel, pool=pool)
 
 
 def _selectors(intent: Intent, wanted: Callable[[Service], bool], budget: int) -> list[Selector]:

@@ -63,8 +63,14 @@ def effective_intent(
     (the same object, so compile's per-intent memory holds)."""
     if not down and not drained:
         return Effective(intent, {p.name: POOL_OK for p in intent.pools}, {p.name: () for p in intent.pools})
+    down_in: dict[str, set[tuple[str, str]]] = {}
+    for pair in down:
+        down_in.setdefault(pair[0], set()).add(pair)
     pools, conditions, out = [], {}, {}
     for pool in intent.pools:
-        new, conditions[pool.name], out[pool.name] = _pool(pool, down, drained)
+        if drained or pool.name in down_in:
+            new, conditions[pool.name], out[pool.name] = _pool(pool, frozenset(down_in.get(pool.name, ())), drained)
+        else:  # nothing to take out: skip the walk over its members (1,000 pools, one event)
+            new, conditions[pool.name], out[pool.name] = pool, POOL_OK, ()
         pools.append(new)
     return Effective(dataclasses.replace(intent, pools=tuple(pools)), conditions, out)

@@ -260,10 +260,7 @@ class Intent:
 
     @functools.cached_property
     def _services_by_pool(self) -> dict[str, tuple[Service, ...]]:
-        by_pool: dict[str, list[Service]] = {}
-        for service in sorted(self.services, key=lambda s: s.name):
-            by_pool.setdefault(service.pool, []).append(service)
-        return {name: tuple(services) for name, services in by_pool.items()}
+        return _services_by_pool(self.services)
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.load_balancers] + [n.name for n in self.servers]
@@ -273,3 +270,22 @@ class Intent:
 
     def server(self, name: str) -> ServerNode | None:
         return next((n for n in self.servers if n.name == name), None)
+
+
+# The last grouping, with the services tuple it grouped: a health event's
+# effective intent is a new Intent sharing the services, and the health
+# daemon's recompile asks for this grouping (10,000 services, sorted) again.
+_LAST_BY_POOL: dict[str, tuple[tuple[Service, ...], dict[str, tuple[Service, ...]]]] = {}
+
+
+def _services_by_pool(services: tuple[Service, ...]) -> dict[str, tuple[Service, ...]]:
+    """pool name -> its services, sorted by name (shared: do not modify)."""
+    last = _LAST_BY_POOL.get("last")
+    if last is not None and last[0] is services:
+        return last[1]
+    by_pool: dict[str, list[Service]] = {}
+    for service in sorted(services, key=lambda s: s.name):
+        by_pool.setdefault(service.pool, []).append(service)
+    grouped = {name: tuple(members) for name, members in by_pool.items()}
+    _LAST_BY_POOL["last"] = (services, grouped)
+    return grouped

@@ -96,10 +96,26 @@ def encode_table_text(table: NftTable) -> str:
         rules = [[r.comment, r.expr_json] for r in chain.rules]
         chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
     head = _dumps({"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains})
-    maps = ",".join(
-        f"{_dumps(_encode_declaration(nmap))[:-1]},{_elements_text(nmap.elements)}}}" for nmap in table.maps
-    )
+    maps = ",".join(map(_map_text, table.maps))
     return f'{head[:-1]},"maps":[{maps}]}}'
+
+
+# Encoded maps, by identity (kept alive with their text, like _ENCODED):
+# after a health event compile hands back the very map objects of every
+# unchanged pool, and encoding 1,000 declarations was half of the record.
+_MAP_TEXT: dict[int, tuple[NftMap, str]] = {}
+_MAP_TEXT_MAX = 4096
+
+
+def _map_text(nmap: NftMap) -> str:
+    known = _MAP_TEXT.get(id(nmap))
+    if known is not None and known[0] is nmap:
+        return known[1]
+    text = f"{_dumps(_encode_declaration(nmap))[:-1]},{_elements_text(nmap.elements)}}}"
+    if len(_MAP_TEXT) >= _MAP_TEXT_MAX:
+        _MAP_TEXT.pop(next(iter(_MAP_TEXT)))
+    _MAP_TEXT[id(nmap)] = (nmap, text)
+    return text
 
 
 def _dumps(data) -> str:

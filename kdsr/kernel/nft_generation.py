@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -51,14 +52,55 @@ def parse_reply(data: bytes) -> int | None:
     return None
 
 
-def read_generation() -> int | None:
-    """The current generation, or None when it cannot be read (then nothing is reused)."""
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+class _Channel:
+    """One NETLINK_NETFILTER socket per process, kept open.
+
+    Closing such a socket right after an nftables commit takes the kernel
+    ~5 ms (measured: 4 closes were a third of a 66 ms apply at 10,000 VIPs),
+    and an apply reads the generation three times.  Reopened after an error
+    or in a forked child; a lock keeps the daemon's threads apart."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._pid = 0
+        self._seq = 0
+
+    def _open(self) -> socket.socket:
+        if self._sock is None or self._pid != os.getpid():
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             sock.settimeout(1.0)
             sock.bind((0, 0))
-            seq = os.getpid() & 0xFFFF
-            sock.send(request(seq))
-            return parse_reply(sock.recv(4096))
-    except OSError:
-        return None
+            self._sock, self._pid = sock, os.getpid()
+        return self._sock
+
+    def _drop(self) -> None:
+        if self._sock is not None and self._pid == os.getpid():
+            self._sock.close()
+        self._sock = None
+
+    def ask(self) -> int | None:
+        with self._lock:
+            try:
+                sock = self._open()
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                sock.send(request(self._seq))
+                # An answer to an earlier request that timed out may still
+                # be queued: skip answers that are not to this one.
+                for _ in range(8):
+                    data = sock.recv(4096)
+                    if len(data) >= _HEADER.size and _HEADER.unpack_from(data)[3] == self._seq:
+                        return parse_reply(data)
+                self._drop()
+                return None
+            except OSError:
+                self._drop()
+                return None
+
+
+_CHANNEL = _Channel()
+
+
+def read_generation() -> int | None:
+    """The current generation, or None when it cannot be read (then nothing is reused)."""
+    return _CHANNEL.ask()
