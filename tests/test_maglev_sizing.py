@@ -153,6 +153,19 @@ def test_a_default_equal_to_an_explicit_size_is_one_table():
     assert len(sel.services) == 2 and sel.sized_by == SIZED_BY_INTENT
 
 
+def test_a_merged_table_lists_its_services_in_the_intents_order():
+    # Defaults and an explicit size that land on one table: the services
+    # keep the intent's order (the first one's hashing and pointers speak
+    # for the table), not the order of the groups they came from.
+    doc = intent_doc({"web": 3})
+    doc["services"]["b-explicit"] = {"vip": "192.0.9.9", "ports": 80, "pool": "web", "hashing": {"table_size": 4093}}
+    doc["services"]["a-default"] = {"vip": "192.0.9.10", "ports": 80, "pool": "web"}
+    intent = load(doc)
+    (sel,) = selectors_for(intent)
+    assert [s.name for s in sel.services] == [s.name for s in intent.services]
+    assert len(sel.services) == 3
+
+
 @pytest.mark.parametrize("servers", [4, 16, 100])
 def test_weights_one_to_four_get_shares_within_one_percent(servers):
     # The goal: share / weight within 1% for weights 1..4, at the
