@@ -156,3 +156,37 @@ def test_rolled_back_transition_restores_the_pinned_chain(scratch, tmp_path):
     result = node.kdsr("apply", str(after_path), "--node", "lb1")
     assert result.returncode == 6, result.stdout + result.stderr
     assert node.listing() == before, "the rolled-back table differs from the one before"
+
+
+def test_a_large_batch_goes_as_text_and_builds_what_json_builds(scratch, tmp_path):
+    """Over TEXT_BATCH_ELEMENTS (kdsr/kernel/system.py) kdsr sends the batch
+    as text: through the CLI it applies, replans empty, and the kernel holds
+    exactly what the same batch as JSON builds."""
+    from kdsr.compile import compile_node
+    from kdsr.diff import diff_table
+    from kdsr.intent import load_intent
+    from kdsr.kernel import system
+    from kdsr.kernel.nft_json import batch_for
+
+    doc = copy.deepcopy(PINNED)
+    doc["services"], doc["pools"] = {}, {}
+    for i in range(6):  # 6 default tables of 4,093 slots: over the threshold
+        doc["services"][f"s{i}"] = {"vip": f"10.10.0.{100 + i}", "ports": [80, 443], "pool": f"p{i}"}
+        doc["services"][f"s{i}-6"] = {"vip": f"fd00:10::{100 + i}", "ports": "8000-8099", "pool": f"p{i}-6"}
+        doc["pools"][f"p{i}"] = {"servers": [{"address": f"10.10.0.{11 + i}"}, {"address": f"10.10.0.{31 + i}"}]}
+        doc["pools"][f"p{i}-6"] = {"servers": [{"address": f"fd00:10::{11 + i}"}]}
+    path = tmp_path / "large.json"
+    path.write_text(json.dumps(doc))
+    table = compile_node(load_intent(path), "lb1").tables[0]
+    commands = batch_for(diff_table(table, None, []))
+    assert nft_text.element_count(commands) >= system.TEXT_BATCH_ELEMENTS
+    assert system._as_text(commands) is not None
+
+    by_kdsr, by_json = scratch(), scratch()
+    applied = by_kdsr.kdsr("apply", str(path), "--node", "lb1")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    replan = by_kdsr.kdsr("plan", str(path), "--node", "lb1", "--detailed-exitcode")
+    assert replan.returncode == 0, replan.stdout + replan.stderr
+    loaded = by_json.run("nft", "-j", "-f", "-", input=json.dumps({"nftables": commands}))
+    assert loaded.returncode == 0, loaded.stderr
+    assert by_kdsr.listing() == by_json.listing()
