@@ -168,6 +168,7 @@ def run_pipeline(
     """load (when ``path``) -> compile -> read -> diff -> apply -> read-back, each a step.
     ``down``: (pool, server) pairs health took out, as the daemon passes them."""
     from kdsr import apply as apply_module
+    from kdsr import collector
     from kdsr.compile import compile_node
     from kdsr.diff import diff
     from kdsr.health.effective import effective_intent
@@ -182,13 +183,16 @@ def run_pipeline(
         with rec.step(f"{label}: load+validate"):
             intent = load_intent(path)
     state = store.load("lb1")
-    with rec.step(f"{label}: compile"):
-        effective = effective_intent(intent, down, frozenset(state.drained))
-        desired = compile_node(effective.intent, "lb1", withdraw=unserved_vips(effective))
-    with rec.step(f"{label}: read"):
-        observed = observe(kernel, desired, state)
-    with rec.step(f"{label}: diff"):
-        plan = diff(desired, observed)
+    # As operations.prepare and operations.apply do: no cyclic collection
+    # while the state is built and applied (kdsr/collector.py).
+    with collector.paused():
+        with rec.step(f"{label}: compile"):
+            effective = effective_intent(intent, down, frozenset(state.drained))
+            desired = compile_node(effective.intent, "lb1", withdraw=unserved_vips(effective))
+        with rec.step(f"{label}: read"):
+            observed = observe(kernel, desired, state)
+        with rec.step(f"{label}: diff"):
+            plan = diff(desired, observed)
     read_back = rec.step(f"{label}: read-back")
     original = apply_module._read_back
 
@@ -199,7 +203,7 @@ def run_pipeline(
     apply_module._read_back = timed_read_back
     try:
         writes_before = kernel.writes
-        with rec.step(f"{label}: apply") as step:
+        with collector.paused(), rec.step(f"{label}: apply") as step:
             apply_module.apply_plan(plan, desired, kernel, store, state)
     finally:
         apply_module._read_back = original
@@ -265,6 +269,9 @@ def inner(args: argparse.Namespace) -> int:
 
     daemon_kernel = SystemKernel(store.directory)
     run_pipeline(rec, "warm daemon", None, intent, store, fresh_kernel=False, kernel=daemon_kernel)
+    from kdsr import collector
+
+    collector.settle()  # as kdsr run does after its first apply
     # A health event: the same intent object, one server of one pool down,
     # then up again (what ``kdsr run`` does after a probe changes state).
     down = frozenset({("p0", str(intent.pool("p0").members[1].address))})

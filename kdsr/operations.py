@@ -10,6 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from kdsr import collector
 from kdsr.apply import ApplyResult, apply_plan
 from kdsr.compile import compile_node
 from kdsr.compile.announce import assignments
@@ -77,13 +78,14 @@ def prepare(
     state = store.load(name)
     if down is None:
         down = health_status.down_servers(health_status.live_view(store, name))
-    effective = effective_intent(intent, down, frozenset(state.drained))
-    desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective))
-    _check_interfaces(intent, name, kernel)
-    observed = observe(kernel, desired, state)
-    observed = _check_foreign(intent, desired, observed, state, adopt)
-    plan = diff(desired, observed)
-    plan.notes = announcement_notes(effective.intent, desired)
+    with collector.paused():  # builds the large, acyclic state (kdsr/collector.py)
+        effective = effective_intent(intent, down, frozenset(state.drained))
+        desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective))
+        _check_interfaces(intent, name, kernel)
+        observed = observe(kernel, desired, state)
+        observed = _check_foreign(intent, desired, observed, state, adopt)
+        plan = diff(desired, observed)
+        plan.notes = announcement_notes(effective.intent, desired)
     _check_bird_ready(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
 
@@ -200,7 +202,8 @@ def _check_interfaces(intent: Intent, node: str, kernel: Kernel) -> None:
 
 
 def apply(prepared: Prepared, kernel: Kernel, store: StateStore) -> ApplyResult:
-    return apply_plan(prepared.plan, prepared.desired, kernel, store, prepared.state)
+    with collector.paused():  # batches of up to 271,000 elements (kdsr/collector.py)
+        return apply_plan(prepared.plan, prepared.desired, kernel, store, prepared.state)
 
 
 def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kdsr import operations
+from kdsr import collector, operations
 from kdsr.errors import KdsrError
 from kdsr.health import status as health_status
 from kdsr.health.effective import POOL_OK, effective_intent
@@ -120,6 +120,7 @@ class Runner:
         self._install(intent, restore=health_status.read(self.store, self.node))
         self.log("started", pid=os.getpid(), intent=intent.source, targets=len(self.targets))
         self.apply("start")
+        collector.settle()  # the intent and its table stay: keep them out of later collections
         self._start_probes()
 
     def _install(self, intent: Intent, restore: dict | None = None) -> None:
@@ -283,6 +284,7 @@ class Runner:
         self._install(intent)
         self.log("reloaded", intent=intent.source, targets=len(self.targets))
         self.apply("reload")
+        collector.settle()  # frees the replaced intent's state, keeps the new one out of collections
         self._start_probes()
 
     # --- views -----------------------------------------------------------------

@@ -43,6 +43,8 @@ def encode_value(value: Any) -> Any:
 
 def encode_element(key: Any, elem: NftElement | None) -> Any:
     """One element as listed in an ``elem`` array (value omitted when None)."""
+    if type(key) is int and elem is not None and type(elem.value) is str and not elem.comment:
+        return [key, elem.value]  # a slot: 251,000 of 271,000 elements at 10,000 VIPs
     val = encode_key(key)
     if elem is not None and elem.comment:
         val = {"elem": {"val": val, "comment": elem.comment}}

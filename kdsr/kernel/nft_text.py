@@ -137,6 +137,8 @@ def _map_body(obj: dict) -> str:
 
 
 def _element(item: Any) -> str:
+    if type(item) is list and type(item[0]) is int and type(item[1]) is str:
+        return f"{item[0]} : {_value(item[1])}"  # a slot -> server element, the bulk of a large batch
     key, value = item if isinstance(item, list) else (item, None)
     text = _elem_key(key)
     return text if value is None else f"{text} : {_value(value)}"
