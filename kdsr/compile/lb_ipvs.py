@@ -43,10 +43,10 @@ from kdsr.model import (
     IpvsDest,
     IpvsService,
     NftChain,
-    NftElement,
     NftMap,
     NftRule,
     Sysctl,
+    element,
 )
 
 MARK_CHAIN = "ipvs-marks"
@@ -125,7 +125,7 @@ def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
                     )
                     continue
                 mark = naming.ipvs_fwmark(family, proto, vip, ports.first, ports.last)
-                marks[family][(vip, proto, (ports.first, ports.last))] = NftElement(value=mark, comment=ports.pointer)
+                marks[family][(vip, proto, (ports.first, ports.last))] = element(mark, ports.pointer)
                 result.append(
                     IpvsService(
                         family=family,

@@ -29,7 +29,7 @@ from kdsr.intent.model import (
     Pool,
     address_text,
 )
-from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
+from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
 
 TABLE_FAMILY = "netdev"
 TABLE_NAME = "kdsr"
@@ -147,7 +147,7 @@ def _service_maps(selectors: list[Selector], names: dict[int, str], range_names:
                 for ports in service.ports:
                     key = (vip, proto, (ports.first, ports.last))
                     into = exact if ports.first == ports.last else ranges
-                    into[sel.family][key] = NftElement(value=("jump", sel.name), comment=ports.pointer)
+                    into[sel.family][key] = element(("jump", sel.name), ports.pointer)
     maps = []
     for family in (4, 6):
         for name, elements, flags in ((names, exact, ()), (range_names, ranges, ("interval",))):
@@ -317,7 +317,7 @@ def _pinning_maps(selectors: list[Selector], source: str) -> list[NftMap]:
             data_type="ether_addr" if sel.pins_macs else ADDR_TYPE[sel.family],
             counter=True,  # per-server packets for `kdsr show`
             elements=tuple(
-                sorted((ident, NftElement(value=by_address[a].mac if sel.pins_macs else a)) for a, ident in ids.items())
+                sorted((ident, element(by_address[a].mac if sel.pins_macs else a)) for a, ident in ids.items())
             ),
             pointer=sel.pool.pointer,
         )
@@ -363,7 +363,7 @@ def _build_selector_map(sel: Selector, source: str) -> NftMap:
             name=sel.name,
             key_type=("mark",),
             data_type="mark",  # slot -> server id; the servers map counts packets
-            elements=tuple((slot, NftElement(value=ids[a])) for slot, a in enumerate(sel.addresses())),
+            elements=tuple((slot, element(ids[a])) for slot, a in enumerate(sel.addresses())),
             pointer=sel.pool.pointer,
         )
     return NftMap(
@@ -388,7 +388,7 @@ def slot_elements(table: tuple[str, ...]) -> tuple:
     """slot -> server as map elements, one shared element value per server."""
     elements = _SLOT_ELEMENTS.get(table)
     if elements is None:
-        values = {member: NftElement(value=member) for member in set(table)}
+        values = {member: element(member) for member in set(table)}
         elements = tuple(zip(range(len(table)), map(values.__getitem__, table), strict=True))
         if len(_SLOT_ELEMENTS) >= _SLOT_ELEMENTS_MAX:
             _SLOT_ELEMENTS.pop(next(iter(_SLOT_ELEMENTS)))

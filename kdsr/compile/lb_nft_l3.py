@@ -37,7 +37,7 @@ from kdsr.intent.model import (
     Intent,
     LoadBalancerNode,
 )
-from kdsr.model import ChainHook, Link, NftChain, NftElement, NftMap, NftRule, NftTable, Route, Rule, Sysctl
+from kdsr.model import ChainHook, Link, NftChain, NftMap, NftRule, NftTable, Route, Rule, Sysctl, element
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "kdsr"
@@ -139,8 +139,8 @@ def _service_maps(selectors: list[Selector]) -> list[NftMap]:
         for service in sel.services:
             # ICMP errors are keyed by VIP alone; a VIP whose services use two
             # pools sends errors to the first (sorted) one's selector.
-            element = NftElement(value=("jump", f"{sel.name}-icmp"), comment=service.pointer)
-            icmp[sel.family].setdefault(str(service.vip), element)
+            to_icmp = element(("jump", f"{sel.name}-icmp"), service.pointer)
+            icmp[sel.family].setdefault(str(service.vip), to_icmp)
     maps = service_maps(selectors, SERVICE_MAPS, RANGE_MAPS)
     maps += [
         NftMap(
@@ -196,7 +196,7 @@ def _selector_map(sel: Selector) -> NftMap:
         key_type=("mark",),
         data_type="mark",
         counter=True,
-        elements=tuple((slot, NftElement(value=naming.tunnel_mark(sel.mode, a))) for slot, a in enumerate(table)),
+        elements=tuple((slot, element(naming.tunnel_mark(sel.mode, a))) for slot, a in enumerate(table)),
         pointer=sel.pool.pointer,
     )
 

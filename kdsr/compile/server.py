@@ -17,7 +17,18 @@ from __future__ import annotations
 
 from kdsr import naming
 from kdsr.intent.model import L3_TUNNELS, Intent, ServerNode
-from kdsr.model import Address, ChainHook, Desired, Link, NftChain, NftElement, NftMap, NftRule, NftTable, Sysctl
+from kdsr.model import (
+    Address,
+    ChainHook,
+    Desired,
+    Link,
+    NftChain,
+    NftMap,
+    NftRule,
+    NftTable,
+    Sysctl,
+    element,
+)
 
 LOOPBACK = "lo"
 # Linux labels must start with the interface name; 15 bytes at most.
@@ -85,8 +96,8 @@ def _mss_table(intent: Intent, server: ServerNode) -> NftTable | None:
         values.add(service.mss_clamp)
         for ports in service.ports:
             key = (str(service.vip), (ports.first, ports.last))
-            elements[service.vip.version][key] = NftElement(
-                value=("jump", f"clamp-{service.mss_clamp}"), comment=f"{service.pointer}/dsr/mss_clamp"
+            elements[service.vip.version][key] = element(
+                ("jump", f"clamp-{service.mss_clamp}"), f"{service.pointer}/dsr/mss_clamp"
             )
     if not values:
         return None

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_atomic
-from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable
+from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
 
 FORMAT = 1
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux >= 5.14
@@ -172,7 +172,7 @@ def decode_table(doc: dict) -> NftTable:
         chains.append(NftChain(name=c["name"], hook=hook, rules=rules, pointer=c["pointer"]))
     maps = []
     for m in doc["maps"]:
-        values = [NftElement(value=_tuples(value), comment=comment) for value, comment in m["values"]]
+        values = [element(_tuples(value), comment) for value, comment in m["values"]]
         if m["keys"] is None:
             keys = range(len(m["index"]))
         elif all(isinstance(k, int | str) for k in m["keys"]):

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kdsr.diff import TableDiff
-from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable, canonical_json
+from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable, canonical_json, element
 
 # ---------------------------------------------------------------- encoding
 
@@ -194,7 +194,7 @@ def decode_element(item: Any) -> tuple[Any, NftElement]:
     if isinstance(key_part, dict) and "elem" in key_part:
         comment = key_part["elem"].get("comment", "")
         key_part = key_part["elem"]["val"]
-    return decode_key(key_part), NftElement(value=decode_value(value), comment=comment)
+    return decode_key(key_part), element(decode_value(value), comment)
 
 
 def decode_map(obj: dict) -> NftMap:
