@@ -32,7 +32,9 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_atomic
 from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
@@ -100,22 +102,37 @@ def encode_table_text(table: NftTable) -> str:
     return f'{head[:-1]},"maps":[{maps}]}}'
 
 
-# Encoded maps, by identity (kept alive with their text, like _ENCODED):
-# after a health event compile hands back the very map objects of every
-# unchanged pool, and encoding 1,000 declarations was half of the record.
-_MAP_TEXT: dict[int, tuple[NftMap, str]] = {}
-_MAP_TEXT_MAX = 4096
+class _TextByIdentity:
+    """Texts remembered per object, by identity.  The object is kept alive
+    with its text, so its id cannot be reused while remembered; the oldest
+    goes first past ``limit`` entries."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._known: dict[int, tuple[object, str]] = {}
+        self._limit = limit
+
+    def text(self, obj: object, make: Callable[[Any], str]) -> str:
+        known = self._known.get(id(obj))
+        if known is not None and known[0] is obj:
+            return known[1]
+        made = make(obj)
+        if len(self._known) >= self._limit:
+            self._known.pop(next(iter(self._known)))
+        self._known[id(obj)] = (obj, made)
+        return made
+
+    def clear(self) -> None:
+        self._known.clear()
+
+
+# Encoded maps: after a health event compile hands back the very map objects
+# of every unchanged pool, and encoding 1,000 declarations was half of the
+# record.
+_MAP_TEXT = _TextByIdentity()
 
 
 def _map_text(nmap: NftMap) -> str:
-    known = _MAP_TEXT.get(id(nmap))
-    if known is not None and known[0] is nmap:
-        return known[1]
-    text = f"{_dumps(_encode_declaration(nmap))[:-1]},{_elements_text(nmap.elements)}}}"
-    if len(_MAP_TEXT) >= _MAP_TEXT_MAX:
-        _MAP_TEXT.pop(next(iter(_MAP_TEXT)))
-    _MAP_TEXT[id(nmap)] = (nmap, text)
-    return text
+    return _MAP_TEXT.text(nmap, lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{_elements_text(m.elements)}}}")
 
 
 def _dumps(data) -> str:
@@ -135,18 +152,17 @@ def _encode_declaration(nmap: NftMap) -> dict:
     }
 
 
-# Encoded element tuples, by identity (the tuple is kept alive with its
-# encoding): the daemon records its table after every change, and only the
-# changed map's elements are new objects.
-_ENCODED: dict[int, tuple[tuple, str]] = {}
-_ENCODED_MAX = 4096
+# Encoded element tuples: the daemon records its table after every change,
+# and only the changed map's elements are new objects.
+_ENCODED = _TextByIdentity()
 
 
 def _elements_text(elements: tuple) -> str:
     """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
-    known = _ENCODED.get(id(elements))
-    if known is not None and known[0] is elements:
-        return known[1]
+    return _ENCODED.text(elements, _encode_elements)
+
+
+def _encode_elements(elements: tuple) -> str:
     # Parallel lists, each distinct value once: a map of 16,381 slots over 16
     # servers stores 16 values and a list of indexes.
     values: dict[tuple, int] = {}
@@ -157,11 +173,7 @@ def _elements_text(elements: tuple) -> str:
         "values": [[value, comment] for value, comment in values],
         "index": index,
     }
-    text = _dumps(encoded)[1:-1]
-    if len(_ENCODED) >= _ENCODED_MAX:
-        _ENCODED.pop(next(iter(_ENCODED)))
-    _ENCODED[id(elements)] = (elements, text)
-    return text
+    return _dumps(encoded)[1:-1]
 
 
 def decode_table(doc: dict) -> NftTable:
