@@ -36,11 +36,15 @@ def _warnings(intent) -> list[str]:
     return [str(problem) for problem in warnings_for(intent)]
 
 
-def _load(path: str, text: str | None = None):
-    """The intent at ``path``; ``text`` is its content when already read."""
+def _load(path: str, text: str | None = None, reloader=None):
+    """The intent at ``path``; ``text`` is its content when already read;
+    ``reloader`` (kdsr/intent/reload.py) when the same file is loaded again and again."""
     from kdsr.intent import load_intent, parse_intent
 
-    intent = load_intent(path) if text is None else parse_intent(text, path)
+    if reloader is not None:
+        intent = reloader.load(path)
+    else:
+        intent = load_intent(path) if text is None else parse_intent(text, path)
     # Warnings go to stderr so that `plan --json` stays parseable.
     for warning in _warnings(intent):
         click.echo(f"warning: {warning}", err=True)
@@ -328,11 +332,20 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
 def run_command(obj: Context, intent_file: str, node: str | None, listen: str | None, adopt: bool) -> None:
     """Apply the intent, probe every server (health), and apply what health changes, until stopped."""
     from kdsr.commands.health import run_daemon
+    from kdsr.intent.reload import Reloader
 
+    # A reload (SIGHUP) validates and builds only the entries that changed.
+    reloader = Reloader()
     try:
         require_net_admin("run", "changes this host's nftables, IPVS, links, addresses and sysctls")
         code = run_daemon(
-            lambda: _load(intent_file), node, _kernel(obj.store), obj.store, max(obj.wait, 10.0), adopt, listen
+            lambda: _load(intent_file, reloader=reloader),
+            node,
+            _kernel(obj.store),
+            obj.store,
+            max(obj.wait, 10.0),
+            adopt,
+            listen,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)

@@ -15,6 +15,7 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import jsonschema
 import yaml
@@ -100,6 +101,15 @@ def read_intent_text(path: str | Path) -> str:
 
 def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
     """Validate intent text; ``fmt`` is "json" or "yaml", else guessed from ``source``."""
+    return checked(text, source, fmt)[0]
+
+
+def checked(text: str, source: str, fmt: str | None = None, since: Since | None = None) -> tuple[Intent, dict]:
+    """``parse_intent``, also returning the plain document it built from.
+
+    ``since`` (kdsr/intent/reload.py) stands for the last valid document of
+    the same file: it validates and builds only the entries that changed.
+    """
     fmt = fmt or _guess_format(text, source)
     if fmt not in (JSON, YAML):
         raise ValueError(f"fmt must be {JSON!r} or {YAML!r}, not {fmt!r}")  # a caller's bug, not the user's
@@ -109,7 +119,7 @@ def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
     if doc is None:  # YAML: an empty file or only comments
         hint = "An intent holds version, services, pools and load_balancers."
         raise IntentError([Problem(source, "", "the file is empty.", hint)])
-    schema_problems = list(_schema_problems(doc, source, fmt))
+    schema_problems = since.schema_problems(doc, source, fmt) if since else list(_schema_problems(doc, source, fmt))
     problems += schema_problems
     if not schema_problems:
         problems += rules.verify(doc, source)
@@ -117,7 +127,15 @@ def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
         problems += _verify_around(doc, source, schema_problems)
     if problems:
         raise IntentError(_in_file_order(_unique(problems), doc))
-    return _build(doc, source)
+    return (since.build(doc, source) if since else _build(doc, source)), doc
+
+
+class Since(Protocol):
+    """What ``checked`` asks of the last valid document (kdsr/intent/reload.py)."""
+
+    def schema_problems(self, doc: object, source: str, fmt: str) -> list[Problem]: ...
+
+    def build(self, doc: dict, source: str) -> Intent: ...
 
 
 def _object_of(pointer: str) -> str:
@@ -352,7 +370,12 @@ def _format_checker() -> jsonschema.FormatChecker:
 
 @functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(_schema(), format_checker=_format_checker())
+    return validator_for(_schema())
+
+
+def validator_for(schema: dict) -> jsonschema.Draft202012Validator:
+    """A validator of (part of) the intent schema, with kdsr's formats."""
+    return jsonschema.Draft202012Validator(schema, format_checker=_format_checker())
 
 
 def _schema_problems(doc: object, source: str, fmt: str) -> Iterable[Problem]:
@@ -577,12 +600,20 @@ def _in_file_order(problems: list[Problem], doc: object) -> list[Problem]:
 # --- model --------------------------------------------------------------------
 
 
-def _build(doc: dict, source: str) -> Intent:
+def _build(doc: dict, source: str, kept: Kept | None = None) -> Intent:
+    """The model of a valid document; ``kept`` hands back the objects of the
+    entries that did not change since the last build (kdsr/intent/reload.py)."""
     servers = doc.get("servers", {})
+    services = tuple(
+        (kept and kept.service(name)) or _service(name, doc["services"][name]) for name in sorted(doc["services"])
+    )
+    pools = tuple(
+        (kept and kept.pool(name)) or _pool(name, doc["pools"][name], servers) for name in sorted(doc["pools"])
+    )
     return Intent(
         source=source,
-        services=tuple(_service(name, doc["services"][name]) for name in sorted(doc["services"])),
-        pools=tuple(_pool(name, doc["pools"][name], servers) for name in sorted(doc["pools"])),
+        services=kept.same_tuple(services) if kept else services,
+        pools=kept.same_tuple(pools) if kept else pools,
         load_balancers=tuple(
             LoadBalancerNode(
                 **_node(name, doc["load_balancers"][name], "load_balancers"),
@@ -592,6 +623,16 @@ def _build(doc: dict, source: str) -> Intent:
         ),
         servers=tuple(ServerNode(**_node(name, servers[name], "servers")) for name in sorted(servers)),
     )
+
+
+class Kept(Protocol):
+    """The model objects a rebuild keeps (kdsr/intent/reload.py)."""
+
+    def service(self, name: str) -> Service | None: ...
+
+    def pool(self, name: str) -> Pool | None: ...
+
+    def same_tuple(self, built: tuple) -> tuple: ...
 
 
 def _service(name: str, service: dict) -> Service:
