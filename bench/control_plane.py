@@ -28,10 +28,12 @@ the library the CLI uses, step by step:
   while the nftables generation says it is current
   (kdsr/kernel/nft_generation.py);
 - **one weight change** and **one server removed** from one pool: an edited
-  intent, loaded, then applied by that same running process (a ``kdsr run``
-  reload without its load+validate).  The CLI figure for the same edit, with
-  a changed file, is printed alongside (it has to load and compile the whole
-  intent again).
+  intent file reloaded by that same running process, as ``kdsr run`` does on
+  SIGHUP (kdsr/intent/reload.py: only the changed entries are validated and
+  built; the cross-object checks run on the whole file), then applied.  The
+  goal line counts the reload's load+validate; a second line gives the change
+  without it.  The CLI figure for the same edit, with a changed file, is
+  printed alongside (it has to load and compile the whole intent again).
 
 Memory: the peak RSS of each step (``/proc/self/clear_refs`` resets the
 high-water mark before it) and of the whole process.  Writes: kernel write
@@ -249,7 +251,6 @@ def cli_apply(path: str, state_dir: str) -> tuple[float, str]:
 
 
 def inner(args: argparse.Namespace) -> int:
-    from kdsr.intent import load_intent
     from kdsr.kernel.state import StateStore
 
     doc = json.loads(Path(args.intent).read_text())
@@ -264,9 +265,16 @@ def inner(args: argparse.Namespace) -> int:
     noop_by_receipt(rec, args.intent, store)
     cli_receipt_s, cli_receipt_out = cli_apply(args.intent, args.state_dir)
 
-    # The daemon's path: the intent in memory, one kernel handle kept.
+    # The daemon's path (kdsr run): the intent in memory, one kernel handle
+    # kept, and its Reloader, which loaded the file at start and on SIGHUP
+    # validates and builds only the entries an edit changed.
+    from kdsr.intent.reload import Reloader
     from kdsr.kernel.system import SystemKernel
 
+    daemon_file = work / "daemon-intent.json"
+    daemon_file.write_text(Path(args.intent).read_text())
+    reloader = Reloader()
+    intent = reloader.load(daemon_file)
     daemon_kernel = SystemKernel(store.directory)
     run_pipeline(rec, "warm daemon", None, intent, store, fresh_kernel=False, kernel=daemon_kernel)
     from kdsr import collector
@@ -285,7 +293,10 @@ def inner(args: argparse.Namespace) -> int:
     for label, changed in changes.items():
         changed_path = work / f"{label.replace(' ', '-')}.json"
         changed_path.write_text(json.dumps(changed))
-        changed_intent = load_intent(changed_path)
+        # The user edits the daemon's file and sends SIGHUP.
+        daemon_file.write_text(changed_path.read_text())
+        with collector.paused(), rec.step(f"{label}: load+validate"):
+            changed_intent = reloader.load(daemon_file)
         run_pipeline(rec, label, None, changed_intent, store, fresh_kernel=False, kernel=daemon_kernel)
     # The same edits through the CLI: back to the start, then each changed file.
     cli_apply(args.intent, args.state_dir)
@@ -368,6 +379,13 @@ def goals(vips: int, result: dict) -> dict[str, tuple[str, bool]]:
             f"{1000 * took:.0f} ms = 1/{full / took:.0f}",
             took <= GOAL_CHANGE_S and took <= GOAL_CHANGE_FRACTION * full,
         )
+        loading = sum(s["seconds"] for s in steps if s["name"] == f"{label}: load+validate")
+        if loading:
+            applied = took - loading
+            verdicts[f"{label}, load+validate left out"] = (
+                f"{1000 * applied:.0f} ms = 1/{full / applied:.0f}",
+                applied <= GOAL_CHANGE_S and applied <= GOAL_CHANGE_FRACTION * full,
+            )
     return verdicts
 
 
