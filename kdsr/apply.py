@@ -320,15 +320,15 @@ def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[],
        to the desired one (see ``converge_commands``);
     4. deleted services last.
 
-    The kernel is listed once for all of them (``ipvs.Listing``), and again
-    only after a batch failed.  Batches are not transactional, so a step
+    The kernel is not listed again: the steps start from what the plan was
+    made from (``Plan.ipvs_seen``), and list it only after a batch failed.  Batches are not transactional, so a step
     whose batch fails puts back, from a fresh listing, what it had found;
     its undo (a later step failed) does the same: every destination list is
     exactly the old one again, order included, so the mh table is too.
     """
     from kdsr.kernel import ipvs as ipvs_cmd
 
-    listing = ipvs_cmd.Listing(kernel.ipvs_list)
+    listing = ipvs_cmd.Listing(kernel.ipvs_list, seen=plan.ipvs_seen)
     services = plan.of_kind("ipvs service")
     created = [c.after for c in services if c.action == CREATE]
     edited = [(c.before, c.after) for c in services if c.action == UPDATE]

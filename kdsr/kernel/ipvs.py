@@ -131,15 +131,24 @@ class Listing:
     the writer: after a batch that went through, a service is what the batch
     made it (``put``); after one that failed nobody knows which lines landed,
     so ``forget`` drops everything and the next ``get`` lists the kernel again.
+
+    ``seen``: what the plan's own read found, for the services it may touch
+    (``Plan.ipvs_seen``); a service outside it, or any after a failure, is
+    listed from the kernel.
     """
 
-    def __init__(self, read: Callable[[], list[IpvsService]]) -> None:
+    def __init__(
+        self, read: Callable[[], list[IpvsService]], seen: dict[str, IpvsService | None] | None = None
+    ) -> None:
         self._read = read
         self._services: dict[str, IpvsService | None] | None = None
+        self._seen = dict(seen) if seen is not None else None
         self.reads = 0
 
     def get(self, ident: str) -> IpvsService | None:
         if self._services is None:
+            if self._seen is not None and ident in self._seen:
+                return self._seen[ident]
             self.reads += 1
             self._services = {s.ident: s for s in self._read()}
         return self._services.get(ident)
@@ -147,9 +156,12 @@ class Listing:
     def put(self, ident: str, service: IpvsService | None) -> None:
         if self._services is not None:
             self._services[ident] = service
+        elif self._seen is not None:
+            self._seen[ident] = service
 
     def forget(self) -> None:
         self._services = None
+        self._seen = None
 
 
 # ---------------------------------------------------------------- reading
