@@ -12,11 +12,15 @@ servers, real packets and the real CLI (host tier).
 - Drain: 100 long-lived TCP connections to a flow-pinned VIP; `kdsr drain`
   one server while `kdsr run` runs: its open connections keep exchanging data
   with it, no new flow reaches it; `kdsr undrain` brings new flows back.
+- SIGHUP after an edit (weight 0 for one server): new flows leave it; an
+  edit that does not validate is refused and the running intent stays.
 - SIGTERM: the daemon exits 0 and leaves the kernel as its last apply made it.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import signal
 import time
 
@@ -114,6 +118,47 @@ def test_drain_keeps_open_connections_and_sends_no_new_flow(health_lab):
     # Undrained: new flows reach s1 again.
     again = flows_of(hl.stream(2, vip=VIP_PINNED), 2)
     assert all(f["ok"] for f in again) and "s1" in {f["server"] for f in again}
+
+
+def _reload(hl, doc: dict, event: str) -> None:
+    """Write ``doc`` as the daemon's intent, SIGHUP it, wait for ``event`` in its log."""
+    seen = hl.log().count(f"event={event}")
+    applies = (hl.view() or {}).get("applies", 0)
+    hl.intent_path.write_text(json.dumps(doc, indent=1))
+    hl.daemon.popen.send_signal(signal.SIGHUP)  # our own child, by its Popen
+    hl.wait_for(lambda: hl.log().count(f"event={event}") > seen, 30, f"kdsr run logging {event}")
+    if event == "reloaded":  # it logs, then applies
+        hl.wait_for(lambda: (hl.view() or {}).get("applies", 0) > applies, 30, "kdsr run applying the reload")
+
+
+def test_a_sighup_applies_the_edited_intent_and_a_bad_edit_keeps_the_running_one(health_lab):
+    """kdsr run's reload (kdsr/intent/reload.py validates and builds only the
+    changed entries): an edit that takes s3 out of pool web by weight 0
+    reaches the kernel, and new flows stop going to s3; an edit that does not
+    validate is refused and the running intent keeps serving; the original
+    file brings s3 back."""
+    hl = health_lab
+    original = json.loads(hl.intent_path.read_text())
+    weighted = copy.deepcopy(original)
+    weighted["pools"]["web"]["servers"][2]["weight"] = 0
+    broken = copy.deepcopy(weighted)
+    broken["pools"]["web"]["servers"][0]["weight"] = True  # not an integer, though True == 1 in Python
+    broken["services"]["web"]["vip"] = "10.10.0.300"
+    try:
+        _reload(hl, weighted, "reloaded")
+        flows = flows_of(hl.stream(2), 2)
+        assert all(f["ok"] for f in flows), [f for f in flows if not f["ok"]][:3]
+        assert {f["server"] for f in flows} == {"s1", "s2"}, "new flows after weight 0 for s3"
+
+        _reload(hl, broken, "reload-failed")
+        failed = [line for line in hl.log().splitlines() if "event=reload-failed" in line][-1]
+        assert "/services/web/vip" in failed and "/pools/web/servers/0/weight" in failed, failed
+        flows = flows_of(hl.stream(2), 2)
+        assert all(f["ok"] for f in flows) and {f["server"] for f in flows} == {"s1", "s2"}
+    finally:
+        _reload(hl, original, "reloaded")
+    flows = flows_of(hl.stream(2), 2)
+    assert all(f["ok"] for f in flows) and "s3" in {f["server"] for f in flows}
 
 
 def test_sigterm_leaves_the_kernel_as_the_last_apply_made_it(health_lab):
