@@ -321,10 +321,11 @@ def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[],
     4. deleted services last.
 
     The kernel is not listed again: the steps start from what the plan was
-    made from (``Plan.ipvs_seen``), and list it only after a batch failed.  Batches are not transactional, so a step
-    whose batch fails puts back, from a fresh listing, what it had found;
-    its undo (a later step failed) does the same: every destination list is
-    exactly the old one again, order included, so the mh table is too.
+    made from (``Plan.ipvs_seen``), and list it only after a batch failed.
+    Batches are not transactional, so a step whose batch fails puts back,
+    from a fresh listing, what it had found; its undo (a later step failed)
+    does the same: every destination list is exactly the old one again,
+    order included, so the mh table is too.
     """
     from kdsr.kernel import ipvs as ipvs_cmd
 

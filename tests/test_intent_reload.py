@@ -34,6 +34,15 @@ def cold_problems(doc: dict) -> list:
     return cold.value.problems
 
 
+def reload_problems(broken: dict) -> list:
+    """The problems a reload of ``broken`` reports, after the example loaded."""
+    reloader = Reloader()
+    reloader.parse(json.dumps(example()), SOURCE)
+    with pytest.raises(IntentError) as warm:
+        reloader.parse(json.dumps(broken), SOURCE)
+    return warm.value.problems
+
+
 def edit(change) -> dict:
     doc = example()
     change(doc)
@@ -106,12 +115,9 @@ def test_problems_are_the_ones_a_cold_load_reports():
         d["services"]["media"]["pool"] = "nowhere"  # verify
 
     broken = edit(break_things)
-    reloader = Reloader()
-    reloader.parse(json.dumps(example()), SOURCE)
-    with pytest.raises(IntentError) as warm:
-        reloader.parse(json.dumps(broken), SOURCE)
-    assert warm.value.problems == cold_problems(broken)
-    assert len(warm.value.problems) >= 3
+    problems = reload_problems(broken)
+    assert problems == cold_problems(broken)
+    assert len(problems) >= 3
 
 
 @pytest.mark.parametrize(
@@ -126,11 +132,7 @@ def test_problems_are_the_ones_a_cold_load_reports():
 )
 def test_each_part_the_split_checks_is_checked(change):
     broken = edit(change)
-    reloader = Reloader()
-    reloader.parse(json.dumps(example()), SOURCE)
-    with pytest.raises(IntentError) as warm:
-        reloader.parse(json.dumps(broken), SOURCE)
-    assert warm.value.problems == cold_problems(broken)
+    assert reload_problems(broken) == cold_problems(broken)
 
 
 def test_a_refused_reload_leaves_the_last_valid_document():
