@@ -274,7 +274,8 @@ class Runner:
 
     def reload(self) -> None:
         try:
-            intent = self._load()
+            with collector.paused():  # the new document and model are large and acyclic (kdsr/collector.py)
+                intent = self._load()
             if operations.select_node(intent, self.node, self.kernel) != self.node:
                 raise KdsrError(f"{intent.source}: node {self.node} is no longer in the intent")
         except KdsrError as exc:
