@@ -14,6 +14,7 @@ from kdsr.intent import Intent, load_intent, parse_intent
 from kdsr.intent.load import SCHEMA_ID, SUPPORTED_ENGINES, SUPPORTED_MODES, schema
 from kdsr.intent.model import DEFAULT_HASH_SEED, HASH_FIELDS, PortRange
 from kdsr.intent.primes import is_prime, next_prime
+from kdsr.intent.reload import same_json
 from kdsr.intent.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,6 +193,21 @@ def test_integral_floats_are_integers():
     intent = parse_intent(json.dumps(doc), SOURCE)
     web = next(s for s in intent.services if s.name == "web")
     assert type(web.ports[0].first) is int and type(intent.pool("web").members[0].weight) is int
+
+
+@pytest.mark.parametrize("name", ["l2-web.json", "l2-bgp-ha.json", "l3-gre-ipvs.json", "l3-ip6tnl.json"])
+def test_the_json_fast_path_reads_what_the_careful_walk_reads(name):
+    from kdsr.intent import load
+
+    text = (EXAMPLE.parent / name).read_text().replace('"version": 1', '"version": 1.0')
+    fast, (careful, problems) = load._parse_json_fast(text), load._parse(text, SOURCE, load.JSON)
+    assert problems == [] and same_json(fast, careful) and fast["version"] == 1
+
+
+def test_the_json_fast_path_leaves_duplicate_keys_to_the_careful_walk():
+    from kdsr.intent import load
+
+    assert load._parse_json_fast('{"version": 1, "version": 1}') is load._UNREADABLE
 
 
 def test_a_pool_with_all_weights_zero_is_allowed():
