@@ -202,6 +202,9 @@ class _Verifier:
         self.problems.append(Problem(self.source, pointer, message, hint))
 
     def run(self) -> list[Problem]:
+        # A reload verifies a cut-down document (kdsr/intent/reverify.py),
+        # which knows which entries each rule pairs: a rule that pairs others,
+        # or spans the whole document, must be taught there too.
         self.check_node_names()
         self.check_node_addresses()
         self.check_vips()
