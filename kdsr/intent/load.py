@@ -302,8 +302,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _whole_as_int(text: str) -> float | int:
-    # As _plain does: JSON Schema counts 80.0 as an integer, the model never holds a float port.
-    value = float(text)
+    return _integral(float(text))
+
+
+def _integral(value: float) -> float | int:
+    # JSON Schema counts 80.0 as an integer; make it one, so that the
+    # model never holds a float port, weight or seed.
     return int(value) if value.is_integer() else value
 
 
@@ -379,10 +383,8 @@ def _plain(
         return result
     if isinstance(value, list):
         return [_plain(item, f"{pointer}/{i}", source, problems, budget, depth + 1) for i, item in enumerate(value)]
-    if isinstance(value, float) and value.is_integer():
-        # JSON Schema counts 80.0 as an integer; make it one, so that the
-        # model never holds a float port, weight or seed.
-        return int(value)
+    if isinstance(value, float):
+        return _integral(value)
     return value
 
 

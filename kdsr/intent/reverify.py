@@ -33,10 +33,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kdsr import naming
 from kdsr.errors import Problem
 from kdsr.intent import verify as rules
-from kdsr.intent.model import DSR_L2, L3_TUNNELS, IPAddress
+from kdsr.intent.model import IPAddress
 
 # A mark's owner, as check_tunnel_names tells them apart: (address, what).
 Owner = tuple[str, str]
@@ -231,12 +230,10 @@ def _marks(service: dict, pools: dict, servers: dict) -> dict[int, Owner]:
     """The marks check_tunnel_names gives the service's members."""
     mode = rules.service_mode(service)
     pool = pools.get(service["pool"])
-    if pool is None or (mode not in L3_TUNNELS and not (mode == DSR_L2 and "health" in pool)):
+    if pool is None or not rules.marks_members(mode, pool):
         return {}
     marks = {}
     for address in map(str, _member_addresses(pool, servers)):
-        if mode in L3_TUNNELS:
-            marks[naming.tunnel_mark(mode, address)] = (address, f"{mode} tunnel")
-        else:
-            marks[naming.probe_mark(address)] = (address, "l2 health probe route")
+        mark, what = rules.member_mark(mode, address)
+        marks[mark] = (address, what)
     return marks

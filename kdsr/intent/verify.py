@@ -662,17 +662,13 @@ class _Verifier:
         seen: dict[int, tuple[str, str, str]] = {}
         for service in self.services.values():
             mode = service_mode(service)
-            probed = mode == DSR_L2 and "health" in self.pools.get(service["pool"], {})
-            if mode not in L3_TUNNELS and not probed:
+            if not marks_members(mode, self.pools.get(service["pool"], {})):
                 continue
             for member in self.members.get(service["pool"], []):
                 if member.address is None:
                     continue
                 address = str(member.address)
-                if mode in L3_TUNNELS:
-                    mark, what = naming.tunnel_mark(mode, address), f"{mode} tunnel"
-                else:
-                    mark, what = naming.probe_mark(address), "l2 health probe route"
+                mark, what = member_mark(mode, address)
                 earlier = seen.setdefault(mark, (address, what, member.address_pointer))
                 if earlier[:2] != (address, what):
                     self.report(
@@ -682,6 +678,19 @@ class _Verifier:
                         "This is a hash collision kdsr cannot resolve by itself; report it, and use another "
                         "server address meanwhile.",
                     )
+
+
+def marks_members(mode: str, pool: dict) -> bool:
+    """Whether a service in ``mode`` on ``pool`` gives each member a mark:
+    a tunnel (L3), or the route of an l2 health probe."""
+    return mode in L3_TUNNELS or (mode == DSR_L2 and "health" in pool)
+
+
+def member_mark(mode: str, address: str) -> tuple[int, str]:
+    """(mark, what it routes) of a member of such a service."""
+    if mode in L3_TUNNELS:
+        return naming.tunnel_mark(mode, address), f"{mode} tunnel"
+    return naming.probe_mark(address), "l2 health probe route"
 
 
 def _members(indexes: list[int]) -> str:
