@@ -8,33 +8,43 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from kdsr import maglev, operations
 from kdsr.compile import compile_node, lb_nft_l2, selectors
+from kdsr.errors import IntentError
 from kdsr.health.effective import effective_intent
-from kdsr.intent import load_intent, model
+from kdsr.intent import load_intent, model, parse_intent
 from kdsr.intent.model import address_text
+from kdsr.intent.reload import Reloader
 from kdsr.kernel import nft_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["l2-web.json", "l2-bgp-ha.json", "l3-ipip.json", "l3-gre-ipvs.json", "l3-ip6tnl.json"]
 
 
+def memories() -> list[dict]:
+    return [
+        selectors._LAST_SELECTORS,
+        lb_nft_l2._LAST_SERVICE_MAPS,
+        lb_nft_l2._LAST_SELECTOR_MAPS,
+        operations._LAST_UNSERVED,
+        model._LAST_BY_POOL,
+        lb_nft_l2._CHAINS,
+        lb_nft_l2._SLOT_ELEMENTS,
+        maglev._BUILT,
+        nft_cache._ENCODED._known,
+        nft_cache._MAP_TEXT._known,
+    ]
+
+
 def forget_everything() -> None:
-    selectors._LAST_SELECTORS.clear()
-    lb_nft_l2._LAST_SERVICE_MAPS.clear()
-    lb_nft_l2._LAST_SELECTOR_MAPS.clear()
-    operations._LAST_UNSERVED.clear()
-    model._LAST_BY_POOL.clear()
-    lb_nft_l2._CHAINS.clear()
-    lb_nft_l2._SLOT_ELEMENTS.clear()
-    maglev._BUILT.clear()
+    for memory in memories():
+        memory.clear()
     address_text.cache_clear()
-    nft_cache._ENCODED.clear()
-    nft_cache._MAP_TEXT.clear()
 
 
 def edits(doc: dict) -> list[dict]:
@@ -153,3 +163,90 @@ def test_nothing_down_or_drained_is_the_intent_itself(example_path):
     assert effective.intent is intent
     assert set(effective.pools.values()) == {"ok"}
     assert all(out == () for out in effective.out.values())
+
+
+def reloaded_base() -> dict:
+    """Pools of several sizes; services on them in L2 and L3, nft and IPVS, pinned and not."""
+    pools = {f"p{i}": {"servers": [{"address": f"10.10.{i}.{j}"} for j in range(1, 2 + i % 4)]} for i in range(6)}
+    pools["far"] = {"servers": [{"address": "192.0.2.41"}, {"address": "192.0.2.42"}]}
+    services = {}
+    for i in range(24):
+        pool = f"p{i % 6}"
+        service = {"vip": f"10.20.0.{i}", "ports": [80, 443] if i % 3 else "7000-7010", "pool": pool}
+        if i % 5 == 4:
+            service["hashing"] = {"flow_pinning": {"timeout": 30}}
+        if i % 7 == 6:
+            service["dsr"] = {"engine": "ipvs"}
+        services[f"s{i:02d}"] = service
+    services["tunnelled"] = {"vip": "10.20.1.1", "ports": 80, "pool": "far", "dsr": {"mode": "l3-ipip"}}
+    return {
+        "version": 1,
+        "services": services,
+        "pools": pools,
+        "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.10.0.254/16"]}},
+    }
+
+
+def edit_for_compile(doc: dict, rng: random.Random) -> None:
+    """One edit that changes what compile groups or sizes (most of them valid)."""
+    name = rng.choice(sorted(doc["services"]))
+    service = doc["services"][name]
+    pool = doc["pools"][rng.choice(sorted(doc["pools"]))]
+    kind = rng.randrange(9)
+    if kind == 0:
+        service["pool"] = rng.choice(sorted(doc["pools"]))
+    elif kind == 1:
+        service["hashing"] = rng.choice(
+            [{}, {"seed": 7}, {"fields": "five-tuple"}, {"table_size": 4093}, {"table_size": 251}]
+        )
+    elif kind == 2:
+        service["dsr"] = rng.choice([{}, {"engine": "ipvs"}, {"mode": "l3-gre"}])
+    elif kind == 3:
+        del doc["services"][name]
+    elif kind == 4:
+        doc["services"][f"n{rng.randrange(10**6)}"] = dict(service, vip=f"10.20.2.{rng.randrange(250)}")
+    elif kind == 5:
+        pool["servers"].append({"address": f"10.30.{rng.randrange(250)}.{rng.randrange(1, 250)}"})
+    elif kind == 6 and len(pool["servers"]) > 1:
+        pool["servers"].pop(rng.randrange(len(pool["servers"])))
+    elif kind == 7:
+        rng.choice(pool["servers"])["weight"] = rng.randrange(0, 4)
+    else:  # the same service moved to the end: same entries, other order
+        doc["services"][name] = doc["services"].pop(name)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reloaded_edits_compile_as_from_nothing(seed):
+    """A reload keeps the unchanged services as the same objects, which is
+    what the selector and service-map memories key on: every compile after
+    a chain of reloads equals a compile from nothing, and so do selectors
+    sized under a budget small enough to shrink tables."""
+    rng = random.Random(seed)
+    current = reloaded_base()
+    reloader = Reloader()
+    reloader.parse(json.dumps(current), "intent.json")
+    accepted = 0
+    for step in range(20):
+        edited = copy.deepcopy(current)
+        for _ in range(rng.choice([1, 1, 2])):
+            edit_for_compile(edited, rng)
+        text = json.dumps(edited)
+        try:
+            intent = reloader.parse(text, "intent.json")
+        except IntentError:
+            continue
+        current, accepted = edited, accepted + 1
+        warm = compile_node(intent, "lb1"), selectors.selectors_for(intent, budget=20_000)
+        saved = [dict(memory) for memory in memories()]
+        forget_everything()
+        cold_intent = parse_intent(text, "intent.json")
+        cold = compile_node(cold_intent, "lb1"), selectors.selectors_for(cold_intent, budget=20_000)
+        assert warm == cold, f"seed {seed}, step {step}"
+        assert [s.name for s in warm[1]] == [s.name for s in cold[1]]
+        assert [s.sized_by for s in warm[1]] == [s.sized_by for s in cold[1]]
+        for wt, ct in zip(warm[0].tables, cold[0].tables, strict=True):
+            assert nft_cache.encode_table_text(wt) == nft_cache.encode_table_text(ct)
+        for memory, kept in zip(memories(), saved, strict=True):  # as if the cold compile never ran
+            memory.clear()
+            memory.update(kept)
+    assert accepted >= 12, accepted

@@ -4,6 +4,7 @@ budget, and the warnings validate/plan/apply print.  Also the weight goal."""
 from __future__ import annotations
 
 import json
+import operator
 
 import pytest
 from click.testing import CliRunner
@@ -25,6 +26,7 @@ from kdsr.compile.selectors import (
 from kdsr.errors import IntentError
 from kdsr.intent import parse_intent
 from kdsr.intent.primes import is_prime, next_prime
+from kdsr.intent.reload import Reloader
 from kdsr.kernel.fake import FakeKernel
 
 
@@ -241,3 +243,24 @@ def test_plan_warns_about_a_large_ipvs_pool_and_still_plans(tmp_path, monkeypatc
     result = CliRunner().invoke(main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1"])
     assert result.exit_code == 0, result.output
     assert f"warning: {path}: /pools/web: pool web has 50 servers on the ipvs engine" in result.stderr
+
+
+def test_a_pool_grown_past_its_rung_under_the_cap_says_the_budget_sized_it():
+    """The table keeps its size (the cap) and its services, but not its
+    reason: selectors remembered from the last intent must not keep it."""
+    reloader = Reloader()
+    before = reloader.parse(json.dumps(intent_doc({"tiny": 4, "big": 10})), "sizing.json")
+    sels = {s.pool.name: s for s in selectors_for(before, budget=8190)}
+    assert (sels["tiny"].table_size, sels["tiny"].sized_by) == (4093, SIZED_BY_DEFAULT)
+    grown = intent_doc({"tiny": 5, "big": 10})
+    grown["pools"]["big"] = intent_doc({"tiny": 4, "big": 10})["pools"]["big"]  # only tiny changes
+    after = reloader.parse(json.dumps(grown), "sizing.json")
+    assert all(map(operator.is_, after.services, before.services))  # a reload keeps unchanged services
+    sels = {s.pool.name: s for s in selectors_for(after, budget=8190)}
+    assert (sels["tiny"].table_size, sels["tiny"].sized_by) == (4093, SIZED_BY_BUDGET)
+
+
+def test_a_pool_grown_past_its_capped_table_is_refused_though_its_default_size_did_not_move():
+    assert selectors_for(load(intent_doc({"a": 3, "b": 3})), budget=7)  # a cap of 3 slots: 3 servers fit
+    with pytest.raises(IntentError, match="pool b has 4 servers but the slot budget of 7"):
+        selectors_for(load(intent_doc({"a": 3, "b": 4})), budget=7)

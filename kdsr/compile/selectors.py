@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,18 +164,34 @@ def _l2_nft(service: Service) -> bool:
     return service.mode == "l2" and service.engine == "nft"
 
 
-# The last answer per (wanted, budget), with what it was built from: one
-# compile asks for the same intent's selectors more than once (whether there
-# is an L2 table, then its contents), and at 10,000 services each answer
-# walks all of them.  A health event or a drain makes a new intent that
-# shares the services tuple and changes only member weights: the grouping
-# and the sizes then stand, and only the pools are swapped in.
+# Compile asks for the same intent's selectors more than once (whether there
+# is an L2 table, then its contents), and the daemon asks again after every
+# health event and reload.  At 10,000 services a fresh answer walks all of
+# them, so each step keeps what it last made and redoes only what an edit
+# reached: the grouping, by the identity of the service objects (a reload
+# reuses the unchanged ones, a health event or a drain keeps the whole
+# tuple); the sizes, by what they are computed from; each selector, by its
+# parts.  The selectors an edit did not reach stay the same objects, with
+# the same services tuples, which is how service_maps and the chain memory
+# downstream recognise them without looking inside.
+@dataclass(frozen=True)
+class _Groups:
+    services: tuple[Service, ...]  # the intent's services they were made from
+    keys: tuple[tuple | None, ...]  # per service: its group, None when not wanted
+    # group -> (its services, their positions).  The order of the groups
+    # does not matter: selectors are sorted by their final key, and the
+    # services of merged groups by position.
+    members: dict[tuple, tuple[tuple[Service, ...], tuple[int, ...]]]
+
+
 @dataclass(frozen=True)
 class _Last:
     intent: Intent
-    services: tuple[Service, ...]
-    pool_sizes: tuple[tuple[str, int], ...]
+    groups: _Groups
+    sizing: tuple  # everything _apply_budget read
+    sizes: dict[tuple, tuple[int, str]]
     selectors: tuple[Selector, ...]
+    by_final: dict[tuple, Selector]
 
 
 _LAST_SELECTORS: dict[tuple, _Last] = {}
@@ -192,80 +209,120 @@ def selectors_for(
     last = _LAST_SELECTORS.get((wanted, budget))
     if last is not None and last.intent is intent:
         return list(last.selectors)
-    # What sizing and grouping read of the pools: their names and member
-    # counts (drained and down members stay members, at weight 0).
-    pool_sizes = tuple((p.name, len(p.members)) for p in intent.pools)
-    if last is not None and last.services is intent.services and last.pool_sizes == pool_sizes:
-        selectors = tuple(_with_pool_of(intent, sel) for sel in last.selectors)
+    groups = _grouped(intent.services, wanted, last.groups if last is not None else None)
+    # Each group's size before the budget: the intent's, or the default for
+    # its pool (drained and down members count: they stay members at weight 0).
+    provisional: dict[tuple, tuple[int, str]] = {}
+    counts = []
+    for key in groups.members:
+        servers = len(intent.pool(key[0]).members)
+        explicit = key[4]
+        provisional[key] = (explicit, SIZED_BY_INTENT) if explicit is not None else default_table_size(servers)
+        counts.append(servers)  # the budget checks each pool's size against its table
+    sizing = (tuple(provisional.items()), tuple(counts))
+    if last is not None and last.sizing == sizing:
+        sizes = last.sizes
     else:
-        selectors = tuple(_selectors(intent, wanted, budget))
+        sizes = _apply_budget(intent, provisional, budget)
+    by_final = _selectors(intent, groups, sizes, last.by_final if last is not None else {})
+    selectors = tuple(by_final.values())
     if len(_LAST_SELECTORS) >= 8:  # a caller passing a new function each time
         _LAST_SELECTORS.clear()
-    _LAST_SELECTORS[(wanted, budget)] = _Last(intent, intent.services, pool_sizes, selectors)
+    _LAST_SELECTORS[(wanted, budget)] = _Last(intent, groups, sizing, sizes, selectors, by_final)
     return list(selectors)
 
 
-def _with_pool_of(intent: Intent, sel: Selector) -> Selector:
-    """``sel`` with ``intent``'s pool of that name (the same selector when the pool is)."""
-    pool = intent.pool(sel.pool.name)
-    return sel if pool is sel.pool else dataclasses.replace(sel, pool=pool)
+def _group_key(service: Service) -> tuple:
+    """What decides a service's table before the budget."""
+    h = service.hashing
+    return (service.pool, service.vip.version, h.fields, h.seed, h.table_size, service.mode, h.pinning)
 
 
-def _selectors(intent: Intent, wanted: Callable[[Service], bool], budget: int) -> list[Selector]:
-    # One pass over the services (10,000 in the bench; everything after it
-    # is per group): group them by what decides their table before the
-    # budget, in the intent's order.
-    groups: dict[tuple, list[Service]] = {}
-    for service in intent.services:
-        if wanted(service):
-            h = service.hashing
-            key = (service.pool, service.vip.version, h.fields, h.seed, h.table_size, service.mode, h.pinning)
-            groups.setdefault(key, []).append(service)
-    # Each group's size before the budget: the intent's, or the default for its pool.
-    provisional: dict[tuple, tuple[int, str]] = {}
-    for key in groups:
-        explicit = key[4]
-        if explicit is not None:
-            provisional[key] = (explicit, SIZED_BY_INTENT)
+def _grouped(services: tuple[Service, ...], wanted: Callable[[Service], bool], last: _Groups | None) -> _Groups:
+    if last is not None:
+        if last.services is services:
+            return last
+        if len(last.services) == len(services):
+            changed = [i for i, (a, b) in enumerate(zip(last.services, services, strict=True)) if a is not b]
+            if len(changed) * 8 <= len(services):
+                return _regrouped(last, services, wanted, changed)
+    keys = tuple(_group_key(s) if wanted(s) else None for s in services)
+    positions: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            positions.setdefault(key, []).append(i)
+    members = {}
+    for key, at in positions.items():
+        grouped = tuple(services[i] for i in at)
+        old = last.members.get(key) if last is not None else None
+        if old is not None and len(old[0]) == len(grouped) and all(map(operator.is_, old[0], grouped)):
+            grouped = old[0]  # the same services: the same tuple, for the memories downstream
+        members[key] = (grouped, tuple(at))
+    return _Groups(services, keys, members)
+
+
+def _regrouped(
+    last: _Groups, services: tuple[Service, ...], wanted: Callable[[Service], bool], changed: list[int]
+) -> _Groups:
+    """``last`` with the services at ``changed`` positions (the others are the same objects) regrouped."""
+    keys = list(last.keys)
+    touched = set()
+    for i in changed:
+        touched.add(keys[i])
+        keys[i] = _group_key(services[i]) if wanted(services[i]) else None
+        touched.add(keys[i])
+    touched.discard(None)
+    moved = set(changed)
+    members = dict(last.members)
+    for key in touched:
+        kept = [i for i in members[key][1] if i not in moved] if key in members else []
+        at = sorted(kept + [i for i in changed if keys[i] == key])
+        if at:
+            members[key] = (tuple(services[i] for i in at), tuple(at))
         else:
-            provisional[key] = default_table_size(len(intent.pool(key[0]).members))
-    sizes = _apply_budget(intent, provisional, budget)
+            del members[key]
+    return _Groups(services, tuple(keys), members)
 
-    # Then group the groups by their final size (a default that equals an
+
+def _selectors(
+    intent: Intent, groups: _Groups, sizes: dict[tuple, tuple[int, str]], before: dict[tuple, Selector]
+) -> dict[tuple, Selector]:
+    """The selectors by their final key, sorted; those of ``before`` reused where nothing of theirs changed."""
+    # Group the groups by their final size (a default that equals an
     # explicit size is one table).
-    grouped: dict[tuple, list[Service]] = {}
+    grouped: dict[tuple, list[tuple[tuple[Service, ...], tuple[int, ...]]]] = {}
     reasons: dict[tuple, str] = {}
-    merged = False
-    for key, services in groups.items():
+    for key, (services, at) in groups.members.items():
         size, reason = sizes[key]
         pool_name, family, fields, seed, _explicit, mode, _pinning = key
         final = (pool_name, family, fields, seed, size, mode, _pinning_key(services[0].hashing))
-        if final in grouped:
-            grouped[final].extend(services)
-            merged = True
-        else:
-            grouped[final] = list(services)
+        grouped.setdefault(final, []).append((services, at))
         # The intent's word wins when a default lands on the same size.
         if reasons.get(final) != SIZED_BY_INTENT:
             reasons[final] = reason
-    if merged:  # a merged group lists its services in the intent's order too
-        position = {id(s): i for i, s in enumerate(intent.services)}
-        for services in grouped.values():
-            services.sort(key=lambda s: position[id(s)])
-    selectors = []
-    for final, services in sorted(grouped.items()):
+    selectors = {}
+    for final, parts in sorted(grouped.items()):
+        if len(parts) == 1:
+            services = parts[0][0]
+        else:  # a merged group lists its services in the intent's order too
+            placed = sorted((i, s) for part, at in parts for i, s in zip(at, part, strict=True))
+            services = tuple(s for _, s in placed)
         pool_name, family, _fields, _seed, size, mode, _pin = final
-        selectors.append(
-            Selector(
-                pool=intent.pool(pool_name),
+        pool = intent.pool(pool_name)
+        old = before.get(final)
+        if old is not None and old.services is services and old.sized_by == reasons[final]:
+            sel = old if old.pool is pool else dataclasses.replace(old, pool=pool)
+        else:
+            sel = Selector(
+                pool=pool,
                 family=family,
                 hashing=services[0].hashing,
                 table_size=size,
-                services=tuple(services),
+                services=services,
                 mode=mode,
                 sized_by=reasons[final],
             )
-        )
+        selectors[final] = sel
     return selectors
 
 
