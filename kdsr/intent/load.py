@@ -13,7 +13,7 @@ import functools
 import importlib.resources
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -104,17 +104,25 @@ def parse_intent(text: str, source: str, fmt: str | None = None) -> Intent:
     return checked(text, source, fmt)[0]
 
 
-def checked(text: str, source: str, fmt: str | None = None, since: Since | None = None) -> tuple[Intent, dict]:
+def checked(
+    text: str,
+    source: str,
+    fmt: str | None = None,
+    since: Since | None = None,
+    read_json: Callable[[str], dict | None] | None = None,
+) -> tuple[Intent, dict]:
     """``parse_intent``, also returning the plain document it built from.
 
     ``since`` (kdsr/intent/reload.py) stands for the last valid document of
     the same file: it validates and builds only the entries that changed.
+    ``read_json`` reads JSON text as ``_parse_json_fast`` does, or says None
+    to leave it to it (kdsr/intent/json_entries.py).
     """
     fmt = fmt or _guess_format(text, source)
     if fmt not in (JSON, YAML):
         raise ValueError(f"fmt must be {JSON!r} or {YAML!r}, not {fmt!r}")  # a caller's bug, not the user's
     if fmt == JSON:
-        doc = _parse_json_fast(text)
+        doc = _parse_json_fast(text, read_json)
         if doc is not _UNREADABLE:
             try:
                 return _checked(doc, [], source, fmt, since)
@@ -272,7 +280,7 @@ class _Duplicate(Exception):
     """A key written twice in one JSON object (the careful path reports where)."""
 
 
-def _parse_json_fast(text: str) -> object:
+def _parse_json_fast(text: str, read_json: Callable[[str], dict | None] | None = None) -> object:
     """The JSON document as plain values straight from the C parser, or
     _UNREADABLE when only the careful path (``_parse``) may answer.
 
@@ -288,8 +296,12 @@ def _parse_json_fast(text: str) -> object:
     """
     if 1 + text.count(",") + text.count(":") + text.count("[") > MAX_NODES:
         return _UNREADABLE
+    if read_json is not None:
+        doc = read_json(text)
+        if doc is not None:
+            return doc
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_whole_as_int)
+        return JSON_DECODER.decode(text)
     except (json.JSONDecodeError, RecursionError, _Duplicate):
         return _UNREADABLE
 
@@ -309,6 +321,11 @@ def _integral(value: float) -> float | int:
     # JSON Schema counts 80.0 as an integer; make it one, so that the
     # model never holds a float port, weight or seed.
     return int(value) if value.is_integer() else value
+
+
+# The fast path's parser; its scan_once reads one value at an offset
+# (kdsr/intent/json_entries.py), with the same hooks.
+JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_whole_as_int)
 
 
 class _Loader(yaml.SafeLoader):

@@ -31,7 +31,7 @@ from pathlib import Path
 import jsonschema
 
 from kdsr.errors import Problem
-from kdsr.intent import load, reverify
+from kdsr.intent import json_entries, load, reverify
 from kdsr.intent import verify as rules
 from kdsr.intent.model import Intent, Pool, Service
 
@@ -50,13 +50,24 @@ class Reloader:
 
     def __init__(self) -> None:
         self._last: _Since | None = None
+        self._reading: json_entries.Reading | None = None  # of the last valid text, when JSON
 
     def load(self, path: str | Path) -> Intent:
         return self.parse(load.read_intent_text(path), str(path))
 
     def parse(self, text: str, source: str, fmt: str | None = None) -> Intent:
         """``parse_intent``; an invalid text raises IntentError and leaves the memory as it was."""
-        intent, doc = load.checked(text, source, fmt, since=self._last)
+        readings: list[json_entries.Reading] = []
+
+        def read_json(text: str) -> dict | None:
+            try:
+                readings.append(json_entries.read(text, load.JSON_DECODER.scan_once, ENTRY_MAPS, self._reading))
+            except json_entries.Unreadable:
+                return None
+            return readings[-1].doc
+
+        intent, doc = load.checked(text, source, fmt, since=self._last, read_json=read_json)
+        self._reading = next((r for r in readings if r.doc is doc), None)
         first = self._last is None
         self._last = _Since(doc, intent, self._last)
         if first:
@@ -86,6 +97,9 @@ def _frozen(entry: object) -> bytes:
     different bytes, which costs a needless check, never a missed one.
     Version 2: no back-references, whose use depends on reference counts."""
     return marshal.dumps(entry, 2)
+
+
+_ABSENT = object()
 
 
 class _Since:
@@ -138,7 +152,11 @@ class _Since:
                     forms, next_forms = self._forms[key], self._next_forms.setdefault(key, {})
                     same = []
                     for name, entry in new.items():
-                        if name in old and entry == old[name]:
+                        if entry is old.get(name, _ABSENT):  # json_entries reused it: the same text
+                            same.append(name)
+                            if name in forms:
+                                next_forms[name] = forms[name]
+                        elif name in old and entry == old[name]:
                             next_forms[name] = frozen = _frozen(entry)
                             if frozen == (forms.get(name) or forms.setdefault(name, _frozen(old[name]))):
                                 same.append(name)
