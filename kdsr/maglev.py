@@ -91,24 +91,32 @@ def build(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ...]:
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate backend keys")
     max_weight = max(b.weight for b in live)
+    weights = [b.weight for b in live]
+    # Each backend's next candidate slot: slot_i(j) = (offset + j * skip) % size
+    # walked by adding skip, without the multiplication and its big products.
     perms = [_offset_and_skip(b.key, seed, size) for b in live]
-    next_index = [0] * len(live)
+    candidate = [offset for offset, _ in perms]
+    skips = [skip for _, skip in perms]
     table: list[int] = [-1] * size
     filled = 0
     round_no = 0
+    equal = all(w == max_weight for w in weights)
     while True:
-        for i, backend in enumerate(live):
-            turns = (round_no + 1) * backend.weight // max_weight - round_no * backend.weight // max_weight
-            if not turns:
-                continue
-            offset, skip = perms[i]
+        if equal:  # every backend, every round
+            turns_now = range(len(live))
+        else:
+            turns_now = [
+                i for i, w in enumerate(weights) if (round_no + 1) * w // max_weight - round_no * w // max_weight
+            ]
+        for i in turns_now:
             # Walk this backend's permutation to its next free slot.
-            while True:
-                slot = (offset + next_index[i] * skip) % size
-                next_index[i] += 1
-                if table[slot] < 0:
-                    break
+            slot, skip = candidate[i], skips[i]
+            while table[slot] >= 0:
+                slot += skip
+                if slot >= size:
+                    slot -= size
             table[slot] = i
+            candidate[i] = slot + skip if slot + skip < size else slot + skip - size
             filled += 1
             if filled == size:
                 return tuple(keys[j] for j in table)
