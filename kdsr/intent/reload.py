@@ -12,9 +12,12 @@ services and pools maps by itself (``additionalProperties`` and
 pool: its entry and the server nodes).  So an entry equal to the one in the
 last valid document has no schema problem, and its model object is the one
 already built.  Everything else (the rest of the document, the maps' own
-keywords, each changed entry and new name) is validated as before, and the
-cross-object rules (kdsr/intent/verify.py) always run on the whole document.
-When anything is wrong, the whole document is validated again, so a reload
+keywords, each changed entry and new name) is validated as before; the
+cross-object rules (kdsr/intent/verify.py) run on the part of the document
+an edit can reach (kdsr/intent/reverify.py), and the JSON text is parsed
+again only where it changed (kdsr/intent/json_entries.py), which hands
+back unchanged entries as the last document's objects.  When anything is
+wrong, the whole document is read and validated again, so a reload
 reports exactly what ``kdsr plan`` would.
 
 "Equal" is strict about JSON types: Python's ``True == 1``, and a reload
