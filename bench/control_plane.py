@@ -175,7 +175,7 @@ def run_pipeline(
     from kdsr.diff import diff
     from kdsr.health.effective import effective_intent
     from kdsr.intent import load_intent
-    from kdsr.kernel.observe import observe
+    from kdsr.kernel.observe import keep_unchanged, observe
     from kdsr.kernel.system import SystemKernel
     from kdsr.operations import unserved_vips
 
@@ -195,6 +195,7 @@ def run_pipeline(
             observed = observe(kernel, desired, state)
         with rec.step(f"{label}: diff"):
             plan = diff(desired, observed)
+            keep_unchanged(kernel, desired, observed, plan)  # as operations.prepare does
     read_back = rec.step(f"{label}: read-back")
     original = apply_module._read_back
 

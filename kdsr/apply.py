@@ -43,7 +43,7 @@ from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import batch_for
-from kdsr.kernel.observe import observe
+from kdsr.kernel.observe import keep_unchanged, observe
 from kdsr.kernel.state import NodeState, StateStore
 from kdsr.model import Address, BirdConfig, Desired, IpvsService, Link
 
@@ -633,7 +633,9 @@ def _finish_single_transaction(
 
 def _read_back(desired: Desired, kernel: Kernel, state: NodeState) -> None:
     """The kernel must now hold exactly what we asked for."""
-    leftover = diff(desired, observe(kernel, desired, state))
+    observed = observe(kernel, desired, state)
+    leftover = diff(desired, observed)
+    keep_unchanged(kernel, desired, observed, leftover)
     if not leftover.empty:
         lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)

@@ -23,7 +23,7 @@ from kdsr.intent.model import Intent, address_text
 from kdsr.kernel import Kernel
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import element_counters
-from kdsr.kernel.observe import observe
+from kdsr.kernel.observe import keep_unchanged, observe
 from kdsr.kernel.state import NodeState, StateStore
 from kdsr.model import Desired, Observed
 
@@ -85,6 +85,7 @@ def prepare(
         observed = observe(kernel, desired, state)
         observed = _check_foreign(intent, desired, observed, state, adopt)
         plan = diff(desired, observed)
+        keep_unchanged(kernel, desired, observed, plan)
         plan.notes = announcement_notes(effective.intent, desired)
     _check_bird_ready(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)

@@ -31,6 +31,10 @@ class Kernel(Protocol):
 
     def nft_token(self, family: str, name: str) -> tuple[str, bool] | None: ...  # (token, read at it); see receipt.py
 
+    # ``same`` equals ``read`` (what nft_read_table returned) as the diff
+    # compares tables: keep ``same`` as that read (see observe.keep_unchanged).
+    def nft_adopt(self, read: NftTable, same: NftTable) -> None: ...
+
     def addr_list(self, ifname: str) -> list[Address]: ...
 
     def addr_add(self, addr: Address) -> None: ...

@@ -103,6 +103,9 @@ class FakeKernel:
         self.tables = tables
         return False  # the fake has no generation: reads always list
 
+    def nft_adopt(self, read: NftTable, same: NftTable) -> None:
+        pass  # the fake keeps no read: every read lists
+
     def nft_token(self, family: str, name: str) -> tuple[str, bool] | None:
         return None  # no generation: an unchanged re-apply always plans in full
 

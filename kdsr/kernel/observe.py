@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kdsr import naming
 from kdsr.compile.bird import parse_model
 from kdsr.errors import ForeignObjectError
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import NodeState
 from kdsr.model import LINK_PREFIX, Address, BirdConfig, Desired, IpvsService, Link, NftTable, Observed, Sysctl
+
+if TYPE_CHECKING:
+    from kdsr.diff import Plan
 
 # The tables kdsr may own.  Only these are ever read, changed or deleted.
 OWNED_TABLES = (("netdev", "kdsr"), ("inet", "kdsr"))
@@ -73,6 +78,20 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = 
         sysctl_written=tuple(sorted(state.sysctl_written.items())),
         bird=_bird(kernel, desired, state),
     )
+
+
+def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, plan: Plan) -> None:
+    """Each table the plan leaves alone equals its read, as the diff compares
+    them: the kernel handle keeps the compiled table as that read.  The next
+    diff (the daemon's next health event) then meets compile's own map
+    tuples and stops at identity.  Without this the first event after a
+    start compared 164,000 read elements pair by pair (100 VIPs: 20-40 ms
+    of a 57-85 ms event)."""
+    changed = {(td.family, td.name) for td in plan.tables}
+    read = {t.ident: t for t in observed.tables}
+    for table in desired.tables:
+        if (table.family, table.name) not in changed and table.ident in read:
+            kernel.nft_adopt(read[table.ident], table)
 
 
 def _bird(kernel: Kernel, desired: Desired, state: NodeState) -> BirdConfig | None:

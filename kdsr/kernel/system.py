@@ -405,6 +405,17 @@ class SystemKernel(_L3Mixin, _BirdMixin):
                 self._record(family, name, generation, chains, table)
         return table, listing
 
+    def nft_adopt(self, read: NftTable, same: NftTable) -> None:
+        """Keep ``same`` as the last read of its table, in place of ``read``,
+        which the caller found equal to it.  Only while ``read`` is still the
+        read kept (a later read would be of another generation), and the
+        generation stays the one ``read`` was made at: a change since still
+        forces a listing."""
+        key = (same.family, same.name)
+        kept = self._tables_read.get(key)
+        if kept is not None and kept[1] is read:
+            self._tables_read[key] = (kept[0], same, [])
+
     def nft_token(self, family: str, name: str) -> tuple[str, bool] | None:
         """A token for the family's nftables state now (namespace, boot,
         ruleset generation, chain listing), and whether this process read or

@@ -37,6 +37,13 @@ first = kernel.nft_read_table("netdev", "kdsr", reuse=True)
 again = kernel.nft_read_table("netdev", "kdsr", reuse=True)
 out["reused_when_unchanged"] = first[0] is again[0]
 out["noop_plan"] = len(operations.prepare(intent, "lb1", kernel, store).plan.changes)
+# A new handle (kdsr run after a start) lists the table; the no-op plan
+# proves it equal to the compiled one, which the handle keeps as its read.
+fresh = SystemKernel()
+prepared = operations.prepare(intent, "lb1", fresh, store)
+compiled = next(t for t in prepared.desired.tables if t.family == "netdev")
+out["fresh_noop_plan"] = len(prepared.plan.changes)
+out["fresh_keeps_compiled"] = fresh.nft_read_table("netdev", "kdsr", reuse=True)[0] is compiled
 
 maps = [m for m in first[0].maps if m.name.startswith("pool-web-v4") and m.elements]
 name, (key, _value) = maps[0].name, maps[0].elements[0]
@@ -44,6 +51,8 @@ subprocess.run(["nft", "delete", "element", "netdev", "kdsr", name, "{", str(key
 out["generation_after_drift"] = read_generation()
 plan = operations.prepare(intent, "lb1", kernel, store).plan
 out["drift"] = [f"{c.action} {c.kind} {c.ident}" for c in plan.changes]
+plan = operations.prepare(intent, "lb1", fresh, store).plan
+out["drift_fresh"] = [f"{c.action} {c.kind} {c.ident}" for c in plan.changes]
 operations.apply(operations.prepare(intent, "lb1", kernel, store), kernel, store)
 subprocess.run(["nft", "add", "table", "ip", "someone-else"], check=True)
 out["after_foreign_table"] = len(operations.prepare(intent, "lb1", kernel, store).plan.changes)
@@ -83,6 +92,9 @@ def test_a_reused_read_never_hides_a_change(scratch_ns, tmp_path):
     assert out["reused_when_unchanged"] and out["noop_plan"] == 0
     assert out["generation_after_drift"] > out["generation_after_apply"]
     assert len(out["drift"]) == 1 and out["drift"][0].startswith("create nft element"), out["drift"]
+    # The compiled table kept as the read hides nothing either.
+    assert out["fresh_noop_plan"] == 0 and out["fresh_keeps_compiled"]
+    assert out["drift_fresh"] == out["drift"]
     # Another table's transaction bumps the generation too: re-read, still no change.
     assert out["after_foreign_table"] == 0
 
