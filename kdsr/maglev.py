@@ -11,9 +11,12 @@ breaking change (tests pin golden tables).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 MAX_TABLE_SIZE = 65537  # largest prime we offer; nft maps carry this easily
@@ -92,35 +95,89 @@ def build(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ...]:
         raise ValueError("duplicate backend keys")
     max_weight = max(b.weight for b in live)
     weights = [b.weight for b in live]
-    # Each backend's next candidate slot: slot_i(j) = (offset + j * skip) % size
-    # walked by adding skip, without the multiplication and its big products.
     perms = [_offset_and_skip(b.key, seed, size) for b in live]
+    # Each backend's next slot to try: slot_i(j) = (offset_i + j * skip_i) % size,
+    # walked by adding skip, without the multiplication and its big products.
     candidate = [offset for offset, _ in perms]
     skips = [skip for _, skip in perms]
     table: list[int] = [-1] * size
-    filled = 0
-    round_no = 0
-    equal = all(w == max_weight for w in weights)
-    while True:
-        if equal:  # every backend, every round
-            turns_now = range(len(live))
-        else:
-            turns_now = [
-                i for i, w in enumerate(weights) if (round_no + 1) * w // max_weight - round_no * w // max_weight
-            ]
+    free = size
+    endgame = _endgame_free_slots(size)
+    last_free: _LastFreeSlots | None = None
+    if all(w == max_weight for w in weights):  # every backend, every round
+        turns = itertools.repeat(range(len(live)))
+    else:
+        turns = _weighted_turns(weights, max_weight)
+    for turns_now in turns:
         for i in turns_now:
-            # Walk this backend's permutation to its next free slot.
-            slot, skip = candidate[i], skips[i]
-            while table[slot] >= 0:
-                slot += skip
-                if slot >= size:
-                    slot -= size
+            if free > endgame:
+                slot, skip = candidate[i], skips[i]
+                while table[slot] >= 0:
+                    slot += skip
+                    if slot >= size:
+                        slot -= size
+                candidate[i] = slot + skip if slot + skip < size else slot + skip - size
+            else:
+                if last_free is None:
+                    last_free = _LastFreeSlots(table, perms)
+                slot = last_free.take(i)
             table[slot] = i
-            candidate[i] = slot + skip if slot + skip < size else slot + skip - size
-            filled += 1
-            if filled == size:
-                return tuple(keys[j] for j in table)
-        round_no += 1
+            free -= 1
+            if not free:
+                return tuple(map(keys.__getitem__, table))
+    raise AssertionError("unreachable: every round fills at least one slot")
+
+
+def _weighted_turns(weights: list[int], max_weight: int) -> Iterator[list[int]]:
+    """The backends taking a turn in each round, round after round.  Which
+    ones do depends only on the round modulo the largest weight, so each of
+    those (at most ``size``) lists is computed once."""
+    schedule: dict[int, list[int]] = {}
+    for round_no in itertools.count():
+        phase = round_no % max_weight
+        turns_now = schedule.get(phase)
+        if turns_now is None:
+            turns_now = schedule[phase] = [
+                i for i, w in enumerate(weights) if (phase + 1) * w // max_weight - phase * w // max_weight
+            ]
+        yield turns_now
+
+
+def _endgame_free_slots(size: int) -> int:
+    """When this few slots are left free, finding a backend's next one by
+    computing where each free slot sits in its permutation (one product per
+    free slot) is cheaper than walking to it (size/free probes on average).
+    About sqrt(size): the walk's last stretch was half of all probes."""
+    return max(1, math.isqrt(size))
+
+
+class _LastFreeSlots:
+    """The last few free slots, and a backend's next one among them.
+
+    Every slot before a backend's candidate in its permutation is taken
+    (slots are never freed), so its next free slot, the one walking would
+    reach, is the free slot that comes first in its permutation: the one of
+    least position (slot - offset) / skip modulo the (prime) size."""
+
+    def __init__(self, table: list[int], perms: list[tuple[int, int]]) -> None:
+        self.size = len(table)
+        self.slots = _indexes(table, -1)
+        self.offsets = [offset for offset, _ in perms]
+        self.inverses = [pow(skip, -1, self.size) for _, skip in perms]
+
+    def take(self, i: int) -> int:
+        offset, inverse, size = self.offsets[i], self.inverses[i], self.size
+        positions = [(slot - offset) * inverse % size for slot in self.slots]
+        return self.slots.pop(positions.index(min(positions)))
+
+
+def _indexes(items: list[int], value: int) -> list[int]:
+    found, at = [], -1
+    with contextlib.suppress(ValueError):
+        while True:
+            at = items.index(value, at + 1)
+            found.append(at)
+    return found
 
 
 def shares(table: Sequence[str]) -> dict[str, int]:

@@ -64,3 +64,20 @@ def test_zero_weight_gets_nothing_and_all_zero_is_empty():
 def test_duplicate_keys_rejected():
     with pytest.raises(ValueError):
         populate([Backend("10.0.0.1"), Backend("10.0.0.1")], 13, 1)
+
+
+def test_the_endgame_takes_the_slot_the_walk_would(monkeypatch):
+    """build finds each backend's last few slots among the free ones instead
+    of walking to them (maglev._LastFreeSlots); the tables must be the walk's."""
+    from kdsr import maglev
+
+    rng = random.Random(11)
+    cases = []
+    for _ in range(60):
+        size = rng.choice([2, 3, 13, 251, 1009, 4093, 16381])
+        weights = [rng.choice([0, 1, 1, 2, 3, 10, rng.randint(0, 500)]) for _ in range(rng.randint(1, 24))]
+        backends = [Backend(f"10.{rng.randint(0, 255)}.0.{i}", w) for i, w in enumerate(weights)]
+        cases.append((backends, size, rng.randint(0, 2**32 - 1)))
+    with_endgame = [maglev.build(*case) for case in cases]
+    monkeypatch.setattr(maglev, "_endgame_free_slots", lambda size: 0)
+    assert [maglev.build(*case) for case in cases] == with_endgame
