@@ -7,8 +7,8 @@ against the number of VIPs, and the fitted exponent (time ~ VIPs^k).
 
 No root, no kernel: load and compile are pure.  The intents are
 bench/control_plane.py's (VIPs over VIPs/10 pools of 16 servers, at most
-1,000 pools).  Each figure is the best of ``--repeat`` cold runs (kdsr's
-remembered Maglev tables and slot elements are cleared before each), and the
+1,000 pools).  Each figure is the best of ``--repeat`` cold runs (every
+memory kdsr keeps between compiles is cleared before each: kdsr/memories.py), and the
 memory is tracemalloc's peak of Python allocations during one more run
 (measured apart: tracemalloc slows Python several times over).  The
 exponent is the least-squares slope of log(time) on log(VIPs); the issue's
@@ -32,28 +32,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from control_plane import bench_intent  # noqa: E402
 
-from kdsr import maglev  # noqa: E402
-from kdsr.compile import compile_node, lb_nft_l2, selectors  # noqa: E402
-from kdsr.intent import load_intent, model  # noqa: E402
+from kdsr import memories  # noqa: E402
+from kdsr.compile import compile_node  # noqa: E402
+from kdsr.intent import load_intent  # noqa: E402
 
 GOAL_EXPONENT = 1.1
-
-
-def _cold() -> None:
-    # Every memory compile keeps between calls: a cold run computes all.
-    # (The identity memories, which answer a second compile of the same
-    # intent object at once, were missing here: compile read 0.008 s at
-    # 10,000 VIPs.)
-    for memory in (
-        maglev._BUILT,
-        lb_nft_l2._SLOT_ELEMENTS,
-        lb_nft_l2._LAST_SERVICE_MAPS,
-        lb_nft_l2._LAST_SELECTOR_MAPS,
-        lb_nft_l2._CHAINS,
-        selectors._LAST_SELECTORS,
-        model._LAST_BY_POOL,
-    ):
-        memory.clear()
 
 
 def _measure(step, repeat: int) -> tuple[float, float, object]:
@@ -61,11 +44,11 @@ def _measure(step, repeat: int) -> tuple[float, float, object]:
     (tracemalloc slows Python several times over, so never both at once)."""
     best, result = math.inf, None
     for _ in range(repeat):
-        _cold()
+        memories.forget()  # every memory compile keeps between calls: a cold run computes all
         started = time.perf_counter()
         result = step()
         best = min(best, time.perf_counter() - started)
-    _cold()
+    memories.forget()
     tracemalloc.start()
     step()
     peak = tracemalloc.get_traced_memory()[1] / 2**20

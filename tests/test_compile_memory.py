@@ -9,42 +9,22 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
-from kdsr import maglev, operations
-from kdsr.compile import compile_node, lb_nft_l2, selectors
+from kdsr import operations
+from kdsr.compile import compile_node, selectors
 from kdsr.errors import IntentError
 from kdsr.health.effective import effective_intent
-from kdsr.intent import load_intent, model, parse_intent
-from kdsr.intent.model import address_text
+from kdsr.intent import load_intent, parse_intent
 from kdsr.intent.reload import Reloader
 from kdsr.kernel import nft_cache
+from kdsr.memories import forget, forgotten_caches, memories
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["l2-web.json", "l2-bgp-ha.json", "l3-ipip.json", "l3-gre-ipvs.json", "l3-ip6tnl.json"]
-
-
-def memories() -> list[dict]:
-    return [
-        selectors._LAST_SELECTORS,
-        lb_nft_l2._LAST_SERVICE_MAPS,
-        lb_nft_l2._LAST_SELECTOR_MAPS,
-        operations._LAST_UNSERVED,
-        model._LAST_BY_POOL,
-        lb_nft_l2._CHAINS,
-        lb_nft_l2._SLOT_ELEMENTS,
-        maglev._BUILT,
-        nft_cache._ENCODED._known,
-        nft_cache._MAP_TEXT._known,
-    ]
-
-
-def forget_everything() -> None:
-    for memory in memories():
-        memory.clear()
-    address_text.cache_clear()
 
 
 def edits(doc: dict) -> list[dict]:
@@ -89,7 +69,7 @@ def test_a_compile_after_others_equals_a_compile_from_nothing(tmp_path, example)
     node = next(iter(doc["load_balancers"]))
     for i, version in enumerate(edits(doc)):
         warm = compiled(tmp_path, version, f"v{i}", node)
-        forget_everything()
+        forget()
         cold = compiled(tmp_path, version, f"v{i}", node)
         assert warm == cold, f"edit {i} of {example}"
         # Element comments are not compared by NftElement equality alone
@@ -98,6 +78,47 @@ def test_a_compile_after_others_equals_a_compile_from_nothing(tmp_path, example)
             for wm, cm in zip(wt.maps, ct.maps, strict=True):
                 assert [e.comment for _k, e in wm.elements] == [e.comment for _k, e in cm.elements]
         assert nft_cache.encode_table_text(warm.tables[0]) == nft_cache.encode_table_text(cold.tables[0])
+
+
+def _module_memories() -> dict[str, object]:
+    """Every dict, text memory and lru_cache held at module level in kdsr."""
+    found: dict[str, object] = {}
+    for module_name, module in list(sys.modules.items()):
+        if module_name != "kdsr" and not module_name.startswith("kdsr."):
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, nft_cache._TextByIdentity):
+                value = value._known
+            if isinstance(value, dict) or hasattr(value, "cache_info"):
+                found[f"{module_name}.{name}"] = value
+    return found
+
+
+def _size(memory) -> int:
+    return memory.cache_info().currsize if hasattr(memory, "cache_info") else len(memory)
+
+
+def test_every_memory_compile_and_planning_fill_is_named(tmp_path):
+    """kdsr/memories.py must name every memory, or a cold compile in a test
+    or a bench would silently start warm: whatever grows while the examples
+    are compiled, planned with a server down and recorded is one."""
+    intents = [load_intent(ROOT / "examples" / example) for example in EXAMPLES]
+    forget()
+    before = {name: _size(memory) for name, memory in _module_memories().items()}
+    for intent in intents:
+        for node in intent.node_names():
+            down = frozenset({(intent.pools[0].name, str(intent.pools[0].members[0].address))})
+            effective = effective_intent(intent, down, frozenset())
+            desired = compile_node(effective.intent, node, withdraw=operations.unserved_vips(effective))
+            for table in desired.tables:
+                nft_cache.encode_table_text(table)
+    named = {id(memory) for memory in memories()} | {id(memory) for memory in forgotten_caches()}
+    grown = [
+        name
+        for name, memory in _module_memories().items()
+        if _size(memory) > before.get(name, 0) and id(memory) not in named
+    ]
+    assert not grown, f"memories kdsr/memories.py does not name: {grown}"
 
 
 def test_health_and_drains_after_a_clean_compile(tmp_path):
@@ -123,7 +144,7 @@ def test_health_and_drains_after_a_clean_compile(tmp_path):
         (frozenset(), frozenset()),
     ]:
         warm = compile_with_withdrawals(down, drained)
-        forget_everything()
+        forget()
         cold = compile_with_withdrawals(down, drained)
         assert warm == cold, (down, drained)
 
@@ -238,7 +259,7 @@ def test_reloaded_edits_compile_as_from_nothing(seed):
         current, accepted = edited, accepted + 1
         warm = compile_node(intent, "lb1"), selectors.selectors_for(intent, budget=20_000)
         saved = [dict(memory) for memory in memories()]
-        forget_everything()
+        forget()
         cold_intent = parse_intent(text, "intent.json")
         cold = compile_node(cold_intent, "lb1"), selectors.selectors_for(cold_intent, budget=20_000)
         assert warm == cold, f"seed {seed}, step {step}"
