@@ -407,6 +407,9 @@ def print_tables(results: dict[int, dict]) -> None:
         row = f"{name:<{width}}"
         for n in sizes:
             step = next(s for s in results[n]["steps"] if s["name"] == name)
+            if not step["seconds"] and not step["peak_mb"]:  # an empty plan: apply returned before its read-back
+                row += f"{'(not run)':>30}"
+                continue
             row += f"{step['seconds']:>9.3f}{step['peak_mb']:>10.0f}{step['writes']:>7}{step['elements']:>9}"
         print(row)
     row = f"{'  = ' + last_group:<{width}}"
