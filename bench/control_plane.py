@@ -165,10 +165,20 @@ def ipvs_entries(plan) -> int:
 
 
 def run_pipeline(
-    rec: Recorder, label: str, path: str | None, intent, store, fresh_kernel: bool, kernel=None, down=frozenset()
+    rec: Recorder,
+    label: str,
+    path: str | None,
+    intent,
+    store,
+    fresh_kernel: bool,
+    kernel=None,
+    down=frozenset(),
+    receipt_of=None,
 ):
     """load (when ``path``) -> compile -> read -> diff -> apply -> read-back, each a step.
-    ``down``: (pool, server) pairs health took out, as the daemon passes them."""
+    ``down``: (pool, server) pairs health took out, as the daemon passes them.
+    ``receipt_of``: (file, text, warnings) of the daemon's intent: then the
+    receipt ``kdsr run`` records after each verified apply is a step too."""
     from kdsr import apply as apply_module
     from kdsr import collector
     from kdsr.compile import compile_node
@@ -217,6 +227,13 @@ def run_pipeline(
     step.seconds -= back.seconds
     # Report the read-back after the apply that ran it.
     rec.steps = [s for s in rec.steps if s is not back] + [back]
+    if receipt_of is not None:
+        from kdsr import cli, operations
+
+        source, text, warnings = receipt_of
+        prepared = operations.Prepared(intent=intent, node="lb1", desired=desired, state=state, plan=plan, down=down)
+        with rec.step(f"{label}: receipt"):
+            cli._record_receipt(cli.Context(store.directory, 0.0), kernel, source, text, "lb1", prepared, warnings)
     return intent, kernel
 
 
@@ -284,8 +301,14 @@ def inner(args: argparse.Namespace) -> int:
     # A health event: the same intent object, one server of one pool down,
     # then up again (what ``kdsr run`` does after a probe changes state).
     down = frozenset({("p0", str(intent.pool("p0").members[1].address))})
+    # kdsr run records a receipt after each verified apply (kdsr/cli.py:
+    # run_command), its warnings computed once per intent.
+    from kdsr import cli
+
+    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent))
     for label, now_down in (("one server down (health)", down), ("the server back up (health)", frozenset())):
-        run_pipeline(rec, label, None, intent, store, fresh_kernel=False, kernel=daemon_kernel, down=now_down)
+        daemon_path = {"fresh_kernel": False, "kernel": daemon_kernel, "receipt_of": receipt_of}
+        run_pipeline(rec, label, None, intent, store, down=now_down, **daemon_path)
     changes = {
         "one weight change": with_weight(doc, "p0", 0, 3),
         "one server removed": without_member(with_weight(doc, "p0", 0, 3), "p0", 1),
@@ -298,7 +321,10 @@ def inner(args: argparse.Namespace) -> int:
         daemon_file.write_text(changed_path.read_text())
         with collector.paused(), rec.step(f"{label}: load+validate"):
             changed_intent = reloader.load(daemon_file)
-        run_pipeline(rec, label, None, changed_intent, store, fresh_kernel=False, kernel=daemon_kernel)
+        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent))
+        run_pipeline(
+            rec, label, None, changed_intent, store, fresh_kernel=False, kernel=daemon_kernel, receipt_of=receipt_of
+        )
     # The same edits through the CLI: back to the start, then each changed file.
     cli_apply(args.intent, args.state_dir)
     for label in changes:

@@ -64,14 +64,18 @@ def _unchanged(obj: Context, kernel, intent_file: str, text: str, node: str | No
     return found
 
 
-def _record_receipt(obj: Context, kernel, intent_file: str, text: str, node: str | None, prepared) -> None:
-    """Under the lock, right after kdsr verified the kernel against ``prepared``."""
+def _record_receipt(
+    obj: Context, kernel, intent_file: str, text: str, node: str | None, prepared, warnings: list[str] | None = None
+) -> None:
+    """Under the lock, right after kdsr verified the kernel against ``prepared``;
+    ``warnings``: the intent's, when the caller already has them."""
     from kdsr import receipt
 
     inputs = receipt.inputs_digest(
         intent_file, text.encode(), node, prepared.node, kernel, obj.store, down=prepared.down
     )
-    warnings = _warnings(prepared.intent)
+    if warnings is None:
+        warnings = _warnings(prepared.intent)
     receipt.record(obj.store, kernel, node, inputs, prepared.desired, prepared.plan.notes, warnings)
 
 
@@ -336,16 +340,31 @@ def run_command(obj: Context, intent_file: str, node: str | None, listen: str | 
 
     # A reload (SIGHUP) validates and builds only the entries that changed.
     reloader = Reloader()
+
+    warned: list = [None, []]  # the intent the warnings are of, and them
+
+    def verified(prepared) -> None:
+        # The file as the daemon last loaded it: after an edit not yet
+        # reloaded, `kdsr apply` of the new text misses the receipt, as it must.
+        if reloader.text is None:
+            return
+        if warned[0] is not prepared.intent:  # 5 ms at 1,000 pools: once per intent, not per health event
+            warned[:] = [prepared.intent, _warnings(prepared.intent)]
+        _record_receipt(obj, kernel, intent_file, reloader.text, node, prepared, warned[1])
+
     try:
         require_net_admin("run", "changes this host's nftables, IPVS, links, addresses and sysctls")
+        kernel = _kernel(obj.store)
         code = run_daemon(
             lambda: _load(intent_file, reloader=reloader),
             node,
-            _kernel(obj.store),
+            kernel,
             obj.store,
             max(obj.wait, 10.0),
             adopt,
             listen,
+            # As `kdsr apply --adopt`, which records no receipt either.
+            verified=None if adopt else verified,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)

@@ -146,3 +146,52 @@ def test_the_receipt_keeps_the_model_exactly(example_path):
     for node in intent.node_names():
         desired = compile_node(intent, node)
         assert receipt.decode(json.loads(json.dumps(receipt.encode(desired)))) == desired
+
+
+def test_kdsr_run_leaves_a_receipt_the_next_apply_uses(tmp_path, intent, kernel, loads, monkeypatch):
+    """`kdsr run` records the receipt after each verified apply, with the
+    servers health took out: a config-management `kdsr apply` of the same
+    file while it runs is answered from it.  Once no daemon reports the
+    server down, the same receipt must not serve."""
+    from kdsr.commands import health as health_commands
+    from kdsr.health import status as health_status
+    from kdsr.health.daemon import Runner
+    from kdsr.health.probes import Result
+
+    doc = json.loads(intent.read_text())
+    doc["pools"]["web"]["health"] = {"type": "tcp", "interval": 1, "timeout": 0.5, "rise": 2, "fall": 3}
+    intent.write_text(json.dumps(doc))
+    down_server = str(load_intent(intent).pool("web").members[0].address)
+    ran = []
+
+    def one_event(load, node, kernel, store, wait, adopt, listen, verified=None):
+        """The daemon's start and one server falling, then return (no signals, no threads)."""
+        probe = lambda target: Result(target.server != down_server, 0.001, "refused")  # noqa: E731
+        runner = Runner(load, node, kernel, store, adopt=adopt, emit=[].append, probe_fn=probe, verified=verified)
+        runner.start()
+        runner._stop_probes()
+        for _ in range(3):  # fall
+            for key, target in runner.targets.items():
+                runner.results.put((runner._generation, key, runner._probe(target)))
+            runner.step(poll=0)
+        runner.publish()
+        ran.append(runner.down())
+        return 0
+
+    monkeypatch.setattr(health_commands, "run_daemon", one_event)
+    run = kdsr(tmp_path, "run", str(intent), "--node", "lb1")
+    assert run.exit_code == 0, run.output
+    assert ran == [frozenset({("web", down_server)})]
+    writes, validated = kernel.writes, len(loads)
+
+    again = kdsr(tmp_path, "apply", str(intent), "--node", "lb1")
+    assert again.exit_code == 0 and "No changes" in again.output, again.output
+    assert len(loads) == validated, "the apply planned in full: kdsr run left no receipt it could use"
+    assert kernel.writes == writes
+
+    # The daemon is gone: nothing reports the server down any more, so the
+    # receipt (made with it down) must not serve; the full plan puts it back.
+    monkeypatch.setattr(health_status, "live_view", lambda store, node: None)
+    back = kdsr(tmp_path, "apply", str(intent), "--node", "lb1")
+    assert back.exit_code == 0 and "No changes" not in back.output, back.output
+    assert len(loads) == validated + 1

@@ -12,8 +12,10 @@ from kdsr.intent.model import Intent
 from kdsr.kernel.state import StateStore
 
 
-def run_daemon(load, node: str | None, kernel, store: StateStore, wait: float, adopt: bool, listen: str | None) -> int:
-    runner = Runner(load, node, kernel, store, wait=wait, adopt=adopt)
+def run_daemon(
+    load, node: str | None, kernel, store: StateStore, wait: float, adopt: bool, listen: str | None, verified=None
+) -> int:
+    runner = Runner(load, node, kernel, store, wait=wait, adopt=adopt, verified=verified)
     runner.install_signals()
     runner.start()  # a bad intent raises here, before any kernel write
     if listen:

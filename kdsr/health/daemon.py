@@ -77,8 +77,14 @@ class Runner:
         adopt: bool = False,
         emit: Callable[[str], None] | None = None,
         probe_fn: Callable[[Target], Result] = probe,
+        verified: Callable[[operations.Prepared], None] | None = None,
     ) -> None:
         self._load = load
+        # Called under the store's lock each time the kernel was verified
+        # against the intent (an apply read back, or nothing to change):
+        # `kdsr run` records its receipt there (kdsr/receipt.py), so that the
+        # next `kdsr apply` of the same file need not plan in full.
+        self._verified = verified
         self._node_arg = node
         self.kernel = kernel
         self.store = store
@@ -248,6 +254,8 @@ class Runner:
                 changes = len(prepared.plan.changes)
                 if changes:
                     operations.apply(prepared, self.kernel, self.store)
+                if self._verified is not None:
+                    self._record_verified(prepared)
         except (KdsrError, OSError) as exc:
             self.counters.apply_failures += 1
             self._dirty, self._last_failed_apply = True, time.monotonic()
@@ -271,6 +279,14 @@ class Runner:
                 self.log("pool", pool=pool, state=condition)
         self.publish()
         return True
+
+    def _record_verified(self, prepared: operations.Prepared) -> None:
+        """The hook's failure is only a full plan for the next `kdsr apply`."""
+        assert self._verified is not None
+        try:
+            self._verified(prepared)
+        except (KdsrError, OSError) as exc:
+            self.log("receipt-failed", error=str(exc))
 
     def reload(self) -> None:
         try:

@@ -54,6 +54,7 @@ class Reloader:
     def __init__(self) -> None:
         self._last: _Since | None = None
         self._reading: json_entries.Reading | None = None  # of the last valid text, when JSON
+        self.text: str | None = None  # the last valid text, as read
 
     def load(self, path: str | Path) -> Intent:
         return self.parse(load.read_intent_text(path), str(path))
@@ -73,6 +74,7 @@ class Reloader:
         self._reading = next((r for r in readings if r.doc is doc), None)
         first = self._last is None
         self._last = _Since(doc, intent, self._last)
+        self.text = text
         if first:
             # What a reload compares with and reverify's index, made now, at
             # start, rather than by the first edit (0.05-0.1 s at 10,000 VIPs).
