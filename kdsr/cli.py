@@ -373,12 +373,26 @@ def run_command(obj: Context, intent_file: str, node: str | None, listen: str | 
 
 def _drain(obj: Context, intent_file: str, server: str, node: str | None, drained: bool) -> None:
     from kdsr.commands.health import set_drain
+    from kdsr.intent.load import read_intent_text
 
     try:
         require_net_admin(
             "drain" if drained else "undrain", "changes this host's nftables, IPVS, links, addresses and sysctls"
         )
-        set_drain(_load(intent_file), node, server, drained, _kernel(obj.store), obj.store, obj.wait)
+        text = read_intent_text(intent_file)
+        kernel = _kernel(obj.store)
+        # The receipt of the drained state, as `kdsr apply` would leave it:
+        # the next apply of the same file is answered from it.
+        set_drain(
+            _load(intent_file, text),
+            node,
+            server,
+            drained,
+            kernel,
+            obj.store,
+            obj.wait,
+            verified=lambda prepared: _record_receipt(obj, kernel, intent_file, text, node, prepared),
+        )
     except (KdsrError, KernelError) as exc:
         _fail(exc)
 

@@ -42,7 +42,11 @@ def resolve_server(intent: Intent, server: str) -> str:
     raise UsageError(f"{intent.source}: {server!r} is no pool member's address or node. Members: {', '.join(members)}.")
 
 
-def set_drain(intent: Intent, node: str | None, server: str, drained: bool, kernel, store: StateStore, wait: float):
+def set_drain(
+    intent: Intent, node: str | None, server: str, drained: bool, kernel, store: StateStore, wait: float, verified=None
+):
+    """``verified``: called with the plan, under the lock, once the kernel
+    matches it (the CLI records its receipt there, as `kdsr apply` does)."""
     server = resolve_server(intent, server)
     with store.lock(wait):
         name = operations.select_node(intent, node, kernel)
@@ -55,6 +59,8 @@ def set_drain(intent: Intent, node: str | None, server: str, drained: bool, kern
         click.echo(operations_plan_text(prepared), nl=False)
         if not prepared.plan.empty:
             operations.apply(prepared, kernel, store)
+        if verified is not None:
+            verified(prepared)
     return prepared
 
 
