@@ -439,3 +439,34 @@ def test_an_l2_probe_mark_colliding_with_another_is_an_error(monkeypatch):
 def test_probe_marks_are_checked_only_where_probes_route(monkeypatch):
     monkeypatch.setattr(naming, "probe_mark", lambda address: naming.MARK_BASE | 7)
     intent(lambda d: [p.pop("health", None) for p in d["pools"].values()])  # no monitor: no probe routes
+
+
+def test_a_failing_receipt_hook_neither_fails_the_apply_nor_stops_the_daemon(tmp_path):
+    """kdsr run's receipt is a cache: any error recording it is logged and the apply stands."""
+    from kdsr.intent import load_intent
+
+    kernel = FakeKernel()
+    kernel.sysctls.update(
+        {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
+    )
+    path = tmp_path / "intent.json"
+    path.write_text(json.dumps(doc()))
+    lines: list[str] = []
+
+    def failing(prepared):
+        raise RuntimeError("netlink said no")
+
+    runner = Runner(
+        lambda: load_intent(path),
+        "lb1",
+        kernel,
+        StateStore(tmp_path / "s"),
+        emit=lines.append,
+        probe_fn=Script(),
+        verified=failing,
+    )
+    runner.start()
+    runner._stop_probes()
+    assert runner.counters.applies == 1 and runner.counters.apply_failures == 0
+    assert kernel.writes > 0
+    assert any("event=receipt-failed" in line and "netlink said no" in line for line in lines), lines
