@@ -130,8 +130,10 @@ def build(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ...]:
 
 def _weighted_turns(weights: list[int], max_weight: int) -> Iterator[list[int]]:
     """The backends taking a turn in each round, round after round.  Which
-    ones do depends only on the round modulo the largest weight, so each of
-    those (at most ``size``) lists is computed once."""
+    ones do depends only on the round modulo the largest weight W
+    (floor((r+1)w/W) - floor(rw/W) is the same for r and r + W), so each of
+    those lists is computed once, when first needed: at most W of them, and
+    never more than the rounds the table takes to fill."""
     schedule: dict[int, list[int]] = {}
     for round_no in itertools.count():
         phase = round_no % max_weight
