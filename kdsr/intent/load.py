@@ -22,6 +22,7 @@ import yaml
 
 from kdsr.errors import IntentError, Problem
 from kdsr.files import read_bounded
+from kdsr.intent import schema_check
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
@@ -449,7 +450,33 @@ def validator_for(schema: dict) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema, format_checker=_format_checker())
 
 
+def is_valid_for(schema: dict) -> Callable[[object], bool]:
+    """``validator_for(schema).is_valid``, answered by the compiled check
+    (kdsr/intent/schema_check.py) unless it leaves a value to jsonschema."""
+    validator = validator_for(schema)
+    fast = schema_check.compile_check(schema, validator.format_checker.conforms)
+    if fast is None:
+        return validator.is_valid
+
+    def is_valid(doc: object) -> bool:
+        try:
+            return fast(doc)
+        except schema_check.Unsure:
+            return validator.is_valid(doc)
+
+    return is_valid
+
+
+@functools.cache
+def _is_valid() -> Callable[[object], bool]:
+    return is_valid_for(_schema())
+
+
 def _schema_problems(doc: object, source: str, fmt: str) -> Iterable[Problem]:
+    # Most documents are valid: say so fast, and leave the wording of the
+    # problems, when there are any, to jsonschema.
+    if _is_valid()(doc):
+        return
     for error in _validator().iter_errors(doc):
         yield from _explain(error, source, fmt)
 

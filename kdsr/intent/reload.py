@@ -29,9 +29,8 @@ from __future__ import annotations
 import copy
 import functools
 import marshal
+from collections.abc import Callable
 from pathlib import Path
-
-import jsonschema
 
 from kdsr.errors import Problem
 from kdsr.intent import json_entries, load, reverify
@@ -40,6 +39,7 @@ from kdsr.intent.model import Intent, Pool, Service
 
 # The top-level maps whose entries are validated and built one by one.
 ENTRY_MAPS = ("services", "pools")
+IsValid = Callable[[object], bool]  # does a value satisfy (part of) the schema?
 # What the reduced schema knows how to leave to the per-entry checks: a map
 # schema with any other keyword is validated whole.
 _MAP_KEYWORDS = frozenset(
@@ -177,7 +177,7 @@ class _Since:
         if checks is not None and isinstance(doc, dict):
             whole, by_map = checks
             same = self._unchanged(doc)
-            if whole.is_valid(doc) and all(
+            if whole(doc) and all(
                 self._entries_valid(doc[key], self.doc.get(key, {}), same[key], *by_map[key])
                 for key in ENTRY_MAPS
                 if key in doc
@@ -192,13 +192,11 @@ class _Since:
         entries: dict,
         old: dict,
         same: frozenset[str],
-        names: jsonschema.protocols.Validator,
-        values: jsonschema.protocols.Validator,
+        names: IsValid,
+        values: IsValid,
     ) -> bool:
         return all(
-            (name in old or names.is_valid(name)) and values.is_valid(entry)
-            for name, entry in entries.items()
-            if name not in same
+            (name in old or names(name)) and values(entry) for name, entry in entries.items() if name not in same
         )
 
     def verify(self, doc: dict, source: str) -> list[Problem]:
@@ -249,10 +247,10 @@ class _Kept:
 
 
 @functools.cache
-def _entry_validators() -> tuple[jsonschema.protocols.Validator, dict[str, tuple]] | None:
-    """(the schema with the maps' entries and names left out, and per map a
-    validator for a name and one for an entry); None when a map's schema has
-    a keyword this split does not know."""
+def _entry_validators() -> tuple[IsValid, dict[str, tuple[IsValid, IsValid]]] | None:
+    """(a test of the schema with the maps' entries and names left out, and
+    per map a test of a name and one of an entry); None when a map's schema
+    has a keyword this split does not know."""
     root = load.schema()
     reduced = copy.deepcopy(root)
     by_map = {}
@@ -261,16 +259,16 @@ def _entry_validators() -> tuple[jsonschema.protocols.Validator, dict[str, tuple
         if not set(part) <= _MAP_KEYWORDS or "additionalProperties" not in part or "propertyNames" not in part:
             return None
         by_map[key] = (
-            _validator_for(root, part["propertyNames"]),
-            _validator_for(root, part["additionalProperties"]),
+            _is_valid_for(root, part["propertyNames"]),
+            _is_valid_for(root, part["additionalProperties"]),
         )
-        # Left out rather than set to true: jsonschema would still visit
-        # each of 10,000 entries to accept it (~15 ms a reload).
+        # Left out rather than set to true: the check would still visit
+        # each of 10,000 entries to accept it.
         del part["propertyNames"], part["additionalProperties"]
-    return load.validator_for(reduced), by_map
+    return load.is_valid_for(reduced), by_map
 
 
-def _validator_for(root: dict, subschema: dict) -> jsonschema.protocols.Validator:
+def _is_valid_for(root: dict, subschema: dict) -> IsValid:
     # The entry's schema with the root's definitions, so that its
     # "#/$defs/..." references resolve as they do in the whole schema.
-    return load.validator_for({"$schema": root["$schema"], "$defs": root["$defs"], **subschema})
+    return load.is_valid_for({"$schema": root["$schema"], "$defs": root["$defs"], **subschema})
