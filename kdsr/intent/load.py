@@ -20,6 +20,7 @@ from typing import Protocol
 import jsonschema
 import yaml
 
+from kdsr import collector
 from kdsr.errors import IntentError, Problem
 from kdsr.files import read_bounded
 from kdsr.intent import schema_check
@@ -122,6 +123,14 @@ def checked(
     fmt = fmt or _guess_format(text, source)
     if fmt not in (JSON, YAML):
         raise ValueError(f"fmt must be {JSON!r} or {YAML!r}, not {fmt!r}")  # a caller's bug, not the user's
+    # The document and the model are large and acyclic (kdsr/collector.py).
+    with collector.paused():
+        return _checked_text(text, source, fmt, since, read_json)
+
+
+def _checked_text(
+    text: str, source: str, fmt: str, since: Since | None, read_json: Callable[[str], dict | None] | None
+) -> tuple[Intent, dict]:
     if fmt == JSON:
         doc = _parse_json_fast(text, read_json)
         if doc is not _UNREADABLE:
