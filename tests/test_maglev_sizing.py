@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from kdsr import maglev
 from kdsr.cli import main
+from kdsr.compile import selectors
 from kdsr.compile.checks import warnings_for
 from kdsr.compile.selectors import (
     MAX_TABLE_SIZE,
@@ -129,15 +130,25 @@ def test_below_the_smallest_rung_the_cap_is_the_largest_prime_that_fits():
     assert 10 * cap <= 2000 < 10 * next_prime(cap + 1)
 
 
-def test_the_budget_warning_names_the_budget_and_says_how_to_fix_the_size():
+def test_the_budget_warning_names_the_budget_and_says_how_to_fix_the_size(monkeypatch):
     pools = {f"p{i:02d}": 40 for i in range(70)}  # 70 x 65537 slots > 262144; the cap (2039) is < 100 x 40
+    pools["p70"] = 45  # the fewest slots per server
     it = load(intent_doc(pools))
     sels = selectors_for(it)
     assert sum(s.table_size for s in sels) <= SLOT_BUDGET
     assert {s.sized_by for s in sels} == {SIZED_BY_BUDGET}
+    # One cause, one warning: the budget, how many pools it squeezes, the worst.
+    (warning,) = warnings_for(it)
+    assert warning.pointer == "/pools"
+    assert str(SLOT_BUDGET) in warning.message and "table_size" in warning.hint
+    assert "leaves 71 pools" in warning.message and "(p00, p01, p02 and 68 more)" in warning.message
+    cap = sels[0].table_size
+    assert f"pool p70's: {cap} slots for 45 servers, {cap // 45} each" in warning.message
+    # A few pools get one warning each, at the pool.
+    monkeypatch.setattr(selectors, "BUDGET_WARNINGS_EACH", 71)
     warnings = warnings_for(it)
-    assert len(warnings) == 70
-    assert str(SLOT_BUDGET) in warnings[0].message and "table_size" in warnings[0].hint
+    assert [w.pointer for w in warnings] == [f"/pools/{name}" for name in sorted(pools)]
+    assert f"leaves pool p05's 40 servers {cap} slots, {cap // 40} slots each" in warnings[5].message
 
 
 def test_table_sizes_from_the_intent_over_the_budget_are_an_error():

@@ -381,14 +381,13 @@ def sizing_problems(intent: Intent, wanted: Callable[[Service], bool] | None = N
     Maglev's worst share is at most 1 + 1/floor(M/N) of the mean; below 100
     slots per server that is more than 1% (NSDI 2016, 3.4).
     """
-    problems = []
+    problems, squeezed = [], []
     for sel in selectors_for(intent, wanted):
         servers = len(sel.members)
         if not servers or sel.table_size >= SLOTS_PER_SERVER * servers:
             continue
-        per_server = sel.table_size // servers
-        spread = f"a server's share of flows can be up to {100 / max(per_server, 1):.1f}% above the mean"
-        each = f"{per_server} slots each (fewer than 100)"
+        spread = _spread(sel)
+        each = f"{_per_server(sel)} slots each (fewer than 100)"
         pool = f"pool {sel.pool.name}'s {servers} servers"
         better = next_prime(SLOTS_PER_SERVER * servers)
         if sel.sized_by == SIZED_BY_INTENT:
@@ -406,16 +405,50 @@ def sizing_problems(intent: Intent, wanted: Callable[[Service], bool] | None = N
             hint = "Split the pool into smaller pools if the spread matters."
             problems.append(Problem(intent.source, sel.pool.pointer, message, hint))
         else:  # SIZED_BY_BUDGET
-            message = (
-                f"the slot budget of a load balancer ({SLOT_BUDGET} over all its tables) leaves {pool} "
-                f"{sel.table_size} slots, {each}: {spread}."
+            squeezed.append(sel)
+    return problems + _budget_problems(intent, squeezed)
+
+
+# Up to this many pools squeezed by the slot budget get a warning each; more
+# get one warning for all (1,000 pools would otherwise print 1,000 lines).
+BUDGET_WARNINGS_EACH = 3
+_BUDGET_HINT = (
+    "The size shrinks further as pools are added, and a new size moves every flow of the pool; "
+    "set table_size on its services to fix it, or spread the pools over more load balancers."
+)
+
+
+def _budget_problems(intent: Intent, squeezed: list[Selector]) -> list[Problem]:
+    """The warnings for pools the slot budget leaves fewer than 100 slots per server."""
+    budget = f"the slot budget of a load balancer ({SLOT_BUDGET} over all its tables)"
+    if len(squeezed) <= BUDGET_WARNINGS_EACH:
+        return [
+            Problem(
+                intent.source,
+                sel.pool.pointer,
+                f"{budget} leaves pool {sel.pool.name}'s {len(sel.members)} servers {sel.table_size} slots, "
+                f"{_per_server(sel)} slots each (fewer than 100): {_spread(sel)}.",
+                _BUDGET_HINT,
             )
-            hint = (
-                "The size shrinks further as pools are added, and a new size moves every flow of the pool; "
-                "set table_size on its services to fix it, or spread the pools over more load balancers."
-            )
-            problems.append(Problem(intent.source, sel.pool.pointer, message, hint))
-    return problems
+            for sel in squeezed
+        ]
+    pools = sorted({sel.pool.name for sel in squeezed})
+    worst = min(squeezed, key=lambda sel: (_per_server(sel), sel.pool.name))
+    shown = f"{', '.join(pools[:BUDGET_WARNINGS_EACH])} and {len(pools) - BUDGET_WARNINGS_EACH} more"
+    message = (
+        f"{budget} leaves {len(pools)} pools fewer than 100 slots per server ({shown}); "
+        f"the fewest is pool {worst.pool.name}'s: {worst.table_size} slots for {len(worst.members)} servers, "
+        f"{_per_server(worst)} each, so {_spread(worst)}."
+    )
+    return [Problem(intent.source, "/pools", message, _BUDGET_HINT)]
+
+
+def _per_server(sel: Selector) -> int:
+    return sel.table_size // len(sel.members)
+
+
+def _spread(sel: Selector) -> str:
+    return f"a server's share of flows can be up to {100 / max(_per_server(sel), 1):.1f}% above the mean"
 
 
 def server_id(member: PoolMember) -> int:
