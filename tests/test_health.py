@@ -245,6 +245,35 @@ def test_daemon_takes_a_failing_server_out_in_one_transaction_and_brings_it_back
     assert slots_of(daemon, "10.10.0.12") > 0 and daemon.kernel.writes == writes + 2
 
 
+def test_a_kdsr_apply_next_in_line_for_the_lock_sees_the_server_the_daemon_took_out(daemon, monkeypatch):
+    # `kdsr apply` plans under the store lock with the down set of the
+    # daemon's status.  Were the status written after the lock is let go, an
+    # apply waiting for it would put the dead server back, and the daemon,
+    # having nothing new to act on, would leave it there.
+    daemon.start()
+    daemon._stop_probes()
+    next_in_line = []
+    lock = daemon.store.lock
+
+    class ThenAnApply:
+        def __init__(self, wait: float = 0.0) -> None:
+            self.held = lock(wait)
+
+        def __enter__(self):
+            self.held.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            self.held.__exit__(*exc)
+            next_in_line.append(operations.prepare(intent(), "lb1", daemon.kernel, daemon.store).plan)
+
+    monkeypatch.setattr(daemon.store, "lock", ThenAnApply)
+    daemon.script.failing.add("10.10.0.12")
+    feed(daemon, 3)
+    assert slots_of(daemon, "10.10.0.12") == 0
+    assert next_in_line and next_in_line[-1].empty, next_in_line[-1].changes
+
+
 def test_daemon_flapping_server_makes_at_most_one_table_change_per_window(daemon):
     daemon.start()
     daemon._stop_probes()

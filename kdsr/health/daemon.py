@@ -256,28 +256,31 @@ class Runner:
                     operations.apply(prepared, self.kernel, self.store)
                 if self._verified is not None:
                     self._record_verified(prepared)
+                # Published before the lock is let go: a `kdsr apply` waiting
+                # for it takes the down set from this status.  The last one
+                # would have it put back the server just taken out, and
+                # nothing here would take it out again.
+                effective = effective_intent(self.intent, down, frozenset(self.store.load(self.node).drained))
+                elapsed = time.monotonic() - started
+                with self.lock:
+                    self.pools, self.out = effective.pools, effective.out
+                    self.counters.applies += 1
+                    self.counters.changes_applied += changes
+                    self.counters.last_apply_seconds = elapsed
+                    self.counters.apply_seconds_total += elapsed
+                self.publish()
         except (KdsrError, OSError) as exc:
             self.counters.apply_failures += 1
             self._dirty, self._last_failed_apply = True, time.monotonic()
             self.log("apply-failed", reason=reason, error=str(exc), retry_in=f"{RETRY_FAILED_APPLY:g}s")
             self.publish()
             return False
-        elapsed = time.monotonic() - started
         self._last_failed_apply = 0.0
-        state = self.store.load(self.node)
-        effective = effective_intent(self.intent, down, frozenset(state.drained))
-        with self.lock:
-            self.pools, self.out = effective.pools, effective.out
-            self.counters.applies += 1
-            self.counters.changes_applied += changes
-            self.counters.last_apply_seconds = elapsed
-            self.counters.apply_seconds_total += elapsed
         out = sorted(f"{pool}:{server}" for pool, servers in effective.out.items() for server in servers)
         self.log("applied", reason=reason, changes=changes, seconds=f"{elapsed:.3f}", out=",".join(out) or "-")
         for pool, condition in sorted(effective.pools.items()):
             if condition not in (POOL_OK, "degraded"):
                 self.log("pool", pool=pool, state=condition)
-        self.publish()
         return True
 
     def _record_verified(self, prepared: operations.Prepared) -> None:
