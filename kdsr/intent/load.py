@@ -338,7 +338,7 @@ def _integral(value: float) -> float | int:
 JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_whole_as_int)
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when PyYAML has it: ~5x faster
     """SafeLoader whose mappings record duplicate keys instead of dropping them."""
 
 
