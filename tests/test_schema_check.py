@@ -377,6 +377,53 @@ def test_a_schema_with_a_keyword_not_implemented_gets_no_fast_check():
     assert schema_check.compile_check({"$ref": "other.json#/x"}, VALIDATOR.format_checker.conforms) is None
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"const": NAN},  # jsonschema's const (==) never matches NaN, its enum (in) matches the same object
+        {"enum": ["a", NAN]},
+        {"properties": {"a": {"$schema": "http://json-schema.org/draft-04/schema#", "type": "integer"}}},
+        {"$schema": "http://json-schema.org/draft-07/schema#", "type": "integer"},
+        {"$defs": {"a": {"$id": "http://x/a.json", "$ref": "#/$defs/b"}, "b": {}}, "$ref": "#/$defs/a"},
+        {"$defs": {"a": {"type": "string"}, "b": {"$id": "#$defs/a"}}, "$ref": "#/$defs/a"},
+        {"$defs": {"a": {"type": "string"}}, "default": {"$id": "#$defs/a"}, "$ref": "#/$defs/a"},
+        {"$defs": {"a": {"$anchor": "x"}}},
+        {"$defs": {"a b": {"type": "string"}, "a%20b": {"type": "integer"}}, "$ref": "#/$defs/a%20b"},
+        {"uniqueItems": 1},
+        {"properties": {"a": {"pattern": "("}}},
+        {"type": "foo"},
+    ],
+    ids=lambda schema: json.dumps(schema)[:50],
+)
+def test_a_schema_jsonschema_would_read_another_way_gets_no_fast_check(schema):
+    # Found by review: each of these made the compiled check disagree with
+    # jsonschema (or crash) before it refused them.
+    assert schema_check.compile_check(schema, VALIDATOR.format_checker.conforms) is None
+
+
+def test_subclasses_of_json_types_are_left_to_jsonschema():
+    class Mapping(dict):
+        def __getitem__(self, key):
+            return 5  # jsonschema reads values by key
+
+    class Items(list):
+        def __iter__(self):
+            return iter([1])  # jsonschema reads items by index
+
+    class Text(str):
+        pass
+
+    schema = {"properties": {"a": {"type": "integer"}}, "items": {"type": "string"}}
+    check = schema_check.compile_check(schema, VALIDATOR.format_checker.conforms)
+    for value in (Mapping(a="x"), Items(["x"]), Text("x")):
+        with pytest.raises(schema_check.Unsure):
+            check(value)
+        assert load.is_valid_for(schema)(value) is load.validator_for(schema).is_valid(value) is True
+
+
 def test_a_schema_may_refer_to_itself():
     tree = {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#"}}}}
     check = schema_check.compile_check(tree, VALIDATOR.format_checker.conforms)

@@ -9,11 +9,15 @@ runs and reports every problem in the usual words (kdsr/intent/load.py).
 
 It must agree with jsonschema on every document, so it implements only the
 keywords kdsr's schema uses, each the way jsonschema reads it; a schema
-with any other keyword gets no fast check at all (``compile_check``
-returns None).  Where jsonschema's rules for a value are subtle (``enum``,
-``const`` or ``uniqueItems`` over lists, objects or mixed numbers and
-booleans, or a Python type JSON has no name for) the check raises
-``Unsure`` and the caller asks jsonschema.  A differential test holds the
+with any other keyword, or with what would make jsonschema resolve or read
+it differently (a ``$schema``, ``$id`` or anchor below the root, a
+reference with percent-escapes, a NaN to compare with, a pattern ``re``
+rejects), gets no fast check at all (``compile_check`` returns None).
+Where jsonschema's rules for a value are subtle (``enum``, ``const`` or
+``uniqueItems`` over lists, objects or mixed numbers and booleans; a
+subclass of a JSON type, which jsonschema may read through methods it
+overrides; a Python type JSON has no name for) the check raises ``Unsure``
+and the caller asks jsonschema.  A differential test holds the
 two to the same answer on mutated documents (tests/test_schema_check.py).
 """
 
@@ -34,10 +38,16 @@ class Unsupported(ValueError):
     """The schema uses a keyword (or a reference) this module does not implement."""
 
 
-# Keywords that never change the verdict (then/else are read with "if").
+# Keywords that never change the verdict of a schema compile_check accepts
+# (then/else are read with "if"; $schema and $id only at the root).
 _ANNOTATIONS = frozenset(
     {"$schema", "$id", "$comment", "$defs", "title", "description", "default", "examples", "then", "else"}
 )
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
+# Anywhere below the root these change how jsonschema resolves a reference
+# (it looks for "$id": "#name" even inside a default).
+_LOCATORS = frozenset({"$schema", "$id", "id", "$anchor", "$dynamicAnchor"})
+_TYPES = frozenset({"object", "array", "string", "boolean", "integer", "number", "null"})
 _KEYWORDS = frozenset(
     {
         "type",
@@ -67,8 +77,8 @@ _KEYWORDS = frozenset(
     }
 )
 
-# The JSON type of a value, by its exact Python type; subclasses go through
-# _kind_of.  "integer" is an int (not a bool); "number" here is a float.
+# The JSON type of a value, by its exact Python type.  "integer" is an int
+# (not a bool); "number" here is a float.
 _KINDS: dict[type, str] = {
     dict: "object",
     list: "array",
@@ -80,25 +90,13 @@ _KINDS: dict[type, str] = {
 }
 
 
-# Subclasses, in the order jsonschema's type checks would claim them.
-_SUBCLASS_KINDS: tuple[tuple[type, str], ...] = (
-    (bool, "boolean"),
-    (dict, "object"),
-    (list, "array"),
-    (str, "string"),
-    (int, "integer"),
-    (float, "number"),
-)
-
-
 def _kind_of(value: object) -> str:
     kind = _KINDS.get(type(value))
-    if kind is not None:
-        return kind
-    for python_type, kind in _SUBCLASS_KINDS:
-        if isinstance(value, python_type):
-            return kind
-    raise Unsure(f"a {type(value).__name__} has no JSON type here")
+    if kind is None:
+        # A subclass (jsonschema reads a dict by key, a list by index: an
+        # override could answer differently) or no JSON type at all.
+        raise Unsure(f"a {type(value).__name__} is not one of JSON's plain types")
+    return kind
 
 
 def _has_type(value: object, kind: str, wanted: frozenset[str]) -> bool:
@@ -110,14 +108,34 @@ def _has_type(value: object, kind: str, wanted: frozenset[str]) -> bool:
     return kind == "number" and "integer" in wanted and value.is_integer()  # type: ignore[attr-defined]
 
 
-def compile_check(root: dict, conforms: Conforms) -> Check | None:
+def compile_check(root: dict | bool, conforms: Conforms) -> Check | None:
     """The root schema as a check that raises ``Unsure`` or returns the verdict
     jsonschema would give; None when the schema uses something not
     implemented here.  ``conforms(value, format)`` is the format checker's."""
+    if isinstance(root, bool):
+        return _always if root else _never
+    if not isinstance(root, dict) or root.get("$schema", DRAFT_2020_12) != DRAFT_2020_12:
+        return None
     try:
+        _no_locators_below(root, at_root=True)
         return _Compiler(root, conforms).compile(root)
     except Unsupported:
         return None
+
+
+def _no_locators_below(value: object, at_root: bool = False) -> None:
+    """Unsupported when a dict anywhere below the root (annotations included)
+    carries a key that moves jsonschema's reference resolution or draft."""
+    if isinstance(value, dict):
+        # A string: a property named "$id" (its value a schema) locates nothing.
+        found = [key for key in _LOCATORS & value.keys() if isinstance(value[key], str)]
+        if found and not at_root:
+            raise Unsupported(f"{sorted(found)} below the root")
+        for item in value.values():
+            _no_locators_below(item)
+    elif isinstance(value, list):
+        for item in value:
+            _no_locators_below(item)
 
 
 class _Compiler:
@@ -140,13 +158,15 @@ class _Compiler:
             raise Unsupported(f"keywords {sorted(unknown)}")
         wanted = schema.get("type")
         types = frozenset([wanted] if isinstance(wanted, str) else wanted) if wanted is not None else None
+        if types is not None and not types <= _TYPES:
+            raise Unsupported(f"unknown types {sorted(types - _TYPES)}")  # jsonschema raises UnknownType
         by_kind = {
             "object": self._object_checks(schema),
             "array": self._array_checks(schema),
             "string": self._string_checks(schema),
             "number": _number_checks(schema),
         }
-        by_kind["integer"] = by_kind["number"]
+        by_kind["integer"] = by_kind["number"]  # the numeric keywords read ints and floats alike
         any_kind = self._any_kind_checks(schema)
         return _node(types, {kind: tuple(checks) for kind, checks in by_kind.items() if checks}, tuple(any_kind))
 
@@ -154,6 +174,8 @@ class _Compiler:
 
     def _any_kind_checks(self, schema: dict) -> list[Check]:
         checks: list[Check] = []
+        # jsonschema reads enum with ``in`` and const with ``==``: the same on
+        # the values _one_of_values accepts (no NaN, which only ``in`` finds).
         if "enum" in schema:
             checks.append(_one_of_values(schema["enum"]))
         if "const" in schema:
@@ -193,7 +215,10 @@ class _Compiler:
             checks.append(_min_items(schema["minItems"]))
         if "maxItems" in schema:
             checks.append(_max_items(schema["maxItems"]))
-        if schema.get("uniqueItems") is True:
+        unique = schema.get("uniqueItems", False)
+        if not isinstance(unique, bool):
+            raise Unsupported(f"uniqueItems {unique!r}")
+        if unique:
             checks.append(_unique_items)
         if "items" in schema:
             checks.append(_items(self.compile(schema["items"])))
@@ -206,7 +231,11 @@ class _Compiler:
         if "maxLength" in schema:
             checks.append(_max_length(schema["maxLength"]))
         if "pattern" in schema:
-            checks.append(_pattern(re.compile(schema["pattern"])))
+            try:
+                compiled = re.compile(schema["pattern"])
+            except (re.error, TypeError) as exc:
+                raise Unsupported(f"pattern {schema['pattern']!r}: {exc}") from None
+            checks.append(_pattern(compiled))
         return checks
 
     def _ref(self, pointer: str) -> Check:
@@ -222,8 +251,8 @@ class _Compiler:
         return ref
 
     def _resolve(self, pointer: str) -> object:
-        if pointer != "#" and not pointer.startswith("#/"):
-            raise Unsupported(f"reference {pointer!r} leaves the document")
+        if pointer != "#" and not pointer.startswith("#/") or "%" in pointer:
+            raise Unsupported(f"reference {pointer!r} leaves the document or has escapes")
         target: object = self._root
         for token in pointer[2:].split("/") if pointer != "#" else ():
             token = token.replace("~1", "/").replace("~0", "~")
@@ -269,6 +298,8 @@ def _one_of_values(allowed: list) -> Check:
         kind = _KINDS.get(type(each))
         if kind in ("object", "array") or kind is None:
             raise Unsupported("enum or const with a list, an object or a non-JSON value")
+        if each != each:  # NaN: ``in`` finds the very object, ``==`` never
+            raise Unsupported("enum or const with NaN")
         by_kind.setdefault("number" if kind == "integer" else kind, []).append(each)
 
     def one_of_values(value: object) -> bool:
