@@ -339,6 +339,8 @@ def _diff_ipvs(desired: Desired, observed: Observed, changes: list[Change]) -> N
                     Change(CREATE, "ipvs dest", f"{ident} -> {dest.ident}", after=(svc, dest), pointer=svc.pointer)
                 )
             continue
+        if have == svc:
+            continue  # compile and the reader share destination objects: mostly identity checks
         if have.config() != svc.config():
             # scheduler and flags change in place (ipvsadm -E): the
             # connection table survives.

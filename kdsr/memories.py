@@ -13,7 +13,7 @@ a memory added without being named here is one they would silently miss.
 from __future__ import annotations
 
 from kdsr import maglev, model, operations
-from kdsr.compile import lb_nft_l2, selectors
+from kdsr.compile import lb_ipvs, lb_nft_l2, selectors
 from kdsr.intent import model as intent_model
 from kdsr.kernel import nft_cache
 
@@ -26,6 +26,7 @@ def memories() -> list[dict]:
         lb_nft_l2._LAST_SELECTOR_MAPS,
         lb_nft_l2._CHAINS,
         lb_nft_l2._SLOT_ELEMENTS,
+        lb_ipvs._LAST_DESTS,
         intent_model._LAST_BY_POOL,
         operations._LAST_UNSERVED,
         maglev._BUILT,
@@ -37,7 +38,7 @@ def memories() -> list[dict]:
 def forgotten_caches() -> list:
     """The value caches compile fills (lru_caches): formatted addresses,
     shared map elements.  Cleared too, though nothing shows through them."""
-    return [intent_model.address_text, model.element]
+    return [intent_model.address_text, model.element, model.ipvs_dest]
 
 
 def forget() -> None:

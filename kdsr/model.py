@@ -273,6 +273,17 @@ class IpvsDest:
         return f"{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def ipvs_dest(address: str, port: int, weight: int, method: str, tun_type: str = "") -> IpvsDest:
+    """The one IpvsDest of these values, as ``element`` is for map elements.
+
+    Compile and the IPVS reader make their destinations here, so a service
+    read back from the kernel and the compiled one hold the same objects,
+    and comparing their destination tuples stops at identity (10,000
+    services hold 160,000 destinations of a few hundred servers)."""
+    return IpvsDest(address, port, weight, method, tun_type)
+
+
 @dataclass(frozen=True)
 class IpvsService:
     """An IPVS virtual service with its destinations in kernel list order.

@@ -178,6 +178,38 @@ def test_a_health_event_rebuilds_only_the_changed_pool(tmp_path):
     assert all(before[n] != after[n] for n in changed)
 
 
+def test_ipvs_services_share_their_pool_s_destinations_and_a_health_event_rebuilds_one_pool(tmp_path):
+    """The ipvs engine: services on one pool and port hold one destination
+    tuple, kept from compile to compile while the pool is; one server down
+    (weight 0) makes a new tuple for its pool only, equal to a cold compile's."""
+    doc = json.loads((ROOT / "examples" / "l3-gre-ipvs.json").read_text())
+    doc["pools"]["other"] = copy.deepcopy(doc["pools"]["web"])
+    doc["services"]["other"] = {**copy.deepcopy(doc["services"]["web"]), "vip": "10.9.0.102", "pool": "other"}
+    doc["services"]["other2"] = {**copy.deepcopy(doc["services"]["web"]), "vip": "10.9.0.103", "pool": "other"}
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps(doc))
+    intent = load_intent(path)
+    member = str(intent.pool("web").members[0].address)
+
+    def services(down):
+        return {s.ident: s for s in compile_node(effective_intent(intent, down).intent, "lb1").ipvs}
+
+    before = services(frozenset())
+    again = services(frozenset())
+    after = services(frozenset({("web", member)}))
+    forget()
+    cold = services(frozenset({("web", member)}))
+    on_other = [i for i in before if i.startswith("tcp 10.9.0.10") and ("102:" in i or "103:" in i)]
+    assert len(on_other) == 4
+    assert before["tcp 10.9.0.102:80"].dests is before["tcp 10.9.0.103:80"].dests
+    assert all(again[i].dests is before[i].dests for i in before)
+    assert all(after[i].dests is before[i].dests for i in on_other)
+    changed = [i for i in before if after[i].dests is not before[i].dests]
+    assert changed and all(i not in on_other for i in changed)
+    assert all({d.address: d.weight for d in after[i].dests}[member] == 0 for i in changed)
+    assert after == cold
+
+
 def test_nothing_down_or_drained_is_the_intent_itself(example_path):
     intent = load_intent(example_path)
     effective = effective_intent(intent)

@@ -35,6 +35,7 @@ from kdsr.intent.model import (
     HASH_SOURCE_IP_PORT,
     Intent,
     LoadBalancerNode,
+    Pool,
     Service,
 )
 from kdsr.model import (
@@ -47,6 +48,7 @@ from kdsr.model import (
     NftRule,
     Sysctl,
     element,
+    ipvs_dest,
 )
 
 MARK_CHAIN = "ipvs-marks"
@@ -76,19 +78,36 @@ def wanted(service: Service) -> bool:
     return service.engine == ENGINE_IPVS
 
 
-def _dests(service: Service, intent: Intent, port: int) -> tuple[IpvsDest, ...]:
+# The destinations of one pool for one forwarding method, port and family,
+# kept by the pool's identity from one compile to the next: the services on
+# a pool share one tuple, and a recompile that kept the pool (a health event
+# on another pool, a reload that did not touch it) hands back the same
+# tuple, so building 10,000 services does not sort and make 160,000
+# destinations again, and the diff meets equal tuples it compares by
+# identity.  Replaced by each compile's own (kdsr/memories.py names it).
+_LAST_DESTS: dict[tuple, tuple[Pool, tuple[IpvsDest, ...]]] = {}
+
+
+def _dests(service: Service, intent: Intent, port: int, made: dict) -> tuple[IpvsDest, ...]:
     pool = intent.pool(service.pool)
     if service.mode == DSR_L2:
         method, tun_type = "route", ""
     else:
         # IPVS's "ipip" is ip6ip6 for an IPv6 service.
         method, tun_type = "tunnel", "gre" if service.mode == DSR_L3_GRE else "ipip"
+    key = (service.pool, method, tun_type, port, service.vip.version)
+    last = made.get(key) or _LAST_DESTS.get(key)
+    if last is not None and last[0] is pool:
+        made[key] = last
+        return last[1]
     members = sorted(pool.members, key=lambda m: maglev.canonical_sort_key(str(m.address)))
-    return tuple(
-        IpvsDest(address=str(m.address), port=port, weight=m.weight, method=method, tun_type=tun_type)
+    dests = tuple(
+        ipvs_dest(str(m.address), port, m.weight, method, tun_type)
         for m in members
         if m.address.version == service.vip.version
     )
+    made[key] = (pool, dests)
+    return dests
 
 
 def _flags(service: Service) -> tuple[str, ...]:
@@ -102,6 +121,7 @@ def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
     """IPVS services, and the fwmark map elements for port ranges per family."""
     result: list[IpvsService] = []
     marks: dict[int, dict] = {4: {}, 6: {}}
+    made: dict[tuple, tuple[Pool, tuple[IpvsDest, ...]]] = {}
     for service in intent.services:
         if not wanted(service):
             continue
@@ -119,7 +139,7 @@ def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
                             fwmark=0,
                             scheduler="mh",
                             flags=_flags(service),
-                            dests=_dests(service, intent, ports.first),
+                            dests=_dests(service, intent, ports.first, made),
                             pointer=ports.pointer,
                         )
                     )
@@ -135,10 +155,12 @@ def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
                         fwmark=mark,
                         scheduler="mh",
                         flags=_flags(service),
-                        dests=_dests(service, intent, 0),
+                        dests=_dests(service, intent, 0, made),
                         pointer=ports.pointer,
                     )
                 )
+    _LAST_DESTS.clear()
+    _LAST_DESTS.update(made)
     return sorted(result, key=lambda s: s.ident), marks
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import re
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from kdsr.model import IpvsDest, IpvsService
+from kdsr.model import IpvsDest, IpvsService, ipvs_dest
 
 _PROTO_FLAG = {"tcp": "-t", "udp": "-u"}
 _FLAG_PROTO = {v: k for k, v in _PROTO_FLAG.items()}
@@ -181,57 +182,111 @@ def _split_hostport(text: str) -> tuple[str, int]:
     return _canonical_address(host), int(port)
 
 
-def parse_save(text: str) -> list[IpvsService]:
-    """Services from ``ipvsadm -Sn``; destinations in ipvsadm's (sorted) order."""
-    services: dict[str, IpvsService] = {}
-    dests: dict[str, list[IpvsDest]] = {}
-    for line in text.splitlines():
-        # ipvsadm -S quotes nothing kdsr creates; shlex only when it did.
-        words = shlex.split(line) if any(q in line for q in "'\"\\") else line.split()
+_OPTIONS_WITH_VALUE = frozenset(
+    ("-t", "-u", "-f", "-s", "-b", "-r", "-w", "--tun-type", "-p", "-M", "--pe", "-x", "-y")
+)
+
+
+def _options(words: list[str]) -> tuple[dict[str, str], set[str]]:
+    """A restore line's options (``-w 1``) and bare flags (``-g``, ``-6``)."""
+    opts: dict[str, str] = {}
+    flags: set[str] = set()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in _OPTIONS_WITH_VALUE:
+            opts[word] = words[i + 1] if i + 1 < len(words) else ""
+            i += 2
+        else:
+            flags.add(word)
+            i += 1
+    return opts, flags
+
+
+def _dest(opts: dict[str, str], flags: set[str]) -> IpvsDest:
+    address, port = _split_hostport(opts["-r"])
+    method = next((_FLAG_METHOD[f] for f in flags if f in _FLAG_METHOD), "masq")
+    tun_type = opts.get("--tun-type", "ipip") if method == "tunnel" else ""
+    return ipvs_dest(address, port, int(opts.get("-w", "1")), method, tun_type)
+
+
+def _service_of(opts: dict[str, str], flags: set[str]) -> IpvsService | None:
+    """The service a restore line names, without scheduler, flags or destinations."""
+    if "-f" in opts:
+        return IpvsService(6 if "-6" in flags else 4, "fwmark", "", 0, int(opts["-f"]), "", ())
+    flag = "-t" if "-t" in opts else "-u" if "-u" in opts else None
+    if flag is None:
+        return None  # sctp or something kdsr never creates
+    address, port = _split_hostport(opts[flag])
+    return IpvsService(6 if ":" in address else 4, _FLAG_PROTO[flag], address, port, 0, "", ())
+
+
+def _configured(svc: IpvsService, opts: dict[str, str]) -> IpvsService:
+    """``svc`` with the scheduler and its flags from an ``-A`` line's options."""
+    flags = tuple(sorted(f for f in opts.get("-b", "").split(",") if f))
+    return IpvsService(svc.family, svc.protocol, svc.address, svc.port, svc.fwmark, opts.get("-s", ""), flags)
+
+
+def _read_lines(lines: Iterable[str], quoted: bool, services: dict, dests: dict) -> None:
+    """The general reader: each line by its words, into ``services`` and ``dests``."""
+    for line in lines:
+        words = shlex.split(line) if quoted else line.split()
         if not words:
             continue
-        verb, rest = words[0], words[1:]
-        opts: dict[str, str] = {}
-        flags: set[str] = set()
-        i = 0
-        while i < len(rest):
-            word = rest[i]
-            if word in ("-t", "-u", "-f", "-s", "-b", "-r", "-w", "--tun-type", "-p", "-M", "--pe", "-x", "-y"):
-                opts[word] = rest[i + 1] if i + 1 < len(rest) else ""
-                i += 2
-            else:
-                flags.add(word)
-                i += 1
-        if "-f" in opts:
-            family = 6 if "-6" in flags else 4
-            svc = IpvsService(family, "fwmark", "", 0, int(opts["-f"]), "", ())
-        else:
-            flag = "-t" if "-t" in opts else "-u" if "-u" in opts else None
-            if flag is None:
-                continue  # sctp or something kdsr never creates
-            address, port = _split_hostport(opts[flag])
-            family = 6 if ":" in address else 4
-            svc = IpvsService(family, _FLAG_PROTO[flag], address, port, 0, "", ())
+        opts, flags = _options(words[1:])
+        svc = _service_of(opts, flags)
+        if svc is None:
+            continue
         ident = svc.ident
-        if verb == "-A":
-            services[ident] = IpvsService(
-                svc.family,
-                svc.protocol,
-                svc.address,
-                svc.port,
-                svc.fwmark,
-                opts.get("-s", ""),
-                tuple(sorted(f for f in opts.get("-b", "").split(",") if f)),
-            )
+        if words[0] == "-A":
+            services[ident] = _configured(svc, opts)
             dests.setdefault(ident, [])
-        elif verb == "-a":
-            address, port = _split_hostport(opts["-r"])
-            method = next((_FLAG_METHOD[f] for f in flags if f in _FLAG_METHOD), "masq")
-            tun_type = opts.get("--tun-type", "ipip") if method == "tunnel" else ""
-            dests.setdefault(ident, []).append(IpvsDest(address, port, int(opts.get("-w", "1")), method, tun_type))
+        elif words[0] == "-a":
+            have = dests.get(ident, ())
+            if not isinstance(have, list):
+                have = dests[ident] = list(have)
+            have.append(_dest(opts, flags))
+
+
+def parse_save(text: str) -> list[IpvsService]:
+    """Services from ``ipvsadm -Sn``; destinations in ipvsadm's (sorted) order.
+
+    A listing of 10,000 services is 170,000 lines, but ipvsadm prints each
+    service's ``-A`` line followed by its ``-a`` lines, each of which
+    repeats the service's selector; with that prefix cut off, the services
+    of one pool on one port hold the same text.  So a TCP or UDP service's
+    destinations are parsed once per distinct text, and every service with
+    that text gets the same tuple of frozen destinations.  A block that is
+    not of that shape (fwmark services, anything kdsr did not write), and
+    a listing that quotes any word, are read line by line.
+    """
+    services: dict[str, IpvsService] = {}
+    dests: dict[str, Sequence[IpvsDest]] = {}
+    if any(q in text for q in "'\"\\"):  # ipvsadm -S quotes nothing kdsr creates
+        _read_lines(text.splitlines(), True, services, dests)
+    else:
+        known: dict[str, tuple[IpvsDest, ...]] = {}  # a block's destination text -> its destinations
+        blocks = ("\n" + text.rstrip("\n") + "\n").split("\n-A ")
+        _read_lines(blocks[0].splitlines(), False, services, dests)  # anything before the first service
+        for block in blocks[1:]:
+            head, _, rest = block.partition("\n")
+            words = head.split()
+            opts, flags = _options(words)
+            svc = _service_of(opts, flags) if words[:1] in (["-t"], ["-u"]) else None
+            tails = ("\n" + rest).replace(f"\n-a {' '.join(words[:2])} -r ", "\n")
+            if svc is None or "\n-" in tails or svc.ident in dests:
+                _read_lines(["-A " + head, *rest.splitlines()], False, services, dests)
+                continue
+            services[svc.ident] = _configured(svc, opts)
+            found = known.get(tails)
+            if found is None:
+                found = known[tails] = tuple(
+                    _dest(*_options(["-r", *tail.split()])) for tail in tails.split("\n") if tail
+                )
+            dests[svc.ident] = found
     return [
-        IpvsService(s.family, s.protocol, s.address, s.port, s.fwmark, s.scheduler, s.flags, tuple(dests[i]))
-        for i, s in services.items()
+        IpvsService(s.family, s.protocol, s.address, s.port, s.fwmark, s.scheduler, s.flags, tuple(dests[ident]))
+        for ident, s in services.items()
     ]
 
 
@@ -243,45 +298,57 @@ def _proc_hostport(text: str) -> tuple[str, int]:
     return str(ipaddress.IPv4Address(int(host, 16))), int(port, 16)
 
 
+_PROC_DEST = re.compile(r"^ *-> ([0-9A-F]{8}:[0-9A-F]{4}|\[[0-9a-fA-F:.]+\]:[0-9A-F]{4}) ", re.M)
+
+
 def parse_proc_order(text: str) -> dict[tuple, list[str]]:
     """Destination idents per service, in kernel list order, from /proc/net/ip_vs.
 
     Keys: ("tcp"|"udp", address, port) or ("fwmark", mark).  An IPv6 fwmark
     service is not told apart from an IPv4 one there; the destinations'
-    addresses are.
+    addresses are.  A service's line starts at the margin and its
+    destinations' lines follow, indented: the reader takes each block's
+    addresses with one regular expression and names each server once.
     """
     order: dict[tuple, list[str]] = {}
-    current: tuple | None = None
-    for line in text.splitlines():
-        words = line.split()
-        if not words:
-            continue
-        if words[0] in ("TCP", "UDP"):
+    idents: dict[str, str] = {}  # "C0A80001:0050" -> "192.168.0.1:80", once per server and port
+    for block in re.split(r"\n(?=\S)", text):
+        head, _, rest = block.partition("\n")
+        words = head.split()
+        if words[:1] in (["TCP"], ["UDP"]):
             address, port = _proc_hostport(words[1])
-            current = (words[0].lower(), address, port)
-            order[current] = []
-        elif words[0] == "FWM":
-            current = ("fwmark", int(words[1], 16))
-            order.setdefault(current, [])
-        elif words[0] == "->" and current is not None and words[1][0] in "[0123456789ABCDEF":
-            address, port = _proc_hostport(words[1])
-            order[current].append(IpvsDest(address, port, 0, "").ident)
-        elif words[0] in ("SCTP",):
-            current = None
+            found = order[(words[0].lower(), address, port)] = []
+        elif words[:1] == ["FWM"]:
+            found = order.setdefault(("fwmark", int(words[1], 16)), [])
+        else:
+            continue  # the title, the column heads, SCTP
+        for hostport in _PROC_DEST.findall(rest):
+            ident = idents.get(hostport)
+            if ident is None:
+                ident = idents[hostport] = IpvsDest(*_proc_hostport(hostport), 0, "").ident
+            found.append(ident)
     return order
 
 
 def in_kernel_order(services: list[IpvsService], order: dict[tuple, list[str]]) -> list[IpvsService]:
+    """``services`` with each one's destinations in the kernel's order.
+
+    Services that share a destination tuple (``parse_save`` hands one tuple
+    to every service with the same text) and a kernel order are sorted once.
+    """
     result = []
+    sorted_before: dict[tuple, tuple[IpvsDest, ...]] = {}
     for svc in services:
         key = ("fwmark", svc.fwmark) if svc.protocol == "fwmark" else (svc.protocol, svc.address, svc.port)
-        ranked = order.get(key, [])
-        position = {ident: i for i, ident in enumerate(ranked)}
-        mine = [d for d in svc.dests if (":" in d.address) == (svc.family == 6)]
-        dests = sorted(mine, key=lambda d: position.get(d.ident, len(ranked)))
+        ranked = tuple(order.get(key, ()))
+        memo = (id(svc.dests), svc.family, ranked)
+        dests = sorted_before.get(memo)
+        if dests is None:
+            position = {ident: i for i, ident in enumerate(ranked)}
+            mine = [d for d in svc.dests if (":" in d.address) == (svc.family == 6)]
+            dests = tuple(sorted(mine, key=lambda d: position.get(d.ident, len(ranked))))
+            sorted_before[memo] = dests
         result.append(
-            IpvsService(
-                svc.family, svc.protocol, svc.address, svc.port, svc.fwmark, svc.scheduler, svc.flags, tuple(dests)
-            )
+            IpvsService(svc.family, svc.protocol, svc.address, svc.port, svc.fwmark, svc.scheduler, svc.flags, dests)
         )
     return result
