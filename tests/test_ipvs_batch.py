@@ -86,10 +86,11 @@ def test_restore_text_is_the_command_line_words_one_line_each():
     assert str(commands[2]) == "ipvsadm -d -t 10.9.0.1:80 -r 10.3.0.1:80"
 
 
-def test_restore_text_refuses_a_word_that_would_split_or_quote():
-    bad = IpvsService(4, "tcp", "10.9.0.1", 80, 0, "mh x", ())
+@pytest.mark.parametrize("scheduler", ["mh x", "mh\tx", "mh\nx", "'mh'", 'm"h', "mh\\", "mh#", "", "mh\u2003x"])
+def test_restore_text_refuses_a_word_that_would_split_quote_or_vanish(scheduler):
+    bad = IpvsService(4, "tcp", "10.9.0.1", 80, 0, scheduler, ())
     with pytest.raises(ValueError):
-        restore_text([IpvsCommand("-A", bad)])
+        restore_text([IpvsCommand("-A", SVC), IpvsCommand("-A", bad)])
 
 
 def test_first_not_landed_judges_the_last_command_on_each_object():

@@ -95,10 +95,16 @@ def restore_text(commands: Iterable[IpvsCommand]) -> str:
     lines = []
     for command in commands:
         words = command.args()
-        if any(not w or any(c.isspace() or c in "'\"\\#" for c in w) for w in words):
+        line = " ".join(words)
+        if line.count(" ") != len(words) - 1 or _RESTORE_LINE.fullmatch(line) is None:
             raise ValueError(f"refusing to pass {words!r} to ipvsadm -R")
-        lines.append(" ".join(words) + "\n")
+        lines.append(line + "\n")
     return "".join(lines)
+
+
+# Words of no white space, quote, backslash or '#', one space between them
+# (and no space inside one: ``restore_text`` counts them).
+_RESTORE_LINE = re.compile(r"[^\s'\"\\#]+(?: [^\s'\"\\#]+)*")
 
 
 def landed(command: IpvsCommand, services: dict[str, IpvsService]) -> bool:
