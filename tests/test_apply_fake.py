@@ -274,3 +274,40 @@ def test_rollback_restores_records(kernel, store):
     with pytest.raises(ApplyError):
         run(it, "s1", kernel, store)
     assert store.nodes() == []  # nothing claimed
+
+
+def six_vips(doc):
+    for i in range(5):
+        doc["services"][f"extra{i}"] = {"vip": f"10.10.0.{120 + i}", "ports": 80, "pool": "web"}
+
+
+def test_a_server_s_vips_are_one_step_and_a_fault_part_way_takes_back_what_it_added(kernel, store):
+    """Six VIPs on lo are one journaled step (one record, one saved state):
+    a fault at any of its writes, or at the write after it, leaves the host
+    and the records as they were; destroy the same way."""
+    it = intent(six_vips)
+    before = snapshot(kernel)
+    prepared = operations.prepare(it, "s1", kernel, store)
+    writes = len(prepared.plan.changes)
+    assert len([c for c in prepared.plan.changes if c.kind == "address"]) == 6
+    for k in range(1, writes + 1):
+        kernel.fail_at = kernel.writes + k
+        with pytest.raises(ApplyError) as info:
+            run(it, "s1", kernel, store)
+        assert info.value.rolled_back, k
+        assert snapshot(kernel) == before, f"fault at write {k} left changes behind"
+        assert store.nodes() == [], f"fault at write {k} left records behind"
+    result = operations.apply(operations.prepare(it, "s1", kernel, store), kernel, store)
+    assert "add 6 addresses (10.10.0.100/32 to lo and 5 more)" in result.steps
+    assert not [s for s in result.steps if s.startswith("add address")]
+    applied = snapshot(kernel)
+    assert len([a for a in kernel.addresses["lo"] if a.cidr.startswith("10.10.0.1")]) == 6
+    for k in range(1, 7):  # each of the six deletes
+        kernel.fail_at = kernel.writes + k
+        with pytest.raises(ApplyError) as info:
+            operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
+        assert info.value.rolled_back, k
+        assert snapshot(kernel) == applied, f"fault at delete {k} left changes behind"
+        assert operations.prepare(it, "s1", kernel, store).plan.empty
+    operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
+    assert snapshot(kernel) == before and store.nodes() == []
