@@ -36,10 +36,10 @@ PROC = """\
 IP Virtual Server version 1.2.1 (size=4096)
 Prot LocalAddress:Port Scheduler Flags
   -> RemoteAddress:Port Forward Weight ActiveConn InActConn
-TCP  0A000001:0050 mh (mh-fallback,mh-port)
+TCP  0A000001:0050 mh
   -> 0A030002:0050      Tunnel  3      0          0
   -> 0A030001:0050      Route   1      4          17
-TCP  0A000002:0050 mh (mh-fallback,mh-port)
+TCP  0A000002:0050 mh
   -> 0A030001:0050      Route   1      0          0
   -> 0A030002:0050      Tunnel  3      0          0
 UDP  [2001:0db8:0000:0000:0000:0000:0000:0001]:0035 mh
