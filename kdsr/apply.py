@@ -169,15 +169,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
         def run() -> None:
             state.owned_addresses.update(a.ident for a in addrs)
             save()
-            for addr in addrs:
-                if added:
-                    crash_point(f"part-way through the addresses, before {addr.cidr}")
-                try:
-                    kernel.addr_add(addr)
-                except Exception:
-                    undo()
-                    raise
-                added.append(addr)
+            _one_at_a_time(kernel.addr_add, addrs, added, undo)
 
         return Step(_addresses("add", "to", addrs), run, undo)
 
@@ -192,15 +184,7 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
 
         def run() -> None:
             if write:
-                for addr in addrs:
-                    if removed:
-                        crash_point(f"part-way through the addresses, before {addr.cidr}")
-                    try:
-                        kernel.addr_del(addr)
-                    except Exception:
-                        undo()
-                        raise
-                    removed.append(addr)
+                _one_at_a_time(kernel.addr_del, addrs, removed, undo)
                 crash_point("after the write, before its record is updated")
             state.owned_addresses.difference_update(a.ident for a in addrs)
             save()
@@ -331,6 +315,22 @@ def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: 
         run,
         lambda: kernel.link_del(link.name),
     )
+
+
+def _one_at_a_time(
+    write: Callable[[Address], None], addrs: list[Address], done: list[Address], undo: Callable[[], None]
+) -> None:
+    """``write`` each address in order, noting it in ``done``; a failure
+    undoes what was done, then re-raises."""
+    for addr in addrs:
+        if done:
+            crash_point(f"part-way through the addresses, before {addr.cidr}")
+        try:
+            write(addr)
+        except Exception:
+            undo()
+            raise
+        done.append(addr)
 
 
 def _addresses(verb: str, preposition: str, addrs: list[Address]) -> str:
