@@ -256,6 +256,13 @@ def apply(
             # kdsr/kernel/nft_cache.py: no other nftables commit came between the read and this one.
             how = "read back and verified (map elements as sent: the ruleset generation moved by this commit only)"
             click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; {how}.")
+        elif result.ipvs_listed_again:
+            # kdsr/apply.py _ipvs_read_back: IPVS has no generation; the steps wrote only these.
+            how = (
+                f"read back and verified (IPVS: the {result.ipvs_listed_again} services written, listed again; "
+                "the others as the plan read them)"
+            )
+            click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; {how}.")
         else:
             click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; read back and verified.")
 

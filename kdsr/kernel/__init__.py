@@ -72,6 +72,10 @@ class Kernel(Protocol):
 
     def ipvs_list(self) -> list[IpvsService]: ...
 
+    # Those of ``services`` the kernel holds, as it holds them, each listed
+    # by its selector (an apply's read-back of what it wrote).
+    def ipvs_list_some(self, services: list[IpvsService]) -> list[IpvsService]: ...
+
     def ipvs_service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
 
     def ipvs_dest(self, verb: str, svc: IpvsService, dest: IpvsDest) -> None: ...  # "-a", "-e", "-d"

@@ -58,6 +58,7 @@ class FakeKernel:
         # kernel's list order (new ones at the head, as the kernel does).
         self.ipvs: dict[str, IpvsService] = {}
         self.ipvs_lists = 0  # ipvs_list calls, to check an apply lists once
+        self.ipvs_some_lists = 0  # ipvs_list_some calls (a read-back of the services written)
         self.ipvs_batches = 0
         self.ipvs_batch_runs_on = False  # True: a refused batch line does not stop the rest
         # BIRD: fragment files by path; None: BIRD not installed/running.
@@ -327,6 +328,10 @@ class FakeKernel:
     def ipvs_list(self) -> list[IpvsService]:
         self.ipvs_lists += 1
         return list(self.ipvs.values())
+
+    def ipvs_list_some(self, services: list[IpvsService]) -> list[IpvsService]:
+        self.ipvs_some_lists += 1
+        return [self.ipvs[s.ident] for s in services if s.ident in self.ipvs]
 
     def ipvs_service(self, verb: str, svc: IpvsService) -> None:
         have = self.ipvs.get(svc.ident)

@@ -8,10 +8,13 @@ netlink API, on every director already.  It is run with an argument list,
 never a shell; every argument is an address, a number or a fixed word that
 kdsr formatted itself from validated values.
 
-Reading needs two sources: ``ipvsadm -Sn`` gives each service's scheduler,
-flags and each destination's method, tunnel type and weight, but sorts the
-destinations; ``/proc/net/ip_vs`` lists them in the kernel's list order,
-which decides the ``mh`` table (see compile/lb_ipvs.py).
+Reading takes one listing, ``ipvsadm -L -n --nosort --tun-info``: each
+service's scheduler and flags, each destination's method, tunnel type and
+weight, and the destinations in the kernel's list order, which decides the
+``mh`` table (see compile/lb_ipvs.py).  (``ipvsadm -Sn`` sorts them and
+refuses ``--nosort``; ``/proc/net/ip_vs`` has the order but not the flags
+or the tunnel type.  kdsr read both until the one listing was found to
+carry everything, at 10,000 services in less time.)
 
 Pure except ``run`` and the readers at the bottom, which take callables.
 """
@@ -22,15 +25,12 @@ import dataclasses
 import functools
 import ipaddress
 import re
-import shlex
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 from kdsr.model import IpvsDest, IpvsService, ipvs_dest
 
 _PROTO_FLAG = {"tcp": "-t", "udp": "-u"}
-_FLAG_PROTO = {v: k for k, v in _PROTO_FLAG.items()}
 _METHOD_FLAG = {"route": "-g", "tunnel": "-i"}
-_FLAG_METHOD = {v: k for k, v in _METHOD_FLAG.items()}
 
 
 def _hostport(address: str, port: int) -> str:
@@ -188,173 +188,87 @@ def _split_hostport(text: str) -> tuple[str, int]:
     return _canonical_address(host), int(port)
 
 
-_OPTIONS_WITH_VALUE = frozenset(
-    ("-t", "-u", "-f", "-s", "-b", "-r", "-w", "--tun-type", "-p", "-M", "--pe", "-x", "-y")
-)
+# ``ipvsadm -L -n --nosort --tun-info``, as ipvsadm 1.31 prints it:
+#
+#   TCP  10.100.0.1:80 mh (mh-fallback,mh-port)
+#     -> 10.200.1.3:8080              Masq    n/a           0      0          0
+#     -> 10.200.1.5:53                Tunnel  gre:-c        2      0          0
+#   FWM  5 IPv6 sh (sh-port)
+#
+# A service's line starts at the margin (after a title and the column heads,
+# which the reader skips); its destinations follow, indented, in the
+# kernel's list order (``--nosort``).  The last two columns count
+# connections: they change with traffic, not with configuration.
+_LISTED_PROTOCOL = {"TCP": "tcp", "UDP": "udp"}
+_LISTED_METHOD = {"Route": "route", "Tunnel": "tunnel"}  # Masq, Local: kdsr never writes them
 
 
-def _options(words: list[str]) -> tuple[dict[str, str], set[str]]:
-    """A restore line's options (``-w 1``) and bare flags (``-g``, ``-6``)."""
-    opts: dict[str, str] = {}
-    flags: set[str] = set()
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word in _OPTIONS_WITH_VALUE:
-            opts[word] = words[i + 1] if i + 1 < len(words) else ""
-            i += 2
-        else:
-            flags.add(word)
-            i += 1
-    return opts, flags
+LIST_ARGS = ("-L", "-n", "--nosort", "--tun-info")  # what parse_list reads
 
 
-def _dest(opts: dict[str, str], flags: set[str]) -> IpvsDest:
-    address, port = _split_hostport(opts["-r"])
-    method = next((_FLAG_METHOD[f] for f in flags if f in _FLAG_METHOD), "masq")
-    tun_type = opts.get("--tun-type", "ipip") if method == "tunnel" else ""
-    return ipvs_dest(address, port, int(opts.get("-w", "1")), method, tun_type)
+def list_text(services: Iterable[IpvsService]) -> str:
+    """``ipvsadm -R`` input that lists each of ``services`` by its selector."""
+    return "".join(" ".join((*LIST_ARGS, *service_selector(s))) + "\n" for s in services)
 
 
-def _service_of(opts: dict[str, str], flags: set[str]) -> IpvsService | None:
-    """The service a restore line names, without scheduler, flags or destinations."""
-    if "-f" in opts:
-        return IpvsService(6 if "-6" in flags else 4, "fwmark", "", 0, int(opts["-f"]), "", ())
-    flag = "-t" if "-t" in opts else "-u" if "-u" in opts else None
-    if flag is None:
-        return None  # sctp or something kdsr never creates
-    address, port = _split_hostport(opts[flag])
-    return IpvsService(6 if ":" in address else 4, _FLAG_PROTO[flag], address, port, 0, "", ())
-
-
-def _configured(svc: IpvsService, opts: dict[str, str]) -> IpvsService:
-    """``svc`` with the scheduler and its flags from an ``-A`` line's options."""
-    flags = tuple(sorted(f for f in opts.get("-b", "").split(",") if f))
-    return IpvsService(svc.family, svc.protocol, svc.address, svc.port, svc.fwmark, opts.get("-s", ""), flags)
-
-
-def _read_lines(lines: Iterable[str], quoted: bool, services: dict, dests: dict) -> None:
-    """The general reader: each line by its words, into ``services`` and ``dests``."""
-    for line in lines:
-        words = shlex.split(line) if quoted else line.split()
-        if not words:
-            continue
-        opts, flags = _options(words[1:])
-        svc = _service_of(opts, flags)
-        if svc is None:
-            continue
-        ident = svc.ident
-        if words[0] == "-A":
-            services[ident] = _configured(svc, opts)
-            dests.setdefault(ident, [])
-        elif words[0] == "-a":
-            have = dests.get(ident, ())
-            if not isinstance(have, list):
-                have = dests[ident] = list(have)
-            have.append(_dest(opts, flags))
-
-
-def parse_save(text: str) -> list[IpvsService]:
-    """Services from ``ipvsadm -Sn``; destinations in ipvsadm's (sorted) order.
-
-    A listing of 10,000 services is 170,000 lines, but ipvsadm prints each
-    service's ``-A`` line followed by its ``-a`` lines, each of which
-    repeats the service's selector; with that prefix cut off, the services
-    of one pool on one port hold the same text.  So a TCP or UDP service's
-    destinations are parsed once per distinct text, and every service with
-    that text gets the same tuple of frozen destinations.  A block that is
-    not of that shape (fwmark services, anything kdsr did not write), and
-    a listing that quotes any word, are read line by line.
-    """
-    services: dict[str, IpvsService] = {}
-    dests: dict[str, Sequence[IpvsDest]] = {}
-    if any(q in text for q in "'\"\\"):  # ipvsadm -S quotes nothing kdsr creates
-        _read_lines(text.splitlines(), True, services, dests)
+def _listed_service(words: list[str]) -> IpvsService | None:
+    """The service a listing's line names (scheduler and its flags included,
+    no destinations), or None for a title, the column heads, or a kind kdsr
+    never creates."""
+    if words[:1] == ["FWM"] and len(words) >= 3:
+        family = 6 if words[2] == "IPv6" else 4
+        address, port, mark = "", 0, int(words[1])
+        protocol, rest = "fwmark", words[3:] if family == 6 else words[2:]
+    elif words[:1] in (["TCP"], ["UDP"]) and len(words) >= 3:
+        address, port = _split_hostport(words[1])
+        family, mark = 6 if ":" in address else 4, 0
+        protocol, rest = _LISTED_PROTOCOL[words[0]], words[2:]
     else:
-        known: dict[str, tuple[IpvsDest, ...]] = {}  # a block's destination text -> its destinations
-        blocks = ("\n" + text.rstrip("\n") + "\n").split("\n-A ")
-        _read_lines(blocks[0].splitlines(), False, services, dests)  # anything before the first service
-        for block in blocks[1:]:
-            head, _, rest = block.partition("\n")
-            words = head.split()
-            opts, flags = _options(words)
-            svc = _service_of(opts, flags) if words[:1] in (["-t"], ["-u"]) else None
-            tails = ("\n" + rest).replace(f"\n-a {' '.join(words[:2])} -r ", "\n")
-            if svc is None or "\n-" in tails or svc.ident in dests:
-                _read_lines(["-A " + head, *rest.splitlines()], False, services, dests)
-                continue
-            services[svc.ident] = _configured(svc, opts)
-            found = known.get(tails)
-            if found is None:
-                found = known[tails] = tuple(
-                    _dest(*_options(["-r", *tail.split()])) for tail in tails.split("\n") if tail
-                )
-            dests[svc.ident] = found
-    return [
-        IpvsService(s.family, s.protocol, s.address, s.port, s.fwmark, s.scheduler, s.flags, tuple(dests[ident]))
-        for ident, s in services.items()
-    ]
+        return None
+    scheduler = rest[0] if rest else ""
+    flags = rest[1][1:-1].split(",") if len(rest) > 1 and rest[1].startswith("(") else ()
+    return IpvsService(family, protocol, address, port, mark, scheduler, tuple(sorted(flags)))
 
 
-def _proc_hostport(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, port = text[1:].rsplit("]:", 1)
-        return str(ipaddress.IPv6Address(host)), int(port, 16)
-    host, port = text.split(":")
-    return str(ipaddress.IPv4Address(int(host, 16))), int(port, 16)
+def _listed_dest(words: list[str]) -> IpvsDest:
+    """``-> ADDRESS:PORT FORWARD TUNNELINFO WEIGHT`` (counters cut off)."""
+    address, port = _split_hostport(words[1])
+    method = _LISTED_METHOD.get(words[2], "masq")
+    tun_type = (words[3].split(":", 1)[0] if words[3] != "n/a" else "ipip") if method == "tunnel" else ""
+    return ipvs_dest(address, port, int(words[4]), method, tun_type)
 
 
-_PROC_DEST = re.compile(r"^ *-> ([0-9A-F]{8}:[0-9A-F]{4}|\[[0-9a-fA-F:.]+\]:[0-9A-F]{4}) ", re.M)
+def parse_list(text: str) -> list[IpvsService]:
+    """Services from ``ipvsadm -L -n --nosort --tun-info``, each with its
+    destinations in the kernel's list order (which decides the ``mh`` table).
 
-
-def parse_proc_order(text: str) -> dict[tuple, list[str]]:
-    """Destination idents per service, in kernel list order, from /proc/net/ip_vs.
-
-    Keys: ("tcp"|"udp", address, port) or ("fwmark", mark).  An IPv6 fwmark
-    service is not told apart from an IPv4 one there; the destinations'
-    addresses are.  A service's line starts at the margin and its
-    destinations' lines follow, indented: the reader takes each block's
-    addresses with one regular expression and names each server once.
+    A listing of 10,000 services is 170,000 lines, but they name a few
+    hundred distinct destinations: each distinct line (its connection
+    counters cut off) is read once, and every service that lists it holds
+    the same frozen destination.  (A regular expression over the whole
+    listing to cut the counters cost 12 s of emulated time at that size,
+    most of it backtracking over the column padding.)
     """
-    order: dict[tuple, list[str]] = {}
-    idents: dict[str, str] = {}  # "C0A80001:0050" -> "192.168.0.1:80", once per server and port
-    for block in re.split(r"\n(?=\S)", text):
-        head, _, rest = block.partition("\n")
-        words = head.split()
-        if words[:1] in (["TCP"], ["UDP"]):
-            address, port = _proc_hostport(words[1])
-            found = order[(words[0].lower(), address, port)] = []
-        elif words[:1] == ["FWM"]:
-            found = order.setdefault(("fwmark", int(words[1], 16)), [])
-        else:
-            continue  # the title, the column heads, SCTP
-        for hostport in _PROC_DEST.findall(rest):
-            ident = idents.get(hostport)
-            if ident is None:
-                ident = idents[hostport] = IpvsDest(*_proc_hostport(hostport), 0, "").ident
-            found.append(ident)
-    return order
+    services: list[IpvsService] = []
+    read: dict[str, IpvsDest] = {}  # a destination line without its counters -> that destination
+    service: IpvsService | None = None
+    dests: list[IpvsDest] = []
+    for line in text.splitlines():
+        if line.startswith("  -> "):
+            if service is not None:
+                config = line.rsplit(None, 2)[0]
+                dest = read.get(config)
+                if dest is None:
+                    dest = read[config] = _listed_dest(config.split())
+                dests.append(dest)
+            continue
+        if service is not None:
+            services.append(_with(service, dests))
+        service, dests = _listed_service(line.split()), []
+    if service is not None:
+        services.append(_with(service, dests))
+    return services
 
 
-def in_kernel_order(services: list[IpvsService], order: dict[tuple, list[str]]) -> list[IpvsService]:
-    """``services`` with each one's destinations in the kernel's order.
-
-    Services that share a destination tuple (``parse_save`` hands one tuple
-    to every service with the same text) and a kernel order are sorted once.
-    """
-    result = []
-    sorted_before: dict[tuple, tuple[IpvsDest, ...]] = {}
-    for svc in services:
-        key = ("fwmark", svc.fwmark) if svc.protocol == "fwmark" else (svc.protocol, svc.address, svc.port)
-        ranked = tuple(order.get(key, ()))
-        memo = (id(svc.dests), svc.family, ranked)
-        dests = sorted_before.get(memo)
-        if dests is None:
-            position = {ident: i for i, ident in enumerate(ranked)}
-            mine = [d for d in svc.dests if (":" in d.address) == (svc.family == 6)]
-            dests = tuple(sorted(mine, key=lambda d: position.get(d.ident, len(ranked))))
-            sorted_before[memo] = dests
-        result.append(
-            IpvsService(svc.family, svc.protocol, svc.address, svc.port, svc.fwmark, svc.scheduler, svc.flags, dests)
-        )
-    return result
+def _with(s: IpvsService, dests: list[IpvsDest]) -> IpvsService:
+    return IpvsService(s.family, s.protocol, s.address, s.port, s.fwmark, s.scheduler, s.flags, tuple(dests))

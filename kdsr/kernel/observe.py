@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kdsr import naming
@@ -38,8 +39,16 @@ def read_tables(kernel: Kernel, desired: Desired, state: NodeState, orphans: boo
     return tables
 
 
-def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = False) -> Observed:
-    """``orphans``: also read kdsr tables no node's state file claims (destroy)."""
+def observe(
+    kernel: Kernel,
+    desired: Desired,
+    state: NodeState,
+    orphans: bool = False,
+    ipvs_list: Callable[[], list[IpvsService]] | None = None,
+) -> Observed:
+    """``orphans``: also read kdsr tables no node's state file claims (destroy).
+    ``ipvs_list``: where the IPVS table comes from, if not a full listing
+    (an apply's read-back of the services it wrote, apply._ipvs_read_back)."""
     wanted = {a.ident: a for a in desired.addresses}
     interfaces = {a.ifname for a in desired.addresses} | {i.split(" ", 1)[0] for i in state.owned_addresses}
     addresses: list[Address] = []
@@ -61,7 +70,10 @@ def observe(kernel: Kernel, desired: Desired, state: NodeState, orphans: bool = 
 
     links, foreign_links = _links(kernel, state, orphans)
     l3 = bool(desired.links or desired.routes or state.links or orphans)
-    ipvs, foreign_ipvs = _ipvs(kernel, desired, state) if (desired.ipvs or state.ipvs) else ([], frozenset())
+    if desired.ipvs or state.ipvs:
+        ipvs, foreign_ipvs = _ipvs(ipvs_list or kernel.ipvs_list, desired, state)
+    else:
+        ipvs, foreign_ipvs = [], frozenset()
     return Observed(
         links=tuple(links),
         foreign_links=foreign_links,
@@ -133,11 +145,13 @@ def _links(kernel: Kernel, state: NodeState, orphans: bool) -> tuple[list[Link],
     return links, foreign
 
 
-def _ipvs(kernel: Kernel, desired: Desired, state: NodeState) -> tuple[list[IpvsService], frozenset[str]]:
+def _ipvs(
+    ipvs_list: Callable[[], list[IpvsService]], desired: Desired, state: NodeState
+) -> tuple[list[IpvsService], frozenset[str]]:
     """IPVS services kdsr created or wants.  IPVS objects carry no label, so
     ownership is the state file's record; a wanted service that exists
     without one is someone else's."""
     wanted = {s.ident for s in desired.ipvs}
-    found = [s for s in kernel.ipvs_list() if s.ident in state.ipvs or s.ident in wanted]
+    found = [s for s in ipvs_list() if s.ident in state.ipvs or s.ident in wanted]
     foreign = frozenset(s.ident for s in found if s.ident not in state.ipvs)
     return found, foreign

@@ -247,8 +247,34 @@ class _L3Mixin:
 
         if not Path("/proc/net/ip_vs").exists():
             return []
-        services = ipvs.parse_save(self._ipvsadm(["-S", "-n"], write=False))
-        return ipvs.in_kernel_order(services, ipvs.parse_proc_order(Path("/proc/net/ip_vs").read_text()))
+        return ipvs.parse_list(self._ipvsadm(list(ipvs.LIST_ARGS), write=False))
+
+    def ipvs_list_some(self, services: list) -> list:
+        """Those of ``services`` the kernel holds: ``-L`` lines through ONE
+        ``ipvsadm -R``, which runs listing commands too (20 services: 0.09 s
+        in the emulated guest, against 1.4 s for 20 processes).  A service
+        that is not there ends the run ("No such service", exit 1) after
+        those before it were listed; the run starts again after it."""
+        import subprocess
+
+        from kdsr.kernel import ipvs
+
+        if not Path("/proc/net/ip_vs").exists():
+            return []
+        found, left = [], list(services)
+        while left:
+            text = ipvs.list_text(left)
+            result = subprocess.run(["ipvsadm", "-R"], input=text, capture_output=True, text=True, check=False)
+            listed = ipvs.parse_list(result.stdout)
+            if [s.ident for s in listed] != [s.ident for s in left[: len(listed)]]:
+                raise KernelError(f"ipvsadm -R listed other services than it was asked for: {listed[:3]}")
+            found += listed
+            if result.returncode == 0 and not result.stderr.strip():
+                break
+            if len(listed) == len(left) or result.stderr.strip() != "No such service":
+                raise KernelError(f"ipvsadm -R (listing {len(left)} services): {result.stderr.strip() or 'no message'}")
+            left = left[len(listed) + 1 :]  # the one after the service that is not there
+        return found
 
     def ipvs_service(self, verb: str, svc) -> None:
         from kdsr.kernel import ipvs

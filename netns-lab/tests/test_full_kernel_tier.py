@@ -63,6 +63,75 @@ def test_ipvs_mh_service_in_a_namespace(netns):
     assert "192.0.2.100:80" not in host.stdout
 
 
+# SystemKernel's two IPVS readers, run inside the namespace; prints JSON.
+IPVS_READERS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kdsr.kernel.system import SystemKernel
+from kdsr.model import IpvsService
+k = SystemKernel()
+whole = k.ipvs_list()
+def ask(kind, address, port, mark=0, family=4):
+    return IpvsService(family, kind, address, port, mark, "", ())
+some = k.ipvs_list_some([
+    ask("tcp", "192.0.2.100", 80), ask("tcp", "192.0.2.199", 80), ask("fwmark", "", 0, 7, 6),
+    ask("udp", "2001:db8::100", 53, family=6), ask("fwmark", "", 0, 9), ask("fwmark", "", 0, 7),
+])
+def shown(services):
+    return [[s.ident, s.scheduler, list(s.flags), [[d.ident, d.weight, d.method, d.tun_type] for d in s.dests]]
+            for s in services]
+print(json.dumps({"whole": sorted(shown(whole)), "some": shown(some)}))
+"""
+
+IPVS_TABLE = """\
+-A -t 192.0.2.100:80 -s mh -b mh-port,mh-fallback
+-a -t 192.0.2.100:80 -r 192.0.2.11:80 -g -w 1
+-a -t 192.0.2.100:80 -r 192.0.2.12:80 -i -w 2 --tun-type gre
+-a -t 192.0.2.100:80 -r 192.0.2.13:80 -i -w 3
+-A -u [2001:db8::100]:53 -s mh
+-a -u [2001:db8::100]:53 -r [2001:db8::12]:53 -i -w 1
+-a -u [2001:db8::100]:53 -r [2001:db8::11]:53 -g -w 0
+-A -f 7 -s mh
+-a -f 7 -r 192.0.2.11:0 -g -w 1
+-A -f 7 -6 -s mh -b mh-port
+-a -f 7 -6 -r [2001:db8::11]:0 -i -w 4
+"""
+
+
+def test_system_kernel_reads_ipvs_whole_and_by_service(netns):
+    """One listing has every field kdsr compares, destinations in the
+    kernel's order (the newest at the head, whatever ipvsadm would sort);
+    a listing by service skips those that are not there and goes on."""
+    netns.add("lb")
+    netns.run("lb", "ip link add kd0 type dummy")
+    netns.run("lb", "ip addr add 192.0.2.1/24 dev kd0")
+    netns.run("lb", "ip addr add 2001:db8::1/64 dev kd0 nodad")
+    netns.run("lb", "ip link set kd0 up")
+    netns.run("lb", ["ipvsadm", "-R"], input=IPVS_TABLE)
+    root = str(Path(__file__).resolve().parents[2])
+    read = json.loads(netns.run("lb", [PYTHON, "-c", IPVS_READERS, root], timeout=HELPER_TIMEOUT).stdout)
+    tcp = [
+        "tcp 192.0.2.100:80",
+        "mh",
+        ["mh-fallback", "mh-port"],
+        [
+            ["192.0.2.13:80", 3, "tunnel", "ipip"],
+            ["192.0.2.12:80", 2, "tunnel", "gre"],
+            ["192.0.2.11:80", 1, "route", ""],
+        ],
+    ]
+    udp = [
+        "udp [2001:db8::100]:53",
+        "mh",
+        [],
+        [["[2001:db8::11]:53", 0, "route", ""], ["[2001:db8::12]:53", 1, "tunnel", "ipip"]],
+    ]
+    fw6 = ["fwmark 0x7 ipv6", "mh", ["mh-port"], [["[2001:db8::11]:0", 4, "tunnel", "ipip"]]]
+    fw4 = ["fwmark 0x7 ipv4", "mh", [], [["192.0.2.11:0", 1, "route", ""]]]
+    assert read["whole"] == sorted([tcp, udp, fw6, fw4])
+    assert read["some"] == [tcp, fw6, udp, fw4]
+
+
 # A receiver that answers one datagram and says what it got, as JSON.
 RECEIVER = """
 import json, socket, sys

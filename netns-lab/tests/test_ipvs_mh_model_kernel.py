@@ -13,8 +13,8 @@ each flow (its connection entry) must be the one the model predicts, for
   kdsr builds it;
 - IPv6 with mh-port (the address is folded to 32 bits first).
 
-The kernel's list order is read from /proc/net/ip_vs (``ipvsadm -L`` sorts)
-and must also equal the model's ``list_after_inserts`` of the add/delete
+The kernel's list order is read the way kdsr reads it (``ipvsadm -L -n
+--nosort --tun-info``, kdsr.kernel.ipvs.parse_list) and must also equal the model's ``list_after_inserts`` of the add/delete
 history.  Connection entries are read from /proc/net/ip_vs_conn, the table
 ``ipvsadm -Lnc`` prints (raw: addresses and ports unformatted).
 
@@ -41,8 +41,7 @@ for path in (ROOT, ROOT / "bench"):
 
 import ipvs_mh_model as mh  # noqa: E402
 
-from kdsr.kernel.ipvs import parse_proc_order  # noqa: E402
-from kdsr.model import IpvsDest  # noqa: E402
+from kdsr.kernel.ipvs import parse_list  # noqa: E402
 
 pytestmark = pytest.mark.full_kernel
 
@@ -111,11 +110,11 @@ class MhService:
 
     def kernel_order(self) -> list[str]:
         """The destination list as the kernel holds it, head first."""
-        text = self.netns.run(self.name, ["cat", "/proc/net/ip_vs"]).stdout
-        idents = parse_proc_order(text).get(("udp", self.vip, PORT))
-        assert idents is not None, f"no UDP {self.vip}:{PORT} in /proc/net/ip_vs:\n{text}"
-        by_ident = {IpvsDest(a, PORT, 0, "").ident: a for a in self.weight}
-        return [by_ident[i] for i in idents]
+        selector = ["-u", hostport(self.vip, PORT)]
+        text = self.netns.run(self.name, ["ipvsadm", "-L", "-n", "--nosort", "--tun-info", *selector]).stdout
+        services = parse_list(text)
+        assert len(services) == 1, f"no UDP {self.vip}:{PORT} in ipvsadm's listing:\n{text}"
+        return [d.address for d in services[0].dests]
 
     def model(self) -> mh.MhTable:
         """The model's table, after checking that its list order is the kernel's."""
