@@ -107,7 +107,9 @@ def test_system_kernel_reads_ipvs_whole_and_by_service(netns):
     netns.run("lb", "ip addr add 192.0.2.1/24 dev kd0")
     netns.run("lb", "ip addr add 2001:db8::1/64 dev kd0 nodad")
     netns.run("lb", "ip link set kd0 up")
-    netns.run("lb", ["ipvsadm", "-R"], input=IPVS_TABLE)
+    restore = ["ip", "netns", "exec", netns.ns("lb"), "ipvsadm", "-R"]
+    written = subprocess.run(restore, input=IPVS_TABLE, capture_output=True, text=True, timeout=HELPER_TIMEOUT)
+    assert written.returncode == 0 and not written.stderr, written.stderr
     root = str(Path(__file__).resolve().parents[2])
     read = json.loads(netns.run("lb", [PYTHON, "-c", IPVS_READERS, root], timeout=HELPER_TIMEOUT).stdout)
     tcp = [

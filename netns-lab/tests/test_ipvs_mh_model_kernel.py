@@ -14,9 +14,10 @@ each flow (its connection entry) must be the one the model predicts, for
 - IPv6 with mh-port (the address is folded to 32 bits first).
 
 The kernel's list order is read the way kdsr reads it (``ipvsadm -L -n
---nosort --tun-info``, kdsr.kernel.ipvs.parse_list) and must also equal the model's ``list_after_inserts`` of the add/delete
-history.  Connection entries are read from /proc/net/ip_vs_conn, the table
-``ipvsadm -Lnc`` prints (raw: addresses and ports unformatted).
+--nosort --tun-info``, kdsr.kernel.ipvs.parse_list) and must also equal the
+model's ``list_after_inserts`` of the add/delete history.  Connection
+entries are read from /proc/net/ip_vs_conn, the table ``ipvsadm -Lnc``
+prints (raw: addresses and ports unformatted).
 
 The clients are local sockets in the load balancer's namespace: IPVS
 schedules locally generated packets in its LOCAL_OUT hook, so no second
