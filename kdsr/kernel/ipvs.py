@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from kdsr.model import IpvsDest, IpvsService, ipvs_dest
 
@@ -92,14 +92,14 @@ def restore_text(commands: Iterable[IpvsCommand]) -> str:
     address, a number or a fixed word kdsr formatted itself, so none holds
     white space or a quote (checked: a word that did would change meaning).
     """
-    lines = []
-    for command in commands:
-        words = command.args()
-        line = " ".join(words)
-        if line.count(" ") != len(words) - 1 or _RESTORE_LINE.fullmatch(line) is None:
-            raise ValueError(f"refusing to pass {words!r} to ipvsadm -R")
-        lines.append(line + "\n")
-    return "".join(lines)
+    return "".join(_restore_line(command.args()) for command in commands)
+
+
+def _restore_line(words: Sequence[str]) -> str:
+    line = " ".join(words)
+    if line.count(" ") != len(words) - 1 or _RESTORE_LINE.fullmatch(line) is None:
+        raise ValueError(f"refusing to pass {list(words)!r} to ipvsadm -R")
+    return line + "\n"
 
 
 # Words of no white space, quote, backslash or '#', one space between them
@@ -208,7 +208,7 @@ LIST_ARGS = ("-L", "-n", "--nosort", "--tun-info")  # what parse_list reads
 
 def list_text(services: Iterable[IpvsService]) -> str:
     """``ipvsadm -R`` input that lists each of ``services`` by its selector."""
-    return "".join(" ".join((*LIST_ARGS, *service_selector(s))) + "\n" for s in services)
+    return "".join(_restore_line((*LIST_ARGS, *service_selector(s))) for s in services)
 
 
 def _listed_service(words: list[str]) -> IpvsService | None:

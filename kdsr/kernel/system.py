@@ -242,6 +242,15 @@ class _L3Mixin:
             self.writes += 1  # type: ignore[attr-defined]
         return result.stdout
 
+    def _ipvsadm_restore(self, text: str):
+        """``ipvsadm -R`` with ``text`` on stdin; the caller judges the result."""
+        import shutil
+        import subprocess
+
+        if shutil.which("ipvsadm") is None:
+            raise KernelError("ipvsadm is not installed (Debian package ipvsadm); the ipvs engine needs it")
+        return subprocess.run(["ipvsadm", "-R"], input=text, capture_output=True, text=True, check=False)
+
     def ipvs_list(self) -> list:
         from kdsr.kernel import ipvs
 
@@ -255,16 +264,13 @@ class _L3Mixin:
         in the emulated guest, against 1.4 s for 20 processes).  A service
         that is not there ends the run ("No such service", exit 1) after
         those before it were listed; the run starts again after it."""
-        import subprocess
-
         from kdsr.kernel import ipvs
 
         if not Path("/proc/net/ip_vs").exists():
             return []
         found, left = [], list(services)
         while left:
-            text = ipvs.list_text(left)
-            result = subprocess.run(["ipvsadm", "-R"], input=text, capture_output=True, text=True, check=False)
+            result = self._ipvsadm_restore(ipvs.list_text(left))
             listed = ipvs.parse_list(result.stdout)
             if [s.ident for s in listed] != [s.ident for s in left[: len(listed)]]:
                 raise KernelError(f"ipvsadm -R listed other services than it was asked for: {listed[:3]}")
@@ -297,17 +303,11 @@ class _L3Mixin:
         which ran, the kernel is listed again and the first command whose
         effect is missing is named.  Callers must re-read, not assume.
         """
-        import shutil
-        import subprocess
-
         from kdsr.kernel import ipvs
 
         if not commands:
             return
-        if shutil.which("ipvsadm") is None:
-            raise KernelError("ipvsadm is not installed (Debian package ipvsadm); the ipvs engine needs it")
-        text = ipvs.restore_text(commands)
-        result = subprocess.run(["ipvsadm", "-R"], input=text, capture_output=True, text=True, check=False)
+        result = self._ipvsadm_restore(ipvs.restore_text(commands))
         self.writes += len(commands)  # type: ignore[attr-defined]
         said = " / ".join(line for line in (result.stderr + result.stdout).splitlines() if line.strip())
         if result.returncode == 0 and not result.stderr.strip():
