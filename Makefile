@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
-	bench-ipvs-control-plane
+	bench-ipvs-control-plane bench-addresses
 
 setup:
 	./scripts/setup.sh
@@ -61,3 +61,8 @@ bench-ipvs-control-plane: setup
 # Compile scaling bench (no root): time and memory against VIPs, fitted exponent.
 bench-compile: setup
 	$(PY) bench/compile_scaling.py
+
+# Address writes and reads (root; a throw-away namespace): kdsr's rtnetlink
+# code beside pyroute2 in one run; writes bench/results/addresses.json.
+bench-addresses: setup
+	$(PY) bench/addresses.py

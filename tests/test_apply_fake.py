@@ -311,3 +311,41 @@ def test_a_server_s_vips_are_one_step_and_a_fault_part_way_takes_back_what_it_ad
         assert operations.prepare(it, "s1", kernel, store).plan.empty
     operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
     assert snapshot(kernel) == before and store.nodes() == []
+
+
+def many_vips(doc):
+    for i in range(600):
+        doc["services"][f"many{i}"] = {"vip": f"10.20.{i // 250}.{i % 250 + 1}", "ports": 80, "pool": "web"}
+
+
+def test_a_server_s_vips_go_to_the_kernel_in_batches_and_a_refusal_in_one_takes_back_all(kernel, store):
+    """601 VIPs on lo: the first alone (a crash after it stays a point the
+    safety lab reaches), then ADDRESS_BATCH to a kernel call.  A refusal
+    inside the third call (the kernel goes on past it, as netlink does)
+    takes back every address the step added, those after it included."""
+    from kdsr.apply import ADDRESS_BATCH
+
+    it = intent(many_vips)
+    before = snapshot(kernel)
+    calls = []
+    write = kernel.addr_write
+
+    def counted(add, addrs, done):
+        calls.append((add, len(addrs)))
+        write(add, addrs, done)
+
+    kernel.addr_write = counted
+    kernel.fail_at = kernel.writes + 4 + 1 + ADDRESS_BATCH + 10  # after the sysctls: the 10th of the third call
+    with pytest.raises(ApplyError) as info:
+        run(it, "s1", kernel, store)
+    assert info.value.rolled_back
+    assert "EBUSY (injected)" in str(info.value)
+    assert snapshot(kernel) == before and store.nodes() == []
+    # The rollback deletes what landed in one call, last first.
+    assert calls[:3] == [(True, 1), (True, ADDRESS_BATCH), (True, ADDRESS_BATCH)]
+    assert calls[3] == (False, 1 + 2 * ADDRESS_BATCH - 1)
+    calls.clear()
+    run(it, "s1", kernel, store)
+    assert calls == [(True, 1), (True, ADDRESS_BATCH), (True, ADDRESS_BATCH), (True, 601 - 1 - 2 * ADDRESS_BATCH)]
+    assert len(kernel.addresses["lo"]) == 601
+    assert operations.prepare(it, "s1", kernel, store).plan.empty

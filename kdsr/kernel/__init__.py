@@ -8,6 +8,7 @@ Every write goes through one of these methods, so ``writes`` counts them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from kdsr.model import Address, IpvsDest, IpvsService, Link, NftTable, Route, Rule
@@ -37,9 +38,10 @@ class Kernel(Protocol):
 
     def addr_list(self, ifname: str) -> list[Address]: ...
 
-    def addr_add(self, addr: Address) -> None: ...
-
-    def addr_del(self, addr: Address) -> None: ...
+    # Add (or delete) each address, in order, appending each that landed to
+    # ``done``; a refusal raises KernelError once all were tried (a kernel
+    # batch goes on past a refused message), naming the first refused.
+    def addr_write(self, add: bool, addrs: Sequence[Address], done: list[Address]) -> None: ...
 
     def sysctl_read(self, key: str) -> str | None: ...
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import ipaddress
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kdsr.kernel import KernelError
@@ -240,6 +241,18 @@ class FakeKernel:
             raise KernelError(f"del address {addr.cidr} on {addr.ifname}: EADDRNOTAVAIL")
         self._write(f"addr del {addr.ifname} {addr.cidr}")
         self.addresses[addr.ifname].remove(have[0])
+
+    def addr_write(self, add: bool, addrs: Sequence[Address], done: list[Address]) -> None:
+        first_error = None
+        for addr in addrs:
+            try:
+                (self.addr_add if add else self.addr_del)(addr)
+            except KernelError as exc:
+                first_error = first_error or exc
+            else:
+                done.append(addr)
+        if first_error is not None:
+            raise first_error
 
     def local_addresses(self) -> set[str]:
         found = set(self.local)

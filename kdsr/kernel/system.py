@@ -8,17 +8,20 @@ import dataclasses
 import errno
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from kdsr.kernel import KernelError, bird, nft_text
 from kdsr.kernel.nft_cache import TableCache, boot_id, netns_cookie
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
+from kdsr.kernel.rtnl_addr import AddressSocket
 from kdsr.model import Address, NftTable
 
 PROC_SYS = Path("/proc/sys")
@@ -386,6 +389,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         self.writes = 0
         self._nft = None
         self._ipr = None
+        self._addresses: AddressSocket | None = None
         self._nf_tables_ok = False
         # (family, name) -> (ruleset generation, table, listing) of the last read
         self._tables_read: dict[tuple[str, str], tuple[int, NftTable | None, list[dict]]] = {}
@@ -582,38 +586,45 @@ class SystemKernel(_L3Mixin, _BirdMixin):
     def link_exists(self, ifname: str) -> bool:
         return bool(self.ipr.link_lookup(ifname=ifname))
 
+    @property
+    def address_socket(self) -> AddressSocket:
+        if self._addresses is None:
+            self._addresses = AddressSocket()
+        return self._addresses
+
     def addr_list(self, ifname: str) -> list[Address]:
-        if not self.link_exists(ifname):
+        found = self.ipr.link_lookup(ifname=ifname)
+        if not found:
             return []
         result = []
-        for msg in self.ipr.get_addr(index=self._index(ifname)):
-            addr = msg.get_attr("IFA_ADDRESS")
-            if msg["family"] == 2:
-                addr = msg.get_attr("IFA_LOCAL") or addr
-            label = msg.get_attr("IFA_LABEL") or ""
+        for _family, prefixlen, ip, label in self.address_socket.dump(found[0]):
             if label == ifname:
                 label = ""  # the kernel's default label is the interface name
-            result.append(Address(ifname=ifname, cidr=f"{addr}/{msg['prefixlen']}", label=label))
+            result.append(Address(ifname=ifname, cidr=f"{ip}/{prefixlen}", label=label))
         return result
 
-    def _addr(self, op: str, addr: Address) -> None:
-        iface = ipaddress.ip_interface(addr.cidr)
-        kwargs = {"index": self._index(addr.ifname), "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
-        if addr.label:
-            kwargs["label"] = addr.label
-        try:
-            self.ipr.addr(op, **kwargs)
-        except Exception as exc:  # pyroute2 raises NetlinkError(code, msg)
-            code = getattr(exc, "code", None)
-            name = errno.errorcode.get(code, str(code)) if code else ""
-            raise KernelError(f"{op} address {addr.cidr} on {addr.ifname}: {name} {exc}".strip()) from exc
-        self.writes += 1
-
-    def addr_add(self, addr: Address) -> None:
-        self._addr("add", addr)
-
-    def addr_del(self, addr: Address) -> None:
-        self._addr("del", addr)
+    def addr_write(self, add: bool, addrs: Sequence[Address], done: list[Address]) -> None:
+        op = "add" if add else "del"
+        first_error = None
+        for ifname, group in itertools.groupby(addrs, key=lambda a: a.ifname):
+            group = list(group)
+            try:
+                index = self._index(ifname)
+            except KernelError as exc:
+                first_error = first_error or exc
+                continue
+            entries = []
+            for addr in group:
+                iface = ipaddress.ip_interface(addr.cidr)
+                entries.append((str(iface.ip), iface.network.prefixlen, addr.label))
+            for addr, error in zip(group, self.address_socket.write(add, index, entries), strict=True):
+                if error is None:
+                    done.append(addr)
+                    self.writes += 1
+                elif first_error is None:
+                    first_error = KernelError(f"{op} address {addr.cidr} on {addr.ifname}: {error}")
+        if first_error is not None:
+            raise first_error
 
     def local_addresses(self) -> set[str]:
         found = set()
@@ -643,3 +654,6 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._addresses is not None:
+            self._addresses.close()
+            self._addresses = None
