@@ -35,7 +35,7 @@ RTM_DELADDR = 21
 RTM_GETADDR = 22
 
 NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
+NLM_F_DUMP_INTR = 0x10  # the dump's objects changed while it ran
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
@@ -57,6 +57,7 @@ RTATTR = struct.Struct("=HH")  # len, type
 # socket's buffers while 5,000 addresses take 20 round trips, not 5,000.
 BATCH = 256
 RECV_SIZE = 1 << 20
+DUMP_TRIES = 5
 # The kernel answers every request at once; a socket that stays silent this
 # long is a fault to report, not to wait on.
 TIMEOUT_S = 60.0
@@ -113,31 +114,42 @@ class AddressSocket:
             offset = 0
             while offset + HEADER.size <= len(data):
                 length, kind, flags, seq, _pid = HEADER.unpack_from(data, offset)
-                if length < HEADER.size:
-                    return
+                if length < HEADER.size or offset + length > len(data):
+                    raise NetlinkError(errno.EBADMSG, "a truncated netlink message")
                 yield kind, flags, seq, data[offset + HEADER.size : offset + length]
                 offset += _align(length)
 
     def dump(self, index: int) -> list[tuple[int, int, str, str]]:
         """(family, prefixlen, address, label) of every address on the
-        interface with this index, in the kernel's order."""
+        interface with this index (0: on every interface), in the kernel's
+        order.  A dump the kernel marks interrupted (the addresses changed
+        while it ran) is read again, up to ``DUMP_TRIES`` times."""
+        for _ in range(DUMP_TRIES):
+            found = self._dump_once(index)
+            if found is not None:
+                return found
+        raise NetlinkError(errno.EAGAIN, f"the address dump was interrupted {DUMP_TRIES} times in a row")
+
+    def _dump_once(self, index: int) -> list[tuple[int, int, str, str]] | None:
         seq = self._next_seq()
         request = IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, index)
         self._sock.send(
             HEADER.pack(HEADER.size + len(request), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request
         )
         found = []
+        interrupted = False
         for kind, flags, got, body in self._messages():
             if got != seq:
                 continue
+            interrupted |= bool(flags & NLM_F_DUMP_INTR)
             if kind == NLMSG_DONE:
-                return found
+                return None if interrupted else found
             if kind == NLMSG_ERROR:
                 raise _error(body, flags)
             if kind != RTM_NEWADDR:
                 continue
             family, prefixlen, _f, _scope, ifindex = IFADDRMSG.unpack_from(body)
-            if ifindex != index:  # a kernel without strict dumps sends every interface's
+            if index and ifindex != index:  # a kernel without strict dumps sends every interface's
                 continue
             attrs = _attrs(body, IFADDRMSG.size)
             raw = attrs.get(IFA_LOCAL) if family == socket.AF_INET else None
@@ -146,7 +158,7 @@ class AddressSocket:
                 continue
             label = bytes(attrs.get(IFA_LABEL, b"")).split(b"\0", 1)[0].decode()
             found.append((family, prefixlen, socket.inet_ntop(family, bytes(raw)), label))
-        return found
+        raise AssertionError("unreachable: _messages ends only by raising")
 
     def write(self, add: bool, index: int, entries: Sequence[tuple[str, int, str]]) -> list[NetlinkError | None]:
         """Add (or delete) each (address, prefixlen, label) on the interface

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -577,14 +578,23 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             self._ipr = IPRoute()
         return self._ipr
 
+    @staticmethod
+    def _index_or_none(ifname: str) -> int | None:
+        # One ioctl in this process's namespace; pyroute2's link_lookup
+        # dumped every link for it.
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            return None
+
     def _index(self, ifname: str) -> int:
-        found = self.ipr.link_lookup(ifname=ifname)
-        if not found:
+        index = self._index_or_none(ifname)
+        if index is None:
             raise KernelError(f"interface {ifname} does not exist")
-        return found[0]
+        return index
 
     def link_exists(self, ifname: str) -> bool:
-        return bool(self.ipr.link_lookup(ifname=ifname))
+        return self._index_or_none(ifname) is not None
 
     @property
     def address_socket(self) -> AddressSocket:
@@ -593,11 +603,11 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         return self._addresses
 
     def addr_list(self, ifname: str) -> list[Address]:
-        found = self.ipr.link_lookup(ifname=ifname)
-        if not found:
+        index = self._index_or_none(ifname)
+        if index is None:
             return []
         result = []
-        for _family, prefixlen, ip, label in self.address_socket.dump(found[0]):
+        for _family, prefixlen, ip, label in self.address_socket.dump(index):
             if label == ifname:
                 label = ""  # the kernel's default label is the interface name
             result.append(Address(ifname=ifname, cidr=f"{ip}/{prefixlen}", label=label))
@@ -627,12 +637,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             raise first_error
 
     def local_addresses(self) -> set[str]:
-        found = set()
-        for msg in self.ipr.get_addr():
-            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if addr:
-                found.add(str(ipaddress.ip_address(addr)))
-        return found
+        return {str(ipaddress.ip_address(ip)) for _f, _p, ip, _l in self.address_socket.dump(0)}
 
     # ------------------------------------------------------------ sysctls
     def sysctl_read(self, key: str) -> str | None:

@@ -23,6 +23,9 @@ from kdsr.model import Address
 k = SystemKernel()
 out = []
 for op, args in json.loads(sys.argv[2]):
+    if op == "local":
+        out.append(sorted(k.local_addresses()))
+        continue
     if op == "list":
         out.append([[a.ifname, a.cidr, a.label] for name in args for a in k.addr_list(name)])
         continue
@@ -63,7 +66,9 @@ def test_a_batch_of_addresses_is_what_ip_shows_and_reads_back_in_kernel_order(ne
     v4 = [["v0", f"10.30.{i // 250}.{i % 250 + 1}/32", ""] for i in range(600)]  # more than one batch
     labelled = [["v0", "192.0.2.1/24", "v0:kdsr"], ["v0", "192.0.2.9/32", "v0:kdsr"]]
     v6 = [["v1", "2001:db8::1/128", ""], ["v1", "2001:db8:0:1::/64", ""], ["v1", "fd00::ffff:a/128", ""]]
-    wrote, listed = kdsr_ops(netns, [["add", v4 + labelled + v6], ["list", ["v0", "v1", "absent"]]])
+    wrote, listed, local = kdsr_ops(
+        netns, [["add", v4 + labelled + v6], ["list", ["v0", "v1", "absent"]], ["local", []]]
+    )
     assert wrote["error"] is None
     assert wrote["done"] == [a[1] for a in v4 + labelled + v6]
     assert wrote["writes"] == len(v4 + labelled + v6)
@@ -71,6 +76,10 @@ def test_a_batch_of_addresses_is_what_ip_shows_and_reads_back_in_kernel_order(ne
     assert listed == ip_shows(netns, "v0") + ip_shows(netns, "v1")
     mine = [tuple(a) for a in listed if not a[1].startswith("fe80:")]  # less the links' own
     assert sorted(mine) == sorted(map(tuple, v4 + labelled + v6))
+    # Every interface's, lo's included, as a set of plain addresses.
+    every = json.loads(netns.run("a", ["ip", "-j", "addr", "show"]).stdout)
+    assert local == sorted({info["local"] for link in every for info in link["addr_info"]})
+    assert "127.0.0.1" in local and "::1" in local and "10.30.2.100" in local
     # IPv4: local and peer address are the same, as `ip addr add` makes them.
     shown = json.loads(netns.run("a", ["ip", "-j", "addr", "show", "dev", "v0"]).stdout)[0]["addr_info"]
     assert all("address" not in info or info["address"] == info["local"] for info in shown)
