@@ -8,30 +8,31 @@ import struct
 import pytest
 
 from kdsr.kernel import rtnl_addr as rt
+from kdsr.kernel.netlink import HEADER, align, attr, attrs
 
 
 def message(kind: int, seq: int, body: bytes, flags: int = 0) -> bytes:
-    size = rt.HEADER.size + len(body)
-    return rt.HEADER.pack(size, kind, flags, seq, 0) + body + b"\0" * (rt._align(size) - size)
+    size = HEADER.size + len(body)
+    return HEADER.pack(size, kind, flags, seq, 0) + body + b"\0" * (align(size) - size)
 
 
 def address(seq: int, index: int, ip: str, prefixlen: int, label: str = "", peer: str = "", flags: int = 0) -> bytes:
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     body = rt.IFADDRMSG.pack(family, prefixlen, 0, 0, index)
-    body += rt._attr(rt.IFA_ADDRESS, socket.inet_pton(family, peer or ip))
+    body += attr(rt.IFA_ADDRESS, socket.inet_pton(family, peer or ip))
     if family == socket.AF_INET:
-        body += rt._attr(rt.IFA_LOCAL, socket.inet_pton(family, ip))
+        body += attr(rt.IFA_LOCAL, socket.inet_pton(family, ip))
     if label:
-        body += rt._attr(rt.IFA_LABEL, label.encode() + b"\0")
+        body += attr(rt.IFA_LABEL, label.encode() + b"\0")
     return message(rt.RTM_NEWADDR, seq, body, flags)
 
 
 def ack(seq: int, code: int = 0, text: str = "") -> bytes:
-    request = rt.HEADER.pack(rt.HEADER.size, rt.RTM_NEWADDR, 0, seq, 0)
+    request = HEADER.pack(HEADER.size, rt.RTM_NEWADDR, 0, seq, 0)
     body = struct.pack("=i", -code) + request
     flags = rt.NLM_F_CAPPED
     if text:
-        body += rt._attr(rt.NLMSGERR_ATTR_MSG, text.encode() + b"\0")
+        body += attr(rt.NLMSGERR_ATTR_MSG, text.encode() + b"\0")
         flags |= rt.NLM_F_ACK_TLVS
     return message(rt.NLMSG_ERROR, seq, body, flags)
 
@@ -65,9 +66,9 @@ def socket_with(answer) -> tuple[rt.AddressSocket, Wire]:
 def seqs_of(data: bytes) -> list[int]:
     found, offset = [], 0
     while offset < len(data):
-        length, _k, _f, seq, _p = rt.HEADER.unpack_from(data, offset)
+        length, _k, _f, seq, _p = HEADER.unpack_from(data, offset)
         found.append(seq)
-        offset += rt._align(length)
+        offset += align(length)
     return found
 
 
@@ -134,17 +135,17 @@ def test_requests_carry_what_ip_addr_add_sends():
     sock.write(True, 3, [("192.0.2.5", 32, "lo:kdsr"), ("2001:db8::5", 128, "")])
     sock.write(False, 3, [("192.0.2.5", 32, "")])
     data = wire.sent[0]
-    length, kind, flags, _seq, _pid = rt.HEADER.unpack_from(data, 0)
+    length, kind, flags, _seq, _pid = HEADER.unpack_from(data, 0)
     assert kind == rt.RTM_NEWADDR and flags == rt.NLM_F_REQUEST | rt.NLM_F_ACK | rt.NLM_F_CREATE | rt.NLM_F_EXCL
-    family, prefixlen, _f, scope, index = rt.IFADDRMSG.unpack_from(data, rt.HEADER.size)
+    family, prefixlen, _f, scope, index = rt.IFADDRMSG.unpack_from(data, HEADER.size)
     assert (family, prefixlen, scope, index) == (socket.AF_INET, 32, 0, 3)
-    attrs = rt._attrs(memoryview(data[rt.HEADER.size : length]), rt.IFADDRMSG.size)
+    first = attrs(memoryview(data[HEADER.size : length]), rt.IFADDRMSG.size)
     v4 = socket.inet_pton(socket.AF_INET, "192.0.2.5")
-    assert bytes(attrs[rt.IFA_LOCAL]) == bytes(attrs[rt.IFA_ADDRESS]) == v4
-    assert bytes(attrs[rt.IFA_LABEL]) == b"lo:kdsr\0"
-    second = memoryview(data[rt._align(length) :])
-    assert rt.IFA_LOCAL not in rt._attrs(second[rt.HEADER.size :], rt.IFADDRMSG.size)  # IPv6: the address only
-    _l, kind, flags, _s, _p = rt.HEADER.unpack_from(wire.sent[1], 0)
+    assert bytes(first[rt.IFA_LOCAL]) == bytes(first[rt.IFA_ADDRESS]) == v4
+    assert bytes(first[rt.IFA_LABEL]) == b"lo:kdsr\0"
+    second = memoryview(data[align(length) :])
+    assert rt.IFA_LOCAL not in attrs(second[HEADER.size :], rt.IFADDRMSG.size)  # IPv6: the address only
+    _l, kind, flags, _s, _p = HEADER.unpack_from(wire.sent[1], 0)
     assert kind == rt.RTM_DELADDR and flags == rt.NLM_F_REQUEST | rt.NLM_F_ACK
 
 

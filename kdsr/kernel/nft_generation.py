@@ -17,39 +17,30 @@ import socket
 import struct
 import threading
 
+from kdsr.kernel.netlink import HEADER, NLM_F_REQUEST, NLMSG_ERROR, attrs
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
-NLM_F_REQUEST = 0x1
-NLMSG_ERROR = 2
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
-_ATTR = struct.Struct("=HH")
 
 
 def request(seq: int) -> bytes:
     body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
     kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-    return _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
+    return HEADER.pack(HEADER.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
 
 
 def parse_reply(data: bytes) -> int | None:
     """The generation from a GETGEN answer; None for an error or a short answer."""
-    if len(data) < _HEADER.size + _NFGEN.size:
+    if len(data) < HEADER.size + _NFGEN.size:
         return None
-    length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data)
+    length, kind, _flags, _seq, _pid = HEADER.unpack_from(data)
     if kind == NLMSG_ERROR:
         return None
-    offset, end = _HEADER.size + _NFGEN.size, min(length, len(data))
-    while offset + _ATTR.size <= end:
-        attr_len, attr_type = _ATTR.unpack_from(data, offset)
-        if attr_len < _ATTR.size:
-            return None
-        if attr_type & 0x3FFF == NFTA_GEN_ID and attr_len >= _ATTR.size + 4:
-            return struct.unpack_from(">I", data, offset + _ATTR.size)[0]
-        offset += (attr_len + 3) & ~3
-    return None
+    gen = attrs(data, HEADER.size + _NFGEN.size, end=length).get(NFTA_GEN_ID)
+    return struct.unpack_from(">I", gen)[0] if gen is not None and len(gen) >= 4 else None
 
 
 class _Channel:
@@ -89,7 +80,7 @@ class _Channel:
                 # be queued: skip answers that are not to this one.
                 for _ in range(8):
                     data = sock.recv(4096)
-                    if len(data) >= _HEADER.size and _HEADER.unpack_from(data)[3] == self._seq:
+                    if len(data) >= HEADER.size and HEADER.unpack_from(data)[3] == self._seq:
                         return parse_reply(data)
                 self._drop()
                 return None

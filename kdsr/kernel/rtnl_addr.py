@@ -23,18 +23,17 @@ import socket
 import struct
 from collections.abc import Iterator, Sequence
 
+from kdsr.kernel.netlink import HEADER, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, align, attr, attrs
+
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_EXT_ACK = 11
 NETLINK_GET_STRICT_CHK = 12
 
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_GETADDR = 22
 
-NLM_F_REQUEST = 0x1
 NLM_F_DUMP_INTR = 0x10  # the dump's objects changed while it ran
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
@@ -49,9 +48,7 @@ IFA_LABEL = 3
 
 NLMSGERR_ATTR_MSG = 1  # extended ack: the kernel's words for a refusal
 
-HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-RTATTR = struct.Struct("=HH")  # len, type
 
 # Messages per send: an add is ~60 bytes, so a batch stays far below the
 # socket's buffers while 5,000 addresses take 20 round trips, not 5,000.
@@ -70,15 +67,6 @@ class NetlinkError(Exception):
         self.code = code
         name = errno.errorcode.get(code, str(code))
         super().__init__(f"{name} {message or os.strerror(code)}".strip())
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    size = RTATTR.size + len(payload)
-    return RTATTR.pack(size, kind) + payload + b"\0" * (_align(size) - size)
 
 
 def _family(ip: str) -> int:
@@ -117,7 +105,7 @@ class AddressSocket:
                 if length < HEADER.size or offset + length > len(data):
                     raise NetlinkError(errno.EBADMSG, "a truncated netlink message")
                 yield kind, flags, seq, data[offset + HEADER.size : offset + length]
-                offset += _align(length)
+                offset += align(length)
 
     def dump(self, index: int) -> list[tuple[int, int, str, str]]:
         """(family, prefixlen, address, label) of every address on the
@@ -151,12 +139,12 @@ class AddressSocket:
             family, prefixlen, _f, _scope, ifindex = IFADDRMSG.unpack_from(body)
             if index and ifindex != index:  # a kernel without strict dumps sends every interface's
                 continue
-            attrs = _attrs(body, IFADDRMSG.size)
-            raw = attrs.get(IFA_LOCAL) if family == socket.AF_INET else None
-            raw = raw or attrs.get(IFA_ADDRESS)
+            found_attrs = attrs(body, IFADDRMSG.size)
+            raw = found_attrs.get(IFA_LOCAL) if family == socket.AF_INET else None
+            raw = raw or found_attrs.get(IFA_ADDRESS)
             if raw is None:
                 continue
-            label = bytes(attrs.get(IFA_LABEL, b"")).split(b"\0", 1)[0].decode()
+            label = bytes(found_attrs.get(IFA_LABEL, b"")).split(b"\0", 1)[0].decode()
             found.append((family, prefixlen, socket.inet_ntop(family, bytes(raw)), label))
         raise AssertionError("unreachable: _messages ends only by raising")
 
@@ -188,23 +176,12 @@ class AddressSocket:
         ip, prefixlen, label = entry
         family = _family(ip)
         raw = socket.inet_pton(family, ip)
-        body = IFADDRMSG.pack(family, prefixlen, 0, 0, index) + _attr(IFA_ADDRESS, raw)
+        body = IFADDRMSG.pack(family, prefixlen, 0, 0, index) + attr(IFA_ADDRESS, raw)
         if family == socket.AF_INET:
-            body += _attr(IFA_LOCAL, raw)
+            body += attr(IFA_LOCAL, raw)
         if label:
-            body += _attr(IFA_LABEL, label.encode() + b"\0")
+            body += attr(IFA_LABEL, label.encode() + b"\0")
         return HEADER.pack(HEADER.size + len(body), kind, flags, self._next_seq(), 0) + body
-
-
-def _attrs(body: memoryview, offset: int) -> dict[int, memoryview]:
-    found = {}
-    while offset + RTATTR.size <= len(body):
-        size, kind = RTATTR.unpack_from(body, offset)
-        if size < RTATTR.size:
-            break
-        found[kind & 0x3FFF] = body[offset + RTATTR.size : offset + size]
-        offset += _align(size)
-    return found
 
 
 def _error(body: memoryview, flags: int) -> NetlinkError:
@@ -215,8 +192,8 @@ def _error(body: memoryview, flags: int) -> NetlinkError:
     if flags & NLM_F_ACK_TLVS and len(body) >= 4 + HEADER.size:
         # After the error code comes the request: its header alone when the
         # answer says it is capped, else all of it; then the attributes.
-        echoed = HEADER.size if flags & NLM_F_CAPPED else _align(HEADER.unpack_from(body, 4)[0])
-        text = _attrs(body, 4 + echoed).get(NLMSGERR_ATTR_MSG)
+        echoed = HEADER.size if flags & NLM_F_CAPPED else align(HEADER.unpack_from(body, 4)[0])
+        text = attrs(body, 4 + echoed).get(NLMSGERR_ATTR_MSG)
         if text is not None:
             message = bytes(text).split(b"\0", 1)[0].decode(errors="replace")
     return NetlinkError(-code, message)
