@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from kdsr.compile.bird import pointer_at
-from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
+from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, TableDiff, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.bird import BirdError
-from kdsr.kernel.nft_json import batch_for
+from kdsr.kernel.nft_json import batch_for, with_stand_in_links
 from kdsr.kernel.observe import keep_unchanged, observe
 from kdsr.kernel.state import NodeState, StateStore
 from kdsr.model import Address, BirdConfig, Desired, IpvsService, Link
@@ -649,7 +649,7 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
             if only_one_transaction:
                 result.proved_by_generation = kernel.nft_apply(commands, becomes=td.desired)
             else:
-                kernel.nft_apply(commands, check_only=True)
+                kernel.nft_apply(_rehearsal(plan, td, commands), check_only=True)
         except KernelError as exc:
             raise ApplyError(f"nothing was changed: {exc}", rolled_back=True) from exc
     if only_one_transaction:
@@ -679,6 +679,15 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     ipvs_list, result.ipvs_listed_again = _ipvs_read_back(plan, kernel)
     _read_back(desired, kernel, state, ipvs_list)
     return result
+
+
+def _rehearsal(plan: Plan, td: TableDiff, commands: list[dict]) -> list[dict]:
+    """The batch the dry run checks: links this plan makes come before the
+    transaction (step 1) but after the check, so an element naming one
+    names ``lo`` in the check (L3's tunnel-link map)."""
+    coming = {c.ident for c in plan.of_kind("link") if c.action in (CREATE, REPLACE)}
+    by_index = {m.name for m in (td.desired.maps if td.desired else ()) if m.data_type == "iface_index"}
+    return with_stand_in_links(commands, by_index, coming) if coming and by_index else commands
 
 
 def _finish_single_transaction(

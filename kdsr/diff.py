@@ -266,6 +266,7 @@ def diff(desired: Desired, observed: Observed) -> Plan:
     _diff_keyed(desired.rules, observed.rules, "rule", changes)
     _diff_ipvs(desired, observed, changes)
     _follow_replaced_links(desired, observed, changes)
+    _resend_link_elements(tables, changes)
     _diff_bird(desired, observed, changes)
     plan = Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])
     if any(c.kind.startswith("ipvs ") for c in changes):
@@ -399,6 +400,33 @@ def _follow_replaced_links(desired: Desired, observed: Observed, changes: list[C
             changes.append(
                 Change(UPDATE, "sysctl", sysctl.dotted, current.get(sysctl.key), sysctl, pointer=sysctl.pointer)
             )
+
+
+def _resend_link_elements(tables: list[TableDiff], changes: list[Change]) -> None:
+    """nft holds a link named in an ``iface_index`` map by its index, which a
+    replaced link does not keep: send such an element again (delete + add in
+    the same transaction), though it reads back unchanged."""
+    replaced = {c.ident for c in changes if c.kind == "link" and c.action == REPLACE}
+    if not replaced:
+        return
+    for td in tables:
+        if td.desired is None or td.observed is None:
+            continue  # a new table sends every element anyway
+        present = {m.name: m for m in td.observed.maps}
+        for nmap in td.desired.maps:
+            old = present.get(nmap.name)
+            if nmap.data_type != "iface_index" or old is None or _map_replace_reason(old, nmap):
+                continue
+            sent = set(td.elements_add.get(nmap.name, ()))
+            before = old.element_dict()
+            for key, elem in nmap.elements:
+                if elem.value not in replaced or before.get(key) != elem or (key, elem) in sent:
+                    continue
+                td.elements_delete.setdefault(nmap.name, []).append(key)
+                td.elements_add.setdefault(nmap.name, []).append((key, elem))
+                eid = f"{td.family} {td.name}/{nmap.name}[{format_key(key)}]"
+                reason = f"link {elem.value} is replaced"
+                changes.append(Change(UPDATE, "nft element", eid, elem, elem, reason=reason, pointer=elem.comment))
 
 
 def _diff_bird(desired: Desired, observed: Observed, changes: list[Change]) -> None:

@@ -74,15 +74,48 @@ def test_l3_ipip_load_balancer_gets_a_tunnel_route_and_rule_per_server(kernel, s
         assert any(r.table == mark and r.dev == name for r in kernel.routes)
         assert any(r.fwmark == mark and r.table == mark for r in kernel.rules)
     assert kernel.sysctls["net/ipv4/ip_forward"] == "1"
-    assert ("inet", "kdsr") in kernel.tables and ("netdev", "kdsr") not in kernel.tables
+    # The L3 chains live in the netdev table (hashed and handed to the
+    # tunnel at ingress); no inet table without IPVS port ranges.
+    assert ("netdev", "kdsr") in kernel.tables and ("inet", "kdsr") not in kernel.tables
     # Every slot of the selector map holds one of the three tunnel marks.
-    table, _ = kernel.nft_read_table("inet", "kdsr")
+    table, _ = kernel.nft_read_table("netdev", "kdsr")
     slot_maps = [m for m in table.maps if m.name.startswith("pool-")]
     assert len(slot_maps) == 1
-    assert {e.value for _k, e in slot_maps[0].elements} == {naming.tunnel_mark("l3-ipip", a) for a in servers}
+    marks = {naming.tunnel_mark("l3-ipip", a): a for a in servers}
+    assert {e.value for _k, e in slot_maps[0].elements} == set(marks)
+    # ... and each mark names its server and the server's tunnel link.
+    maps = {m.name: m for m in table.maps}
+    assert {k: e.value for k, e in maps["l3-tunnels-v4"].elements} == marks
+    assert {k: e.value for k, e in maps["l3-tunnel-links"].elements} == {
+        mark: naming.tunnel_name("l3-ipip", a) for mark, a in marks.items()
+    }
+    assert table.chain("l3-ingress").hook.device == "eth0"
     text = render_text(plan)
     assert "+ link kdsri-" in text and "+ route ipv4 table" in text and "+ rule ipv4 pref 1000 fwmark" in text
     assert plan_of(it, "lb1", kernel, store).empty
+
+
+def test_a_replaced_tunnel_link_gets_its_link_map_element_sent_again(kernel, store):
+    # nft keeps the link map's elements as interface indexes, and a link made
+    # again gets a new one: the plan re-sends those elements though they read
+    # back unchanged, and only those.
+    run(example("l3-ipip"), "lb1", kernel, store)
+
+    def move(doc):
+        doc["load_balancers"]["lb1"]["addresses"][0] = "10.2.0.3/24"
+
+    plan = plan_of(example("l3-ipip", move), "lb1", kernel, store)
+    replaced = sorted(c.ident for c in plan.of_kind("link") if c.action == "replace")
+    assert len(replaced) == 3
+    (td,) = [t for t in plan.tables if (t.family, t.name) == ("netdev", "kdsr")]
+    marks = sorted(naming.tunnel_mark("l3-ipip", a) for a in ("10.3.0.11", "10.3.0.12", "10.3.0.13"))
+    assert td.elements_delete == {"l3-tunnel-links": marks}
+    assert sorted(e.value for _k, e in td.elements_add["l3-tunnel-links"]) == replaced
+    assert set(td.elements_add) == {"l3-tunnel-links"} and not (td.chains_rebuild or td.maps_replace)
+    resent = [c for c in plan.of_kind("nft element") if "l3-tunnel-links" in c.ident]
+    assert len(resent) == 3 and all(c.reason.startswith("link kdsri-") for c in resent)
+    operations.apply(operations.prepare(example("l3-ipip", move), "lb1", kernel, store), kernel, store)
+    assert plan_of(example("l3-ipip", move), "lb1", kernel, store).empty
 
 
 def test_l3_server_decapsulates_loosens_rp_filter_and_clamps_mss(kernel, store):

@@ -48,9 +48,10 @@ def test_element_count_counts_element_commands_and_map_declarations():
 
 
 def test_what_text_cannot_say_stays_json_however_large(monkeypatch):
-    # The L3 table's rules use expressions the renderer does not know: a
-    # large batch of them falls back to JSON instead of failing.
-    commands = first_batch(load_intent(ROOT / "examples" / "l3-ipip.json"), family="inet")
+    # The L3 chains' rules use expressions the renderer does not know (the
+    # raw payloads that read an ICMP error's embedded header): a large batch
+    # of them falls back to JSON instead of failing.
+    commands = first_batch(load_intent(ROOT / "examples" / "l3-ipip.json"))
     monkeypatch.setattr(system, "TEXT_BATCH_ELEMENTS", 0)
     assert system._as_text(commands) is None
 

@@ -51,6 +51,9 @@ from kdsr.model import (
     ipvs_dest,
 )
 
+TABLE_FAMILY = "inet"  # the port-range marks (below); nothing else of kdsr is in it
+TABLE_NAME = "kdsr"
+
 MARK_CHAIN = "ipvs-marks"
 MARK_MAPS = {4: "ipvs-marks-v4", 6: "ipvs-marks-v6"}
 FRONT_LABEL_SUFFIX = ":kdsr"

@@ -1,7 +1,8 @@
 """Load-balancer role: the Desired state from every engine and mode it serves.
 
 - nft engine, l2:  the ``netdev kdsr`` table (lb_nft_l2);
-- nft engine, L3:  the ``inet kdsr`` table, tunnels, routes and rules (lb_nft_l3);
+- nft engine, L3:  chains and maps in the same ``netdev kdsr`` table,
+                   tunnels, routes and rules (lb_nft_l3);
 - health probes:  for dsr monitors of l2 services, a route and rule per
                    server (kdsr/health/targets.py);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
@@ -23,25 +24,17 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[s
     """``withdraw``: VIPs this node must not announce now, and why (health)."""
     tables = []
     modules: set[str] = set()
-    if selectors_for(intent):  # L2 services on the nft engine
-        tables.append(lb_nft_l2.build_table(intent, lb))
-        modules.add("nf_tables")
     l3 = lb_nft_l3.compile_l3(intent, lb)
+    netdev = lb_nft_l2.build_table(intent, lb) if selectors_for(intent) else None  # L2 services on nft
+    if netdev is not None or l3:
+        # L3's chains and maps join L2's in the one netdev table.
+        chains = list(netdev.chains if netdev else ()) + l3.get("chains", [])
+        maps = list(netdev.maps if netdev else ()) + l3.get("maps", [])
+        tables.append(_table(lb_nft_l2.TABLE_FAMILY, lb_nft_l2.TABLE_NAME, chains, maps, lb))
+        modules.add("nf_tables")
     ipvs = lb_ipvs.compile_ipvs(intent, lb)
-    inet_chains = list(l3["tables"][0].chains) if l3 else []
-    inet_maps = list(l3["tables"][0].maps) if l3 else []
-    inet_chains += ipvs.get("chains", [])
-    inet_maps += ipvs.get("maps", [])
-    if inet_chains:
-        tables.append(
-            NftTable(
-                family=lb_nft_l3.TABLE_FAMILY,
-                name=lb_nft_l3.TABLE_NAME,
-                chains=tuple(sorted(inet_chains, key=lambda c: c.name)),
-                maps=tuple(sorted(inet_maps, key=lambda m: m.name)),
-                pointer=lb.pointer,
-            )
-        )
+    if ipvs.get("chains"):
+        tables.append(_table(lb_ipvs.TABLE_FAMILY, lb_ipvs.TABLE_NAME, ipvs["chains"], ipvs.get("maps", []), lb))
     modules.update(l3.get("modules", ()))
     modules.update(ipvs.get("modules", ()))
     sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ()))}
@@ -58,4 +51,14 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[s
         ipvs=tuple(ipvs.get("ipvs", ())),
         modules=tuple(sorted(modules)),
         bird=bird_config(intent, lb, withdraw),
+    )
+
+
+def _table(family: str, name: str, chains: list, maps: list, lb: LoadBalancerNode) -> NftTable:
+    return NftTable(
+        family=family,
+        name=name,
+        chains=tuple(sorted(chains, key=lambda c: c.name)),
+        maps=tuple(sorted(maps, key=lambda m: m.name)),
+        pointer=lb.pointer,
     )

@@ -18,10 +18,13 @@ file that does not decode, is simply a miss.  Elements the packet path adds
 (flow pins, in maps with timeouts) do not bump the generation and are never
 compared, so they are never recorded either.
 
-The one case where the generation stays while a table changes is the
-kernel's own: a netdev base chain loses its hook when its device goes away.
-That shows in the table's chain listing, which costs ~4 ms and is compared
-on every use (``chain_fingerprint``).
+Two cases where the generation stays while a table changes are the
+kernel's own: a netdev base chain loses its hook when its device goes away,
+and an element of L3's tunnel-link map (an interface index) points at
+nothing once its link is deleted, or at the wrong index once the link is
+made again.  The first shows in the table's chain listing (~4 ms), the
+second in the indexes of kdsr's tunnel links; both are compared on every
+use (``chain_fingerprint``).
 """
 
 from __future__ import annotations

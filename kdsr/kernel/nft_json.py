@@ -160,6 +160,28 @@ def batch_for(td: TableDiff) -> list[dict]:
     return cmds
 
 
+def with_stand_in_links(commands: list[dict], maps: set[str], links: set[str], stand_in: str = "lo") -> list[dict]:
+    """``commands`` with ``stand_in`` for every element value in ``maps``
+    that names one of ``links``.
+
+    nft resolves an ``iface_index`` element's name when it parses the
+    batch, so a dry run before the plan has made its tunnel links fails on
+    them; the rehearsal checks this copy instead (the real transaction runs
+    after the links exist)."""
+
+    def swap(elems: list) -> list:
+        return [[e[0], stand_in] if isinstance(e, list) and len(e) == 2 and e[1] in links else e for e in elems]
+
+    out = []
+    for cmd in commands:
+        ((verb, body),) = cmd.items() if len(cmd) == 1 else (("", None),)
+        obj = (body.get("map") or body.get("element")) if isinstance(body, dict) else None
+        if isinstance(obj, dict) and obj.get("name") in maps and obj.get("elem"):
+            cmd = {verb: {kind: {**obj, "elem": swap(obj["elem"])} for kind in body}}
+        out.append(cmd)
+    return out
+
+
 # ---------------------------------------------------------------- decoding
 
 

@@ -222,7 +222,8 @@ def _statement(stmt: Any) -> str:
     if kind == "vmap":
         return f"{_expr(body['key'])} vmap {body['data']}"
     if kind == "fwd":
-        device = f'"{_quoted(body["dev"])}"'
+        dev = body["dev"]
+        device = _expr(dev) if isinstance(dev, dict) else f'"{_quoted(dev)}"'  # a map lookup, or a name
         if "addr" in body:
             return f"fwd {body['family']} to {_expr(body['addr'])} device {device}"
         return f"fwd to {device}"

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from kdsr import naming
 from kdsr.kernel import KernelError, bird, nft_text
 from kdsr.kernel.nft_cache import TableCache, boot_id, netns_cookie
 from kdsr.kernel.nft_generation import read_generation
@@ -163,7 +164,6 @@ class _L3Mixin:
         self.writes += 1  # type: ignore[attr-defined]
 
     def route_list(self) -> list:
-        from kdsr import naming
         from kdsr.model import Route
 
         names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in self.ipr.get_links()}  # type: ignore[attr-defined]
@@ -199,7 +199,6 @@ class _L3Mixin:
         self._route("del", route)
 
     def rule_list(self, priority: int) -> list:
-        from kdsr import naming
         from kdsr.model import Rule
 
         rules = []
@@ -463,7 +462,8 @@ class SystemKernel(_L3Mixin, _BirdMixin):
 
     def _chain_fingerprint(self, family: str) -> str | None:
         """The family's chains with their hooks, devices and handles (~4 ms:
-        no set elements are fetched); None when they cannot be listed."""
+        no set elements are fetched), and for netdev the indexes of kdsr's
+        tunnel links; None when they cannot be listed."""
         self.nft.set_json_output(False)
         self.nft.set_handle_output(True)
         try:
@@ -471,7 +471,15 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         finally:
             self.nft.set_json_output(True)
             self.nft.set_handle_output(False)
-        return text if rc == 0 else None
+        if rc != 0:
+            return None
+        if family == "netdev":
+            # kdsr's L3 tunnel-link map holds links by index: a tunnel made
+            # again under its old name (which bumps no nftables generation)
+            # must not pass for the one recorded.
+            links = (f"{i}:{n}" for i, n in socket.if_nameindex() if naming.is_kdsr_link_name(n))
+            text += "\n" + " ".join(links)
+        return text
 
     def _record(self, family: str, name: str, generation: int, chains: str, table: NftTable | None) -> None:
         if table is None:
