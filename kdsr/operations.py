@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kdsr import collector
 from kdsr.apply import ApplyResult, apply_plan
-from kdsr.compile import compile_node
+from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import Plan, diff
@@ -237,7 +237,17 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     if table is not None:
         report["tables"].append(table.ident)
         counters = element_counters(listing)
-        service_map_names = [*SERVICE_MAPS.values(), *RANGE_MAPS.values()]
+        service_map_names = [
+            *SERVICE_MAPS.values(),
+            *RANGE_MAPS.values(),
+            *lb_nft_l3.SERVICE_MAPS.values(),
+            *lb_nft_l3.RANGE_MAPS.values(),
+        ]
+        # L3 slot maps hold tunnel marks: each names its server here.
+        tunnels = {}
+        for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
+            if (addresses := table.map(name)) is not None:
+                tunnels.update((key, elem.value) for key, elem in addresses.elements)
         for map_name in service_map_names:
             nmap = table.map(map_name)
             for key, elem in nmap.elements if nmap else ():
@@ -256,14 +266,16 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                     }
                 )
         for nmap in table.maps:
-            if nmap.name in service_map_names or nmap.data_type in ("mark", ""):
+            if nmap.name in service_map_names or not nmap.counter or nmap.data_type in ("verdict", ""):
                 # Flow pinning's slot maps hold server ids and its pins map
-                # flows; its servers map (id -> address) carries the counts.
+                # flows (neither counts); its servers map (id -> address)
+                # carries the counts.  L3's ICMP maps count errors, not flows.
                 continue
             per_server: dict[str, list[int]] = {}
             for key, elem in nmap.elements:
                 packets, nbytes = counters.get(nmap.name, {}).get(key, (0, 0))
-                entry = per_server.setdefault(str(elem.value), [0, 0, 0])
+                server = tunnels.get(elem.value, elem.value) if nmap.data_type == "mark" else elem.value
+                entry = per_server.setdefault(str(server), [0, 0, 0])
                 entry[0] += 1
                 entry[1] += packets
                 entry[2] += nbytes

@@ -95,6 +95,16 @@ def test_l3_ipip_load_balancer_gets_a_tunnel_route_and_rule_per_server(kernel, s
     assert plan_of(it, "lb1", kernel, store).empty
 
 
+def test_show_lists_l3_services_and_counts_per_server_not_per_mark(kernel, store):
+    run(example("l3-ipip"), "lb1", kernel, store)
+    report = operations.show(kernel, store, "lb1")
+    assert report["tables"] == ["netdev kdsr"]
+    assert {(s["vip"], s["port"]) for s in report["services"]} >= {("10.9.0.100", "53")}
+    servers = {s["server"] for s in report["servers"]}
+    assert servers == {"10.3.0.11", "10.3.0.12", "10.3.0.13"}
+    assert sum(s["slots"] for s in report["servers"]) == 4093
+
+
 def test_a_replaced_tunnel_link_gets_its_link_map_element_sent_again(kernel, store):
     # nft keeps the link map's elements as interface indexes, and a link made
     # again gets a new one: the plan re-sends those elements though they read
