@@ -29,7 +29,7 @@ from kdsr.intent.model import (
     Pool,
     address_text,
 )
-from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
+from kdsr.model import ChainHook, NftChain, NftMap, NftRule, element
 
 TABLE_FAMILY = "netdev"
 TABLE_NAME = "kdsr"
@@ -396,15 +396,10 @@ def slot_elements(table: tuple[str, ...]) -> tuple:
     return elements
 
 
-def build_table(intent: Intent, lb: LoadBalancerNode) -> NftTable:
+def chains_and_maps(intent: Intent, lb: LoadBalancerNode) -> tuple[list[NftChain], list[NftMap]]:
+    """L2's part of the ``netdev kdsr`` table (compile/load_balancer.py builds the table)."""
     selectors = selectors_for(intent)
     chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface) for s in selectors]
     maps = service_maps(selectors) + [_selector_map(s, intent.source) for s in selectors]
     maps += _pinning_maps(selectors, intent.source)
-    return NftTable(
-        family=TABLE_FAMILY,
-        name=TABLE_NAME,
-        chains=tuple(sorted(chains, key=lambda c: c.name)),
-        maps=tuple(sorted(maps, key=lambda m: m.name)),
-        pointer=lb.pointer,
-    )
+    return chains, maps

@@ -25,11 +25,11 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[s
     tables = []
     modules: set[str] = set()
     l3 = lb_nft_l3.compile_l3(intent, lb)
-    netdev = lb_nft_l2.build_table(intent, lb) if selectors_for(intent) else None  # L2 services on nft
-    if netdev is not None or l3:
+    chains, maps = lb_nft_l2.chains_and_maps(intent, lb) if selectors_for(intent) else ([], [])  # L2 on nft
+    if chains or l3:
         # L3's chains and maps join L2's in the one netdev table.
-        chains = list(netdev.chains if netdev else ()) + l3.get("chains", [])
-        maps = list(netdev.maps if netdev else ()) + l3.get("maps", [])
+        chains += l3.get("chains", [])
+        maps += l3.get("maps", [])
         tables.append(_table(lb_nft_l2.TABLE_FAMILY, lb_nft_l2.TABLE_NAME, chains, maps, lb))
         modules.add("nf_tables")
     ipvs = lb_ipvs.compile_ipvs(intent, lb)
