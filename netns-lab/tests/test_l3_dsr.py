@@ -22,7 +22,9 @@ per engine with 10,000 flows.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.full_kernel
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 BULK = ROOT / "netns-lab" / "bulk.py"
+FLOWSTREAM = ROOT / "netns-lab" / "flowstream.py"
 PYTHON = sys.executable or "python3"
 CLIENT = {4: "10.1.0.10", 6: "fd00:1::10"}
 LB_ADDRESS = {4: "10.2.0.2", 6: "fd00:2::2"}
@@ -81,16 +84,20 @@ class Deployment:
         path.write_text(json.dumps(doc, indent=1))
         return path
 
-    def kdsr(self, host: str, *args: str, check: bool = True, state: Path | None = None):
+    def kdsr(self, host: str, *args: str, check: bool = True, state: Path | None = None, release: Path = ROOT):
+        """The CLI from ``release``: this checkout, or an older kdsr package
+        unpacked elsewhere (``python -m`` imports from the working directory)."""
         argv = [PYTHON, "-m", "kdsr", "--state-dir", str(state or self.state_dir / host), *args]
-        result = self.lab.run(host, argv, check=False, cwd=ROOT, timeout=300)
+        result = self.lab.run(host, argv, check=False, cwd=release, timeout=300)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"kdsr {' '.join(args)} in {host} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
             )
         return result
 
-    def kdsr_on(self, hosts: dict[str, str], command: str, intent: Path | None = None, check: bool = True) -> dict:
+    def kdsr_on(
+        self, hosts: dict[str, str], command: str, intent: Path | None = None, check: bool = True, release: Path = ROOT
+    ) -> dict:
         """`kdsr <command> [intent] --node <node>` on several hosts at once.
 
         Under emulation one CLI run costs seconds of CPU; the hosts are
@@ -99,7 +106,7 @@ class Deployment:
         def one(item):
             host, node = item
             args = [command, *([str(intent)] if intent else []), "--node", node]
-            return host, self.kdsr(host, *args, check=check)
+            return host, self.kdsr(host, *args, check=check, release=release)
 
         with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
             return dict(pool.map(one, hosts.items()))
@@ -355,3 +362,73 @@ def test_a_kernel_rejection_rolls_back(lab, tmp_path):
     finally:
         lab.run("lb", ["ip", "route", "del", "unreachable", "default", "table", table], check=False)
         dep.kdsr("lb", "destroy", "--node", "lb1", check=False)
+
+
+# ---------------------------------------------------------------- upgrade
+
+# The last revision whose nft engine steered L3 traffic by a mark in
+# `inet kdsr` prerouting and policy routing; the next (5635e90) hands it to
+# the tunnel link at the front interface's ingress, in `netdev kdsr`.
+ROUTED_L3_RELEASE = "d5c64d9"
+
+
+def unpack_release(revision: str, dest: Path) -> Path:
+    """That revision's kdsr package, from this clone's history."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
+    if archive.returncode != 0:
+        pytest.skip(f"kdsr {revision} is not in this checkout's history: {archive.stderr.decode()[-300:]}")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
+    return dest
+
+
+def test_upgrade_from_the_routed_l3_layout_keeps_every_flow(lab, tmp_path):
+    """A node running the routed layout upgrades in place: the new kdsr,
+    reading the old one's state, plans the ingress path, installs it before
+    it deletes the old table (one transaction each), and new TCP flows
+    opened all through the apply are answered: 20 a second, each given less
+    than TCP's first SYN retransmission, so a gap of more than ~100 ms
+    between the two layouts would fail some."""
+    old = unpack_release(ROUTED_L3_RELEASE, tmp_path / "old")
+    where = lab.run("lb", [PYTHON, "-c", "import kdsr; print(kdsr.__file__)"], cwd=old).stdout.strip()
+    assert where.startswith(str(old)), f"the old release did not shadow this checkout: {where}"
+    dep = Deployment(lab, tmp_path, "l3-ipip", "nft")
+    try:
+        dep.kdsr_on(NODES, "apply", dep.intent, release=old)
+        assert "prerouting" in lab.run("lb", ["nft", "list", "table", "inet", "kdsr"]).stdout
+        assert lab.probe(dep.vip, "tcp", 80, flows=10, first_sport=lab.next_sports(10), timeout=5.0).all_ok
+
+        plan = dep.kdsr("lb", "plan", str(dep.intent), "--node", "lb1", "--json").stdout
+        changes = {(c["action"], c["kind"], c["id"]) for c in json.loads(plan)["changes"]}
+        assert ("delete", "nft table", "inet kdsr") in changes, sorted(changes)
+        assert ("create", "nft chain", "netdev kdsr/l3-ingress") in changes, sorted(changes)
+
+        # The servers first (their side did not change); then the stream,
+        # and the load balancer's apply in the middle of it.  A flow's timeout
+        # is below TCP's first SYN retransmission (1 s), so a flow whose SYN
+        # met a gap between the two layouts fails rather than being retried.
+        dep.kdsr_on(SERVERS, "apply", dep.intent)
+        every, seconds = 0.05, 40.0
+        out = tmp_path / "flows.jsonl"
+        argv = [PYTHON, str(FLOWSTREAM), "--vip", dep.vip, "--port", "80", "--every", str(every)]
+        argv += ["--seconds", str(seconds), "--timeout", "0.9", "--out", str(out)]
+        argv += ["--first-sport", str(lab.next_sports(int(seconds / every) + 1))]
+        stream = lab.spawn("client", argv, tag="flowstream", ready_marker="READY", ready_timeout=60)
+        time.sleep(3)
+        began = time.time()
+        dep.kdsr("lb", "apply", str(dep.intent), "--node", "lb1")
+        ended = time.time()
+        stream.popen.wait(timeout=seconds + 60)
+        flows = [json.loads(line) for line in out.read_text().splitlines()]
+        during = [f for f in flows if began <= f["t"] <= ended]
+        failed = [f for f in flows if not f["ok"]]
+        assert during and ended < max(f["t"] for f in flows), "the stream did not span the apply"
+        print(f"\nupgrade: {len(flows)} flows, {len(during)} opened during the {ended - began:.1f} s apply")
+        assert not failed, f"{len(failed)} of {len(flows)} flows failed, {failed[:3]}"
+        assert len({f["server"] for f in flows}) >= 2
+        assert lab.run("lb", ["nft", "list", "table", "inet", "kdsr"], check=False).returncode != 0
+        assert "l3-ingress" in lab.run("lb", ["nft", "list", "table", "netdev", "kdsr"]).stdout
+        for host, result in dep.kdsr_on(NODES, "apply", dep.intent).items():
+            assert "No changes" in result.stdout, (host, result.stdout)
+    finally:
+        dep.kdsr_on(NODES, "destroy", check=False)
