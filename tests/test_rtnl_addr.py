@@ -1,19 +1,17 @@
-"""kdsr/kernel/rtnl_addr.py's decoding, on messages built here byte by byte
-(the lab test netns-lab/tests/test_rtnl_addresses.py runs it on the kernel)."""
+"""kdsr's rtnetlink socket (kdsr/kernel/rtnl_socket.py) and its address
+messages (rtnl_addr.py), on messages built here byte by byte (the lab test
+netns-lab/tests/test_rtnl_addresses.py runs them on the kernel)."""
 
 import errno
 import socket
 import struct
 
 import pytest
+from netlink_wire import message, seqs_of, socket_with
 
 from kdsr.kernel import rtnl_addr as rt
+from kdsr.kernel import rtnl_socket as rs
 from kdsr.kernel.netlink import HEADER, align, attr, attrs
-
-
-def message(kind: int, seq: int, body: bytes, flags: int = 0) -> bytes:
-    size = HEADER.size + len(body)
-    return HEADER.pack(size, kind, flags, seq, 0) + body + b"\0" * (align(size) - size)
 
 
 def address(seq: int, index: int, ip: str, prefixlen: int, label: str = "", peer: str = "", flags: int = 0) -> bytes:
@@ -30,46 +28,11 @@ def address(seq: int, index: int, ip: str, prefixlen: int, label: str = "", peer
 def ack(seq: int, code: int = 0, text: str = "") -> bytes:
     request = HEADER.pack(HEADER.size, rt.RTM_NEWADDR, 0, seq, 0)
     body = struct.pack("=i", -code) + request
-    flags = rt.NLM_F_CAPPED
+    flags = rs.NLM_F_CAPPED
     if text:
-        body += attr(rt.NLMSGERR_ATTR_MSG, text.encode() + b"\0")
-        flags |= rt.NLM_F_ACK_TLVS
-    return message(rt.NLMSG_ERROR, seq, body, flags)
-
-
-class Wire:
-    """Stands in for the netlink socket: records what is sent, hands out
-    the receive buffers queued by ``answer`` (called with what was sent)."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.sent: list[bytes] = []
-        self.queue: list[bytes] = []
-
-    def send(self, data: bytes) -> int:
-        self.sent.append(data)
-        self.queue.extend(self.answer(self, data))
-        return len(data)
-
-    def recv(self, _size: int) -> bytes:
-        return self.queue.pop(0)
-
-
-def socket_with(answer) -> tuple[rt.AddressSocket, Wire]:
-    sock = rt.AddressSocket.__new__(rt.AddressSocket)
-    sock._seq = 0
-    wire = Wire(answer)
-    sock._sock = wire
-    return sock, wire
-
-
-def seqs_of(data: bytes) -> list[int]:
-    found, offset = [], 0
-    while offset < len(data):
-        length, _k, _f, seq, _p = HEADER.unpack_from(data, offset)
-        found.append(seq)
-        offset += align(length)
-    return found
+        body += attr(rs.NLMSGERR_ATTR_MSG, text.encode() + b"\0")
+        flags |= rs.NLM_F_ACK_TLVS
+    return message(rs.NLMSG_ERROR, seq, body, flags)
 
 
 def test_a_dump_reads_ipv4_local_labels_ipv6_and_skips_other_interfaces():
@@ -79,16 +42,16 @@ def test_a_dump_reads_ipv4_local_labels_ipv6_and_skips_other_interfaces():
             address(seq, 7, "192.0.2.1", 24, label="eth0")
             + address(seq, 9, "198.51.100.1", 32)  # another interface (a kernel without strict dumps)
             + address(seq, 7, "192.0.2.9", 32, label="eth0:kdsr", peer="192.0.2.200"),
-            address(seq, 7, "2001:db8::1", 128) + message(rt.NLMSG_DONE, seq, struct.pack("=i", 0)),
+            address(seq, 7, "2001:db8::1", 128) + message(rs.NLMSG_DONE, seq, struct.pack("=i", 0)),
         ]
 
     sock, _ = socket_with(answer)
-    assert sock.dump(7) == [
+    assert rt.addresses(sock, 7) == [
         (socket.AF_INET, 24, "192.0.2.1", "eth0"),
         (socket.AF_INET, 32, "192.0.2.9", "eth0:kdsr"),  # IFA_LOCAL, not the peer
         (socket.AF_INET6, 128, "2001:db8::1", ""),
     ]
-    assert len(sock.dump(0)) == 4  # 0: every interface
+    assert len(rt.addresses(sock, 0)) == 4  # 0: every interface
 
 
 def test_an_interrupted_dump_is_read_again_then_given_up():
@@ -97,20 +60,20 @@ def test_an_interrupted_dump_is_read_again_then_given_up():
     def answer(_wire, data):
         (seq,) = seqs_of(data)
         tries.append(seq)
-        intr = rt.NLM_F_DUMP_INTR if len(tries) < 3 else 0
-        return [address(seq, 7, f"192.0.2.{len(tries)}", 32, flags=intr) + message(rt.NLMSG_DONE, seq, b"\0" * 4)]
+        intr = rs.NLM_F_DUMP_INTR if len(tries) < 3 else 0
+        return [address(seq, 7, f"192.0.2.{len(tries)}", 32, flags=intr) + message(rs.NLMSG_DONE, seq, b"\0" * 4)]
 
     sock, _ = socket_with(answer)
-    assert sock.dump(7) == [(socket.AF_INET, 32, "192.0.2.3", "")]
+    assert rt.addresses(sock, 7) == [(socket.AF_INET, 32, "192.0.2.3", "")]
     assert len(tries) == 3
 
     def always(_wire, data):
         (seq,) = seqs_of(data)
-        return [message(rt.NLMSG_DONE, seq, b"\0" * 4, rt.NLM_F_DUMP_INTR)]
+        return [message(rs.NLMSG_DONE, seq, b"\0" * 4, rs.NLM_F_DUMP_INTR)]
 
     sock, _ = socket_with(always)
-    with pytest.raises(rt.NetlinkError, match="interrupted 5 times"):
-        sock.dump(7)
+    with pytest.raises(rs.NetlinkError, match="interrupted 5 times"):
+        rt.addresses(sock, 7)
 
 
 def test_a_batch_is_answered_message_by_message_and_stale_answers_are_skipped():
@@ -121,22 +84,22 @@ def test_a_batch_is_answered_message_by_message_and_stale_answers_are_skipped():
         return [stale + b"".join(answers[:2]), b"".join(answers[2:])]
 
     sock, wire = socket_with(answer)
-    entries = [(f"10.0.{i // 250}.{i % 250}", 32, "") for i in range(rt.BATCH + 3)]
-    results = sock.write(True, 7, entries)
-    assert len(wire.sent) == 2 and len(seqs_of(wire.sent[0])) == rt.BATCH
+    entries = [(f"10.0.{i // 250}.{i % 250}", 32, "") for i in range(rs.BATCH + 3)]
+    results = rt.write_addresses(sock, True, 7, entries)
+    assert len(wire.sent) == 2 and len(seqs_of(wire.sent[0])) == rs.BATCH
     assert len(results) == len(entries)
     refused = [(i, str(r)) for i, r in enumerate(results) if r is not None]
-    assert refused == [(1, "EEXIST Address already assigned"), (rt.BATCH + 1, "EEXIST Address already assigned")]
+    assert refused == [(1, "EEXIST Address already assigned"), (rs.BATCH + 1, "EEXIST Address already assigned")]
     assert refused and results[1].code == errno.EEXIST
 
 
 def test_requests_carry_what_ip_addr_add_sends():
     sock, wire = socket_with(lambda _w, data: [b"".join(ack(s) for s in seqs_of(data))])
-    sock.write(True, 3, [("192.0.2.5", 32, "lo:kdsr"), ("2001:db8::5", 128, "")])
-    sock.write(False, 3, [("192.0.2.5", 32, "")])
+    rt.write_addresses(sock, True, 3, [("192.0.2.5", 32, "lo:kdsr"), ("2001:db8::5", 128, "")])
+    rt.write_addresses(sock, False, 3, [("192.0.2.5", 32, "")])
     data = wire.sent[0]
     length, kind, flags, _seq, _pid = HEADER.unpack_from(data, 0)
-    assert kind == rt.RTM_NEWADDR and flags == rt.NLM_F_REQUEST | rt.NLM_F_ACK | rt.NLM_F_CREATE | rt.NLM_F_EXCL
+    assert kind == rt.RTM_NEWADDR and flags == rs.NLM_F_REQUEST | rs.NLM_F_ACK | rs.NLM_F_CREATE | rs.NLM_F_EXCL
     family, prefixlen, _f, scope, index = rt.IFADDRMSG.unpack_from(data, HEADER.size)
     assert (family, prefixlen, scope, index) == (socket.AF_INET, 32, 0, 3)
     first = attrs(memoryview(data[HEADER.size : length]), rt.IFADDRMSG.size)
@@ -146,10 +109,10 @@ def test_requests_carry_what_ip_addr_add_sends():
     second = memoryview(data[align(length) :])
     assert rt.IFA_LOCAL not in attrs(second[HEADER.size :], rt.IFADDRMSG.size)  # IPv6: the address only
     _l, kind, flags, _s, _p = HEADER.unpack_from(wire.sent[1], 0)
-    assert kind == rt.RTM_DELADDR and flags == rt.NLM_F_REQUEST | rt.NLM_F_ACK
+    assert kind == rt.RTM_DELADDR and flags == rs.NLM_F_REQUEST | rs.NLM_F_ACK
 
 
 def test_a_truncated_message_is_an_error_not_a_short_answer():
     sock, _ = socket_with(lambda _w, data: [address(seqs_of(data)[0], 7, "192.0.2.1", 32)[:-8]])
-    with pytest.raises(rt.NetlinkError, match="truncated"):
-        sock.dump(7)
+    with pytest.raises(rs.NetlinkError, match="truncated"):
+        rt.addresses(sock, 7)

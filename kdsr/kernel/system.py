@@ -1,5 +1,7 @@
-"""The real kernel: nftables through libnftables' JSON API, addresses through
-rtnetlink (pyroute2), sysctls through /proc/sys."""
+"""The real kernel: nftables through libnftables' JSON API; addresses, and
+the reads of links, routes and rules, through kdsr's own rtnetlink socket
+(rtnl_socket.py); writes of links, routes and rules through pyroute2;
+sysctls through /proc/sys."""
 
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ import re
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from kdsr import naming
-from kdsr.kernel import KernelError, bird, nft_text
+from kdsr.kernel import KernelError, bird, nft_text, rtnl_addr, rtnl_routing
 from kdsr.kernel.nft_cache import TableCache, boot_id, netns_cookie
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
-from kdsr.kernel.rtnl_addr import AddressSocket
+from kdsr.kernel.rtnl_socket import NetlinkError, RtnlSocket
 from kdsr.model import Address, NftTable
 
 PROC_SYS = Path("/proc/sys")
@@ -66,12 +69,6 @@ def _stderr_without(noise: re.Pattern):
 # ---------------------------------------------------------------- L3 and IPVS
 # A base class of SystemKernel, so the L2 path below reads on its own.
 
-_LINK_ATTRS = {
-    "ipip": ("IFLA_IPIP_LOCAL", "IFLA_IPIP_REMOTE", "IFLA_IPIP_TTL"),
-    "gre": ("IFLA_GRE_LOCAL", "IFLA_GRE_REMOTE", "IFLA_GRE_TTL"),
-    "ip6tnl": ("IFLA_IP6TNL_LOCAL", "IFLA_IP6TNL_REMOTE", "IFLA_IP6TNL_TTL"),
-}
-_ANY = ("0.0.0.0", "::", None)
 # IP6_TNL_F_IGN_ENCAP_LIMIT: no 8-byte encapsulation-limit option, so the
 # overhead is the 40-byte outer header only (what the MSS clamp assumes).
 _IP6TNL_IGN_ENCAP_LIMIT = 0x1
@@ -86,7 +83,8 @@ def _netlink_error(what: str, exc: Exception) -> KernelError:
 
 
 class _L3Mixin:
-    """Links, routes, rules (rtnetlink via pyroute2), IPVS (ipvsadm), modules."""
+    """Links, routes, rules (read by rtnl_routing.py, written by pyroute2),
+    IPVS (ipvsadm), modules."""
 
     def modules_missing(self, names: tuple[str, ...]) -> list[str]:
         import subprocess
@@ -115,29 +113,15 @@ class _L3Mixin:
     def link_list(self, prefix: str) -> list:
         from kdsr.model import Link
 
-        links = []
-        for msg in self.ipr.get_links():  # type: ignore[attr-defined]
-            name = msg.get_attr("IFLA_IFNAME") or ""
+        found = []
+        for _index, name, kind, ends in self._read(rtnl_routing.links, "read links"):
             if not name.startswith(prefix):
                 continue
-            info = msg.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info else None
-            data = info.get_attr("IFLA_INFO_DATA") if info else None
-            if kind not in _LINK_ATTRS or data is None or isinstance(data, str):
-                links.append(Link(name, kind or "unknown", "", ""))
-                continue
-            local_attr, remote_attr, ttl_attr = _LINK_ATTRS[kind]
-            local, remote = data.get_attr(local_attr), data.get_attr(remote_attr)
-            links.append(
-                Link(
-                    name,
-                    kind,
-                    "" if local in _ANY else str(ipaddress.ip_address(local)),
-                    "" if remote in _ANY else str(ipaddress.ip_address(remote)),
-                    int(data.get_attr(ttl_attr) or 0),
-                )
-            )
-        return links
+            if ends is not None:
+                found.append(Link(name, kind, *ends))
+            else:  # not a tunnel kdsr makes: read as such, so a plan refuses it as foreign
+                found.append(Link(name, kind or "unknown", "", ""))
+        return found
 
     def link_add(self, link) -> None:
         prefix = "ip6tnl" if link.kind == "ip6tnl" else link.kind
@@ -166,18 +150,21 @@ class _L3Mixin:
     def route_list(self) -> list:
         from kdsr.model import Route
 
-        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in self.ipr.get_links()}  # type: ignore[attr-defined]
         routes = []
-        for family, af in _AF.items():
-            for msg in self.ipr.route("dump", family=af):  # type: ignore[attr-defined]
-                table = msg.get_attr("RTA_TABLE") or msg["table"]
+        for family in (4, 6):
+            for table, oif, gateway in self._read(partial(rtnl_routing.default_routes, family=family), "read routes"):
                 # kdsr's routes are unicast defaults out of a tunnel; anything
                 # else in its table range (unreachable, blackhole) is not its own.
-                if not naming.is_kdsr_mark(table) or msg["dst_len"] != 0 or msg["type"] != 1:
-                    continue
-                gateway = msg.get_attr("RTA_GATEWAY") or ""
-                routes.append(Route(family, table, names.get(msg.get_attr("RTA_OIF"), "?"), gateway=gateway))
+                if naming.is_kdsr_mark(table):
+                    routes.append(Route(family, table, self._name_of(oif), gateway=gateway))
         return routes
+
+    @staticmethod
+    def _name_of(index: int) -> str:
+        try:
+            return socket.if_indextoname(index)
+        except OSError:
+            return "?"
 
     def _route(self, op: str, route) -> None:
         dst = "0.0.0.0/0" if route.family == 4 else "::/0"
@@ -202,13 +189,10 @@ class _L3Mixin:
         from kdsr.model import Rule
 
         rules = []
-        for family, af in _AF.items():
-            for msg in self.ipr.get_rules(family=af):  # type: ignore[attr-defined]
-                mark = msg.get_attr("FRA_FWMARK")
-                if msg.get_attr("FRA_PRIORITY") != priority or mark is None or not naming.is_kdsr_mark(mark):
-                    continue
-                table = msg.get_attr("FRA_TABLE") or msg["table"]
-                rules.append(Rule(family, mark, table, priority))
+        for family in (4, 6):
+            for prio, mark, table in self._read(partial(rtnl_routing.fwmark_rules, family=family), "read rules"):
+                if prio == priority and naming.is_kdsr_mark(mark):
+                    rules.append(Rule(family, mark, table, priority))
         return rules
 
     def _rule(self, op: str, rule) -> None:
@@ -389,7 +373,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         self.writes = 0
         self._nft = None
         self._ipr = None
-        self._addresses: AddressSocket | None = None
+        self._rtnl: RtnlSocket | None = None
         self._nf_tables_ok = False
         # (family, name) -> (ruleset generation, table, listing) of the last read
         self._tables_read: dict[tuple[str, str], tuple[int, NftTable | None, list[dict]]] = {}
@@ -605,17 +589,23 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         return self._index_or_none(ifname) is not None
 
     @property
-    def address_socket(self) -> AddressSocket:
-        if self._addresses is None:
-            self._addresses = AddressSocket()
-        return self._addresses
+    def rtnl(self) -> RtnlSocket:
+        if self._rtnl is None:
+            self._rtnl = RtnlSocket()
+        return self._rtnl
+
+    def _read(self, dump: Callable[[RtnlSocket], list], what: str) -> list:
+        try:
+            return dump(self.rtnl)
+        except (NetlinkError, OSError) as exc:
+            raise KernelError(f"{what}: {exc}") from exc
 
     def addr_list(self, ifname: str) -> list[Address]:
         index = self._index_or_none(ifname)
         if index is None:
             return []
         result = []
-        for _family, prefixlen, ip, label in self.address_socket.dump(index):
+        for _family, prefixlen, ip, label in rtnl_addr.addresses(self.rtnl, index):
             if label == ifname:
                 label = ""  # the kernel's default label is the interface name
             result.append(Address(ifname=ifname, cidr=f"{ip}/{prefixlen}", label=label))
@@ -635,7 +625,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             for addr in group:
                 iface = ipaddress.ip_interface(addr.cidr)
                 entries.append((str(iface.ip), iface.network.prefixlen, addr.label))
-            for addr, error in zip(group, self.address_socket.write(add, index, entries), strict=True):
+            for addr, error in zip(group, rtnl_addr.write_addresses(self.rtnl, add, index, entries), strict=True):
                 if error is None:
                     done.append(addr)
                     self.writes += 1
@@ -645,7 +635,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             raise first_error
 
     def local_addresses(self) -> set[str]:
-        return {str(ipaddress.ip_address(ip)) for _f, _p, ip, _l in self.address_socket.dump(0)}
+        return {str(ipaddress.ip_address(ip)) for _f, _p, ip, _l in rtnl_addr.addresses(self.rtnl, 0)}
 
     # ------------------------------------------------------------ sysctls
     def sysctl_read(self, key: str) -> str | None:
@@ -667,6 +657,6 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        if self._addresses is not None:
-            self._addresses.close()
-            self._addresses = None
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None

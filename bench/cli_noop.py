@@ -1,0 +1,111 @@
+"""What a config-management run pays per node: `kdsr apply` when nothing
+changed, process start included, this checkout beside an older release.
+
+    sudo .venv/bin/python bench/cli_noop.py [--vips 100] [--rounds 11] [--baseline 35746cb]
+
+In a throw-away network namespace (``kdsrbench-cli-<pid>``, deleted by name
+at the end) the bench intent of bench/control_plane.py (N VIPs, L2, nft) is
+applied by each release, each with its own state directory.  Then, rounds
+alternating which release goes first, each runs as a new process:
+
+- ``kdsr apply`` with nothing to change (answered by its receipt);
+- ``kdsr plan --out FILE`` (a full plan: the intent loaded and compiled, the
+  kernel read, no receipt).
+
+The baseline is a git revision of this repository, its ``kdsr`` package
+unpacked from history into a temporary directory (default 35746cb, the last
+that read links, routes and rules through pyroute2).  Prints the medians
+and the ratios (baseline / this); ``--json`` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import control_plane  # noqa: E402  (the bench intent and its namespace)
+
+STEPS = ("apply, no-op by receipt", "plan in full")
+TIMEOUT_S = 300
+
+
+def unpack(revision: str, dest: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
+    if archive.returncode != 0:
+        raise SystemExit(f"cannot unpack kdsr {revision}: {archive.stderr.decode()[-300:]}")
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
+    return dest
+
+
+def kdsr(ns: str, release: Path, state: Path, *args: str) -> float:
+    """Seconds for one `kdsr` process run from ``release`` (python -m imports from its working directory)."""
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args]
+    start = time.perf_counter()
+    run = subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"kdsr {' '.join(args)} from {release} exited {run.returncode}: {run.stderr[-2000:]}")
+    return seconds
+
+
+def measure(ns: str, releases: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
+    states = {name: work / f"state-{name}" for name in releases}
+    for name, release in releases.items():
+        # Each release's first apply writes the kernel state (the same for
+        # both), its second one writes its receipt.
+        kdsr(ns, release, states[name], "apply", str(intent), "--node", "lb1")
+        kdsr(ns, release, states[name], "apply", str(intent), "--node", "lb1")
+    times: dict[str, dict[str, list[float]]] = {name: {step: [] for step in STEPS} for name in releases}
+    names = list(releases)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            release, state = releases[name], states[name]
+            got = times[name]
+            got[STEPS[0]].append(kdsr(ns, release, state, "apply", str(intent), "--node", "lb1"))
+            saved = work / f"{name}.plan"
+            got[STEPS[1]].append(kdsr(ns, release, state, "plan", str(intent), "--node", "lb1", "--out", str(saved)))
+    return {name: {step: statistics.median(v) for step, v in got.items()} for name, got in times.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vips", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--baseline", default="35746cb")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "cli_noop.json"))
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/cli_noop.py needs root (it makes a network namespace)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="kdsr-bench-cli-") as tmp:
+        work = Path(tmp)
+        intent = work / "intent.json"
+        intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 16, "nft")))
+        releases = {"this": ROOT, args.baseline: unpack(args.baseline, work / "baseline")}
+        with control_plane.bench_namespace(f"kdsrbench-cli-{os.getpid()}") as ns:
+            results = measure(ns, releases, work, intent, args.rounds)
+    this, base = results["this"], results[args.baseline]
+    print(f"kdsr CLI, one process per run, {args.vips} VIPs, median of {args.rounds} rounds (seconds):")
+    print(f"{'step':<26} {'this':>7} {args.baseline:>9} {'ratio':>6}")
+    for step in STEPS:
+        print(f"{step:<26} {this[step]:>7.3f} {base[step]:>9.3f} {base[step] / this[step]:>6.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""kdsr's own reads of links, routes and rules (kdsr/kernel/rtnl_routing.py,
+through SystemKernel) against pyroute2's on the same kernel: the same links,
+kdsr's routes and rules and nothing else, with IPv4 and IPv6, gateways,
+tables beyond 255, and look-alikes kdsr must leave out (a blackhole in its
+table range, a rule at another priority, a mark outside its range).
+
+The host kernel has no tunnel modules, so kdsr's links here are veths with
+kdsr's names (read as foreign kinds); tunnels are read through the same code
+by every L3 lab in the guest tier, whose second apply must find nothing to
+change."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PYTHON = sys.executable or "python3"
+ROOT = str(Path(__file__).resolve().parents[2])
+
+# Runs inside the namespace: kdsr's reads, and the same through pyroute2
+# the way kdsr read them before it had its own socket.
+HELPER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pyroute2 import IPRoute
+from kdsr import naming
+from kdsr.kernel.system import SystemKernel
+
+k = SystemKernel()
+ours = {
+    "links": sorted([l.name, l.kind, l.local, l.remote, l.ttl] for l in k.link_list("kdsr")),
+    "routes": sorted([r.family, r.table, r.dev, r.gateway] for r in k.route_list()),
+    "rules": sorted([r.family, r.fwmark, r.table, r.priority] for r in k.rule_list(naming.RULE_PRIORITY)),
+}
+ipr = IPRoute()
+names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+links = []
+for m in ipr.get_links():
+    name = m.get_attr("IFLA_IFNAME")
+    if name.startswith("kdsr"):
+        info = m.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        links.append([name, kind or "unknown", "", "", 64])
+routes, rules = [], []
+for family, af in ((4, 2), (6, 10)):
+    for m in ipr.route("dump", family=af):
+        table = m.get_attr("RTA_TABLE") or m["table"]
+        if naming.is_kdsr_mark(table) and m["dst_len"] == 0 and m["type"] == 1:
+            routes.append([family, table, names.get(m.get_attr("RTA_OIF"), "?"), m.get_attr("RTA_GATEWAY") or ""])
+    for m in ipr.get_rules(family=af):
+        mark = m.get_attr("FRA_FWMARK")
+        if m.get_attr("FRA_PRIORITY") == naming.RULE_PRIORITY and mark is not None and naming.is_kdsr_mark(mark):
+            rules.append([family, mark, m.get_attr("FRA_TABLE") or m["table"], naming.RULE_PRIORITY])
+theirs = {"links": sorted(links), "routes": sorted(routes), "rules": sorted(rules)}
+print(json.dumps({"ours": ours, "theirs": theirs}))
+"""
+
+T1, T2, T3 = 0x6B000101, 0x6B000202, 0x6B000303  # kdsr's mark and table range
+
+
+def test_links_routes_and_rules_read_as_pyroute2_reads_them(netns):
+    netns.add("a")
+    for cmd in (
+        "ip link add kdsr4-a type veth peer name kdsr4-b",
+        "ip link add eth0 type veth peer name eth1",
+        "ip link set kdsr4-a up",
+        "ip link set eth0 up",
+        "ip addr add 10.3.0.2/24 dev eth0",
+        "ip addr add fd00:3::2/64 dev eth0 nodad",
+        f"ip route add default dev kdsr4-a table {T1}",
+        f"ip route add default via 10.3.0.1 dev eth0 table {T2}",
+        f"ip -6 route add default via fd00:3::1 dev eth0 table {T3}",
+        f"ip route add blackhole default table {T3}",  # in kdsr's range, not kdsr's kind of route
+        "ip route add default via 10.3.0.1 dev eth0 table 100",  # outside kdsr's range
+        f"ip rule add fwmark {T1} lookup {T1} pref 1000",
+        f"ip -6 rule add fwmark {T3} lookup {T3} pref 1000",
+        f"ip rule add fwmark {T2} lookup {T2} pref 1001",  # another priority
+        "ip rule add fwmark 0x42 lookup 100 pref 1000",  # a mark outside kdsr's range
+    ):
+        netns.run("a", cmd)
+    out = json.loads(netns.run("a", [PYTHON, "-c", HELPER, ROOT], timeout=120).stdout)
+    assert out["ours"] == out["theirs"]
+    assert out["ours"] == {
+        "links": [["kdsr4-a", "veth", "", "", 64], ["kdsr4-b", "veth", "", "", 64]],
+        "routes": [[4, T1, "kdsr4-a", ""], [4, T2, "eth0", "10.3.0.1"], [6, T3, "eth0", "fd00:3::1"]],
+        "rules": [[4, T1, T1, 1000], [6, T3, T3, 1000]],
+    }
