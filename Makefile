@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
-	bench-ipvs-control-plane bench-addresses
+	bench-ipvs-control-plane bench-addresses bench-cli-noop
 
 setup:
 	./scripts/setup.sh
@@ -66,3 +66,8 @@ bench-compile: setup
 # code beside pyroute2 in one run; writes bench/results/addresses.json.
 bench-addresses: setup
 	$(PY) bench/addresses.py
+
+# `kdsr apply` with nothing to change and a full `kdsr plan`, one process
+# each, this checkout beside an older release (root; throw-away namespaces).
+bench-cli-noop: setup
+	$(PY) bench/cli_noop.py

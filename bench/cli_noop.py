@@ -3,9 +3,11 @@ changed, process start included, this checkout beside an older release.
 
     sudo .venv/bin/python bench/cli_noop.py [--vips 100] [--rounds 11] [--baseline 35746cb]
 
-In a throw-away network namespace (``kdsrbench-cli-<pid>``, deleted by name
-at the end) the bench intent of bench/control_plane.py (N VIPs, L2, nft) is
-applied by each release, each with its own state directory.  Then, rounds
+Each release gets a throw-away network namespace of its own
+(``kdsrbench-cli-<pid>-<n>``, deleted by name at the end) and a state
+directory of its own (a release does not vouch for kernel state it did not
+write), and applies the bench intent of bench/control_plane.py (N VIPs, L2,
+nft) there.  Then, rounds
 alternating which release goes first, each runs as a new process:
 
 - ``kdsr apply`` with nothing to change (answered by its receipt);
@@ -21,6 +23,7 @@ and the ratios (baseline / this); ``--json`` writes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -58,18 +61,17 @@ def kdsr(ns: str, release: Path, state: Path, *args: str) -> float:
     return seconds
 
 
-def measure(ns: str, releases: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
+def measure(namespaces: dict[str, str], releases: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
     states = {name: work / f"state-{name}" for name in releases}
     for name, release in releases.items():
-        # Each release's first apply writes the kernel state (the same for
-        # both), its second one writes its receipt.
-        kdsr(ns, release, states[name], "apply", str(intent), "--node", "lb1")
-        kdsr(ns, release, states[name], "apply", str(intent), "--node", "lb1")
+        # The first apply writes the kernel state, the second the receipt.
+        kdsr(namespaces[name], release, states[name], "apply", str(intent), "--node", "lb1")
+        kdsr(namespaces[name], release, states[name], "apply", str(intent), "--node", "lb1")
     times: dict[str, dict[str, list[float]]] = {name: {step: [] for step in STEPS} for name in releases}
     names = list(releases)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            release, state = releases[name], states[name]
+            ns, release, state = namespaces[name], releases[name], states[name]
             got = times[name]
             got[STEPS[0]].append(kdsr(ns, release, state, "apply", str(intent), "--node", "lb1"))
             saved = work / f"{name}.plan"
@@ -92,8 +94,12 @@ def main() -> int:
         intent = work / "intent.json"
         intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 16, "nft")))
         releases = {"this": ROOT, args.baseline: unpack(args.baseline, work / "baseline")}
-        with control_plane.bench_namespace(f"kdsrbench-cli-{os.getpid()}") as ns:
-            results = measure(ns, releases, work, intent, args.rounds)
+        with contextlib.ExitStack() as stack:
+            namespaces = {
+                name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-cli-{os.getpid()}-{n}"))
+                for n, name in enumerate(releases)
+            }
+            results = measure(namespaces, releases, work, intent, args.rounds)
     this, base = results["this"], results[args.baseline]
     print(f"kdsr CLI, one process per run, {args.vips} VIPs, median of {args.rounds} rounds (seconds):")
     print(f"{'step':<26} {'this':>7} {args.baseline:>9} {'ratio':>6}")
