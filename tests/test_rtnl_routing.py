@@ -105,8 +105,8 @@ def test_default_routes_take_the_table_attribute_and_skip_the_rest():
 
 
 def test_rules_keep_those_with_a_mark():
-    def rule(seq: int, extra: bytes, header_table: int = 0) -> bytes:
-        body = rr.FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, header_table, 0, 0, 1, 0) + extra
+    def rule(seq: int, extra: bytes, header_table: int = 0, family: int = socket.AF_INET) -> bytes:
+        body = rr.FIB_RULE_HDR.pack(family, 0, 0, 0, header_table, 0, 0, 1, 0) + extra
         return message(rr.RTM_NEWRULE, seq, body)
 
     mark = 0x6B00_1234

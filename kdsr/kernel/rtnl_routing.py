@@ -94,8 +94,10 @@ def default_routes(sock: RtnlSocket, family: int) -> list[tuple[int, int, str]]:
     for kind, body in sock.dump(RTM_GETROUTE, request, "route"):
         if kind != RTM_NEWROUTE:
             continue
-        _family, dst_len, _src, _tos, table, _proto, _scope, route_type, _flags = RTMSG.unpack_from(body)
-        if dst_len != 0 or route_type != RTN_UNICAST:
+        got_family, dst_len, _src, _tos, table, _proto, _scope, route_type, _flags = RTMSG.unpack_from(body)
+        # A kernel without the family (IPv6 disabled) answers with every
+        # family's routes: only the asked one's count.
+        if got_family != FAMILIES[family] or dst_len != 0 or route_type != RTN_UNICAST:
             continue
         found_attrs = attrs(body, RTMSG.size)
         table = _u32(found_attrs.get(RTA_TABLE)) or table
@@ -111,10 +113,10 @@ def fwmark_rules(sock: RtnlSocket, family: int) -> list[tuple[int, int, int]]:
     for kind, body in sock.dump(RTM_GETRULE, request, "rule"):
         if kind != RTM_NEWRULE:
             continue
-        header_table = FIB_RULE_HDR.unpack_from(body)[4]
+        got_family, _dst, _src, _tos, header_table = FIB_RULE_HDR.unpack_from(body)[:5]
         found_attrs = attrs(body, FIB_RULE_HDR.size)
         mark = _u32(found_attrs.get(FRA_FWMARK))
-        if mark is None:
+        if got_family != FAMILIES[family] or mark is None:
             continue
         priority = _u32(found_attrs.get(FRA_PRIORITY)) or 0
         found.append((priority, mark, _u32(found_attrs.get(FRA_TABLE)) or header_table))
