@@ -3,6 +3,7 @@ messages built here byte by byte the way the kernel lays them out
 (netns-lab/tests/test_rtnl_routing_lab.py compares it with pyroute2 on the
 host kernel; the guest tier's L3 labs read real tunnels through it)."""
 
+import errno
 import socket
 import struct
 
@@ -122,11 +123,17 @@ def test_rules_keep_those_with_a_mark():
     assert rr.fwmark_rules(sock, 4) == [(1000, mark, mark), (1000, 0x42, 100)]
 
 
-def test_a_refused_dump_is_an_error():
+def refusing(code: int):
     def refuse(_wire, data):
         (seq,) = seqs_of(data)
-        return [message(2, seq, struct.pack("=i", -97) + HEADER.pack(HEADER.size, rr.RTM_GETROUTE, 0, seq, 0))]
+        return [message(2, seq, struct.pack("=i", -code) + HEADER.pack(HEADER.size, rr.RTM_GETRULE, 0, seq, 0))]
 
-    sock, _ = socket_with(refuse)
-    with pytest.raises(NetlinkError, match="EAFNOSUPPORT"):
-        rr.default_routes(sock, 6)
+    return refuse
+
+
+def test_a_family_the_kernel_has_not_got_holds_nothing_and_other_refusals_are_errors():
+    sock, _ = socket_with(refusing(errno.EAFNOSUPPORT))  # IPv6 disabled: the rule dump is refused
+    assert rr.fwmark_rules(sock, 6) == [] and rr.default_routes(sock, 6) == []
+    sock, _ = socket_with(refusing(errno.EPERM))
+    with pytest.raises(NetlinkError, match="EPERM"):
+        rr.fwmark_rules(sock, 4)

@@ -11,11 +11,12 @@ Writes stay with pyroute2: they happen only when a plan changes something.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
 from kdsr.kernel.netlink import attrs
-from kdsr.kernel.rtnl_socket import RtnlSocket
+from kdsr.kernel.rtnl_socket import NetlinkError, RtnlSocket
 
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
@@ -86,12 +87,23 @@ def links(sock: RtnlSocket) -> list[tuple[int, str, str, tuple[str, str, int] | 
     return found
 
 
+def _dump_of_family(sock: RtnlSocket, kind: int, request: bytes, what: str) -> list[tuple[int, memoryview]]:
+    """A dump of one address family; none when the kernel has not got the
+    family (IPv6 disabled), which holds none of kdsr's routes or rules."""
+    try:
+        return sock.dump(kind, request, what)
+    except NetlinkError as exc:
+        if exc.code == errno.EAFNOSUPPORT:
+            return []
+        raise
+
+
 def default_routes(sock: RtnlSocket, family: int) -> list[tuple[int, int, str]]:
     """(table, output interface index, gateway) of every unicast default
     route of the family (4 or 6), in any table."""
     found = []
     request = RTMSG.pack(FAMILIES[family], 0, 0, 0, 0, 0, 0, 0, 0)
-    for kind, body in sock.dump(RTM_GETROUTE, request, "route"):
+    for kind, body in _dump_of_family(sock, RTM_GETROUTE, request, "route"):
         if kind != RTM_NEWROUTE:
             continue
         got_family, dst_len, _src, _tos, table, _proto, _scope, route_type, _flags = RTMSG.unpack_from(body)
@@ -110,7 +122,7 @@ def fwmark_rules(sock: RtnlSocket, family: int) -> list[tuple[int, int, int]]:
     matches a firewall mark."""
     found = []
     request = FIB_RULE_HDR.pack(FAMILIES[family], 0, 0, 0, 0, 0, 0, 0, 0)
-    for kind, body in sock.dump(RTM_GETRULE, request, "rule"):
+    for kind, body in _dump_of_family(sock, RTM_GETRULE, request, "rule"):
         if kind != RTM_NEWRULE:
             continue
         got_family, _dst, _src, _tos, header_table = FIB_RULE_HDR.unpack_from(body)[:5]
