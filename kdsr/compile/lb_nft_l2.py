@@ -175,9 +175,7 @@ _CHAINS_MAX = 4096
 def _selector_chain(sel: Selector, device: str) -> NftChain:
     if sel.hashing.pinning is not None:
         return _build_selector_chain(sel, device)
-    first = sel.services[0]
     key = (sel.name, sel.family, sel.table_size, sel.hashing, sel.pins_macs, device, sel.pool.pointer)
-    key += (first.hashing.pointer, first.pointer)
     chain = _CHAINS.get(key)
     if chain is None:
         chain = _build_selector_chain(sel, device)
@@ -221,9 +219,12 @@ def _forward_rules(sel: Selector, device: str, first: dict, lookup: dict) -> tup
         # The kernel's neighbour layer resolves the server's MAC at packet
         # time, so a replaced server (new MAC, same address) needs no apply.
         forward = [{"fwd": {"dev": device, "family": ADDR_PROTO[sel.family], "addr": lookup}}]
+    # Every rule points at the pool, never at one of its services: a
+    # service's name in a rule would make adding or removing that service
+    # rewrite the chain, where it must be map elements only.
     pointer = sel.pool.pointer
     return (
-        NftRule.build([first], f"{sel.services[0].hashing.pointer or sel.services[0].pointer}"),
+        NftRule.build([first], pointer),
         NftRule.build(forward, pointer),
         # Reached only when the slot has no server (every member drained).
         NftRule.build([{"drop": None}], f"{pointer} (no server)"),
@@ -290,12 +291,11 @@ def _pinned_selector_chain(sel: Selector, device: str, hashing: dict) -> NftChai
     }
     lookup = {"map": {"key": mark, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
     first, forward, drop = _forward_rules(sel, device, hashing, lookup)
-    pinning_pointer = f"{sel.services[0].hashing.pointer}/flow_pinning"
     rules = (
         first,
         NftRule.build([to_id], sel.pool.pointer),
-        NftRule.build([pin], pinning_pointer),
-        NftRule.build([pinned], pinning_pointer),
+        NftRule.build([pin], f"{sel.pool.pointer} (flow pinning)"),
+        NftRule.build([pinned], f"{sel.pool.pointer} (flow pinning)"),
         forward,
         drop,
     )

@@ -190,8 +190,9 @@ def _too_big(sel: Selector) -> dict:
 
 
 def _selector_chains(sel: Selector) -> list[NftChain]:
+    # Rules point at the pool, never at one of its services (see
+    # lb_nft_l2._forward_rules): adding a service is map elements only.
     pointer = sel.pool.pointer
-    hashing_pointer = sel.services[0].hashing.pointer or sel.services[0].pointer
     mark = {"meta": {"key": "mark"}}
     to_server = {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{sel.name}"}}}}
     forward = {
@@ -216,13 +217,13 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
             }
         }
         rules = (
-            NftRule.build([slot], hashing_pointer),
+            NftRule.build([slot], pointer),
             NftRule.build([to_server], pointer),
             # Too big for the tunnel: on to the IP stack with the tunnel's mark,
             # whose policy route forwards it into the same tunnel, and
             # forwarding answers "fragmentation needed" (DF) or fragments it;
             # the tunnel's own transmit would drop it without a word.
-            NftRule.build([_too_big(sel), {"accept": None}], f"{sel.services[0].pointer}/dsr/path_mtu"),
+            NftRule.build([_too_big(sel), {"accept": None}], f"{pointer} (path_mtu)"),
             NftRule.build([forward], pointer),
             # Reached only when the slot has no server (every member drained).
             NftRule.build([{"drop": None}], f"{pointer} (no server)"),
