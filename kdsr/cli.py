@@ -83,7 +83,8 @@ def _fail(exc: Exception) -> None:
     if isinstance(exc, IntentError):
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)
-        click.echo(f"{len(exc.problems)} problem(s); nothing was changed.", err=True)
+        count = len(exc.problems)
+        click.echo(f"{count} problem{'' if count == 1 else 's'}; nothing was changed.", err=True)
     else:
         click.echo(f"error: {exc}", err=True)
     code = getattr(exc, "exit_code", EXIT_ERROR)

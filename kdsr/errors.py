@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 # Exit codes (documented in README.md).
@@ -18,6 +19,39 @@ EXIT_PRIVILEGE = 9  # the command needs CAP_NET_ADMIN (root) and this process la
 EXIT_STALE_PLAN = 10  # apply --plan-file: the kernel changed since the plan was saved
 
 
+# How much of a value from the user's file an error message quotes.  A 10 MB
+# string in a message would bury the one line that says what is wrong (and
+# fill a terminal or a log shipper's line limit); a prefix and the length
+# are enough to find it.
+QUOTE_LIMIT = 60
+# The last line of defence for text that reaches a message without quote().
+MESSAGE_LIMIT = 1000
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A value from the intent as JSON text, cut to a prefix with its length when long."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return json.dumps(value)
+        return f'{json.dumps(value[:limit])[:-1]}..." ({len(value):,} characters)'
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _short_pointer(pointer: str) -> str:
+    """A JSON pointer whose over-long parts (keys from the file) are cut like quoted values."""
+    if len(pointer) <= QUOTE_LIMIT * 2:
+        return pointer
+    return "/".join(_bounded(part, QUOTE_LIMIT) for part in pointer.split("/"))
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with an intent: where, what, and how to fix it."""
@@ -28,10 +62,10 @@ class Problem:
     hint: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.source}: {self.pointer or '/'}"
-        text = f"{where}: {self.message}"
+        where = f"{self.source}: {_short_pointer(self.pointer) or '/'}"
+        text = f"{where}: {_bounded(self.message, MESSAGE_LIMIT)}"
         if self.hint:
-            text += f" {self.hint}"
+            text += f" {_bounded(self.hint, MESSAGE_LIMIT)}"
         return text
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +18,8 @@ from kdsr import cli
 from kdsr.errors import EXIT_INVALID_INTENT, IntentError
 from kdsr.files import read_bounded
 from kdsr.kernel.fake import FakeKernel
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "l2-web.json"
 
 
 class CountingKernel(FakeKernel):
@@ -148,3 +151,34 @@ def test_hostile_names_are_rejected_by_the_schema(tmp_path, kernel, example_path
     path.write_text(json.dumps(doc))
     out = run_all(path, tmp_path, kernel)[0]
     assert "/services/" in out and "/pools/" in out
+
+
+HUGE = 10_000_000
+
+
+def _with(mutate) -> dict:
+    doc = json.loads(EXAMPLE.read_text())
+    mutate(doc)
+    return doc
+
+
+# Each puts one huge value where an error message quotes it.
+HUGE_VALUES = {
+    "vip": lambda d: d["services"]["web"].update(vip="1" * HUGE),
+    "pool reference": lambda d: d["services"]["web"].update(pool="p" * HUGE),
+    "member address": lambda d: d["pools"]["web"]["servers"].append({"address": "1" * (HUGE // 10)}),
+    "member node": lambda d: d["pools"]["web"]["servers"].append({"node": "n" * (HUGE // 10)}),
+    "node address": lambda d: d["load_balancers"]["lb1"]["addresses"].append("1" * (HUGE // 10)),
+    "service name": lambda d: d["services"].update({"k" * (HUGE // 10): dict(d["services"]["web"])}),
+    "unknown field": lambda d: d["services"]["web"].update({"f" * (HUGE // 10): 1}),
+    "port range": lambda d: d["services"]["web"].update(ports="9" * (HUGE // 10)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_VALUES))
+def test_an_error_quotes_a_short_prefix_of_a_huge_value(case, tmp_path, kernel):
+    path = tmp_path / "intent.json"
+    path.write_text(json.dumps(_with(HUGE_VALUES[case])))
+    for output in run_all(path, tmp_path, kernel):
+        assert len(output) < 2000, f"{len(output):,} bytes of error for one huge value"
+        assert " characters)" in output, output  # the length stands in for the rest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from kdsr.errors import quote
 from kdsr.intent.model import ANNOUNCE_ACTIVE_ACTIVE, ANNOUNCE_ACTIVE_STANDBY, ANNOUNCE_N_PLUS_M
 from kdsr.intent.verify import did_you_mean, names_list, parse_address, parse_interface
 
@@ -121,13 +122,13 @@ def _check_announce(name: str, announce: dict, speakers: dict, load_balancers: d
         if lb not in load_balancers:
             report(
                 f"{pointer}/load_balancers/{i}",
-                f'"{lb}" is not a load balancer.',
+                f"{quote(lb)} is not a load balancer.",
                 f"{did_you_mean(lb, list(load_balancers))}Load balancers: {names_list(sorted(load_balancers))}.",
             )
         elif lb not in speakers:
             report(
                 f"{pointer}/load_balancers/{i}",
-                f"load balancer \"{lb}\" has no 'bgp' section, so it cannot announce this VIP.",
+                f"load balancer {quote(lb)} has no 'bgp' section, so it cannot announce this VIP.",
                 f"Add /load_balancers/{lb}/bgp, or leave {lb} out of this list.",
             )
     mode = announce.get("mode", ANNOUNCE_ACTIVE_ACTIVE)
@@ -180,7 +181,7 @@ def _check_announce(name: str, announce: dict, speakers: dict, load_balancers: d
         if len(parts) == 2 and all(p.isdigit() for p in parts) and any(int(p) > 65535 for p in parts):
             report(
                 f"{pointer}/communities/{i}",
-                f'"{community}": both parts of a standard community are 0-65535.',
+                f"{quote(community)}: both parts of a standard community are 0-65535.",
                 "For 32-bit ASNs use a value below 65536 in each part (large communities are not supported yet).",
             )
 

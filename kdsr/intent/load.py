@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 
 from kdsr import collector
-from kdsr.errors import IntentError, Problem
+from kdsr.errors import IntentError, Problem, quote
 from kdsr.files import read_bounded
 from kdsr.intent import schema_check
 from kdsr.intent import verify as rules
@@ -387,7 +387,7 @@ def _plain(
                 Problem(
                     source,
                     f"{pointer}/{_escape(str(key))}",
-                    f'"{key}" appears twice in the same object{where}; only the last one would count.',
+                    f"{quote(key)} appears twice in the same object{where}; only the last one would count.",
                     "Remove or rename one of them.",
                 )
             )
@@ -568,7 +568,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
             Problem(
                 source,
                 _pointer(path + [key]),
-                f'unknown field "{key}".',
+                f"unknown field {quote(key)}.",
                 f"{rules.did_you_mean(key, allowed)}Allowed fields: {', '.join(allowed)}.",
             )
             for key in value
@@ -658,11 +658,7 @@ def _join_or(items: list[str]) -> str:
 
 def _show(value: object) -> str:
     """A value as the user wrote it (JSON spelling), cut short when long."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return quote(value)
 
 
 def _escape(key: str) -> str:

@@ -18,7 +18,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from kdsr import naming
-from kdsr.errors import Problem
+from kdsr.errors import Problem, quote
 from kdsr.intent.model import (
     DEFAULT_HASH_FIELDS,
     DEFAULT_HASH_SEED,
@@ -56,15 +56,15 @@ TCP_HEADER = 20
 def parse_address(text: str) -> IPAddress:
     """An IPv4/IPv6 address without prefix; ValueError with a readable message."""
     if "/" in text:
-        raise ValueError(f'"{text}" has a prefix length; give the address alone')
+        raise ValueError(f"{quote(text)} has a prefix length; give the address alone")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise ValueError(f'"{text}" is not an IPv4 or IPv6 address') from None
+        raise ValueError(f"{quote(text)} is not an IPv4 or IPv6 address") from None
     if getattr(address, "scope_id", None):
         # A zone (fe80::1%eth0) names an interface of one host; meaningless
         # in a file shared by many hosts.
-        raise ValueError(f'"{text}" has a zone (%{address.scope_id}); remove it')
+        raise ValueError(f"{quote(text)} has a zone (%{address.scope_id}); remove it")
     return address
 
 
@@ -73,13 +73,13 @@ def parse_interface(text: str) -> IPInterface:
     """An address with prefix length ("10.10.0.2/24"); ValueError otherwise."""
     if "/" not in text:
         # The prefix tells which servers are on the node's segment (L2 DSR).
-        raise ValueError(f'"{text}" has no prefix length; write it like "10.10.0.2/24"')
+        raise ValueError(f'{quote(text)} has no prefix length; write it like "10.10.0.2/24"')
     try:
         interface = ipaddress.ip_interface(text)
     except ValueError:
-        raise ValueError(f'"{text}" is not an IPv4 or IPv6 address with prefix length') from None
+        raise ValueError(f"{quote(text)} is not an IPv4 or IPv6 address with prefix length") from None
     if getattr(interface.ip, "scope_id", None):
-        raise ValueError(f'"{text}" has a zone (%{interface.ip.scope_id}); remove it')
+        raise ValueError(f"{quote(text)} has a zone (%{interface.ip.scope_id}); remove it")
     return interface
 
 
@@ -97,9 +97,9 @@ def parse_port(item: int | str) -> tuple[int, int]:
     first, last = (int(part) for part in item.split("-"))
     for port in (first, last):
         if not 1 <= port <= 65535:
-            raise ValueError(f'{port} in "{item}" is not a port')
+            raise ValueError(f"{port} in {quote(item)} is not a port")
     if first > last:
-        raise ValueError(f'"{item}" runs backwards; write it "{last}-{first}"')
+        raise ValueError(f'{quote(item)} runs backwards; write it "{last}-{first}"')
     return first, last
 
 
@@ -243,7 +243,7 @@ class _Verifier:
             if name in self.load_balancers:
                 self.report(
                     f"/servers/{name}",
-                    f'"{name}" is both a load balancer (/load_balancers/{name}) and a server.',
+                    f"{quote(name)} is both a load balancer and a server.",
                     "A node is a load balancer or a server, not both; rename one of them.",
                 )
 
@@ -313,7 +313,7 @@ class _Verifier:
             if pool not in self.pools:
                 self.report(
                     f"/services/{name}/pool",
-                    f'unknown pool "{pool}".',
+                    f"unknown pool {quote(pool)}.",
                     f"{did_you_mean(pool, known)}Defined pools: {names_list(known)}.",
                 )
 
@@ -364,7 +364,7 @@ class _Verifier:
         if node in self.load_balancers:
             self.report(
                 f"{pointer}/node",
-                f'"{node}" is a load balancer, not a server node.',
+                f"{quote(node)} is a load balancer, not a server node.",
                 "Pool members are servers (under /servers).",
             )
             return False
@@ -374,7 +374,7 @@ class _Verifier:
             if known
             else "There are no server nodes; define it under /servers, or give the member an 'address'."
         )
-        self.report(f"{pointer}/node", f'unknown server node "{node}".', hint)
+        self.report(f"{pointer}/node", f"unknown server node {quote(node)}.", hint)
         return False
 
     def resolve(self, member: dict, pointer: str, node_ok: bool) -> tuple[IPAddress | None, str]:
