@@ -13,6 +13,7 @@ from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import render_json, render_text
 from kdsr.privilege import require_net_admin
+from kdsr.wording import counted
 
 EPILOG_EXIT_CODES = (
     "Exit codes: 0 ok, 1 kernel or runtime error, 2 changes pending (plan --detailed-exitcode), "
@@ -83,8 +84,7 @@ def _fail(exc: Exception) -> None:
     if isinstance(exc, IntentError):
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)
-        count = len(exc.problems)
-        click.echo(f"{count} problem{'' if count == 1 else 's'}; nothing was changed.", err=True)
+        click.echo(f"{counted(len(exc.problems), 'problem')}; nothing was changed.", err=True)
     else:
         click.echo(f"error: {exc}", err=True)
     code = getattr(exc, "exit_code", EXIT_ERROR)
@@ -127,8 +127,8 @@ def validate(intent_file: str) -> None:
     except KdsrError as exc:
         _fail(exc)
     click.echo(
-        f"{intent_file}: valid ({len(intent.services)} services, {len(intent.pools)} pools, "
-        f"{len(intent.load_balancers)} load balancers, {len(intent.servers)} servers)"
+        f"{intent_file}: valid ({counted(len(intent.services), 'service')}, {counted(len(intent.pools), 'pool')}, "
+        f"{counted(len(intent.load_balancers), 'load balancer')}, {counted(len(intent.servers), 'server')})"
     )
 
 

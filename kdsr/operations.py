@@ -19,7 +19,8 @@ from kdsr.diff import Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
 from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, Effective, effective_intent
-from kdsr.intent.model import Intent, address_text
+from kdsr.health.targets import targets_for
+from kdsr.intent.model import MONITOR_DSR, Intent, address_text
 from kdsr.kernel import Kernel
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import element_counters
@@ -86,7 +87,7 @@ def prepare(
         observed = _check_foreign(intent, desired, observed, state, adopt)
         plan = diff(desired, observed)
         keep_unchanged(kernel, desired, observed, plan)
-        plan.notes = announcement_notes(effective.intent, desired)
+        plan.notes = announcement_notes(effective.intent, desired) + probe_notes(effective.intent, name)
     _check_bird_ready(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
 
@@ -149,6 +150,32 @@ def announcement_notes(intent: Intent, desired: Desired) -> list[str]:
         else:
             here = f"announced here as {role}" + (f", AS path +{mine[prefix].prepend}" if mine[prefix].prepend else "")
         lines.append(f"  {prefix}  {assignment.describe()}  -> {here}  # {assignment.pointer}")
+    return lines
+
+
+def probe_notes(intent: Intent, node: str) -> list[str]:
+    """For a load balancer with health monitors: what each monitor probes
+    (`kdsr run` sends these), so a reviewer sees the port and path before a
+    server is judged by them."""
+    if intent.load_balancer(node) is None:
+        return []
+    per_monitor: dict[str, list] = {}
+    for target in targets_for(intent):
+        per_monitor.setdefault(target.monitor.pointer, []).append(target)
+    if not per_monitor:
+        return []
+    lines = ["Health checks (kdsr run probes each server this way):"]
+    for pointer, targets in sorted(per_monitor.items()):
+        first = targets[0]
+        if first.monitor.mode == MONITOR_DSR:
+            how = f"{first.address}:{first.port} (service {first.service}) through each server's DSR path"
+        else:
+            how = f"each server's own address, port {first.port}"
+        servers = len({t.server for t in targets})
+        lines.append(
+            f"  {first.monitor.type} {how}, {servers} server{'' if servers == 1 else 's'}"
+            f" of pool {first.pool}  # {pointer}"
+        )
     return lines
 
 

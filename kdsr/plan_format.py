@@ -31,6 +31,7 @@ from kdsr.model import (
     Rule,
     Sysctl,
 )
+from kdsr.wording import counted
 
 SYMBOL = {CREATE: "+", UPDATE: "~", REPLACE: "-/+", DELETE: "-"}
 ELEMENTS_SHOWN_PER_MAP = 12
@@ -39,16 +40,17 @@ PLAN_FORMAT_VERSION = 1
 
 def _describe(obj: Any) -> str:
     if isinstance(obj, NftTable):
-        return f"{len(obj.chains)} chains, {len(obj.maps)} maps"
+        return f"{counted(len(obj.chains), 'chain')}, {counted(len(obj.maps), 'map')}"
     if isinstance(obj, NftChain):
         if obj.hook:
-            return f"hook {obj.hook.hook} device {obj.hook.device} priority {obj.hook.priority}, {len(obj.rules)} rules"
-        return f"{len(obj.rules)} rules"
+            hook = f"hook {obj.hook.hook} device {obj.hook.device} priority {obj.hook.priority}"
+            return f"{hook}, {counted(len(obj.rules), 'rule')}"
+        return counted(len(obj.rules), "rule")
     if isinstance(obj, NftMap):
         values = Counter(format_value(e.value) for _k, e in obj.elements)
         top = ", ".join(f"{v} x{n}" for v, n in sorted(values.items())[:4])
         more = f", +{len(values) - 4} more" if len(values) > 4 else ""
-        return f"{' . '.join(obj.key_type)} : {obj.data_type}, {len(obj.elements)} elements" + (
+        return f"{' . '.join(obj.key_type)} : {obj.data_type}, {counted(len(obj.elements), 'element')}" + (
             f" ({top}{more})" if top else ""
         )
     if isinstance(obj, NftElement):

@@ -37,7 +37,7 @@ BASE = {
     "pools": {
         "web": {
             "servers": [{"node": "s1"}, {"node": "s2"}, {"node": "s3"}],
-            "health": {"type": "tcp", "interval": 1, "timeout": 0.5, "rise": 2, "fall": 3},
+            "health": {"type": "tcp", "port": 80, "interval": 1, "timeout": 0.5, "rise": 2, "fall": 3},
         },
         "web6": {"servers": [{"address": "fd00:10::11"}, {"address": "fd00:10::12"}]},
     },

@@ -28,7 +28,7 @@ def base() -> dict:
         "api": {"servers": [{"address": "10.10.0.21"}, {"address": "10.10.0.22", "weight": 3}]},
         "checked": {
             "servers": [{"address": "10.10.0.31"}, {"address": "10.10.0.32"}],
-            "health": {"type": "tcp", "mode": "dsr"},
+            "health": {"type": "tcp", "mode": "dsr", "port": 82},
         },
         "far": {"servers": [{"address": "192.0.2.41"}, {"address": "192.0.2.42"}]},
         "v6": {"servers": [{"address": "fd00:10::51"}, {"address": "fd00:10::52"}]},

@@ -170,7 +170,7 @@ def test_kdsr_run_leaves_a_receipt_the_next_apply_uses(tmp_path, intent, kernel,
     from kdsr.health.probes import Result
 
     doc = json.loads(intent.read_text())
-    doc["pools"]["web"]["health"] = {"type": "tcp", "interval": 1, "timeout": 0.5, "rise": 2, "fall": 3}
+    doc["pools"]["web"]["health"] = {"type": "tcp", "port": 80, "interval": 1, "timeout": 0.5, "rise": 2, "fall": 3}
     intent.write_text(json.dumps(doc))
     down_server = str(load_intent(intent).pool("web").members[0].address)
     ran = []

@@ -68,13 +68,30 @@ def _services_on(intent: Intent, pool: Pool) -> list[Service]:
     return list(intent.services_on(pool.name))
 
 
+# The protocol each monitor type speaks.
+MONITOR_PROTOCOL = {"tcp": "tcp", "http": "tcp", "https": "tcp", "udp": "udp"}
+
+
+def probed_service(monitor: Monitor, services: list[Service]) -> Service | None:
+    """The service a pool monitor probes through: with a port, the first (by
+    name) that carries that port and the monitor's protocol; else the first.
+    (Without a port, verify made sure the services use one port number.)"""
+    if monitor.port:
+        protocol = MONITOR_PROTOCOL.get(monitor.type)
+        for service in services:
+            carries = protocol is None or protocol in service.protocols
+            if carries and any(r.first <= monitor.port <= r.last for r in service.ports):
+                return service
+    return services[0] if services else None
+
+
 def monitored(intent: Intent) -> list[tuple[Monitor, Pool, Service | None]]:
     """Every monitor with the pool it covers and the service it probes through."""
     found = []
     for pool in intent.pools:
         services = _services_on(intent, pool)
         for monitor in pool.health:
-            found.append((monitor, pool, services[0] if services else None))
+            found.append((monitor, pool, probed_service(monitor, services)))
     for service in intent.services:
         for monitor in service.health:
             found.append((monitor, intent.pool(service.pool), service))

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from kdsr.intent.model import ENGINE_IPVS, MONITOR_DSR, MONITOR_PLAIN
-from kdsr.intent.verify import port_entries, service_engine, service_protocols
+from kdsr.intent.verify import parse_port, port_entries, service_engine, service_protocols
 
 Report = Callable[[str, str, str], None]
 
-# The protocol each monitor type speaks.
+# The protocol each monitor type speaks (kdsr/health/targets.py has the same).
 MONITOR_PROTOCOL = {"tcp": "tcp", "http": "tcp", "https": "tcp", "udp": "udp"}
 
 
@@ -37,6 +37,38 @@ def services_by_pool(services: dict) -> dict[str, list[str]]:
         if isinstance(pool, str):
             by_pool.setdefault(pool, []).append(name)
     return by_pool
+
+
+def _port_ranges(service: dict) -> list[tuple[int, int]]:
+    ranges = []
+    for _pointer, item in port_entries(service.get("ports", []), ""):
+        try:
+            ranges.append(parse_port(item))
+        except (TypeError, ValueError):
+            continue  # reported where the port is checked
+    return ranges
+
+
+def port_numbers(services, most: int = 9) -> list[int]:
+    """The port numbers the services use, sorted; at most ``most`` of them
+    (enough to tell one from several, and to list some in a message)."""
+    numbers: set[int] = set()
+    for service in services:
+        for first, last in _port_ranges(service):
+            numbers.update(range(first, min(last, first + most) + 1))
+    return sorted(numbers)[:most]
+
+
+def probed_service(names: list[str], services: dict, port: object, protocol: str | None) -> str:
+    """The service a monitor probes through: with a port, the first (by name)
+    that carries that port and the monitor's protocol; else the first."""
+    if isinstance(port, int):
+        for name in names:
+            service = services[name]
+            carries = protocol is None or protocol in service_protocols(service)
+            if carries and any(first <= port <= last for first, last in _port_ranges(service)):
+                return name
+    return names[0]
 
 
 def check_health(services: dict, pools: dict, report: Report) -> None:
@@ -77,7 +109,20 @@ def _check_monitor(
                 'Give the monitor a "port".',
             )
         return
-    target = services[names[0]]
+    if "port" not in monitor:
+        numbers = port_numbers(services[n] for n in names)
+        if len(numbers) > 1:
+            listed = ", ".join(str(p) for p in numbers[:8]) + (", ..." if len(numbers) > 8 else "")
+            covers = f"pool {pool}'s services use" if pool is not None else f"service {names[0]} uses"
+            report(
+                pointer,
+                f"{covers} more than one port ({listed}), and the monitor names none: it would probe "
+                "one of them and judge every port by it.",
+                f'Give the monitor the "port" to probe, e.g. "port": {numbers[0]}.',
+            )
+            return
+    name = probed_service(names, services, monitor.get("port"), MONITOR_PROTOCOL.get(kind))
+    target = services[name]
     protocol = MONITOR_PROTOCOL.get(kind)
     # A plain monitor with its own port may probe anything the server runs
     # (a health endpoint beside the service); otherwise it probes the service.
@@ -87,15 +132,15 @@ def _check_monitor(
         article = "an" if kind.startswith("http") else "a"
         report(
             f"{pointer}/type",
-            f"{article} {kind} monitor needs {protocol}, but service {names[0]} carries only {carried}.",
+            f"{article} {kind} monitor needs {protocol}, but service {name} carries only {carried}.",
             f'Use a "{"udp" if protocol == "tcp" else "tcp"}" monitor, or add {protocol} to the service\'s protocols.',
         )
     if mode == MONITOR_DSR and service_engine(target) == ENGINE_IPVS:
         report(
             f"{pointer}/mode",
-            f"a dsr monitor cannot follow service {names[0]}'s ipvs engine: IPVS makes the VIP a local address "
+            f"a dsr monitor cannot follow service {name}'s ipvs engine: IPVS makes the VIP a local address "
             "of the load balancer, so a probe addressed to it never leaves the host.",
             f'Use "mode": "{MONITOR_PLAIN}" (probes the server\'s own address), or the nft engine.',
         )
     if "port" not in monitor and not port_entries(target.get("ports", []), ""):
-        report(pointer, f"service {names[0]} has no port to probe.", 'Give the monitor a "port".')
+        report(pointer, f"service {name} has no port to probe.", 'Give the monitor a "port".')
