@@ -11,7 +11,7 @@ from kdsr import operations
 from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
-from kdsr.plan_format import render_json, render_text
+from kdsr.plan_format import applied_json, render_json, render_text
 from kdsr.privilege import require_net_admin
 from kdsr.wording import counted
 
@@ -97,14 +97,34 @@ class Context:
         self.wait = wait
 
 
+STATE_DIR_HELP = "Where kdsr records what it owns (default /var/lib/kdsr)."
+WAIT_HELP = "Seconds to wait for another kdsr run's lock."
+
+
+def _set_state_dir(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_object(Context).store = StateStore(value)
+
+
+def _set_wait(ctx: click.Context, _param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        ctx.find_object(Context).wait = value
+
+
+def global_options(command):
+    """``--state-dir`` and ``--wait`` after the subcommand too (``kdsr apply x.json
+    --wait 5``), as well as before it; given after, they win."""
+    command = click.option(
+        "--state-dir", default=None, expose_value=False, callback=_set_state_dir, help=STATE_DIR_HELP
+    )(command)
+    return click.option("--wait", type=float, default=None, expose_value=False, callback=_set_wait, help=WAIT_HELP)(
+        command
+    )
+
+
 @click.group(epilog=EPILOG_EXIT_CODES)
-@click.option(
-    "--state-dir",
-    envvar="KDSR_STATE_DIR",
-    default=None,
-    help="Where kdsr records what it owns (default /var/lib/kdsr).",
-)
-@click.option("--wait", default=0.0, type=float, show_default=True, help="Seconds to wait for another kdsr run's lock.")
+@click.option("--state-dir", envvar="KDSR_STATE_DIR", default=None, help=STATE_DIR_HELP)
+@click.option("--wait", default=0.0, type=float, show_default=True, help=WAIT_HELP)
 @click.version_option(package_name="kdsr")
 @click.pass_context
 def main(ctx: click.Context, state_dir: str | None, wait: float) -> None:
@@ -132,6 +152,10 @@ def validate(intent_file: str) -> None:
     )
 
 
+DRY_RUN_HELP = "Print the plan and write nothing (not even kdsr's records)."
+JSON_HELP = "Print the plan and what was done as JSON (schemas/plan.schema.json)."
+
+
 ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of creating (e.g. a lost state dir)."
 
 
@@ -146,6 +170,7 @@ ADOPT_HELP = "Take over kdsr-named links and IPVS services kdsr has no record of
     type=click.Path(dir_okay=False),
     help="Also save the plan (with the intent) to this file, for `kdsr apply --plan-file`.",
 )
+@global_options
 @click.pass_obj
 def plan(
     obj: Context, intent_file: str, node: str | None, as_json: bool, detailed_exitcode: bool, out: str | None
@@ -194,6 +219,7 @@ def plan(
     type=click.Path(dir_okay=False),
     help="Apply a plan saved by `kdsr plan --out` (instead of INTENT_FILE); refused if the kernel changed since.",
 )
+@global_options
 @click.pass_obj
 def apply(
     obj: Context,
@@ -208,7 +234,15 @@ def apply(
     from kdsr import receipt, saved_plan
     from kdsr.intent.load import read_intent_text
 
-    render = render_json if as_json else render_text
+    def render(plan, result=None) -> None:
+        """The plan, and (--json) what was done with it in the same document."""
+        if as_json:
+            fields = {"command": "apply", "dry_run": dry_run, "applied": applied_json(result)}
+            click.echo(render_json(plan, intent_file, fields), nl=False)
+        else:
+            click.echo(render_text(plan, intent_file), nl=False)
+
+    result = None
     try:
         if (intent_file is None) == (plan_file is None):
             raise UsageError("give either INTENT_FILE or --plan-file FILE (a plan saved by `kdsr plan --out`)")
@@ -228,49 +262,50 @@ def apply(
         kernel = _kernel(obj.store)
         if dry_run:
             if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
-                click.echo(render(same.plan, intent_file), nl=False)
+                render(same.plan)
                 return
             prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)
-            click.echo(render(prepared.plan, intent_file), nl=False)
+            render(prepared.plan)
             return
         with obj.store.lock(obj.wait):
             if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
-                click.echo(render(same.plan, intent_file), nl=False)
+                render(same.plan)
                 return
             prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)  # under the lock: no kdsr run can slip in between
-            click.echo(render(prepared.plan, intent_file), nl=False)
+            if not as_json:
+                click.echo(render_text(prepared.plan, intent_file), nl=False)  # the plan first, then its apply
             if not prepared.plan.empty:
                 receipt.forget(obj.store, node)
                 result = operations.apply(prepared, kernel, obj.store)
             if receipts:
                 _record_receipt(obj, kernel, intent_file, text, node, prepared)
-            if prepared.plan.empty:
-                return
     except (KdsrError, KernelError) as exc:
         _fail(exc)
-    if not as_json:
+    if as_json:
+        render(prepared.plan, result)
+    elif result is not None:
         if result.proved_by_generation:
             # kdsr/kernel/nft_cache.py: no other nftables commit came between the read and this one.
             how = "read back and verified (map elements as sent: the ruleset generation moved by this commit only)"
-            click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; {how}.")
         elif result.ipvs_listed_again:
             # kdsr/apply.py _ipvs_read_back: IPVS has no generation; the steps wrote only these.
             how = (
                 f"read back and verified (IPVS: the {result.ipvs_listed_again} services written, listed again; "
                 "the others as the plan read them)"
             )
-            click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; {how}.")
         else:
-            click.echo(f"Applied: {len(result.steps)} steps, {result.writes} kernel writes; read back and verified.")
+            how = "read back and verified"
+        click.echo(f"{_applied_words(result)[:-1]}; {how}.")
 
 
 @main.command(epilog="Example: kdsr show --node lb1 --json")
 @click.option("--node", help="Limit owned addresses and sysctls to this node's records.")
 @click.option("--json", "as_json", is_flag=True)
+@global_options
 @click.pass_obj
 def show(obj: Context, node: str | None, as_json: bool) -> None:
     """What kdsr owns on this host now, with per-VIP and per-server packet counters."""
@@ -282,27 +317,72 @@ def show(obj: Context, node: str | None, as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else operations.format_show(report).rstrip("\n"))
 
 
-@main.command(epilog="Example: kdsr destroy --node s1 --dry-run")
-@click.option("--node", help="The node whose kdsr state to remove (needed when several are recorded here).")
+@main.command(epilog="Example: kdsr destroy --node s1 --dry-run\n\n" + EPILOG_EXIT_CODES)
+@click.argument("intent_file", type=click.Path(), required=False)
+@click.option(
+    "--node",
+    help="The node whose kdsr state to remove (default: with INTENT_FILE, the node whose address is local, "
+    "as apply picks it; without, the one node recorded here).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be removed and write nothing.")
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation on a terminal (for scripts).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@global_options
 @click.pass_obj
-def destroy(obj: Context, node: str | None, dry_run: bool) -> None:
-    """Remove exactly what kdsr owns on this node and restore the sysctls it changed."""
+def destroy(
+    obj: Context, intent_file: str | None, node: str | None, dry_run: bool, auto_approve: bool, as_json: bool
+) -> None:
+    """Remove exactly what kdsr owns on this node and restore the sysctls it changed.
+
+    On a terminal it shows the plan and asks before it writes (--auto-approve
+    skips that); from a script it goes ahead, as before."""
+    from kdsr.intent.load import read_intent_text
+
+    result = None
     try:
         require_net_admin("destroy", "changes this host's nftables, IPVS, links, addresses and sysctls")
         kernel = _kernel(obj.store)
-        name = operations.destroy_node_name(node, obj.store)
-        if dry_run:
-            click.echo(render_text(operations.prepare_destroy(name, kernel, obj.store).plan), nl=False)
-            return
-        with obj.store.lock(obj.wait):
-            prepared = operations.prepare_destroy(name, kernel, obj.store)
+        if intent_file is not None:
+            name = operations.select_node(_load(intent_file, read_intent_text(intent_file)), node, kernel)
+        else:
+            name = operations.destroy_node_name(node, obj.store)
+        prepared = operations.prepare_destroy(name, kernel, obj.store)
+        ask = not (dry_run or auto_approve or as_json or prepared.plan.empty) and _on_terminal()
+        if not as_json and (dry_run or ask):
             click.echo(render_text(prepared.plan), nl=False)
-            result = operations.apply(prepared, kernel, obj.store)
+        if ask and not _confirmed(f"Remove everything kdsr owns for node {name} on this host?"):
+            click.echo("Destroy cancelled; nothing was changed.", err=True)
+            sys.exit(EXIT_ERROR)
+        if not dry_run:
+            with obj.store.lock(obj.wait):
+                confirmed = prepared.plan
+                prepared = operations.prepare_destroy(name, kernel, obj.store)
+                if ask and render_json(prepared.plan) != render_json(confirmed):
+                    raise KdsrError(
+                        "the kernel or kdsr's record changed while you were asked; nothing was changed. "
+                        "Run `kdsr destroy` again to see the new plan."
+                    )
+                if not as_json and not ask:
+                    click.echo(render_text(prepared.plan), nl=False)
+                if not prepared.plan.empty:
+                    result = operations.apply(prepared, kernel, obj.store)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
-    if not prepared.plan.empty:
-        click.echo(f"Destroyed: {len(result.steps)} steps, {result.writes} kernel writes.")
+    if as_json:
+        fields = {"command": "destroy", "dry_run": dry_run, "applied": applied_json(result)}
+        click.echo(render_json(prepared.plan, intent_file or "", fields), nl=False)
+    elif result is not None:
+        click.echo(f"Destroyed what kdsr owned for node {name}. {_applied_words(result)}")
+
+
+def _on_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _confirmed(question: str) -> bool:
+    """Terraform's habit: only the word "yes" goes ahead."""
+    answer = click.prompt(f"{question}\n  Only 'yes' will be accepted", default="", show_default=False)
+    return answer.strip() == "yes"
 
 
 @main.command(
@@ -340,6 +420,7 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
     "--metrics", "listen", metavar="ADDRESS:PORT", help="Serve Prometheus metrics on /metrics (off by default)."
 )
 @click.option("--adopt", is_flag=True, help=ADOPT_HELP)
+@global_options
 @click.pass_obj
 def run_command(obj: Context, intent_file: str, node: str | None, listen: str | None, adopt: bool) -> None:
     """Apply the intent, probe every server (health), and apply what health changes, until stopped."""
@@ -379,19 +460,27 @@ def run_command(obj: Context, intent_file: str, node: str | None, listen: str | 
     sys.exit(code)
 
 
-def _drain(obj: Context, intent_file: str, server: str, node: str | None, drained: bool) -> None:
+def _drain(
+    obj: Context,
+    intent_file: str,
+    server: str,
+    node: str | None,
+    drained: bool,
+    force: bool = False,
+    dry_run: bool = False,
+    as_json: bool = False,
+) -> None:
     from kdsr.commands.health import set_drain
     from kdsr.intent.load import read_intent_text
 
+    command = "drain" if drained else "undrain"
     try:
-        require_net_admin(
-            "drain" if drained else "undrain", "changes this host's nftables, IPVS, links, addresses and sysctls"
-        )
+        require_net_admin(command, "changes this host's nftables, IPVS, links, addresses and sysctls")
         text = read_intent_text(intent_file)
         kernel = _kernel(obj.store)
         # The receipt of the drained state, as `kdsr apply` would leave it:
         # the next apply of the same file is answered from it.
-        set_drain(
+        outcome = set_drain(
             _load(intent_file, text),
             node,
             server,
@@ -400,29 +489,63 @@ def _drain(obj: Context, intent_file: str, server: str, node: str | None, draine
             obj.store,
             obj.wait,
             verified=lambda prepared: _record_receipt(obj, kernel, intent_file, text, node, prepared),
+            force=force,
+            dry_run=dry_run,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)
+    plan = outcome.prepared.plan
+    if as_json:
+        fields = {"command": command, "server": server, "dry_run": dry_run, "applied": applied_json(outcome.result)}
+        click.echo(render_json(plan, intent_file, fields), nl=False)
+        return
+    click.echo(render_text(plan, intent_file), nl=False)
+    if dry_run:
+        click.echo(f"Dry run: {server} was not {command}ed on {outcome.node}; nothing was written.")
+        return
+    done = (
+        f"Drained {server} on {outcome.node}: it takes no new flows (open ones go on where flow pinning or "
+        "IPVS's connection table holds them); kdsr remembers the drain until `kdsr undrain`."
+        if drained
+        else f"Undrained {server} on {outcome.node}: it takes new flows again."
+    )
+    click.echo(done + (f" {_applied_words(outcome.result)}" if outcome.result is not None else " No kernel change."))
+
+
+def _applied_words(result) -> str:
+    return f"Applied: {counted(len(result.steps), 'step')}, {counted(result.writes, 'kernel write')}."
 
 
 @main.command(epilog="Example: kdsr drain examples/l2-web.json s3 --node lb1")
 @click.argument("intent_file", type=click.Path())
 @click.argument("server")
 @click.option("--node", help="Which load balancer of the intent this host is.")
+@click.option("--force", is_flag=True, help="Drain even if a service is left with no serving server.")
+@click.option("--dry-run", is_flag=True, help=DRY_RUN_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@global_options
 @click.pass_obj
-def drain(obj: Context, intent_file: str, server: str, node: str | None) -> None:
-    """Take SERVER (address or node) out of new-flow selection on this load balancer; remembered until undrain."""
-    _drain(obj, intent_file, server, node, True)
+def drain(
+    obj: Context, intent_file: str, server: str, node: str | None, force: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Take SERVER (address or node) out of new-flow selection on this load balancer; remembered until undrain.
+
+    Refused (exit 4, nothing changed) when it would leave a service with no
+    serving server, unless --force."""
+    _drain(obj, intent_file, server, node, True, force, dry_run, as_json)
 
 
 @main.command(epilog="Example: kdsr undrain examples/l2-web.json s3 --node lb1")
 @click.argument("intent_file", type=click.Path())
 @click.argument("server")
 @click.option("--node", help="Which load balancer of the intent this host is.")
+@click.option("--dry-run", is_flag=True, help=DRY_RUN_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@global_options
 @click.pass_obj
-def undrain(obj: Context, intent_file: str, server: str, node: str | None) -> None:
+def undrain(obj: Context, intent_file: str, server: str, node: str | None, dry_run: bool, as_json: bool) -> None:
     """Give a drained SERVER its slots back."""
-    _drain(obj, intent_file, server, node, False)
+    _drain(obj, intent_file, server, node, False, dry_run=dry_run, as_json=as_json)
 
 
 def run() -> None:

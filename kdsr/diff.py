@@ -83,6 +83,9 @@ class Plan:
     tables: list[TableDiff]
     # Facts a reviewer needs that are not changes (e.g. who announces which VIP).
     notes: list[str] = field(default_factory=list)
+    # What the reviewer must not miss in the state this plan leaves (e.g. a
+    # service with no server left to take its flows).
+    warnings: list[str] = field(default_factory=list)
     # The IPVS services this plan was made from, by ident (None: absent),
     # for every service it may touch: apply starts from them instead of
     # listing the kernel again (at 10,000 services a full listing takes

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from kdsr import collector
-from kdsr.apply import ApplyResult, apply_plan
+from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
@@ -71,25 +71,61 @@ def prepare(
     store: StateStore,
     adopt: bool = False,
     down: frozenset[tuple[str, str]] | None = None,
+    drained: frozenset[str] | None = None,
 ) -> Prepared:
-    """Plan the node's changes.  Drains recorded with `kdsr drain` and the
-    servers health took out (``down``; by default those a running `kdsr run`
-    reports) are applied as weight 0 (kdsr/health/effective.py)."""
+    """Plan the node's changes.  Drains recorded with `kdsr drain` (or
+    ``drained``, to plan a drain before recording it) and the servers health
+    took out (``down``; by default those a running `kdsr run` reports) are
+    applied as weight 0 (kdsr/health/effective.py)."""
     name = select_node(intent, node, kernel)
     state = store.load(name)
     if down is None:
         down = health_status.down_servers(health_status.live_view(store, name))
+    if drained is None:
+        drained = frozenset(state.drained)
     with collector.paused():  # builds the large, acyclic state (kdsr/collector.py)
-        effective = effective_intent(intent, down, frozenset(state.drained))
+        effective = effective_intent(intent, down, drained)
         desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective))
         _check_interfaces(intent, name, kernel)
+        # Before reading the kernel: a plan for a kernel that cannot carry it
+        # says so (exit 7) instead of listing what apply would then refuse.
+        check_modules(desired, kernel)
         observed = observe(kernel, desired, state)
         observed = _check_foreign(intent, desired, observed, state, adopt)
         plan = diff(desired, observed)
         keep_unchanged(kernel, desired, observed, plan)
         plan.notes = announcement_notes(effective.intent, desired) + probe_notes(effective.intent, name)
+        if intent.load_balancer(name) is not None:
+            plan.warnings = [f"service {name} {why}" for name, why in sorted(unserved_services(effective).items())]
     _check_bird_ready(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
+
+
+def unserved_services(effective: Effective) -> dict[str, str]:
+    """Services no server takes a new flow for (service -> what happens, in
+    the operator's words): every server drained or down."""
+    why: dict[str, str] = {}
+    for pool in effective.intent.pools:
+        condition = effective.pools.get(pool.name)
+        if condition == POOL_ALL_DOWN_KEPT:
+            reason = (
+                f"has no healthy server: every server of pool {pool.name} is down, "
+                "and all_down keep forwards to them anyway"
+            )
+        elif condition == POOL_ALL_DOWN_DROPPED:
+            reason = f"has no serving server: every server of pool {pool.name} is down; all_down drop drops its traffic"
+        elif not any(m.weight > 0 for m in pool.members):
+            out = effective.out.get(pool.name, ())
+            which = f" ({', '.join(out)})" if out else ""
+            reason = (
+                f"has no serving server: every server of pool {pool.name} is drained, down or at weight 0{which}; "
+                "its traffic is dropped"
+            )
+        else:
+            continue
+        for service in effective.intent.services_on(pool.name):
+            why[service.name] = reason
+    return why
 
 
 def unserved_vips(effective: Effective) -> dict[str, str]:

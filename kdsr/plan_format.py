@@ -137,6 +137,8 @@ def summary(plan: Plan) -> dict[str, int]:
 
 def render_text(plan: Plan, source: str = "") -> str:
     header = f"kdsr plan for node {plan.node} ({plan.role})" + (f" from {source}" if source else "")
+    if plan.warnings:
+        header += "\n\n" + "\n".join(f"Warning: {w}." for w in plan.warnings)
     if plan.notes:
         header += "\n\n" + "\n".join(plan.notes)
     if plan.empty:
@@ -240,7 +242,16 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def render_json(plan: Plan, source: str = "") -> str:
+def applied_json(result: Any) -> dict | None:
+    """What an apply did (kdsr.apply.ApplyResult), for --json outputs; None: nothing was applied."""
+    if result is None:
+        return None
+    return {"steps": list(result.steps), "writes": result.writes}
+
+
+def render_json(plan: Plan, source: str = "", outcome: dict | None = None) -> str:
+    """The plan as data; ``outcome``: what a command did with it (``applied``,
+    and the command's own fields), merged into the same document."""
     doc = {
         "format_version": PLAN_FORMAT_VERSION,
         "node": plan.node,
@@ -259,8 +270,10 @@ def render_json(plan: Plan, source: str = "") -> str:
             for c in plan.changes
         ],
         "summary": summary(plan),
+        "warnings": list(plan.warnings),
+        **(outcome or {}),
     }
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-__all__ = ["render_text", "render_json", "summary", "format_key"]
+__all__ = ["applied_json", "render_text", "render_json", "summary", "format_key"]

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from kdsr import cli
-from kdsr.errors import EXIT_INVALID_INTENT, IntentError
+from kdsr.errors import EXIT_INVALID_INTENT, EXIT_USAGE, IntentError
 from kdsr.files import read_bounded
 from kdsr.kernel.fake import FakeKernel
 
@@ -57,9 +57,13 @@ def run_all(path, tmp_path, kernel) -> list[str]:
     return outputs
 
 
-def test_missing_file(tmp_path, kernel):
-    out = run_all(tmp_path / "nope.json", tmp_path, kernel)
-    assert "No such file" in out[0]
+def test_a_missing_file_is_a_usage_error_naming_the_path(tmp_path, kernel):
+    path = tmp_path / "nope.json"
+    for command in (["validate"], ["plan", "--node", "lb1"], ["apply", "--node", "lb1"]):
+        result = CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *command, str(path)])
+        assert result.exit_code == EXIT_USAGE, (command, result.output)
+        assert f"error: {path}: no such file" in result.output
+    assert kernel.calls == [] and kernel.writes == 0, kernel.calls
 
 
 def test_a_directory(tmp_path, kernel):

@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from kdsr.errors import EXIT_INVALID_INTENT, IntentError, Problem
+from kdsr.errors import EXIT_INVALID_INTENT, IntentError, Problem, UsageError
 from kdsr.intent import Intent, load_intent, parse_intent
 from kdsr.intent.load import SCHEMA_ID, SUPPORTED_ENGINES, SUPPORTED_MODES, schema
 from kdsr.intent.model import DEFAULT_HASH_SEED, HASH_FIELDS, PortRange
@@ -326,10 +326,16 @@ def test_empty_yaml_file():
     assert "empty" in only_problem("# nothing yet\n", "x.yaml").message
 
 
-def test_unreadable_file(tmp_path):
-    with pytest.raises(IntentError) as caught:
+def test_a_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError) as caught:
         load_intent(tmp_path / "missing.json")
-    assert "cannot read" in caught.value.problems[0].message
+    assert f"{tmp_path / 'missing.json'}: no such file" in str(caught.value)
+
+
+def test_an_unreadable_file(tmp_path):
+    with pytest.raises(IntentError) as caught:
+        load_intent(tmp_path)  # a directory
+    assert "is a directory" in caught.value.problems[0].message
 
 
 def test_format_is_guessed_without_a_known_suffix():

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import click
+from dataclasses import dataclass
 
 from kdsr import operations
 from kdsr.errors import UsageError
 from kdsr.health import metrics
 from kdsr.health.daemon import Runner
+from kdsr.health.effective import effective_intent
 from kdsr.intent.model import Intent
 from kdsr.kernel.state import StateStore
+from kdsr.wording import counted
 
 
 def run_daemon(
@@ -42,29 +44,68 @@ def resolve_server(intent: Intent, server: str) -> str:
     raise UsageError(f"{intent.source}: {server!r} is no pool member's address or node. Members: {', '.join(members)}.")
 
 
+@dataclass
+class DrainOutcome:
+    node: str
+    server: str
+    drained: bool
+    prepared: operations.Prepared
+    result: object | None  # kdsr.apply.ApplyResult; None: nothing applied (no change, or a dry run)
+
+
 def set_drain(
-    intent: Intent, node: str | None, server: str, drained: bool, kernel, store: StateStore, wait: float, verified=None
-):
-    """``verified``: called with the plan, under the lock, once the kernel
-    matches it (the CLI records its receipt there, as `kdsr apply` does)."""
+    intent: Intent,
+    node: str | None,
+    server: str,
+    drained: bool,
+    kernel,
+    store: StateStore,
+    wait: float,
+    verified=None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> DrainOutcome:
+    """Record the drain (or undrain) of ``server`` on this load balancer and apply it.
+
+    A drain that would leave a service with no serving server (every other
+    server drained or down) is refused unless ``force``: nothing is recorded
+    or written.  ``dry_run`` plans it and changes nothing.  ``verified``:
+    called with the plan, under the lock, once the kernel matches it (the
+    CLI records its receipt there, as `kdsr apply` does)."""
     server = resolve_server(intent, server)
     with store.lock(wait):
         name = operations.select_node(intent, node, kernel)
         if intent.load_balancer(name) is None:
             raise UsageError(f"{intent.source}: drain on a load balancer; {name} is a server")
         state = store.load(name)
-        (state.drained.add if drained else state.drained.discard)(server)
-        store.save(state)
-        prepared = operations.prepare(intent, name, kernel, store)
-        click.echo(operations_plan_text(prepared), nl=False)
+        before = frozenset(state.drained)
+        after = before | {server} if drained else before - {server}
+        prepared = operations.prepare(intent, name, kernel, store, drained=after)
+        if drained and not force:
+            _refuse_unserving(intent, name, store, prepared, before, server)
+        if dry_run:
+            return DrainOutcome(name, server, drained, prepared, None)
+        # The record apply saves is the one prepare loaded: the drain goes there.
+        prepared.state.drained = set(after)
+        store.save(prepared.state)
+        result = None
         if not prepared.plan.empty:
-            operations.apply(prepared, kernel, store)
+            result = operations.apply(prepared, kernel, store)
         if verified is not None:
             verified(prepared)
-    return prepared
+    return DrainOutcome(name, server, drained, prepared, result)
 
 
-def operations_plan_text(prepared) -> str:
-    from kdsr.plan_format import render_text
-
-    return render_text(prepared.plan, prepared.intent.source if prepared.intent else "")
+def _refuse_unserving(
+    intent: Intent, node: str, store: StateStore, prepared: operations.Prepared, before: frozenset[str], server: str
+) -> None:
+    """Leaving a service with no server is a decision (--force), not an accident."""
+    now = operations.unserved_services(effective_intent(intent, prepared.down, before))
+    after = operations.unserved_services(effective_intent(intent, prepared.down, before | {server}))
+    newly = sorted(set(after) - set(now))
+    if newly:
+        raise UsageError(
+            f"{intent.source}: draining {server} on {node} would leave {counted(len(newly), 'service')} with no "
+            f"serving server ({', '.join(f'{name}: {after[name]}' for name in newly)}). Nothing was changed. "
+            "Bring a server back first, or pass --force to drain anyway."
+        )

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kdsr import collector, operations
-from kdsr.errors import KdsrError
+from kdsr.errors import KdsrError, UsageError
 from kdsr.health import status as health_status
 from kdsr.health.effective import POOL_OK, effective_intent
 from kdsr.health.probes import Result, probe
@@ -122,7 +122,10 @@ class Runner:
         intent = self._load()
         self.node = operations.select_node(intent, self._node_arg, self.kernel)
         if intent.load_balancer(self.node) is None:
-            raise KdsrError(f"{intent.source}: kdsr run probes servers from a load balancer; {self.node} is a server")
+            raise UsageError(
+                f"{intent.source}: kdsr run probes servers from a load balancer; {self.node} is a server node. "
+                "Run it on a load balancer (a server needs only `kdsr apply`)."
+            )
         self._install(intent, restore=health_status.read(self.store, self.node))
         self.log("started", pid=os.getpid(), intent=intent.source, targets=len(self.targets))
         self.apply("start")

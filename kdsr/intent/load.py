@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 
 from kdsr import collector
-from kdsr.errors import IntentError, Problem, quote
+from kdsr.errors import IntentError, Problem, UsageError, quote
 from kdsr.files import read_bounded
 from kdsr.intent import schema_check
 from kdsr.intent import verify as rules
@@ -92,6 +92,8 @@ def read_intent_text(path: str | Path) -> str:
     try:
         # utf-8-sig: tolerate the byte-order mark some Windows editors write.
         text = read_bounded(path, source).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such file. Give the path of an intent file (JSON or YAML).") from None
     except OSError as error:
         raise IntentError([Problem(source, "", f"cannot read the file: {error.strerror or error}.")]) from None
     except UnicodeDecodeError as error:
@@ -222,6 +224,15 @@ class _Mapping(dict):
         self.duplicates: list[tuple[object, str]] = []  # (key, where: " (line 12)")
 
 
+def _tab_at(text: str, line: int, column: int) -> bool:
+    """Whether the YAML error's position (0-based) is a tab, or leading whitespace with a tab."""
+    lines = text.splitlines()
+    if line >= len(lines):
+        return False
+    here = lines[line]
+    return (column < len(here) and here[column] == "\t") or "\t" in here[: len(here) - len(here.lstrip())]
+
+
 # An empty YAML file parses to None, so failure needs its own marker.
 _UNREADABLE = object()
 
@@ -239,6 +250,9 @@ def _parse(text: str, source: str, fmt: str) -> tuple[object, list[Problem]]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = error.problem or error.context or "unreadable"
         hint = "Check the indentation and quoting there."
+        if mark is not None and _tab_at(text, mark.line, mark.column):
+            # PyYAML says "found character that cannot start any token".
+            what, hint = "a tab character", "YAML indents with spaces only; replace the tab with spaces."
         return _UNREADABLE, [Problem(source, "", f"invalid YAML{where}: {what}.", hint)]
     except yaml.YAMLError as error:
         return _UNREADABLE, [Problem(source, "", f"invalid YAML: {error}.")]
