@@ -18,6 +18,11 @@ Order (deletes mirror creates):
  12. BIRD's fragment (kdsr/kernel/bird.py), checked with BIRD's parser
      before any write: last when it only announces, first when the plan
      withdraws a VIP or removes fast path, so routers stop sending first.
+Announce routes (kdsr/compile/bird.py: BIRD announces a VIP while its route
+is in kdsr's announce table) are deleted before everything else, so a
+withdrawal comes first.  They are added only after the read-back has
+verified the rest: a VIP is announced once this boot's fast path for it is
+in, and a fragment that only announces is written after them.
 
 nftables is transactional; links, routes, rules, IPVS, addresses and sysctls
 are not.  Each completed
@@ -43,9 +48,9 @@ from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import batch_for, with_stand_in_links
-from kdsr.kernel.observe import keep_unchanged, observe
+from kdsr.kernel.observe import keep_unchanged, observe, observe_announcement
 from kdsr.kernel.state import NodeState, StateStore
-from kdsr.model import Address, BirdConfig, Desired, IpvsService, Link
+from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link
 
 
 @dataclass
@@ -68,6 +73,8 @@ class ApplyResult:
     # being as the plan's read found them (_ipvs_read_back); 0: a full
     # listing, or no IPVS change.
     ipvs_listed_again: int = 0
+    # What a person should know about how it went (e.g. BIRD was not running).
+    notes: list[str] = field(default_factory=list)
 
 
 class Journal:
@@ -112,8 +119,11 @@ class Journal:
         return failures
 
 
-def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> list[Step]:
-    """One Step per kernel write.
+def _steps(
+    plan: Plan, kernel: Kernel, store: StateStore, state: NodeState, notes: list[str]
+) -> tuple[list[Step], list[Step]]:
+    """One Step per kernel write: those to run, then those that announce,
+    which run only once the kernel has been read back after the first.
 
     Ownership is recorded *before* a write that creates something and dropped
     *after* a write that removes it, so a crash at any point leaves a state
@@ -271,29 +281,62 @@ def _steps(plan: Plan, kernel: Kernel, store: StateStore, state: NodeState) -> l
     for change in plan.of_kind("link"):
         if change.action == DELETE:
             steps.append(_delete_link(kernel, state, save, change.before))
+    # Routers stop sending before the fast path goes, and start only once it
+    # is there: withdrawals first, announcements last.
+    first: list[Step] = []
+    announce: list[Step] = []
+    for change in plan.of_kind("announce route"):
+        if change.action in (DELETE, REPLACE):
+            first.append(_announce_step(kernel, False, change.before, change.reason))
+        if change.action in (CREATE, REPLACE):
+            announce.append(_announce_step(kernel, True, change.after))
     bird_change = next(iter(plan.of_kind("bird config")), None)
     if bird_change is not None:
-        # Routers stop sending before the fast path goes, and start only
-        # once it is there: withdrawals first, announcements last.
-        withdraw = any(c.action == DELETE and c.kind in WITHDRAW_FIRST for c in plan.changes)
-        steps.insert(0 if withdraw else len(steps), _bird_step(kernel, state, save, bird_change))
-    return steps
+        (first if _withdraws(plan) else announce).append(_bird_step(kernel, state, save, bird_change, notes))
+    return first + steps, announce
 
 
 # A plan that deletes any of these reloads BIRD before its other steps.
 WITHDRAW_FIRST = ("bgp route", "nft table", "nft chain", "ipvs service", "address")
 
 
-def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], change) -> Step:
+def _withdraws(plan: Plan) -> bool:
+    return any(c.action == DELETE and c.kind in WITHDRAW_FIRST for c in plan.changes)
+
+
+def _announce_step(kernel: Kernel, add: bool, route: AnnounceRoute, why: str = "") -> Step:
+    if add:
+        return Step(
+            f"add announce route {route.prefix} (BIRD announces it)",
+            partial(kernel.announce_add, route),
+            partial(kernel.announce_del, route),
+        )
+    because = f": {why}" if why else ""
+    return Step(
+        f"delete announce route {route.prefix} (BIRD withdraws it{because})",
+        partial(kernel.announce_del, route),
+        partial(kernel.announce_add, route),
+    )
+
+
+def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], change, notes: list[str]) -> Step:
     want: BirdConfig = change.after
     have: BirdConfig | None = change.before
-    declares = bool(want.routes or want.sessions or want.router_id)
+    declares = _declares(want)
+    # A fragment that declares nothing (destroy) needs no running BIRD: a
+    # stopped BIRD announces nothing, and reads the file when it starts.
+    reload = declares or kernel.bird_running(want.socket)
 
     def run() -> None:
         if declares:
             state.bird_files = [want.config, want.fragment, want.socket]
             save()
-        kernel.bird_install(want.config, want.fragment, want.socket, want.text)
+        kernel.bird_install(want.config, want.fragment, want.socket, want.text, reload=reload)
+        if not reload:
+            notes.append(
+                f"BIRD was not running (no answer on {want.socket}): {want.fragment} was emptied without a "
+                "reload, so BIRD announces nothing of kdsr's when it starts."
+            )
         if not declares:
             crash_point("after the write, before its record is updated")
             state.bird_files = []
@@ -301,10 +344,15 @@ def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], chang
 
     def undo() -> None:
         if have is not None:
-            kernel.bird_install(have.config, have.fragment, have.socket, have.text)
+            kernel.bird_install(have.config, have.fragment, have.socket, have.text, reload=reload)
 
     what = f"{len(want.routes)} routes, {len(want.sessions)} sessions" if declares else "empty"
-    return Step(f"write BIRD fragment {want.fragment} ({what}) and reload BIRD", run, undo)
+    how = "and reload BIRD" if reload else "(BIRD is not running: no reload)"
+    return Step(f"write BIRD fragment {want.fragment} ({what}) {how}", run, undo)
+
+
+def _declares(config: BirdConfig) -> bool:
+    return bool(config.routes or config.sessions or config.router_id)
 
 
 def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
@@ -625,6 +673,8 @@ def check_bird(plan: Plan, kernel: Kernel) -> None:
         try:
             kernel.bird_check(want.config, want.fragment, want.text)
         except BirdError as exc:
+            if exc.missing and not _declares(want):
+                continue  # BIRD is not installed: nothing reads the emptied fragment
             where = pointer_at(want, exc.line) if exc.line else ""
             at = f" (fragment line {exc.line}, from the intent's {where})" if where else ""
             raise ApplyError(f"nothing was changed: {exc}{at}", rolled_back=True) from exc
@@ -657,7 +707,25 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
 
     writes_before = kernel.writes
     journal = Journal(state, store)
-    for step in _steps(plan, kernel, store, state):
+    steps, announce = _steps(plan, kernel, store, state, result.notes)
+    _run_steps(journal, steps, result)
+    crash_point("after the last step, before the read-back")
+    ipvs_list, result.ipvs_listed_again = _ipvs_read_back(plan, kernel)
+    if announce:
+        # What this plan built is read back before BIRD may announce it;
+        # then the announce routes (and a fragment that only announces).
+        _read_back(_before_announcing(desired, plan), kernel, state, ipvs_list)
+        _run_steps(journal, announce, result)
+        crash_point("after announcing, before its read-back")
+        _read_back_announcement(desired, kernel, state)
+    else:
+        _read_back(desired, kernel, state, ipvs_list)
+    result.writes = kernel.writes - writes_before
+    return result
+
+
+def _run_steps(journal: Journal, steps: list[Step], result: ApplyResult) -> None:
+    for step in steps:
         try:
             journal.run(step)
         except Exception as exc:  # noqa: BLE001 - any failure (netlink, disk) must roll back
@@ -674,11 +742,27 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
                 f"{step.description} failed: {exc}; the previous state was restored", rolled_back=True
             ) from exc
         result.steps.append(step.description)
-    crash_point("after the last step, before the read-back")
-    result.writes = kernel.writes - writes_before
-    ipvs_list, result.ipvs_listed_again = _ipvs_read_back(plan, kernel)
-    _read_back(desired, kernel, state, ipvs_list)
-    return result
+
+
+def _before_announcing(desired: Desired, plan: Plan) -> Desired:
+    """What the kernel holds before the announcing steps: ``desired`` less
+    the announce routes still to add, with the fragment as it was when its
+    write is one of those steps."""
+    coming = {c.ident for c in plan.of_kind("announce route") if c.action in (CREATE, REPLACE)}
+    bird = desired.bird
+    change = next(iter(plan.of_kind("bird config")), None)
+    if change is not None and not _withdraws(plan):
+        bird = change.before
+    return dataclasses.replace(desired, announce=tuple(r for r in desired.announce if r.ident not in coming), bird=bird)
+
+
+def _read_back_announcement(desired: Desired, kernel: Kernel, state: NodeState) -> None:
+    """The announce routes and the fragment, after the announcing steps."""
+    wanted = Desired(node=desired.node, role=desired.role, bird=desired.bird, announce=desired.announce)
+    leftover = diff(wanted, observe_announcement(kernel, desired, state))
+    if not leftover.empty:
+        lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])
+        raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)
 
 
 def _rehearsal(plan: Plan, td: TableDiff, commands: list[dict]) -> list[dict]:

@@ -300,6 +300,8 @@ def apply(
         else:
             how = "read back and verified"
         click.echo(f"{_applied_words(result)[:-1]}; {how}.")
+        for note in result.notes:
+            click.echo(f"Note: {note}")
 
 
 @main.command(epilog="Example: kdsr show --node lb1 --json")
@@ -373,6 +375,8 @@ def destroy(
         click.echo(render_json(prepared.plan, intent_file or "", fields), nl=False)
     elif result is not None:
         click.echo(f"Destroyed what kdsr owned for node {name}. {_applied_words(result)}")
+        for note in result.notes:
+            click.echo(f"Note: {note}")
 
 
 def _on_terminal() -> bool:

@@ -271,6 +271,7 @@ def diff(desired: Desired, observed: Observed) -> Plan:
     _follow_replaced_links(desired, observed, changes)
     _resend_link_elements(tables, changes)
     _diff_bird(desired, observed, changes)
+    _diff_announce(desired, observed, changes)
     plan = Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])
     if any(c.kind.startswith("ipvs ") for c in changes):
         # Every ident the plan may touch is desired or observed.
@@ -466,3 +467,21 @@ def _diff_bird(desired: Desired, observed: Observed, changes: list[Change]) -> N
         reason = "not what kdsr writes" if edited and not any(c.kind.startswith("bgp ") for c in changes) else ""
         action = CREATE if have is None else UPDATE
         changes.append(Change(action, "bird config", want.fragment, have, want, reason=reason))
+
+
+def _diff_announce(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    """kdsr's announce table: BIRD announces a VIP while its route is there.
+    A delete carries why the VIP is withdrawn (health), if that is why."""
+    why = dict(desired.bird.withdrawn) if desired.bird else {}
+    present = {r.ident: r for r in observed.announce}
+    wanted = {r.ident: r for r in desired.announce}
+    for ident, route in sorted(wanted.items()):
+        have = present.get(ident)
+        if have is None:
+            changes.append(Change(CREATE, "announce route", ident, after=route, pointer=route.pointer))
+        elif have != route:
+            reason = f"type {have.kind} -> {route.kind}"
+            changes.append(Change(REPLACE, "announce route", ident, have, route, reason=reason, pointer=route.pointer))
+    for ident, route in sorted(present.items()):
+        if ident not in wanted:
+            changes.append(Change(DELETE, "announce route", ident, before=route, reason=why.get(ident, "")))

@@ -260,6 +260,32 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class AnnounceRoute:
+    """BIRD may announce this VIP now: a route for it in kdsr's announce
+    table (naming.ANNOUNCE_TABLE, which no rule looks up, so it routes no
+    packet).  kdsr's BIRD fragment learns that table and exports only what
+    it finds there (kdsr/compile/bird.py).  apply adds the route once this
+    boot's fast path is read back, and deletes it first to withdraw; a
+    rebooted host (a fresh network namespace) has none, so BIRD, started
+    from the fragment on disk, announces nothing until kdsr has run.
+
+    ``kind`` is the route type; kdsr makes ``blackhole`` routes, and reads
+    back whatever type it finds (another is replaced)."""
+
+    prefix: str  # the VIP, /32 or /128
+    kind: str = "blackhole"
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return self.prefix
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.prefix else 4
+
+
+@dataclass(frozen=True)
 class IpvsDest:
     address: str
     port: int  # 0 for fwmark services (the packet keeps its port)
@@ -386,6 +412,7 @@ class Desired:
     # before any write).
     modules: tuple[str, ...] = ()
     bird: BirdConfig | None = None  # load balancers with bgp
+    announce: tuple[AnnounceRoute, ...] = ()  # the VIPs BIRD may announce now (bgp)
 
 
 @dataclass(frozen=True)
@@ -413,3 +440,4 @@ class Observed:
     ipvs: tuple[IpvsService, ...] = ()  # services kdsr owns or wants
     foreign_ipvs: frozenset[str] = frozenset()  # wanted idents that exist but are not kdsr's
     bird: BirdConfig | None = None  # kdsr's BIRD fragment as found on disk
+    announce: tuple[AnnounceRoute, ...] = ()  # the routes in kdsr's announce table

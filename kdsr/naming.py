@@ -13,7 +13,9 @@ the kernel object itself, with or without kdsr's state directory:
            ``kdsr-ipip`` decapsulates on a server);
 - fwmarks and routing tables: 0x6b000000-0x6b7fffff ("k" in the top byte),
   IPVS fwmark services 0x6b800000-0x6bffffff;
-- policy rules: priority ``RULE_PRIORITY`` with a fwmark in that range.
+- policy rules: priority ``RULE_PRIORITY`` with a fwmark in that range;
+- the announce table ``ANNOUNCE_TABLE``: one blackhole route per VIP that
+  BIRD may announce (kdsr/compile/bird.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ TUNNEL_MARK_BITS = 0x7FFFFF
 IPVS_MARK_BASE = 0x6B800000
 # Before the main table's rule (32766), after the local table's (0).
 RULE_PRIORITY = 1000
+# The routing table whose routes tell BIRD which VIPs it may announce now
+# (kdsr's fragment learns it with `protocol kernel`).  It is in the IPVS half
+# of kdsr's range: values there are fwmarks of IPVS services, which no rule
+# maps to a table, and kdsr's rules look up tunnel and probe tables only (the
+# lower half), so no packet is ever routed by this table.
+ANNOUNCE_TABLE = IPVS_MARK_BASE
 
 _KIND_LETTER = {"ipip": "i", "gre": "g", "ip6tnl": "6"}
 DECAP_LINK = {"ipip": "kdsr-ipip", "gre": "kdsr-gre", "ip6tnl": "kdsr-ip6tnl"}

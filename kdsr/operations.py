@@ -98,6 +98,7 @@ def prepare(
         if intent.load_balancer(name) is not None:
             plan.warnings = [f"service {name} {why}" for name, why in sorted(unserved_services(effective).items())]
     _check_bird_ready(plan, kernel)
+    plan.notes += _bird_stopped_notes(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
 
 
@@ -216,9 +217,13 @@ def probe_notes(intent: Intent, node: str) -> list[str]:
 
 
 def _check_bird_ready(plan: Plan, kernel: Kernel) -> None:
-    """A plan that changes BIRD's fragment needs BIRD, running, including it."""
+    """A plan that changes BIRD's fragment needs BIRD, running, including it;
+    one that empties it (the node no longer announces) does not: a stopped
+    BIRD announces nothing (apply writes the file without a reload)."""
     for change in plan.of_kind("bird config"):
         want = change.after
+        if not (want.routes or want.sessions or want.router_id):
+            continue
         try:
             kernel.bird_ready(want.config, want.fragment, want.socket)
         except BirdError as exc:
@@ -279,7 +284,19 @@ def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:
     # remove; one that another node's record claims never is.
     claimed_elsewhere = any(store.load(other).tables for other in store.nodes() if other != node)
     plan = diff(desired, observe(kernel, desired, state, orphans=not claimed_elsewhere))
+    plan.notes = _bird_stopped_notes(plan, kernel)
     return Prepared(intent=None, node=node, desired=desired, state=state, plan=plan)
+
+
+def _bird_stopped_notes(plan: Plan, kernel: Kernel) -> list[str]:
+    """A plan that empties the fragment while BIRD is not running writes it
+    without a reload: say so before it happens."""
+    return [
+        f"BIRD is not running (no answer on {c.after.socket}): {c.after.fragment} will be emptied without a "
+        "reload; a stopped BIRD announces nothing."
+        for c in plan.of_kind("bird config")
+        if not (c.after.routes or c.after.sessions or c.after.router_id) and not kernel.bird_running(c.after.socket)
+    ]
 
 
 def destroy_node_name(node: str | None, store: StateStore) -> str:

@@ -14,9 +14,11 @@ import json
 from collections import Counter
 from typing import Any
 
+from kdsr import naming
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
 from kdsr.model import (
     Address,
+    AnnounceRoute,
     BgpRoute,
     BgpSession,
     BirdConfig,
@@ -73,6 +75,8 @@ def _describe(obj: Any) -> str:
         extra += [f"MED {obj.med}"] if obj.med is not None else []
         extra += [" ".join(f"{a}:{b}" for a, b in obj.communities)] if obj.communities else []
         return f"announce as {obj.role}" + (f" ({', '.join(extra)})" if extra else "")
+    if isinstance(obj, AnnounceRoute):
+        return f"{obj.kind} in table {naming.ANNOUNCE_TABLE:#x}, BIRD announces the VIP while it is there"
     if isinstance(obj, BgpSession):
         options = [f"hold {obj.hold_time}s"] + (["bfd"] if obj.bfd else []) + (["password"] if obj.password else [])
         options += [f"multihop {obj.multihop}"] if obj.multihop else []
@@ -99,6 +103,8 @@ def _line(change: Change) -> str:
             text += " (restore the value found before kdsr)"
         elif change.reason == "forget":
             text += " (not ours to restore, or already restored: forget the record)"
+    elif change.kind == "announce route" and change.action == DELETE:
+        text += f" (withdraw: {change.reason})" if change.reason else " (withdraw)"
     elif change.action == DELETE and change.reason == "forget":
         text += " (already gone; forget the record)"
     elif change.action == DELETE:
@@ -228,6 +234,8 @@ def _jsonable(obj: Any) -> Any:
             "med": obj.med,
             "communities": [f"{a}:{b}" for a, b in obj.communities],
         }
+    if isinstance(obj, AnnounceRoute):
+        return {"prefix": obj.prefix, "type": obj.kind, "table": naming.ANNOUNCE_TABLE}
     if isinstance(obj, BgpSession):
         return {k: v for k, v in obj.__dict__.items() if k != "pointer"}
     if isinstance(obj, BirdConfig):
@@ -246,7 +254,7 @@ def applied_json(result: Any) -> dict | None:
     """What an apply did (kdsr.apply.ApplyResult), for --json outputs; None: nothing was applied."""
     if result is None:
         return None
-    return {"steps": list(result.steps), "writes": result.writes}
+    return {"steps": list(result.steps), "writes": result.writes, "notes": list(result.notes)}
 
 
 def render_json(plan: Plan, source: str = "", outcome: dict | None = None) -> str:

@@ -202,32 +202,121 @@ def test_a_password_is_in_the_file_but_not_in_the_model_line_or_plan_json(kernel
 # ------------------------------------------------------------------ apply
 
 
-def test_apply_writes_the_fragment_last_and_a_second_apply_changes_nothing(kernel, store):
+def test_apply_announces_last_after_the_read_back_and_a_second_apply_changes_nothing(kernel, store):
     it = intent()
     prepared = operations.prepare(it, "lb1", kernel, store)
     kinds = [c.kind for c in prepared.plan.changes]
-    assert kinds.count("bgp route") == 2 and kinds.count("bgp session") == 1 and kinds[-1] == "bird config"
+    assert kinds.count("bgp route") == 2 and kinds.count("bgp session") == 1 and "bird config" in kinds
+    assert [c.ident for c in prepared.plan.of_kind("announce route")] == ["10.0.0.100/32", "10.0.0.101/32"]
     result = operations.apply(prepared, kernel, store)
-    assert result.steps[-1].startswith("write BIRD fragment /etc/bird/kdsr.conf (2 routes, 1 sessions)")
+    # The fast path first; then the announce routes; then the fragment, which
+    # BIRD announces from only while those routes are there.
+    assert result.steps[-3:] == [
+        "add announce route 10.0.0.100/32 (BIRD announces it)",
+        "add announce route 10.0.0.101/32 (BIRD announces it)",
+        "write BIRD fragment /etc/bird/kdsr.conf (2 routes, 1 sessions) and reload BIRD",
+    ]
+    assert kernel.ops.index("announce add 10.0.0.100/32") > max(
+        i for i, op in enumerate(kernel.ops) if op.startswith("nft")
+    )
+    assert [r.prefix for r in kernel.announce] == ["10.0.0.100/32", "10.0.0.101/32"]
     assert kernel.bird_loaded == kernel.bird_files[FILES["fragment"]]
     assert store.load("lb1").bird_files == [FILES["config"], FILES["fragment"], FILES["socket"]]
     assert operations.prepare(it, "lb1", kernel, store).plan.empty
 
 
-def test_health_withdraws_a_vip_with_no_server_first_and_keeps_a_shared_one(kernel, store):
+def test_the_fragment_announces_only_what_it_learns_from_kdsrs_announce_table():
+    text = compile_node(intent(), "lb1").bird.text
+    assert "protocol static" not in text and "blackhole" not in text
+    assert "protocol kernel kdsr_kernel4 {" in text
+    assert "  ipv4 { table kdsr_t4; import all; export none; };" in text
+    assert f"  kernel table {0x6B800000};" in text and "  learn;" in text
+    assert "  if net = 10.0.0.100/32 then { accept; }  # active" in text
+
+
+def test_a_fast_path_that_does_not_read_back_is_never_announced(kernel, store):
+    """The read-back before the announce routes finds the table gone (as if
+    the kernel had dropped it): the apply fails and announces nothing."""
+    real_apply = kernel.nft_apply
+
+    def apply_then_lose(commands, check_only=False, becomes=None):
+        proved = real_apply(commands, check_only=check_only, becomes=becomes)
+        if not check_only:
+            kernel.tables.clear()
+        return proved
+
+    kernel.nft_apply = apply_then_lose
+    with pytest.raises(ApplyError) as info:
+        operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
+    assert "read-back after apply does not match" in str(info.value)
+    assert kernel.announce == [] and not any(op.startswith("announce") for op in kernel.ops)
+
+
+def test_after_a_reboot_the_files_alone_announce_nothing_until_kdsr_applies(kernel, store):
+    """A reboot keeps the fragment and the state directory, not the kernel:
+    the announce routes are gone, and apply puts them back after the fast path."""
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    rebooted = FakeKernel()
+    rebooted.sysctls.update({"net/ipv4/conf/all/arp_ignore": "0"})
+    rebooted.bird_files = dict(kernel.bird_files)
+    rebooted.bird_loaded = kernel.bird_files[FILES["fragment"]]  # BIRD started from the file
+    assert rebooted.announce == []
+    prepared = operations.prepare(it, "lb1", rebooted, store)
+    assert not prepared.plan.of_kind("bird config")  # the fragment on disk is right as it is
+    assert [c.action for c in prepared.plan.of_kind("announce route")] == ["create", "create"]
+    result = operations.apply(prepared, rebooted, store)
+    assert [s for s in result.steps if "announce" in s] == result.steps[-2:]
+    assert not any(op.startswith("bird") for op in rebooted.ops)
+    assert operations.prepare(it, "lb1", rebooted, store).plan.empty
+
+
+def test_announce_table_drift_is_planned(kernel, store):
+    from kdsr.model import AnnounceRoute
+    from kdsr.plan_format import render_text
+
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    kernel.announce.remove(AnnounceRoute("10.0.0.101/32"))
+    kernel.announce.append(AnnounceRoute("192.0.2.7/32", "unreachable"))
+    kernel.announce[0] = AnnounceRoute("10.0.0.100/32", "prohibit")
+    text = render_text(operations.prepare(it, "lb1", kernel, store).plan)
+    assert (
+        "  + announce route 10.0.0.101/32: blackhole in table 0x6b800000, BIRD announces the VIP while it is there"
+        in text
+    )
+    assert "  -/+ announce route 10.0.0.100/32: blackhole in table 0x6b800000" in text
+    assert "[type prohibit -> blackhole forces replacement]" in text
+    assert "  - announce route 192.0.2.7/32 (withdraw)" in text
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    assert sorted(kernel.announce, key=lambda r: r.prefix) == [
+        AnnounceRoute("10.0.0.100/32"),
+        AnnounceRoute("10.0.0.101/32"),
+    ]
+
+
+def test_health_withdraws_a_vip_by_its_announce_route_first_and_keeps_a_shared_one(kernel, store):
+    from kdsr.plan_format import render_text
+
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    loaded = kernel.bird_loaded
     # media's only server is down: its VIP goes; web and dns keep theirs.
     prepared = operations.prepare(it, "lb1", kernel, store, down=frozenset({("media", "10.10.0.12")}))
-    routes = [(c.action, c.ident) for c in prepared.plan.changes if c.kind == "bgp route"]
-    assert routes == [("delete", "10.0.0.101/32")]
+    assert [(c.action, c.ident) for c in prepared.plan.of_kind("announce route")] == [("delete", "10.0.0.101/32")]
+    assert not prepared.plan.of_kind("bird config") and not prepared.plan.of_kind("bgp route")
     assert prepared.desired.bird.withdrawn == (("10.0.0.101/32", "no healthy server in pool media"),)
+    assert "  - announce route 10.0.0.101/32 (withdraw: no healthy server in pool media)" in render_text(prepared.plan)
     result = operations.apply(prepared, kernel, store)
-    assert result.steps[0].startswith("write BIRD fragment")  # before the fast path changes
-    assert "10.0.0.101/32" not in kernel.bird_loaded and "10.0.0.100/32" in kernel.bird_loaded
+    assert result.steps[0] == (
+        "delete announce route 10.0.0.101/32 (BIRD withdraws it: no healthy server in pool media)"
+    )  # before the fast path changes
+    assert [r.prefix for r in kernel.announce] == ["10.0.0.100/32"]
+    assert kernel.bird_loaded is loaded  # BIRD was not reloaded
     # Back up: announced again, last.
     result = operations.apply(operations.prepare(it, "lb1", kernel, store, down=frozenset()), kernel, store)
-    assert result.steps[-1].startswith("write BIRD fragment") and "10.0.0.101/32" in kernel.bird_loaded
+    assert result.steps[-1] == "add announce route 10.0.0.101/32 (BIRD announces it)"
+    assert [r.prefix for r in kernel.announce] == ["10.0.0.100/32", "10.0.0.101/32"]
 
 
 def test_destroy_withdraws_everything_before_removing_the_fast_path(kernel, store):
@@ -235,11 +324,54 @@ def test_destroy_withdraws_everything_before_removing_the_fast_path(kernel, stor
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
     prepared = operations.prepare_destroy("lb1", kernel, store)
     result = operations.apply(prepared, kernel, store)
-    assert result.steps[0] == f"write BIRD fragment {FILES['fragment']} (empty) and reload BIRD"
+    assert result.steps[:3] == [
+        "delete announce route 10.0.0.100/32 (BIRD withdraws it)",
+        "delete announce route 10.0.0.101/32 (BIRD withdraws it)",
+        f"write BIRD fragment {FILES['fragment']} (empty) and reload BIRD",
+    ]
+    assert result.notes == []
     text = kernel.bird_files[FILES["fragment"]]
     assert "protocol" not in text and "router id" not in text
+    assert kernel.announce == [] and kernel.tables == {}
     assert store.load("lb1").bird_files == []
     assert operations.prepare_destroy("lb1", kernel, store).plan.empty
+
+
+def test_destroy_with_bird_stopped_empties_the_fragment_without_a_reload_and_says_so(kernel, store):
+    from kdsr.plan_format import render_text
+
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    loaded = kernel.bird_loaded
+    kernel.bird_stopped = True
+    prepared = operations.prepare_destroy("lb1", kernel, store)
+    assert "BIRD is not running (no answer on /run/bird/bird.ctl)" in render_text(prepared.plan)
+    result = operations.apply(prepared, kernel, store)
+    assert f"write BIRD fragment {FILES['fragment']} (empty) (BIRD is not running: no reload)" in result.steps
+    assert result.notes == [
+        f"BIRD was not running (no answer on {FILES['socket']}): {FILES['fragment']} was emptied without a "
+        "reload, so BIRD announces nothing of kdsr's when it starts."
+    ]
+    text = kernel.bird_files[FILES["fragment"]]
+    assert "protocol" not in text and "router id" not in text
+    assert kernel.bird_loaded is loaded
+    assert kernel.announce == [] and kernel.tables == {} and store.load("lb1").bird_files == []
+    assert operations.prepare_destroy("lb1", kernel, store).plan.empty
+
+
+def test_an_intent_without_bgp_empties_the_fragment_while_bird_is_stopped(kernel, store):
+    it = intent()
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    kernel.bird_stopped = True
+
+    def no_bgp(doc):
+        for node in doc["load_balancers"].values():
+            del node["bgp"]
+
+    prepared = operations.prepare(intent(no_bgp), "lb1", kernel, store)  # no exit 7: nothing to announce
+    result = operations.apply(prepared, kernel, store)
+    assert result.notes and "was emptied without a reload" in result.notes[0]
+    assert kernel.announce == [] and store.load("lb1").bird_files == []
 
 
 def test_a_fragment_bird_rejects_changes_nothing_and_names_the_intent_path(kernel, store):

@@ -1,11 +1,24 @@
-"""The BIRD 2 fragment a BGP load balancer runs: its VIPs as static routes in
-kdsr's own routing tables, exported to its neighbours by kdsr's own sessions.
+"""The BIRD 2 fragment a BGP load balancer runs: how each of its VIPs is
+announced (the export filter) and to whom (kdsr's own sessions); and the
+announce routes that say whether BIRD may announce a VIP now.
+
+BIRD does not announce a VIP because the fragment names it: it announces
+the VIPs it learns from kdsr's announce table in the kernel
+(naming.ANNOUNCE_TABLE, one blackhole route per VIP; ``protocol kernel``
+with ``learn``, ``export none``).  kdsr adds such a route only after the
+apply that built this boot's fast path for the VIP was read back, and
+deletes it first to withdraw (health, destroy).  The fragment is a file
+and outlives a reboot; BIRD reads it at boot, before kdsr has run.  The
+kernel table does not: after a reboot it is empty until kdsr fills it, so a
+rebooted load balancer announces nothing it cannot yet forward.  BIRD 2
+hears a route added to or deleted from the table at once (its netlink
+listener), not only at its periodic scan.
 
 Everything kdsr declares is named ``kdsr_*`` (tables, protocols, the export
 filter), so the fragment sits next to the user's own BIRD config without
-touching it: the static routes live in ``kdsr_t4``/``kdsr_t6``, never in
+touching it: the learned routes live in ``kdsr_t4``/``kdsr_t6``, never in
 ``master4``/``master6``, so no kernel protocol of the user's installs them
-on the load balancer.
+on the load balancer, and kdsr's kernel protocols export nothing.
 
 Only values the schema and the rules have already validated reach the text:
 addresses and numbers as Python renders them, names kdsr makes, and the
@@ -19,13 +32,14 @@ from __future__ import annotations
 import ipaddress
 import json
 
+from kdsr import naming
 from kdsr.compile.announce import STANDBY, assignments
 from kdsr.intent.model import Intent, LoadBalancerNode
-from kdsr.model import BgpRoute, BgpSession, BirdConfig
+from kdsr.model import AnnounceRoute, BgpRoute, BgpSession, BirdConfig
 
 MODEL_MARK = "# kdsr-bird-model "
 TABLE = {4: "kdsr_t4", 6: "kdsr_t6"}
-STATIC = {4: "kdsr_vips4", 6: "kdsr_vips6"}
+KERNEL = {4: "kdsr_kernel4", 6: "kdsr_kernel6"}  # learn kdsr's announce table
 EXPORT_FILTER = "kdsr_export"
 BFD_PROTOCOL = "kdsr_bfd"
 
@@ -42,7 +56,11 @@ def _local_address(lb: LoadBalancerNode, neighbor: ipaddress.IPv4Address | ipadd
 
 
 def bird_config(intent: Intent, lb: LoadBalancerNode, withdraw: dict[str, str] | None = None) -> BirdConfig | None:
-    """``withdraw``: VIP -> why it is not announced now (no healthy server)."""
+    """``withdraw``: VIP -> why it is not announced now (no healthy server).
+
+    The fragment names every VIP assigned to this node, withdrawn or not:
+    health withdraws a VIP by its announce route alone (``announce_routes``),
+    so a health event never rewrites the file or reloads BIRD."""
     bgp = lb.bgp
     if bgp is None:
         return None
@@ -70,7 +88,6 @@ def bird_config(intent: Intent, lb: LoadBalancerNode, withdraw: dict[str, str] |
         prefix = f"{vip}/{vip.max_prefixlen}"
         if str(vip) in withdraw:
             withdrawn.append((prefix, withdraw[str(vip)]))
-            continue
         announce = service.announce
         routes.append(
             BgpRoute(
@@ -96,6 +113,15 @@ def bird_config(intent: Intent, lb: LoadBalancerNode, withdraw: dict[str, str] |
         lines=tuple(lines),
         withdrawn=tuple(withdrawn),
     )
+
+
+def announce_routes(bird: BirdConfig | None) -> tuple[AnnounceRoute, ...]:
+    """The announce routes of the VIPs BIRD may announce now: every VIP the
+    fragment names, less those withdrawn."""
+    if bird is None:
+        return ()
+    withdrawn = {prefix for prefix, _why in bird.withdrawn}
+    return tuple(AnnounceRoute(r.prefix, pointer=r.pointer) for r in bird.routes if r.prefix not in withdrawn)
 
 
 def empty_config(config: str, fragment: str, socket: str) -> BirdConfig:
@@ -146,11 +172,12 @@ def render(
     for family in families:
         out.append("")
         out.append(f"ipv{family} table {TABLE[family]};")
-        out.append(f"protocol static {STATIC[family]} {{")
-        out.append(f"  ipv{family} {{ table {TABLE[family]}; }};")
-        for route in routes:
-            if ipaddress.ip_network(route.prefix).version == family:
-                block(route.pointer, f"  route {route.prefix} blackhole;  # {route.role}")
+        out.append(f"# A VIP is announced while kdsr's route for it is in kernel table {naming.ANNOUNCE_TABLE:#x}:")
+        out.append("# kdsr adds it once this boot's fast path is in, and deletes it to withdraw.")
+        out.append(f"protocol kernel {KERNEL[family]} {{")
+        out.append(f"  ipv{family} {{ table {TABLE[family]}; import all; export none; }};")
+        out.append(f"  kernel table {naming.ANNOUNCE_TABLE};")
+        out.append("  learn;")
         out.append("}")
     out.append("")
     out.append(f"filter {EXPORT_FILTER} {{")
@@ -159,7 +186,7 @@ def render(
         if route.med is not None:
             body.append(f"bgp_med = {route.med};")
         body += [f"bgp_community.add(({a},{b}));" for a, b in route.communities]
-        block(route.pointer, f"  if net = {route.prefix} then {{ {' '.join(body + ['accept;'])} }}")
+        block(route.pointer, f"  if net = {route.prefix} then {{ {' '.join(body + ['accept;'])} }}  # {route.role}")
     out.append("  reject;")
     out.append("}")
     if any(s.bfd for s in sessions):
@@ -212,4 +239,4 @@ def pointer_at(config: BirdConfig, line: int) -> str:
     return next((p for first, last, p in config.lines if first <= line <= last), "")
 
 
-__all__ = ["bird_config", "empty_config", "parse_model", "pointer_at", "render"]
+__all__ = ["announce_routes", "bird_config", "empty_config", "parse_model", "pointer_at", "render"]

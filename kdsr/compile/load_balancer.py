@@ -7,13 +7,14 @@
                    server (kdsr/health/targets.py);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs);
-- bgp:             the BIRD fragment announcing its VIPs (bird).
+- bgp:             the BIRD fragment, and the announce routes that let BIRD
+                   announce its VIPs (bird).
 """
 
 from __future__ import annotations
 
 from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3
-from kdsr.compile.bird import bird_config
+from kdsr.compile.bird import announce_routes, bird_config
 from kdsr.compile.selectors import selectors_for
 from kdsr.health.targets import probe_paths
 from kdsr.intent.model import Intent, LoadBalancerNode
@@ -39,6 +40,7 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[s
     modules.update(ipvs.get("modules", ()))
     sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ()))}
     probe_routes, probe_rules = probe_paths(intent, lb)
+    bird = bird_config(intent, lb, withdraw)
     return Desired(
         node=lb.name,
         role="load-balancer",
@@ -50,7 +52,8 @@ def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[s
         rules=tuple(sorted([*l3.get("rules", ()), *probe_rules], key=lambda r: r.ident)),
         ipvs=tuple(ipvs.get("ipvs", ())),
         modules=tuple(sorted(modules)),
-        bird=bird_config(intent, lb, withdraw),
+        bird=bird,
+        announce=announce_routes(bird),
     )
 
 

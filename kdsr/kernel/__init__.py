@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from kdsr.model import Address, IpvsDest, IpvsService, Link, NftTable, Route, Rule
+from kdsr.model import Address, AnnounceRoute, IpvsDest, IpvsService, Link, NftTable, Route, Rule
 
 if TYPE_CHECKING:
     from kdsr.kernel.ipvs import IpvsCommand
@@ -66,6 +66,13 @@ class Kernel(Protocol):
 
     def route_del(self, route: Route) -> None: ...
 
+    # kdsr's announce table (naming.ANNOUNCE_TABLE): what BIRD may announce.
+    def announce_list(self) -> list[AnnounceRoute]: ...
+
+    def announce_add(self, route: AnnounceRoute) -> None: ...
+
+    def announce_del(self, route: AnnounceRoute) -> None: ...
+
     def rule_list(self, priority: int) -> list[Rule]: ...
 
     def rule_add(self, rule: Rule) -> None: ...
@@ -95,4 +102,8 @@ class Kernel(Protocol):
 
     def bird_check(self, config: str, fragment: str, text: str) -> None: ...  # BirdError: rejected
 
-    def bird_install(self, config: str, fragment: str, socket: str, text: str) -> None: ...
+    def bird_running(self, socket: str) -> bool: ...
+
+    # Check, write and (``reload``) `birdc configure`; without reload (BIRD
+    # is not running) BIRD reads the file when it starts.
+    def bird_install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None: ...

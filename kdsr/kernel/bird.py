@@ -34,17 +34,18 @@ _ERROR_AT = re.compile(r"^(?:bird: )?(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+
 class BirdError(Exception):
     """BIRD is missing, not running, or refused a config."""
 
-    def __init__(self, message: str, line: int | None = None, detail: str = "") -> None:
+    def __init__(self, message: str, line: int | None = None, detail: str = "", missing: bool = False) -> None:
         super().__init__(message)
         self.line = line  # line in the fragment BIRD objected to, if it named one
         self.detail = detail
+        self.missing = missing  # BIRD's programs are not installed
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=BIRD_TIMEOUT, check=False)
     except FileNotFoundError as exc:
-        raise BirdError(f"{argv[0]} is not installed ({exc.strerror})") from exc
+        raise BirdError(f"{argv[0]} is not installed ({exc.strerror})", missing=True) from exc
     except subprocess.TimeoutExpired as exc:
         raise BirdError(f"{' '.join(argv[:3])} did not answer within {BIRD_TIMEOUT} s") from exc
 
@@ -94,7 +95,8 @@ def main_config(config: str, fragment: str) -> str:
     try:
         text = Path(config).read_text(encoding="utf-8")
     except OSError as exc:
-        raise BirdError(f"cannot read BIRD's config {config}: {exc.strerror}") from exc
+        missing = isinstance(exc, FileNotFoundError)
+        raise BirdError(f"cannot read BIRD's config {config}: {exc.strerror}", missing=missing) from exc
     if not _include_line(fragment).search(text):
         raise BirdError(
             f"BIRD's config {config} does not include kdsr's fragment: add the line include \"{fragment}\"; "

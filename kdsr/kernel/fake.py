@@ -20,6 +20,7 @@ from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import decode_element, decode_map
 from kdsr.model import (
     Address,
+    AnnounceRoute,
     ChainHook,
     IpvsDest,
     IpvsService,
@@ -54,6 +55,7 @@ class FakeKernel:
         self.modules: set[str] | None = None  # None: every module is there
         self.links: dict[str, Link] = {}
         self.routes: list[Route] = []
+        self.announce: list[AnnounceRoute] = []  # kdsr's announce table
         self.rules: list[Rule] = []
         # IPVS services in creation order, each with its destinations in the
         # kernel's list order (new ones at the head, as the kernel does).
@@ -64,6 +66,7 @@ class FakeKernel:
         self.ipvs_batch_runs_on = False  # True: a refused batch line does not stop the rest
         # BIRD: fragment files by path; None: BIRD not installed/running.
         self.bird_files: dict[str, str] | None = {}
+        self.bird_stopped = False  # installed, its files there, but not running
         self.bird_rejects: str | None = None  # a text that makes bird_check fail at its first line
         self.bird_loaded: str | None = None  # the fragment text BIRD runs now
 
@@ -321,6 +324,22 @@ class FakeKernel:
         self._write(f"route del {route.ident}")
         self.routes.remove(plain)
 
+    def announce_list(self) -> list[AnnounceRoute]:
+        return list(self.announce)
+
+    def announce_add(self, route: AnnounceRoute) -> None:
+        if any(r.prefix == route.prefix for r in self.announce):
+            raise KernelError(f"add announce route {route.prefix}: EEXIST File exists")
+        self._write(f"announce add {route.prefix}")
+        self.announce.append(AnnounceRoute(route.prefix, route.kind))
+
+    def announce_del(self, route: AnnounceRoute) -> None:
+        plain = AnnounceRoute(route.prefix, route.kind)
+        if plain not in self.announce:
+            raise KernelError(f"del announce route {route.prefix}: ESRCH No such process")
+        self._write(f"announce del {route.prefix}")
+        self.announce.remove(plain)
+
     def rule_list(self, priority: int) -> list[Rule]:
         return [r for r in self.rules if r.priority == priority]
 
@@ -417,21 +436,27 @@ class FakeKernel:
         return None if self.bird_files is None else self.bird_files.get(fragment)
 
     def bird_ready(self, config: str, fragment: str, socket: str) -> None:
-        if self.bird_files is None:
+        if not self.bird_running(socket):
             raise BirdError(f"BIRD is not running with control socket {socket} (fake)")
+
+    def bird_running(self, socket: str) -> bool:
+        return self.bird_files is not None and not self.bird_stopped
 
     def bird_check(self, config: str, fragment: str, text: str) -> None:
         if self.bird_rejects is not None and self.bird_rejects in text:
             line = text[: text.index(self.bird_rejects)].count("\n") + 1
             raise BirdError(f"BIRD rejected the config: syntax error (fake, line {line})", line=line)
 
-    def bird_install(self, config: str, fragment: str, socket: str, text: str) -> None:
-        self.bird_ready(config, fragment, socket)
+    def bird_install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None:
+        if reload:
+            self.bird_ready(config, fragment, socket)
+        if self.bird_files is None:
+            raise BirdError("BIRD is not installed (fake)")
         self.bird_check(config, fragment, text)
-        self._write(f"bird install {fragment}")
-        assert self.bird_files is not None
+        self._write(f"bird {'install' if reload else 'write'} {fragment}")
         self.bird_files[fragment] = text
-        self.bird_loaded = text
+        if reload:
+            self.bird_loaded = text
 
 
 def _referenced_maps(expr_json: str) -> set[str]:

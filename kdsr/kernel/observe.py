@@ -70,6 +70,9 @@ def observe(
 
     links, foreign_links = _links(kernel, state, orphans)
     l3 = bool(desired.links or desired.routes or state.links or orphans)
+    # kdsr's announce table is read where BIRD announces for this node, or
+    # did (destroy, an intent without bgp), or by a destroy without records.
+    bgp = bool(desired.bird or desired.announce or state.bird_files or orphans)
     if desired.ipvs or state.ipvs:
         ipvs, foreign_ipvs = _ipvs(ipvs_list or kernel.ipvs_list, desired, state)
     else:
@@ -89,6 +92,15 @@ def observe(
         sysctl_previous=tuple(sorted(state.sysctl_previous.items())),
         sysctl_written=tuple(sorted(state.sysctl_written.items())),
         bird=_bird(kernel, desired, state),
+        announce=tuple(sorted(kernel.announce_list(), key=lambda r: r.ident)) if bgp else (),
+    )
+
+
+def observe_announcement(kernel: Kernel, desired: Desired, state: NodeState) -> Observed:
+    """Only what tells BIRD what to announce: the fragment and kdsr's announce table."""
+    return Observed(
+        bird=_bird(kernel, desired, state),
+        announce=tuple(sorted(kernel.announce_list(), key=lambda r: r.ident)),
     )
 
 

@@ -4,7 +4,7 @@ and through pyroute2 the import and socket alone cost a CLI run ~0.1 s.
 
 Only what kdsr compares is decoded (model.Link, model.Route, model.Rule):
 - a link's index, name, kind and, for its tunnel kinds, the two ends and the TTL;
-- a route's table, destination length, type, output interface and gateway;
+- a route's table, destination, type, output interface and gateway;
 - a rule's priority, firewall mark and table.
 Writes stay with pyroute2: they happen only when a plan changes something.
 """
@@ -37,10 +37,23 @@ IFLA_INFO_DATA = 2
 # inside IFLA_INFO_DATA: IFLA_IPTUN_* for ipip and ip6tnl, IFLA_GRE_* for gre.
 TUNNEL_ATTRS = {"ipip": (2, 3, 4), "ip6tnl": (2, 3, 4), "gre": (6, 7, 8)}
 
+RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
 RTA_TABLE = 15
 RTN_UNICAST = 1
+ROUTE_TYPES = {
+    1: "unicast",
+    2: "local",
+    3: "broadcast",
+    4: "anycast",
+    5: "multicast",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+    9: "throw",
+    10: "nat",
+}
 
 FRA_PRIORITY = 6
 FRA_FWMARK = 10
@@ -114,6 +127,25 @@ def default_routes(sock: RtnlSocket, family: int) -> list[tuple[int, int, str]]:
         found_attrs = attrs(body, RTMSG.size)
         table = _u32(found_attrs.get(RTA_TABLE)) or table
         found.append((table, _u32(found_attrs.get(RTA_OIF)) or 0, _address(found_attrs.get(RTA_GATEWAY))))
+    return found
+
+
+def table_routes(sock: RtnlSocket, family: int, table: int) -> list[tuple[str, str]]:
+    """(destination as "address/length", type) of every route of the family
+    (4 or 6) in routing table ``table``."""
+    found = []
+    request = RTMSG.pack(FAMILIES[family], 0, 0, 0, 0, 0, 0, 0, 0)
+    for kind, body in _dump_of_family(sock, RTM_GETROUTE, request, "route"):
+        if kind != RTM_NEWROUTE:
+            continue
+        got_family, dst_len, _src, _tos, header_table, _proto, _scope, route_type, _flags = RTMSG.unpack_from(body)
+        if got_family != FAMILIES[family]:
+            continue
+        found_attrs = attrs(body, RTMSG.size)
+        if (_u32(found_attrs.get(RTA_TABLE)) or header_table) != table:
+            continue
+        dst = _address(found_attrs.get(RTA_DST)) or ("0.0.0.0" if family == 4 else "::")
+        found.append((f"{dst}/{dst_len}", ROUTE_TYPES.get(route_type, str(route_type))))
     return found
 
 

@@ -185,6 +185,34 @@ class _L3Mixin:
     def route_del(self, route) -> None:
         self._route("del", route)
 
+    def announce_list(self) -> list:
+        """Every route in kdsr's announce table (naming.ANNOUNCE_TABLE)."""
+        from kdsr.model import AnnounceRoute
+
+        found = []
+        for family in (4, 6):
+            dump = partial(rtnl_routing.table_routes, family=family, table=naming.ANNOUNCE_TABLE)
+            found += [AnnounceRoute(prefix, kind) for prefix, kind in self._read(dump, "read routes")]
+        return found
+
+    def _announce(self, op: str, route) -> None:
+        # The type goes with a delete too: the kernel deletes a route only
+        # of the type asked for, and pyroute2 asks for unicast by default.
+        args = {"dst": route.prefix, "table": naming.ANNOUNCE_TABLE, "type": route.kind, "family": _AF[route.family]}
+        if op == "add":
+            args["proto"] = "static"
+        try:
+            self.ipr.route(op, **args)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _netlink_error(f"{op} announce route {route.prefix} (table {naming.ANNOUNCE_TABLE:#x})", exc) from exc
+        self.writes += 1  # type: ignore[attr-defined]
+
+    def announce_add(self, route) -> None:
+        self._announce("add", route)
+
+    def announce_del(self, route) -> None:
+        self._announce("del", route)
+
     def rule_list(self, priority: int) -> list:
         from kdsr.model import Rule
 
@@ -321,12 +349,28 @@ class _BirdMixin:
     def bird_check(self, config: str, fragment: str, text: str) -> None:
         bird.check(config, fragment, text)
 
-    def bird_install(self, config: str, fragment: str, socket: str, text: str) -> None:
-        """Check, write, reload; on a reload BIRD refuses, put the old fragment back."""
-        bird.check(config, fragment, text)
+    def bird_running(self, socket: str) -> bool:
+        try:
+            return bird.running(socket)
+        except bird.BirdError:  # birdc missing, or no answer in time
+            return False
+
+    def bird_install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None:
+        """Check, write, reload; on a reload BIRD refuses, put the old fragment back.
+
+        Without ``reload`` (BIRD is not running): check and write.  Where
+        BIRD is not even installed, nothing can check the file, and nothing
+        reads it either."""
+        try:
+            bird.check(config, fragment, text)
+        except bird.BirdError as exc:
+            if reload or not exc.missing:
+                raise
         previous = bird.read_fragment(fragment)
         bird.write_fragment(config, fragment, text)
         self.writes += 1  # type: ignore[attr-defined]
+        if not reload:
+            return
         try:
             bird.configure(socket)
         except bird.BirdError:
