@@ -26,6 +26,8 @@ from kdsr.model import (
 )
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
+# The reason of a "bird config" change written without `birdc configure`.
+BIRD_NOT_RUNNING = "BIRD is not running: no reload"
 ACTION_ORDER = {CREATE: 0, UPDATE: 1, REPLACE: 2, DELETE: 3}
 
 

@@ -15,7 +15,7 @@ from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
-from kdsr.diff import Plan, diff
+from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
 from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, Effective, effective_intent
@@ -98,7 +98,7 @@ def prepare(
         if intent.load_balancer(name) is not None:
             plan.warnings = [f"service {name} {why}" for name, why in sorted(unserved_services(effective).items())]
     _check_bird_ready(plan, kernel)
-    plan.notes += _bird_stopped_notes(plan, kernel)
+    _mark_bird_stopped(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
 
 
@@ -284,19 +284,23 @@ def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:
     # remove; one that another node's record claims never is.
     claimed_elsewhere = any(store.load(other).tables for other in store.nodes() if other != node)
     plan = diff(desired, observe(kernel, desired, state, orphans=not claimed_elsewhere))
-    plan.notes = _bird_stopped_notes(plan, kernel)
+    _mark_bird_stopped(plan, kernel)
     return Prepared(intent=None, node=node, desired=desired, state=state, plan=plan)
 
 
-def _bird_stopped_notes(plan: Plan, kernel: Kernel) -> list[str]:
+def _mark_bird_stopped(plan: Plan, kernel: Kernel) -> None:
     """A plan that empties the fragment while BIRD is not running writes it
-    without a reload: say so before it happens."""
-    return [
-        f"BIRD is not running (no answer on {c.after.socket}): {c.after.fragment} will be emptied without a "
-        "reload; a stopped BIRD announces nothing."
-        for c in plan.of_kind("bird config")
-        if not (c.after.routes or c.after.sessions or c.after.router_id) and not kernel.bird_running(c.after.socket)
-    ]
+    without a reload (apply.py): say so in the plan, before it happens."""
+    for i, change in enumerate(plan.changes):
+        want = change.after
+        if change.kind != "bird config" or want.routes or want.sessions or want.router_id:
+            continue
+        if not kernel.bird_running(want.socket):
+            plan.changes[i] = dataclasses.replace(change, reason=BIRD_NOT_RUNNING)
+            plan.notes.append(
+                f"BIRD is not running (no answer on {want.socket}): {want.fragment} will be emptied without a "
+                "reload; a stopped BIRD announces nothing."
+            )
 
 
 def destroy_node_name(node: str | None, store: StateStore) -> str:

@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any
 
 from kdsr import naming
-from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
+from kdsr.diff import BIRD_NOT_RUNNING, CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
 from kdsr.model import (
     Address,
     AnnounceRoute,
@@ -113,7 +113,9 @@ def _line(change: Change) -> str:
     else:
         detail = _describe(change.after)
         text += f": {detail}" if detail and change.kind != "nft element" else (f" : {detail}" if detail else "")
-    if change.kind == "bird config" and change.reason:
+    if change.kind == "bird config" and change.reason == BIRD_NOT_RUNNING:
+        text = text.replace(", then birdc configure", ", no reload (BIRD is not running)")
+    elif change.kind == "bird config" and change.reason:
         text += f"  [{change.reason}]"
     if change.action == REPLACE and change.reason:
         text += f"  [{change.reason} forces replacement]"

@@ -322,6 +322,30 @@ include "{paths["fragment"]}";
         self._attach(self.HOSTS[lb])
         return self.start_bird(lb)
 
+    def reboot_lb(self, lb: str) -> None:
+        """A load balancer loses power and comes back: every process of ours
+        in it SIGKILLed (its link first, as kill_lb), its network namespace
+        deleted and made again with a fresh eth0 on the segment, so the
+        kernel state of the last boot (nftables, routes of every table,
+        addresses, sysctls) is gone.  Every file stays: the state directory,
+        BIRD's config and fragment, even BIRD's control socket and pid file
+        (a real reboot clears /run; a gate on a file there would pass here).
+        Nothing is started: the caller starts BIRD (start_bird) and kdsr, in
+        the order a boot would.
+        """
+        if lb not in self.LOAD_BALANCERS:
+            raise KeyError(f"{lb!r} is not a load balancer")
+        self.run(lb, ["ip", "link", "del", "eth0"], check=False)
+        for proc in [p for p in self._processes if p.host == lb]:
+            proc.stop(signal.SIGKILL)
+            self._processes.remove(proc)
+        self._birds.pop(lb, None)
+        ns = self.ns(lb)
+        _exec(["ip", "netns", "del", ns], timeout=20)
+        self._created.remove(ns)
+        self._add_namespace(lb)
+        self._attach(self.HOSTS[lb])
+
     def birdc(self, name: str, *args: str) -> str:
         """`birdc -s <socket> args...` in that host; its stdout (raises if birdc fails)."""
         socket_path = str(self.bird_paths(name)["socket"])

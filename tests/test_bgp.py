@@ -345,7 +345,9 @@ def test_destroy_with_bird_stopped_empties_the_fragment_without_a_reload_and_say
     loaded = kernel.bird_loaded
     kernel.bird_stopped = True
     prepared = operations.prepare_destroy("lb1", kernel, store)
-    assert "BIRD is not running (no answer on /run/bird/bird.ctl)" in render_text(prepared.plan)
+    text = render_text(prepared.plan)
+    assert "BIRD is not running (no answer on /run/bird/bird.ctl)" in text
+    assert f"  ~ bird config {FILES['fragment']}: empty (declares nothing), no reload (BIRD is not running)" in text
     result = operations.apply(prepared, kernel, store)
     assert f"write BIRD fragment {FILES['fragment']} (empty) (BIRD is not running: no reload)" in result.steps
     assert result.notes == [
