@@ -714,7 +714,10 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     if announce:
         # What this plan built is read back before BIRD may announce it;
         # then the announce routes (and a fragment that only announces).
-        _read_back(_before_announcing(desired, plan), kernel, state, ipvs_list)
+        # A plan that builds nothing (a VIP whose pool is served again) had
+        # the kernel read and found equal to the intent when it was made.
+        if steps:
+            _read_back(_before_announcing(desired, plan), kernel, state, ipvs_list)
         _run_steps(journal, announce, result)
         crash_point("after announcing, before its read-back")
         _read_back_announcement(desired, kernel, state)

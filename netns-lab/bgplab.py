@@ -26,6 +26,7 @@ nothing.
         lab.write_fragment("lb1", "...")          # then `birdc configure`
         lab.wait_nexthops(VIP_PREFIX, {"10.10.0.2"}, timeout=5)
         lab.kill_lb("lb1")                        # eth0 gone, BIRD SIGKILLed
+        lab.reboot_lb("lb2")                      # a fresh namespace, every file kept; nothing started
 
 The L2Lab API (run, spawn, start_responder, probe, next_sports, capture, mac,
 sysctl, host) works unchanged: the client namespace is `client`, responders

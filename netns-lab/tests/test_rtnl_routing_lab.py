@@ -86,3 +86,46 @@ def test_links_routes_and_rules_read_as_pyroute2_reads_them(netns):
         "routes": [[4, T1, "kdsr4-a", ""], [4, T2, "eth0", "10.3.0.1"], [6, T3, "eth0", "fd00:3::1"]],
         "rules": [[4, T1, T1, 1000], [6, T3, T3, 1000]],
     }
+
+
+ANNOUNCE_HELPER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kdsr.kernel.system import SystemKernel
+from kdsr.model import AnnounceRoute
+
+k = SystemKernel()
+for prefix in ("10.0.0.100/32", "fd00:10::100/128"):
+    k.announce_add(AnnounceRoute(prefix))
+found = sorted([r.prefix, r.kind] for r in k.announce_list())
+for prefix, kind in found:
+    k.announce_del(AnnounceRoute(prefix, kind))
+print(json.dumps({"found": found, "after": [r.prefix for r in k.announce_list()], "writes": k.writes}))
+"""
+
+
+def test_the_announce_table_is_read_and_written_whatever_the_route_type(netns):
+    """kdsr's announce table (naming.ANNOUNCE_TABLE): kdsr's blackhole routes
+    and any other route there, read with its type and deleted by it; routes
+    of other tables are not read, and no rule or main-table route appears."""
+    from kdsr import naming
+
+    netns.add("a")
+    table = str(naming.ANNOUNCE_TABLE)
+    for cmd in (
+        "ip link add eth0 type veth peer name eth1",
+        "ip link set eth0 up",
+        "ip addr add 10.3.0.2/24 dev eth0",
+        f"ip route add unreachable 192.0.2.7/32 table {table} proto boot",  # someone else's, in kdsr's table
+        "ip route add blackhole 10.0.0.101/32 table 100",  # another table
+    ):
+        netns.run("a", cmd)
+    rules, main = netns.run("a", "ip rule").stdout, netns.run("a", "ip route show table main").stdout
+    out = json.loads(netns.run("a", [PYTHON, "-c", ANNOUNCE_HELPER, ROOT], timeout=120).stdout)
+    assert out == {
+        "found": [["10.0.0.100/32", "blackhole"], ["192.0.2.7/32", "unreachable"], ["fd00:10::100/128", "blackhole"]],
+        "after": [],
+        "writes": 5,
+    }
+    assert netns.run("a", "ip rule").stdout == rules and netns.run("a", "ip route show table main").stdout == main
+    assert "10.0.0.101" in netns.run("a", "ip route show table 100").stdout
