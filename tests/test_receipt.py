@@ -7,6 +7,7 @@ netns-lab/tests/test_generation_reuse_lab.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from cli_in_process import install_kernel
@@ -17,6 +18,8 @@ from kdsr.compile import compile_node
 from kdsr.intent import load_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class GenerationKernel(FakeKernel):
@@ -206,3 +209,20 @@ def test_kdsr_run_leaves_a_receipt_the_next_apply_uses(tmp_path, intent, kernel,
     back = kdsr(tmp_path, "apply", str(intent), "--node", "lb1")
     assert back.exit_code == 0 and "No changes" not in back.output, back.output
     assert len(loads) == validated + 1
+
+
+def test_a_missing_announce_route_is_planned_in_full(tmp_path, kernel, loads):
+    """Announce routes have no generation either: after a reboot-like loss
+    of one, the receipt's diff sees it and the full plan puts it back."""
+    from kdsr.compile.bird import announce_routes
+
+    example = load_intent(ROOT / "examples" / "l2-bgp-ha.json")
+    assert receipt.decode(json.loads(json.dumps(receipt.encode(compile_node(example, "lb1"))))).announce
+    intent = tmp_path / "bgp.json"
+    intent.write_text((ROOT / "examples" / "l2-bgp-ha.json").read_text())
+    assert "No changes" in apply_twice(tmp_path, intent, "lb1").output
+    assert len(loads) == 1
+    gone = announce_routes(compile_node(example, "lb1").bird)[0]
+    kernel.announce.remove(gone)
+    plan = kdsr(tmp_path, "plan", str(intent), "--node", "lb1", "--detailed-exitcode")
+    assert plan.exit_code == 2 and f"+ announce route {gone.prefix}" in plan.output and len(loads) == 2, plan.output

@@ -382,7 +382,7 @@ def test_destroy_with_bird_stopped_empties_the_fragment_and_removes_everything(b
     doc = intent_for(bgp.lab, {"mode": "active-active", "load_balancers": ["lb1"]})
     bgp.deploy(doc, lbs=("lb1",))
     bgp.lab.wait_nexthops(VIP_PREFIX, _nexthops("lb1"), CONVERGE)
-    assert _announce_routes(bgp, "lb1") and _has_kdsr_table(bgp, "lb1")
+    assert _has_kdsr_table(bgp, "lb1")
     bgp.lab.stop_bird("lb1")
     result = bgp.kdsr("lb1", "destroy", "--node", "lb1", check=False)
     print(f"\nkdsr destroy with BIRD stopped: exit {result.returncode}\n{result.stdout.strip()}{result.stderr.strip()}")
