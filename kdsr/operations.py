@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from kdsr import collector
+from kdsr import collector, naming
 from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
@@ -377,6 +377,9 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
             for server in view.get("servers", []):
                 report["health"].append({**server, "node": name, "server_node": server.get("node"), "daemon": alive})
         report["drained"] += [{"node": name, "server": s} for s in sorted(store.load(name).drained)]
+    # kdsr's announce table: the VIPs BIRD may announce from this host now.
+    bgp = any(store.load(name).bird_files for name in nodes)
+    report["announce"] = sorted(r.prefix for r in kernel.announce_list()) if bgp else []
     for name in nodes:
         state = store.load(name)
         for ident in sorted(state.owned_addresses):
@@ -392,7 +395,8 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
 
 def format_show(report: dict) -> str:
     lines = []
-    if not (report["tables"] or report["addresses"] or report["sysctls"] or report.get("health")):
+    owned = ("tables", "addresses", "sysctls", "health", "announce")
+    if not any(report.get(key) for key in owned):
         return "kdsr owns nothing on this host.\n"
     for table in report["tables"]:
         lines.append(f"nft table {table}")
@@ -419,6 +423,9 @@ def format_show(report: dict) -> str:
         lines.append("\ndrained (kdsr drain):")
         for d in report["drained"]:
             lines.append(f"  [{d['node']}] {d['server']}")
+    if report.get("announce"):
+        lines.append(f"\nannounce routes (table {naming.ANNOUNCE_TABLE:#x}; BIRD announces these VIPs):")
+        lines += [f"  {prefix}" for prefix in report["announce"]]
     if report["addresses"]:
         lines.append("\naddresses owned:")
         for a in report["addresses"]:

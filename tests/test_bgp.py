@@ -438,3 +438,13 @@ def test_the_bgp_example_loads_and_every_load_balancer_gets_a_fragment():
     announced = {lb.name: {r.prefix for r in compile_node(it, lb.name).bird.routes} for lb in it.load_balancers}
     assert all("10.0.0.100/32" in prefixes for prefixes in announced.values())
     assert sum("10.0.0.102/32" in prefixes for prefixes in announced.values()) == 2  # n+m 1+1 of 3
+
+
+def test_show_lists_the_announce_routes(kernel, store):
+    operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
+    report = operations.show(kernel, store, "lb1")
+    assert report["announce"] == ["10.0.0.100/32", "10.0.0.101/32"]
+    text = operations.format_show(report)
+    assert "announce routes (table 0x6b800000; BIRD announces these VIPs):\n  10.0.0.100/32\n  10.0.0.101/32" in text
+    operations.apply(operations.prepare_destroy("lb1", kernel, store), kernel, store)
+    assert operations.show(kernel, store, "lb1")["announce"] == []
