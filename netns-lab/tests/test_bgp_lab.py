@@ -376,6 +376,13 @@ def test_a_rebooted_load_balancer_announces_only_once_its_fast_path_is_in(bgp):
     bgp.daemons["lb1"].stop()
     plan = bgp.kdsr("lb1", "plan", str(bgp.intent_path), "--node", "lb1", "--detailed-exitcode", check=False)
     assert plan.returncode == 0, plan.stdout
+    # Drift: the announce route deleted by hand withdraws lb1, and is planned back.
+    bgp.lab.run("lb1", ["ip", "route", "del", "blackhole", VIP_PREFIX, "table", ANNOUNCE_TABLE])
+    bgp.lab.wait_nexthops(VIP_PREFIX, _nexthops("lb2", "lb3"), 5)
+    plan = bgp.kdsr("lb1", "plan", str(bgp.intent_path), "--node", "lb1", "--detailed-exitcode", check=False)
+    assert plan.returncode == 2 and f"+ announce route {VIP_PREFIX}" in plan.stdout, plan.stdout
+    bgp.kdsr("lb1", "apply", str(bgp.intent_path), "--node", "lb1")
+    bgp.lab.wait_nexthops(VIP_PREFIX, _nexthops("lb1", "lb2", "lb3"), 5)
 
 
 def test_destroy_with_bird_stopped_empties_the_fragment_and_removes_everything(bgp):
