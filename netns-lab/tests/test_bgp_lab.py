@@ -391,7 +391,7 @@ def test_destroy_with_bird_stopped_empties_the_fragment_and_removes_everything(b
     bgp.lab.wait_nexthops(VIP_PREFIX, _nexthops("lb1"), CONVERGE)
     assert _has_kdsr_table(bgp, "lb1")
     bgp.lab.stop_bird("lb1")
-    result = bgp.kdsr("lb1", "destroy", "--node", "lb1", check=False)
+    result = bgp.kdsr("lb1", "destroy", "--node", "lb1", "--auto-approve", check=False)
     print(f"\nkdsr destroy with BIRD stopped: exit {result.returncode}\n{result.stdout.strip()}{result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     paths = bgp.lab.bird_paths("lb1")
