@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from kdsr import collector, naming
+from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
@@ -96,10 +96,39 @@ def prepare(
         keep_unchanged(kernel, desired, observed, plan)
         plan.notes = announcement_notes(effective.intent, desired) + probe_notes(effective.intent, name)
         if intent.load_balancer(name) is not None:
+            plan.service_changes = service_changes(plan, effective, down, drained)
             plan.warnings = [f"service {name} {why}" for name, why in sorted(unserved_services(effective).items())]
     _check_bird_ready(plan, kernel)
     _mark_bird_stopped(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
+
+
+def service_changes(
+    plan: Plan, effective: Effective, down: frozenset[tuple[str, str]], drained: frozenset[str]
+) -> dict:
+    """The plan in the operator's terms (kdsr/service_view.py): services added,
+    removed or moved, and each server's share of its pool's table before and
+    after, with its state in the intent."""
+    table = next((t for t in plan.tables if (t.family, t.name) == (TABLE_FAMILY, TABLE_NAME)), None)
+    if table is None:
+        return {"services": [], "pools": []}
+    members: dict[tuple[str, int], dict[str, str]] = {}
+    for pool in effective.intent.pools:
+        for member in pool.members:
+            address = address_text(member.address)
+            if (pool.name, address) in down and address in effective.out.get(pool.name, ()):
+                state = "down"
+            elif address in drained or (member.node is not None and member.node in drained):
+                state = "drained"
+            else:
+                state = f"weight {member.weight}"
+            if member.node:
+                state = f"{state} ({member.node})"
+            per_family = members.setdefault((pool.name, member.address.version), {})
+            per_family[address] = state
+            if member.mac:
+                per_family[member.mac] = state
+    return service_view.summarise(table.observed, table.desired, members)
 
 
 def unserved_services(effective: Effective) -> dict[str, str]:
