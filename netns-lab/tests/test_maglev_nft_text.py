@@ -133,7 +133,12 @@ def test_pinned_intent_applies_lists_back_and_replans_empty(scratch, tmp_path):
     assert relist.returncode == 0, relist.stderr
     listing = node.listing()
     pinned_rules = [i["rule"] for i in listing if "rule" in i and any(isinstance(e, str) for e in i["rule"]["expr"])]
-    assert len(pinned_rules) == 2, "one pin rule per pinned selector, listed as text in JSON"
+    # Per pinned selector: pin, unpin a stale pin, pin afresh; nft 1.0.6's
+    # JSON listing prints each map statement as text.
+    assert len(pinned_rules) == 6, pinned_rules
+    assert "delete @pins-web-v4 { jhash ip saddr . ip daddr . meta l4proto . th sport . th dport" in text.stdout
+    applied_again = node.kdsr("apply", str(path), "--node", "lb1")
+    assert applied_again.returncode == 0 and "No changes" in applied_again.stdout, applied_again.stdout
     replan = node.kdsr("plan", str(path), "--node", "lb1", "--detailed-exitcode")
     assert replan.returncode == 0, replan.stdout + replan.stderr
 
