@@ -261,9 +261,11 @@ def _forward_rules(sel: Selector, device: str, first: dict, lookup: dict) -> tup
 # element dead: it counts against `size` until the set's garbage collector
 # frees it, about a second later, checked on 6.1 and 6.18); the flow is then
 # forwarded by the table, unpinned, and pinned by a later packet.
-# Kernel: the packet path's delete (NFT_DYNSET_OP_DELETE) exists since 5.x;
-# on a map the kernel wants a data register with it (EINVAL without one, 6.1
-# and 6.18), hence `delete @pins { flow : meta mark }`, whose data is ignored.
+# Kernel: on a map, the packet path's delete (NFT_DYNSET_OP_DELETE) wants a
+# data register too (EINVAL without one, 6.1 and 6.18), hence `delete @pins
+# { flow : meta mark }`, whose data is ignored.  Kernels without "nft_set_hash:
+# mark set element as dead when deleting from packet path" (upstream 6.5, in
+# the stable series) unlink the element without ever giving its place back.
 #
 # When the pins map is full the first update fails, the rule stops there and
 # the lookup misses, so the flow is forwarded by the table without a pin.
