@@ -217,6 +217,28 @@ def test_show_reports_maglev_shares_of_a_pinned_pool(tmp_path):
     assert f"  {web.name}: 10.10.0.12  {shares['10.10.0.12']} slots  0 pkts 0 B\n" in text
 
 
+def test_show_says_when_pinned_selectors_share_their_pools_counts(tmp_path):
+    def second_profile(doc):
+        doc["services"]["api"] = {
+            "vip": "10.10.0.101",
+            "ports": 80,
+            "pool": "web",
+            "hashing": {"seed": 5, "flow_pinning": {"timeout": 60, "max_flows": 4096}},
+        }
+
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    it = intent(second_profile)
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    report = operations.show(kernel, store, "lb1")
+    pinned = [s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning]
+    assert len(pinned) == 2
+    for sel in pinned:
+        rows = [r for r in report["servers"] if r["selector"] == sel.name]
+        assert sum(r["slots"] for r in rows) == sel.table_size and len(rows) == 3
+    text = operations.format_show(report)
+    assert text.count("(counts shared by the pool's pinned selectors: servers-web-v4)") == 6, text
+
+
 def test_pins_survive_a_new_table_size(tmp_path):
     """Growing the pool past a rung (3 -> 5 servers: 4093 -> 8191 slots) makes a new selector, but the pins stay."""
     kernel, store = FakeKernel(), StateStore(tmp_path)
