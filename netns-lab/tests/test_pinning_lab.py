@@ -12,6 +12,8 @@ clock every namespace shares) run across each change:
   move to s1 or s3 (one each, pinned afresh) and the others keep their
   server.  TCP connections opened again from the 5-tuples s2 had (their pins
   still live) connect at once to s1 or s3.
+- twenty alternating applies (s2 out, s2 back): not one datagram of any
+  flow unanswered; s2's flows move once and stay.
 - drained: `kdsr drain` s2: its pinned flows keep going to s2, every
   datagram answered; new flows never reach it.
 - show: `kdsr show` and `kdsr show --json` give the pinned pool's Maglev
@@ -191,6 +193,48 @@ def test_flows_pinned_to_a_removed_server_move_at_their_next_packet(deployed):
     assert all(len(answers) == 1 and answers <= {"s1", "s3"} for answers in moved_to.values()), moved_to
     bad_tcp = [f for f in tcp_again if not f.ok or f.server not in ("s1", "s3")]
     assert not bad_tcp, f"{len(bad_tcp)} of {len(tcp_again)} TCP reconnects failed: {bad_tcp[:3]}"
+
+
+def test_twenty_alternating_applies_leave_no_datagram_unanswered(deployed):
+    """The issue's measurement: s2 removed and put back 10 times each while
+    the flows run.  A flow pinned to s2 moves at the first removal and stays
+    where it was pinned afresh (s2's return moves no pinned flow back)."""
+    dep, lab = deployed, deployed.lab
+    flows = Flows(lab, dep.workdir, seconds=240)
+    try:
+        time.sleep(2)
+        changed_at = time.monotonic()
+        for _ in range(10):
+            dep.apply_lb(without_s2(INTENT))
+            time.sleep(0.3)
+            dep.apply_lb(INTENT)
+            time.sleep(0.3)
+        finished_at = time.monotonic()
+        time.sleep(1)
+        datagrams = flows.stop()
+    finally:
+        flows.stop_file.touch()
+        dep.apply_lb(INTENT)
+    per_flow = by_flow(datagrams)
+    home = homes(per_flow, changed_at)
+    on_s2 = [sport for sport, server in home.items() if server == "s2"]
+    assert on_s2, f"no flow was pinned to s2: {home}"
+    during = [r for r in datagrams if r[2] >= changed_at]
+    unanswered = [r for r in during if r[3] is None]
+    of_s2 = [r for r in unanswered if r[0] in on_s2]
+    print(
+        f"\n20 applies in {finished_at - changed_at:.1f} s: {len(during)} datagrams of {FLOWS} flows sent from the "
+        f"first on, {len(unanswered)} unanswered ({len(of_s2)} of the {len(on_s2)} flows pinned to s2)"
+    )
+    assert not unanswered, f"{len(unanswered)} datagrams unanswered, e.g. {unanswered[:3]}"
+    for sport, records in per_flow.items():
+        answers = [r[3] for r in after(records, changed_at)]
+        if sport in on_s2:
+            # Until the first removal commits s2 still answers; then one other server, for good.
+            moved = answers[answers.index(next(a for a in answers if a != "s2")) :]
+            assert len(set(moved)) == 1 and moved[0] in ("s1", "s3"), (sport, sorted(set(answers)))
+        else:
+            assert set(answers) == {home[sport]}, (sport, home[sport], sorted(set(answers)))
 
 
 def test_a_drained_server_keeps_its_pinned_flows_and_gets_no_new_one(deployed):
