@@ -108,6 +108,11 @@ def test_text_form_of_golden_batches_builds_the_same_table(scratch, path):
     for ns in (by_json, by_text):
         ns.run("ip", "link", "add", ifname, "type", "veth", "peer", "name", f"{ifname[:12]}p")
     result = by_json.run("nft", "-j", "-f", "-", input=path.read_text())
+    if result.returncode != 0 and nft_text.needs_text(commands):
+        # Flow pinning's map statements: libnftables before 1.0.9 has no JSON
+        # for them, so there is nothing to compare the text form with here
+        # (test_nft_skeleton holds that batch to nft/l2-lb-flow-pinning.nft).
+        pytest.skip(f"this nft cannot read the batch as JSON: {result.stderr.strip().splitlines()[0]}")
     assert result.returncode == 0, result.stderr
     text = nft_text.render(commands)
     result = by_text.run("nft", "-f", "-", input=text)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,9 @@ UDPFLOWS = ROOT / "netns-lab" / "udpflows.py"
 VIP = "10.10.0.100"
 SERVERS = ("s1", "s2", "s3")
 ADDRESS = {"s1": "10.10.0.11", "s2": "10.10.0.12", "s3": "10.10.0.13"}
-FLOWS, EVERY = 30, 0.05
+# 30 flows x 20 datagrams/s.  A slower machine (the TCG guest, where Python
+# answers ~10x slower) sets a slower pace, e.g. KDSR_LAB_UDP_EVERY=0.5.
+FLOWS, EVERY = 30, float(os.environ.get("KDSR_LAB_UDP_EVERY", "0.05"))
 PINNING = {"flow_pinning": {"timeout": 300}}
 
 INTENT = {
@@ -94,7 +97,7 @@ def homes(flows: dict[int, list[list]], before: float) -> dict[int, str]:
     home = {}
     for sport, records in flows.items():
         early = [r for r in records if r[2] < before]
-        assert len(early) >= 10, f"flow {sport} sent only {len(early)} datagrams before the change"
+        assert len(early) >= 3, f"flow {sport} sent only {len(early)} datagrams before the change"
         unanswered = [r for r in early if r[3] is None]
         assert not unanswered, f"flow {sport}: {len(unanswered)} datagrams unanswered before the change"
         servers = {r[3] for r in early}
