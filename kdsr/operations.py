@@ -14,7 +14,7 @@ from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
-from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
+from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME, pinned_servers_map
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
@@ -378,11 +378,17 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                         "source": elem.comment,
                     }
                 )
+        pinned_counts = {pinned_servers_map(m.name) for m in table.maps if _is_pinned_slot_map(table, m)}
         for nmap in table.maps:
-            if nmap.name in service_map_names or not nmap.counter or nmap.data_type in ("verdict", ""):
-                # Flow pinning's slot maps hold server ids and its pins map
-                # flows (neither counts); its servers map (id -> address)
-                # carries the counts.  L3's ICMP maps count errors, not flows.
+            if _is_pinned_slot_map(table, nmap):
+                report["servers"] += _pinned_rows(table, nmap, counters)
+                continue
+            if nmap.name in service_map_names or nmap.name in pinned_counts:
+                continue
+            if not nmap.counter or nmap.data_type in ("verdict", ""):
+                # Flow pinning's pins map holds flows, its servers map is
+                # read with the slot maps above; L3's ICMP maps count
+                # errors, not flows.
                 continue
             per_server: dict[str, list[int]] = {}
             for key, elem in nmap.elements:
@@ -422,6 +428,32 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     return report
 
 
+def _is_pinned_slot_map(table, nmap) -> bool:
+    """A flow-pinned selector's slot map: slot -> server id, beside its pool's servers map."""
+    servers = pinned_servers_map(nmap.name)
+    return bool(servers) and nmap.data_type == "mark" and not nmap.counter and table.map(servers) is not None
+
+
+def _pinned_rows(table, slots, counters: dict) -> list[dict]:
+    """Per member of a pinned pool: its Maglev slots in this selector's table
+    and the packets forwarded to it (the servers map counts them per server,
+    pinned flows included).  A member with no slot but still in the servers
+    map is drained: it serves its pinned flows and gets no new one.  Members
+    health took down are in neither map, as in an unpinned pool's table."""
+    servers = table.map(pinned_servers_map(slots.name))
+    per_id: dict = {}
+    for _slot, elem in slots.elements:
+        per_id[elem.value] = per_id.get(elem.value, 0) + 1
+    counted = counters.get(servers.name, {})
+    rows = []
+    for ident, elem in servers.elements:
+        packets, nbytes = counted.get(ident, (0, 0))
+        share = per_id.get(ident, 0)
+        row = {"selector": slots.name, "server": str(elem.value), "slots": share, "packets": packets, "bytes": nbytes}
+        rows.append({**row, "drained": share == 0, "counted_in": servers.name})
+    return sorted(rows, key=lambda r: r["server"])
+
+
 def format_show(report: dict) -> str:
     lines = []
     owned = ("tables", "addresses", "sysctls", "health", "announce")
@@ -438,8 +470,19 @@ def format_show(report: dict) -> str:
             )
     if report["servers"]:
         lines.append("\nservers (Maglev slots, packets/bytes forwarded):")
+        # A pool's servers map counts for all its pinned selectors: say so
+        # where one map counts for several, so nobody adds the rows up.
+        selectors_of: dict[str, set[str]] = {}
         for s in report["servers"]:
-            lines.append(f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B")
+            if s.get("counted_in"):
+                selectors_of.setdefault(s["counted_in"], set()).add(s["selector"])
+        for s in report["servers"]:
+            note = "  drained (serves its pinned flows)" if s.get("drained") else ""
+            if len(selectors_of.get(s.get("counted_in", ""), ())) > 1:
+                note += f"  (counts shared by the pool's pinned selectors: {s['counted_in']})"
+            lines.append(
+                f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B{note}"
+            )
     if report.get("health"):
         lines.append("\nhealth (kdsr run):")
         for h in report["health"]:
