@@ -100,7 +100,7 @@ def not_for_this_host(pointer: str) -> NftRule:
     mirror, a hub-like or promiscuous virtual switch) reaches every balancer
     on the segment; only the one it is addressed to may forward it, or the
     server gets one copy per balancer, and two balancers on a hub forward
-    each other's forwarded frames forever (``fwd`` decrements no TTL).
+    each other's forwarded frames back and forth, many times over.
     Broadcast and multicast frames are not addressed to one host either.
 
     ``skb->pkt_type`` is set by eth_type_trans() in the driver's receive

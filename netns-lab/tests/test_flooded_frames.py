@@ -130,64 +130,37 @@ class Deployment:
     def apply(self, host: str, release: Path = ROOT) -> subprocess.CompletedProcess:
         return self.kdsr(host, "apply", str(self.intent), "--node", NODES[host], release=release)
 
-    def send_counted(self, family: int, count: int = COUNT, rate: float = 200.0, tag: str = "") -> dict[str, list[int]]:
-        """Send ``count`` numbered datagrams to the VIP of ``family``; what each server's socket received."""
-        lab, vip = self.lab, VIPS[family]
-        tag = tag or f"v{family}-{time.monotonic_ns()}"
-        outs = {s: self.workdir / f"{tag}-{s}.json" for s in lab.SERVERS}
-        sinks = [
-            lab.spawn(
-                s,
-                [
-                    PYTHON,
-                    str(UDPCOUNT),
-                    "sink",
-                    "--bind",
-                    vip,
-                    "--port",
-                    str(PORT),
-                    "--name",
-                    s,
-                    "--max-seconds",
-                    "60",
-                    "--out",
-                    str(outs[s]),
-                ],
-                tag="sink",
-                ready_marker="ready",
-            )
-            for s in lab.SERVERS
-        ]
-        sent = self.workdir / f"{tag}-sent.json"
-        argv = [
-            PYTHON,
-            str(UDPCOUNT),
-            "send",
-            "--vip",
-            vip,
-            "--port",
-            str(PORT),
-            "--first-sport",
-            "30000",
-            "--span",
-            str(count),
-            "--count",
-            str(count),
-            "--rate",
-            str(rate),
-            "--max-seconds",
-            "30",
-            "--stop-file",
-            str(self.workdir / "never"),
-            "--out",
-            str(sent),
-        ]
-        lab.run("client", argv, timeout=60)
-        assert json.loads(sent.read_text())["sent"] == count
+    def sinks(self, vip: str, tag: str) -> dict[str, tuple]:
+        """A udpcount sink on every server for ``vip``: server -> (process, output file)."""
+        started = {}
+        for s in self.lab.SERVERS:
+            out = self.workdir / f"{tag}-{s}.json"
+            argv = [PYTHON, str(UDPCOUNT), "sink", "--bind", vip, "--port", str(PORT), "--name", s]
+            argv += ["--max-seconds", "60", "--out", str(out)]
+            started[s] = (self.lab.spawn(s, argv, tag="sink", ready_marker="ready"), out)
+        return started
+
+    def sender(self, vip: str, count: int, rate: float, first_sport: int, span: int, out: Path) -> list[str]:
+        argv = [PYTHON, str(UDPCOUNT), "send", "--vip", vip, "--port", str(PORT), "--count", str(count)]
+        argv += ["--rate", str(rate), "--first-sport", str(first_sport), "--span", str(span), "--max-seconds", "30"]
+        return argv + ["--stop-file", str(self.workdir / "never"), "--out", str(out)]
+
+    @staticmethod
+    def received(sinks: dict[str, tuple]) -> dict[str, list[int]]:
+        """Stop the sinks; the sequence numbers each server's socket received."""
         time.sleep(0.5)  # let the last datagrams (and any copies of them) land
-        for sink in sinks:
-            sink.stop(signal.SIGTERM)
-        return {s: json.loads(outs[s].read_text())["seqs"] for s in lab.SERVERS}
+        for proc, _out in sinks.values():
+            proc.stop(signal.SIGTERM)
+        return {s: json.loads(out.read_text())["seqs"] for s, (_proc, out) in sinks.items()}
+
+    def send_counted(self, family: int) -> dict[str, list[int]]:
+        """Send COUNT numbered datagrams to the VIP of ``family``; what each server's socket received."""
+        tag = f"v{family}-{time.monotonic_ns()}"
+        sinks = self.sinks(VIPS[family], tag)
+        sent = self.workdir / f"{tag}-sent.json"
+        self.lab.run("client", self.sender(VIPS[family], COUNT, 200.0, 30000, COUNT, sent), timeout=60)
+        assert json.loads(sent.read_text())["sent"] == COUNT
+        return self.received(sinks)
 
     def route_vips_to(self, mac: str) -> None:
         """The client's VIP routes via a next hop whose MAC is pinned to ``mac``."""
@@ -252,7 +225,7 @@ def test_flooded_frames_are_forwarded_once_by_their_balancer_or_by_none(deployed
 
 
 def unpack_release(revision: str, dest: Path) -> Path:
-    """That revision's kdsr package, from this clone's history."""
+    """That revision's kdsr package, from this clone's history (as test_l3_dsr.py does)."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
     if archive.returncode != 0:
         pytest.skip(f"kdsr {revision} is not in this checkout's history: {archive.stderr.decode()[-300:]}")
@@ -278,68 +251,17 @@ def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(depl
     print(f"\nupgrade plan:\n{plan.stdout}")
     assert "~ nft chain netdev kdsr/ingress" in plan.stdout, plan.stdout
     assert "Plan: 0 to add, 1 to change, 0 to replace, 0 to destroy." in plan.stdout, plan.stdout
-    changes = json.loads(deployed.kdsr("lb2", "plan", str(deployed.intent), "--node", "lb2", "--json").stdout)[
-        "changes"
-    ]
+    as_json = deployed.kdsr("lb2", "plan", str(deployed.intent), "--node", "lb2", "--json").stdout
+    changes = json.loads(as_json)["changes"]
     assert [(c["action"], c["kind"], c["id"]) for c in changes] == [("update", "nft chain", "netdev kdsr/ingress")]
 
     deployed.route_vips_to(lab.mac("lb2"))
     rate, seconds = 400.0, 6.0
-    count = int(rate * seconds)
-    outs = {s: deployed.workdir / f"upgrade-{s}.json" for s in lab.SERVERS}
-    sinks = [
-        lab.spawn(
-            s,
-            [
-                PYTHON,
-                str(UDPCOUNT),
-                "sink",
-                "--bind",
-                VIPS[4],
-                "--port",
-                str(PORT),
-                "--name",
-                s,
-                "--max-seconds",
-                "60",
-                "--out",
-                str(outs[s]),
-            ],
-            tag="sink",
-            ready_marker="ready",
-        )
-        for s in lab.SERVERS
-    ]
+    sinks = deployed.sinks(VIPS[4], "upgrade")
     sent_path = deployed.workdir / "upgrade-sent.json"
-    sender = lab.spawn(
-        "client",
-        [
-            PYTHON,
-            str(UDPCOUNT),
-            "send",
-            "--vip",
-            VIPS[4],
-            "--port",
-            str(PORT),
-            "--first-sport",
-            "20000",
-            "--span",
-            "10000",
-            "--count",
-            str(count),
-            "--rate",
-            str(rate),
-            "--max-seconds",
-            "30",
-            "--stop-file",
-            str(deployed.workdir / "never"),
-            "--out",
-            str(sent_path),
-        ],
-        tag="sender",
-    )
+    argv = deployed.sender(VIPS[4], int(rate * seconds), rate, 20000, 10000, sent_path)
+    sender = lab.spawn("client", argv, tag="sender")
     time.sleep(1.5)
-    events: list[str] = []
     monitor = lab.spawn("lb2", ["timeout", "60", "nft", "monitor"], tag="nft-monitor")
     time.sleep(0.3)
     try:
@@ -349,11 +271,8 @@ def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(depl
         monitor.stop(signal.SIGTERM)
     events = [line for line in monitor.stdout().splitlines() if line.strip()]
     sender.popen.wait(timeout=60)
-    time.sleep(0.5)
-    for sink in sinks:
-        sink.stop(signal.SIGTERM)
     sent = json.loads(sent_path.read_text())["sent"]
-    received = _received({s: json.loads(outs[s].read_text())["seqs"] for s in lab.SERVERS})
+    received = _received(deployed.received(sinks))
     print(f"upgrade apply: {applied.stdout.strip().splitlines()[-1]}")
     print("nft monitor during the apply:\n" + "\n".join(events))
     print(f"datagrams: {sent} sent at {rate:g}/s, {len(received)} received")
