@@ -2,7 +2,9 @@
 
 Shape (see nft/l2-lb.nft for the readable skeleton):
 
-- base chain ``ingress`` on the front interface looks up
+- base chain ``ingress`` on the front interface first lets every frame not
+  addressed to this host's MAC go on untouched (``not_for_this_host``), then
+  looks up
   ``daddr . l4proto . dport`` in the verdict maps ``services-v4`` /
   ``services-v6`` (single ports, exact match) and then ``service-ranges-v4``
   / ``-v6`` (port ranges) and jumps to the service's selector chain;
@@ -88,8 +90,33 @@ def service_lookups(family: int, names: dict[int, str], range_names: dict[int, s
     return [{"vmap": {"key": key, "data": f"@{table[family]}"}} for table in (names, range_names)]
 
 
+def not_for_this_host(pointer: str) -> NftRule:
+    """The first rule of every ingress chain: a frame whose destination MAC
+    is not this interface's own goes on untouched (``accept`` ends only this
+    base chain): the rest of the stack sees it as if kdsr were not there,
+    and ip_rcv / ipv6_rcv drop one addressed to another host.
+
+    A flooded frame (unknown unicast after a switch forgot a MAC, a port
+    mirror, a hub-like or promiscuous virtual switch) reaches every balancer
+    on the segment; only the one it is addressed to may forward it, or the
+    server gets one copy per balancer, and two balancers on a hub forward
+    each other's forwarded frames back and forth, many times over.
+    Broadcast and multicast frames are not addressed to one host either.
+
+    ``skb->pkt_type`` is set by eth_type_trans() in the driver's receive
+    path, before __netif_receive_skb_core() runs the netdev ingress hook,
+    and nft_meta loads it as is for every type but PACKET_LOOPBACK, which a
+    received frame never has (lab-checked on the host's 6.18 and Debian's
+    6.1).  One rule, once per packet, ahead of the lookups: a frame for this
+    host pays a 1-byte load and compare, a frame for another no lookup."""
+    return NftRule.build(
+        [{"match": {"op": "!=", "left": {"meta": {"key": "pkttype"}}, "right": "host"}}, {"accept": None}],
+        f"{pointer} (frames not addressed to this host)",
+    )
+
+
 def _ingress_chain(lb: LoadBalancerNode) -> NftChain:
-    rules = [
+    rules = [not_for_this_host(f"{lb.pointer}/interface")] + [
         NftRule.build([lookup], "/services")
         for family in (4, 6)
         for lookup in service_lookups(family, SERVICE_MAPS, RANGE_MAPS)
