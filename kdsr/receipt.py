@@ -24,6 +24,10 @@ every token match and that diff is empty; in every other case it returns
 None and the caller plans in full.  A receipt is a cache: any doubt (a file
 that does not decode, a kernel that gives no token) is a miss, never an
 error.
+
+`kdsr run`'s drift check asks the same question of the kernel, with the
+tokens and desired state it keeps in memory after each apply
+(``verified_tokens``, ``still_verified``).
 """
 
 from __future__ import annotations

@@ -705,3 +705,40 @@ def test_the_loop_checks_for_drift_every_interval_and_0_turns_it_off(tmp_path):
     for _ in range(3):
         off.step(poll=0.1)
     assert off.counters.drift_checks == 0 and off.counters.drift_repairs == 0
+
+
+@pytest.mark.parametrize("example", ["l3-gre-ipvs", "l3-ipip"])
+def test_a_hand_removed_ipvs_destination_or_tunnel_link_is_repaired(tmp_path, example):
+    """What has no nftables generation is read at each check: an IPVS
+    destination (ipvs engine) or a tunnel link (nft engine, L3) removed by
+    hand is back after the next one."""
+    import dataclasses
+    from pathlib import Path
+
+    from generation_kernel import GenerationKernel
+
+    from kdsr.intent import load_intent
+
+    kernel = GenerationKernel()
+    kernel.sysctls.update(
+        {k: "0" for k in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")}
+        | {f"net/ipv4/vs/{k}": "0" for k in ("expire_nodest_conn", "sloppy_tcp", "schedule_icmp")}
+    )
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{example}.json"
+    lines: list[str] = []
+    runner = Runner(lambda: load_intent(path), "lb1", kernel, StateStore(tmp_path / "s"), emit=lines.append)
+    runner.start()
+    runner._stop_probes()
+    if example.endswith("ipvs"):
+        ident, service = next(iter(kernel.ipvs.items()))
+        kernel.ipvs[ident] = dataclasses.replace(service, dests=service.dests[1:])
+        what = "ipvs"
+    else:
+        name = next(iter(kernel.links))
+        kernel.link_del(name)
+        what = f"link {name}"
+    runner.check_drift()
+    (line,) = [line for line in lines if "event=drift-repaired" in line]
+    assert what in line, line
+    assert operations.prepare(load_intent(path), "lb1", kernel, runner.store).plan.empty
+    assert runner.counters.drift_repairs == 1
