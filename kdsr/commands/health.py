@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kdsr import operations
 from kdsr.errors import UsageError
-from kdsr.health import metrics
+from kdsr.health import CHECK_INTERVAL, metrics
 from kdsr.health.daemon import Runner
 from kdsr.health.effective import effective_intent
 from kdsr.intent.model import Intent
@@ -15,9 +15,17 @@ from kdsr.wording import counted
 
 
 def run_daemon(
-    load, node: str | None, kernel, store: StateStore, wait: float, adopt: bool, listen: str | None, verified=None
+    load,
+    node: str | None,
+    kernel,
+    store: StateStore,
+    wait: float,
+    adopt: bool,
+    listen: str | None,
+    verified=None,
+    check_interval: float = CHECK_INTERVAL,
 ) -> int:
-    runner = Runner(load, node, kernel, store, wait=wait, adopt=adopt, verified=verified)
+    runner = Runner(load, node, kernel, store, wait=wait, adopt=adopt, verified=verified, check_interval=check_interval)
     runner.install_signals()
     runner.start()  # a bad intent raises here, before any kernel write
     if listen:
