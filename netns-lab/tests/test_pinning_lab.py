@@ -76,7 +76,9 @@ class Flows:
         self.out, self.stop_file = workdir / f"udpflows-{tag}.json", workdir / f"udpflows-{tag}.stop"
         argv = [sys.executable, str(UDPFLOWS), "--vip", VIP, "--port", "53", "--flows", str(FLOWS)]
         argv += ["--first-sport", str(lab.next_sports(FLOWS)), "--every", str(EVERY), "--seconds", str(seconds)]
-        argv += ["--timeout", "2", "--stop-file", str(self.stop_file), "--out", str(self.out)]
+        # A reply within 5 s counts: a loaded machine (other labs, a TCG guest)
+        # delays replies by seconds; a black-holed datagram gets none at all.
+        argv += ["--timeout", "5", "--stop-file", str(self.stop_file), "--out", str(self.out)]
         self.proc = lab.spawn("client", argv, tag="udpflows", ready_marker="READY", ready_timeout=60)
 
     def stop(self) -> list[list]:
