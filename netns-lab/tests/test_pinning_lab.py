@@ -4,7 +4,7 @@ through the real CLI (and the real `kdsr run` for health).
 L2 lab: client, lb, s1-s3 on one bridge.  Pool "pinned" (s1-s3) serves
 UDP 53 and TCP 80 on 10.10.0.100 with flow pinning; a responder on every
 server answers both.  Long-lived UDP flows (netns-lab/udpflows.py: one socket
-per flow, a datagram every 50 ms, each answered by a server and dated on the
+per flow, a datagram every 100 ms, each answered by a server and dated on the
 clock every namespace shares) run across each change:
 
 - removed: an apply takes s2 out of the pool while s2 still answers.  Every
@@ -46,9 +46,13 @@ UDPFLOWS = ROOT / "netns-lab" / "udpflows.py"
 VIP = "10.10.0.100"
 SERVERS = ("s1", "s2", "s3")
 ADDRESS = {"s1": "10.10.0.11", "s2": "10.10.0.12", "s3": "10.10.0.13"}
-# 30 flows x 20 datagrams/s.  A slower machine (the TCG guest, where Python
-# answers ~10x slower) sets a slower pace, e.g. KDSR_LAB_UDP_EVERY=0.5.
-FLOWS, EVERY = 30, float(os.environ.get("KDSR_LAB_UDP_EVERY", "0.05"))
+# 30 flows x 10 datagrams/s.  Each responder.py logs every datagram; at 20
+# datagrams/s per flow (300/s on one server) a loaded machine (load 7-9 on 2
+# CPUs) stalled a responder long enough to overflow its socket, and every
+# flow of that server lost a few datagrams at once.  A slower machine (the
+# TCG guest, where Python answers ~10x slower) sets a slower pace, e.g.
+# KDSR_LAB_UDP_EVERY=0.5.
+FLOWS, EVERY = 30, float(os.environ.get("KDSR_LAB_UDP_EVERY", "0.1"))
 PINNING = {"flow_pinning": {"timeout": 300}}
 
 INTENT = {
