@@ -165,7 +165,7 @@ def test_a_sighup_applies_the_edited_intent_and_a_bad_edit_keeps_the_running_one
 
 
 CHECK_INTERVAL = 2.0  # `kdsr run --check-interval` in the drift test
-REPAIR_SLACK = 3.0  # on top of the interval: the repair's plan and apply on a busy 2-CPU machine
+REPAIR_SLACK = 5.0  # on top of the interval: the repair lists the table and applies, slow on a loaded 2-CPU box
 METRICS = "127.0.0.1:9469"  # in the lb namespace
 
 
