@@ -424,9 +424,18 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
     "--metrics", "listen", metavar="ADDRESS:PORT", help="Serve Prometheus metrics on /metrics (off by default)."
 )
 @click.option("--adopt", is_flag=True, help=ADOPT_HELP)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr: key=value text, or one JSON object per line (with a level) for log shippers.",
+)
 @global_options
 @click.pass_obj
-def run_command(obj: Context, intent_file: str, node: str | None, listen: str | None, adopt: bool) -> None:
+def run_command(
+    obj: Context, intent_file: str, node: str | None, listen: str | None, adopt: bool, log_format: str
+) -> None:
     """Apply the intent, probe every server (health), and apply what health changes, until stopped."""
     from kdsr.commands.health import run_daemon
     from kdsr.intent.reload import Reloader
@@ -458,6 +467,7 @@ def run_command(obj: Context, intent_file: str, node: str | None, listen: str | 
             listen,
             # As `kdsr apply --adopt`, which records no receipt either.
             verified=None if adopt else verified,
+            log_format=log_format,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)

@@ -6,18 +6,38 @@ from dataclasses import dataclass
 
 from kdsr import operations
 from kdsr.errors import UsageError
-from kdsr.health import metrics
+from kdsr.health import logs, metrics
 from kdsr.health.daemon import Runner
 from kdsr.health.effective import effective_intent
+from kdsr.health.notify import Notifier
 from kdsr.intent.model import Intent
 from kdsr.kernel.state import StateStore
 from kdsr.wording import counted
 
 
 def run_daemon(
-    load, node: str | None, kernel, store: StateStore, wait: float, adopt: bool, listen: str | None, verified=None
+    load,
+    node: str | None,
+    kernel,
+    store: StateStore,
+    wait: float,
+    adopt: bool,
+    listen: str | None,
+    verified=None,
+    log_format: str = "text",
 ) -> int:
-    runner = Runner(load, node, kernel, store, wait=wait, adopt=adopt, verified=verified)
+    """``log_format``: "text" or "json" (kdsr/health/logs.py)."""
+    runner = Runner(
+        load,
+        node,
+        kernel,
+        store,
+        wait=wait,
+        adopt=adopt,
+        verified=verified,
+        log_format=logs.formatter(log_format),
+        notifier=Notifier.from_environment(),  # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); else none
+    )
     runner.install_signals()
     runner.start()  # a bad intent raises here, before any kernel write
     if listen:

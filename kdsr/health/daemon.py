@@ -13,7 +13,11 @@ view it finds); SIGHUP reloads the intent, and an intent that fails to load
 keeps the old one running.
 
 Logs: one line per event on stderr, ``ts=... event=... key=value``
-(journald-friendly, greppable).
+(journald-friendly, greppable), or JSON (kdsr/health/logs.py).
+
+Under systemd (kdsr/health/notify.py): READY=1 after the first verified
+apply, WATCHDOG=1 each turn of the main loop, RELOADING=1 and READY=1
+around a reload, STOPPING=1 on the way out, STATUS= all along.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ from kdsr import collector, operations
 from kdsr.errors import KdsrError, UsageError
 from kdsr.health import status as health_status
 from kdsr.health.effective import POOL_OK, effective_intent
+from kdsr.health.notify import Notifier
 from kdsr.health.probes import Result, probe
 from kdsr.health.state import DOWN, UP, TargetState
 from kdsr.health.targets import Target, targets_for
 from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import StateStore
+from kdsr.wording import counted
 
 STATUS_EVERY = 2.0  # seconds between status writes when nothing changes
 RETRY_FAILED_APPLY = 5.0  # seconds before a failed apply is tried again
@@ -78,6 +84,8 @@ class Runner:
         emit: Callable[[str], None] | None = None,
         probe_fn: Callable[[Target], Result] = probe,
         verified: Callable[[operations.Prepared], None] | None = None,
+        log_format: Callable[..., str] = log_line,
+        notifier: Notifier | None = None,
     ) -> None:
         self._load = load
         # Called under the store's lock each time the kernel was verified
@@ -91,6 +99,9 @@ class Runner:
         self.wait = wait
         self.adopt = adopt
         self._emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._format = log_format  # kdsr/health/logs.py: text or JSON, journald priorities
+        # The service manager's protocol (`kdsr run` passes the one of its environment).
+        self.notify = notifier if notifier is not None else Notifier(None)
         self._probe = probe_fn
         self.intent: Intent | None = None
         self.node = ""
@@ -113,7 +124,7 @@ class Runner:
     # --- events ----------------------------------------------------------------
 
     def log(self, event: str, **fields: object) -> None:
-        self._emit(log_line(event, node=self.node or None, **fields))
+        self._emit(self._format(event, node=self.node or None, **fields))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -155,6 +166,7 @@ class Runner:
 
     def step(self, poll: float = 0.2) -> None:
         """Take the results that arrived (waiting up to ``poll`` s), apply a change, publish."""
+        self.notify.watchdog()  # each turn: a loop stuck in an apply or a lock stops feeding it
         try:
             self._take(self.results.get(timeout=poll))
             while True:
@@ -171,6 +183,7 @@ class Runner:
             self.publish()
 
     def shutdown(self) -> None:
+        self.notify.stopping()
         self._stop_probes()
         self.publish()
         self.log("stopped", reason="signal", kernel="left as the last apply made it")
@@ -276,6 +289,7 @@ class Runner:
             self.counters.apply_failures += 1
             self._dirty, self._last_failed_apply = True, time.monotonic()
             self.log("apply-failed", reason=reason, error=str(exc), retry_in=f"{RETRY_FAILED_APPLY:g}s")
+            self.notify.status(f"apply failed ({reason}), retrying every {RETRY_FAILED_APPLY:g} s: {exc}")
             self.publish()
             return False
         self._last_failed_apply = 0.0
@@ -284,6 +298,8 @@ class Runner:
         for pool, condition in sorted(effective.pools.items()):
             if condition not in (POOL_OK, "degraded"):
                 self.log("pool", pool=pool, state=condition)
+        applied = counted(changes, "change")
+        self.notify.verified(f"verified ({reason}): {applied} applied; out of the tables: {', '.join(out) or 'none'}")
         return True
 
     def _record_verified(self, prepared: operations.Prepared) -> None:
@@ -297,6 +313,7 @@ class Runner:
             self.log("receipt-failed", error=str(exc))
 
     def reload(self) -> None:
+        self.notify.reloading_started()
         try:
             with collector.paused():  # the new document and model are large and acyclic (kdsr/collector.py)
                 intent = self._load()
@@ -304,11 +321,13 @@ class Runner:
                 raise KdsrError(f"{intent.source}: node {self.node} is no longer in the intent")
         except KdsrError as exc:
             self.log("reload-failed", error=str(exc).replace("\n", "; "), keeping="the running intent")
+            self.notify.reload_finished(f"reload failed, the running intent stays: {exc}")
             return
         self._stop_probes()
         self._install(intent)
         self.log("reloaded", intent=intent.source, targets=len(self.targets))
-        self.apply("reload")
+        if not self.apply("reload"):  # else READY=1 went with the verified apply
+            self.notify.reload_finished(f"reloaded; its apply failed, retrying every {RETRY_FAILED_APPLY:g} s")
         collector.settle()  # frees the replaced intent's state, keeps the new one out of collections
         self._start_probes()
 
