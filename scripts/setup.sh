@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2)
+# `make deb` (debian/control's Build-Depends) and the package check in
+# `make test` (netns-lab/tests/test_package.py: `man -w`, `systemd-analyze`;
+# kdsr.service under systemd in a lab namespace: systemd-nspawn).
+need_pkgs+=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel
+    python3-click python3-jsonschema python3-yaml man-db systemd systemd-container)
 missing=()
 for p in "${need_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
