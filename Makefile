@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: setup demo test deb man unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
-	bench-ipvs-control-plane bench-addresses bench-cli-noop
+	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup
 
 setup:
 	./scripts/setup.sh
@@ -83,3 +83,8 @@ bench-addresses: setup
 # each, this checkout beside an older release (root; throw-away namespaces).
 bench-cli-noop: setup
 	$(PY) bench/cli_noop.py
+
+# `kdsr run`: SIGHUP to the kernel's commit over weight edits, and the drift
+# check's cost, this checkout beside an older release (root; throw-away namespaces).
+bench-sighup: setup
+	$(PY) bench/sighup_latency.py

@@ -9,6 +9,7 @@ import click
 
 from kdsr import operations
 from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
+from kdsr.health import CHECK_INTERVAL
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import applied_json, render_json, render_text
@@ -414,7 +415,8 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
 @main.command(
     name="run",
     epilog="Example: kdsr run examples/l2-web.json --node lb1 --metrics 127.0.0.1:9469\n\n"
-    "SIGTERM stops it and leaves the kernel as the last apply made it; SIGHUP reloads the intent.",
+    "SIGTERM stops it and leaves the kernel as the last apply made it; SIGHUP reloads the intent "
+    "(an edit of the file takes effect only then).",
 )
 @click.argument("intent_file", type=click.Path())
 @click.option(
@@ -422,6 +424,14 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
 )
 @click.option(
     "--metrics", "listen", metavar="ADDRESS:PORT", help="Serve Prometheus metrics on /metrics (off by default)."
+)
+@click.option(
+    "--check-interval",
+    type=click.FloatRange(min=0),
+    default=CHECK_INTERVAL,
+    show_default=True,
+    metavar="SECONDS",
+    help="Check this often that kdsr's kernel objects are as it last applied them, and repair what drifted (0: never).",
 )
 @click.option("--adopt", is_flag=True, help=ADOPT_HELP)
 @click.option(
@@ -434,9 +444,15 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
 @global_options
 @click.pass_obj
 def run_command(
-    obj: Context, intent_file: str, node: str | None, listen: str | None, adopt: bool, log_format: str
+    obj: Context,
+    intent_file: str,
+    node: str | None,
+    listen: str | None,
+    check_interval: float,
+    adopt: bool,
+    log_format: str,
 ) -> None:
-    """Apply the intent, probe every server (health), and apply what health changes, until stopped."""
+    """Apply the intent, probe every server (health), apply what health changes and repair drift, until stopped."""
     from kdsr.commands.health import run_daemon
     from kdsr.intent.reload import Reloader
 
@@ -467,6 +483,7 @@ def run_command(
             listen,
             # As `kdsr apply --adopt`, which records no receipt either.
             verified=None if adopt else verified,
+            check_interval=check_interval,
             log_format=log_format,
         )
     except (KdsrError, KernelError) as exc:

@@ -88,6 +88,9 @@ class Plan:
     # What the reviewer must not miss in the state this plan leaves (e.g. a
     # service with no server left to take its flows).
     warnings: list[str] = field(default_factory=list)
+    # The change in the operator's terms: services and servers' shares
+    # (kdsr/service_view.py ``summarise``); empty for a server node.
+    service_changes: dict = field(default_factory=dict)
     # The IPVS services this plan was made from, by ident (None: absent),
     # for every service it may touch: apply starts from them instead of
     # listing the kernel again (at 10,000 services a full listing takes

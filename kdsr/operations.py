@@ -10,11 +10,11 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from kdsr import collector, naming
+from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
-from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME
+from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME, pinned_servers_map
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
@@ -96,10 +96,39 @@ def prepare(
         keep_unchanged(kernel, desired, observed, plan)
         plan.notes = announcement_notes(effective.intent, desired) + probe_notes(effective.intent, name)
         if intent.load_balancer(name) is not None:
+            plan.service_changes = service_changes(plan, effective, down, drained)
             plan.warnings = [f"service {name} {why}" for name, why in sorted(unserved_services(effective).items())]
     _check_bird_ready(plan, kernel)
     _mark_bird_stopped(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
+
+
+def service_changes(
+    plan: Plan, effective: Effective, down: frozenset[tuple[str, str]], drained: frozenset[str]
+) -> dict:
+    """The plan in the operator's terms (kdsr/service_view.py): services added,
+    removed or moved, and each server's share of its pool's table before and
+    after, with its state in the intent."""
+    table = next((t for t in plan.tables if (t.family, t.name) == (TABLE_FAMILY, TABLE_NAME)), None)
+    if table is None:
+        return {"services": [], "pools": []}
+    members: dict[tuple[str, int], dict[str, str]] = {}
+    for pool in effective.intent.pools:
+        for member in pool.members:
+            address = address_text(member.address)
+            if (pool.name, address) in down and address in effective.out.get(pool.name, ()):
+                state = "down"
+            elif address in drained or (member.node is not None and member.node in drained):
+                state = "drained"
+            else:
+                state = f"weight {member.weight}"
+            if member.node:
+                state = f"{state} ({member.node})"
+            per_family = members.setdefault((pool.name, member.address.version), {})
+            per_family[address] = state
+            if member.mac:
+                per_family[member.mac] = state
+    return service_view.summarise(table.observed, table.desired, members)
 
 
 def unserved_services(effective: Effective) -> dict[str, str]:
@@ -349,11 +378,17 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                         "source": elem.comment,
                     }
                 )
+        pinned_counts = {pinned_servers_map(m.name) for m in table.maps if _is_pinned_slot_map(table, m)}
         for nmap in table.maps:
-            if nmap.name in service_map_names or not nmap.counter or nmap.data_type in ("verdict", ""):
-                # Flow pinning's slot maps hold server ids and its pins map
-                # flows (neither counts); its servers map (id -> address)
-                # carries the counts.  L3's ICMP maps count errors, not flows.
+            if _is_pinned_slot_map(table, nmap):
+                report["servers"] += _pinned_rows(table, nmap, counters)
+                continue
+            if nmap.name in service_map_names or nmap.name in pinned_counts:
+                continue
+            if not nmap.counter or nmap.data_type in ("verdict", ""):
+                # Flow pinning's pins map holds flows, its servers map is
+                # read with the slot maps above; L3's ICMP maps count
+                # errors, not flows.
                 continue
             per_server: dict[str, list[int]] = {}
             for key, elem in nmap.elements:
@@ -393,6 +428,32 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     return report
 
 
+def _is_pinned_slot_map(table, nmap) -> bool:
+    """A flow-pinned selector's slot map: slot -> server id, beside its pool's servers map."""
+    servers = pinned_servers_map(nmap.name)
+    return bool(servers) and nmap.data_type == "mark" and not nmap.counter and table.map(servers) is not None
+
+
+def _pinned_rows(table, slots, counters: dict) -> list[dict]:
+    """Per member of a pinned pool: its Maglev slots in this selector's table
+    and the packets forwarded to it (the servers map counts them per server,
+    pinned flows included).  A member with no slot but still in the servers
+    map is drained: it serves its pinned flows and gets no new one.  Members
+    health took down are in neither map, as in an unpinned pool's table."""
+    servers = table.map(pinned_servers_map(slots.name))
+    per_id: dict = {}
+    for _slot, elem in slots.elements:
+        per_id[elem.value] = per_id.get(elem.value, 0) + 1
+    counted = counters.get(servers.name, {})
+    rows = []
+    for ident, elem in servers.elements:
+        packets, nbytes = counted.get(ident, (0, 0))
+        share = per_id.get(ident, 0)
+        row = {"selector": slots.name, "server": str(elem.value), "slots": share, "packets": packets, "bytes": nbytes}
+        rows.append({**row, "drained": share == 0, "counted_in": servers.name})
+    return sorted(rows, key=lambda r: r["server"])
+
+
 def format_show(report: dict) -> str:
     lines = []
     owned = ("tables", "addresses", "sysctls", "health", "announce")
@@ -409,8 +470,19 @@ def format_show(report: dict) -> str:
             )
     if report["servers"]:
         lines.append("\nservers (Maglev slots, packets/bytes forwarded):")
+        # A pool's servers map counts for all its pinned selectors: say so
+        # where one map counts for several, so nobody adds the rows up.
+        selectors_of: dict[str, set[str]] = {}
         for s in report["servers"]:
-            lines.append(f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B")
+            if s.get("counted_in"):
+                selectors_of.setdefault(s["counted_in"], set()).add(s["selector"])
+        for s in report["servers"]:
+            note = "  drained (serves its pinned flows)" if s.get("drained") else ""
+            if len(selectors_of.get(s.get("counted_in", ""), ())) > 1:
+                note += f"  (counts shared by the pool's pinned selectors: {s['counted_in']})"
+            lines.append(
+                f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B{note}"
+            )
     if report.get("health"):
         lines.append("\nhealth (kdsr run):")
         for h in report["health"]:

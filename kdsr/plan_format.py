@@ -33,6 +33,7 @@ from kdsr.model import (
     Rule,
     Sysctl,
 )
+from kdsr.service_view import summary_lines
 from kdsr.wording import counted
 
 SYMBOL = {CREATE: "+", UPDATE: "~", REPLACE: "-/+", DELETE: "-"}
@@ -149,6 +150,8 @@ def render_text(plan: Plan, source: str = "") -> str:
         header += "\n\n" + "\n".join(f"Warning: {w}." for w in plan.warnings)
     if plan.notes:
         header += "\n\n" + "\n".join(plan.notes)
+    if plan.service_changes and (plan.service_changes["services"] or plan.service_changes["pools"]):
+        header += "\n\n" + "\n".join(summary_lines(plan.service_changes))
     if plan.empty:
         return f"{header}\n\nNo changes. The kernel matches the intent.\n"
     lines = [header, ""]
@@ -281,6 +284,7 @@ def render_json(plan: Plan, source: str = "", outcome: dict | None = None) -> st
         ],
         "summary": summary(plan),
         "warnings": list(plan.warnings),
+        "service_changes": plan.service_changes or {"services": [], "pools": []},
         **(outcome or {}),
     }
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -24,6 +24,10 @@ every token match and that diff is empty; in every other case it returns
 None and the caller plans in full.  A receipt is a cache: any doubt (a file
 that does not decode, a kernel that gives no token) is a miss, never an
 error.
+
+`kdsr run`'s drift check asks the same question of the kernel, with the
+tokens and desired state it keeps in memory after each apply
+(``verified_tokens``, ``still_verified``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from kdsr.health import status as health_status
 from kdsr.kernel import Kernel
 from kdsr.kernel.nft_cache import netns_cookie
 from kdsr.kernel.observe import observe
-from kdsr.kernel.state import StateStore
+from kdsr.kernel.state import NodeState, StateStore
 from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_atomic
 from kdsr.model import Desired
 
@@ -103,6 +107,40 @@ def _tables_of(desired: Desired, recorded: Iterable[str]) -> list[tuple[str, str
     return sorted(tuple(ident.split(" ", 1)) for ident in idents)  # type: ignore[misc]
 
 
+def verified_tokens(kernel: Kernel, desired: Desired, state: NodeState) -> dict[str, str] | None:
+    """Per nftables table kdsr wants or owns (``"family name"``), the token
+    at which this process read or proved it, right after kdsr verified the
+    kernel against ``desired``; None when a token cannot vouch for that (a
+    commit came in between, or the kernel has no generation)."""
+    tokens = {}
+    for family, name in _tables_of(desired, state.tables):
+        token = kernel.nft_token(family, name)
+        if token is None or not token[1]:
+            return None
+        tokens[f"{family} {name}"] = token[0]
+    return tokens
+
+
+def still_verified(kernel: Kernel, tokens: dict[str, str], rest: Desired, state: NodeState) -> Plan | None:
+    """The empty plan when the kernel is still as kdsr verified it: every
+    table's token is the one recorded (no nftables commit since, by anyone),
+    and ``rest`` (the desired state without its tables: what has no
+    generation) diffs empty against a fresh read.  None when anything may
+    differ; the caller then plans in full."""
+    if set(tokens) != {f"{f} {n}" for f, n in _tables_of(rest, state.tables)}:
+        return None  # the record of owned tables changed since
+    for ident, token in tokens.items():
+        now = kernel.nft_token(*ident.split(" ", 1))
+        if now is None or now[0] != token:
+            return None
+    # The tables are vouched for: diff the rest as a plan would.
+    observed = observe(kernel, rest, dataclasses.replace(state, tables=set()))
+    if observed.foreign_links or observed.foreign_ipvs:
+        return None  # the full plan explains what to do about those
+    plan = diff(rest, observed)
+    return plan if plan.empty else None
+
+
 def record(
     store: StateStore,
     kernel: Kernel,
@@ -119,14 +157,10 @@ def record(
     path = _path(store, node_arg)
     if path is None:
         return
-    state = store.load(desired.node)
-    tokens = {}
-    for family, name in _tables_of(desired, state.tables):
-        token = kernel.nft_token(family, name)
-        if token is None or not token[1]:
-            forget(store, node_arg)
-            return
-        tokens[f"{family} {name}"] = token[0]
+    tokens = verified_tokens(kernel, desired, store.load(desired.node))
+    if tokens is None:
+        forget(store, node_arg)
+        return
     doc = {
         "format": FORMAT,
         "inputs": inputs,
@@ -171,19 +205,8 @@ def unchanged(store: StateStore, kernel: Kernel, source: str, text: bytes, node_
         return None
     if doc["inputs"] != inputs_digest(source, text, node_arg, rest.node, kernel, store):
         return None
-    state = store.load(rest.node)
-    if set(tokens) != {f"{f} {n}" for f, n in _tables_of(rest, state.tables)}:
-        return None  # the record of owned tables changed since
-    for ident, token in tokens.items():
-        now = kernel.nft_token(*ident.split(" ", 1))
-        if now is None or now[0] != token:
-            return None
-    # The tables are vouched for: diff the rest as a plan would.
-    observed = observe(kernel, rest, dataclasses.replace(state, tables=set()))
-    if observed.foreign_links or observed.foreign_ipvs:
-        return None  # the full plan explains what to do about those
-    plan = diff(rest, observed)
-    if not plan.empty:
+    plan = still_verified(kernel, tokens, rest, store.load(rest.node))
+    if plan is None:
         return None
     plan.notes = list(doc["notes"])
     return Unchanged(node=rest.node, plan=plan, warnings=list(doc["warnings"]))

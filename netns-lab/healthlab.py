@@ -66,11 +66,18 @@ class HealthLab:
     def start_responder(self, server: str) -> None:
         self.responders[server] = self.lab.start_responder(server, tcp_ports=[self.port], max_seconds=3600)
 
-    def start_daemon(self, first_apply_within: float = 60) -> None:
+    def start_daemon(self, first_apply_within: float = 60, options: tuple[str, ...] = ()) -> None:
+        """``options``: more `kdsr run` options (``--check-interval``, ``--metrics``)."""
         argv = [sys.executable, "-m", "kdsr", "--state-dir", str(self.state_dir / "lb"), "run", str(self.intent_path)]
-        argv += ["--node", "lb1"]
+        argv += ["--node", "lb1", *options]
         self.daemon = self.lab.spawn("lb", argv, tag="kdsr-run")
-        applied = lambda: (self.view() or {}).get("applies", 0) >= 1  # noqa: E731
+        pid = self.daemon.pid  # `ip netns exec` execs kdsr in place: the daemon's own pid
+
+        def applied() -> bool:
+            # This daemon's view: a daemon stopped before left its own, with its applies.
+            view = self.view() or {}
+            return view.get("pid") == pid and view.get("applies", 0) >= 1
+
         self.wait_for(applied, first_apply_within, "kdsr run's first apply")
 
     def view(self) -> dict | None:
@@ -95,6 +102,16 @@ class HealthLab:
 
     def log(self) -> str:
         return self.daemon.stderr() if self.daemon else ""
+
+    def metrics(self, listen: str) -> dict[str, float]:
+        """The daemon's Prometheus samples (`kdsr run --metrics`, served in the lb namespace), by sample name."""
+        url = f"http://{listen}/metrics"
+        code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+        text = self.lab.run("lb", [sys.executable, "-c", code], timeout=30).stdout
+        return {
+            name: float(value)
+            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        }
 
     def stream(self, seconds: float, vip: str = VIP_DSR, every: float = 0.02) -> netns_lab.LabProcess:
         out = self.workdir / f"flows-{time.monotonic_ns()}.jsonl"

@@ -12,6 +12,16 @@ from click.testing import CliRunner
 from kdsr import cli, privilege
 
 
+def separate_runner() -> CliRunner:
+    """A runner whose result keeps stdout and stderr apart on every click the
+    project meets: 8.1 (Debian bookworm's python3-click) mixes them unless
+    told not to; 8.2 keeps them apart and has no such switch."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
 def run_kdsr(tmp_path, *args: str):
     """``kdsr --state-dir <tmp_path>/state <args>``; returns click's Result."""
     return CliRunner().invoke(cli.main, ["--state-dir", str(tmp_path / "state"), *args])

@@ -499,3 +499,246 @@ def test_a_failing_receipt_hook_neither_fails_the_apply_nor_stops_the_daemon(tmp
     assert runner.counters.applies == 1 and runner.counters.apply_failures == 0
     assert kernel.writes > 0
     assert any("event=receipt-failed" in line and "netlink said no" in line for line in lines), lines
+
+
+# --- wake-ups, drift and the log's clock ---------------------------------------
+
+
+def test_log_timestamps_come_from_one_reading_of_the_clock(monkeypatch):
+    """The clock read at x.9995 s and again 0.8 ms later: the stamp is
+    x.999, not (from the second reading's milliseconds) x.000."""
+    import time as real_time
+
+    from kdsr.health import daemon as daemon_module
+
+    second = 1_767_225_599  # 2025-12-31T23:59:59Z
+    readings = iter([second * 10**9 + 999_500_000, (second + 1) * 10**9 + 300_000])
+
+    class Clock:
+        """The `time` module with a clock that moves between two readings."""
+
+        strftime = staticmethod(real_time.strftime)
+
+        @staticmethod
+        def time_ns() -> int:
+            return next(readings)
+
+        @staticmethod
+        def time() -> float:
+            return next(readings) / 1e9
+
+        @staticmethod
+        def gmtime(seconds=None):
+            return real_time.gmtime(Clock.time() if seconds is None else seconds)
+
+    monkeypatch.setattr(daemon_module, "time", Clock)
+    assert log_line("x").split()[0] == "ts=2025-12-31T23:59:59.999Z"
+
+
+def test_timestamps_cut_to_the_millisecond():
+    from kdsr.health.daemon import timestamp
+
+    assert timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert timestamp(1_999_999_999) == "1970-01-01T00:00:01.999Z"
+    assert timestamp(2_000_000_000) == "1970-01-01T00:00:02.000Z"
+
+
+@pytest.fixture
+def signals(daemon):
+    """The daemon started, probes stopped, its signal handlers installed (and restored after)."""
+    import signal
+
+    daemon.start()
+    daemon._stop_probes()
+    daemon.install_signals()
+    try:
+        yield signal
+    finally:
+        daemon.restore_signals()
+        daemon._stop_probes()
+
+
+def _signal_soon(number: int, after: float = 0.3) -> threading.Thread:
+    import os
+
+    thread = threading.Thread(target=lambda: (threading.Event().wait(after), os.kill(os.getpid(), number)))
+    thread.start()
+    return thread
+
+
+def test_a_sighup_wakes_the_loop_at_once_not_after_its_poll(daemon, signals):
+    """The loop's longest sleep is 10 s here; the reload starts as soon as SIGHUP lands."""
+    import time
+
+    sender = _signal_soon(signals.SIGHUP)
+    started = time.monotonic()
+    daemon.step(poll=10)
+    took = time.monotonic() - started
+    sender.join()
+    assert any("event=reloaded" in line for line in daemon.lines), daemon.lines
+    assert took < 3, f"SIGHUP handled {took:.2f} s after it was sent 0.3 s into a 10 s poll"
+
+
+def test_sigterm_stops_the_loop_at_once_and_run_forever_returns_0(daemon, signals):
+    import time
+
+    sender = _signal_soon(signals.SIGTERM)
+    started = time.monotonic()
+    assert daemon.run_forever() == 0
+    sender.join()
+    assert time.monotonic() - started < 1.5
+    assert daemon.lines[-1].split()[1] == "event=stopped"
+
+
+def test_a_probe_result_wakes_the_loop(daemon):
+    """Probe threads wake the main thread: a step with a 10 s poll returns
+    with the first results (interval 1 s, first round spread over it)."""
+    import time
+
+    daemon.start()
+    daemon._stop_probes()
+    daemon._start_probes()
+    try:
+        started = time.monotonic()
+        daemon.step(poll=10)
+        took = time.monotonic() - started
+    finally:
+        daemon._stop_probes()
+    assert took < 3 and any(s.probes for s in daemon.states.values()), took
+
+
+def drift_runner(tmp_path, check_interval: float = 30.0):
+    """A daemon against the fake kernel with an nftables generation, started, probes stopped."""
+    from generation_kernel import GenerationKernel
+
+    from kdsr.intent import load_intent
+
+    kernel = GenerationKernel()
+    kernel.sysctls.update(
+        {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "intent.json"
+    path.write_text(json.dumps(doc()))
+    lines: list[str] = []
+    runner = Runner(
+        lambda: load_intent(path),
+        "lb1",
+        kernel,
+        StateStore(tmp_path / "state"),
+        emit=lines.append,
+        probe_fn=Script(),
+        check_interval=check_interval,
+    )
+    runner.lines = lines  # type: ignore[attr-defined]
+    runner.start()
+    runner._stop_probes()
+    return runner
+
+
+def test_a_drift_check_with_nothing_changed_lists_no_table_and_writes_nothing(tmp_path):
+    runner = drift_runner(tmp_path)
+    kernel = runner.kernel
+    reads, writes = kernel.table_reads, kernel.writes
+    runner.check_drift()
+    assert (kernel.table_reads, kernel.writes) == (reads, writes)
+    assert runner.counters.drift_checks == 1 and runner.counters.drift_repairs == 0
+    assert not [line for line in runner.lines if "event=drift" in line]
+
+
+def test_hand_deleted_service_and_slot_elements_are_repaired_logged_and_counted(tmp_path):
+    runner = drift_runner(tmp_path)
+    kernel = runner.kernel
+    service = kernel.delete_element("netdev", "kdsr", "services-v4")
+    slot_map = next(name for name in kernel.tables[("netdev", "kdsr")].maps if name.startswith("pool-web-v4-"))
+    slot = kernel.delete_element("netdev", "kdsr", slot_map)
+    writes = kernel.writes
+    runner.check_drift()
+    assert kernel.writes == writes + 1  # one nft transaction
+    maps = kernel.tables[("netdev", "kdsr")].maps
+    assert service in maps["services-v4"][1] and slot in maps[slot_map][1]
+    (line,) = [line for line in runner.lines if "event=drift-repaired" in line]
+    assert "changes=2" in line and f"{slot_map}[{slot}]" in line and "services-v4[10.10.0.100 . tcp . " in line, line
+    assert runner.counters.drift_repairs == 1
+    text = metrics.render(runner.view(), runner.counters, None)
+    assert "kdsr_drift_repairs_total 1" in text and "kdsr_drift_checks_total 1" in text
+    # Repaired and verified again: the next check is the cheap one.
+    reads = kernel.table_reads
+    runner.check_drift()
+    assert kernel.table_reads == reads and runner.counters.drift_repairs == 1
+
+
+def test_a_hand_deleted_probe_route_is_repaired(tmp_path):
+    """Routes have no generation: the check reads and diffs them each time."""
+    runner = drift_runner(tmp_path)
+    route = runner.kernel.routes.pop()
+    runner.check_drift()
+    assert route in runner.kernel.routes
+    (line,) = [line for line in runner.lines if "event=drift-repaired" in line]
+    assert "changes=1" in line and "+ route " in line, line
+
+
+def test_another_programs_commit_costs_one_full_plan_and_repairs_nothing(tmp_path):
+    runner = drift_runner(tmp_path)
+    kernel = runner.kernel
+    kernel.hand_edit()  # a commit to some other table moves the generation too
+    reads, writes = kernel.table_reads, kernel.writes
+    runner.check_drift()
+    assert kernel.table_reads == reads + 1 and kernel.writes == writes
+    assert runner.counters.drift_repairs == 0 and not [line for line in runner.lines if "event=drift" in line]
+    runner.check_drift()
+    assert kernel.table_reads == reads + 1, "verified again at the new generation: no further listing"
+
+
+def test_the_loop_checks_for_drift_every_interval_and_0_turns_it_off(tmp_path):
+    import time
+
+    runner = drift_runner(tmp_path / "on", check_interval=0.2)
+    runner.kernel.delete_element("netdev", "kdsr", "services-v4")
+    started = time.monotonic()
+    while not runner.counters.drift_repairs and time.monotonic() - started < 5:
+        runner.step(poll=1)
+    assert runner.counters.drift_repairs == 1 and time.monotonic() - started < 2
+
+    off = drift_runner(tmp_path / "off", check_interval=0)
+    off.kernel.delete_element("netdev", "kdsr", "services-v4")
+    for _ in range(3):
+        off.step(poll=0.1)
+    assert off.counters.drift_checks == 0 and off.counters.drift_repairs == 0
+
+
+@pytest.mark.parametrize("example", ["l3-gre-ipvs", "l3-ipip"])
+def test_a_hand_removed_ipvs_destination_or_tunnel_link_is_repaired(tmp_path, example):
+    """What has no nftables generation is read at each check: an IPVS
+    destination (ipvs engine) or a tunnel link (nft engine, L3) removed by
+    hand is back after the next one."""
+    import dataclasses
+    from pathlib import Path
+
+    from generation_kernel import GenerationKernel
+
+    from kdsr.intent import load_intent
+
+    kernel = GenerationKernel()
+    kernel.sysctls.update(
+        {k: "0" for k in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")}
+        | {f"net/ipv4/vs/{k}": "0" for k in ("expire_nodest_conn", "sloppy_tcp", "schedule_icmp")}
+    )
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{example}.json"
+    lines: list[str] = []
+    runner = Runner(lambda: load_intent(path), "lb1", kernel, StateStore(tmp_path / "s"), emit=lines.append)
+    runner.start()
+    runner._stop_probes()
+    if example.endswith("ipvs"):
+        ident, service = next(iter(kernel.ipvs.items()))
+        kernel.ipvs[ident] = dataclasses.replace(service, dests=service.dests[1:])
+        what = "ipvs"
+    else:
+        name = next(iter(kernel.links))
+        kernel.link_del(name)
+        what = f"link {name}"
+    runner.check_drift()
+    (line,) = [line for line in lines if "event=drift-repaired" in line]
+    assert what in line, line
+    assert operations.prepare(load_intent(path), "lb1", kernel, runner.store).plan.empty
+    assert runner.counters.drift_repairs == 1

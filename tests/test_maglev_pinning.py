@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 
@@ -14,6 +15,7 @@ from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, servers_map_name
 from kdsr.compile.selectors import selectors_for, server_id
 from kdsr.diff import diff
 from kdsr.errors import IntentError
+from kdsr.health.effective import effective_intent
 from kdsr.intent import parse_intent
 from kdsr.intent.model import DEFAULT_PIN_MAX_FLOWS, DEFAULT_PIN_TIMEOUT, FlowPinning
 from kdsr.kernel import KernelError, nft_text
@@ -99,12 +101,29 @@ def test_pinned_selector_chain_and_maps():
     web = next(s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning)
     chain = table.chain(web.name)
     exprs = [rule.expr for rule in chain.rules]
-    assert [next(iter(e[0])) for e in exprs] == ["mangle", "mangle", "map", "mangle", "fwd", "drop"]
+    kinds = [[next(iter(stmt)) for stmt in e] for e in exprs]
+    assert kinds == [
+        ["mangle"],  # slot
+        ["mangle"],  # the table's server id
+        ["map"],  # pin a new flow, refresh a known one
+        ["mangle"],  # the pinned server id
+        ["fwd"],  # to it, when the servers map still has it
+        ["map"],  # else the pin is stale: unpin
+        ["mangle", "mangle", "map"],  # the table's choice, pinned afresh
+        ["fwd"],
+        ["drop"],  # no server at all (empty table)
+    ]
     pin = exprs[2][0]["map"]
     assert pin["op"] == "update" and pin["map"] == "@pins-web-v4"
     assert pin["elem"]["elem"]["timeout"] == 60
     assert pin["elem"]["elem"]["val"]["jhash"]["mod"] == PIN_KEY_MOD
     assert exprs[4][0]["fwd"]["addr"]["map"]["data"] == "@servers-web-v4"
+    unpin = exprs[5][0]["map"]
+    # The kernel wants data with a dynset on a map, even to delete (EINVAL without).
+    assert unpin == {"op": "delete", "map": "@pins-web-v4", "elem": pin["elem"]["elem"]["val"], "data": pin["data"]}
+    assert exprs[6] == [exprs[0][0], exprs[1][0], exprs[2][0]]  # the same slot, id and pin as the first walk
+    assert exprs[7] == exprs[4]
+    assert len({rule.comment for rule in chain.rules}) == len(chain.rules)
 
     slots = table.map(web.name)
     assert slots.data_type == "mark" and len(slots.elements) == web.table_size
@@ -145,6 +164,79 @@ def test_drained_member_keeps_its_pins_and_a_removed_one_is_gone():
     assert servers == {"10.10.0.11", "10.10.0.12"}
     web = next(s for s in selectors_for(intent(drain_and_remove)) if s.family == 4 and s.hashing.pinning)
     assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000C}
+
+
+def test_health_down_members_leave_the_servers_map_and_drained_ones_stay():
+    """Down and drained are both weight 0 in the table; only a down member's
+    pinned flows must move (its id leaves the servers map), a drained one
+    keeps serving them."""
+    it = intent()
+    down = frozenset({("web", "10.10.0.11")})
+    drained = frozenset({"10.10.0.12"})
+    table = lb_table(effective_intent(it, down, drained).intent)
+    servers = {e.value for _k, e in table.map(servers_map_name("web", 4)).elements}
+    assert servers == {"10.10.0.12", "10.10.0.13"}
+    web = next(
+        s for s in selectors_for(effective_intent(it, down, drained).intent) if s.family == 4 and s.hashing.pinning
+    )
+    assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000D}
+    # Drained and down at once: down wins (its pinned flows would go to a server that does not answer).
+    both = effective_intent(it, frozenset({("web", "10.10.0.12")}), drained).intent
+    assert {e.value for _k, e in lb_table(both).map(servers_map_name("web", 4)).elements} == {
+        "10.10.0.11",
+        "10.10.0.13",
+    }
+    # Every server down and the pool keeps its table (health ignored): nobody is down for pinning either.
+    everyone = frozenset(("web", f"10.10.0.{11 + i}") for i in range(3))
+    kept = lb_table(effective_intent(it, everyone).intent)
+    assert len(kept.map(servers_map_name("web", 4)).elements) == 3
+
+
+def test_show_reports_maglev_shares_of_a_pinned_pool(tmp_path):
+    """`kdsr show` for a pinned pool: per server its slots in the table, the
+    servers map's counts, and a drained member with 0 slots, marked."""
+
+    def drain_first(doc):
+        doc["pools"]["web"]["servers"][0]["weight"] = 0
+
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    it = intent(drain_first)
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    report = operations.show(kernel, store, "lb1")
+    web = next(s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning)
+    rows = {r["server"]: r for r in report["servers"] if r["selector"] == web.name}
+    shares = dict(collections.Counter(web.addresses()))
+    assert {a: r["slots"] for a, r in rows.items()} == {"10.10.0.11": 0, **shares}
+    assert sum(r["slots"] for r in rows.values()) == web.table_size
+    assert rows["10.10.0.11"]["drained"] and not rows["10.10.0.12"]["drained"]
+    assert {r["counted_in"] for r in rows.values()} == {servers_map_name("web", 4)}
+    # The servers and pins maps are no selectors of their own.
+    assert not [r for r in report["servers"] if r["selector"].startswith(("servers-", "pins-"))], report["servers"]
+    text = operations.format_show(report)
+    assert f"  {web.name}: 10.10.0.11  0 slots  0 pkts 0 B  drained (serves its pinned flows)" in text
+    assert f"  {web.name}: 10.10.0.12  {shares['10.10.0.12']} slots  0 pkts 0 B\n" in text
+
+
+def test_show_says_when_pinned_selectors_share_their_pools_counts(tmp_path):
+    def second_profile(doc):
+        doc["services"]["api"] = {
+            "vip": "10.10.0.101",
+            "ports": 80,
+            "pool": "web",
+            "hashing": {"seed": 5, "flow_pinning": {"timeout": 60, "max_flows": 4096}},
+        }
+
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    it = intent(second_profile)
+    operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
+    report = operations.show(kernel, store, "lb1")
+    pinned = [s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning]
+    assert len(pinned) == 2
+    for sel in pinned:
+        rows = [r for r in report["servers"] if r["selector"] == sel.name]
+        assert sum(r["slots"] for r in rows) == sel.table_size and len(rows) == 3
+    text = operations.format_show(report)
+    assert text.count("(counts shared by the pool's pinned selectors: servers-web-v4)") == 6, text
 
 
 def test_pins_survive_a_new_table_size(tmp_path):

@@ -7,7 +7,7 @@ import json
 import operator
 
 import pytest
-from click.testing import CliRunner
+from cli_in_process import separate_runner
 
 from kdsr import maglev
 from kdsr.cli import main
@@ -204,7 +204,7 @@ def test_twice_the_weight_gets_twice_the_slots_within_the_bound():
 def test_validate_prints_warnings_on_stderr_and_succeeds(tmp_path):
     path = tmp_path / "small.json"
     path.write_text(json.dumps(intent_doc({"web": 3}, table_sizes={"web": 31})))
-    result = CliRunner().invoke(main, ["validate", str(path)])
+    result = separate_runner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     assert "valid" in result.stdout and "warning:" not in result.stdout
     assert result.stderr.startswith(f"warning: {path}: /services/svc-web/hashing/table_size: table_size 31")
@@ -214,7 +214,7 @@ def test_plan_json_stays_parseable_with_warnings(tmp_path, monkeypatch):
     path = tmp_path / "small.json"
     path.write_text(json.dumps(intent_doc({"web": 3}, table_sizes={"web": 31})))
     monkeypatch.setattr("kdsr.cli._kernel", lambda store=None: FakeKernel())
-    result = CliRunner().invoke(
+    result = separate_runner().invoke(
         main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1", "--json"]
     )
     assert result.exit_code == 0, result.output
@@ -226,7 +226,7 @@ def test_an_intent_over_the_budget_fails_validate_with_exit_3(tmp_path):
     pools = {f"p{i}": 3 for i in range(5)}
     path = tmp_path / "big.json"
     path.write_text(json.dumps(intent_doc(pools, table_sizes={name: MAX_TABLE_SIZE for name in pools})))
-    result = CliRunner().invoke(main, ["validate", str(path)])
+    result = separate_runner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 3
     assert "budget" in result.stderr
 
@@ -251,7 +251,7 @@ def test_plan_warns_about_a_large_ipvs_pool_and_still_plans(tmp_path, monkeypatc
     path = tmp_path / "big-ipvs.json"
     path.write_text(json.dumps(ipvs_doc(50)))
     monkeypatch.setattr("kdsr.cli._kernel", lambda store=None: FakeKernel())
-    result = CliRunner().invoke(main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1"])
+    result = separate_runner().invoke(main, ["--state-dir", str(tmp_path / "st"), "plan", str(path), "--node", "lb1"])
     assert result.exit_code == 0, result.output
     assert f"warning: {path}: /pools/web: pool web has 50 servers on the ipvs engine" in result.stderr
 

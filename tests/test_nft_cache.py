@@ -74,3 +74,30 @@ def test_without_a_netns_cookie_nothing_is_kept(tmp_path, monkeypatch):
     cache.save(7, "c", _table())
     assert not (tmp_path / "cache").exists()
     assert cache.load("netdev", "kdsr", 7, "c") is None
+
+
+def test_a_table_listed_from_the_kernel_is_not_kept_alive_by_its_record(tmp_path, monkeypatch):
+    """The record's text caches keep compiled maps (the next compile hands
+    them back); a listing's maps are new objects every time: kept, each
+    re-listing (after any other program's commit, each metrics scrape)
+    would keep a whole table's elements alive, up to 4,096 maps."""
+    import gc
+    import weakref
+
+    from kdsr.kernel import system
+
+    monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
+    generation = iter(range(1, 100))
+    monkeypatch.setattr(system, "read_generation", lambda: next(generation))
+    kernel = system.SystemKernel(tmp_path)
+    monkeypatch.setattr(kernel, "_chain_fingerprint", lambda family: "chains")
+    monkeypatch.setattr(kernel, "_list_table", lambda family, name: (_table(f"10.0.0.{next(generation)}"), []))
+    first, _ = kernel.nft_read_table("netdev", "kdsr", reuse=True)
+    listed = weakref.ref(first.maps[0])
+    assert (tmp_path / "cache").exists(), "the listing was recorded"
+    second, _ = kernel.nft_read_table("netdev", "kdsr", reuse=True)  # another generation: listed again
+    assert second.maps[0].elements[0][1].value != first.maps[0].elements[0][1].value
+    assert not [obj for obj, _text in nft_cache._ENCODED._known.values() if obj is first.maps[0].elements]
+    del first
+    gc.collect()
+    assert listed() is None, "the first listing's map is still alive"

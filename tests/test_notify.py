@@ -234,3 +234,19 @@ def test_stopping_is_said_before_the_daemon_exits(tmp_path, manager):
     assert runner.run_forever(poll=0.01) == 0
     (stopping,) = manager.messages()
     assert stopping["STOPPING"] == "1"
+
+
+def test_a_loop_sleeping_until_its_next_duty_wakes_for_the_watchdog(tmp_path, manager):
+    """The loop sleeps until something is due (a status write every 2 s); a
+    watchdog shorter than that is one of its duties."""
+    runner = runner_for(tmp_path, manager, WATCHDOG_USEC="400000")
+    runner.start()
+    runner._stop_probes()
+    manager.messages()
+    started = time.monotonic()
+    turns = 0
+    while time.monotonic() - started < 0.6:
+        runner.step()  # no poll: as run_forever calls it
+        turns += 1
+    pings = [m for m in manager.messages() if m == {"WATCHDOG": "1"}]
+    assert len(pings) >= 4 and turns >= 4, (turns, pings)

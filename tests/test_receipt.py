@@ -12,40 +12,14 @@ from pathlib import Path
 import pytest
 from cli_in_process import install_kernel
 from cli_in_process import run_kdsr as kdsr
+from generation_kernel import GenerationKernel
 
 from kdsr import cli, receipt
 from kdsr.compile import compile_node
 from kdsr.intent import load_intent
-from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class GenerationKernel(FakeKernel):
-    """The fake with a ruleset generation: every transaction moves it, as does
-    a hand edit (``hand_edit``); reads remember the generation they saw."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.generation = 1
-        self.read_at: dict[tuple[str, str], int] = {}
-
-    def nft_read_table(self, family, name, reuse=False):
-        self.read_at[(family, name)] = self.generation
-        return super().nft_read_table(family, name, reuse)
-
-    def nft_apply(self, commands, check_only=False, becomes=None):
-        proved = super().nft_apply(commands, check_only, becomes)
-        if not check_only and commands:
-            self.generation += 1
-        return proved
-
-    def nft_token(self, family, name):
-        return f"gen {self.generation}", self.read_at.get((family, name)) == self.generation
-
-    def hand_edit(self) -> None:
-        self.generation += 1
 
 
 @pytest.fixture

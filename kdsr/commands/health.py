@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kdsr import operations
 from kdsr.errors import UsageError
-from kdsr.health import logs, metrics
+from kdsr.health import CHECK_INTERVAL, logs, metrics
 from kdsr.health.daemon import Runner
 from kdsr.health.effective import effective_intent
 from kdsr.health.notify import Notifier
@@ -24,6 +24,7 @@ def run_daemon(
     adopt: bool,
     listen: str | None,
     verified=None,
+    check_interval: float = CHECK_INTERVAL,
     log_format: str = "text",
 ) -> int:
     """``log_format``: "text" or "json" (kdsr/health/logs.py)."""
@@ -35,6 +36,7 @@ def run_daemon(
         wait=wait,
         adopt=adopt,
         verified=verified,
+        check_interval=check_interval,
         log_format=logs.formatter(log_format),
         notifier=Notifier.from_environment(),  # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); else none
     )

@@ -2,7 +2,9 @@
 
 Shape (see nft/l2-lb.nft for the readable skeleton):
 
-- base chain ``ingress`` on the front interface looks up
+- base chain ``ingress`` on the front interface first lets every frame not
+  addressed to this host's MAC go on untouched (``not_for_this_host``), then
+  looks up
   ``daddr . l4proto . dport`` in the verdict maps ``services-v4`` /
   ``services-v6`` (single ports, exact match) and then ``service-ranges-v4``
   / ``-v6`` (port ranges) and jumps to the service's selector chain;
@@ -88,8 +90,33 @@ def service_lookups(family: int, names: dict[int, str], range_names: dict[int, s
     return [{"vmap": {"key": key, "data": f"@{table[family]}"}} for table in (names, range_names)]
 
 
+def not_for_this_host(pointer: str) -> NftRule:
+    """The first rule of every ingress chain: a frame whose destination MAC
+    is not this interface's own goes on untouched (``accept`` ends only this
+    base chain): the rest of the stack sees it as if kdsr were not there,
+    and ip_rcv / ipv6_rcv drop one addressed to another host.
+
+    A flooded frame (unknown unicast after a switch forgot a MAC, a port
+    mirror, a hub-like or promiscuous virtual switch) reaches every balancer
+    on the segment; only the one it is addressed to may forward it, or the
+    server gets one copy per balancer, and two balancers on a hub forward
+    each other's forwarded frames back and forth, many times over.
+    Broadcast and multicast frames are not addressed to one host either.
+
+    ``skb->pkt_type`` is set by eth_type_trans() in the driver's receive
+    path, before __netif_receive_skb_core() runs the netdev ingress hook,
+    and nft_meta loads it as is for every type but PACKET_LOOPBACK, which a
+    received frame never has (lab-checked on the host's 6.18 and Debian's
+    6.1).  One rule, once per packet, ahead of the lookups: a frame for this
+    host pays a 1-byte load and compare, a frame for another no lookup."""
+    return NftRule.build(
+        [{"match": {"op": "!=", "left": {"meta": {"key": "pkttype"}}, "right": "host"}}, {"accept": None}],
+        f"{pointer} (frames not addressed to this host)",
+    )
+
+
 def _ingress_chain(lb: LoadBalancerNode) -> NftChain:
-    rules = [
+    rules = [not_for_this_host(f"{lb.pointer}/interface")] + [
         NftRule.build([lookup], "/services")
         for family in (4, 6)
         for lookup in service_lookups(family, SERVICE_MAPS, RANGE_MAPS)
@@ -244,14 +271,38 @@ def _forward_rules(sel: Selector, device: str, first: dict, lookup: dict) -> tup
 #                                                       only refreshes the timeout)
 #   mark = pins[flow]                                   the pinned server id
 #   fwd to servers[mark]                                (address, or MAC when pinned)
+#   -- reached only when servers[] has no such id: the pinned server was removed
+#   -- from the pool or health took it down, so the pin is stale
+#   delete pins { flow }                                unpin
+#   mark = slot map[jhash(fields) mod M]; update pins   the table's choice, pinned afresh
+#   fwd to servers[mark]
+#   drop                                                (no server: empty table)
 #
-# When the pins map is full the update fails, the rule stops there and the
-# lookup misses, so the flow is forwarded by the table without a pin.  Server
-# ids are stable per server (selectors.server_id), and the pins and servers
-# maps belong to the pool, not to a table size, so pins survive a new table,
-# a new table size and a new selector name.  Drained members (weight 0) stay
-# in the servers map: their pinned flows keep going there (connection
-# draining); a removed member's pinned flows fall back to the table.
+# The stale pin is replaced in the same chain walk, so the packet that finds
+# it is forwarded, not lost.  Without the second half a stale pin dropped
+# every packet of its flow, and every packet refreshed the pin's timeout, so a
+# flow that kept sending was black-holed for good.  The re-choice is one rule:
+# when the table is empty its slot lookup fails and the rule stops before the
+# update, so no slot number is pinned as if it were a server id.  The update
+# itself fails when the map is full (a packet-path delete only marks the
+# element dead: it counts against `size` until the set's garbage collector
+# frees it, about a second later, checked on 6.1 and 6.18); the flow is then
+# forwarded by the table, unpinned, and pinned by a later packet.
+# Kernel: on a map, the packet path's delete (NFT_DYNSET_OP_DELETE) wants a
+# data register too (EINVAL without one, 6.1 and 6.18), hence `delete @pins
+# { flow : meta mark }`, whose data is ignored.  Kernels without "nft_set_hash:
+# mark set element as dead when deleting from packet path" (upstream 6.5, in
+# the stable series) unlink the element without ever giving its place back.
+#
+# When the pins map is full the first update fails, the rule stops there and
+# the lookup misses, so the flow is forwarded by the table without a pin.
+# Server ids are stable per server (selectors.server_id), and the pins and
+# servers maps belong to the pool, not to a table size, so pins survive a new
+# table, a new table size and a new selector name.  The servers map holds the
+# pool's members minus those health took down: drained members (weight 0)
+# stay, so their pinned flows keep going there (connection draining); a
+# removed or health-down member's pinned flows move to the table's choice at
+# their next packet.
 #
 # The flow is the 5-tuple, hashed to 31 bits: nft 1.0.6 cannot write a map
 # keyed by five header fields from the packet path (the register allocator
@@ -270,25 +321,36 @@ def servers_map_name(pool: str, family: int) -> str:
     return f"servers-{pool}-v{family}"
 
 
+def pinned_servers_map(selector_name: str) -> str:
+    """The servers map a selector's slots would name ids in, were it pinned
+    (``pool-web-v4-3d1d4f`` -> ``servers-web-v4``); "" for any other name.
+    Pool names are ``[a-z][a-z0-9-]*`` and the last two parts are fixed."""
+    head, _, rest = selector_name.partition("-")
+    parts = rest.rsplit("-", 2)
+    if head != "pool" or len(parts) != 3 or parts[1] not in ("v4", "v6"):
+        return ""
+    return servers_map_name(parts[0], int(parts[1][1]))
+
+
 def _flow_key(family: int, seed: int) -> dict:
     return {"jhash": {"mod": PIN_KEY_MOD, "seed": seed, "expr": _concat(hash_inputs(HASH_FIVE_TUPLE, family))}}
 
 
 def _pinned_selector_chain(sel: Selector, device: str, hashing: dict) -> NftChain:
     mark = {"meta": {"key": "mark"}}
-    pins = pins_map_name(sel.pool.name, sel.family)
+    pins = f"@{pins_map_name(sel.pool.name, sel.family)}"
+    flow = _flow_key(sel.family, sel.hashing.seed)
     to_id = {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{sel.name}"}}}}
     pin = {
         "map": {
             "op": "update",
-            "elem": {"elem": {"val": _flow_key(sel.family, sel.hashing.seed), "timeout": sel.hashing.pinning.timeout}},
+            "elem": {"elem": {"val": flow, "timeout": sel.hashing.pinning.timeout}},
             "data": mark,
-            "map": f"@{pins}",
+            "map": pins,
         }
     }
-    pinned = {
-        "mangle": {"key": mark, "value": {"map": {"key": _flow_key(sel.family, sel.hashing.seed), "data": f"@{pins}"}}}
-    }
+    pinned = {"mangle": {"key": mark, "value": {"map": {"key": flow, "data": pins}}}}
+    unpin = {"map": {"op": "delete", "elem": flow, "data": mark, "map": pins}}
     lookup = {"map": {"key": mark, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
     first, forward, drop = _forward_rules(sel, device, hashing, lookup)
     rules = (
@@ -297,13 +359,20 @@ def _pinned_selector_chain(sel: Selector, device: str, hashing: dict) -> NftChai
         NftRule.build([pin], f"{sel.pool.pointer} (flow pinning)"),
         NftRule.build([pinned], f"{sel.pool.pointer} (flow pinning)"),
         forward,
+        NftRule.build([unpin], f"{sel.pool.pointer} (flow pinning: pinned server gone)"),
+        NftRule.build([hashing, to_id, pin], f"{sel.pool.pointer} (flow pinning: pinned afresh)"),
+        NftRule.build(forward.expr, f"{sel.pool.pointer} (pinned afresh)"),
         drop,
     )
     return NftChain(name=sel.name, hook=None, rules=rules, pointer=sel.pool.pointer)
 
 
 def _pinning_maps(selectors: list[Selector], source: str) -> list[NftMap]:
-    """Per pool and family: the servers map (id -> server) and the pins map (flow -> id)."""
+    """Per pool and family: the servers map (id -> server) and the pins map (flow -> id).
+
+    The servers map holds every member (drained ones too: they serve their
+    pinned flows) except those health took down, whose pinned flows must
+    move; see the flow pinning comment above."""
     maps: dict[str, NftMap] = {}
     for sel in selectors:
         if sel.hashing.pinning is None:
@@ -317,7 +386,11 @@ def _pinning_maps(selectors: list[Selector], source: str) -> list[NftMap]:
             data_type="ether_addr" if sel.pins_macs else ADDR_TYPE[sel.family],
             counter=True,  # per-server packets for `kdsr show`
             elements=tuple(
-                sorted((ident, element(by_address[a].mac if sel.pins_macs else a)) for a, ident in ids.items())
+                sorted(
+                    (ident, element(by_address[a].mac if sel.pins_macs else a))
+                    for a, ident in ids.items()
+                    if not by_address[a].down
+                )
             ),
             pointer=sel.pool.pointer,
         )

@@ -8,6 +8,7 @@ handed to the right one at the front interface's ingress, before the IP
 stack (chains and maps in ``netdev kdsr``, next to L2's):
 
   l3-ingress (base chain, ingress hook of the front interface)
+    not addressed to this host's MAC?   accept (lb_nft_l2.not_for_this_host)
     daddr . l4proto . dport  --vmap-->  selector chain of the service's pool
     selector: mark = jhash(fields, seed) mod M  (the Maglev slot)
               mark = slot map[mark]             (the server's tunnel mark)
@@ -46,6 +47,7 @@ from kdsr.compile.lb_nft_l2 import (
     ADDR_TYPE,
     INGRESS_PRIORITY,
     hash_inputs,
+    not_for_this_host,
     service_lookups,
     service_maps,
 )
@@ -138,7 +140,9 @@ def _concat(parts: list[dict]) -> dict:
 
 
 def _ingress(lb: LoadBalancerNode) -> NftChain:
-    rules = [
+    # ICMP errors about a flow come from a router that routes the VIP to
+    # this load balancer, so they are addressed to it like the flow's packets.
+    rules = [not_for_this_host(f"{lb.pointer}/interface")] + [
         NftRule.build([lookup], "/services")
         for family in (4, 6)
         for lookup in service_lookups(family, SERVICE_MAPS, RANGE_MAPS)

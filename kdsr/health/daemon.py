@@ -1,16 +1,29 @@
 """``kdsr run``: apply the intent, probe every server, apply what health changes.
 
 One thread per probe target (bounded by the intent: servers x monitors)
-sleeps a jittered interval, probes, and queues the result.  The main thread
-owns all state: it counts results (rise/fall), and when a server changes
-state it recomputes the effective intent (down servers at weight 0) and
-applies the difference through the same prepare/apply path as `kdsr apply`,
-under the same lock: one nft transaction per change.
+sleeps a jittered interval, probes, queues the result and wakes the main
+thread.  The main thread owns all state: it counts results (rise/fall), and
+when a server changes state it recomputes the effective intent (down servers
+at weight 0) and applies the difference through the same prepare/apply path
+as `kdsr apply`, under the same lock: one nft transaction per change.
+
+The main thread sleeps in select() on one end of a socket pair until
+something is due: a probe thread writes a byte to the other end after each
+result, and the kernel's signal handler writes the signal's number there
+(``signal.set_wakeup_fd``), whichever thread the signal lands on.  A Python
+signal handler only sets flags: it runs between two bytecodes of the main
+thread, so taking a lock there (``queue.Queue.put``, ``Event.set``) could
+wait forever for a lock the interrupted code holds.
 
 Signals: SIGTERM/SIGINT stop the probes and exit, leaving the kernel as the
 last apply made it (no flap on restart: the next start restores the health
 view it finds); SIGHUP reloads the intent, and an intent that fails to load
 keeps the old one running.
+
+Drift: every ``check_interval`` seconds the daemon checks that the kernel
+is still what it last verified, the receipt's way (kdsr/receipt.py: the
+nftables tokens, which any commit by anyone moves, and a diff of what has no
+generation), and when it is not, plans in full and applies what differs.
 
 Logs: one line per event on stderr, ``ts=... event=... key=value``
 (journald-friendly, greppable), or JSON (kdsr/health/logs.py).
@@ -22,18 +35,24 @@ around a reload, STOPPING=1 on the way out, STATUS= all along.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import queue
 import random
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kdsr import collector, operations
+from kdsr import collector, operations, receipt
+from kdsr.diff import Plan
 from kdsr.errors import KdsrError, UsageError
+from kdsr.health import CHECK_INTERVAL
 from kdsr.health import status as health_status
 from kdsr.health.effective import POOL_OK, effective_intent
 from kdsr.health.notify import Notifier
@@ -41,12 +60,16 @@ from kdsr.health.probes import Result, probe
 from kdsr.health.state import DOWN, UP, TargetState
 from kdsr.health.targets import Target, targets_for
 from kdsr.intent.model import Intent
-from kdsr.kernel import Kernel
+from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.state import StateStore
+from kdsr.model import Desired
+from kdsr.plan_format import SYMBOL
 from kdsr.wording import counted
 
 STATUS_EVERY = 2.0  # seconds between status writes when nothing changes
 RETRY_FAILED_APPLY = 5.0  # seconds before a failed apply is tried again
+DRIFT_CHANGES_LOGGED = 8  # changes named in a drift-repaired line; the rest are counted
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _quote(value: object) -> str:
@@ -56,8 +79,15 @@ def _quote(value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def timestamp(ns: int) -> str:
+    """UTC to the millisecond, cut (not rounded) from one reading in
+    nanoseconds: a stamp never shows a later time than the event's."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
+
+
 def log_line(event: str, **fields: object) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z"
+    stamp = timestamp(time.time_ns())  # one reading of the clock: seconds and milliseconds agree
     parts = [f"ts={stamp}", f"event={event}"] + [f"{k}={_quote(v)}" for k, v in fields.items() if v is not None]
     return " ".join(parts)
 
@@ -69,7 +99,19 @@ class Counters:
     apply_seconds_total: float = 0.0
     last_apply_seconds: float = 0.0
     changes_applied: int = 0
+    drift_checks: int = 0
+    drift_check_seconds_total: float = 0.0
+    last_drift_check_seconds: float = 0.0
+    drift_repairs: int = 0
     started: float = field(default_factory=time.time)
+
+
+def summary(plan: Plan, limit: int = DRIFT_CHANGES_LOGGED) -> str:
+    """The plan's changes on one line, as the plan text names them (at most ``limit``)."""
+    named = [f"{SYMBOL[c.action]} {c.kind} {c.ident}" for c in plan.changes[:limit]]
+    if len(plan.changes) > limit:
+        named.append(f"and {len(plan.changes) - limit} more")
+    return "; ".join(named)
 
 
 class Runner:
@@ -84,9 +126,11 @@ class Runner:
         emit: Callable[[str], None] | None = None,
         probe_fn: Callable[[Target], Result] = probe,
         verified: Callable[[operations.Prepared], None] | None = None,
+        check_interval: float = CHECK_INTERVAL,
         log_format: Callable[..., str] = log_line,
         notifier: Notifier | None = None,
     ) -> None:
+        """``check_interval``: seconds between drift checks; 0: none."""
         self._load = load
         # Called under the store's lock each time the kernel was verified
         # against the intent (an apply read back, or nothing to change):
@@ -114,8 +158,24 @@ class Runner:
         self._generation = 0
         self._threads_stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.stopping = threading.Event()
-        self._reload = threading.Event()
+        self._retired: list[threading.Thread] = []  # probes of a replaced intent, finishing their last probe
+        self.stopping = threading.Event()  # set by the main thread once it has seen a stop request
+        # Set by signal handlers and other threads, read by the main thread:
+        # plain assignments, no lock (see the module's docstring).
+        self._stop_requested = False
+        self._reload_requested = False
+        # Probe threads and signals wake the main thread through this pair.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._signals_installed: dict[int, object] | None = None
+        self._old_wakeup_fd = -1
+        self.check_interval = check_interval
+        self._next_check = 0.0
+        # What the last verification vouched for: nftables tokens and the
+        # desired state without its tables (kdsr/receipt.py); None: the
+        # next drift check plans in full.
+        self._verified_at: tuple[dict[str, str], Desired] | None = None
         self._dirty = False
         self._last_failed_apply = 0.0
         self._last_status = 0.0
@@ -141,6 +201,7 @@ class Runner:
         self.log("started", pid=os.getpid(), intent=intent.source, targets=len(self.targets))
         self.apply("start")
         collector.settle()  # the intent and its table stay: keep them out of later collections
+        self._next_check = time.monotonic() + self.check_interval
         self._start_probes()
 
     def _install(self, intent: Intent, restore: dict | None = None) -> None:
@@ -158,29 +219,78 @@ class Runner:
         with self.lock:
             self.intent, self.targets, self.states = intent, targets, states
 
-    def run_forever(self, poll: float = 0.2) -> int:
+    def run_forever(self, poll: float | None = None) -> int:
         while not self.stopping.is_set():
             self.step(poll)
         self.shutdown()
         return 0
 
-    def step(self, poll: float = 0.2) -> None:
-        """Take the results that arrived (waiting up to ``poll`` s), apply a change, publish."""
+    def step(self, poll: float | None = None) -> None:
+        """Sleep until woken (a probe result, a signal) or until something is
+        due, ``poll`` s at most; then take the results, reload, apply a
+        change, check for drift, publish."""
+        self._sleep(self._due_in() if poll is None else min(poll, self._due_in()))
         self.notify.watchdog()  # each turn: a loop stuck in an apply or a lock stops feeding it
-        try:
-            self._take(self.results.get(timeout=poll))
-            while True:
+        while True:
+            try:
                 self._take(self.results.get_nowait())
-        except queue.Empty:
-            pass
-        if self._reload.is_set():
-            self._reload.clear()
+            except queue.Empty:
+                break
+        if self._stop_requested:
+            self.stopping.set()
+            return
+        if self._reload_requested:
+            self._reload_requested = False
             self.reload()
         now = time.monotonic()
         if self._dirty and (not self._last_failed_apply or now - self._last_failed_apply >= RETRY_FAILED_APPLY):
             self.apply("health")
-        if now - self._last_status >= STATUS_EVERY:
+        elif self.check_interval > 0 and now >= self._next_check and not self._dirty and self.intent is not None:
+            self.check_drift()
+        if time.monotonic() - self._last_status >= STATUS_EVERY:
             self.publish()
+
+    def _due_in(self) -> float:
+        """Seconds until the next timed duty: a status write, a failed apply's retry, a drift check,
+        systemd's watchdog."""
+        due = self._last_status + STATUS_EVERY
+        watchdog = self.notify.watchdog_due_in()
+        if watchdog is not None:
+            due = min(due, time.monotonic() + watchdog)
+        if self._dirty:
+            due = min(due, self._last_failed_apply + RETRY_FAILED_APPLY)
+        elif self.check_interval > 0:
+            due = min(due, self._next_check)
+        return max(0.0, due - time.monotonic())
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait for a byte on the wake socket (``seconds`` at most, none when
+        results are queued), then read every byte there: a signal number
+        (from the kernel's handler, ``signal.set_wakeup_fd``) or 0 (a probe
+        result, a request from another thread)."""
+        if seconds > 0 and self.results.empty() and not (self._stop_requested or self._reload_requested):
+            select.select([self._wake_r], [], [], seconds)
+        while True:
+            try:
+                data = self._wake_r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            for number in data:
+                self._note_signal(number)
+
+    def _note_signal(self, number: int) -> None:
+        if number in STOP_SIGNALS:
+            self._stop_requested = True
+        elif number == signal.SIGHUP:
+            self._reload_requested = True
+
+    def _wake(self) -> None:
+        """Wake the main thread; from any thread.  A full socket buffer
+        means it has bytes to wake on already."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
 
     def shutdown(self) -> None:
         self.notify.stopping()
@@ -189,15 +299,37 @@ class Runner:
         self.log("stopped", reason="signal", kernel="left as the last apply made it")
 
     def request_stop(self, *_args: object) -> None:
-        self.stopping.set()
+        """Stop (from another thread)."""
+        self._stop_requested = True
+        self._wake()
 
     def request_reload(self, *_args: object) -> None:
-        self._reload.set()
+        """Reload the intent (from another thread)."""
+        self._reload_requested = True
+        self._wake()
+
+    def _on_signal(self, number: int, _frame: object) -> None:
+        # Runs in the main thread between two bytecodes: flags only (see the
+        # module's docstring).  The wake-up fd has woken the loop already.
+        self._note_signal(number)
 
     def install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGHUP, self.request_reload)
+        """SIGTERM/SIGINT stop, SIGHUP reloads; each wakes the main loop at
+        once.  From the main thread (Python runs signal handlers there)."""
+        previous = {}
+        for number in (*STOP_SIGNALS, signal.SIGHUP):
+            previous[number] = signal.signal(number, self._on_signal)
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._signals_installed = previous
+
+    def restore_signals(self) -> None:
+        """The handlers and wake-up fd as they were before ``install_signals``."""
+        if self._signals_installed is None:
+            return
+        signal.set_wakeup_fd(self._old_wakeup_fd)
+        for number, handler in self._signals_installed.items():
+            signal.signal(number, handler)  # type: ignore[arg-type]
+        self._signals_installed = None
 
     # --- probes ----------------------------------------------------------------
 
@@ -205,6 +337,7 @@ class Runner:
         self._generation += 1
         self._threads_stop = threading.Event()
         self._threads = []
+        self._retired = [thread for thread in self._retired if thread.is_alive()]
         for target in self.targets.values():
             thread = threading.Thread(
                 target=self._probe_loop,
@@ -215,11 +348,19 @@ class Runner:
             thread.start()
             self._threads.append(thread)
 
-    def _stop_probes(self) -> None:
+    def _stop_probes(self, wait: bool = True) -> None:
+        """Tell the probe threads to stop.  ``wait``: until each has (a probe
+        under way finishes first); else they finish on their own, and what
+        they queue is dropped (it is of an older generation)."""
         self._threads_stop.set()
-        for thread in self._threads:
-            thread.join(timeout=max(t.monitor.timeout for t in self.targets.values()) + 1 if self.targets else 1)
-        self._threads = []
+        if not wait:
+            self._retired += self._threads
+            self._threads = []
+            return
+        timeout = max((t.monitor.timeout for t in self.targets.values()), default=0) + 1
+        for thread in self._threads + self._retired:
+            thread.join(timeout=timeout)
+        self._threads, self._retired = [], []
 
     def _probe_loop(self, target: Target, generation: int, stop: threading.Event) -> None:
         monitor = target.monitor
@@ -232,6 +373,7 @@ class Runner:
         while not stop.wait(delay):
             result = self._probe(target)
             self.results.put((generation, target.key, result))
+            self._wake()
             wait = monitor.interval * (1 + rng.uniform(-monitor.jitter, monitor.jitter))
             delay = max(wait - result.latency, 0.01)
 
@@ -260,9 +402,12 @@ class Runner:
         return frozenset((t.pool, t.server) for k, t in self.targets.items() if self.states[k].state == DOWN)
 
     def apply(self, reason: str) -> bool:
+        """Plan in full and apply what differs; ``reason`` "drift": a drift
+        check found the kernel changed (logged only when kdsr's objects had)."""
         assert self.intent is not None
         started = time.monotonic()
         self._dirty = False
+        self._verified_at = None
         down = self.down()
         try:
             with self.store.lock(self.wait):
@@ -270,6 +415,7 @@ class Runner:
                 changes = len(prepared.plan.changes)
                 if changes:
                     operations.apply(prepared, self.kernel, self.store)
+                self._remember_verified(prepared)
                 if self._verified is not None:
                     self._record_verified(prepared)
                 # Published before the lock is let go: a `kdsr apply` waiting
@@ -285,7 +431,7 @@ class Runner:
                     self.counters.last_apply_seconds = elapsed
                     self.counters.apply_seconds_total += elapsed
                 self.publish()
-        except (KdsrError, OSError) as exc:
+        except (KdsrError, KernelError, OSError) as exc:
             self.counters.apply_failures += 1
             self._dirty, self._last_failed_apply = True, time.monotonic()
             self.log("apply-failed", reason=reason, error=str(exc), retry_in=f"{RETRY_FAILED_APPLY:g}s")
@@ -293,6 +439,12 @@ class Runner:
             self.publish()
             return False
         self._last_failed_apply = 0.0
+        if reason == "drift":
+            if changes:  # else another program's nftables commit moved the generation, and nothing of kdsr's
+                with self.lock:
+                    self.counters.drift_repairs += 1
+                self.log("drift-repaired", changes=changes, seconds=f"{elapsed:.3f}", repaired=summary(prepared.plan))
+            return True
         out = sorted(f"{pool}:{server}" for pool, servers in effective.out.items() for server in servers)
         self.log("applied", reason=reason, changes=changes, seconds=f"{elapsed:.3f}", out=",".join(out) or "-")
         for pool, condition in sorted(effective.pools.items()):
@@ -301,6 +453,38 @@ class Runner:
         applied = counted(changes, "change")
         self.notify.verified(f"verified ({reason}): {applied} applied; out of the tables: {', '.join(out) or 'none'}")
         return True
+
+    def _remember_verified(self, prepared: operations.Prepared) -> None:
+        """Under the lock, right after the kernel was verified against
+        ``prepared``: what the next drift check compares with."""
+        try:
+            tokens = receipt.verified_tokens(self.kernel, prepared.desired, self.store.load(self.node))
+        except (KdsrError, KernelError, OSError):
+            tokens = None
+        if tokens is not None:
+            self._verified_at = (tokens, dataclasses.replace(prepared.desired, tables=()))
+
+    def check_drift(self) -> None:
+        """Is the kernel still what the last apply verified?  Cheap when it
+        is: the nftables tokens (no table listing) and a read of what has no
+        generation.  When it may not be (or no token could vouch for the
+        last apply), plan in full under the lock and apply what differs."""
+        started = time.monotonic()
+        try:
+            held = self._verified_at is not None and self._still_verified(*self._verified_at)
+        except (KdsrError, KernelError, OSError):
+            held = False  # the full plan reads again, and reports what fails
+        elapsed = time.monotonic() - started
+        with self.lock:
+            self.counters.drift_checks += 1
+            self.counters.drift_check_seconds_total += elapsed
+            self.counters.last_drift_check_seconds = elapsed
+        if not held:
+            self.apply("drift")
+        self._next_check = time.monotonic() + self.check_interval
+
+    def _still_verified(self, tokens: dict[str, str], rest: Desired) -> bool:
+        return receipt.still_verified(self.kernel, tokens, rest, self.store.load(self.node)) is not None
 
     def _record_verified(self, prepared: operations.Prepared) -> None:
         """The hook's failure is only a full plan for the next `kdsr apply`:
@@ -323,7 +507,9 @@ class Runner:
             self.log("reload-failed", error=str(exc).replace("\n", "; "), keeping="the running intent")
             self.notify.reload_finished(f"reload failed, the running intent stays: {exc}")
             return
-        self._stop_probes()
+        # The old probes finish on their own: a probe under way (up to its
+        # timeout) does not hold up the new intent's apply.
+        self._stop_probes(wait=False)
         self._install(intent)
         self.log("reloaded", intent=intent.source, targets=len(self.targets))
         if not self.apply("reload"):  # else READY=1 went with the verified apply

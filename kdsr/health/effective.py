@@ -5,6 +5,12 @@ The pool's member count, and so its table size, stays the same: only the
 slots that server held move (to the others), and no other flow changes
 server.  That is exactly what a drain in the intent does, so health takes
 the same diff/apply path as any edit.
+
+Down and drained differ in one place: a down member is also marked
+``down``, and flow pinning then forgets its pinned flows (they move to the
+table's choice at their next packet), where a drained member keeps serving
+them.  A member that is drained and down counts as down there: its pinned
+flows would otherwise go to a server that does not answer.
 """
 
 from __future__ import annotations
@@ -48,9 +54,19 @@ def _pool(pool: Pool, down: frozenset[tuple[str, str]], drained: frozenset[str])
         else:
             condition, by_health = POOL_ALL_DOWN_KEPT, set()
     out = by_drain | by_health
-    if not out:
+    # Down for flow pinning: every member health took down, drained or at
+    # weight 0 in the intent as well, unless health is ignored for the pool.
+    dead = set()
+    if down and condition != POOL_ALL_DOWN_KEPT:
+        dead = {address_text(m.address) for m in pool.members if (pool.name, address_text(m.address)) in down}
+    if not (out or dead):
         return pool, condition, ()
-    members = tuple(dataclasses.replace(m, weight=0) if address_text(m.address) in out else m for m in pool.members)
+    members = tuple(
+        dataclasses.replace(m, weight=0 if a in out else m.weight, down=a in dead)
+        if (a := address_text(m.address)) in out or a in dead
+        else m
+        for m in pool.members
+    )
     return dataclasses.replace(pool, members=members), condition, tuple(sorted(out))
 
 

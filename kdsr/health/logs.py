@@ -22,6 +22,8 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
+from kdsr.health.daemon import log_line, timestamp
+
 INFO, WARNING, ERROR = "info", "warning", "error"
 PRIORITY = {ERROR: 3, WARNING: 4, INFO: 6}  # syslog(3) LOG_ERR, LOG_WARNING, LOG_INFO
 FORMATS = ("text", "json")
@@ -46,12 +48,6 @@ def level_of(event: str, fields: Mapping[str, object]) -> str:
     if event == "health" and fields.get("state") == "down":
         return WARNING
     return LEVELS.get(event, INFO)
-
-
-def timestamp(ns: int) -> str:
-    """UTC to the millisecond, cut from one clock reading in nanoseconds (as ``log_line``)."""
-    seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
 
 
 def json_line(event: str, fields: Mapping[str, object], ns: int | None = None) -> str:
@@ -84,8 +80,6 @@ def stderr_is_journal(env: Mapping[str, str] | None = None, fd: int = 2) -> bool
 def formatter(kind: str = "text", journal: bool | None = None) -> Callable[..., str]:
     """The daemon's ``log_format``: ``(event, **fields) -> line``.  ``journal``:
     prefix the syslog priority (default: when stderr is the journal)."""
-    from kdsr.health.daemon import log_line
-
     if kind not in FORMATS:
         raise ValueError(f"log format {kind!r}; one of {', '.join(FORMATS)}")
     if journal is None:

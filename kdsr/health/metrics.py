@@ -85,6 +85,24 @@ def render(view: dict, counters, kernel_report: dict | None) -> str:
     metric(
         "kdsr_apply_last_duration_seconds", "gauge", "Duration of the last apply.", [({}, counters.last_apply_seconds)]
     )
+    metric(
+        "kdsr_drift_checks_total",
+        "counter",
+        "Checks that the kernel still holds what kdsr run last verified (kdsr run --check-interval).",
+        [({}, counters.drift_checks)],
+    )
+    metric(
+        "kdsr_drift_check_duration_seconds_sum",
+        "counter",
+        "Time spent in drift checks, repairs not included (sum; divide by kdsr_drift_checks_total).",
+        [({}, counters.drift_check_seconds_total)],
+    )
+    metric(
+        "kdsr_drift_repairs_total",
+        "counter",
+        "Drift checks that found kdsr's objects changed behind its back and applied the repair.",
+        [({}, counters.drift_repairs)],
+    )
     if kernel_report is not None:
         metric(
             "kdsr_vip_packets_total",

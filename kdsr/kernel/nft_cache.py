@@ -88,10 +88,14 @@ def encode_table(table: NftTable) -> dict:
     return json.loads(encode_table_text(table))
 
 
-def encode_table_text(table: NftTable) -> str:
+def encode_table_text(table: NftTable, remember: bool = True) -> str:
     """The table as JSON text.  Each map's elements are encoded once per
     element tuple (see ``_elements_text``), so recording a table after a
-    change re-encodes only the changed maps, not every element."""
+    change re-encodes only the changed maps, not every element.
+    ``remember``: keep the texts of maps not seen before (compiled maps,
+    which the next compile hands back); a table just listed from the kernel
+    is made of new objects no later record meets, and keeping them would
+    keep every listing's elements alive."""
     chains = []
     for chain in table.chains:
         hook = None
@@ -101,7 +105,7 @@ def encode_table_text(table: NftTable) -> str:
         rules = [[r.comment, r.expr_json] for r in chain.rules]
         chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
     head = _dumps({"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains})
-    maps = ",".join(map(_map_text, table.maps))
+    maps = ",".join(_map_text(m, remember) for m in table.maps)
     return f'{head[:-1]},"maps":[{maps}]}}'
 
 
@@ -114,11 +118,14 @@ class _TextByIdentity:
         self._known: dict[int, tuple[object, str]] = {}
         self._limit = limit
 
-    def text(self, obj: object, make: Callable[[Any], str]) -> str:
+    def text(self, obj: object, make: Callable[[Any], str], remember: bool = True) -> str:
+        """``remember``: keep ``obj`` and its text when not known yet."""
         known = self._known.get(id(obj))
         if known is not None and known[0] is obj:
             return known[1]
         made = make(obj)
+        if not remember:
+            return made
         if len(self._known) >= self._limit:
             self._known.pop(next(iter(self._known)))
         self._known[id(obj)] = (obj, made)
@@ -134,8 +141,10 @@ class _TextByIdentity:
 _MAP_TEXT = _TextByIdentity()
 
 
-def _map_text(nmap: NftMap) -> str:
-    return _MAP_TEXT.text(nmap, lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{_elements_text(m.elements)}}}")
+def _map_text(nmap: NftMap, remember: bool = True) -> str:
+    return _MAP_TEXT.text(
+        nmap, lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{_elements_text(m.elements, remember)}}}", remember
+    )
 
 
 def _dumps(data) -> str:
@@ -160,9 +169,9 @@ def _encode_declaration(nmap: NftMap) -> dict:
 _ENCODED = _TextByIdentity()
 
 
-def _elements_text(elements: tuple) -> str:
+def _elements_text(elements: tuple, remember: bool = True) -> str:
     """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
-    return _ENCODED.text(elements, _encode_elements)
+    return _ENCODED.text(elements, _encode_elements, remember)
 
 
 def _encode_elements(elements: tuple) -> str:
@@ -242,12 +251,13 @@ class TableCache:
         except (OSError, ValueError, KeyError, TypeError, StateFileError):
             return None
 
-    def save(self, generation: int, chains: str, table: NftTable) -> None:
+    def save(self, generation: int, chains: str, table: NftTable, remember: bool = True) -> None:
+        """``remember``: as for ``encode_table_text`` (False for a table just listed)."""
         path = self._path(table.family, table.name)
         if path is None:
             return
         head = _dumps({"identity": self._identity(), "generation": generation, "chains": chains})
-        text = f'{head[:-1]},"table":{encode_table_text(table)}}}'
+        text = f'{head[:-1]},"table":{encode_table_text(table, remember)}}}'
         try:
             ensure_dir(self.directory.parent)  # the state directory's own checks (0700, ours) first
             write_atomic(path, text, sync=False)

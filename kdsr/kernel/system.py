@@ -460,7 +460,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         if generation is not None:
             self._tables_read[(family, name)] = (generation, table, listing)
             if chains is not None:
-                self._record(family, name, generation, chains, table)
+                self._record(family, name, generation, chains, table, remember=False)
         return table, listing
 
     def nft_adopt(self, read: NftTable, same: NftTable) -> None:
@@ -509,11 +509,14 @@ class SystemKernel(_L3Mixin, _BirdMixin):
             text += "\n" + " ".join(links)
         return text
 
-    def _record(self, family: str, name: str, generation: int, chains: str, table: NftTable | None) -> None:
+    def _record(
+        self, family: str, name: str, generation: int, chains: str, table: NftTable | None, remember: bool = True
+    ) -> None:
+        """``remember``: False for a table just listed (nft_cache.encode_table_text)."""
         if table is None:
             self._disk.forget(family, name)
         else:
-            self._disk.save(generation, chains, table)
+            self._disk.save(generation, chains, table, remember)
 
     def _list_table(self, family: str, name: str, terse: bool = False) -> tuple[NftTable | None, list[dict]]:
         """One listing, in a context of its own: libnftables keeps what a

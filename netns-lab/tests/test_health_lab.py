@@ -14,6 +14,8 @@ servers, real packets and the real CLI (host tier).
   with it, no new flow reaches it; `kdsr undrain` brings new flows back.
 - SIGHUP after an edit (weight 0 for one server): new flows leave it; an
   edit that does not validate is refused and the running intent stays.
+- Drift: a service-map element and a selector slot deleted by hand with
+  `nft delete element` are back within `--check-interval`, logged and counted.
 - SIGTERM: the daemon exits 0 and leaves the kernel as its last apply made it.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import signal
 import time
 
@@ -159,6 +162,60 @@ def test_a_sighup_applies_the_edited_intent_and_a_bad_edit_keeps_the_running_one
         _reload(hl, original, "reloaded")
     flows = flows_of(hl.stream(2), 2)
     assert all(f["ok"] for f in flows) and "s3" in {f["server"] for f in flows}
+
+
+CHECK_INTERVAL = 2.0  # `kdsr run --check-interval` in the drift test
+REPAIR_SLACK = 3.0  # on top of the interval: the repair's plan and apply on a busy 2-CPU machine
+METRICS = "127.0.0.1:9469"  # in the lb namespace
+
+
+def _has_element(hl, nmap: str, key: str) -> bool:
+    result = hl.lab.run("lb", ["nft", "get", "element", "netdev", "kdsr", nmap, "{", key, "}"], check=False)
+    return result.returncode == 0
+
+
+def test_kdsr_run_repairs_hand_deleted_map_elements_within_its_check_interval(health_lab):
+    """While `kdsr run` runs (--check-interval 2), a service-map element (the
+    DSR VIP's port 80) and a slot of pool web's selector are deleted by hand
+    with `nft delete element`: both are back within the interval (+ slack),
+    the log names them in a drift-repaired line, the metric counts the
+    repair, and new flows reach all three servers again."""
+    hl = health_lab
+    hl.daemon.stop(signal.SIGTERM)
+    hl.start_daemon(options=("--check-interval", f"{CHECK_INTERVAL:g}", "--metrics", METRICS))
+    try:
+        hl.wait_for(lambda: "event=metrics" in hl.log(), 30, "kdsr run serving metrics")
+        terse = hl.lab.run("lb", ["nft", "-t", "list", "table", "netdev", "kdsr"]).stdout
+        (slot_map,) = re.findall(r"map (pool-web-v4-\w+) ", terse)
+        service_key, slot_key = f"{VIP_DSR} . tcp . 80", "0"
+        assert _has_element(hl, "services-v4", service_key) and _has_element(hl, slot_map, slot_key)
+        # Checks run and find nothing while nothing changed.
+        hl.wait_for(lambda: hl.metrics(METRICS)["kdsr_drift_checks_total"] >= 2, 30, "two drift checks")
+        assert hl.metrics(METRICS)["kdsr_drift_repairs_total"] == 0 and "event=drift-repaired" not in hl.log()
+
+        deleted_at = time.monotonic()
+        hl.lab.run("lb", ["nft", "delete", "element", "netdev", "kdsr", "services-v4", "{", service_key, "}"])
+        hl.lab.run("lb", ["nft", "delete", "element", "netdev", "kdsr", slot_map, "{", slot_key, "}"])
+        assert not _has_element(hl, "services-v4", service_key) and not _has_element(hl, slot_map, slot_key)
+        hl.wait_for(
+            lambda: _has_element(hl, "services-v4", service_key) and _has_element(hl, slot_map, slot_key),
+            CHECK_INTERVAL + REPAIR_SLACK + 5,
+            "both elements back",
+        )
+        took = time.monotonic() - deleted_at
+        print(f"\nboth elements back {took:.2f} s after the delete (check interval {CHECK_INTERVAL:g} s)")
+        assert took <= CHECK_INTERVAL + REPAIR_SLACK, hl.log()
+
+        repaired = [line for line in hl.log().splitlines() if "event=drift-repaired" in line]
+        named = " ".join(repaired)
+        assert f"services-v4[{service_key}]" in named and f"{slot_map}[{slot_key}]" in named, repaired
+        # The two deletes are two commits: one check or two may see them.
+        assert hl.metrics(METRICS)["kdsr_drift_repairs_total"] == len(repaired) >= 1
+        flows = flows_of(hl.stream(2), 2)
+        assert all(f["ok"] for f in flows) and {f["server"] for f in flows} == {"s1", "s2", "s3"}, flows[:3]
+    finally:
+        hl.daemon.stop(signal.SIGTERM)
+        hl.start_daemon()
 
 
 def test_sigterm_leaves_the_kernel_as_the_last_apply_made_it(health_lab):

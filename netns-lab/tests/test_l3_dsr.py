@@ -22,6 +22,7 @@ per engine with 10,000 flows.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 BULK = ROOT / "netns-lab" / "bulk.py"
 FLOWSTREAM = ROOT / "netns-lab" / "flowstream.py"
+UDPCOUNT = ROOT / "netns-lab" / "udpcount.py"
 PYTHON = sys.executable or "python3"
 CLIENT = {4: "10.1.0.10", 6: "fd00:1::10"}
 LB_ADDRESS = {4: "10.2.0.2", 6: "fd00:2::2"}
@@ -432,3 +434,115 @@ def test_upgrade_from_the_routed_l3_layout_keeps_every_flow(lab, tmp_path):
             assert "No changes" in result.stdout, (host, result.stdout)
     finally:
         dep.kdsr_on(NODES, "destroy", check=False)
+
+
+# ---------------------------------------------------------------- flooded frames
+
+FLOOD_PORT = 5999
+FLOOD_COUNT = 10
+FLOOD_VIPS = {4: "10.9.0.100", 6: "fd00:9::100"}
+FLOOD_MODES = {4: "l3-ipip", 6: "l3-ip6tnl"}
+UNOWNED_MAC = "02:00:5e:10:00:99"  # locally administered; no host in the lab has it
+FAKE_NEXT_HOP = {4: "10.2.0.250", 6: "fd00:2::250"}
+
+
+def flood_intent(engine: str) -> dict:
+    """One UDP service per family (ipip for IPv4, ip6tnl for IPv6) on lb1 and lb2."""
+    doc = intent_for("l3-ipip", engine)
+    six = intent_for("l3-ip6tnl", engine)
+    doc["pools"] = {"web": doc["pools"]["web"], "web6": six["pools"]["web6"]}
+    doc["services"] = {
+        f"flood{family}": {
+            "vip": FLOOD_VIPS[family],
+            "ports": FLOOD_PORT,
+            "protocols": "udp",
+            "pool": "web" if family == 4 else "web6",
+            "dsr": {"mode": FLOOD_MODES[family], "engine": engine},
+        }
+        for family in (4, 6)
+    }
+    return doc
+
+
+def _count_at_servers(dep: Deployment, vip: str, tag: str) -> list[int]:
+    """Send FLOOD_COUNT numbered datagrams from the client to ``vip``; every
+    sequence number the servers' sockets received (copies included), sorted."""
+    lab = dep.lab
+    outs = {s: dep.workdir / f"{tag}-{s}.json" for s in lab.SERVERS}
+    sinks = [
+        lab.spawn(
+            s,
+            [PYTHON, str(UDPCOUNT), "sink", "--bind", vip, "--port", str(FLOOD_PORT), "--name", s]
+            + ["--max-seconds", "300", "--out", str(outs[s])],
+            tag="sink",
+            ready_marker="ready",
+            ready_timeout=60,
+        )
+        for s in lab.SERVERS
+    ]
+    sent = dep.workdir / f"{tag}-sent.json"
+    argv = [PYTHON, str(UDPCOUNT), "send", "--vip", vip, "--port", str(FLOOD_PORT), "--first-sport", "31000"]
+    argv += ["--span", str(FLOOD_COUNT), "--count", str(FLOOD_COUNT), "--rate", "50", "--max-seconds", "60"]
+    argv += ["--stop-file", str(dep.workdir / "never"), "--out", str(sent)]
+    lab.run("client", argv, timeout=120)
+    assert json.loads(sent.read_text())["sent"] == FLOOD_COUNT
+    time.sleep(2)  # the last datagrams, and any copy of them, cross two routers and a tunnel
+    for sink in sinks:
+        sink.stop(signal.SIGTERM, timeout=30)
+    return sorted(seq for s in lab.SERVERS for seq in json.loads(outs[s].read_text())["seqs"])
+
+
+@pytest.mark.parametrize("engine", ["nft", "ipvs"])
+def test_flooded_frames_are_forwarded_only_by_the_balancer_they_are_addressed_to(lab, tmp_path, engine):
+    """lb and lb2 apply the same intent (ipip for IPv4, ip6tnl for IPv6); r1
+    routes the VIPs to lb.  With learning off on lb's bridge port, the bridge
+    floods every frame for lb's MAC to lb2 too: the servers get each datagram
+    once.  A frame for a MAC nobody owns (r1's next hop pinned to it) is
+    flooded to both: no server gets it.  A capture on the balancer the frames
+    were not addressed to shows they arrived there.  The `ipvs` engine hooks
+    after ip_rcv / ipv6_rcv, which drop frames for another host, so it never
+    forwarded them; the `nft` engine's ingress did, until it checked pkttype."""
+    dep = Deployment(lab, tmp_path, "l3-ipip", engine)
+    dep.intent = dep.write("flood.json", flood_intent(engine))
+    nodes = {**NODES, "lb2": "lb2"}
+    bridge_port = "plb0"  # l3lab.L3Lab._wire: p<host><iface digit>
+    learning = ["ip", "link", "set", "dev", bridge_port, "type", "bridge_slave", "learning"]
+    results = {}
+    try:
+        dep.kdsr_on(nodes, "apply", dep.intent)
+        lb_mac = lab.mac("lb")
+        for family, vip in FLOOD_VIPS.items():
+            flag, host_bits = f"-{family}", "/32" if family == 4 else "/128"
+            flood_filter = f"{'ip' if family == 4 else 'ip6'} dst {vip} and udp port {FLOOD_PORT}"
+            lab.run(lab.SWITCH, [*learning, "off"])
+            lab.run(lab.SWITCH, ["ip", "link", "set", "dev", bridge_port, "type", "bridge_slave", "fdb_flush"])
+            try:
+                with lab.capture("lb2", "eth0", f"ether dst {lb_mac} and {flood_filter}") as at_lb2:
+                    flooded = _count_at_servers(dep, vip, f"flooded-v{family}")
+            finally:
+                lab.run(lab.SWITCH, [*learning, "on"])
+            next_hop = FAKE_NEXT_HOP[family]
+            lab.run(
+                "r1",
+                ["ip", flag, "neigh", "replace", next_hop, "lladdr", UNOWNED_MAC, "dev", "eth1"] + ["nud", "permanent"],
+            )
+            lab.run("r1", ["ip", flag, "route", "replace", vip + host_bits, "via", next_hop])
+            try:
+                with lab.capture("lb", "eth0", f"ether dst {UNOWNED_MAC} and {flood_filter}") as at_lb:
+                    unowned = _count_at_servers(dep, vip, f"unowned-v{family}")
+            finally:
+                lab.run("r1", ["ip", flag, "route", "del", vip + host_bits], check=False)
+                lab.run("r1", ["ip", flag, "neigh", "del", next_hop, "dev", "eth1"], check=False)
+            results[family] = (flooded, len(at_lb2.packets), unowned, len(at_lb.packets))
+            print(
+                f"\nflooded frames {engine} v{family}: to lb's MAC {len(flooded)} of {FLOOD_COUNT} received"
+                f" (lb2 saw {len(at_lb2.packets)}); to an unowned MAC {len(unowned)} received"
+                f" (lb saw {len(at_lb.packets)})"
+            )
+    finally:
+        dep.kdsr_on(nodes, "destroy", check=False)
+    for family, (flooded, seen_lb2, unowned, seen_lb) in results.items():
+        assert seen_lb2 == FLOOD_COUNT and seen_lb == FLOOD_COUNT, f"v{family}: the bridge did not flood"
+        assert flooded == list(range(FLOOD_COUNT)), f"v{family}: {len(flooded)} datagrams reached the servers"
+        assert unowned == [], f"v{family}: {len(unowned)} frames for a MAC nobody owns were forwarded"
+    assert sorted(results) == [4, 6]

@@ -108,6 +108,11 @@ def test_text_form_of_golden_batches_builds_the_same_table(scratch, path):
     for ns in (by_json, by_text):
         ns.run("ip", "link", "add", ifname, "type", "veth", "peer", "name", f"{ifname[:12]}p")
     result = by_json.run("nft", "-j", "-f", "-", input=path.read_text())
+    if result.returncode != 0 and nft_text.needs_text(commands):
+        # Flow pinning's map statements: libnftables before 1.0.9 has no JSON
+        # for them, so there is nothing to compare the text form with here
+        # (test_nft_skeleton holds that batch to nft/l2-lb-flow-pinning.nft).
+        pytest.skip(f"this nft cannot read the batch as JSON: {result.stderr.strip().splitlines()[0]}")
     assert result.returncode == 0, result.stderr
     text = nft_text.render(commands)
     result = by_text.run("nft", "-f", "-", input=text)
@@ -133,7 +138,12 @@ def test_pinned_intent_applies_lists_back_and_replans_empty(scratch, tmp_path):
     assert relist.returncode == 0, relist.stderr
     listing = node.listing()
     pinned_rules = [i["rule"] for i in listing if "rule" in i and any(isinstance(e, str) for e in i["rule"]["expr"])]
-    assert len(pinned_rules) == 2, "one pin rule per pinned selector, listed as text in JSON"
+    # Per pinned selector: pin, unpin a stale pin, pin afresh; nft 1.0.6's
+    # JSON listing prints each map statement as text.
+    assert len(pinned_rules) == 6, pinned_rules
+    assert "delete @pins-web-v4 { jhash ip saddr . ip daddr . meta l4proto . th sport . th dport" in text.stdout
+    applied_again = node.kdsr("apply", str(path), "--node", "lb1")
+    assert applied_again.returncode == 0 and "No changes" in applied_again.stdout, applied_again.stdout
     replan = node.kdsr("plan", str(path), "--node", "lb1", "--detailed-exitcode")
     assert replan.returncode == 0, replan.stdout + replan.stderr
 

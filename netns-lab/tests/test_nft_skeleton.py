@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from kdsr.compile import compile_node
+from kdsr.compile.lb_nft_l2 import pins_map_name, servers_map_name
 from kdsr.compile.selectors import selectors_for
 from kdsr.diff import diff
 from kdsr.intent import load_intent
+from kdsr.kernel import nft_text
 from kdsr.kernel.nft_json import batch_for
 from kdsr.model import Observed
 
@@ -26,6 +28,7 @@ CASES = [
     # skeleton, golden intent, node, the selector the skeleton shows
     ("l2-lb.nft", "l2-web", "lb1", 4),
     ("l2-lb-pinned-mac.nft", "l2-pinned-mac", "edge", 4),
+    ("l2-lb-flow-pinning.nft", "l2-flow-pinning", "edge", 4),
 ]
 
 
@@ -76,6 +79,9 @@ def test_skeleton_matches_compiler(scratch_ns, skeleton, case, node, family):
     selector = next(s for s in selectors_for(intent) if s.family == family)
     subprocess.run(["ip", "-n", scratch_ns, "link", "add", device, "type", "veth", "peer", "name", "peer0"], check=True)
     keep = {"ingress", "services-v4", "services-v6", "service-ranges-v4", "service-ranges-v6", selector.name}
+    pins, servers = pins_map_name(selector.pool.name, family), servers_map_name(selector.pool.name, family)
+    if selector.hashing.pinning is not None:
+        keep |= {pins, servers}
 
     text = (ROOT / "nft" / skeleton).read_text()
     for placeholder, value in {
@@ -83,6 +89,10 @@ def test_skeleton_matches_compiler(scratch_ns, skeleton, case, node, family):
         "@SELECTOR@": selector.name,
         "@MOD@": str(selector.table_size),
         "@SEED@": hex(selector.hashing.seed),
+        "@PINS@": pins,
+        "@SERVERS@": servers,
+        "@TIMEOUT@": str(selector.hashing.pinning.timeout if selector.hashing.pinning else 0),
+        "@MAX_FLOWS@": str(selector.hashing.pinning.max_flows if selector.hashing.pinning else 0),
     }.items():
         text = text.replace(placeholder, value)
     _nft(scratch_ns, "-f", "-", stdin=text)
@@ -90,7 +100,10 @@ def test_skeleton_matches_compiler(scratch_ns, skeleton, case, node, family):
     _nft(scratch_ns, "delete", "table", "netdev", "kdsr")
 
     batch = [cmd for td in diff(desired, Observed()).tables for cmd in batch_for(td)]
-    _nft(scratch_ns, "-j", "-f", "-", stdin=json.dumps({"nftables": batch}))
+    if nft_text.needs_text(batch):  # flow pinning's map statements (libnftables 1.0.6)
+        _nft(scratch_ns, "-f", "-", stdin=nft_text.render(batch))
+    else:
+        _nft(scratch_ns, "-j", "-f", "-", stdin=json.dumps({"nftables": batch}))
     from_compiler = _shape(scratch_ns, keep)
 
     assert from_skeleton == from_compiler, f"nft/{skeleton} and the compiler disagree; update one of them"
