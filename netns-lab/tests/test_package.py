@@ -169,7 +169,7 @@ def test_the_installed_unit_verifies_clean_and_rates_ok(package):
     assert float(score.group(1)) <= 4.0
 
 
-def test_the_l2_demo_with_the_installed_kdsr(package):
+def test_the_l2_demo_with_the_installed_kdsr(package, tmp_path):
     with timed("l2 demo"):
         demo = subprocess.run(
             [sys.executable, str(ROOT / "netns-lab" / "demo.py"), "--kdsr", "/usr/bin/kdsr"]
@@ -177,6 +177,7 @@ def test_the_l2_demo_with_the_installed_kdsr(package):
             capture_output=True,
             text=True,
             timeout=600,
+            env={**os.environ, "TMPDIR": str(tmp_path)},  # the demo's work directory, with pytest's
         )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "$ /usr/bin/kdsr apply example.json --node lb1" in demo.stdout
@@ -206,6 +207,15 @@ def test_kdsr_service_runs_under_systemd_in_a_lab_namespace(package, tmp_path):
             assert up["WatchdogUSec"] == "30s" and up["NRestarts"] == "0"
             served = _served_by(lab, 30)
             assert served.keys() == {"s1", "s2", "s3"} and sum(served.values()) == 30, served
+
+            # The sandbox as the kernel sees it: a read-only system, /proc/sys read-only but
+            # for /proc/sys/net (the L3 and IPVS sysctls), the state directory writable.
+            mounts = {}
+            for line in box.run("cat", f"/proc/{up['MainPID']}/mountinfo").stdout.splitlines():
+                fields = line.split()
+                mounts[fields[4]] = fields[5].split(",")[0]
+            assert mounts["/"] == "ro" and mounts["/proc/sys"] == "ro" and mounts["/proc/sys/net"] == "rw", mounts
+            assert mounts["/var/lib/kdsr"] == "rw" and mounts.get("/etc/bird", "rw") == "rw", mounts
 
             # READY=1 came after the verified apply: systemd logged "Started" after kdsr's event=applied.
             journal = [json.loads(line) for line in box.run("journalctl", "-o", "json").stdout.splitlines()]
