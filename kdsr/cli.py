@@ -314,10 +314,43 @@ def show(obj: Context, node: str | None, as_json: bool) -> None:
     """What kdsr owns on this host now, with per-VIP and per-server packet counters."""
     try:
         require_net_admin("show", "reads this host's nftables, IPVS and link state")
-        report = operations.show(_kernel(), obj.store, node)
+        from kdsr.health import control
+
+        # A running `kdsr run` answers from its own loop: what it shows is
+        # what it has applied, never a view an apply has not reached yet.
+        answer = None
+        for name in [node] if node else obj.store.nodes():
+            answer = control.request(obj.store, name, {"command": "show"})
+            if answer is not None:
+                break
+        report = answer["report"] if answer is not None else operations.show(_kernel(), obj.store, node)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
     click.echo(json.dumps(report, indent=2) if as_json else operations.format_show(report).rstrip("\n"))
+
+
+@main.command(epilog="Example: kdsr reload --node lb1")
+@click.option("--node", help="The node whose `kdsr run` to reload (default: the one running here).")
+@global_options
+@click.pass_obj
+def reload(obj: Context, node: str | None) -> None:
+    """Have the running `kdsr run` load its intent file again and apply it; says whether it took.
+
+    Unlike SIGHUP, it waits for the result: an intent that fails validation
+    is reported here (exit 3) and the daemon keeps the one it runs."""
+    from kdsr.health import control
+
+    try:
+        answer = None
+        for name in [node] if node else obj.store.nodes():
+            answer = control.request(obj.store, name, {"command": "reload"})
+            if answer is not None:
+                break
+        if answer is None:
+            raise UsageError(f"no kdsr run is running for {node or 'any node'} with state in {obj.store.directory}")
+    except (KdsrError, KernelError) as exc:
+        _fail(exc)
+    click.echo(f"Reloaded: kdsr run for node {name} runs the intent file as it is now.")
 
 
 @main.command(epilog="Example: kdsr destroy --node s1 --dry-run\n\n" + EPILOG_EXIT_CODES)
@@ -501,19 +534,36 @@ def _drain(
     dry_run: bool = False,
     as_json: bool = False,
 ) -> None:
-    from kdsr.commands.health import set_drain
+    from kdsr.health import control
+    from kdsr.health.drain import set_drain
     from kdsr.intent.load import read_intent_text
 
     command = "drain" if drained else "undrain"
+    fields = {"command": command, "server": server, "dry_run": dry_run}
     try:
         require_net_admin(command, "changes this host's nftables, IPVS, links, addresses and sysctls")
         text = read_intent_text(intent_file)
         kernel = _kernel(obj.store)
+        intent = _load(intent_file, text)
+        name = operations.select_node(intent, node, kernel)
+        # A running `kdsr run` for the node does it in its own loop, so its
+        # health view, metrics and the kernel change together.
+        message = {"command": command, "server": server, "force": force, "dry_run": dry_run}
+        answer = control.request(obj.store, name, message)
+        if answer is not None:
+            if as_json:
+                click.echo(
+                    json.dumps({**answer["plan"], **fields, "applied": answer["applied"]}, indent=2, sort_keys=True)
+                )
+            else:
+                click.echo(answer["text"], nl=False)
+                _said_drain(server, name, drained, dry_run, answer["applied"] and answer, via_daemon=True)
+            return
         # The receipt of the drained state, as `kdsr apply` would leave it:
         # the next apply of the same file is answered from it.
         outcome = set_drain(
-            _load(intent_file, text),
-            node,
+            intent,
+            name,
             server,
             drained,
             kernel,
@@ -527,20 +577,34 @@ def _drain(
         _fail(exc)
     plan = outcome.prepared.plan
     if as_json:
-        fields = {"command": command, "server": server, "dry_run": dry_run, "applied": applied_json(outcome.result)}
-        click.echo(render_json(plan, intent_file, fields), nl=False)
+        click.echo(render_json(plan, intent_file, {**fields, "applied": applied_json(outcome.result)}), nl=False)
         return
     click.echo(render_text(plan, intent_file), nl=False)
+    result = outcome.result
+    _said_drain(server, name, drained, dry_run, result and {"steps": len(result.steps), "writes": result.writes})
+
+
+def _said_drain(server: str, node: str, drained: bool, dry_run: bool, applied, via_daemon: bool = False) -> None:
+    """What drain or undrain did, in a sentence."""
+    command = "drain" if drained else "undrain"
     if dry_run:
-        click.echo(f"Dry run: {server} was not {command}ed on {outcome.node}; nothing was written.")
+        click.echo(f"Dry run: {server} was not {command}ed on {node}; nothing was written.")
         return
     done = (
-        f"Drained {server} on {outcome.node}: it takes no new flows (open ones go on where flow pinning or "
+        f"Drained {server} on {node}: it takes no new flows (open ones go on where flow pinning or "
         "IPVS's connection table holds them); kdsr remembers the drain until `kdsr undrain`."
         if drained
-        else f"Undrained {server} on {outcome.node}: it takes new flows again."
+        else f"Undrained {server} on {node}: it takes new flows again."
     )
-    click.echo(done + (f" {_applied_words(outcome.result)}" if outcome.result is not None else " No kernel change."))
+    if via_daemon:
+        done += " (Done by the running kdsr run, so its health view and metrics agree.)"
+    if applied:
+        steps, writes = applied["steps"], applied["writes"]
+        steps = steps if isinstance(steps, int) else len(steps)
+        done += f" Applied: {counted(steps, 'step')}, {counted(writes, 'kernel write')}."
+    else:
+        done += " No kernel change."
+    click.echo(done)
 
 
 def _applied_words(result) -> str:

@@ -157,7 +157,8 @@ Shell completion (click): \fBbash_source\fR or \fBzsh_source\fR prints the compl
 .SH SYSTEMD
 The package installs \fIkdsr.service\fR: \fBType=notify\fR, started only once \fI/etc/kdsr/intent.json\fR
 exists, after \fIbird.service\fR and before \fIkeepalived.service\fR (ordering only), \fBWatchdogSec=30\fR,
-and \fBExecReload=\fR that validates the intent before it sends SIGHUP.
+and \fBExecReload=\fR that validates the intent, then has the daemon reload it and waits for the result
+(\fBkdsr reload\fR).
 .PP
 .nf
 .RS 4

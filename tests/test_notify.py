@@ -250,3 +250,19 @@ def test_a_loop_sleeping_until_its_next_duty_wakes_for_the_watchdog(tmp_path, ma
         turns += 1
     pings = [m for m in manager.messages() if m == {"WATCHDOG": "1"}]
     assert len(pings) >= 4 and turns >= 4, (turns, pings)
+
+
+def test_a_held_ready_waits_for_release_and_for_a_verified_apply(manager):
+    """`kdsr run` holds READY=1 until its control socket and metrics listen."""
+    notifier = Notifier.from_environment(manager.env(), held=True)
+    notifier.verified("verified (start): 8 changes applied")
+    assert manager.messages() == [] and not notifier.ready
+    notifier.release()
+    assert manager.messages() == [{"READY": "1", "STATUS": "verified (start): 8 changes applied"}]
+    # Released before any verified apply: READY=1 comes with the first one.
+    later = Notifier.from_environment(manager.env(), held=True)
+    later.status("apply failed (start), retrying every 5 s: EBUSY")
+    later.release()
+    assert manager.messages() == [{"STATUS": "apply failed (start), retrying every 5 s: EBUSY"}]
+    later.verified("verified (health): 8 changes applied")
+    assert manager.messages() == [{"READY": "1", "STATUS": "verified (health): 8 changes applied"}]

@@ -43,8 +43,12 @@ def test_notify_watchdog_reload_and_ordering():
     assert service["Type"] == ["notify"]
     assert int(service["WatchdogSec"][0]) >= 10
     assert service["ExecStart"] == ["/usr/bin/kdsr --state-dir /var/lib/kdsr run /etc/kdsr/intent.json"]
-    # Reload: validate first (a bad intent fails the reload), then signal.
-    assert service["ExecReload"] == ["/usr/bin/kdsr validate /etc/kdsr/intent.json", "/bin/kill -HUP $MAINPID"]
+    # Reload: validate first (a bad intent fails the reload), then ask the
+    # daemon and wait for its answer (kdsr reload, over the control socket).
+    assert service["ExecReload"] == [
+        "/usr/bin/kdsr validate /etc/kdsr/intent.json",
+        "/usr/bin/kdsr --state-dir /var/lib/kdsr reload",
+    ]
     assert "bird.service" in unit["Unit"]["After"][0].split()
     assert unit["Unit"]["Before"] == ["keepalived.service"]
     assert "Requires" not in unit["Unit"] and "bird.service" not in " ".join(unit["Unit"].get("Wants", []))

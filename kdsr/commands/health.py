@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kdsr import operations
 from kdsr.errors import UsageError
-from kdsr.health import CHECK_INTERVAL, logs, metrics
+from kdsr.health import CHECK_INTERVAL, control, logs, metrics
 from kdsr.health.daemon import Runner
-from kdsr.health.effective import effective_intent
+from kdsr.health.drain import DrainOutcome, resolve_server, set_drain  # noqa: F401 (the CLI's names)
 from kdsr.health.notify import Notifier
-from kdsr.intent.model import Intent
 from kdsr.kernel.state import StateStore
-from kdsr.wording import counted
 
 
 def run_daemon(
@@ -38,10 +34,32 @@ def run_daemon(
         verified=verified,
         check_interval=check_interval,
         log_format=logs.formatter(log_format),
-        notifier=Notifier.from_environment(),  # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); else none
+        # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); READY=1 once the
+        # first apply is verified and the control socket (and metrics) listen.
+        notifier=Notifier.from_environment(held=True),
     )
     runner.install_signals()
-    runner.start()  # a bad intent raises here, before any kernel write
+    held: list[control.DaemonLock] = []
+    # One daemon per node: the lock is taken before the first apply, so a
+    # second `kdsr run` stops before it writes anything.
+    runner.start(claim=lambda name: held.append(control.DaemonLock(store, name)))  # a bad intent raises here
+    server_socket = None
+    try:
+        path = control.socket_path(store, runner.node)
+        server_socket = control.ControlServer(path, runner.submit)
+        held[0].record(path)
+        runner.log("control", socket=str(path))
+        if listen:
+            _serve_metrics(runner, kernel, store, listen)
+        runner.notify.release()
+        return runner.run_forever()
+    finally:
+        if server_socket is not None:
+            server_socket.close()
+        held[0].release()
+
+
+def _serve_metrics(runner: Runner, kernel, store: StateStore, listen: str) -> None:
     if listen:
 
         def text() -> str:
@@ -51,83 +69,8 @@ def run_daemon(
                 report = None
             return metrics.render(runner.view(), runner.counters, report)
 
-        server = metrics.serve(listen, text)
+        try:
+            server = metrics.serve(listen, text)
+        except OSError as exc:
+            raise UsageError(f"--metrics {listen}: cannot listen there: {exc.strerror or exc}") from None
         runner.log("metrics", listen=f"{server.server_address[0]}:{server.server_address[1]}")
-    return runner.run_forever()
-
-
-def resolve_server(intent: Intent, server: str) -> str:
-    """A pool member's address, or a server node's name, exactly as drains record it."""
-    for pool in intent.pools:
-        for member in pool.members:
-            if server in (str(member.address), member.node):
-                return server
-    members = sorted({m.node or str(m.address) for p in intent.pools for m in p.members})
-    raise UsageError(f"{intent.source}: {server!r} is no pool member's address or node. Members: {', '.join(members)}.")
-
-
-@dataclass
-class DrainOutcome:
-    node: str
-    server: str
-    drained: bool
-    prepared: operations.Prepared
-    result: object | None  # kdsr.apply.ApplyResult; None: nothing applied (no change, or a dry run)
-
-
-def set_drain(
-    intent: Intent,
-    node: str | None,
-    server: str,
-    drained: bool,
-    kernel,
-    store: StateStore,
-    wait: float,
-    verified=None,
-    force: bool = False,
-    dry_run: bool = False,
-) -> DrainOutcome:
-    """Record the drain (or undrain) of ``server`` on this load balancer and apply it.
-
-    A drain that would leave a service with no serving server (every other
-    server drained or down) is refused unless ``force``: nothing is recorded
-    or written.  ``dry_run`` plans it and changes nothing.  ``verified``:
-    called with the plan, under the lock, once the kernel matches it (the
-    CLI records its receipt there, as `kdsr apply` does)."""
-    server = resolve_server(intent, server)
-    with store.lock(wait):
-        name = operations.select_node(intent, node, kernel)
-        if intent.load_balancer(name) is None:
-            raise UsageError(f"{intent.source}: drain on a load balancer; {name} is a server")
-        state = store.load(name)
-        before = frozenset(state.drained)
-        after = before | {server} if drained else before - {server}
-        prepared = operations.prepare(intent, name, kernel, store, drained=after)
-        if drained and not force:
-            _refuse_unserving(intent, name, store, prepared, before, server)
-        if dry_run:
-            return DrainOutcome(name, server, drained, prepared, None)
-        # The record apply saves is the one prepare loaded: the drain goes there.
-        prepared.state.drained = set(after)
-        store.save(prepared.state)
-        result = None
-        if not prepared.plan.empty:
-            result = operations.apply(prepared, kernel, store)
-        if verified is not None:
-            verified(prepared)
-    return DrainOutcome(name, server, drained, prepared, result)
-
-
-def _refuse_unserving(
-    intent: Intent, node: str, store: StateStore, prepared: operations.Prepared, before: frozenset[str], server: str
-) -> None:
-    """Leaving a service with no server is a decision (--force), not an accident."""
-    now = operations.unserved_services(effective_intent(intent, prepared.down, before))
-    after = operations.unserved_services(effective_intent(intent, prepared.down, before | {server}))
-    newly = sorted(set(after) - set(now))
-    if newly:
-        raise UsageError(
-            f"{intent.source}: draining {server} on {node} would leave {counted(len(newly), 'service')} with no "
-            f"serving server ({', '.join(f'{name}: {after[name]}' for name in newly)}). Nothing was changed. "
-            "Bring a server back first, or pass --force to drain anyway."
-        )

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import queue
 import random
@@ -52,8 +53,9 @@ from dataclasses import dataclass, field
 from kdsr import collector, operations, receipt
 from kdsr.diff import Plan
 from kdsr.errors import KdsrError, UsageError
-from kdsr.health import CHECK_INTERVAL
+from kdsr.health import CHECK_INTERVAL, control
 from kdsr.health import status as health_status
+from kdsr.health.drain import refuse_unserving, resolve_server
 from kdsr.health.effective import POOL_OK, effective_intent
 from kdsr.health.notify import Notifier
 from kdsr.health.probes import Result, probe
@@ -63,7 +65,7 @@ from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.model import Desired
-from kdsr.plan_format import SYMBOL
+from kdsr.plan_format import SYMBOL, applied_json, render_json, render_text
 from kdsr.wording import counted
 
 STATUS_EVERY = 2.0  # seconds between status writes when nothing changes
@@ -112,6 +114,10 @@ def summary(plan: Plan, limit: int = DRIFT_CHANGES_LOGGED) -> str:
     if len(plan.changes) > limit:
         named.append(f"and {len(plan.changes) - limit} more")
     return "; ".join(named)
+
+
+def plan_json(plan: Plan) -> dict:
+    return json.loads(render_json(plan, ""))
 
 
 class Runner:
@@ -180,6 +186,10 @@ class Runner:
         self._last_failed_apply = 0.0
         self._last_status = 0.0
         self.lock = threading.Lock()  # guards the views the metrics thread reads
+        # Control requests (kdsr/health/control.py): (message, answer slot,
+        # done event), handed from the control thread to the main thread.
+        self.requests: queue.Queue = queue.Queue()
+        self.last_applied: tuple[Plan | None, object | None] = (None, None)  # the last apply's plan and result
 
     # --- events ----------------------------------------------------------------
 
@@ -188,8 +198,10 @@ class Runner:
 
     # --- lifecycle -------------------------------------------------------------
 
-    def start(self) -> None:
-        """Load, apply and start probing.  Raises KdsrError (nothing touched) on a bad intent."""
+    def start(self, claim: Callable[[str], None] | None = None) -> None:
+        """Load, apply and start probing.  Raises KdsrError (nothing touched)
+        on a bad intent.  ``claim``: called with the node before the first
+        apply (`kdsr run` takes the node's one-daemon lock there)."""
         intent = self._load()
         self.node = operations.select_node(intent, self._node_arg, self.kernel)
         if intent.load_balancer(self.node) is None:
@@ -197,6 +209,8 @@ class Runner:
                 f"{intent.source}: kdsr run probes servers from a load balancer; {self.node} is a server node. "
                 "Run it on a load balancer (a server needs only `kdsr apply`)."
             )
+        if claim is not None:
+            claim(self.node)
         self._install(intent, restore=health_status.read(self.store, self.node))
         self.log("started", pid=os.getpid(), intent=intent.source, targets=len(self.targets))
         self.apply("start")
@@ -236,6 +250,11 @@ class Runner:
                 self._take(self.results.get_nowait())
             except queue.Empty:
                 break
+        while True:
+            try:
+                self._serve(*self.requests.get_nowait())
+            except queue.Empty:
+                break
         if self._stop_requested:
             self.stopping.set()
             return
@@ -268,7 +287,8 @@ class Runner:
         results are queued), then read every byte there: a signal number
         (from the kernel's handler, ``signal.set_wakeup_fd``) or 0 (a probe
         result, a request from another thread)."""
-        if seconds > 0 and self.results.empty() and not (self._stop_requested or self._reload_requested):
+        quiet = self.results.empty() and self.requests.empty()
+        if seconds > 0 and quiet and not (self._stop_requested or self._reload_requested):
             select.select([self._wake_r], [], [], seconds)
         while True:
             try:
@@ -294,6 +314,13 @@ class Runner:
 
     def shutdown(self) -> None:
         self.notify.stopping()
+        while True:  # nobody will answer these now
+            try:
+                _message, answer, done = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            answer.update(ok=False, error=f"kdsr run for node {self.node} is stopping", exit_code=1)
+            done.set()
         self._stop_probes()
         self.publish()
         self.log("stopped", reason="signal", kernel="left as the last apply made it")
@@ -413,8 +440,8 @@ class Runner:
             with self.store.lock(self.wait):
                 prepared = operations.prepare(self.intent, self.node, self.kernel, self.store, self.adopt, down=down)
                 changes = len(prepared.plan.changes)
-                if changes:
-                    operations.apply(prepared, self.kernel, self.store)
+                result = operations.apply(prepared, self.kernel, self.store) if changes else None
+                self.last_applied = (prepared.plan, result)
                 self._remember_verified(prepared)
                 if self._verified is not None:
                     self._record_verified(prepared)
@@ -496,7 +523,79 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a receipt is a cache, never worth stopping the daemon
             self.log("receipt-failed", error=str(exc))
 
-    def reload(self) -> None:
+    # --- control requests (kdsr/health/control.py) --------------------------------
+
+    def submit(self, message: dict) -> dict:
+        """From the control thread: have the main thread handle ``message``, and wait for its answer."""
+        answer: dict = {}
+        done = threading.Event()
+        self.requests.put((message, answer, done))
+        self._wake()
+        if not done.wait(control.ANSWER_TIMEOUT):
+            return {"ok": False, "error": f"kdsr run for node {self.node} did not answer in time", "exit_code": 1}
+        return answer
+
+    def _serve(self, message: dict, answer: dict, done: threading.Event) -> None:
+        try:
+            command = message.get("command")
+            if command in ("drain", "undrain"):
+                answer.update(self._drain(message, command == "drain"))
+            elif command == "show":
+                answer.update(ok=True, report=operations.show(self.kernel, self.store, self.node))
+            elif command == "reload":
+                error = self.reload()
+                answer.update(ok=error is None, error=error or "", exit_code=3)
+            else:
+                answer.update(ok=False, error=f"unknown request {command!r}", exit_code=4)
+        except (KdsrError, KernelError, OSError) as exc:
+            answer.update(ok=False, error=str(exc), exit_code=getattr(exc, "exit_code", 1))
+        finally:
+            done.set()
+
+    def _drain(self, message: dict, drained: bool) -> dict:
+        """A drain or undrain on the daemon's own loop: recorded, applied
+        and in its view and metrics before the answer goes back."""
+        assert self.intent is not None
+        server = resolve_server(self.intent, str(message.get("server", "")))
+        before = frozenset(self.store.load(self.node).drained)
+        after = before | {server} if drained else before - {server}
+        if drained and not message.get("force"):
+            refuse_unserving(self.intent, self.node, self.down(), before, server)
+        if message.get("dry_run"):
+            with self.store.lock(self.wait):
+                prepared = operations.prepare(
+                    self.intent, self.node, self.kernel, self.store, self.adopt, down=self.down(), drained=after
+                )
+            return {
+                "ok": True,
+                "node": self.node,
+                "server": server,
+                "plan": plan_json(prepared.plan),
+                "text": render_text(prepared.plan, self.intent.source),
+                "applied": None,
+            }
+        with self.store.lock(self.wait):
+            state = self.store.load(self.node)
+            state.drained = set(after)
+            self.store.save(state)
+        what = "drain" if drained else "undrain"
+        self.log(what, server=server)
+        if not self.apply(what):
+            raise KdsrError(f"the {what} was recorded but its apply failed; kdsr run retries it")
+        plan, result = self.last_applied
+        return {
+            "ok": True,
+            "node": self.node,
+            "server": server,
+            "plan": plan_json(plan),
+            "text": render_text(plan, self.intent.source),
+            "applied": applied_json(result),
+            "steps": len(result.steps) if result is not None else 0,
+            "writes": result.writes if result is not None else 0,
+        }
+
+    def reload(self) -> str | None:
+        """Load the intent again and apply it; the error (the old intent stays) or None."""
         self.notify.reloading_started()
         try:
             with collector.paused():  # the new document and model are large and acyclic (kdsr/collector.py)
@@ -506,7 +605,7 @@ class Runner:
         except KdsrError as exc:
             self.log("reload-failed", error=str(exc).replace("\n", "; "), keeping="the running intent")
             self.notify.reload_finished(f"reload failed, the running intent stays: {exc}")
-            return
+            return str(exc)
         # The old probes finish on their own: a probe under way (up to its
         # timeout) does not hold up the new intent's apply.
         self._stop_probes(wait=False)
@@ -516,6 +615,7 @@ class Runner:
             self.notify.reload_finished(f"reloaded; its apply failed, retrying every {RETRY_FAILED_APPLY:g} s")
         collector.settle()  # frees the replaced intent's state, keeps the new one out of collections
         self._start_probes()
+        return None
 
     # --- views -----------------------------------------------------------------
 

@@ -34,6 +34,9 @@ LEVELS = {
     "applied": INFO,
     "reloaded": INFO,
     "metrics": INFO,
+    "control": INFO,
+    "drain": INFO,  # a drain or undrain asked of the daemon (kdsr drain while it runs)
+    "undrain": INFO,
     "stopped": INFO,
     "health": INFO,  # WARNING when a server goes down: level_of
     "pool": WARNING,  # logged only when a pool has no server left to serve

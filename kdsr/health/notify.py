@@ -57,19 +57,23 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 class Notifier:
     """READY/WATCHDOG/RELOADING/STOPPING/STATUS to ``$NOTIFY_SOCKET``; every method is safe to call at any time."""
 
-    def __init__(self, address: str | bytes | None, watchdog: float | None = None) -> None:
+    def __init__(self, address: str | bytes | None, watchdog: float | None = None, held: bool = False) -> None:
+        """``held``: READY=1 waits for ``release()`` as well as for a verified
+        apply (`kdsr run` releases it once its control socket and metrics listen)."""
         self.address = address
         self.watchdog_seconds = watchdog
         self.ready = False  # READY=1 was sent: the first apply was verified
         self.reloading = False  # RELOADING=1 was sent and its READY=1 not yet
+        self.held = held
+        self._pending: str | None = None  # a verified apply's status, waiting for release()
         self._status = ""
         self._last_watchdog = 0.0
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str] | None = None) -> Notifier:
+    def from_environment(cls, env: Mapping[str, str] | None = None, held: bool = False) -> Notifier:
         env = os.environ if env is None else env
         address = _address(env.get("NOTIFY_SOCKET", ""))
-        return cls(address, watchdog_interval(env, os.getpid()) if address else None)
+        return cls(address, watchdog_interval(env, os.getpid()) if address else None, held)
 
     @property
     def enabled(self) -> bool:
@@ -92,12 +96,22 @@ class Notifier:
     def verified(self, status: str) -> None:
         """The kernel was verified against the intent: READY=1 the first time
         (and at the end of a reload), else the new status."""
+        if self.held and not self.ready:
+            self._pending = status
+            return
         if not self.ready or self.reloading:
             self._status = _line(status)
             if self.send("READY=1", f"STATUS={self._status}"):
                 self.ready, self.reloading = True, False
             return
         self.status(status)
+
+    def release(self) -> None:
+        """The rest of the service is up: READY=1 now if an apply was verified, else with the first that is."""
+        self.held = False
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.verified(pending)
 
     def status(self, text: str) -> None:
         """STATUS=, when it changed."""
