@@ -3,7 +3,8 @@
 Under systemd with ``Type=notify`` (contrib/kdsr.service) the daemon says:
 
 - ``READY=1`` once the first apply was verified (read back from the kernel,
-  or nothing to change): units ordered after kdsr.service start only then;
+  or nothing to change) and its control socket listens (``release()``):
+  units ordered after kdsr.service start only then;
 - ``WATCHDOG=1`` from the main loop while it turns (``WatchdogSec=``): a loop
   stuck in an apply or a lock is restarted by systemd;
 - ``RELOADING=1`` on SIGHUP and ``READY=1`` again when the reload is done;
