@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
+.PHONY: setup demo test deb man unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
 	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup
 
 setup:
@@ -22,6 +22,18 @@ test: setup
 	$(PY) netns-lab/guest_tier.py; guest=$$?; \
 	if [ $$host -ne 0 ] || [ $$guest -ne 0 ]; then \
 		echo "make test: FAILED (host tier exit $$host, full-kernel tier exit $$guest)" >&2; exit 1; fi
+
+# The Debian package, built from this checkout with debhelper and pybuild
+# (debian/): build/deb/kdsr_<version>_all.deb.  Install it with
+# `dpkg -i build/deb/kdsr_*.deb; apt-get -f install`.  `make test` builds,
+# installs, checks and purges it (netns-lab/tests/test_package.py).
+deb: setup
+	./scripts/deb.sh
+
+# kdsr(8) and kdsr-intent(5) as the package builds them, into build/man/
+# (read one with `man -l build/man/kdsr.8`).
+man: setup
+	$(PY) scripts/man.py build/man
 
 unit: setup
 	$(PY) -m pytest -q tests

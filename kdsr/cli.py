@@ -467,10 +467,23 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
     help="Check this often that kdsr's kernel objects are as it last applied them, and repair what drifted (0: never).",
 )
 @click.option("--adopt", is_flag=True, help=ADOPT_HELP)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr: key=value text, or one JSON object per line (with a level) for log shippers.",
+)
 @global_options
 @click.pass_obj
 def run_command(
-    obj: Context, intent_file: str, node: str | None, listen: str | None, check_interval: float, adopt: bool
+    obj: Context,
+    intent_file: str,
+    node: str | None,
+    listen: str | None,
+    check_interval: float,
+    adopt: bool,
+    log_format: str,
 ) -> None:
     """Apply the intent, probe every server (health), apply what health changes and repair drift, until stopped."""
     from kdsr.commands.health import run_daemon
@@ -504,6 +517,7 @@ def run_command(
             # As `kdsr apply --adopt`, which records no receipt either.
             verified=None if adopt else verified,
             check_interval=check_interval,
+            log_format=log_format,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)

@@ -11,6 +11,9 @@ check holds.  --keep leaves the lab up.
 demo instead (demo_l3.py): natively on a kernel with IPVS and the tunnel
 drivers, otherwise inside one full-kernel virtme-ng guest (guest_tier.py),
 its report streamed here.
+
+--kdsr PATH runs that kdsr program (e.g. the Debian package's /usr/bin/kdsr)
+instead of this checkout's (`python -m kdsr`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ TRAFFIC = [  # (vip, protocol, port, flows)
 ]
 
 
+KDSR = [sys.executable, "-m", "kdsr"]  # --kdsr replaces it
+
+
 def kdsr(lab, host: str, state_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "kdsr", "--state-dir", str(state_dir), *args]
+    argv = [*KDSR, "--state-dir", str(state_dir), *args]
     return lab.run(host, argv, check=False, cwd=ROOT)
 
 
@@ -49,7 +55,12 @@ def main() -> int:
     parser.add_argument("--intent", default=str(ROOT / "examples" / "l2-web.json"))
     parser.add_argument("--scenario", choices=("l2", *L3_MODES), default="l2", help="DSR mode to demonstrate")
     parser.add_argument("--engine", choices=("nft", "ipvs"), default="nft", help="fast path (L3 scenarios)")
+    parser.add_argument("--kdsr", metavar="PATH", help="the kdsr program to run (default: this checkout's)")
     args = parser.parse_args()
+    if args.kdsr:
+        if args.scenario != "l2":
+            parser.error("--kdsr is for the l2 scenario")
+        KDSR[:] = [args.kdsr]
     if args.scenario != "l2":
         return l3_demo(args)
 
@@ -70,7 +81,8 @@ def main() -> int:
             lab.start_responder(server, tcp_ports=[80, 443, 53], udp_ports="53,80,5000-5010")
 
         for host, node in NODES.items():
-            print(f"$ kdsr apply {Path(args.intent).name} --node {node}    (in namespace {lab.ns(host)})")
+            program = args.kdsr or "kdsr"
+            print(f"$ {program} apply {Path(args.intent).name} --node {node}    (in namespace {lab.ns(host)})")
             result = kdsr(lab, host, state_dir, "apply", args.intent, "--node", node)
             print(_indent(result.stdout + result.stderr))
             if result.returncode != 0:

@@ -152,7 +152,7 @@ def test_kdsr_run_leaves_a_receipt_the_next_apply_uses(tmp_path, intent, kernel,
     down_server = str(load_intent(intent).pool("web").members[0].address)
     ran = []
 
-    def one_event(load, node, kernel, store, wait, adopt, listen, verified=None, check_interval=None):
+    def one_event(load, node, kernel, store, wait, adopt, listen, verified=None, **_options):
         """The daemon's start and one server falling, then return (no signals, no threads)."""
         probe = lambda target: Result(target.server != down_server, 0.001, "refused")  # noqa: E731
         runner = Runner(load, node, kernel, store, adopt=adopt, emit=[].append, probe_fn=probe, verified=verified)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from kdsr import operations
 from kdsr.errors import UsageError
-from kdsr.health import CHECK_INTERVAL, control, metrics
+from kdsr.health import CHECK_INTERVAL, control, logs, metrics
 from kdsr.health.daemon import Runner
 from kdsr.health.drain import DrainOutcome, resolve_server, set_drain  # noqa: F401 (the CLI's names)
+from kdsr.health.notify import Notifier
 from kdsr.kernel.state import StateStore
 
 
@@ -20,8 +21,23 @@ def run_daemon(
     listen: str | None,
     verified=None,
     check_interval: float = CHECK_INTERVAL,
+    log_format: str = "text",
 ) -> int:
-    runner = Runner(load, node, kernel, store, wait=wait, adopt=adopt, verified=verified, check_interval=check_interval)
+    """``log_format``: "text" or "json" (kdsr/health/logs.py)."""
+    runner = Runner(
+        load,
+        node,
+        kernel,
+        store,
+        wait=wait,
+        adopt=adopt,
+        verified=verified,
+        check_interval=check_interval,
+        log_format=logs.formatter(log_format),
+        # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); READY=1 once the
+        # first apply is verified and the control socket (and metrics) listen.
+        notifier=Notifier.from_environment(held=True),
+    )
     runner.install_signals()
     held: list[control.DaemonLock] = []
     # One daemon per node: the lock is taken before the first apply, so a
@@ -35,6 +51,7 @@ def run_daemon(
         runner.log("control", socket=str(path))
         if listen:
             _serve_metrics(runner, kernel, store, listen)
+        runner.notify.release()
         return runner.run_forever()
     finally:
         if server_socket is not None:

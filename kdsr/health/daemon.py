@@ -26,7 +26,11 @@ nftables tokens, which any commit by anyone moves, and a diff of what has no
 generation), and when it is not, plans in full and applies what differs.
 
 Logs: one line per event on stderr, ``ts=... event=... key=value``
-(journald-friendly, greppable).
+(journald-friendly, greppable), or JSON (kdsr/health/logs.py).
+
+Under systemd (kdsr/health/notify.py): READY=1 after the first verified
+apply, WATCHDOG=1 each turn of the main loop, RELOADING=1 and READY=1
+around a reload, STOPPING=1 on the way out, STATUS= all along.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from kdsr.health import CHECK_INTERVAL, control
 from kdsr.health import status as health_status
 from kdsr.health.drain import refuse_unserving, resolve_server
 from kdsr.health.effective import POOL_OK, effective_intent
+from kdsr.health.notify import Notifier
 from kdsr.health.probes import Result, probe
 from kdsr.health.state import DOWN, UP, TargetState
 from kdsr.health.targets import Target, targets_for
@@ -61,6 +66,7 @@ from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.model import Desired
 from kdsr.plan_format import SYMBOL, applied_json, render_json, render_text
+from kdsr.wording import counted
 
 STATUS_EVERY = 2.0  # seconds between status writes when nothing changes
 RETRY_FAILED_APPLY = 5.0  # seconds before a failed apply is tried again
@@ -127,6 +133,8 @@ class Runner:
         probe_fn: Callable[[Target], Result] = probe,
         verified: Callable[[operations.Prepared], None] | None = None,
         check_interval: float = CHECK_INTERVAL,
+        log_format: Callable[..., str] = log_line,
+        notifier: Notifier | None = None,
     ) -> None:
         """``check_interval``: seconds between drift checks; 0: none."""
         self._load = load
@@ -141,6 +149,9 @@ class Runner:
         self.wait = wait
         self.adopt = adopt
         self._emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._format = log_format  # kdsr/health/logs.py: text or JSON, journald priorities
+        # The service manager's protocol (`kdsr run` passes the one of its environment).
+        self.notify = notifier if notifier is not None else Notifier(None)
         self._probe = probe_fn
         self.intent: Intent | None = None
         self.node = ""
@@ -183,7 +194,7 @@ class Runner:
     # --- events ----------------------------------------------------------------
 
     def log(self, event: str, **fields: object) -> None:
-        self._emit(log_line(event, node=self.node or None, **fields))
+        self._emit(self._format(event, node=self.node or None, **fields))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -233,6 +244,7 @@ class Runner:
         due, ``poll`` s at most; then take the results, reload, apply a
         change, check for drift, publish."""
         self._sleep(self._due_in() if poll is None else min(poll, self._due_in()))
+        self.notify.watchdog()  # each turn: a loop stuck in an apply or a lock stops feeding it
         while True:
             try:
                 self._take(self.results.get_nowait())
@@ -258,8 +270,12 @@ class Runner:
             self.publish()
 
     def _due_in(self) -> float:
-        """Seconds until the next timed duty: a status write, a failed apply's retry, a drift check."""
+        """Seconds until the next timed duty: a status write, a failed apply's retry, a drift check,
+        systemd's watchdog."""
         due = self._last_status + STATUS_EVERY
+        watchdog = self.notify.watchdog_due_in()
+        if watchdog is not None:
+            due = min(due, time.monotonic() + watchdog)
         if self._dirty:
             due = min(due, self._last_failed_apply + RETRY_FAILED_APPLY)
         elif self.check_interval > 0:
@@ -297,6 +313,7 @@ class Runner:
             self._wake_w.send(b"\0")
 
     def shutdown(self) -> None:
+        self.notify.stopping()
         while True:  # nobody will answer these now
             try:
                 _message, answer, done = self.requests.get_nowait()
@@ -445,6 +462,7 @@ class Runner:
             self.counters.apply_failures += 1
             self._dirty, self._last_failed_apply = True, time.monotonic()
             self.log("apply-failed", reason=reason, error=str(exc), retry_in=f"{RETRY_FAILED_APPLY:g}s")
+            self.notify.status(f"apply failed ({reason}), retrying every {RETRY_FAILED_APPLY:g} s: {exc}")
             self.publish()
             return False
         self._last_failed_apply = 0.0
@@ -459,6 +477,8 @@ class Runner:
         for pool, condition in sorted(effective.pools.items()):
             if condition not in (POOL_OK, "degraded"):
                 self.log("pool", pool=pool, state=condition)
+        applied = counted(changes, "change")
+        self.notify.verified(f"verified ({reason}): {applied} applied; out of the tables: {', '.join(out) or 'none'}")
         return True
 
     def _remember_verified(self, prepared: operations.Prepared) -> None:
@@ -576,6 +596,7 @@ class Runner:
 
     def reload(self) -> str | None:
         """Load the intent again and apply it; the error (the old intent stays) or None."""
+        self.notify.reloading_started()
         try:
             with collector.paused():  # the new document and model are large and acyclic (kdsr/collector.py)
                 intent = self._load()
@@ -583,13 +604,15 @@ class Runner:
                 raise KdsrError(f"{intent.source}: node {self.node} is no longer in the intent")
         except KdsrError as exc:
             self.log("reload-failed", error=str(exc).replace("\n", "; "), keeping="the running intent")
+            self.notify.reload_finished(f"reload failed, the running intent stays: {exc}")
             return str(exc)
         # The old probes finish on their own: a probe under way (up to its
         # timeout) does not hold up the new intent's apply.
         self._stop_probes(wait=False)
         self._install(intent)
         self.log("reloaded", intent=intent.source, targets=len(self.targets))
-        self.apply("reload")
+        if not self.apply("reload"):  # else READY=1 went with the verified apply
+            self.notify.reload_finished(f"reloaded; its apply failed, retrying every {RETRY_FAILED_APPLY:g} s")
         collector.settle()  # frees the replaced intent's state, keeps the new one out of collections
         self._start_probes()
         return None
