@@ -35,19 +35,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "netns-lab"))
 import control_plane  # noqa: E402  (the bench intent and its namespace)
+import releases  # noqa: E402  (an older kdsr from git history)
 
 STEPS = ("apply, no-op by receipt", "plan in full")
 TIMEOUT_S = 300
 
 
 def unpack(revision: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
-    if archive.returncode != 0:
-        raise SystemExit(f"cannot unpack kdsr {revision}: {archive.stderr.decode()[-300:]}")
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
-    return dest
+    try:
+        return releases.unpack(revision, dest)
+    except releases.ReleaseMissing as exc:
+        raise SystemExit(f"cannot unpack: {exc}") from None
 
 
 def kdsr(ns: str, release: Path, state: Path, *args: str) -> float:

@@ -56,7 +56,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "netns-lab"))
 import control_plane  # noqa: E402  (the bench intent and its namespace)
+import releases  # noqa: E402  (an older kdsr from git history)
 
 DEFAULT_BASELINE = "b0868eb"
 START_TIMEOUT_S = 600
@@ -255,13 +257,10 @@ def inner(args: argparse.Namespace) -> int:
 def release_dir(revision: str | None, scratch: Path) -> Path:
     if revision is None:
         return ROOT
-    dest = scratch / f"release-{revision}"
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
-    if archive.returncode != 0:
-        raise SystemExit(f"cannot unpack kdsr {revision}: {archive.stderr.decode()[-300:]}")
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
-    return dest
+    try:
+        return releases.unpack(revision, scratch / f"release-{revision}")
+    except releases.ReleaseMissing as exc:
+        raise SystemExit(f"cannot unpack: {exc}") from None
 
 
 def has_check_interval(release: Path) -> bool:

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import pytest
+import releases
 from lab import Host, L2Lab
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,14 +225,7 @@ def test_flooded_frames_are_forwarded_once_by_their_balancer_or_by_none(deployed
     )
 
 
-def unpack_release(revision: str, dest: Path) -> Path:
-    """That revision's kdsr package, from this clone's history (as test_l3_dsr.py does)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
-    if archive.returncode != 0:
-        pytest.skip(f"kdsr {revision} is not in this checkout's history: {archive.stderr.decode()[-300:]}")
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
-    return dest
+unpack_release = releases.unpack_or_skip
 
 
 def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(deployed, tmp_path):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import l3lab
 import pytest
+import releases
 
 pytestmark = pytest.mark.full_kernel
 
@@ -374,14 +374,7 @@ def test_a_kernel_rejection_rolls_back(lab, tmp_path):
 ROUTED_L3_RELEASE = "d5c64d9"
 
 
-def unpack_release(revision: str, dest: Path) -> Path:
-    """That revision's kdsr package, from this clone's history."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "kdsr"], capture_output=True, timeout=120)
-    if archive.returncode != 0:
-        pytest.skip(f"kdsr {revision} is not in this checkout's history: {archive.stderr.decode()[-300:]}")
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
-    return dest
+unpack_release = releases.unpack_or_skip
 
 
 def test_upgrade_from_the_routed_l3_layout_keeps_every_flow(lab, tmp_path):
