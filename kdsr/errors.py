@@ -19,8 +19,8 @@ EXIT_PRIVILEGE = 9  # the command needs CAP_NET_ADMIN (root) and this process la
 EXIT_STALE_PLAN = 10  # apply --plan-file: the kernel changed since the plan was saved
 
 
-# How much of a value from the user's file an error message quotes.  A 10 MB
-# string in a message would bury the one line that says what is wrong (and
+# How much of a value from the user's file an error message quotes.  A
+# megabyte-long value in a message would bury the one line that says what is wrong (and
 # fill a terminal or a log shipper's line limit); a prefix and the length
 # are enough to find it.
 QUOTE_LIMIT = 60
