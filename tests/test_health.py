@@ -352,8 +352,7 @@ def test_metrics_render_health_applies_and_kernel_counters(daemon):
     daemon.script.failing.add("10.10.0.12")
     feed(daemon, 3)
     report = {"services": [{"vip": "10.10.0.100", "protocol": "tcp", "port": "80", "packets": 7}], "servers": []}
-    registry, _counters = metrics.registry_for(daemon, lambda: report, wait=10)
-    text = metrics.exposition(registry)
+    text = metrics.exposition(metrics.scrape_for(daemon, lambda: report, wait=10))
     assert 'kdsr_server_up{pool="web",server="10.10.0.12",server_node="s2"} 0.0' in text
     assert 'kdsr_server_up{pool="web",server="10.10.0.11",server_node="s1"} 1.0' in text
     assert 'kdsr_applies_total{result="success"} 2.0' in text
@@ -362,7 +361,7 @@ def test_metrics_render_health_applies_and_kernel_counters(daemon):
 
 
 def test_metrics_server_answers_on_loopback(daemon):
-    server = metrics.bind("127.0.0.1:0", metrics.registry_for(daemon, None)[0])
+    server = metrics.bind("127.0.0.1:0", metrics.scrape_for(daemon, None))
     metrics.start(server)
     try:
         host, port = server.server_address[:2]
@@ -663,7 +662,7 @@ def test_hand_deleted_service_and_slot_elements_are_repaired_logged_and_counted(
     (line,) = [line for line in runner.lines if "event=drift-repaired" in line]
     assert "changes=2" in line and f"{slot_map}[{slot}]" in line and "services-v4[10.10.0.100 . tcp . " in line, line
     assert runner.counters.drift_repairs == 1
-    text = metrics.exposition(metrics.registry_for(runner, None)[0])
+    text = metrics.exposition(metrics.scrape_for(runner, None))
     assert "kdsr_drift_repairs_total 1.0" in text and "kdsr_drift_check_duration_seconds_count 1.0" in text
     # Repaired and verified again: the next check is the cheap one.
     reads = kernel.table_reads

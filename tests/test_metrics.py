@@ -5,6 +5,7 @@ probe results (tests/test_health.py's fixture)."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 import socket
@@ -15,6 +16,7 @@ import urllib.request
 import pytest
 from cli_in_process import install_kernel
 from click.testing import CliRunner
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from test_health import daemon, doc, feed  # noqa: F401 (daemon: a pytest fixture)
 
@@ -29,8 +31,8 @@ SERVER_LABELS = {"pool", "server", "server_node"}
 
 def scrape(runner, report: dict | None = None) -> dict:
     """name -> (type, [(sample name, labels, value)]), as Prometheus's text parser reads a scrape."""
-    registry, _counters = metrics.registry_for(runner, None if report is None else (lambda: report), wait=10)
-    families = text_string_to_metric_families(metrics.exposition(registry))
+    scrape = metrics.scrape_for(runner, None if report is None else (lambda: report), wait=10)
+    families = text_string_to_metric_families(metrics.exposition(scrape))
     return {f.name: (f.type, [(s.name, s.labels, s.value) for s in f.samples]) for f in families}
 
 
@@ -166,34 +168,58 @@ def test_probe_failures_and_reload_results_are_counted(daemon):  # noqa: F811
     assert value(families, "kdsr_reloads", "kdsr_reloads_total", result="success") == 1
 
 
-def test_a_scrape_takes_the_last_kernel_read_when_a_slow_one_is_not_done():
-    """The kernel read runs beside the scrape: a scrape waits for it a
-    bounded time, then serves the last read and says how old it is."""
+def test_a_scrape_never_waits_long_for_a_slow_kernel_read_and_reads_never_pile_up():
+    """The kernel read runs beside the scrapes: a scrape waits for it a
+    bounded time, then serves the last read; once reads are slow, a scrape
+    takes the last read at once and the next read starts after it."""
     release = threading.Event()
     reads = []
 
     def read() -> dict:
         reads.append(time.monotonic())
-        if len(reads) > 1:
+        if len(reads) == 2:
             release.wait(10)
-        return {"services": [], "servers": [], "n": len(reads)}
+        return {"n": len(reads)}
 
-    counters = metrics.KernelCounters(read, wait=0.05, fresh=0.0)
-    first, _at = counters.get()
-    deadline = time.monotonic() + 5
-    while first is None and time.monotonic() < deadline:  # the first read is quick, but in a thread
-        first, _at = counters.get()
-    assert first["n"] == 1
-    started_at = time.monotonic()
-    second, at = counters.get()  # starts read 2, which hangs: the scrape gets read 1
-    assert second["n"] == 1 and time.monotonic() - started_at < 1
-    third, _at = counters.get()  # read 2 still under way: no second reader piles up
-    assert third["n"] == 1 and len(reads) == 2
+    rendered = []
+
+    def encoder(collector) -> bytes:  # what the reading thread renders, once per read
+        rendered.append(collector["n"])
+        return str(collector["n"]).encode()
+
+    counters = metrics.KernelCounters(read, lambda report: report, wait=0.5, fresh=0.0)
+    assert counters.exposition("text", encoder) == b"1"  # a quick read: the scrape waited for it
+    started = time.monotonic()
+    assert counters.exposition("text", encoder) == b"1"  # read 2 hangs: at most `wait`, then read 1
+    assert 0.4 < time.monotonic() - started < 3
+    started = time.monotonic()
+    assert counters.exposition("text", encoder) == b"1"  # read 2 is under way for longer than `wait`
+    assert time.monotonic() - started < 0.3 and len(reads) == 2  # no second reader, no second wait
     release.set()
-    deadline = time.monotonic() + 5
-    while counters.get()[0]["n"] == 1 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while counters.read_seconds < 0.5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert counters.get()[0]["n"] >= 2
+    started = time.monotonic()
+    assert counters.exposition("text", encoder) == b"2"  # slow reads now: the last one, at once
+    assert time.monotonic() - started < 0.3 and len(reads) == 2
+    counters.refresh()  # after the answer: the next read
+    deadline = time.monotonic() + 10
+    while int(counters.exposition("text", encoder)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rendered == list(range(1, len(reads) + 1))  # each read rendered once, in the reading thread
+
+
+def test_an_openmetrics_scrape_is_one_document_with_the_kernel_counters_in_it(daemon):  # noqa: F811
+    started(daemon)
+    report = operations.show(daemon.kernel, daemon.store, "lb1")
+    scrape = metrics.scrape_for(daemon, lambda: report, wait=10)
+    body, content_type = scrape.body("application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5")
+    assert content_type.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.count("# EOF") == 1 and text.endswith("# EOF\n")
+    families = {f.name: f.type for f in openmetrics_families(text)}
+    assert families["kdsr_build"] == "info" and families["kdsr_apply_duration_seconds"] == "histogram"
+    assert families["kdsr_service_packets"] == "counter" and families["kdsr_server_up"] == "gauge"
 
 
 def _get(host: str, port: int) -> bytes:
@@ -213,8 +239,7 @@ def _ipv6() -> bool:
 
 @pytest.mark.parametrize("listen", [":0", "[::]:0"])
 def test_an_empty_or_wildcard_host_listens_on_every_address(daemon, listen):  # noqa: F811
-    registry, _ = metrics.registry_for(daemon, None)
-    server = metrics.bind(listen, registry)
+    server = metrics.bind(listen, metrics.scrape_for(daemon, None))
     metrics.start(server)
     try:
         host, port = server.server_address[:2]
@@ -232,8 +257,7 @@ def test_an_empty_or_wildcard_host_listens_on_every_address(daemon, listen):  # 
 
 
 def test_a_loopback_address_listens_there_only_and_serves_metrics_on_their_path(daemon):  # noqa: F811
-    registry, _ = metrics.registry_for(daemon, None)
-    server = metrics.bind("127.0.0.1:0", registry)
+    server = metrics.bind("127.0.0.1:0", metrics.scrape_for(daemon, None))
     metrics.start(server)
     try:
         host, port = server.server_address[:2]
@@ -241,6 +265,10 @@ def test_a_loopback_address_listens_there_only_and_serves_metrics_on_their_path(
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         names = {f.name for f in text_string_to_metric_families(body)}
         assert {"kdsr_build_info", "kdsr_applies", "kdsr_server_up", "process_start_time_seconds"} <= names
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(answer.read()).decode().startswith("# HELP")
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
         assert missing.value.code == 404

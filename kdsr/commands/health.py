@@ -61,9 +61,9 @@ def run_daemon(
         held[0].record(path)
         runner.log("control", socket=str(path))
         if served:
-            server, counters = served[0]
+            server, scrape = served[0]
             metrics.start(server)
-            counters.start()
+            scrape.kernel.start()
             runner.log("metrics", listen=metrics.listening(server))
         runner.notify.release()
         return runner.run_forever()
@@ -76,8 +76,8 @@ def run_daemon(
 def _bind_metrics(runner: Runner, kernel, store: StateStore, listen: str):
     """`--metrics`: the daemon's registry (kdsr/health/metrics.py), with the
     kernel's counters read as `kdsr show` reads them, on a bound socket."""
-    registry, counters = metrics.registry_for(runner, lambda: operations.show(kernel, store, runner.node))
+    scrape = metrics.scrape_for(runner, lambda: operations.show(kernel, store, runner.node))
     try:
-        return metrics.bind(listen, registry), counters
+        return metrics.bind(listen, scrape), scrape
     except OSError as exc:
         raise UsageError(f"--metrics {listen}: cannot listen there: {exc.strerror or exc}") from None

@@ -26,6 +26,7 @@ object names.
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import ipaddress
 import platform
@@ -37,17 +38,9 @@ from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    Info,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-    make_wsgi_app,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from kdsr.errors import UsageError
@@ -65,6 +58,9 @@ DRIFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 KERNEL_WAIT = 0.1  # seconds a scrape waits for the kernel read it started
 KERNEL_FRESH = 1.0  # seconds a read counts as fresh: scrapes closer than that share it
 RESULTS = ("success", "failure")
+# A scrape's answer is compressed when the scraper accepts gzip (Prometheus
+# does): level 1 keeps most of the gain at a fraction of level 9's time.
+GZIP_LEVEL = 1
 _SELECTOR = re.compile(r"^pool-(?P<pool>.+)-v[46]-[0-9a-f]{6}$")  # kdsr/compile/selectors.py: Selector.name
 
 
@@ -284,25 +280,98 @@ class HealthCollector(Collector):
 # --- the kernel's counters ----------------------------------------------------------
 
 
+class KernelFamilies(Collector):
+    """The kernel's packet and byte counters of one read, per service and per
+    pool and server, as metric families (built once per read)."""
+
+    def __init__(self, report: dict, names: Names) -> None:
+        self.families = list(_kernel_families(report, names))
+
+    def collect(self) -> Iterable:
+        return self.families
+
+
+def _kernel_families(report: dict, names: Names) -> Iterable:
+    service_packets = CounterMetricFamily(
+        "kdsr_service_packets",
+        "Packets the load balancer matched per service, VIP, protocol and port.",
+        labels=SERVICE_LABELS,
+    )
+    service_bytes = CounterMetricFamily(
+        "kdsr_service_bytes",
+        "Bytes the load balancer matched per service, VIP, protocol and port.",
+        labels=SERVICE_LABELS,
+    )
+    for s in report.get("services", []):
+        labels = [names.service(s), str(s.get("vip", "")), str(s.get("protocol", "")), str(s.get("port", ""))]
+        service_packets.add_metric(labels, s.get("packets", 0))
+        service_bytes.add_metric(labels, s.get("bytes", 0))
+    yield service_packets
+    yield service_bytes
+    # Per pool and server: the rows of a pool's selectors (one per address
+    # family and hashing) add up, except where one nft map counts for
+    # several selectors (flow pinning's servers map, ``counted_in``), which
+    # counts once.
+    totals: dict[tuple[str, str, str], list[int]] = {}
+    seen_shared: set[tuple[str, str]] = set()
+    for s in report.get("servers", []):
+        shared = s.get("counted_in")
+        if shared:
+            if (shared, str(s.get("server"))) in seen_shared:
+                continue
+            seen_shared.add((shared, str(s.get("server"))))
+        pool = names.pool(s)
+        address, node = names.server(pool, s.get("server", ""))
+        entry = totals.setdefault((pool, address, node), [0, 0])
+        entry[0] += s.get("packets", 0)
+        entry[1] += s.get("bytes", 0)
+    server_packets = CounterMetricFamily(
+        "kdsr_server_packets", "Packets the load balancer forwarded per pool and server.", labels=SERVER_LABELS
+    )
+    server_bytes = CounterMetricFamily(
+        "kdsr_server_bytes", "Bytes the load balancer forwarded per pool and server.", labels=SERVER_LABELS
+    )
+    for labels, (packets, nbytes) in sorted(totals.items()):
+        server_packets.add_metric(list(labels), packets)
+        server_bytes.add_metric(list(labels), nbytes)
+    yield server_packets
+    yield server_bytes
+
+
 class KernelCounters:
-    """The kernel's counter report, read in a thread of its own.
+    """The kernel's counters, read and rendered in a thread of their own.
 
     ``read()`` returns the report of `kdsr show` (kdsr/operations.py: its
-    ``services`` and ``servers`` rows).  One read at a time: scrapes that
-    come while one runs share it, so concurrent scrapers never pile reads
-    up.  ``get()`` starts a read unless the last is younger than ``fresh``
-    seconds, waits for it up to ``wait`` seconds, and returns the newest
-    report it has (None before the first read ends, or when the last failed)
-    with the time it was read."""
+    ``services`` and ``servers`` rows); ``families(report)`` makes them a
+    Collector.  One read at a time: scrapes that come while one runs share
+    it, so scrapers never pile reads up.  Each read is rendered, in the
+    reading thread, in every format a scrape asked for so far, so that a
+    scrape of a large table only copies bytes.
 
-    def __init__(self, read: Callable[[], dict], wait: float = KERNEL_WAIT, fresh: float = KERNEL_FRESH) -> None:
+    A read counts as fresh for ``fresh`` seconds.  While reads are quick
+    (the last took at most ``wait`` seconds) a scrape with nothing fresh
+    starts one and waits for it up to ``wait``; once they are not, a scrape
+    takes the last read and starts the next after its answer (``refresh``),
+    so that no read competes with the scrape it serves."""
+
+    def __init__(
+        self,
+        read: Callable[[], dict],
+        families: Callable[[dict], Collector],
+        wait: float = KERNEL_WAIT,
+        fresh: float = KERNEL_FRESH,
+    ) -> None:
         self._read = read
+        self._families = families
         self.wait, self.fresh = wait, fresh
         self._cond = threading.Condition()
         self._reading = False
+        self._read_started = 0.0  # time.monotonic() the read under way started at
         self._reads = 0  # reads finished
-        self.report: dict | None = None
-        self.read_at = 0.0  # time.time() the report was read at
+        self._encoders: dict[str, Callable] = {}  # content type -> encoder, as scrapes asked
+        self.collector: Collector | None = None  # the last read's families
+        self._rendered: dict[str, bytes] = {}  # content type -> the last read, rendered
+        self.read_at = 0.0  # time.time() of the last read that succeeded
         self.read_seconds = 0.0
         self.errors = 0
         self.error = ""
@@ -315,19 +384,27 @@ class KernelCounters:
     def _start(self) -> None:
         if not self._reading:
             self._reading = True
+            self._read_started = time.monotonic()
             threading.Thread(target=self._run, name="metrics kernel read", daemon=True).start()
+
+    def _stale(self) -> bool:
+        return self.collector is None or time.time() - self.read_at >= self.fresh
 
     def _run(self) -> None:
         started = time.monotonic()
         read_at = time.time()
+        with self._cond:
+            encoders = dict(self._encoders)
         try:
-            report, error = self._read(), ""
-        except Exception as exc:  # noqa: BLE001 - a failed read is reported as a metric; health still renders
-            report, error = None, f"{type(exc).__name__}: {exc}"
+            collector = self._families(self._read())
+            rendered = {content_type: encoder(collector) for content_type, encoder in encoders.items()}
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - a failed read is a metric; the daemon's own still render
+            collector, rendered, error = None, {}, f"{type(exc).__name__}: {exc}"
         with self._cond:
             self.read_seconds = time.monotonic() - started
-            if report is not None:
-                self.report, self.read_at = report, read_at
+            if collector is not None:
+                self.collector, self._rendered, self.read_at = collector, rendered, read_at
             else:
                 self.errors += 1
             self.error = error
@@ -335,87 +412,53 @@ class KernelCounters:
             self._reads += 1
             self._cond.notify_all()
 
-    def get(self) -> tuple[dict | None, float]:
+    def exposition(self, content_type: str, encoder: Callable) -> bytes:
+        """The last read in ``content_type`` (b"" before the first read ends)."""
         with self._cond:
-            if self.report is None or time.time() - self.read_at >= self.fresh:
+            self._encoders.setdefault(content_type, encoder)
+            if self._stale() and self.read_seconds <= self.wait:
+                now = time.monotonic()
+                # A read under way for ``wait`` already is no quick one: no wait for it.
+                until = (self._read_started if self._reading else now) + self.wait
                 self._start()
                 target = self._reads + 1
-                self._cond.wait_for(lambda: self._reads >= target, timeout=self.wait)
-            return self.report, self.read_at
+                self._cond.wait_for(lambda: self._reads >= target, timeout=max(until - now, 0.0))
+            collector, rendered = self.collector, self._rendered.get(content_type)
+        if rendered is None and collector is not None:  # a format no scrape asked for before this read
+            rendered = encoder(collector)
+            with self._cond:
+                if self.collector is collector:
+                    self._rendered[content_type] = rendered
+        return rendered or b""
+
+    def refresh(self) -> None:
+        """After a scrape's answer: the next read, unless the last is fresh."""
+        with self._cond:
+            if self._stale():
+                self._start()
 
 
-class KernelCollector(Collector):
-    """Per scrape, the kernel's packet and byte counters per service and per server."""
+class KernelReadCollector(Collector):
+    """Per scrape: how old the kernel counters it serves are, and how reads go."""
 
-    def __init__(self, counters: KernelCounters, intent: Callable[[], object], names: NamesCache) -> None:
+    def __init__(self, counters: KernelCounters) -> None:
         self._counters = counters
-        self._intent = intent
-        self._names = names
 
     def collect(self) -> Iterable:
-        report, read_at = self._counters.get()
-        names = self._names.of(self._intent())
+        counters = self._counters
         age = GaugeMetricFamily(
             "kdsr_kernel_counters_age_seconds",
-            "Age of the kernel counters in this scrape (read in the background; a large table takes a while).",
+            "Age of the kernel counters in this scrape (read in the background: a large table takes a while).",
         )
+        if counters.collector is not None:
+            age.add_metric([], max(time.time() - counters.read_at, 0.0))
         duration = GaugeMetricFamily(
             "kdsr_kernel_read_duration_seconds", "Duration of the last read of the kernel's counters."
         )
+        duration.add_metric([], counters.read_seconds)
         errors = CounterMetricFamily("kdsr_kernel_read_errors", "Reads of the kernel's counters that failed.")
-        duration.add_metric([], self._counters.read_seconds)
-        errors.add_metric([], self._counters.errors)
-        if report is not None:
-            age.add_metric([], max(time.time() - read_at, 0.0))
-        yield age
-        yield duration
-        yield errors
-        if report is None:
-            return
-        service_packets = CounterMetricFamily(
-            "kdsr_service_packets",
-            "Packets the load balancer matched per service, VIP, protocol and port.",
-            labels=SERVICE_LABELS,
-        )
-        service_bytes = CounterMetricFamily(
-            "kdsr_service_bytes",
-            "Bytes the load balancer matched per service, VIP, protocol and port.",
-            labels=SERVICE_LABELS,
-        )
-        for s in report.get("services", []):
-            labels = [names.service(s), str(s.get("vip", "")), str(s.get("protocol", "")), str(s.get("port", ""))]
-            service_packets.add_metric(labels, s.get("packets", 0))
-            service_bytes.add_metric(labels, s.get("bytes", 0))
-        yield service_packets
-        yield service_bytes
-        # Per pool and server: the rows of a pool's selectors (one per
-        # address family and hashing) add up, except where one nft map
-        # counts for several selectors (flow pinning's servers map,
-        # ``counted_in``), which counts once.
-        totals: dict[tuple[str, str, str], list[int]] = {}
-        seen_shared: set[tuple[str, str]] = set()
-        for s in report.get("servers", []):
-            shared = s.get("counted_in")
-            if shared:
-                if (shared, str(s.get("server"))) in seen_shared:
-                    continue
-                seen_shared.add((shared, str(s.get("server"))))
-            pool = names.pool(s)
-            address, node = names.server(pool, s.get("server", ""))
-            entry = totals.setdefault((pool, address, node), [0, 0])
-            entry[0] += s.get("packets", 0)
-            entry[1] += s.get("bytes", 0)
-        server_packets = CounterMetricFamily(
-            "kdsr_server_packets", "Packets the load balancer forwarded per pool and server.", labels=SERVER_LABELS
-        )
-        server_bytes = CounterMetricFamily(
-            "kdsr_server_bytes", "Bytes the load balancer forwarded per pool and server.", labels=SERVER_LABELS
-        )
-        for labels, (packets, nbytes) in sorted(totals.items()):
-            server_packets.add_metric(list(labels), packets)
-            server_bytes.add_metric(list(labels), nbytes)
-        yield server_packets
-        yield server_bytes
+        errors.add_metric([], counters.errors)
+        return [age, duration, errors]
 
 
 # --- serving ---------------------------------------------------------------------
@@ -431,9 +474,28 @@ class _Registry(Collector):
         return self._registry.collect()
 
 
-def registry_for(
-    runner, read_kernel: Callable[[], dict] | None, wait: float = KERNEL_WAIT
-) -> tuple[CollectorRegistry, KernelCounters | None]:
+class Scrape:
+    """What a scrape of one daemon answers: ``registry`` (its instruments,
+    its health view, the state of the kernel reads) rendered now, then the
+    kernel's counters as their last read rendered them."""
+
+    def __init__(self, registry: CollectorRegistry, kernel: KernelCounters | None) -> None:
+        self.registry = registry
+        self.kernel = kernel
+
+    def body(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` (an Accept header) asks for, and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        live = encoder(self.registry)
+        if self.kernel is None:
+            return live, content_type
+        counters = self.kernel.exposition(content_type, encoder)
+        if counters and content_type.startswith("application/openmetrics-text"):
+            live = live.removesuffix(b"# EOF\n")  # one EOF, at the very end
+        return live + counters, content_type
+
+
+def scrape_for(runner, read_kernel: Callable[[], dict] | None, wait: float = KERNEL_WAIT) -> Scrape:
     """What a scrape of ``runner`` (kdsr/health/daemon.py's Runner) serves:
     its instruments, its health view and, with ``read_kernel`` (the kernel
     counter report, as `kdsr show` has it), the kernel's counters."""
@@ -443,14 +505,14 @@ def registry_for(
     registry.register(HealthCollector(runner, names))
     counters = None
     if read_kernel is not None:
-        counters = KernelCounters(read_kernel, wait=wait)
-        registry.register(KernelCollector(counters, lambda: runner.intent, names))
-    return registry, counters
+        counters = KernelCounters(read_kernel, lambda report: KernelFamilies(report, names.of(runner.intent)), wait)
+        registry.register(KernelReadCollector(counters))
+    return Scrape(registry, counters)
 
 
-def exposition(registry: CollectorRegistry) -> str:
-    """The text a Prometheus scrape gets (the 0.0.4 text format)."""
-    return generate_latest(registry).decode()
+def exposition(scrape: Scrape, accept: str | None = None) -> str:
+    """The text a scrape gets (the 0.0.4 text format unless ``accept`` asks for another)."""
+    return scrape.body(accept)[0].decode()
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -488,8 +550,8 @@ class _Quiet(WSGIRequestHandler):
         pass  # scrapes are not events
 
 
-def bind(address: str, registry: CollectorRegistry) -> WSGIServer:
-    """A server of ``registry`` on GET /metrics, bound to ``address`` (see
+def bind(address: str, scrape: Scrape) -> WSGIServer:
+    """A server of ``scrape`` on GET /metrics, bound to ``address`` (see
     parse_listen); ``start`` serves.  Raises OSError (the port is taken)."""
     host, port = parse_listen(address)
     if host:
@@ -497,13 +559,20 @@ def bind(address: str, registry: CollectorRegistry) -> WSGIServer:
         host = sockaddr[0]
     else:
         family, host = (socket.AF_INET6, "::") if socket.has_ipv6 and _ipv6_works() else (socket.AF_INET, "0.0.0.0")
-    metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
-        if environ.get("PATH_INFO") == "/metrics":
-            return metrics_app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"kdsr: metrics are on /metrics\n"]
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"kdsr: metrics are on /metrics\n"]
+        body, content_type = scrape.body(environ.get("HTTP_ACCEPT"))
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        if scrape.kernel is not None:
+            scrape.kernel.refresh()
+        return [body]
 
     server_class = type("MetricsServer", (_Server,), {"address_family": family})
     server = server_class((host, port), _Quiet)
