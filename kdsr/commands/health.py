@@ -76,8 +76,20 @@ def run_daemon(
 def _bind_metrics(runner: Runner, kernel, store: StateStore, listen: str):
     """`--metrics`: the daemon's registry (kdsr/health/metrics.py), with the
     kernel's counters read as `kdsr show` reads them, on a bound socket."""
-    scrape = metrics.scrape_for(runner, lambda: operations.show(kernel, store, runner.node))
+    reader = _reader(kernel)
+    scrape = metrics.scrape_for(runner, lambda: operations.show(reader, store, runner.node))
     try:
         return metrics.bind(listen, scrape), scrape
     except OSError as exc:
         raise UsageError(f"--metrics {listen}: cannot listen there: {exc.strerror or exc}") from None
+
+
+def _reader(kernel):
+    """The kernel the metrics' reading thread goes through: a SystemKernel of
+    its own (its own libnftables context and netlink sockets, and no table
+    records on disk), so that a read never switches the output flags of the
+    context the main thread applies through, nor writes the records its
+    applies read; a fake kernel (tests) is shared."""
+    from kdsr.kernel.system import SystemKernel
+
+    return SystemKernel() if isinstance(kernel, SystemKernel) else kernel
