@@ -292,3 +292,18 @@ def test_a_bad_metrics_address_is_a_usage_error_before_anything_is_applied(tmp_p
     assert result.exit_code == 4, result.output
     assert "--metrics" in result.output and "Traceback" not in result.output
     assert kernel.writes == 0
+
+
+def test_a_metrics_port_another_program_holds_stops_kdsr_run_before_its_first_apply(tmp_path, monkeypatch):
+    kernel = install_kernel(monkeypatch, FakeKernel())
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps(doc()))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--state-dir", str(tmp_path / "s"), "run", str(path), "--node", "lb1", "--metrics", f"127.0.0.1:{port}"]
+        result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 4, result.output
+    assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output and "Traceback" not in result.output
+    assert kernel.writes == 0
