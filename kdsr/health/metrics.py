@@ -1,22 +1,20 @@
 """Prometheus metrics for `kdsr run --metrics ADDRESS:PORT` (off by default), with prometheus_client.
 
-Three sources, one registry of the daemon's own (never the library's global
-one, so nothing of another library's registers into it):
+Three sources, in registries of the daemon's own (never the library's
+global one, so nothing of another library's registers into it):
 
 - what the daemon counts as it goes: applies and reloads (success,
   failure), apply and drift-check durations (histograms), drift repairs;
   instruments that the daemon's loop updates (``DaemonMetrics``);
-- what is read at each scrape: the health view and the pools' conditions
-  (``HealthCollector``), and the kernel's per-service and per-server packet
-  and byte counters (``KernelCollector``);
-- the process and the build: ``kdsr_build_info``, ``process_*``, ``python_info``.
-
-The kernel's counters come from a listing of the whole nft table, which at
-10,000 VIPs takes longer than a scrape should.  So a scrape never waits
-long for it: ``KernelCounters`` reads in a thread of its own, one read at a
-time, and a scrape takes the last read when the one it asked for is not
-done within ``KERNEL_WAIT`` (``kdsr_kernel_counters_age_seconds`` says how
-old what it got is).  Small tables are read in time, and are always fresh.
+- the health view and the pools' conditions, collected at each scrape
+  (``HealthCollector``);
+- the kernel's per-service and per-server packet and byte counters
+  (``KernelFamilies``), from a listing of kdsr's whole nft table.  At
+  10,000 VIPs that listing, and formatting its samples, take longer
+  than a scrape should: ``KernelCounters`` reads and formats in a thread of
+  its own, one read at a time, and a scrape adds the last read's text to
+  what it renders itself (``Scrape``).  While reads are quick a scrape
+  waits for a fresh one; see ``KernelCounters``.
 
 Every per-server series carries the same labels (pool, server,
 server_node), the per-check ones add ``check``; services are named by the
@@ -132,8 +130,14 @@ class DaemonMetrics:
 
 class Names:
     """What the kernel's rows are in the intent's terms: services by their
-    VIP, protocol and port; pools by their selectors' names; servers by a
-    member's address or MAC (a pool that pins MACs keeps those in its slots)."""
+    VIP, protocol and port; servers by a member's address or MAC (a pool
+    that pins MACs keeps those in its slots); pools by their selectors'
+    names, whose format (``pool-<pool>-v<family>-<digest>``) is
+    kdsr/compile/selectors.py's Selector.name, read back as
+    lb_nft_l2.pinned_servers_map reads it.  Not through selectors_for: the
+    metrics thread would replace compile's memory of the last intent (the
+    effective one the daemon's applies compile) with the intent as loaded.
+    Rows that name their pool or service themselves are taken as named."""
 
     def __init__(self, intent) -> None:
         self.intent = intent
