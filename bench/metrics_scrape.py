@@ -2,8 +2,8 @@
 """What one Prometheus scrape of `kdsr run --metrics` costs, this checkout
 beside an older release, at several sizes.
 
-    sudo .venv/bin/python bench/metrics_scrape.py [--vips 100,1000,10000] [--scrapes 15]
-        [--every 1.0] [--baseline e7e684e] [--json bench/results/metrics_scrape.json]
+    sudo .venv/bin/python bench/metrics_scrape.py [--vips 100,1000,10000] [--scrapes 11]
+        [--every 10] [--baseline e7e684e] [--json bench/results/metrics_scrape.json]
 
 As root.  Not a timed test: it prints a table and writes the figures as JSON.
 
@@ -18,11 +18,14 @@ inside it (``--inner``) that:
 - starts the real ``kdsr run --metrics 127.0.0.1:9469 --check-interval 0``
   of that release (``python -m kdsr`` from its directory) and waits until
   it serves metrics;
-- scrapes ``/metrics`` ``--scrapes`` times, ``--every`` seconds apart (a
-  Prometheus scrape interval is longer; a kernel read kept for less than
-  this is read again for each scrape), each timed from the request to the
+- scrapes ``/metrics`` ``--scrapes`` times, ``--every`` seconds apart
+  (Prometheus scrapes every 15 s to 1 min; this checkout reads the kernel
+  after each scrape, and a read that takes longer than the interval runs
+  beside the next scrape), each timed from the request to the
   last byte of the answer, and keeps the size of the last answer (bytes of
-  exposition) and its sample count;
+  exposition), its sample count and, where the release has them, its
+  kdsr_kernel_read_duration_seconds (the daemon's last read of the kernel
+  counters, formatting included) and kdsr_kernel_counters_age_seconds;
 - reads the daemon's CPU time (``/proc/<pid>/stat``) before and after the
   scrapes.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -87,8 +91,15 @@ def inner(args: argparse.Namespace) -> int:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)  # our own child, by its Popen
             daemon.wait(120)
-    samples = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
-    print(json.dumps({"scrape_s": took, "bytes": len(body), "samples": samples, "daemon_cpu_s": cpu}))
+    text = body.decode()
+    samples = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    # The daemon's own figures for its kernel reads, where it has them (this checkout).
+    read = re.search(r"^kdsr_kernel_read_duration_seconds (\S+)$", text, re.M)
+    age = re.search(r"^kdsr_kernel_counters_age_seconds (\S+)$", text, re.M)
+    result = {"scrape_s": took, "bytes": len(body), "samples": samples, "daemon_cpu_s": cpu}
+    result["kernel_read_s"] = float(read[1]) if read else None
+    result["counters_age_s"] = float(age[1]) if age else None
+    print(json.dumps(result))
     return 0
 
 
@@ -111,8 +122,8 @@ def p90(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vips", default="100,1000,10000", help="sizes, comma-separated")
-    parser.add_argument("--scrapes", type=int, default=15)
-    parser.add_argument("--every", type=float, default=1.0, help="seconds between two scrapes")
+    parser.add_argument("--scrapes", type=int, default=11)
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between two scrapes")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="a git revision; 'none' for this checkout only")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "metrics_scrape.json"))
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -141,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measuring {name} at {vips} VIPs ...", file=sys.stderr, flush=True)
                 results.setdefault(name, {})[vips] = measure(release, vips, args, number)
     names = list(results)
-    print(f"\nscrape of /metrics, {args.scrapes} scrapes {args.every:g} s apart (ms; bytes of exposition):")
+    print(f"\nscrape of /metrics, {args.scrapes} scrapes {args.every:g} s apart (ms; bytes of exposition;")
+    print(f"the daemon's last kernel read and the age of the counters it served, for {names[0]}):")
     header = f"{'VIPs':>7}"
     for name in names:
         header += f"{name + ' median':>24}{'p90':>8}{'bytes':>11}{'samples':>9}{'CPU s':>7}"
     if len(names) == 2:
         header += f"{'median ratio':>14}"
+    header += f"{'last read s':>13}{'age s':>7}"
     print(header)
     for vips in sizes:
         row = f"{vips:>7}"
@@ -158,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             row += f"{medians[-1]:>24.1f}{p90(took):>8.1f}{r['bytes']:>11}{r['samples']:>9}{r['daemon_cpu_s']:>7.2f}"
         if len(names) == 2:
             row += f"{medians[0] / medians[1]:>14.2f}"
+        own = results[names[0]][vips]
+        if own.get("kernel_read_s") is not None:
+            row += f"{own['kernel_read_s']:>13.2f}{own['counters_age_s']:>7.1f}"
         print(row)
     out = {"kernel": os.uname().release, "scrapes": args.scrapes, "every_s": args.every, "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
