@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 DEBIAN_NAMES = {"click": "python3-click", "jsonschema": "python3-jsonschema", "pyroute2": "python3-pyroute2"}
 DEBIAN_NAMES["PyYAML"] = "python3-yaml"
+DEBIAN_NAMES["prometheus-client"] = "python3-prometheus-client"
 
 
 def test_the_commented_yaml_example_is_the_json_example():
