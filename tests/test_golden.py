@@ -62,6 +62,8 @@ def artefacts(case_dir: Path) -> dict[str, str]:
         if desired.tables:
             batch = [cmd for td in plan.tables for cmd in batch_for(td)]
             out[f"{node}.nft.json"] = batch_text(batch)
+        if desired.keepalived is not None:
+            out[f"{node}.keepalived.conf"] = desired.keepalived.text
         if desired.addresses or desired.sysctls:
             server = {
                 "addresses": [{"interface": a.ifname, "address": a.cidr, "label": a.label} for a in desired.addresses],
