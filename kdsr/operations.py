@@ -299,7 +299,8 @@ def _check_keepalived_ready(plan: Plan, kernel: Kernel) -> None:
         if want is None:
             continue
         try:
-            kernel.keepalived_ready(want.config, want.fragment, want.pid_file)
+            track_dirs = tuple(sorted({i.track_file.rsplit("/", 1)[0] or "/" for i in want.instances}))
+            kernel.keepalived_ready(want.config, want.fragment, want.pid_file, track_dirs)
         except KeepalivedError as exc:
             raise KeepalivedUnavailableError(f"{exc}") from exc
 

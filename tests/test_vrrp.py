@@ -5,6 +5,7 @@ keepalived."""
 
 import copy
 import json
+import shutil
 
 import pytest
 
@@ -355,6 +356,16 @@ def test_keepalived_missing_or_stopped_is_exit_7_before_any_write(kernel, store)
     assert kernel.ops == []
 
 
+def test_a_missing_track_directory_is_exit_7_before_any_write(kernel, store):
+    """keepalived would drop a track file whose directory is missing and own
+    the VIP unguarded: kdsr refuses instead."""
+    kernel.missing_dirs.add(FILES["track_dir"])
+    with pytest.raises(KeepalivedUnavailableError) as info:
+        operations.prepare(intent(), "lb1", kernel, store)
+    assert info.value.exit_code == 7 and FILES["track_dir"] in str(info.value)
+    assert kernel.ops == []
+
+
 def test_a_fragment_keepalived_rejects_changes_nothing_and_names_the_intent_path(kernel, store):
     kernel.keepalived_rejects = "virtual_router_id 52"
     with pytest.raises(ApplyError) as info:
@@ -391,3 +402,27 @@ def test_the_vrrp_example_loads_and_every_load_balancer_gets_a_fragment():
     for name in ("lb1", "lb2"):
         desired = compile_node(it, name)
         assert [i.name for i in desired.keepalived.instances] == ["kdsr_v4_51", "kdsr_v4_52", "kdsr_v6_51"]
+
+
+# ------------------------------------------------------------------ keepalived's own config test
+
+
+@pytest.mark.skipif(shutil.which("keepalived") is None, reason="keepalived is not installed")
+def test_keepalived_t_checks_the_candidate_in_place_of_the_fragment_and_names_its_line(tmp_path):
+    from kdsr.kernel import keepalived
+
+    fragment = tmp_path / "kdsr.conf"
+    config = tmp_path / "keepalived.conf"
+    config.write_text(f"global_defs {{\n  router_id test\n}}\ninclude {fragment}\n")
+    text = compile_node(intent(), "lb1").keepalived.text
+    keepalived.check(str(config), str(fragment), text)  # accepted; nothing written
+    assert not fragment.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["keepalived.conf"]
+    bad = text.replace("  virtual_router_id 52", "  virtual_router_id 52\n  bogus_keyword 1")
+    with pytest.raises(keepalived.KeepalivedError) as info:
+        keepalived.check(str(config), str(fragment), bad)
+    assert "Unknown keyword 'bogus_keyword'" in str(info.value)
+    assert info.value.line == bad.splitlines().index("  bogus_keyword 1") + 1
+    config.write_text("global_defs {\n}\n")
+    with pytest.raises(keepalived.KeepalivedError) as info:
+        keepalived.check(str(config), str(fragment), text)
+    assert f"add the line include {fragment}" in str(info.value)

@@ -112,7 +112,9 @@ class Kernel(Protocol):
     # `keepalived -t` and loaded by SIGHUP; and the track files (gates).
     def keepalived_read(self, fragment: str) -> str | None: ...
 
-    def keepalived_ready(self, config: str, fragment: str, pid_file: str) -> None: ...  # KeepalivedError
+    def keepalived_ready(
+        self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()
+    ) -> None: ...  # KeepalivedError: missing, stopped, not included, no track directory
 
     def keepalived_check(self, config: str, fragment: str, text: str) -> None: ...  # KeepalivedError: rejected
 

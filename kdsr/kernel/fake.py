@@ -76,6 +76,7 @@ class FakeKernel:
         self.keepalived_rejects: str | None = None  # a text that makes keepalived_check fail
         self.keepalived_loaded: str | None = None  # the fragment keepalived runs now ("" none)
         self.gate_files: dict[str, str] = {}  # track file path -> value
+        self.missing_dirs: set[str] = set()  # track directories that do not exist
 
     # ------------------------------------------------------------ helpers
     def _write(self, what: str) -> None:
@@ -469,11 +470,13 @@ class FakeKernel:
     def keepalived_read(self, fragment: str) -> str | None:
         return None if self.keepalived_files is None else self.keepalived_files.get(fragment)
 
-    def keepalived_ready(self, config: str, fragment: str, pid_file: str) -> None:
+    def keepalived_ready(self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()) -> None:
         if self.keepalived_files is None:
             raise KeepalivedError("keepalived is not installed here (fake)", missing=True)
         if not self.keepalived_running(pid_file):
             raise KeepalivedError(f"keepalived is not running (pid file {pid_file}) (fake)")
+        for track_dir in sorted(set(track_dirs) & self.missing_dirs):
+            raise KeepalivedError(f"the VRRP track directory {track_dir} does not exist (fake)")
 
     def keepalived_running(self, pid_file: str) -> bool:
         return self.keepalived_files is not None and not self.keepalived_stopped

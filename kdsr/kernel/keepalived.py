@@ -90,6 +90,18 @@ def require_running(config: str, pid_file: str) -> int:
     return pid
 
 
+def require_track_dir(track_dir: str) -> None:
+    """keepalived 2.2 drops a track file whose directory is missing, and
+    then runs the instance unguarded: refuse rather than write gates there."""
+    if not os.path.isdir(track_dir):
+        raise KeepalivedError(
+            f"the VRRP track directory {track_dir} does not exist, so keepalived would ignore kdsr's gates. "
+            "Create it at boot before keepalived starts (the Debian package's tmpfiles.d makes /run/kdsr; "
+            f"else e.g. a tmpfiles.d line: d {track_dir} 0755 root root -), or name an existing tmpfs "
+            "directory in vrrp.keepalived.track_dir; nothing was changed."
+        )
+
+
 def _include_line(fragment: str) -> re.Pattern:
     return re.compile(r'^[ \t]*include[ \t]+"?' + re.escape(fragment) + r'"?[ \t]*(?:#.*)?$', re.M)
 

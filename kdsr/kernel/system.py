@@ -386,10 +386,12 @@ class _KeepalivedMixin:
     def keepalived_read(self, fragment: str) -> str | None:
         return keepalived.read_file(fragment)
 
-    def keepalived_ready(self, config: str, fragment: str, pid_file: str) -> None:
+    def keepalived_ready(self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()) -> None:
         keepalived.require_installed()
         keepalived.require_running(config, pid_file)
         keepalived.main_config(config, fragment)
+        for track_dir in track_dirs:
+            keepalived.require_track_dir(track_dir)
 
     def keepalived_check(self, config: str, fragment: str, text: str) -> None:
         keepalived.check(config, fragment, text)
