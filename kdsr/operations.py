@@ -474,6 +474,7 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     # kdsr's announce table: the VIPs BIRD may announce from this host now.
     bgp = any(store.load(name).bird_files for name in nodes)
     report["announce"] = sorted(r.prefix for r in kernel.announce_list()) if bgp else []
+    report["vrrp"] = _vrrp_view(kernel, store, nodes)
     for name in nodes:
         state = store.load(name)
         for ident in sorted(state.owned_addresses):
@@ -485,6 +486,31 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                 {"node": name, "key": key.replace("/", "."), "value": kernel.sysctl_read(key), "previous": previous}
             )
     return report
+
+
+def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict]:
+    """Per VRRP instance of kdsr's keepalived fragment: its gate, and whether
+    keepalived has the VIP on this host's interface now (this host owns it)."""
+    from kdsr.compile.keepalived import parse_model
+
+    rows = []
+    for name in nodes:
+        files = store.load(name).keepalived_files
+        text = kernel.keepalived_read(files[1]) if files else None
+        found = parse_model(text, *files) if text else None
+        for instance in found.instances if found else ():
+            here = {a.cidr for a in kernel.addr_list(instance.interface)}
+            rows.append(
+                {
+                    "node": name,
+                    "instance": instance.name,
+                    "vip": instance.vip,
+                    "priority": instance.priority,
+                    "gate": kernel.gate_read(instance.track_file),
+                    "owned_here": instance.vip in here,
+                }
+            )
+    return rows
 
 
 def _is_pinned_slot_map(table, nmap) -> bool:
@@ -515,7 +541,7 @@ def _pinned_rows(table, slots, counters: dict) -> list[dict]:
 
 def format_show(report: dict) -> str:
     lines = []
-    owned = ("tables", "addresses", "sysctls", "health", "announce")
+    owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp")
     if not any(report.get(key) for key in owned):
         return "kdsr owns nothing on this host.\n"
     for table in report["tables"]:
@@ -557,6 +583,14 @@ def format_show(report: dict) -> str:
     if report.get("announce"):
         lines.append(f"\nannounce routes (table {naming.ANNOUNCE_TABLE:#x}; BIRD announces these VIPs):")
         lines += [f"  {prefix}" for prefix in report["announce"]]
+    if report.get("vrrp"):
+        lines.append("\nVRRP (kdsr's keepalived fragment; gate 0: keepalived may own the VIP, 1: it gives it up):")
+        for v in report["vrrp"]:
+            owner = "owned here" if v["owned_here"] else "not here"
+            lines.append(
+                f"  [{v['node']}] {v['vip']} {v['instance']} priority {v['priority']}, gate {v['gate'] or 'missing'}, "
+                f"{owner}"
+            )
     if report["addresses"]:
         lines.append("\naddresses owned:")
         for a in report["addresses"]:

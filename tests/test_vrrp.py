@@ -426,3 +426,18 @@ def test_keepalived_t_checks_the_candidate_in_place_of_the_fragment_and_names_it
     with pytest.raises(keepalived.KeepalivedError) as info:
         keepalived.check(str(config), str(fragment), text)
     assert f"add the line include {fragment}" in str(info.value)
+
+
+def test_show_lists_each_vip_its_gate_and_whether_this_host_owns_it(kernel, store):
+    from kdsr.model import Address
+
+    operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
+    kernel.addresses["eth0"].append(Address("eth0", "10.10.0.100/32"))  # keepalived made lb1 the owner
+    report = operations.show(kernel, store, "lb1")
+    assert [(v["vip"], v["gate"], v["owned_here"]) for v in report["vrrp"]] == [
+        ("10.10.0.100/32", "0", True),
+        ("10.10.0.101/32", "0", False),
+    ]
+    text = operations.format_show(report)
+    assert "[lb1] 10.10.0.100/32 kdsr_v4_51 priority 200, gate 0, owned here" in text
+    assert "[lb1] 10.10.0.101/32 kdsr_v4_52 priority 190, gate 0, not here" in text
