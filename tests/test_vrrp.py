@@ -6,6 +6,7 @@ keepalived."""
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -382,11 +383,15 @@ def test_a_fragment_kdsr_did_not_write_is_refused(kernel, store):
 
 
 def test_plan_json_carries_the_fragment_digest_and_the_gates():
+    import jsonschema
+
     from kdsr.diff import diff
     from kdsr.model import Observed
 
+    schema = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "plan.schema.json").read_text())
     plan = diff(compile_node(intent(), "lb1"), Observed())
     doc = json.loads(render_json(plan))
+    jsonschema.Draft202012Validator(schema).validate(doc)
     kinds = {c["kind"] for c in doc["changes"]}
     assert {"vrrp instance", "keepalived config", "vrrp gate"} <= kinds
     config = next(c for c in doc["changes"] if c["kind"] == "keepalived config")
