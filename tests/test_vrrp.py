@@ -446,3 +446,18 @@ def test_show_lists_each_vip_its_gate_and_whether_this_host_owns_it(kernel, stor
     text = operations.format_show(report)
     assert "[lb1] 10.10.0.100/32 kdsr_v4_51 priority 200, gate 0, owned here" in text
     assert "[lb1] 10.10.0.101/32 kdsr_v4_52 priority 190, gate 0, not here" in text
+
+
+def test_a_reload_that_gives_a_vip_another_vips_router_id_is_refused():
+    """A reload verifies only what an edit can reach (kdsr/intent/reverify.py);
+    a virtual router ID pairs a VRRP VIP with every other one, so an edit of
+    one verifies the whole document."""
+    from kdsr.intent.reload import Reloader
+
+    reloader = Reloader()
+    reloader.parse(json.dumps(doc_with()), "vrrp.json")
+    edited = doc_with()
+    edited["services"]["media"]["announce"]["virtual_router_id"] = 51
+    with pytest.raises(IntentError) as info:
+        reloader.parse(json.dumps(edited), "vrrp.json")
+    assert [p.pointer for p in info.value.problems] == ["/services/media/announce/virtual_router_id"]

@@ -21,9 +21,11 @@ gate (its track file) once the fast path is read back.
   namespace: its `kdsr run` closes the gate and the standby takes the VIP;
   unblocked, the owner takes it back (preempt), and a VIP with preempt
   false stays where it is.
-- A first apply with keepalived stopped is exit 7 and writes nothing;
-  destroy on every node leaves no VIP, no fragment, no gate, no kdsr table,
-  and keepalived's own config byte for byte as it was.
+- A first apply with keepalived stopped is exit 7 and writes nothing.
+- Three load balancers with unicast advertisements: the first listed owns
+  every VIP, `kdsr show` says so; a gate closed by hand is drift; destroy
+  on every node leaves no VIP, no fragment, no gate, no kdsr table, and
+  keepalived's own config byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def intent_for(lab: vrrplab.VrrpLab, lbs=("lb1", "lb2"), health: dict | None = None) -> dict:
+def intent_for(lab: vrrplab.VrrpLab, lbs=("lb1", "lb2"), health: dict | None = None, unicast: bool = False) -> dict:
     def announce(router_id: int, preempt: bool = True) -> dict:
         found = {"mode": "vrrp", "virtual_router_id": router_id, "load_balancers": list(lbs)}
         found["advert_interval"] = ADVERT
         if not preempt:
             found["preempt"] = False
+        if unicast:
+            found["unicast"] = True
         return found
 
     load_balancers = {}
@@ -284,7 +288,7 @@ def test_health_gives_the_vip_up_and_takes_it_back_per_preempt(vrrp):
 
 def test_destroy_on_every_node_leaves_no_vip_no_fragment_and_keepaliveds_config_as_it_was(vrrp):
     lbs = ("lb1", "lb2", "lb3")
-    doc = intent_for(vrrp.lab, lbs=lbs)
+    doc = intent_for(vrrp.lab, lbs=lbs, unicast=True)  # advertisements to the peers' addresses
     vrrp.servers(doc)
     configs = {}
     for lb in lbs:
@@ -292,8 +296,18 @@ def test_destroy_on_every_node_leaves_no_vip_no_fragment_and_keepaliveds_config_
         vrrp.lab.start_keepalived(lb)
         vrrp.kdsr(lb, "apply", str(vrrp.intent_path), "--node", lb)
     vrrp.lab.wait_owner(VIP, "lb1", CONVERGE)
+    vrrp.lab.wait_owner(VIP6, "lb1", CONVERGE)
     report = vrrp.probe(30)
     assert report.all_ok, report.describe_failures()
+    six = vrrp.probe(30, VIP6)
+    assert six.all_ok, six.describe_failures()
+    assert "unicast_peer" in vrrp.lab.keepalived_paths("lb1")["fragment"].read_text()
+    shown = json.loads(vrrp.kdsr("lb1", "show", "--json").stdout)["vrrp"]
+    assert {(v["vip"], v["gate"], v["owned_here"]) for v in shown} == {
+        (f"{VIP}/32", "0", True),
+        (f"{VIP2}/32", "0", True),
+        (f"{VIP6}/128", "0", True),
+    }
     plan = vrrp.kdsr("lb2", "plan", str(vrrp.intent_path), "--node", "lb2", "--detailed-exitcode", check=False)
     assert plan.returncode == 0, plan.stdout
     # Drift: a gate closed by hand gives lb1's VIPs up and is planned back.
