@@ -257,11 +257,12 @@ def _block_probes(vrrp: Vrrp, lb: str, on: bool) -> None:
 def test_health_gives_the_vip_up_and_takes_it_back_per_preempt(vrrp):
     health = {"type": "tcp", "mode": "plain", "interval": 0.5, "timeout": 0.3, "fall": 2, "rise": 2}
     vrrp.servers(intent_for(vrrp.lab, health=health))
+    # lb1 first: the preempt-false VIP stays with whoever owned it first.
     for lb in ("lb1", "lb2"):
         vrrp.lab.start_keepalived(lb)
         vrrp.run_daemon(lb)
-    for vip in (VIP, VIP2, VIP6):
-        vrrp.lab.wait_owner(vip, "lb1", CONVERGE)
+        for vip in (VIP, VIP2, VIP6):
+            vrrp.lab.wait_owner(vip, "lb1", CONVERGE)
     _block_probes(vrrp, "lb1", True)
     took = vrrp.lab.wait_owner(VIP, "lb2", 20)
     vrrp.lab.wait_owner(VIP2, "lb2", 5)
