@@ -437,9 +437,10 @@ class KeepalivedConfig:
 class VrrpGate:
     """Whether keepalived may own a VIP now: the track file of its instance
     holds 0 (yes) or 1 (no: the instance goes to FAULT and gives the VIP
-    up).  A file that is not there counts as 1: keepalived creates it so
-    (``init_file 1``) in a directory emptied at boot, so a rebooted load
-    balancer owns nothing until kdsr has verified its fast path."""
+    up).  The files live in a directory emptied at boot, and keepalived
+    creates a missing one as 1 (``init_file 1``), so a rebooted load
+    balancer owns nothing until kdsr has verified its fast path and written
+    0 (kdsr/compile/keepalived.py)."""
 
     path: str
     open: bool

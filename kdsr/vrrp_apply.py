@@ -63,7 +63,7 @@ def steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[], None]
     return out
 
 
-def _gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate, before, why: str = "") -> Step:  # noqa: N803
+def _gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate, before, why: str = "") -> Step:
     def run() -> None:
         state.gates.add(gate.path)
         save()
