@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab import READY_TIMEOUT, Host, L2Lab, LabError, LabProcess, lab_unavailable_reason
+from lab import READY_TIMEOUT, Host, L2Lab, LabError, LabProcess, _exec, lab_unavailable_reason
 
 KEEPALIVED = shutil.which("keepalived") or "/usr/sbin/keepalived"
 SETPRIV = shutil.which("setpriv")
@@ -161,6 +161,30 @@ include {paths["fragment"]}
             os.kill(child, signal.SIGKILL)
         for other in also:
             other.stop(signal.SIGKILL)
+
+    def reboot_lb(self, lb: str) -> None:
+        """A load balancer loses power and comes back: every process of ours
+        in it SIGKILLed (its link first, as kill_lb), its network namespace
+        deleted and made again with a fresh eth0 on the segment (the kernel
+        state of the last boot is gone), and its track directory emptied, as
+        a boot empties the tmpfs it lives on.  Every other file stays: the
+        state directory, keepalived's config and kdsr's fragment.  Nothing is
+        started: the caller starts keepalived and kdsr, in the order a boot would.
+        """
+        if lb not in self.LOAD_BALANCERS:
+            raise KeyError(f"{lb!r} is not a load balancer")
+        ours = [p for p in self._processes if p.host == lb]
+        self.kill_lb(lb, also=tuple(p for p in ours if p is not self._keepaliveds.get(lb)))
+        for proc in ours:
+            self._processes.remove(proc)
+        self._keepaliveds.pop(lb, None)
+        ns = self.ns(lb)
+        _exec(["ip", "netns", "del", ns], timeout=20)
+        self._created.remove(ns)
+        self._add_namespace(lb)
+        self._attach(self.HOSTS[lb])
+        for gate in self.keepalived_paths(lb)["track_dir"].iterdir():
+            gate.unlink()
 
     def owner_of(self, vip: str) -> str | None:
         """The load balancer that has ``vip`` on its eth0 now (None: nobody)."""

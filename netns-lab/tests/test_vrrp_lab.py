@@ -21,6 +21,10 @@ gate (its track file) once the fast path is read back.
   namespace: its `kdsr run` closes the gate and the standby takes the VIP;
   unblocked, the owner takes it back (preempt), and a VIP with preempt
   false stays where it is.
+- A rebooted load balancer (fresh namespace, track directory emptied):
+  keepalived starts from the fragment on disk with every gate closed; the
+  VIP comes back to it only once `kdsr run` has verified its fast path; a
+  new flow every 20 ms meanwhile: none fails.
 - A first apply with keepalived stopped is exit 7 and writes nothing.
 - Three load balancers with unicast advertisements: the first listed owns
   every VIP, `kdsr show` says so; a gate closed by hand is drift; destroy
@@ -236,6 +240,55 @@ def test_the_owner_answers_for_the_vip_and_a_killed_owner_loses_no_connection(vr
     assert vrrp.lab.client_neighbour(VIP) == vrrp.lab.mac("lb2")  # lb2's gratuitous ARP moved the client
     six = vrrp.probe(30, VIP6)
     assert six.all_ok, six.describe_failures()
+
+
+def test_a_rebooted_load_balancer_owns_the_vip_only_once_its_fast_path_is_in(vrrp):
+    """keepalived starts from the fragment on disk with the track directory
+    emptied by the boot: it makes every gate 1 and stays in FAULT, so the
+    preferred lb1 does not take the VIP back until its `kdsr run` has built
+    and verified the fast path.  Without the gate, lb1 would preempt at once
+    and its own stack would answer the VIP's flows (with resets)."""
+    vrrp.servers(intent_for(vrrp.lab))
+    for lb in ("lb1", "lb2"):
+        vrrp.lab.start_keepalived(lb)
+        vrrp.run_daemon(lb)
+        vrrp.lab.wait_owner(VIP, "lb1", CONVERGE)
+    vrrp.lab.reboot_lb("lb1")
+    vrrp.lab.wait_owner(VIP, "lb2", 10)
+    every, seconds, kdsr_after = 0.02, 14.0, 4.0
+    out = vrrp.workdir / "reboot-flows.jsonl"
+    argv = [sys.executable, FLOWSTREAM, "--vip", VIP, "--port", str(PORT), "--every", str(every)]
+    argv += ["--seconds", str(seconds), "--timeout", "3", "--out", str(out)]
+    argv += ["--first-sport", str(vrrp.lab.next_sports(int(seconds / every) + 1))]
+    stream = vrrp.lab.spawn("client", argv, tag="flowstream", ready_marker="READY", ready_timeout=60)
+    time.sleep(1)
+    started = time.monotonic()
+    vrrp.lab.start_keepalived("lb1")
+    gates = vrrp.lab.keepalived_paths("lb1")["track_dir"]
+    time.sleep(kdsr_after)  # more than the master-down interval: lb1 would have preempted by now
+    assert vrrp.lab.owner_of(VIP) == "lb2", "lb1 took the VIP before kdsr built its fast path"
+    assert {p.name: p.read_text().strip() for p in gates.iterdir()} == {
+        "kdsr-vrrp-v4_51": "1",
+        "kdsr-vrrp-v4_52": "1",
+        "kdsr-vrrp-v6_51": "1",
+    }
+    assert "Entering FAULT STATE" in vrrp.lab.keepalived_log("lb1") or "entering FAULT state" in (
+        vrrp.lab.keepalived_log("lb1")
+    )
+    vrrp.run_daemon("lb1")
+    back = vrrp.lab.wait_owner(VIP, "lb1", 30)
+    since_keepalived = time.monotonic() - started
+    has_table = vrrp.lab.run("lb1", ["nft", "list", "table", "netdev", "kdsr"], check=False).returncode == 0
+    stream.popen.wait(timeout=seconds + 60)
+    flows = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = [f for f in flows if not f["ok"]]
+    print(
+        f"\nreboot: lb1's keepalived up {kdsr_after:g} s with every gate 1 (lb2 kept the VIP); `kdsr run` then "
+        f"gave lb1 the VIP back {back:.2f} s after its start ({since_keepalived:.1f} s after keepalived's); "
+        f"{len(failed)} of {len(flows)} new flows failed"
+    )
+    assert has_table
+    assert not failed, failed[:3]
 
 
 def _block_probes(vrrp: Vrrp, lb: str, on: bool) -> None:
