@@ -210,6 +210,15 @@ def test_unicast_peers_are_the_other_listed_load_balancers_and_nopreempt_is_rend
     assert "  unicast_src_ip 10.10.0.2\n  unicast_peer {\n    10.10.0.4\n    10.10.0.3\n  }\n" in text
 
 
+def test_unicast_in_a_group_of_one_renders_no_empty_peer_list():
+    def alone(doc):
+        doc["services"]["media"]["announce"] = {"mode": "vrrp", "virtual_router_id": 52, "unicast": True}
+        doc["services"]["media"]["announce"]["load_balancers"] = ["lb2"]
+
+    text = compile_node(intent(alone), "lb2").keepalived.text
+    assert "unicast_peer" not in text.split("\n", 1)[1]
+
+
 def test_pointer_at_maps_fragment_lines_back_to_the_intent():
     config = compile_node(intent(), "lb1").keepalived
     line = config.text.splitlines().index("  virtual_router_id 52") + 1

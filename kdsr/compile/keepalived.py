@@ -190,7 +190,9 @@ def render(node: str, source: str, instances: tuple[VrrpInstance, ...]) -> tuple
         ]
         if not instance.preempt:
             lines.append("  nopreempt")
-        if instance.unicast_source is not None:
+        # keepalived 2.2.7's config test refuses unicast without peers (a
+        # group of one): that instance advertises to nobody, by multicast.
+        if instance.unicast_source is not None and instance.unicast_peers:
             lines.append(f"  unicast_src_ip {instance.unicast_source}")
             lines.append("  unicast_peer {")
             lines += [f"    {peer}" for peer in instance.unicast_peers]
