@@ -34,6 +34,7 @@ gate (its track file) once the fast path is read back.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import signal
@@ -291,6 +292,17 @@ def test_a_rebooted_load_balancer_owns_the_vip_only_once_its_fast_path_is_in(vrr
     assert not failed, failed[:3]
 
 
+def _events(log: str, event: str) -> list[dict]:
+    """The fields of the daemon's ``event`` lines, with their wall-clock time as "t"."""
+    found = []
+    for line in log.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("event") == event and "ts" in fields:
+            stamp = calendar.timegm(time.strptime(fields["ts"][:19], "%Y-%m-%dT%H:%M:%S")) + float(fields["ts"][19:-1])
+            found.append({**fields, "t": stamp})
+    return found
+
+
 def _block_probes(vrrp: Vrrp, lb: str, on: bool) -> None:
     """``lb`` drops its own probes to every server (its output hook): its
     health checks fail; client traffic, forwarded at netdev ingress, does not."""
@@ -316,8 +328,10 @@ def test_health_gives_the_vip_up_and_takes_it_back_per_preempt(vrrp):
         vrrp.run_daemon(lb)
         for vip in (VIP, VIP2, VIP6):
             vrrp.lab.wait_owner(vip, "lb1", CONVERGE)
+    blocked_wall = time.time()
     _block_probes(vrrp, "lb1", True)
     took = vrrp.lab.wait_owner(VIP, "lb2", 20)
+    moved_wall = time.time()
     vrrp.lab.wait_owner(VIP2, "lb2", 5)
     vrrp.lab.wait_owner(VIP6, "lb2", 5)
     gate = Path(vrrp.lab.keepalived_paths("lb1")["track_dir"]) / "kdsr-vrrp-v4_51"
@@ -334,6 +348,16 @@ def test_health_gives_the_vip_up_and_takes_it_back_per_preempt(vrrp):
         f"then the gate); unblocked: lb1 takes it back {back:.2f} s later (preempt); {VIP2} (preempt false) "
         f"stays on {vrrp.lab.owner_of(VIP2)}"
     )
+    log = vrrp.daemons["lb1"].stderr()
+    downs = [e for e in _events(log, "health") if e.get("state") == "down" and blocked_wall <= e["t"] <= moved_wall]
+    applied = [e for e in _events(log, "applied") if blocked_wall <= e["t"] <= moved_wall]
+    if downs and applied:
+        print(
+            f"lb1's daemon: first server down {downs[0]['t'] - blocked_wall:.2f} s after the block, last "
+            f"{downs[-1]['t'] - blocked_wall:.2f} s; {len(applied)} applies, the last logged "
+            f"{applied[-1]['t'] - blocked_wall:.2f} s after the block ({applied[-1].get('seconds', '?')} s); "
+            f"{VIP} on lb2 {moved_wall - blocked_wall:.2f} s after it"
+        )
     assert vrrp.lab.owner_of(VIP2) == "lb2"
     assert gate.read_text().strip() == "0"
     report = vrrp.probe(60)
