@@ -20,10 +20,14 @@ from typing import Protocol
 import jsonschema
 import yaml
 
+try:
+    import jsonschema_rs
+except ImportError:  # optional: see is_valid_for
+    jsonschema_rs = None
+
 from kdsr import collector
 from kdsr.errors import IntentError, Problem, UsageError, quote
 from kdsr.files import read_bounded
-from kdsr.intent import schema_check
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
@@ -474,20 +478,45 @@ def validator_for(schema: dict) -> jsonschema.Draft202012Validator:
 
 
 def is_valid_for(schema: dict) -> Callable[[object], bool]:
-    """``validator_for(schema).is_valid``, answered by the compiled check
-    (kdsr/intent/schema_check.py) unless it leaves a value to jsonschema."""
+    """``validator_for(schema).is_valid``, answered by jsonschema-rs when it
+    says yes.
+
+    jsonschema walks a document through generic Python machinery, a large
+    cost on a big intent; jsonschema-rs (Rust) gives the yes or no at a small
+    fraction of it.  jsonschema stays the reference: a "no" is asked again
+    there (where the two read a value differently, say a name ending in a
+    newline, which Python's ``$`` accepts, or NaN against a bound, jsonschema's
+    answer is kdsr's), and it alone words the problems.  Without jsonschema-rs
+    (Debian has no package of it) every document takes jsonschema's slower path.
+    """
     validator = validator_for(schema)
-    fast = schema_check.compile_check(schema, validator.format_checker.conforms)
-    if fast is None:
+    if jsonschema_rs is None:
         return validator.is_valid
+    fast = jsonschema_rs.Draft202012Validator(
+        schema,
+        formats={"ip-address": _conforms(_check_address), "ip-interface": _conforms(_check_interface)},
+        validate_formats=True,
+    ).is_valid
 
     def is_valid(doc: object) -> bool:
         try:
-            return fast(doc)
-        except schema_check.Unsure:
-            return validator.is_valid(doc)
+            if fast(doc):
+                return True
+        except ValueError:  # a value JSON has no form for (NaN from YAML's .nan): jsonschema decides
+            pass
+        return validator.is_valid(doc)
 
     return is_valid
+
+
+def _conforms(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    def conforms(value: object) -> bool:
+        try:
+            return check(value)
+        except ValueError:
+            return False
+
+    return conforms
 
 
 @functools.cache
