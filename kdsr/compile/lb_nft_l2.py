@@ -57,7 +57,7 @@ def hash_inputs(fields: str, family: int) -> list[dict]:
     then fails and the service lookup in ``ingress`` (which reads ``th
     dport``) never matches, so such fragments are not load-balanced at all.
     ``source-ip`` alone hashes fragments consistently but a service match
-    still needs the port; see README ("Fragments").
+    still needs the port; see docs/how-it-works.md ("Fragments").
     """
     ip = ADDR_PROTO[family]
     if fields == HASH_SOURCE_IP:
