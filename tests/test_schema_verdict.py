@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_fuzz_intent import paths_of
 
 from kdsr.errors import IntentError
 from kdsr.intent import load
@@ -70,16 +71,6 @@ EDGES = [
     {"node": "s1"},
 ]
 KEYS = ["zzz", "Bad", "a" * 24, "type", "node", "weight", "mode", "health", "port"]
-
-
-def paths_of(doc, prefix=()):
-    yield prefix
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            yield from paths_of(value, (*prefix, key))
-    elif isinstance(doc, list):
-        for index, value in enumerate(doc):
-            yield from paths_of(value, (*prefix, index))
 
 
 def at(doc, path):
