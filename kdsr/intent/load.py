@@ -15,15 +15,17 @@ import ipaddress
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import jsonschema
 import yaml
 
 try:
     import jsonschema_rs
 except ImportError:  # optional: see is_valid_for
     jsonschema_rs = None
+
+if TYPE_CHECKING:
+    import jsonschema
 
 from kdsr import collector
 from kdsr.errors import IntentError, Problem, UsageError, quote
@@ -452,12 +454,21 @@ def _check_interface(value: object) -> bool:
     return True
 
 
+def _jsonschema():
+    # Imported when first asked (a "no" from jsonschema-rs, an error to word,
+    # or no jsonschema-rs): a valid intent never needs it, and its import is
+    # a large part of the start-up of every command that loads an intent.
+    import jsonschema
+
+    return jsonschema
+
+
 def _format_checker() -> jsonschema.FormatChecker:
     # The schema's address formats are kdsr's own, checked with ipaddress here
     # so that a bad address is reported together with every other schema
     # error.  Only these formats: the standard ones would depend on which
     # optional packages happen to be installed.
-    checker = jsonschema.FormatChecker(formats=())
+    checker = _jsonschema().FormatChecker(formats=())
     checker.checks("ip-address", raises=ValueError)(_check_address)
     checker.checks("ip-interface", raises=ValueError)(_check_interface)
     return checker
@@ -470,7 +481,7 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 def validator_for(schema: dict) -> jsonschema.Draft202012Validator:
     """A validator of (part of) the intent schema, with kdsr's formats."""
-    return jsonschema.Draft202012Validator(schema, format_checker=_format_checker())
+    return _jsonschema().Draft202012Validator(schema, format_checker=_format_checker())
 
 
 def is_valid_for(schema: dict) -> Callable[[object], bool]:
@@ -485,9 +496,9 @@ def is_valid_for(schema: dict) -> Callable[[object], bool]:
     answer is kdsr's), and it alone words the problems.  Without jsonschema-rs
     (Debian has no package of it) every document takes jsonschema's slower path.
     """
-    validator = validator_for(schema)
     if jsonschema_rs is None:
-        return validator.is_valid
+        return validator_for(schema).is_valid
+    slow = functools.cache(lambda: validator_for(schema).is_valid)
     fast = jsonschema_rs.Draft202012Validator(
         schema,
         formats={"ip-address": _conforms(_check_address), "ip-interface": _conforms(_check_interface)},
@@ -500,7 +511,7 @@ def is_valid_for(schema: dict) -> Callable[[object], bool]:
                 return True
         except ValueError:  # a value JSON has no form for (NaN from YAML's .nan): jsonschema decides
             pass
-        return validator.is_valid(doc)
+        return slow()(doc)
 
     return is_valid
 
@@ -661,7 +672,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
         message = "a pool member needs 'node' or 'address'."
     elif error.context:
         # Any other combinator: the most relevant branch says it best.
-        return _explain(jsonschema.exceptions.best_match(error.context), source, fmt)
+        return _explain(_jsonschema().exceptions.best_match(error.context), source, fmt)
     else:
         message = f"{error.message}."
     return [Problem(source, _pointer(path), message, hint)]
