@@ -26,8 +26,8 @@ gate (its track file) once the fast path is read back.
   VIP comes back to it only once `kdsr run` has verified its fast path; a
   new flow every 20 ms meanwhile: none fails.
 - A first apply with keepalived stopped is exit 7 and writes nothing.
-- Three load balancers with unicast advertisements: the first listed owns
-  every VIP, `kdsr show` says so; a gate closed by hand is drift; destroy
+- Three load balancers with unicast advertisements, VIP2 in another order:
+  each VIP is owned by the first of its own list (N+M), `kdsr show` says so; a gate closed by hand is drift; destroy
   on every node leaves no VIP, no fragment, no gate, no kdsr table, and
   keepalived's own config byte for byte as it was.
 """
@@ -63,9 +63,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def intent_for(lab: vrrplab.VrrpLab, lbs=("lb1", "lb2"), health: dict | None = None, unicast: bool = False) -> dict:
-    def announce(router_id: int, preempt: bool = True) -> dict:
-        found = {"mode": "vrrp", "virtual_router_id": router_id, "load_balancers": list(lbs)}
+def intent_for(
+    lab: vrrplab.VrrpLab,
+    lbs=("lb1", "lb2"),
+    health: dict | None = None,
+    unicast: bool = False,
+    sticky_order: tuple[str, ...] | None = None,
+    sticky_preempt: bool = False,
+) -> dict:
+    """``sticky_order``: the VRRP group of VIP2 (default ``lbs``), to give it
+    another owner; ``sticky_preempt``: whether it preempts (default not)."""
+
+    def announce(router_id: int, preempt: bool = True, order: tuple[str, ...] = lbs) -> dict:
+        found = {"mode": "vrrp", "virtual_router_id": router_id, "load_balancers": list(order)}
         found["advert_interval"] = ADVERT
         if not preempt:
             found["preempt"] = False
@@ -85,7 +95,13 @@ def intent_for(lab: vrrplab.VrrpLab, lbs=("lb1", "lb2"), health: dict | None = N
     services = {
         "web": {"vip": VIP, "ports": PORT, "protocols": "tcp", "pool": "web", "announce": announce(51)},
         "web6": {"vip": VIP6, "ports": PORT, "protocols": "tcp", "pool": "web6", "announce": announce(51)},
-        "sticky": {"vip": VIP2, "ports": PORT, "protocols": "tcp", "pool": "web", "announce": announce(52, False)},
+        "sticky": {
+            "vip": VIP2,
+            "ports": PORT,
+            "protocols": "tcp",
+            "pool": "web",
+            "announce": announce(52, sticky_preempt, sticky_order or lbs),
+        },
     }
     pools = {
         "web": {"servers": [{"node": s} for s in SERVER_ADDRESS]},
@@ -366,7 +382,8 @@ def test_health_gives_the_vip_up_and_takes_it_back_per_preempt(vrrp):
 
 def test_destroy_on_every_node_leaves_no_vip_no_fragment_and_keepaliveds_config_as_it_was(vrrp):
     lbs = ("lb1", "lb2", "lb3")
-    doc = intent_for(vrrp.lab, lbs=lbs, unicast=True)  # advertisements to the peers' addresses
+    # Advertisements to the peers' addresses; VIP2 prefers lb2 (N+M: each VIP its own order).
+    doc = intent_for(vrrp.lab, lbs=lbs, unicast=True, sticky_order=("lb2", "lb3", "lb1"), sticky_preempt=True)
     vrrp.servers(doc)
     configs = {}
     for lb in lbs:
@@ -375,6 +392,11 @@ def test_destroy_on_every_node_leaves_no_vip_no_fragment_and_keepaliveds_config_
         vrrp.kdsr(lb, "apply", str(vrrp.intent_path), "--node", lb)
     vrrp.lab.wait_owner(VIP, "lb1", CONVERGE)
     vrrp.lab.wait_owner(VIP6, "lb1", CONVERGE)
+    vrrp.lab.wait_owner(VIP2, "lb2", CONVERGE)
+    before = vrrp.vip_packets("lb2", VIP2)
+    on_lb2 = vrrp.probe(30, VIP2)
+    assert on_lb2.all_ok, on_lb2.describe_failures()
+    assert vrrp.vip_packets("lb2", VIP2) - before >= 30 * 3
     report = vrrp.probe(30)
     assert report.all_ok, report.describe_failures()
     six = vrrp.probe(30, VIP6)
@@ -383,7 +405,7 @@ def test_destroy_on_every_node_leaves_no_vip_no_fragment_and_keepaliveds_config_
     shown = json.loads(vrrp.kdsr("lb1", "show", "--json").stdout)["vrrp"]
     assert {(v["vip"], v["gate"], v["owned_here"]) for v in shown} == {
         (f"{VIP}/32", "0", True),
-        (f"{VIP2}/32", "0", True),
+        (f"{VIP2}/32", "0", False),
         (f"{VIP6}/128", "0", True),
     }
     plan = vrrp.kdsr("lb2", "plan", str(vrrp.intent_path), "--node", "lb2", "--detailed-exitcode", check=False)
