@@ -18,6 +18,7 @@ Order (deletes mirror creates):
  12. BIRD's fragment (kdsr/kernel/bird.py), checked with BIRD's parser
      before any write: last when it only announces, first when the plan
      withdraws a VIP or removes fast path, so routers stop sending first.
+VRRP's keepalived fragment and gates follow the same order (kdsr/vrrp_apply.py).
 Announce routes (kdsr/compile/bird.py: BIRD announces a VIP while its route
 is in kdsr's announce table) are deleted before everything else, so a
 withdrawal comes first.  They are added only after the read-back has
@@ -41,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from kdsr import vrrp_apply
 from kdsr.compile.bird import pointer_at
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, TableDiff, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
@@ -171,8 +173,8 @@ def _steps(
         first write (a crash part-way leaves it claiming too much, as for
         any create), then the addresses, many to a kernel call.  One step
         per address cost the journal a copy of the state and the store a
-        saved file for each: quadratic in time and memory, 5,000 VIPs on an
-        ipvs director held ~600 MB of copies.  A failure part-way takes back
+        saved file for each: quadratic in time and memory (an ipvs director
+        has one VIP address per service).  A failure part-way takes back
         what this step added before it re-raises; the journal puts the
         record back."""
         added: list[Address] = []
@@ -293,7 +295,8 @@ def _steps(
     bird_change = next(iter(plan.of_kind("bird config")), None)
     if bird_change is not None:
         (first if _withdraws(plan) else announce).append(_bird_step(kernel, state, save, bird_change, notes))
-    return first + steps, announce
+    vrrp = vrrp_apply.steps(plan, kernel, state, save, notes)
+    return vrrp.first + first + steps, announce + vrrp.last
 
 
 # A plan that deletes any of these reloads BIRD before its other steps.
@@ -368,9 +371,8 @@ def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: 
     )
 
 
-# Addresses per kernel call (SystemKernel sends them in one netlink batch):
-# 5,000 VIPs were 3.2 s of one-at-a-time netlink on the host, ten times that
-# emulated.
+# Addresses per kernel call (SystemKernel sends them in one netlink batch,
+# not one request and answer at a time: bench/addresses.py measures both).
 ADDRESS_BATCH = 256
 
 
@@ -607,13 +609,6 @@ def converge_commands(current: IpvsService, target: IpvsService) -> list:
     return commands
 
 
-def converge_dests(kernel: Kernel, current: IpvsService, target: IpvsService) -> None:
-    """``converge_commands`` sent as one batch."""
-    commands = converge_commands(current, target)
-    if commands:
-        kernel.ipvs_batch(commands)
-
-
 def _sync_dests_step(kernel: Kernel, targets: list[IpvsService], listing) -> Step:
     found: dict[str, IpvsService] = {}
 
@@ -686,6 +681,7 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
         return result
     check_modules(desired, kernel)
     check_bird(plan, kernel)
+    vrrp_apply.check(plan, kernel)
     # Check every nftables batch before anything is written: a transaction the
     # kernel would refuse must not leave addresses or sysctls half done.  A
     # plan that is one nft transaction and nothing else (every health change,
@@ -756,12 +752,22 @@ def _before_announcing(desired: Desired, plan: Plan) -> Desired:
     change = next(iter(plan.of_kind("bird config")), None)
     if change is not None and not _withdraws(plan):
         bird = change.before
-    return dataclasses.replace(desired, announce=tuple(r for r in desired.announce if r.ident not in coming), bird=bird)
+    desired = dataclasses.replace(
+        desired, announce=tuple(r for r in desired.announce if r.ident not in coming), bird=bird
+    )
+    return vrrp_apply.before_announcing(desired, plan)
 
 
 def _read_back_announcement(desired: Desired, kernel: Kernel, state: NodeState) -> None:
     """The announce routes and the fragment, after the announcing steps."""
-    wanted = Desired(node=desired.node, role=desired.role, bird=desired.bird, announce=desired.announce)
+    wanted = Desired(
+        node=desired.node,
+        role=desired.role,
+        bird=desired.bird,
+        announce=desired.announce,
+        keepalived=desired.keepalived,
+        gates=desired.gates,
+    )
     leftover = diff(wanted, observe_announcement(kernel, desired, state))
     if not leftover.empty:
         lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])
@@ -803,10 +809,10 @@ def _read_back(
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)
 
 
-# What a read-back's IPVS listing costs, in services of a full listing
-# (ipvsadm 1.31, 10,000 services, emulated guest): a full listing 8.9 s,
-# about 0.9 ms a service; one ``ipvsadm -R`` run of 20 ``-L`` lines 0.094 s.
-# A run is counted as 64 services, each service in it as 4.
+# What a read-back's IPVS listing costs, in services of a full listing: an
+# ``ipvsadm -R`` run of ``-L`` lines costs about as much as listing 64
+# services in full, and each service it lists as 4 (ipvsadm 1.31;
+# bench/ipvs_control_plane.py measures both ways).
 _RUN_COST = 64
 _LISTED_COST = 4
 
@@ -821,11 +827,11 @@ def _ipvs_read_back(plan: Plan, kernel: Kernel) -> tuple[Callable[[], list[IpvsS
     the services the plan changes, so those are listed again, each by its
     selector, and the others are taken as the plan's own read found them a
     moment before (``Plan.ipvs_seen``).  A change among 10,000 services then
-    lists 20 services, not 10,000 (one weight change: 17 s of emulated time
-    before).  What that does not see is another program changing a service
-    kdsr did not touch in between; the next plan does.  A service expected
-    gone ends an ipvsadm run (``ipvs_list_some``), so each costs a run: a
-    plan with many of them, or a small table, is listed in full.
+    lists the 20 it wrote, not 10,000.  What that does not see is another
+    program changing a service kdsr did not touch in between; the next plan
+    does.  A service expected gone ends an ipvsadm run (``ipvs_list_some``),
+    so each costs a run: a plan with many of them, or a small table, is
+    listed in full.
     """
     if plan.ipvs_seen is None:
         return None, 0

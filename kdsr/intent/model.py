@@ -59,8 +59,8 @@ class PortRange:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-# Flow pinning defaults: IPVS's UDP timeout; 65536 flows cost ~7 MB of
-# kernel memory per pool (README, "Flow pinning").
+# Flow pinning defaults: IPVS's UDP timeout; max_flows bounds the kernel
+# memory the pins of a pool take (docs/consistent-hashing.md, "Flow pinning").
 DEFAULT_PIN_TIMEOUT = 300
 DEFAULT_PIN_MAX_FLOWS = 65536
 
@@ -74,7 +74,6 @@ class FlowPinning:
 
 
 # Health monitor defaults: out within interval x fall + timeout = 3.5 s.
-MONITOR_TYPES = ("tcp", "udp", "http", "https")
 MONITOR_DSR = "dsr"
 MONITOR_PLAIN = "plain"
 DEFAULT_INTERVAL = 1.0
@@ -91,7 +90,7 @@ ALL_DOWN_DROP = "drop"
 class Monitor:
     """One health check, as written on a pool or a service (``pointer`` says which)."""
 
-    type: str  # one of MONITOR_TYPES
+    type: str  # "tcp", "udp", "http" or "https"
     mode: str = MONITOR_DSR
     port: int | None = None  # None: the service's first port
     interval: float = DEFAULT_INTERVAL
@@ -122,6 +121,14 @@ class Hashing:
 ANNOUNCE_ACTIVE_ACTIVE = "active-active"
 ANNOUNCE_ACTIVE_STANDBY = "active-standby"
 ANNOUNCE_N_PLUS_M = "n+m"
+# VIP ownership on the segment by VRRP (kdsr/compile/keepalived.py renders it
+# for keepalived); not BGP: BIRD never sees these VIPs.
+ANNOUNCE_VRRP = "vrrp"
+DEFAULT_ADVERT_INTERVAL = 1.0
+DEFAULT_KEEPALIVED_CONFIG = "/etc/keepalived/keepalived.conf"
+DEFAULT_KEEPALIVED_FRAGMENT = "/etc/keepalived/kdsr.conf"
+DEFAULT_KEEPALIVED_PID_FILE = "/run/keepalived.pid"
+DEFAULT_VRRP_TRACK_DIR = "/run/kdsr"  # debian/kdsr.tmpfiles makes it at boot
 DEFAULT_PREPEND = 3
 DEFAULT_HOLD_TIME = 90
 DEFAULT_BIRD_CONFIG = "/etc/bird/bird.conf"
@@ -141,6 +148,25 @@ class Announce:
     med: int | None = None
     standby_med: int | None = None
     communities: tuple[tuple[int, int], ...] = ()
+    pointer: str = field(default="", compare=False)
+    # vrrp only (verify requires the router ID there).
+    virtual_router_id: int | None = None
+    advert_interval: float = DEFAULT_ADVERT_INTERVAL
+    preempt: bool = True
+    unicast: bool = False
+
+
+@dataclass(frozen=True)
+class KeepalivedFiles:
+    config: str = DEFAULT_KEEPALIVED_CONFIG  # keepalived's main config, which includes ``fragment``
+    fragment: str = DEFAULT_KEEPALIVED_FRAGMENT  # the file kdsr owns
+    pid_file: str = DEFAULT_KEEPALIVED_PID_FILE
+    track_dir: str = DEFAULT_VRRP_TRACK_DIR  # kdsr's track files (keepalived track_file)
+
+
+@dataclass(frozen=True)
+class Vrrp:
+    keepalived: KeepalivedFiles = KeepalivedFiles()
     pointer: str = field(default="", compare=False)
 
 
@@ -232,6 +258,7 @@ class LoadBalancerNode:
     addresses: tuple[IPInterface, ...]
     pointer: str = field(default="", compare=False)
     bgp: Bgp | None = None
+    vrrp: Vrrp | None = None
 
 
 @dataclass(frozen=True)
