@@ -95,16 +95,13 @@ struct selector {
 	__u32 seed;
 	__u32 fields; /* HASH_* */
 	__u32 base[2];
+	char name[64]; /* kdsr/compile/selectors.py's name, read by kdsr only */
 };
 
 /* A slot of a table with no server (every member drained): drop, as the
  * nft selector chain does.  The size never changes for a selector (a new
  * size is a new selector), so a flip changes `active` only. */
 #define NO_SERVER 0xffffffff
-
-struct selector_name {
-	char name[64];
-};
 
 struct server {
 	__u8 mac[6];
@@ -159,14 +156,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct selector);
 } selectors SEC(".maps");
-
-/* The selector's name (kdsr/compile/selectors.py), read by kdsr only. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_SELECTORS);
-	__type(key, __u32);
-	__type(value, struct selector_name);
-} selector_names SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

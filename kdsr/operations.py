@@ -266,16 +266,19 @@ def _check_foreign(intent: Intent, desired: Desired, observed: Observed, state: 
     wanted_links = {link.name: link for link in desired.links}
     links = sorted(observed.foreign_links & set(wanted_links))
     services = sorted(observed.foreign_ipvs)
-    if not (links or services):
+    if not (links or services or observed.foreign_xdp):
         return observed
     if adopt:
         state.links.update(links)
         state.ipvs.update(services)
+        if observed.foreign_xdp and desired.xdp is not None:
+            state.xdp.add(desired.xdp.interface)  # apply replaces that program with kdsr's
         return dataclasses.replace(
-            observed, foreign_links=observed.foreign_links - set(links), foreign_ipvs=frozenset()
+            observed, foreign_links=observed.foreign_links - set(links), foreign_ipvs=frozenset(), foreign_xdp=""
         )
     lines = [f"link {n} ({wanted_links[n].pointer})" for n in links]
     lines += [f"IPVS service {i}" for i in services]
+    lines += [observed.foreign_xdp] if observed.foreign_xdp else []
     raise ForeignObjectError(
         f"{intent.source}: these exist already, but kdsr has no record of creating them: "
         + "; ".join(lines)

@@ -383,8 +383,8 @@ def test_enum_errors_list_supported_values():
     assert mode.pointer == "/services/web/dsr/mode"
     assert 'Supported values: "l2", "l3-ipip", "l3-gre", "l3-ip6tnl"' in mode.message
     assert "l3-ip6tnl" in mode.hint
-    engine = only_problem(changed(services__web__dsr__engine="xdp"))
-    assert 'Supported values: "nft", "ipvs"' in engine.message
+    engine = only_problem(changed(services__web__dsr__engine="ebpf"))
+    assert 'Supported values: "nft", "ipvs", "xdp"' in engine.message
 
 
 def test_unknown_field_names_it_and_lists_the_allowed_ones():

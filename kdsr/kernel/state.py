@@ -37,6 +37,7 @@ class NodeState:
     ipvs: set[str] = field(default_factory=set)  # IpvsService.ident kdsr created
     drained: set[str] = field(default_factory=set)  # member addresses or node names (`kdsr drain`)
     bird_files: list[str] = field(default_factory=list)  # [config, fragment, socket] once kdsr wrote a fragment
+    xdp: set[str] = field(default_factory=set)  # interfaces kdsr attached its XDP program to (or adopted)
 
     def to_json(self) -> dict:
         return {
@@ -51,6 +52,7 @@ class NodeState:
             "ipvs": sorted(self.ipvs),
             "drained": sorted(self.drained),
             "bird_files": list(self.bird_files),
+            **({"xdp": sorted(self.xdp)} if self.xdp else {}),
         }
 
     @classmethod
@@ -66,6 +68,7 @@ class NodeState:
             ipvs=set(data.get("ipvs", [])),
             drained=set(data.get("drained", [])),
             bird_files=list(data.get("bird_files", [])),
+            xdp=set(data.get("xdp", [])),
         )
 
     @property
@@ -78,6 +81,7 @@ class NodeState:
             or self.ipvs
             or self.drained
             or self.bird_files
+            or self.xdp
         )
 
 
