@@ -27,6 +27,10 @@ class XdpServer:
     address: str
     mac: str = ""
     pointer: str = field(default="", compare=False)
+    # Without a MAC: kdsr keeps a managed neighbour entry for it on the
+    # interface (NTF_EXT_MANAGED, Linux 5.16: the kernel resolves it and keeps
+    # it resolved), so bpf_fib_lookup() finds the MAC from the first packet.
+    neighbour: bool = False
 
     @property
     def ident(self) -> str:
@@ -93,7 +97,7 @@ XDP_TYPES = (XdpServer, XdpSelector, XdpService, XdpState)
 def describe(obj: XdpServer | XdpSelector | XdpService | XdpState) -> str:
     """One line for the text plan."""
     if isinstance(obj, XdpServer):
-        return f"MAC {obj.mac}" if obj.mac else "MAC from the neighbour table"
+        return f"MAC {obj.mac}" if obj.mac else "MAC from the neighbour table (managed entry)"
     if isinstance(obj, XdpSelector):
         shares: dict[str, int] = {}
         for address in obj.table:

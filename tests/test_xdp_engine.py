@@ -101,6 +101,8 @@ def test_apply_noop_drift_and_destroy(kernel, store):
     kinds = {c.kind for c in plan.changes}
     assert {"xdp program", "xdp server", "xdp selector", "xdp service"} <= kinds
     assert kernel.xdp.io.attached["eth0"].name == "kdsr_xdp"
+    # servers without a pinned MAC get a managed neighbour entry (bpf_fib_lookup finds their MAC)
+    assert kernel.xdp.io.neighbours["eth0"] == {"fd00:10::11", "fd00:10::12"}
     writes = kernel.writes
     plan = run(intent(), kernel, store)
     assert plan.empty and kernel.writes == writes  # second apply: nothing
@@ -131,6 +133,7 @@ def test_apply_noop_drift_and_destroy(kernel, store):
     ]
     operations.apply(prepared, kernel, store)
     assert kernel.xdp.io.attached == {} and kernel.xdp.io.maps == {}
+    assert kernel.xdp.io.neighbours["eth0"] == set()
     assert store.load("lb1").xdp == set()
 
 
@@ -174,3 +177,14 @@ def test_destroy_leaves_a_foreign_program_alone(kernel, store):
     prepared = operations.prepare_destroy("lb1", kernel, store)
     assert not [c for c in prepared.plan.changes if c.kind.startswith("xdp")]
     assert kernel.xdp.io.attached["eth0"].name == "their_prog"
+
+
+def test_show_lists_the_programs_services_and_servers(kernel, store):
+    run(intent(), kernel, store)
+    report = operations.show(kernel, store, "lb1")
+    assert [p["interface"] for p in report["xdp"]] == ["eth0"]
+    rows = {(s["vip"], s["protocol"], s["port"]) for s in report["services"] if s.get("engine") == "xdp"}
+    assert ("10.10.0.101", "udp", "5000-5010") in rows and ("fd00:10::100", "tcp", "80") in rows
+    servers = {s["server"]: s["slots"] for s in report["servers"] if s.get("engine") == "xdp"}
+    assert servers["10.10.0.11"] + servers["10.10.0.12"] + servers["10.10.0.13"] == 4093
+    assert "xdp program kdsr_xdp on eth0 (driver)" in operations.format_show(report)

@@ -47,7 +47,9 @@ def compile_xdp(intent: Intent, lb: LoadBalancerNode) -> tuple[XdpState | None, 
         )
         for member in sel.members:
             address = address_text(member.address)
-            servers[address] = XdpServer(address=address, mac=member.mac or "", pointer=member.pointer)
+            servers[address] = XdpServer(
+                address=address, mac=member.mac or "", pointer=member.pointer, neighbour=not member.mac
+            )
             if not member.mac:
                 resolve.add(sel.family)
         for service in sel.services:

@@ -133,6 +133,10 @@ class MapsIO(Protocol):
 
     def cpus(self) -> int: ...
 
+    def managed_neighbours(self, ifname: str) -> set[str]: ...
+
+    def neighbour(self, ifname: str, address: str, add: bool) -> None: ...
+
 
 def _run(argv: list[str]) -> str:
     try:
@@ -256,6 +260,19 @@ class LibbpfIO:
     def cpus(self) -> int:
         return self.lib.libbpf_num_possible_cpus()
 
+    def managed_neighbours(self, ifname: str) -> set[str]:
+        found = json.loads(_run(["ip", "-j", "neigh", "show", "dev", ifname]) or "[]")
+        return {entry["dst"] for entry in found if "managed" in entry}
+
+    def neighbour(self, ifname: str, address: str, add: bool) -> None:
+        if add:
+            found = json.loads(_run(["ip", "-j", "neigh", "show", address, "dev", ifname]) or "[]")
+            if any("PERMANENT" in entry.get("state", []) for entry in found):
+                return  # someone's static entry: bpf_fib_lookup() finds it as it is
+            _run(["ip", "neigh", "replace", address, "dev", ifname, "managed"])
+        else:
+            _run(["ip", "neigh", "del", address, "dev", ifname])
+
 
 @dataclass
 class _Layout:
@@ -313,6 +330,7 @@ class XdpBackend:
 
     def _state(self, ifname: str, layout: _Layout) -> XdpState:
         maps = layout.info.maps
+        managed = self.io.managed_neighbours(ifname)
         names_by_id = {index: name for name, (index, _) in layout.selectors.items()}
         selectors = []
         for name, (_index, desc) in sorted(layout.selectors.items()):
@@ -360,15 +378,28 @@ class XdpBackend:
             interface=ifname,
             services=tuple(sorted(services, key=lambda s: s.ident)),
             selectors=tuple(selectors),
-            servers=tuple(sorted(layout.server_entries.values(), key=lambda s: s.ident)),
+            servers=tuple(
+                sorted(
+                    (
+                        XdpServer(s.address, s.mac, neighbour=not s.mac and s.address in managed)
+                        for s in layout.server_entries.values()
+                    ),
+                    key=lambda s: s.ident,
+                )
+            ),
             mode=layout.info.mode,
             config_mac=config_mac,
         )
 
     # ---------------------------------------------------------------- write
     def detach(self, kernel, ifname: str) -> None:
+        """Detach kdsr's program (its maps go with it) and drop the managed
+        neighbour entries kdsr made for its servers."""
+        have, _foreign = self.read(ifname)
         self.io.detach(ifname)
         kernel.writes += 1
+        if have is not None:
+            self._drop_neighbours(kernel, ifname, {s.address for s in have.servers if s.neighbour})
 
     def attach(self, kernel, ifname: str, force: bool = False) -> None:
         mode = self.io.attach(ifname, self.obj, force)
@@ -400,7 +431,13 @@ class XdpBackend:
         if not have.config_mac:
             ifindex = 0
             write("config", U32.pack(0), CONFIG.pack(_mac_bytes(self.io.interface_mac(want.interface)), ifindex))
-        # 2. servers first (a table may name them only once they exist)
+        # 2. servers first (a table may name them only once they exist), and
+        # the managed neighbour entries of those without a MAC
+        have_neighbours = {s.address for s in have.servers if s.neighbour}
+        for server in want.servers:
+            if server.neighbour and server.address not in have_neighbours:
+                self.io.neighbour(want.interface, server.address, True)
+                kernel.writes += 1
         free_servers = sorted(set(range(MAX_SERVERS)) - set(layout.server_entries))
         index_of = dict(layout.servers)
         for server in want.servers:
@@ -488,6 +525,14 @@ class XdpBackend:
         for address, index in layout.servers.items():
             if address not in want_servers:
                 write("servers", U32.pack(index), SERVER.pack(b"\0" * 6, 0, 0, b"\0" * 16))
+        self._drop_neighbours(
+            kernel, want.interface, have_neighbours - {s.address for s in want.servers if s.neighbour}
+        )
+
+    def _drop_neighbours(self, kernel, ifname: str, addresses: set[str]) -> None:
+        for address in sorted(addresses):
+            self.io.neighbour(ifname, address, False)
+            kernel.writes += 1
 
     # ---------------------------------------------------------------- counters
     def counters(self, ifname: str) -> dict:
@@ -541,6 +586,7 @@ class FakeIO:
 
     def __init__(self, interfaces: dict[str, str] | None = None, cpus: int = 2) -> None:
         self.macs = interfaces or {"eth0": "02:00:00:00:00:01"}
+        self.neighbours: dict[str, set[str]] = {}  # managed neighbour entries per interface
         self.attached: dict[str, ProgramInfo] = {}
         self.maps: dict[int, dict[bytes, bytes]] = {}
         self._next_id = 100
@@ -588,6 +634,13 @@ class FakeIO:
 
     def interface_mac(self, ifname: str) -> str:
         return self.macs[ifname]
+
+    def managed_neighbours(self, ifname: str) -> set[str]:
+        return set(self.neighbours.get(ifname, set()))
+
+    def neighbour(self, ifname: str, address: str, add: bool) -> None:
+        held = self.neighbours.setdefault(ifname, set())
+        (held.add if add else held.discard)(address)
 
     def cpus(self) -> int:
         return self._cpus
