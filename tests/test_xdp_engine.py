@@ -188,3 +188,11 @@ def test_show_lists_the_programs_services_and_servers(kernel, store):
     servers = {s["server"]: s["slots"] for s in report["servers"] if s.get("engine") == "xdp"}
     assert servers["10.10.0.11"] + servers["10.10.0.12"] + servers["10.10.0.13"] == 4093
     assert "xdp program kdsr_xdp on eth0 (driver)" in operations.format_show(report)
+
+
+def test_kdsr_maglev_reports_an_xdp_services_table():
+    from kdsr.commands import maglev as maglev_command
+
+    data = maglev_command.report(intent(), "web", without="10.10.0.13")
+    nft = intent(lambda d: [s["dsr"].update(engine="nft") for s in d["services"].values()])
+    assert data == maglev_command.report(nft, "web", without="10.10.0.13")
