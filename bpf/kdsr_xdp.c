@@ -114,6 +114,7 @@ struct config {
 	__u8 mac[6]; /* the interface's own: frames for other MACs pass */
 	__u8 pad[2];
 	__u32 ifindex;
+	__u8 object[8]; /* the object file's SHA-256, first 8 bytes: kdsr spots a program older than its object */
 };
 
 struct counter {

@@ -854,6 +854,10 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
     want = desired.xdp
     gone = [c.before for c in changes if c.kind == "xdp program" and c.action == DELETE]
     create = any(c.kind == "xdp program" and c.action == CREATE for c in changes)
+    # The program replaced by a newer object: attached over the old one in
+    # one step (the kernel swaps programs atomically), with fresh maps that
+    # converge fills: VIP packets meanwhile go to the stack (XDP_PASS).
+    replace = any(c.kind == "xdp program" and c.action == REPLACE for c in changes)
     before: dict[str, object] = {}
 
     def run() -> None:
@@ -863,7 +867,9 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
             store.save(state)
         if want is None:
             return
-        if create:
+        if replace:
+            kernel.xdp.attach(kernel, want.interface, force=True)
+        elif create:
             force = want.interface in state.xdp  # a foreign program the user let kdsr adopt (--adopt)
             state.xdp.add(want.interface)
             store.save(state)

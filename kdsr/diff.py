@@ -504,7 +504,12 @@ def _diff_xdp(desired: Desired, observed: Observed, changes: list[Change]) -> No
     if want is None:
         changes.append(Change(DELETE, "xdp program", have.interface, before=have))
         return
-    if have is None or have.interface != want.interface:
+    if have is not None and have.interface == want.interface and have.stale:
+        # A new program starts with empty maps: every element is written again.
+        reason = "program object (build/kdsr_xdp.o)"
+        changes.append(Change(REPLACE, "xdp program", want.interface, have, want, reason=reason, pointer=want.pointer))
+        have = type(want)(interface=want.interface, config_mac="")
+    elif have is None or have.interface != want.interface:
         if have is not None:
             changes.append(Change(DELETE, "xdp program", have.interface, before=have))
         changes.append(Change(CREATE, "xdp program", want.interface, after=want, pointer=want.pointer))

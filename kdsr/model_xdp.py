@@ -89,6 +89,9 @@ class XdpState:
     # the interface's MAC in the program's config ("" : not set).
     mode: str = field(default="", compare=False)
     config_mac: str = field(default="", compare=False)
+    # Observed only: the attached program was loaded from another object
+    # than the one kdsr would load now (kdsr was upgraded): replaced.
+    stale: bool = field(default=False, compare=False)
 
 
 XDP_TYPES = (XdpServer, XdpSelector, XdpService, XdpState)

@@ -196,3 +196,19 @@ def test_kdsr_maglev_reports_an_xdp_services_table():
     data = maglev_command.report(intent(), "web", without="10.10.0.13")
     nft = intent(lambda d: [s["dsr"].update(engine="nft") for s in d["services"].values()])
     assert data == maglev_command.report(nft, "web", without="10.10.0.13")
+
+
+def test_a_program_from_an_older_object_is_replaced(kernel, store):
+    from kdsr.kernel.xdp import CONFIG
+
+    run(intent(), kernel, store)
+    info = kernel.xdp.io.attached["eth0"]
+    config = kernel.xdp.io.maps[info.maps["config"]]
+    key = U32.pack(0)
+    mac, ifindex, _digest = CONFIG.unpack(config[key])
+    config[key] = CONFIG.pack(mac, ifindex, b"oldobjct")  # as an older kdsr's object left it
+    plan = run(intent(), kernel, store)
+    replaced = [c for c in plan.changes if c.kind == "xdp program"]
+    assert [(c.action, c.reason) for c in replaced] == [("replace", "program object (build/kdsr_xdp.o)")]
+    assert kernel.xdp.io.attached["eth0"].prog_id != info.prog_id
+    assert run(intent(), kernel, store).empty

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import os
 import struct
@@ -64,7 +65,7 @@ EVENTS = ("pass", "not_for_host", "no_server", "no_neighbour", "redirect")
 SVC_KEY = struct.Struct("<16sBBH")
 SELECTOR = struct.Struct("<6I64s")  # active, size, seed, fields, base[0], base[1], name
 SERVER = struct.Struct("<6sBB16s")
-CONFIG = struct.Struct("<6s2xI")
+CONFIG = struct.Struct("<6s2xI8s")
 U32 = struct.Struct("<I")
 COUNTER = struct.Struct("<QQ")
 PORT_RANGE = struct.Struct("<HHI")
@@ -374,6 +375,8 @@ class XdpBackend:
         config_mac = _mac_text(CONFIG.unpack_from(config)[0]) if config else ""
         if config_mac != self.io.interface_mac(ifname):
             config_mac = ""
+        loaded = CONFIG.unpack_from(config)[2] if config else b""
+        stale = bool(config_mac) and loaded != self.object_digest()
         return XdpState(
             interface=ifname,
             services=tuple(sorted(services, key=lambda s: s.ident)),
@@ -389,7 +392,15 @@ class XdpBackend:
             ),
             mode=layout.info.mode,
             config_mac=config_mac,
+            stale=stale,
         )
+
+    def object_digest(self) -> bytes:
+        """The first 8 bytes of the object file's SHA-256 (zeros without a file)."""
+        try:
+            return hashlib.sha256(self.obj.read_bytes()).digest()[:8]
+        except OSError:
+            return bytes(8)
 
     # ---------------------------------------------------------------- write
     def detach(self, kernel, ifname: str) -> None:
@@ -430,7 +441,8 @@ class XdpBackend:
         # 1. the interface's MAC: frames for it are the ones to balance
         if not have.config_mac:
             ifindex = 0
-            write("config", U32.pack(0), CONFIG.pack(_mac_bytes(self.io.interface_mac(want.interface)), ifindex))
+            mac = _mac_bytes(self.io.interface_mac(want.interface))
+            write("config", U32.pack(0), CONFIG.pack(mac, ifindex, self.object_digest()))
         # 2. servers first (a table may name them only once they exist), and
         # the managed neighbour entries of those without a MAC
         have_neighbours = {s.address for s in have.servers if s.neighbour}
@@ -604,6 +616,8 @@ class FakeIO:
             raise KernelError(f"no interface {ifname}")
         if ifname in self.attached and not force:
             raise KernelError(f"{ifname}: an XDP program is attached already (EBUSY)")
+        for map_id in self.attached.get(ifname, ProgramInfo(0, "", "")).maps.values():
+            self.maps.pop(map_id, None)  # the replaced program's maps go with it
         maps = {}
         for name in MAP_NAMES:
             self._next_id += 1
