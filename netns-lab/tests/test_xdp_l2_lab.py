@@ -31,11 +31,15 @@ VIP4, VIP4_MEDIA, VIP6 = "10.10.0.100", "10.10.0.101", "fd00:10::100"
 NODES = {"lb": "lb1", "s1": "s1", "s2": "s2", "s3": "s3"}
 
 
-def _intent(lab, engine: str, weights: dict[str, int] | None = None, pin_macs: bool = True) -> dict:
+def _intent(
+    lab, engine: str, weights: dict[str, int] | None = None, pin_macs: bool = True, fields: str | None = None
+) -> dict:
     doc = json.loads(EXAMPLE.read_text())
     doc = copy.deepcopy(doc)
     for service in doc["services"].values():
         service["dsr"] = {**service.get("dsr", {}), "mode": "l2", "engine": engine}
+        if fields:
+            service["hashing"] = {**service.get("hashing", {}), "fields": fields}
     for pool in doc["pools"].values():
         for member in pool["servers"]:
             if pin_macs:
@@ -327,6 +331,27 @@ def test_xdp_and_nft_choose_the_same_server(deployed):
     assert len(set(picks["xdp"].values())) == 3
     deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
     assert "No changes" in deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1").stdout
+
+
+@pytest.mark.parametrize("fields", ["five-tuple", "source-ip"])
+def test_xdp_and_nft_agree_on_other_hash_fields(deployed, fields):
+    """nft's jhash over five fields (address, address, l4proto, port, port:
+    each in its own register) and over the source address alone, computed
+    by the program: the same server, flow by flow, IPv4 and IPv6."""
+    lab = deployed.lab
+    first = lab.next_sports(120)
+    picks = {}
+    for engine in ("xdp", "nft"):
+        path = deployed.write(f"{fields}-{engine}", _intent(lab, engine, fields=fields))
+        deployed.kdsr("lb", "apply", str(path), "--node", "lb1")
+        for vip, proto, port, offset in ((VIP4, "udp", 53, 0), (VIP6, "tcp", 80, 60)):
+            report = lab.probe(vip, proto, port, flows=60, first_sport=first + offset)
+            assert report.all_ok, (engine, report.describe_failures())
+            picks.setdefault(engine, {}).update({(vip, k): v for k, v in report.server_by_sport().items()})
+    assert picks["xdp"] == picks["nft"]
+    if fields == "five-tuple":
+        assert len(set(picks["xdp"].values())) == 3
+    deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
 
 
 def test_foreign_program_refused_and_destroy_leaves_nothing(deployed):
