@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2)
+need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2 keepalived)
 # The xdp engine: clang/llvm compile bpf/kdsr_xdp.c for the BPF target (here,
 # not on the balancer at run time), libbpf-dev has its headers, libbpf1 (a
 # dependency) loads it and bpftool finds kdsr's program and maps.

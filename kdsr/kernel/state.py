@@ -38,6 +38,9 @@ class NodeState:
     drained: set[str] = field(default_factory=set)  # member addresses or node names (`kdsr drain`)
     bird_files: list[str] = field(default_factory=list)  # [config, fragment, socket] once kdsr wrote a fragment
     xdp: set[str] = field(default_factory=set)  # interfaces kdsr attached its XDP program to (or adopted)
+    # [config, fragment, pid_file] once kdsr wrote a keepalived fragment.
+    keepalived_files: list[str] = field(default_factory=list)
+    gates: set[str] = field(default_factory=set)  # track files kdsr wrote (VrrpGate.path)
 
     def to_json(self) -> dict:
         return {
@@ -53,6 +56,8 @@ class NodeState:
             "drained": sorted(self.drained),
             "bird_files": list(self.bird_files),
             **({"xdp": sorted(self.xdp)} if self.xdp else {}),
+            "keepalived_files": list(self.keepalived_files),
+            "gates": sorted(self.gates),
         }
 
     @classmethod
@@ -69,6 +74,8 @@ class NodeState:
             drained=set(data.get("drained", [])),
             bird_files=list(data.get("bird_files", [])),
             xdp=set(data.get("xdp", [])),
+            keepalived_files=list(data.get("keepalived_files", [])),
+            gates=set(data.get("gates", [])),
         )
 
     @property
@@ -82,6 +89,8 @@ class NodeState:
             or self.drained
             or self.bird_files
             or self.xdp
+            or self.keepalived_files
+            or self.gates
         )
 
 
