@@ -4,6 +4,7 @@ slot hash, which must be nft's."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,20 @@ def test_a_program_from_an_older_object_is_replaced(kernel, store):
     assert [(c.action, c.reason) for c in replaced] == [("replace", "program object (build/kdsr_xdp.o)")]
     assert kernel.xdp.io.attached["eth0"].prog_id != info.prog_id
     assert run(intent(), kernel, store).empty
+
+
+def test_plan_json_of_xdp_changes_matches_the_plan_schema():
+    import jsonschema
+
+    from kdsr.diff import diff
+    from kdsr.model import Observed
+    from kdsr.plan_format import render_json, render_text
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "plan.schema.json").read_text())
+    plan = diff(compile_node(intent(), "lb1"), Observed())
+    doc = json.loads(render_json(plan))
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    assert {"xdp program", "xdp server", "xdp selector", "xdp service"} <= {c["kind"] for c in doc["changes"]}
+    text = render_text(plan)
+    assert "+ xdp service udp 10.10.0.101:5000-5010: -> pool-web-v4-" in text
+    assert "+ xdp server 10.10.0.11: MAC 02:00:00:00:00:11" in text
