@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: setup bpf demo test deb man docs unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
-	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup
+	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup bench-metrics
 
 setup:
 	./scripts/setup.sh
@@ -102,3 +102,8 @@ bench-cli-noop: setup
 # check's cost, this checkout beside an older release (root; throw-away namespaces).
 bench-sighup: setup
 	$(PY) bench/sighup_latency.py
+
+# `kdsr run --metrics`: one scrape's time and size at 100, 1,000 and 10,000
+# VIPs, this checkout beside an older release (root; throw-away namespaces).
+bench-metrics: setup
+	$(PY) bench/metrics_scrape.py

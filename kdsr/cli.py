@@ -456,7 +456,11 @@ def maglev_command(intent_file: str, service_name: str, without: str | None, wit
     "--node", help="Which load balancer of the intent this host is (default: the one whose address is local)."
 )
 @click.option(
-    "--metrics", "listen", metavar="ADDRESS:PORT", help="Serve Prometheus metrics on /metrics (off by default)."
+    "--metrics",
+    "listen",
+    metavar="ADDRESS:PORT",
+    help="Serve Prometheus metrics on /metrics (off by default); :9469 listens on every address, "
+    "127.0.0.1:9469 or [::1]:9469 on one.",
 )
 @click.option(
     "--check-interval",

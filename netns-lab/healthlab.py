@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lab as netns_lab
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWSTREAM = ROOT / "netns-lab" / "flowstream.py"
@@ -103,15 +104,19 @@ class HealthLab:
     def log(self) -> str:
         return self.daemon.stderr() if self.daemon else ""
 
-    def metrics(self, listen: str) -> dict[str, float]:
-        """The daemon's Prometheus samples (`kdsr run --metrics`, served in the lb namespace), by sample name."""
+    def metrics(self, listen: str, host: str = "lb") -> dict[str, float]:
+        """The daemon's Prometheus samples (`kdsr run --metrics`), scraped from ``host``'s
+        namespace and parsed by prometheus_client: by sample name, and a labelled sample
+        also by ``name{label="value",...}`` (labels sorted)."""
         url = f"http://{listen}/metrics"
         code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
-        text = self.lab.run("lb", [sys.executable, "-c", code], timeout=30).stdout
-        return {
-            name: float(value)
-            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        }
+        text = self.lab.run(host, [sys.executable, "-c", code], timeout=30).stdout
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
 
     def stream(self, seconds: float, vip: str = VIP_DSR, every: float = 0.02) -> netns_lab.LabProcess:
         out = self.workdir / f"flows-{time.monotonic_ns()}.jsonl"

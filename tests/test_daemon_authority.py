@@ -80,8 +80,8 @@ def test_drain_and_undrain_go_through_the_running_daemon(daemon, tmp_path):
     # In the daemon's own loop: its view, its metrics and the kernel agree at once.
     assert daemon.runner.counters.applies == applies + 1
     assert slots_of(daemon.runner, "10.10.0.12") == 0 and not daemon.in_table("10.10.0.12")
-    text = metrics.render(daemon.runner.view(), daemon.runner.counters, None)
-    assert 'kdsr_server_in_table{pool="web",server="10.10.0.12"} 0' in text
+    text = metrics.exposition(metrics.scrape_for(daemon.runner, None))
+    assert 'kdsr_server_in_table{pool="web",server="10.10.0.12",server_node="s2"} 0.0' in text
     assert any("event=drain" in line and "server=s2" in line for line in daemon.lines)
 
     undrained = run_kdsr(tmp_path, "undrain", str(daemon.path), "s2", "--node", "lb1", "--json")
@@ -90,8 +90,8 @@ def test_drain_and_undrain_go_through_the_running_daemon(daemon, tmp_path):
     assert slots_of(daemon.runner, "10.10.0.12") > 0 and daemon.in_table("10.10.0.12")
     view = health_status.read(daemon.store, "lb1")
     assert all(s["in_table"] for s in view["servers"]), view["servers"]
-    text = metrics.render(daemon.runner.view(), daemon.runner.counters, None)
-    assert 'kdsr_server_in_table{pool="web",server="10.10.0.12"} 1' in text
+    text = metrics.exposition(metrics.scrape_for(daemon.runner, None))
+    assert 'kdsr_server_in_table{pool="web",server="10.10.0.12",server_node="s2"} 1.0' in text
 
 
 def test_a_refused_drain_comes_back_from_the_daemon_with_its_exit_code(daemon, tmp_path):

@@ -352,24 +352,26 @@ def test_metrics_render_health_applies_and_kernel_counters(daemon):
     daemon.script.failing.add("10.10.0.12")
     feed(daemon, 3)
     report = {"services": [{"vip": "10.10.0.100", "protocol": "tcp", "port": "80", "packets": 7}], "servers": []}
-    text = metrics.render(daemon.view(), daemon.counters, report)
-    assert 'kdsr_server_up{pool="web",server="10.10.0.12",node="s2"} 0' in text
-    assert 'kdsr_server_up{pool="web",server="10.10.0.11",node="s1"} 1' in text
-    assert "kdsr_applies_total 2" in text
-    assert 'kdsr_vip_packets_total{vip="10.10.0.100",protocol="tcp",port="80"} 7' in text
-    assert all(line.startswith(("#", "kdsr_")) for line in text.splitlines())
+    text = metrics.exposition(metrics.scrape_for(daemon, lambda: report, wait=10))
+    assert 'kdsr_server_up{pool="web",server="10.10.0.12",server_node="s2"} 0.0' in text
+    assert 'kdsr_server_up{pool="web",server="10.10.0.11",server_node="s1"} 1.0' in text
+    assert 'kdsr_applies_total{result="success"} 2.0' in text
+    assert 'kdsr_service_packets_total{port="80",protocol="tcp",service="web",vip="10.10.0.100"} 7.0' in text
+    assert all(line.startswith(("#", "kdsr_", "process_", "python_")) for line in text.splitlines())
 
 
 def test_metrics_server_answers_on_loopback(daemon):
-    server = metrics.serve("127.0.0.1:0", lambda: "kdsr_up 1\n")
+    server = metrics.bind("127.0.0.1:0", metrics.scrape_for(daemon, None))
+    metrics.start(server)
     try:
         host, port = server.server_address[:2]
         with socket.create_connection((host, port), timeout=2) as conn:
             conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             reply = b"".join(iter(lambda: conn.recv(4096), b""))
-        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"kdsr_up 1\n")
+        assert reply.startswith(b"HTTP/1.0 200") and b"\nkdsr_build_info{" in reply
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_log_lines_are_one_line_and_quote_what_needs_it():
@@ -660,8 +662,8 @@ def test_hand_deleted_service_and_slot_elements_are_repaired_logged_and_counted(
     (line,) = [line for line in runner.lines if "event=drift-repaired" in line]
     assert "changes=2" in line and f"{slot_map}[{slot}]" in line and "services-v4[10.10.0.100 . tcp . " in line, line
     assert runner.counters.drift_repairs == 1
-    text = metrics.render(runner.view(), runner.counters, None)
-    assert "kdsr_drift_repairs_total 1" in text and "kdsr_drift_checks_total 1" in text
+    text = metrics.exposition(metrics.scrape_for(runner, None))
+    assert "kdsr_drift_repairs_total 1.0" in text and "kdsr_drift_check_duration_seconds_count 1.0" in text
     # Repaired and verified again: the next check is the cheap one.
     reads = kernel.table_reads
     runner.check_drift()

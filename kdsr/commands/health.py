@@ -38,19 +38,33 @@ def run_daemon(
         # first apply is verified and the control socket (and metrics) listen.
         notifier=Notifier.from_environment(held=True),
     )
+    if listen:
+        metrics.parse_listen(listen)  # a usage error before anything else
     runner.install_signals()
     held: list[control.DaemonLock] = []
-    # One daemon per node: the lock is taken before the first apply, so a
-    # second `kdsr run` stops before it writes anything.
-    runner.start(claim=lambda name: held.append(control.DaemonLock(store, name)))  # a bad intent raises here
+    served: list = []
+
+    def claim(name: str) -> None:
+        # One daemon per node: the lock is taken before the first apply, so
+        # a second `kdsr run` stops before it writes anything; then the
+        # metrics port, so that a port another program holds stops this one
+        # before it writes anything too.
+        held.append(control.DaemonLock(store, name))
+        if listen:
+            served.append(_bind_metrics(runner, kernel, store, listen))
+
+    runner.start(claim=claim)  # a bad intent raises here
     server_socket = None
     try:
         path = control.socket_path(store, runner.node)
         server_socket = control.ControlServer(path, runner.submit)
         held[0].record(path)
         runner.log("control", socket=str(path))
-        if listen:
-            _serve_metrics(runner, kernel, store, listen)
+        if served:
+            server, scrape = served[0]
+            metrics.start(server)
+            scrape.kernel.start()
+            runner.log("metrics", listen=metrics.listening(server))
         runner.notify.release()
         return runner.run_forever()
     finally:
@@ -59,18 +73,23 @@ def run_daemon(
         held[0].release()
 
 
-def _serve_metrics(runner: Runner, kernel, store: StateStore, listen: str) -> None:
-    if listen:
+def _bind_metrics(runner: Runner, kernel, store: StateStore, listen: str):
+    """`--metrics`: the daemon's registry (kdsr/health/metrics.py), with the
+    kernel's counters read as `kdsr show` reads them, on a bound socket."""
+    reader = _reader(kernel)
+    scrape = metrics.scrape_for(runner, lambda: operations.show(reader, store, runner.node))
+    try:
+        return metrics.bind(listen, scrape), scrape
+    except OSError as exc:
+        raise UsageError(f"--metrics {listen}: cannot listen there: {exc.strerror or exc}") from None
 
-        def text() -> str:
-            try:
-                report = operations.show(kernel, store, runner.node)
-            except Exception:  # counters are a bonus; health metrics still render
-                report = None
-            return metrics.render(runner.view(), runner.counters, report)
 
-        try:
-            server = metrics.serve(listen, text)
-        except OSError as exc:
-            raise UsageError(f"--metrics {listen}: cannot listen there: {exc.strerror or exc}") from None
-        runner.log("metrics", listen=f"{server.server_address[0]}:{server.server_address[1]}")
+def _reader(kernel):
+    """The kernel the metrics' reading thread goes through: a SystemKernel of
+    its own (its own libnftables context and netlink sockets, and no table
+    records on disk), so that a read never switches the output flags of the
+    context the main thread applies through, nor writes the records its
+    applies read; a fake kernel (tests) is shared."""
+    from kdsr.kernel.system import SystemKernel
+
+    return SystemKernel() if isinstance(kernel, SystemKernel) else kernel

@@ -57,6 +57,7 @@ from kdsr.health import CHECK_INTERVAL, control
 from kdsr.health import status as health_status
 from kdsr.health.drain import refuse_unserving, resolve_server
 from kdsr.health.effective import POOL_OK, effective_intent
+from kdsr.health.metrics import DaemonMetrics
 from kdsr.health.notify import Notifier
 from kdsr.health.probes import Result, probe
 from kdsr.health.state import DOWN, UP, TargetState
@@ -158,6 +159,7 @@ class Runner:
         self.pools: dict[str, str] = {}
         self.out: dict[str, tuple[str, ...]] = {}
         self.counters = Counters()
+        self.metrics = DaemonMetrics()  # served by `kdsr run --metrics` (kdsr/health/metrics.py)
         self.results: queue.Queue = queue.Queue()
         self._generation = 0
         self._threads_stop = threading.Event()
@@ -449,9 +451,11 @@ class Runner:
                     self.counters.applies += 1
                     self.counters.last_apply_seconds = elapsed
                     self.counters.apply_seconds_total += elapsed
+                self.metrics.applied(elapsed, changes)
                 self.publish()
         except (KdsrError, KernelError, OSError) as exc:
             self.counters.apply_failures += 1
+            self.metrics.apply_failed()
             self._dirty, self._last_failed_apply = True, time.monotonic()
             self.log("apply-failed", reason=reason, error=str(exc), retry_in=f"{RETRY_FAILED_APPLY:g}s")
             self.notify.status(f"apply failed ({reason}), retrying every {RETRY_FAILED_APPLY:g} s: {exc}")
@@ -462,6 +466,7 @@ class Runner:
             if changes:  # else another program's nftables commit moved the generation, and nothing of kdsr's
                 with self.lock:
                     self.counters.drift_repairs += 1
+                self.metrics.drift_repaired()
                 self.log("drift-repaired", changes=changes, seconds=f"{elapsed:.3f}", repaired=summary(prepared.plan))
             return True
         out = sorted(f"{pool}:{server}" for pool, servers in effective.out.items() for server in servers)
@@ -497,6 +502,7 @@ class Runner:
         with self.lock:
             self.counters.drift_checks += 1
             self.counters.drift_check_seconds_total += elapsed
+        self.metrics.drift_checked(elapsed)
         if not held:
             self.apply("drift")
         self._next_check = time.monotonic() + self.check_interval
@@ -595,6 +601,7 @@ class Runner:
                 raise KdsrError(f"{intent.source}: node {self.node} is no longer in the intent")
         except KdsrError as exc:
             self.log("reload-failed", error=str(exc).replace("\n", "; "), keeping="the running intent")
+            self.metrics.reloaded(False)
             self.notify.reload_finished(f"reload failed, the running intent stays: {exc}")
             return str(exc)
         # The old probes finish on their own: a probe under way (up to its
@@ -602,7 +609,9 @@ class Runner:
         self._stop_probes(wait=False)
         self._install(intent)
         self.log("reloaded", intent=intent.source, targets=len(self.targets))
-        if not self.apply("reload"):  # else READY=1 went with the verified apply
+        applied = self.apply("reload")
+        self.metrics.reloaded(applied)
+        if not applied:  # else READY=1 went with the verified apply
             self.notify.reload_finished(f"reloaded; its apply failed, retrying every {RETRY_FAILED_APPLY:g} s")
         collector.settle()  # frees the replaced intent's state, keeps the new one out of collections
         self._start_probes()

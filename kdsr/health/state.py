@@ -26,6 +26,7 @@ class TargetState:
     last_error: str = ""
     last_latency: float = 0.0
     probes: int = 0
+    probes_failed: int = 0
     transitions: int = 0
     history: list[bool] = field(default_factory=list, repr=False)  # the last few results, newest last
 
@@ -38,6 +39,7 @@ class TargetState:
             self.successes, self.failures = self.successes + 1, 0
         else:
             self.successes, self.failures = 0, self.failures + 1
+            self.probes_failed += 1
             self.last_error = error
         if self.state == UP and self.failures >= self.fall:
             return self._change(DOWN, now)
@@ -57,6 +59,7 @@ class TargetState:
             "last_error": self.last_error,
             "latency_ms": round(self.last_latency * 1000, 3),
             "probes": self.probes,
+            "probes_failed": self.probes_failed,
             "transitions": self.transitions,
             "successes": self.successes,
             "failures": self.failures,

@@ -190,7 +190,7 @@ def test_kdsr_run_repairs_hand_deleted_map_elements_within_its_check_interval(he
         service_key, slot_key = f"{VIP_DSR} . tcp . 80", "0"
         assert _has_element(hl, "services-v4", service_key) and _has_element(hl, slot_map, slot_key)
         # Checks run and find nothing while nothing changed.
-        hl.wait_for(lambda: hl.metrics(METRICS)["kdsr_drift_checks_total"] >= 2, 30, "two drift checks")
+        hl.wait_for(lambda: hl.metrics(METRICS)["kdsr_drift_check_duration_seconds_count"] >= 2, 30, "two drift checks")
         assert hl.metrics(METRICS)["kdsr_drift_repairs_total"] == 0 and "event=drift-repaired" not in hl.log()
 
         deleted_at = time.monotonic()
@@ -213,6 +213,44 @@ def test_kdsr_run_repairs_hand_deleted_map_elements_within_its_check_interval(he
         assert hl.metrics(METRICS)["kdsr_drift_repairs_total"] == len(repaired) >= 1
         flows = flows_of(hl.stream(2), 2)
         assert all(f["ok"] for f in flows) and {f["server"] for f in flows} == {"s1", "s2", "s3"}, flows[:3]
+    finally:
+        hl.daemon.stop(signal.SIGTERM)
+        hl.start_daemon()
+
+
+def test_metrics_on_every_address_count_real_traffic_per_service_and_server(health_lab):
+    """`kdsr run --metrics :PORT` listens on every address: the client
+    scrapes it at the load balancer's own address, from its namespace.
+    After flows to the DSR VIP, the kernel's counters are in the scrape by
+    service and by pool and server (never by nft map), with bytes beside
+    packets, and the pool's servers carry one label set."""
+    hl = health_lab
+    hl.daemon.stop(signal.SIGTERM)
+    hl.start_daemon(options=("--metrics", ":9469"))
+    try:
+        hl.wait_for(lambda: "event=metrics" in hl.log(), 30, "kdsr run serving metrics")
+        assert "listen=[::]:9469" in hl.log() or "listen=0.0.0.0:9469" in hl.log(), hl.log()
+        scraped = hl.metrics("10.10.0.2:9469", host="client")
+        assert scraped['kdsr_server_up{pool="web",server="10.10.0.12",server_node="s2"}'] == 1
+        build = [k for k in scraped if k.startswith("kdsr_build_info{")]
+        assert len(build) == 1 and scraped[build[0]] == 1
+        flows = flows_of(hl.stream(2), 2)
+        assert all(f["ok"] for f in flows) and {f["server"] for f in flows} == {"s1", "s2", "s3"}, flows[:3]
+        web80 = 'port="80",protocol="tcp",service="web",vip="10.10.0.100"'
+
+        def counted() -> bool:
+            now = hl.metrics("10.10.0.2:9469", host="client")
+            return now.get(f"kdsr_service_packets_total{{{web80}}}", 0) >= len(flows)
+
+        hl.wait_for(counted, 10, "the flows in the service's counter")
+        scraped = hl.metrics("10.10.0.2:9469", host="client")
+        assert scraped[f"kdsr_service_bytes_total{{{web80}}}"] > scraped[f"kdsr_service_packets_total{{{web80}}}"]
+        for i, server in enumerate(("s1", "s2", "s3"), 1):
+            labels = f'pool="web",server="10.10.0.1{i}",server_node="{server}"'
+            assert scraped[f"kdsr_server_packets_total{{{labels}}}"] > 0, sorted(scraped)
+            assert scraped[f"kdsr_server_bytes_total{{{labels}}}"] > 0
+            assert f"kdsr_server_in_table{{{labels}}}" in scraped
+        assert not any("pool-web-" in name or "table=" in name for name in scraped), sorted(scraped)
     finally:
         hl.daemon.stop(signal.SIGTERM)
         hl.start_daemon()

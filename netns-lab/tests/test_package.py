@@ -136,7 +136,15 @@ def test_the_package_installs_what_an_operator_expects(package):
     state = os.stat("/var/lib/kdsr")
     assert stat.S_ISDIR(state.st_mode) and stat.S_IMODE(state.st_mode) == 0o700 and state.st_uid == 0
     depends = run("dpkg-query", "-W", "-f", "${Depends}", "kdsr").stdout
-    for name in ("python3-nftables", "python3-pyroute2", "python3-jsonschema", "python3-click", "nftables", "iproute2"):
+    for name in (
+        "python3-nftables",
+        "python3-pyroute2",
+        "python3-jsonschema",
+        "python3-click",
+        "python3-prometheus-client",
+        "nftables",
+        "iproute2",
+    ):
         assert name in depends, depends
 
 
