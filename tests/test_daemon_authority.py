@@ -105,7 +105,7 @@ def test_a_refused_drain_comes_back_from_the_daemon_with_its_exit_code(daemon, t
 def test_show_and_reload_go_through_the_daemon(daemon, tmp_path):
     shown = run_kdsr(tmp_path, "show", "--json")
     assert shown.exit_code == 0, shown.output
-    assert any(t.startswith("netdev kdsr") for t in json.loads(shown.output)["tables"])
+    assert any(t.startswith("netdev kdsr") for t in json.loads(shown.output)["kernel"]["tables"])
     edited = doc()
     edited["pools"]["web"]["servers"][1]["weight"] = 3
     daemon.path.write_text(json.dumps(edited))
