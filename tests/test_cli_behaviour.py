@@ -41,7 +41,13 @@ def intent(tmp_path):
 
 def slots(kernel: FakeKernel, address: str) -> int:
     table = kernel.nft_read_table("netdev", "kdsr")[0]
-    return sum(1 for m in table.maps if m.name.startswith("pool-web-v4") for _k, e in m.elements if server_of_value(e.value) == address)
+    return sum(
+        1
+        for m in table.maps
+        if m.name.startswith("pool-web-v4")
+        for _k, e in m.elements
+        if server_of_value(e.value) == address
+    )
 
 
 def test_global_options_work_after_the_subcommand(tmp_path, kernel, intent):
