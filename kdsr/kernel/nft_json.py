@@ -300,5 +300,3 @@ def decode_table(listing: list[dict], devices: dict[str, str] | None = None) -> 
         chains=tuple(sorted(decoded_chains, key=lambda c: c.name)),
         maps=tuple(sorted(maps, key=lambda m: m.name)),
     )
-
-
