@@ -405,10 +405,11 @@ def _rate(now: dict, before: dict | None, elapsed: float | None) -> dict | None:
     return {"packets": round(packets / elapsed, 1), "bytes": round(nbytes / elapsed, 1)}
 
 
-def _state(report: dict, pool: str, server: str, node: str | None, weight: int | None, slots: int) -> tuple[str, str]:
-    """(up | down | drained | out, why) for one member of one pool."""
-    health = next((h for h in report.get("health") or () if h.get("pool") == pool and h.get("server") == server), None)
-    drained = {d["server"] for d in report.get("drained") or ()}
+def _state(
+    health: dict | None, drained: set[str], server: str, node: str | None, weight: int | None, slots: int
+) -> tuple[str, str]:
+    """(up | down | drained | out, why) for one member of one pool: ``health``
+    its entry in kdsr run's view, ``drained`` what `kdsr drain` recorded."""
     if health is not None and health.get("state") == "down":
         why = health.get("last_error") or "a health check fails"
         if slots:
@@ -435,6 +436,11 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
     old_ports = {(p["vip"], p["protocol"], p["port"]): p for p in (before or {}).get("services", ())}
     old_servers = {(s["pool"], s["family"], s["server"]): s for s in (before or {}).get("servers", ())}
     members = {(s["pool"], s["family"], s["server"]): s for s in report.get("servers", ())}
+    by_pool: dict[tuple[str, int], set[str]] = {}
+    for pool, family, address in members:
+        by_pool.setdefault((pool, family), set()).add(address)
+    health = {(h.get("pool"), h.get("server")): h for h in report.get("health") or ()}
+    drained = {d["server"] for d in report.get("drained") or ()}
     intent_pools = report.get("pools") or {}
     grouped: dict[str, list[dict]] = {}
     for port in report.get("services", ()):
@@ -457,16 +463,15 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
                 elapsed,
             )
         known = {m["server"]: m for m in intent_pools.get(pool, ()) if (":" in m["server"]) == (family == 6)}
-        addresses = sorted(
-            {k[2] for k in members if k[0] == pool and k[1] == family} | set(known) | set(table["slots"]),
-            key=_address_order,
-        )
+        addresses = sorted(by_pool.get((pool, family), set()) | set(known) | set(table["slots"]), key=_address_order)
         servers = []
         for address in addresses:
             counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "counted_in": ""})
             slots = table["slots"].get(address, 0)
             member = known.get(address, {})
-            state, why = _state(report, pool, address, member.get("node"), member.get("weight"), slots)
+            state, why = _state(
+                health.get((pool, address)), drained, address, member.get("node"), member.get("weight"), slots
+            )
             servers.append(
                 {
                     "server": address,
