@@ -423,6 +423,9 @@ def _state(
         return "drained", "weight 0 in the intent"
     if slots:
         return "up", "health checks pass" if health is not None else "no health check"
+    if node is None and drained:
+        # Drains name nodes; without the intent, which address is which node is unknown.
+        return "out", f"holds no slot; drained here: {', '.join(sorted(drained))} (pass the intent to tell)"
     return "out", "holds no slot"
 
 
@@ -441,6 +444,7 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
         by_pool.setdefault((pool, family), set()).add(address)
     health = {(h.get("pool"), h.get("server")): h for h in report.get("health") or ()}
     drained = {d["server"] for d in report.get("drained") or ()}
+    nodes = {h.get("server"): h.get("server_node") for h in report.get("health") or () if h.get("server_node")}
     intent_pools = report.get("pools") or {}
     grouped: dict[str, list[dict]] = {}
     for port in report.get("services", ()):
@@ -468,7 +472,7 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
         for address in addresses:
             counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "counted_in": ""})
             slots = table["slots"].get(address, 0)
-            member = known.get(address, {})
+            member = known.get(address) or {"node": nodes.get(address)}
             state, why = _state(
                 health.get((pool, address)), drained, address, member.get("node"), member.get("weight"), slots
             )
