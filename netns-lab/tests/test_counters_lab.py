@@ -15,6 +15,7 @@ the counters; between rounds one change.  After every round:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -58,26 +59,32 @@ def _counters(hl: healthlab.HealthLab) -> tuple[dict[str, tuple[int, int]], tupl
     return {a: (p, b) for a, (p, b) in servers.items()}, (ports[0]["packets"], ports[0]["bytes"])
 
 
-@pytest.fixture
-def counting_lab(lab_available, tmp_path):
+@contextlib.contextmanager
+def _lab(tmp_path: Path, daemon: bool):
     with netns_lab.L2Lab(workdir=tmp_path / "lab", vips=(VIP,)) as lab:
         hl = healthlab.HealthLab(lab, tmp_path, intent=INTENT)
-        udp = {}
         for server in SERVERS:
             hl.start_responder(server)  # tcp/80: what the monitor checks
-            udp[server] = lab.start_responder(
-                server, udp_ports=[PORT], max_seconds=900, log_path=tmp_path / f"{server}-udp.jsonl"
-            )
+            lab.start_responder(server, udp_ports=[PORT], max_seconds=900, log_path=tmp_path / f"{server}-udp.jsonl")
             hl.kdsr(server, "apply", str(hl.intent_path), "--node", server)
-        hl.start_daemon()
+        if daemon:
+            hl.start_daemon()
+        else:
+            hl.kdsr("lb", "apply", str(hl.intent_path), "--node", "lb1")
         try:
             yield hl
         finally:
             healthlab.teardown(hl)
 
 
-def test_counters_never_go_back_across_health_drain_and_weight_changes(counting_lab):
-    hl = counting_lab
+@pytest.fixture
+def counting_lab(lab_available, tmp_path):
+    with _lab(tmp_path, daemon=True) as hl:
+        yield hl
+
+
+def _rounds(hl: healthlab.HealthLab):
+    """A function that sends a round of flows and checks the counters against the last round's."""
     lab = hl.lab
     history: list[tuple[str, dict, tuple[int, int]]] = [("start", *_counters(hl))]
 
@@ -106,6 +113,12 @@ def test_counters_never_go_back_across_health_drain_and_weight_changes(counting_
         )
         history.append((after, servers, service))
 
+    return send_and_check, history
+
+
+def test_counters_never_go_back_across_health_drain_and_weight_changes(counting_lab):
+    hl = counting_lab
+    send_and_check, history = _rounds(hl)
     send_and_check("the first traffic")
 
     # A health event: s1's checked listener stops; kdsr run takes it out, then back in.
@@ -130,3 +143,22 @@ def test_counters_never_go_back_across_health_drain_and_weight_changes(counting_
 
     # And the rounds reached every server (else a reset could hide behind a 0).
     assert all(history[-1][1].get(ADDRESS[s], (0, 0))[0] > 0 for s in SERVERS), history[-1]
+
+
+@pytest.mark.full_kernel
+def test_counters_never_go_back_on_the_full_kernel(lab_available, tmp_path):
+    """The same path on Debian's 6.1 kernel (the guest tier), without the
+    daemon: drains and a weight change by the CLI."""
+    with _lab(tmp_path, daemon=False) as hl:
+        send_and_check, history = _rounds(hl)
+        send_and_check("the first traffic")
+        hl.kdsr("lb", "drain", str(hl.intent_path), "s2", "--node", "lb1")
+        send_and_check("drain s2")
+        hl.kdsr("lb", "undrain", str(hl.intent_path), "s2", "--node", "lb1")
+        send_and_check("undrain s2")
+        heavier = copy.deepcopy(INTENT)
+        heavier["pools"]["dns"]["servers"][2]["weight"] = 3
+        hl.intent_path.write_text(json.dumps(heavier, indent=1))
+        hl.kdsr("lb", "apply", str(hl.intent_path), "--node", "lb1")
+        send_and_check("weight 3 for s3")
+        assert all(history[-1][1].get(ADDRESS[s], (0, 0))[0] > 0 for s in SERVERS), history[-1]
