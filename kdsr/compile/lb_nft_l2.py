@@ -304,14 +304,30 @@ def _server_chain(pool: Pool, member: PoolMember, device: str, pins_macs: bool) 
     )
 
 
+# The server chains last built per (pool, family, device), with the pool
+# object they came from: a health event's recompile at 10,000 VIPs makes a
+# new object of the changed pool only, so the other pools' chains (thousands
+# of members' rules, each built and digested) are reused as they are.
+_SERVER_CHAINS: dict[tuple[str, int, str], tuple[Pool, tuple[NftChain, ...]]] = {}
+_SERVER_CHAINS_MAX = 16384
+
+
 def _server_chains(selectors: list[Selector], device: str) -> list[NftChain]:
     """One chain per member (drained and down ones too) of each pool an L2 selector uses."""
     chains: dict[str, NftChain] = {}
     for sel in selectors:
-        for member in sel.members:
-            name = server_chain_name(sel.pool.name, address_text(member.address))
-            if name not in chains:
-                chains[name] = _server_chain(sel.pool, member, device, sel.pins_macs)
+        key = (sel.pool.name, sel.family, device)
+        last = _SERVER_CHAINS.get(key)
+        if last is not None and last[0] is sel.pool:
+            built = last[1]
+        else:
+            pins_macs = sel.pins_macs
+            built = tuple(_server_chain(sel.pool, m, device, pins_macs) for m in sel.members)
+            if len(_SERVER_CHAINS) >= _SERVER_CHAINS_MAX:
+                _SERVER_CHAINS.pop(next(iter(_SERVER_CHAINS)))
+            _SERVER_CHAINS[key] = (sel.pool, built)
+        for chain in built:
+            chains.setdefault(chain.name, chain)
     return [chains[n] for n in sorted(chains)]
 
 
