@@ -109,8 +109,7 @@ def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, plan: P
     them: the kernel handle keeps the compiled table as that read.  The next
     diff (the daemon's next health event) then meets compile's own map
     tuples and stops at identity.  Without this the first event after a
-    start compared 164,000 read elements pair by pair (100 VIPs: 20-40 ms
-    of a 57-85 ms event)."""
+    start compared every read element with its compiled twin, pair by pair."""
     changed = {(td.family, td.name) for td in plan.tables}
     read = {t.ident: t for t in observed.tables}
     for table in desired.tables:
