@@ -222,6 +222,7 @@ class _Verifier:
         self.check_tunnel_names()
         self.check_health()
         self.check_bgp()
+        self.check_vrrp()
         return self.problems
 
     # Health monitors: kdsr/intent/health_rules.py (imported here: it uses
@@ -236,6 +237,12 @@ class _Verifier:
         from kdsr.intent.bgp_rules import check_bgp
 
         check_bgp(self.services, self.load_balancers, self.report)
+
+    # VIP ownership by VRRP: kdsr/intent/vrrp_rules.py.
+    def check_vrrp(self) -> None:
+        from kdsr.intent.vrrp_rules import check_vrrp
+
+        check_vrrp(self.services, self.load_balancers, self.report)
 
     # One role per node: the CLI selects a node by name (--node).
     def check_node_names(self) -> None:
