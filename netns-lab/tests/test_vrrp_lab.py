@@ -161,7 +161,7 @@ class Vrrp:
     def vip_packets(self, lb: str, vip: str = VIP) -> int:
         """Packets kdsr's fast path on ``lb`` forwarded for ``vip`` (kdsr show)."""
         shown = json.loads(self.kdsr(lb, "show", "--json").stdout)
-        return sum(s["packets"] for s in shown["services"] if s["vip"] == vip)
+        return sum(s["packets"] for s in shown["kernel"]["services"] if s["vip"] == vip)
 
     def stop_daemons(self) -> None:
         for proc in self.daemons.values():
