@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import click
 
-from kdsr import operations
+from kdsr import operations, service_view
 from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
 from kdsr.health import CHECK_INTERVAL
 from kdsr.kernel import KernelError
@@ -305,28 +306,72 @@ def apply(
             click.echo(f"Note: {note}")
 
 
-@main.command(epilog="Example: kdsr show --node lb1 --json")
+@main.command(epilog="Example: kdsr show --service web --interval 2")
+@click.argument("intent_file", required=False, type=click.Path())
 @click.option("--node", help="Limit owned addresses and sysctls to this node's records.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--service", "services", multiple=True, metavar="NAME", help="Only this service (a pattern: 'web*').")
+@click.option("--vip", "vips", multiple=True, metavar="ADDRESS", help="Only the services of this VIP.")
+@click.option("--server", "servers", multiple=True, metavar="SERVER", help="Only this server (address or node).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1, max=3600),
+    help="Read the counters twice, SECONDS apart, and show packet and bit rates.",
+)
+@click.option("--json", "as_json", is_flag=True, help="The services, their servers and the kernel report as JSON.")
 @global_options
 @click.pass_obj
-def show(obj: Context, node: str | None, as_json: bool) -> None:
-    """What kdsr owns on this host now, with per-VIP and per-server packet counters."""
+def show(
+    obj: Context,
+    intent_file: str | None,
+    node: str | None,
+    services: tuple[str, ...],
+    vips: tuple[str, ...],
+    servers: tuple[str, ...],
+    interval: float | None,
+    as_json: bool,
+) -> None:
+    """Each service's VIP, ports, pool and servers (up, down or drained, and
+    why; weight; share of the table), with packet and byte counters, and
+    what else kdsr owns on this host.
+
+    Many services print a line each; --service, --vip or --server show their
+    servers.  Weights come from the running `kdsr run`, or from INTENT."""
     try:
         require_net_admin("show", "reads this host's nftables, IPVS and link state")
-        from kdsr.health import control
+        intent = None
+        if intent_file is not None:
+            from kdsr.intent.load import read_intent_text
 
-        # A running `kdsr run` answers from its own loop: what it shows is
-        # what it has applied, never a view an apply has not reached yet.
-        answer = None
-        for name in [node] if node else obj.store.nodes():
-            answer = control.request(obj.store, name, {"command": "show"})
-            if answer is not None:
-                break
-        report = answer["report"] if answer is not None else operations.show(_kernel(), obj.store, node)
+            intent = _load(intent_file, read_intent_text(intent_file))
+        which = service_view.ShowFilter(services=services, vips=vips, servers=servers)
+        report = _show_report(obj, node, intent)
+        before, elapsed = None, None
+        if interval is not None:
+            time.sleep(interval)
+            before, report = report, _show_report(obj, node, intent)
+            elapsed = max(report["read_at"] - before["read_at"], 1e-3)
     except (KdsrError, KernelError) as exc:
         _fail(exc)
-    click.echo(json.dumps(report, indent=2) if as_json else operations.format_show(report).rstrip("\n"))
+    document = operations.show_document(report, which, before, elapsed)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(operations.format_show(report, document, which).rstrip("\n"))
+
+
+def _show_report(obj: Context, node: str | None, intent) -> dict:
+    """A running `kdsr run` answers from its own loop: what it shows is what
+    it has applied, never a view an apply has not reached yet."""
+    from kdsr.health import control
+
+    for name in [node] if node else obj.store.nodes():
+        answer = control.request(obj.store, name, {"command": "show"})
+        if answer is not None:
+            report = answer["report"]
+            if intent is not None and not report.get("pools"):
+                report["pools"] = operations.show_pools(intent)
+            return report
+    return operations.show(_kernel(), obj.store, node, intent)
 
 
 @main.command(epilog="Example: kdsr reload --node lb1")

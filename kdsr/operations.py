@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
-from kdsr.compile import compile_node, lb_nft_l3
+from kdsr.compile import compile_node
 from kdsr.compile.announce import assignments
-from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME, pinned_servers_map
+from kdsr.compile.lb_nft_l2 import TABLE_FAMILY, TABLE_NAME
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, KeepalivedUnavailableError, UsageError
 from kdsr.health import status as health_status
@@ -24,7 +24,6 @@ from kdsr.intent.model import MONITOR_DSR, Intent, address_text
 from kdsr.kernel import Kernel
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.keepalived import KeepalivedError
-from kdsr.kernel.nft_json import element_counters
 from kdsr.kernel.observe import keep_unchanged, observe
 from kdsr.kernel.state import NodeState, StateStore
 from kdsr.model import Desired, Observed
@@ -405,65 +404,20 @@ def destroy_node_name(node: str | None, store: StateStore) -> str:
     raise UsageError(f"state for several nodes in {store.directory} ({', '.join(nodes)}); pass --node")
 
 
-def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
-    """What kdsr owns on this host now, with packet counters where the kernel has them."""
-    table, listing = kernel.nft_read_table(TABLE_FAMILY, TABLE_NAME)
+def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | None = None) -> dict:
+    """What kdsr owns on this host now, with packet counters where the kernel
+    has them (the "kernel" part of `kdsr show --json`; see
+    service_view.read_listing for the nft rows).  ``intent``: the one applied
+    (the daemon's, or the one `kdsr show INTENT` names), for each member's
+    weight and node in "pools"."""
+    listing = kernel.nft_listing(TABLE_FAMILY, TABLE_NAME)
     report: dict = {"nodes": store.nodes(), "tables": [], "services": [], "servers": [], "addresses": [], "sysctls": []}
-    if table is not None:
-        report["tables"].append(table.ident)
-        counters = element_counters(listing)
-        service_map_names = [
-            *SERVICE_MAPS.values(),
-            *RANGE_MAPS.values(),
-            *lb_nft_l3.SERVICE_MAPS.values(),
-            *lb_nft_l3.RANGE_MAPS.values(),
-        ]
-        # L3 slot maps hold tunnel marks: each names its server here.
-        tunnels = {}
-        for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
-            if (addresses := table.map(name)) is not None:
-                tunnels.update((key, elem.value) for key, elem in addresses.elements)
-        for map_name in service_map_names:
-            nmap = table.map(map_name)
-            for key, elem in nmap.elements if nmap else ():
-                packets, nbytes = counters.get(map_name, {}).get(key, (0, 0))
-                vip, proto, (first, last) = key
-                port = str(first) if first == last else f"{first}-{last}"
-                report["services"].append(
-                    {
-                        "vip": vip,
-                        "protocol": proto,
-                        "port": port,
-                        "selector": elem.value[1],
-                        "packets": packets,
-                        "bytes": nbytes,
-                        "source": elem.comment,
-                    }
-                )
-        pinned_counts = {pinned_servers_map(m.name) for m in table.maps if _is_pinned_slot_map(table, m)}
-        for nmap in table.maps:
-            if _is_pinned_slot_map(table, nmap):
-                report["servers"] += _pinned_rows(table, nmap, counters)
-                continue
-            if nmap.name in service_map_names or nmap.name in pinned_counts:
-                continue
-            if not nmap.counter or nmap.data_type in ("verdict", ""):
-                # Flow pinning's pins map holds flows, its servers map is
-                # read with the slot maps above; L3's ICMP maps count
-                # errors, not flows.
-                continue
-            per_server: dict[str, list[int]] = {}
-            for key, elem in nmap.elements:
-                packets, nbytes = counters.get(nmap.name, {}).get(key, (0, 0))
-                server = tunnels.get(elem.value, elem.value) if nmap.data_type == "mark" else elem.value
-                entry = per_server.setdefault(str(server), [0, 0, 0])
-                entry[0] += 1
-                entry[1] += packets
-                entry[2] += nbytes
-            for server, (slots, packets, nbytes) in sorted(per_server.items()):
-                report["servers"].append(
-                    {"selector": nmap.name, "server": server, "slots": slots, "packets": packets, "bytes": nbytes}
-                )
+    report["selectors"] = {}
+    if listing is not None:
+        report["tables"].append(f"{TABLE_FAMILY} {TABLE_NAME}")
+        report.update(service_view.read_listing(listing))
+    report["pools"] = show_pools(intent) if intent is not None else None
+    report["read_at"] = time.time()
     nodes = [node] if node else store.nodes()
     report["xdp"] = _xdp_show(kernel, store, nodes, report)
     report["health"] = []
@@ -493,8 +447,9 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
 
 
 def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict) -> list[dict]:
-    """kdsr's XDP programs (xdp engine): service and server rows with the
-    program's per-CPU counters summed, and the program's own events."""
+    """kdsr's XDP programs (xdp engine): service, selector and pool-member rows
+    in the shape service_view.read_listing gives for nft (the program's per-CPU
+    counters summed), and the program's own events."""
     programs = []
     for ifname in sorted({i for name in nodes for i in store.load(name).xdp}):
         if not kernel.link_exists(ifname):
@@ -512,10 +467,12 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
                     "vip": svc.vip,
                     "protocol": svc.protocol,
                     "port": port,
+                    "service": service_view.service_name(svc.pointer),
+                    "pool": service_view.selector_pool(svc.selector),
                     "selector": svc.selector,
                     "packets": packets,
                     "bytes": nbytes,
-                    "source": f"xdp on {ifname}",
+                    "source": svc.pointer or f"xdp on {ifname}",
                     "engine": "xdp",
                 }
             )
@@ -523,20 +480,38 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
             slots: dict[str, int] = {}
             for address in sel.table:
                 slots[address] = slots.get(address, 0) + 1
+            pool = service_view.selector_pool(sel.name)
+            report.setdefault("selectors", {})[sel.name] = {
+                "pool": pool,
+                "family": sel.family,
+                "size": len(sel.table),
+                "slots": slots,
+            }
             for server, share in sorted(slots.items()):
                 packets, nbytes = counts["servers"].get(server, (0, 0))
                 report["servers"].append(
                     {
-                        "selector": sel.name,
+                        "pool": pool,
+                        "family": sel.family,
                         "server": server,
+                        "selector": sel.name,
                         "slots": share,
                         "packets": packets,
                         "bytes": nbytes,
+                        "counted_in": f"xdp on {ifname}",
                         "engine": "xdp",
                     }
                 )
         programs.append({"interface": ifname, "mode": counts.get("mode", ""), "events": counts.get("events", {})})
     return programs
+
+
+def show_pools(intent: Intent) -> dict:
+    """pool -> its members' address, node and weight, as the intent has them."""
+    return {
+        pool.name: [{"server": address_text(m.address), "node": m.node, "weight": m.weight} for m in pool.members]
+        for pool in intent.pools
+    }
 
 
 def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict]:
@@ -564,33 +539,25 @@ def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict
     return rows
 
 
-def _is_pinned_slot_map(table, nmap) -> bool:
-    """A flow-pinned selector's slot map: slot -> server id, beside its pool's servers map."""
-    servers = pinned_servers_map(nmap.name)
-    return bool(servers) and nmap.data_type == "mark" and not nmap.counter and table.map(servers) is not None
+def show_document(
+    report: dict,
+    which: service_view.ShowFilter | None = None,
+    before: dict | None = None,
+    elapsed: float | None = None,
+) -> dict:
+    """`kdsr show --json` (README "kdsr show"): {"format", "interval",
+    "services": [the operator's view, filtered], "kernel": the report}."""
+    services = service_view.services_view(report, before, elapsed)
+    if which is not None and which.any:
+        services = service_view.filtered(services, which)
+    return {"format": service_view.SHOW_FORMAT, "interval": elapsed, "services": services, "kernel": report}
 
 
-def _pinned_rows(table, slots, counters: dict) -> list[dict]:
-    """Per member of a pinned pool: its Maglev slots in this selector's table
-    and the packets forwarded to it (the servers map counts them per server,
-    pinned flows included).  A member with no slot but still in the servers
-    map is drained: it serves its pinned flows and gets no new one.  Members
-    health took down are in neither map, as in an unpinned pool's table."""
-    servers = table.map(pinned_servers_map(slots.name))
-    per_id: dict = {}
-    for _slot, elem in slots.elements:
-        per_id[elem.value] = per_id.get(elem.value, 0) + 1
-    counted = counters.get(servers.name, {})
-    rows = []
-    for ident, elem in servers.elements:
-        packets, nbytes = counted.get(ident, (0, 0))
-        share = per_id.get(ident, 0)
-        row = {"selector": slots.name, "server": str(elem.value), "slots": share, "packets": packets, "bytes": nbytes}
-        rows.append({**row, "drained": share == 0, "counted_in": servers.name})
-    return sorted(rows, key=lambda r: r["server"])
-
-
-def format_show(report: dict) -> str:
+def format_show(report: dict, document: dict | None = None, which: service_view.ShowFilter | None = None) -> str:
+    """`kdsr show`'s text: a line per service (servers under each when
+    filtered or when there are few), then what else kdsr owns."""
+    which = which or service_view.ShowFilter()
+    document = document or show_document(report, which)
     lines = []
     owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp", "xdp")
     if not any(report.get(key) for key in owned):
@@ -600,34 +567,30 @@ def format_show(report: dict) -> str:
     for prog in report.get("xdp", []):
         events = ", ".join(f"{k} {v}" for k, v in prog["events"].items())
         lines.append(f"xdp program kdsr_xdp on {prog['interface']} ({prog['mode']}): {events}")
+    services = document["services"]
     if report["services"]:
-        lines.append("\nservices (VIP . protocol . port -> selector, packets/bytes seen by the load balancer):")
-        for s in report["services"]:
-            lines.append(
-                f"  {s['vip']} {s['protocol']}/{s['port']} -> {s['selector']}"
-                f"  {s['packets']} pkts {s['bytes']} B  # {s['source']}"
-            )
-    if report["servers"]:
-        lines.append("\nservers (Maglev slots, packets/bytes forwarded):")
-        # A pool's servers map counts for all its pinned selectors: say so
-        # where one map counts for several, so nobody adds the rows up.
-        selectors_of: dict[str, set[str]] = {}
-        for s in report["servers"]:
-            if s.get("counted_in"):
-                selectors_of.setdefault(s["counted_in"], set()).add(s["selector"])
-        for s in report["servers"]:
-            note = "  drained (serves its pinned flows)" if s.get("drained") else ""
-            if len(selectors_of.get(s.get("counted_in", ""), ())) > 1:
-                note += f"  (counts shared by the pool's pinned selectors: {s['counted_in']})"
-            lines.append(
-                f"  {s['selector']}: {s['server']}  {s['slots']} slots  {s['packets']} pkts {s['bytes']} B{note}"
-            )
+        detail = which.any or len(services) <= service_view.DETAIL_MAX_SERVICES
+        rates = document.get("interval") is not None
+        lines.append("")
+        if services:
+            lines += service_view.show_lines(services, detail, rates)
+        else:
+            lines.append("no service matches the filter")
+        if not detail:
+            lines.append(f"({len(services)} services: --service, --vip or --server show their servers)")
+        elif not report.get("pools"):
+            lines.append("(weights: from the running kdsr run, or pass the intent: kdsr show INTENT)")
+        if any(s["no_server"] for s in services):
+            unserved = [s["service"] for s in services if s["no_server"]]
+            lines.append(f"Warning: no server takes the flows of {', '.join(unserved)}.")
     if report.get("health"):
-        lines.append("\nhealth (kdsr run):")
-        for h in report["health"]:
+        down = [h for h in report["health"] if h["state"] != "up"]
+        up = len(report["health"]) - len(down)
+        lines.append(f"\nhealth (kdsr run): {up} up, {len(down)} down" + (":" if down else ""))
+        for h in down:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if h.get("since") else "start"
             note = "" if h["daemon"] else "  (daemon not running: last known)"
-            error = f", last error: {h['last_error']}" if h.get("last_error") and h["state"] != "up" else ""
+            error = f", last error: {h['last_error']}" if h.get("last_error") else ""
             table = "" if h.get("in_table", True) else ", out of the table"
             lines.append(f"  [{h['node']}] {h['pool']}: {h['server']} {h['state']} since {since}{error}{table}{note}")
     if report.get("drained"):

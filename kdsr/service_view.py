@@ -23,7 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kdsr.compile import lb_nft_l3
-from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, servers_map_name
+from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, pinned_servers_map, server_of_chain, servers_map_name
+from kdsr.kernel.nft_json import decode_key
 from kdsr.model import NftTable
 
 SERVICE_MAP_NAMES = (
@@ -99,6 +100,8 @@ def slot_servers(table: NftTable | None, selector: str) -> list[str]:
     nmap = table.map(selector) if table is not None else None
     if nmap is None:
         return []
+    if nmap.data_type == "verdict":  # L2: goto the server's chain
+        return [server_of_value(elem.value) for _slot, elem in nmap.elements]
     if nmap.data_type != "mark":
         return [str(elem.value) for _slot, elem in nmap.elements]
     # Flow pinning: the slot names a server id of the pool's servers map;
@@ -106,8 +109,16 @@ def slot_servers(table: NftTable | None, selector: str) -> list[str]:
     names = _mark_names(table)
     servers = table.map(servers_map_name(selector_pool(selector), selector_family(selector)))
     if servers is not None:
-        names.update((key, elem.value) for key, elem in servers.elements)
+        names.update((key, server_of_value(elem.value)) for key, elem in servers.elements)
     return [str(names.get(elem.value, f"id {elem.value}")) for _slot, elem in nmap.elements]
+
+
+def server_of_value(value) -> str:
+    """A slot's value as its server: ``goto server-web-v4-10.1.0.2`` -> ``10.1.0.2``."""
+    if isinstance(value, tuple):
+        found = server_of_chain(value[1])
+        return found[2] if found is not None else str(value[1])
+    return str(value)
 
 
 def shares(table: NftTable | None, selector: str) -> Counter:
@@ -120,6 +131,135 @@ def selectors(table: NftTable | None) -> list[str]:
     if table is None:
         return []
     return sorted(m.name for m in table.maps if selector_pool(m.name) and m.name.startswith("pool-"))
+
+
+# --- counters and slots, read from a listing ----------------------------------
+#
+# `kdsr show` and the metrics read the kernel's listing (JSON) straight, not
+# through the model: counters are not configuration, and the model's
+# elements and rules would cost a decode per slot for nothing.
+
+
+def _elem_parts(item) -> tuple:
+    """A listed element -> (key value, data value, comment, (packets, bytes) or None)."""
+    key_part, value = item if isinstance(item, list) else (item, None)
+    if isinstance(key_part, dict) and "elem" in key_part:
+        inner = key_part["elem"]
+        counter = inner.get("counter")
+        counted = (counter.get("packets", 0), counter.get("bytes", 0)) if counter else None
+        return inner["val"], value, inner.get("comment", ""), counted
+    return key_part, value, "", None
+
+
+def _target(value) -> str | None:
+    if isinstance(value, dict):
+        for verdict in ("goto", "jump"):
+            if verdict in value:
+                return value[verdict]["target"]
+    return None
+
+
+def read_listing(listing: list[dict]) -> dict:
+    """The kernel report's nft part (the shape `kdsr show --json` documents
+    under "kernel", and kdsr/health/metrics.py reads):
+
+    - ``services``: per VIP . protocol . port: vip, protocol, port, service,
+      pool, selector, packets, bytes, source (the intent pointer);
+    - ``servers``: per pool member the table knows: pool, family, server,
+      selector (the pool's selectors, comma-separated), slots (over them),
+      packets, bytes, counted_in (the chain whose rule counts it, or
+      "slots" where per-slot counters are summed: L3);
+    - ``selectors``: selector -> {"pool", "family", "size", "slots": {server: slots}}.
+    """
+    maps = {item["map"]["name"]: item["map"] for item in listing if "map" in item}
+    counted: dict[tuple[str, int, str], list] = {}  # (pool, family, server) -> [packets, bytes, counted_in]
+    for item in listing:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        found = server_of_chain(rule["chain"])
+        if found is None:
+            continue
+        counter = next((s["counter"] for s in rule.get("expr", []) if isinstance(s, dict) and "counter" in s), None)
+        if isinstance(counter, dict):
+            counted[found] = [counter.get("packets", 0), counter.get("bytes", 0), rule["chain"]]
+    ports = []
+    for name in SERVICE_MAP_NAMES:
+        for item in maps.get(name, {}).get("elem", []):
+            val, value, comment, count = _elem_parts(item)
+            vip, protocol, (first, last) = decode_key(val)
+            selector = _target(value) or str(value)
+            packets, nbytes = count or (0, 0)
+            ports.append(
+                {
+                    "vip": vip,
+                    "protocol": protocol,
+                    "port": str(first) if first == last else f"{first}-{last}",
+                    "service": service_name(comment),
+                    "pool": selector_pool(selector),
+                    "selector": selector,
+                    "packets": packets,
+                    "bytes": nbytes,
+                    "source": comment,
+                }
+            )
+    tunnels = {}
+    for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
+        for item in maps.get(name, {}).get("elem", []):
+            val, value, _c, _n = _elem_parts(item)
+            tunnels[val] = str(value)
+    selectors: dict[str, dict] = {}
+    for name, obj in maps.items():
+        pool, family = selector_pool(name), selector_family(name)
+        if not pool or not name.startswith("pool-"):
+            continue
+        slots: Counter = Counter()
+        servers_map = maps.get(pinned_servers_map(name)) if obj.get("map") == "mark" else None
+        by_id = {}
+        if servers_map is not None:  # flow pinning: slot -> server id -> goto the server's chain
+            for item in servers_map.get("elem", []):
+                val, value, _c, _n = _elem_parts(item)
+                by_id[val] = _server_of_target(_target(value), value)
+        for item in obj.get("elem", []):
+            val, value, _c, count = _elem_parts(item)
+            if obj.get("map") == "verdict":
+                server = _server_of_target(_target(value), value)
+            elif servers_map is not None:
+                server = by_id.get(value, f"id {value}")
+            else:  # L3: a tunnel mark, counted per slot
+                server = tunnels.get(value, f"mark {value}")
+                if count is not None:
+                    entry = counted.setdefault((pool, family, server), [0, 0, "slots"])
+                    entry[0] += count[0]
+                    entry[1] += count[1]
+            slots[server] += 1
+        if servers_map is not None:
+            for server in by_id.values():
+                slots.setdefault(server, 0)  # drained: serves its pinned flows, holds no slot
+        selectors[name] = {"pool": pool, "family": family, "size": sum(slots.values()), "slots": dict(slots)}
+    members: dict[tuple[str, int, str], dict] = {}
+    for key in sorted(set(counted) | {(s["pool"], s["family"], a) for s in selectors.values() for a in s["slots"]}):
+        pool, family, server = key
+        own = sorted(n for n, s in selectors.items() if s["pool"] == pool and s["family"] == family)
+        packets, nbytes, where = counted.get(key, [0, 0, ""])
+        members[key] = {
+            "pool": pool,
+            "family": family,
+            "server": server,
+            "selector": ",".join(own),
+            "slots": sum(selectors[n]["slots"].get(server, 0) for n in own),
+            "packets": packets,
+            "bytes": nbytes,
+            "counted_in": where,
+        }
+    return {"services": ports, "servers": list(members.values()), "selectors": selectors}
+
+
+def _server_of_target(target: str | None, value) -> str:
+    if target is None:
+        return str(value)
+    found = server_of_chain(target)
+    return found[2] if found is not None else target
 
 
 # --- a plan's summary ----------------------------------------------------------
@@ -231,4 +371,218 @@ def summary_lines(summary: dict) -> list[str]:
                 lines.append(
                     f"    {symbol} {row['server']}  {row['state']}  {row['share_before']} -> {row['share_after']}"
                 )
+    return lines
+
+
+# --- `kdsr show`: services in the operator's terms ------------------------------
+
+# Without a filter, a table of at most this many services is shown server by
+# server; a larger one a line per service (servers under --service, --vip or
+# --server).
+DETAIL_MAX_SERVICES = 10
+SHOW_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ShowFilter:
+    services: tuple[str, ...] = ()  # names, shell patterns allowed ("web*")
+    vips: tuple[str, ...] = ()
+    servers: tuple[str, ...] = ()  # addresses or server node names
+
+    @property
+    def any(self) -> bool:
+        return bool(self.services or self.vips or self.servers)
+
+
+def _rate(now: dict, before: dict | None, elapsed: float | None) -> dict | None:
+    """Packets and bytes per second between two reads; None without two reads
+    (or when the counter went backwards: the object was made again)."""
+    if before is None or not elapsed:
+        return None
+    packets, nbytes = now["packets"] - before["packets"], now["bytes"] - before["bytes"]
+    if packets < 0 or nbytes < 0:
+        return None
+    return {"packets": round(packets / elapsed, 1), "bytes": round(nbytes / elapsed, 1)}
+
+
+def _state(
+    health: dict | None, drained: set[str], server: str, node: str | None, weight: int | None, slots: int
+) -> tuple[str, str]:
+    """(up | down | drained | out, why) for one member of one pool: ``health``
+    its entry in kdsr run's view, ``drained`` what `kdsr drain` recorded."""
+    if health is not None and health.get("state") == "down":
+        why = health.get("last_error") or "a health check fails"
+        if slots:
+            why += "; kept in the table (every server of the pool is down, all_down keeps them)"
+        if not health.get("daemon", True):
+            why += " (kdsr run is not running: last known)"
+        return "down", why
+    if server in drained or (node is not None and node in drained):
+        return "drained", f"kdsr drain {node if node in drained else server}"
+    if weight == 0:
+        return "drained", "weight 0 in the intent"
+    if slots:
+        return "up", "health checks pass" if health is not None else "no health check"
+    if node is None and drained:
+        # Drains name nodes; without the intent, which address is which node is unknown.
+        return "out", f"holds no slot; drained here: {', '.join(sorted(drained))} (pass the intent to tell)"
+    return "out", "holds no slot"
+
+
+def services_view(report: dict, before: dict | None = None, elapsed: float | None = None) -> list[dict]:
+    """Per service (by name): its VIP, ports, pool, counters, rate, and its
+    pool's members with state, weight, share, counters and rate.
+
+    ``before``: an earlier report, ``elapsed`` seconds older, for rates.  A
+    server's counters are its pool's (one counter per pool member): services
+    that share a pool share them."""
+    old_ports = {(p["vip"], p["protocol"], p["port"]): p for p in (before or {}).get("services", ())}
+    old_servers = {(s["pool"], s["family"], s["server"]): s for s in (before or {}).get("servers", ())}
+    members = {(s["pool"], s["family"], s["server"]): s for s in report.get("servers", ())}
+    by_pool: dict[tuple[str, int], set[str]] = {}
+    for pool, family, address in members:
+        by_pool.setdefault((pool, family), set()).add(address)
+    health = {(h.get("pool"), h.get("server")): h for h in report.get("health") or ()}
+    drained = {d["server"] for d in report.get("drained") or ()}
+    nodes = {h.get("server"): h.get("server_node") for h in report.get("health") or () if h.get("server_node")}
+    intent_pools = report.get("pools") or {}
+    grouped: dict[str, list[dict]] = {}
+    for port in report.get("services", ()):
+        grouped.setdefault(port["service"] or port["vip"], []).append(port)
+    services = []
+    for name in sorted(grouped):
+        ports = grouped[name]
+        selector = ports[0]["selector"]
+        pool = ports[0]["pool"]
+        family = selector_family(selector)
+        table = report.get("selectors", {}).get(selector, {"size": 0, "slots": {}})
+        packets = sum(p["packets"] for p in ports)
+        nbytes = sum(p["bytes"] for p in ports)
+        was = [old_ports.get((p["vip"], p["protocol"], p["port"])) for p in ports]
+        rate = None
+        if before is not None and all(w is not None for w in was):
+            rate = _rate(
+                {"packets": packets, "bytes": nbytes},
+                {"packets": sum(w["packets"] for w in was), "bytes": sum(w["bytes"] for w in was)},
+                elapsed,
+            )
+        known = {m["server"]: m for m in intent_pools.get(pool, ()) if (":" in m["server"]) == (family == 6)}
+        addresses = sorted(by_pool.get((pool, family), set()) | set(known) | set(table["slots"]), key=_address_order)
+        servers = []
+        for address in addresses:
+            counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "counted_in": ""})
+            slots = table["slots"].get(address, 0)
+            member = known.get(address) or {"node": nodes.get(address)}
+            state, why = _state(
+                health.get((pool, address)), drained, address, member.get("node"), member.get("weight"), slots
+            )
+            servers.append(
+                {
+                    "server": address,
+                    "node": member.get("node"),
+                    "state": state,
+                    "reason": why,
+                    "weight": member.get("weight"),
+                    "slots": slots,
+                    "share": round(slots / table["size"], 4) if table["size"] else 0.0,
+                    "packets": counted["packets"],
+                    "bytes": counted["bytes"],
+                    "rate": _rate(counted, old_servers.get((pool, family, address)), elapsed),
+                }
+            )
+        serving = sum(1 for s in servers if s["slots"])
+        services.append(
+            {
+                "service": name,
+                "vip": ports[0]["vip"],
+                "ports": [
+                    {"protocol": p["protocol"], "port": p["port"], "packets": p["packets"], "bytes": p["bytes"]}
+                    for p in sorted(ports, key=lambda p: (p["protocol"], int(p["port"].split("-")[0])))
+                ],
+                "pool": pool,
+                "selector": selector,
+                "packets": packets,
+                "bytes": nbytes,
+                "rate": rate,
+                "serving": serving,
+                "no_server": serving == 0,
+                "servers": servers,
+            }
+        )
+    return services
+
+
+def _address_order(address: str) -> tuple:
+    import ipaddress  # noqa: PLC0415 (only for sorting)
+
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return (2, 0, address)
+    return (parsed.version, int(parsed), address)
+
+
+def filtered(services: list[dict], which: ShowFilter) -> list[dict]:
+    """The services ``which`` selects; under --server, only that server's rows."""
+    import fnmatch  # noqa: PLC0415
+
+    found = []
+    for service in services:
+        if which.services and not any(fnmatch.fnmatchcase(service["service"], p) for p in which.services):
+            continue
+        if which.vips and service["vip"] not in which.vips:
+            continue
+        if which.servers:
+            rows = [s for s in service["servers"] if s["server"] in which.servers or s["node"] in which.servers]
+            if not rows:
+                continue
+            service = {**service, "servers": rows}
+        found.append(service)
+    return found
+
+
+def _count(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:g}"
+
+
+def _rate_text(rate: dict | None) -> str:
+    return "-" if rate is None else f"{_count(rate['packets'])} pps {_count(rate['bytes'] * 8)}bit/s"
+
+
+def _listens(service: dict) -> str:
+    by_proto: dict[str, list[str]] = {}
+    for p in service["ports"]:
+        by_proto.setdefault(p["protocol"], []).append(p["port"])
+    return " ".join(f"{proto}/{','.join(ports)}" for proto, ports in sorted(by_proto.items()))
+
+
+def show_lines(services: list[dict], detail: bool, rates: bool) -> list[str]:
+    """The services part of `kdsr show`: a line per service, and with
+    ``detail`` its servers under it."""
+    if not services:
+        return []
+    lines = []
+    head = f"{'SERVICE':<16} {'VIP':<24} {'PORTS':<18} {'POOL':<12} {'SERVERS':<12} {'PACKETS':>9} {'BYTES':>9}"
+    lines.append(head + ("  RATE" if rates else ""))
+    for s in services:
+        serving = "no server" if s["no_server"] else f"{s['serving']}/{len(s['servers'])} up"
+        line = (
+            f"{s['service']:<16} {s['vip']:<24} {_listens(s):<18} {s['pool']:<12} {serving:<12} "
+            f"{_count(s['packets']):>9} {_count(s['bytes']):>9}"
+        )
+        lines.append(line + (f"  {_rate_text(s['rate'])}" if rates else ""))
+        if detail:
+            for r in s["servers"]:
+                weight = "-" if r["weight"] is None else str(r["weight"])
+                node = f" ({r['node']})" if r["node"] else ""
+                text = (
+                    f"    {r['server'] + node:<30} {r['state']:<8} weight {weight:<3} {100 * r['share']:5.1f}%"
+                    f"  {_count(r['packets']):>7} pkts {_count(r['bytes']):>7} B"
+                )
+                if rates:
+                    text += f"  {_rate_text(r['rate'])}"
+                lines.append(f"{text}  ({r['reason']})")
     return lines

@@ -105,7 +105,11 @@ def test_a_refused_drain_comes_back_from_the_daemon_with_its_exit_code(daemon, t
 def test_show_and_reload_go_through_the_daemon(daemon, tmp_path):
     shown = run_kdsr(tmp_path, "show", "--json")
     assert shown.exit_code == 0, shown.output
-    assert any(t.startswith("netdev kdsr") for t in json.loads(shown.output)["tables"])
+    shown_doc = json.loads(shown.output)
+    assert any(t.startswith("netdev kdsr") for t in shown_doc["kernel"]["tables"])
+    # The daemon knows its intent: weights and nodes without naming the intent.
+    (web,) = [s for s in shown_doc["services"] if s["service"] == "web"]
+    assert {(r["node"], r["weight"]) for r in web["servers"]} == {("s1", 1), ("s2", 1), ("s3", 1)}, web
     edited = doc()
     edited["pools"]["web"]["servers"][1]["weight"] = 3
     daemon.path.write_text(json.dumps(edited))

@@ -27,6 +27,7 @@ from kdsr.health.targets import targets_for
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
+from kdsr.service_view import server_of_value
 
 BASE = {
     "version": 1,
@@ -221,7 +222,7 @@ def feed(runner: Runner, rounds: int) -> None:
 def slots_of(runner: Runner, server: str) -> int:
     table, _listing = runner.kernel.nft_read_table("netdev", "kdsr")
     maps = [m for m in table.maps if m.name.startswith("pool-web-")]
-    return sum(1 for nmap in maps for _k, e in nmap.elements if e.value == server)
+    return sum(1 for nmap in maps for _k, e in nmap.elements if server_of_value(e.value) == server)
 
 
 def test_daemon_takes_a_failing_server_out_in_one_transaction_and_brings_it_back(daemon):

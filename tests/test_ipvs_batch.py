@@ -248,3 +248,27 @@ def test_services_expected_gone_cost_a_listing_each_so_many_are_read_back_in_ful
     result = operations.apply(prepared, kernel, store)
     assert (kernel.ipvs_lists - lists, kernel.ipvs_some_lists - some, result.ipvs_listed_again) == (2, 0, 0)
     assert len(kernel.ipvs) == 580
+
+
+def test_drain_health_and_weight_edit_destinations_in_place_so_their_stats_survive(store):
+    """IPVS zeroes a destination's stats when it is deleted and added again:
+    a drain, a health event and a weight change must edit the destination
+    (weight 0, or the new weight), never delete it."""
+    kernel = new_kernel()
+    apply(intent(20), kernel, store)
+    first = str(intent(20).pool("p0").members[1].address)
+    steps = {
+        "drain": {"drained": frozenset({first})},
+        "undrain": {"drained": frozenset()},
+        "health down": {"down": frozenset({("p0", first)})},
+        "health up": {"down": frozenset()},
+    }
+    for what, how in steps.items():
+        start = len(kernel.ops)
+        operations.apply(operations.prepare(intent(20), "lb1", kernel, store, **how), kernel, store)
+        ops = [op for op in kernel.ops[start:] if op.startswith("ipvs")]
+        assert ops and all(op.startswith("ipvs dest edit") for op in ops), (what, ops)
+    start = len(kernel.ops)
+    apply(intent(20, weight_of_first=3), kernel, store)
+    ops = [op for op in kernel.ops[start:] if op.startswith("ipvs")]
+    assert ops and all(op.startswith("ipvs dest edit") for op in ops), ops

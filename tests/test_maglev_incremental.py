@@ -14,11 +14,12 @@ import json
 import pytest
 
 from kdsr import maglev, operations
-from kdsr.compile.lb_nft_l2 import servers_map_name
+from kdsr.compile.lb_nft_l2 import server_chain_name, servers_map_name
 from kdsr.compile.selectors import selectors_for
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
+from kdsr.service_view import server_of_value
 
 SIZE = 401  # set in the intent: these tests do not depend on the default ladder
 BASE = {
@@ -107,16 +108,39 @@ def test_one_server_change_rewrites_exactly_the_moved_slots(change, tmp_path):
 
     assert len(kernel.committed) == 1, "more than one transaction"
     (batch,) = kernel.committed
-    assert {verb for cmd in batch for verb in cmd} <= {"add", "delete"}
-    assert {kind for cmd in batch for body in cmd.values() for kind in body} == {"element"}
+    # Beyond slot elements, only the chains of servers that joined or left
+    # the pool (their counters come and go with them); the others' chains,
+    # and so their counters, are not touched.
+    members_before = {str(m.address) for m in old_sel.members}
+    members_after = {str(m.address) for m in new_sel.members}
+    joined, left = members_after - members_before, members_before - members_after
+    chains_written = chain_names(batch)
+    assert chains_written == {server_chain_name("web", a) for a in joined | left}
+    if not joined | left:
+        assert {verb for cmd in batch for verb in cmd} <= {"add", "delete"}
+        assert {kind for cmd in batch for body in cmd.values() for kind in body} == {"element"}
     deleted = element_keys(batch, "delete", new_sel.name)
     added = element_keys(batch, "add", new_sel.name)
     # nft cannot update an element in place: each moved slot is deleted and re-added.
     assert sorted(deleted) == sorted(added) == sorted(moved)
-    assert sum(len(cmd[verb]["element"]["elem"]) for cmd in batch for verb in cmd) == 2 * len(moved)
+    assert sum(len(cmd[verb]["element"]["elem"]) for cmd in batch for verb in cmd if "element" in cmd[verb]) == 2 * len(
+        moved
+    )
     # And the kernel now holds the new table.
     table, _ = kernel.nft_read_table("netdev", "kdsr")
-    assert [elem.value for _slot, elem in sorted(table.map(new_sel.name).elements)] == list(new)
+    assert [server_of_value(elem.value) for _slot, elem in sorted(table.map(new_sel.name).elements)] == list(new)
+
+
+def chain_names(batch: list[dict]) -> set[str]:
+    """The chains a batch adds, flushes, deletes or adds rules to."""
+    names = set()
+    for cmd in batch:
+        for body in cmd.values():
+            if "chain" in body:
+                names.add(body["chain"]["name"])
+            if "rule" in body:
+                names.add(body["rule"]["chain"])
+    return names
 
 
 @pytest.mark.parametrize("size", [4093, 65537])
@@ -142,7 +166,8 @@ def test_pinned_pool_change_also_touches_only_moved_slots_plus_the_server_list(t
     (old_sel,), (new_sel,) = selectors_for(intent(pinned)), selectors_for(intent(pinned, add_one))
     moved = {s for s, (a, b) in enumerate(zip(old_sel.table(), new_sel.table(), strict=True)) if a != b}
     (batch,) = kernel.committed
-    assert {kind for cmd in batch for body in cmd.values() for kind in body} == {"element"}
+    # The new server's chain (its counter) and elements; nothing else.
+    assert chain_names(batch) == {server_chain_name("web", "10.10.0.15")}
     assert sorted(element_keys(batch, "delete", new_sel.name)) == sorted(moved)
     assert sorted(element_keys(batch, "add", new_sel.name)) == sorted(moved)
     servers = servers_map_name("web", 4)

@@ -11,7 +11,7 @@ import pytest
 from kdsr import operations
 from kdsr.compile import compile_node
 from kdsr.compile import selectors as selectors_module
-from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, servers_map_name
+from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, server_chain_name, servers_map_name
 from kdsr.compile.selectors import selectors_for, server_id
 from kdsr.diff import diff
 from kdsr.errors import IntentError
@@ -23,6 +23,7 @@ from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.nft_json import batch_for, decode_map
 from kdsr.kernel.state import StateStore
 from kdsr.model import Observed
+from kdsr.service_view import server_of_value
 
 BASE = {
     "version": 1,
@@ -107,17 +108,17 @@ def test_pinned_selector_chain_and_maps():
         ["mangle"],  # the table's server id
         ["map"],  # pin a new flow, refresh a known one
         ["mangle"],  # the pinned server id
-        ["fwd"],  # to it, when the servers map still has it
+        ["vmap"],  # to its chain, when the servers map still has it
         ["map"],  # else the pin is stale: unpin
         ["mangle", "mangle", "map"],  # the table's choice, pinned afresh
-        ["fwd"],
+        ["vmap"],
         ["drop"],  # no server at all (empty table)
     ]
     pin = exprs[2][0]["map"]
     assert pin["op"] == "update" and pin["map"] == "@pins-web-v4"
     assert pin["elem"]["elem"]["timeout"] == 60
     assert pin["elem"]["elem"]["val"]["jhash"]["mod"] == PIN_KEY_MOD
-    assert exprs[4][0]["fwd"]["addr"]["map"]["data"] == "@servers-web-v4"
+    assert exprs[4][0]["vmap"]["data"] == "@servers-web-v4"
     unpin = exprs[5][0]["map"]
     # The kernel wants data with a dynset on a map, even to delete (EINVAL without).
     assert unpin == {"op": "delete", "map": "@pins-web-v4", "elem": pin["elem"]["elem"]["val"], "data": pin["data"]}
@@ -130,7 +131,11 @@ def test_pinned_selector_chain_and_maps():
     ids = {server_id(m): str(m.address) for m in web.members}
     assert {elem.value for _slot, elem in slots.elements} == set(ids)
     servers = table.map(servers_map_name("web", 4))
-    assert {k: e.value for k, e in servers.elements} == ids
+    assert {k: server_of_value(e.value) for k, e in servers.elements} == ids
+    # Each server id goes to the server's chain: one rule that counts and forwards.
+    for address in ids.values():
+        (rule,) = table.chain(server_chain_name("web", address)).rules
+        assert [next(iter(stmt)) for stmt in rule.expr] == ["counter", "fwd"]
     assert ids[server_id(web.members[0])] == "10.10.0.11" and server_id(web.members[0]) == 0x0A0A000B
     pins = table.map(pins_map_name("web", 4))
     assert (pins.key_type, pins.data_type, pins.flags, pins.size, pins.elements) == (
@@ -142,7 +147,7 @@ def test_pinned_selector_chain_and_maps():
     )
     # The unpinned service on the same pool keeps the stateless selector.
     dns = next(s for s in selectors_for(it) if s.family == 4 and not s.hashing.pinning)
-    assert len(table.chain(dns.name).rules) == 3 and table.map(dns.name).data_type == "ipv4_addr"
+    assert len(table.chain(dns.name).rules) == 2 and table.map(dns.name).data_type == "verdict"
     assert table.map(pins_map_name("web6", 6)).size == DEFAULT_PIN_MAX_FLOWS
 
 
@@ -160,7 +165,7 @@ def test_drained_member_keeps_its_pins_and_a_removed_one_is_gone():
         doc["pools"]["web"]["servers"].pop()
 
     table = lb_table(intent(drain_and_remove))
-    servers = {e.value for _k, e in table.map(servers_map_name("web", 4)).elements}
+    servers = {server_of_value(e.value) for _k, e in table.map(servers_map_name("web", 4)).elements}
     assert servers == {"10.10.0.11", "10.10.0.12"}
     web = next(s for s in selectors_for(intent(drain_and_remove)) if s.family == 4 and s.hashing.pinning)
     assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000C}
@@ -174,7 +179,7 @@ def test_health_down_members_leave_the_servers_map_and_drained_ones_stay():
     down = frozenset({("web", "10.10.0.11")})
     drained = frozenset({"10.10.0.12"})
     table = lb_table(effective_intent(it, down, drained).intent)
-    servers = {e.value for _k, e in table.map(servers_map_name("web", 4)).elements}
+    servers = {server_of_value(e.value) for _k, e in table.map(servers_map_name("web", 4)).elements}
     assert servers == {"10.10.0.12", "10.10.0.13"}
     web = next(
         s for s in selectors_for(effective_intent(it, down, drained).intent) if s.family == 4 and s.hashing.pinning
@@ -182,7 +187,7 @@ def test_health_down_members_leave_the_servers_map_and_drained_ones_stay():
     assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000D}
     # Drained and down at once: down wins (its pinned flows would go to a server that does not answer).
     both = effective_intent(it, frozenset({("web", "10.10.0.12")}), drained).intent
-    assert {e.value for _k, e in lb_table(both).map(servers_map_name("web", 4)).elements} == {
+    assert {server_of_value(e.value) for _k, e in lb_table(both).map(servers_map_name("web", 4)).elements} == {
         "10.10.0.11",
         "10.10.0.13",
     }
@@ -202,19 +207,26 @@ def test_show_reports_maglev_shares_of_a_pinned_pool(tmp_path):
     kernel, store = FakeKernel(), StateStore(tmp_path)
     it = intent(drain_first)
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    report = operations.show(kernel, store, "lb1")
+    kernel.counts[server_chain_name("web", "10.10.0.12")] = (7, 700)
+    report = operations.show(kernel, store, "lb1", it)
     web = next(s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning)
-    rows = {r["server"]: r for r in report["servers"] if r["selector"] == web.name}
     shares = dict(collections.Counter(web.addresses()))
+    assert report["selectors"][web.name]["slots"] == {"10.10.0.11": 0, **shares}
+    doc = operations.show_document(report)
+    (service,) = [s for s in doc["services"] if s["service"] == "web" and s["vip"] == "10.10.0.100"]
+    rows = {r["server"]: r for r in service["servers"]}
     assert {a: r["slots"] for a, r in rows.items()} == {"10.10.0.11": 0, **shares}
     assert sum(r["slots"] for r in rows.values()) == web.table_size
-    assert rows["10.10.0.11"]["drained"] and not rows["10.10.0.12"]["drained"]
-    assert {r["counted_in"] for r in rows.values()} == {servers_map_name("web", 4)}
+    assert rows["10.10.0.11"]["state"] == "drained" and rows["10.10.0.11"]["reason"] == "weight 0 in the intent"
+    assert rows["10.10.0.12"]["state"] == "up" and (rows["10.10.0.12"]["packets"], rows["10.10.0.12"]["bytes"]) == (
+        7,
+        700,
+    )
     # The servers and pins maps are no selectors of their own.
-    assert not [r for r in report["servers"] if r["selector"].startswith(("servers-", "pins-"))], report["servers"]
-    text = operations.format_show(report)
-    assert f"  {web.name}: 10.10.0.11  0 slots  0 pkts 0 B  drained (serves its pinned flows)" in text
-    assert f"  {web.name}: 10.10.0.12  {shares['10.10.0.12']} slots  0 pkts 0 B\n" in text
+    assert not [n for n in report["selectors"] if n.startswith(("servers-", "pins-"))], report["selectors"]
+    text = operations.format_show(report, doc)
+    line = next(line for line in text.splitlines() if line.strip().startswith("10.10.0.11 "))
+    assert "drained" in line and "  0.0%" in line and "weight 0" in line, text
 
 
 def test_show_says_when_pinned_selectors_share_their_pools_counts(tmp_path):
@@ -233,10 +245,13 @@ def test_show_says_when_pinned_selectors_share_their_pools_counts(tmp_path):
     pinned = [s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning]
     assert len(pinned) == 2
     for sel in pinned:
-        rows = [r for r in report["servers"] if r["selector"] == sel.name]
-        assert sum(r["slots"] for r in rows) == sel.table_size and len(rows) == 3
-    text = operations.format_show(report)
-    assert text.count("(counts shared by the pool's pinned selectors: servers-web-v4)") == 6, text
+        slots = report["selectors"][sel.name]["slots"]
+        assert sum(slots.values()) == sel.table_size and len(slots) == 3
+    # One counter per member of the pool, whichever selector sent the packet.
+    rows = [r for r in report["servers"] if r["pool"] == "web" and r["family"] == 4]
+    every = sorted(s.name for s in selectors_for(it) if s.family == 4 and s.pool.name == "web")
+    assert len(rows) == 3 and {r["selector"] for r in rows} == {",".join(every)}
+    assert {r["counted_in"] for r in rows} == {server_chain_name("web", f"10.10.0.{i}") for i in (11, 12, 13)}
 
 
 def test_pins_survive_a_new_table_size(tmp_path):
@@ -301,7 +316,8 @@ def test_text_form_of_a_pinned_batch():
         "update @pins-web-v4 { jhash ip saddr . ip daddr . meta l4proto . th sport . th dport "
         "mod 2147483647 seed 0x6b647372 timeout 60s : meta mark }"
     ) in text
-    assert 'fwd ip6 to meta mark map @servers-web6-v6 device "eth0"' in text
+    assert "meta mark vmap @servers-web6-v6" in text
+    assert 'add rule netdev kdsr server-web6-v6-fd00-10--13 counter fwd ip6 to fd00:10::13 device "eth0"' in text
     assert len(text.splitlines()) == len(commands)
 
 

@@ -29,6 +29,7 @@ from kdsr.intent.model import (
     Intent,
     LoadBalancerNode,
     Pool,
+    PoolMember,
     address_text,
 )
 from kdsr.model import ChainHook, NftChain, NftMap, NftRule, element
@@ -225,36 +226,114 @@ def _build_selector_chain(sel: Selector, device: str) -> NftChain:
         }
     }
     if sel.hashing.pinning is not None:
-        return _pinned_selector_chain(sel, device, hashing)
-    lookup = {"map": {"key": {"meta": {"key": "mark"}}, "data": f"@{sel.name}"}}
-    return NftChain(
-        name=sel.name, hook=None, rules=_forward_rules(sel, device, hashing, lookup), pointer=sel.pool.pointer
+        return _pinned_selector_chain(sel, hashing)
+    # Every rule points at the pool, never at one of its services: a
+    # service's name in a rule would make adding or removing that service
+    # rewrite the chain, where it must be map elements only.
+    pointer = sel.pool.pointer
+    # One rule: hash into the slot, and the slot's verdict (goto the
+    # server's chain).  nft 1.0.6 will not key a ``type mark`` map by jhash
+    # directly ("datatype mismatch"), hence the mark in between.
+    to_server = {"vmap": {"key": {"meta": {"key": "mark"}}, "data": f"@{sel.name}"}}
+    rules = (
+        NftRule.build([hashing, to_server], pointer),
+        # Reached only when the slot has no server (every member drained).
+        NftRule.build([{"drop": None}], f"{pointer} (no server)"),
     )
+    return NftChain(name=sel.name, hook=None, rules=rules, pointer=pointer)
 
 
-def _forward_rules(sel: Selector, device: str, first: dict, lookup: dict) -> tuple[NftRule, ...]:
-    """``first`` (the Maglev hash), then forward to the server ``lookup`` names, else drop."""
-    if sel.pins_macs:
+# --- one chain per server: its counter and its forwarding --------------------
+#
+# A slot (or, with flow pinning, a server id) names its server by a verdict:
+# ``goto server-<pool>-v<family>-<address>``, a chain of one rule that counts
+# the packet and forwards it.  The chain belongs to the pool's member, not to
+# a slot: a health event, a drain or a weight change moves slot elements from
+# one goto to another and never rewrites the chain, so its counter (a rule
+# counter, per CPU, like an element's) only ever grows while the member is in
+# the pool.  Counters on slot elements, as before, started again at 0 whenever
+# a slot changed hands.  Per packet the path stays one lookup (the slot map)
+# and two rules (hash-and-lookup, count-and-forward), as before; a goto
+# replaces the forwarding lookup's map read with immediate values.
+
+SERVER_CHAIN_PREFIX = "server-"
+
+
+def server_chain_name(pool: str, address: str) -> str:
+    """``server-web-v4-10.1.0.2``, ``server-web-v6-fd00--2``: nft's text
+    grammar takes letters, digits, ``-``, ``.``, ``_`` and ``/`` in a bare
+    name, not ``:``, and an address holds no ``-``, so ``:`` -> ``-`` is
+    reversible (``server_of_chain``)."""
+    version = 6 if ":" in address else 4
+    return f"{SERVER_CHAIN_PREFIX}{pool}-v{version}-{address.replace(':', '-')}"
+
+
+def server_of_chain(name: str) -> tuple[str, int, str] | None:
+    """``server-web-v4-10.1.0.2`` -> ("web", 4, "10.1.0.2"); None for any
+    other name.  Pool names may hold ``-v4-``; an address never holds a
+    ``v``, so the last one is the separator."""
+    if not name.startswith(SERVER_CHAIN_PREFIX):
+        return None
+    rest = name[len(SERVER_CHAIN_PREFIX) :]
+    for version in (4, 6):
+        pool, sep, address = rest.rpartition(f"-v{version}-")
+        if sep and pool and address and "v" not in address:
+            return pool, version, address.replace("-", ":") if version == 6 else address
+    return None
+
+
+def _server_chain(pool: Pool, member: PoolMember, device: str, pins_macs: bool) -> NftChain:
+    address = address_text(member.address)
+    if pins_macs:
         # MACs pinned in the intent: rewrite the frame and send it out as is.
         forward = [
             {"mangle": {"key": _payload("ether", "saddr"), "value": _payload("ether", "daddr")}},
-            {"mangle": {"key": _payload("ether", "daddr"), "value": lookup}},
+            {"mangle": {"key": _payload("ether", "daddr"), "value": member.mac}},
             {"fwd": {"dev": device}},
         ]
     else:
         # The kernel's neighbour layer resolves the server's MAC at packet
         # time, so a replaced server (new MAC, same address) needs no apply.
-        forward = [{"fwd": {"dev": device, "family": ADDR_PROTO[sel.family], "addr": lookup}}]
-    # Every rule points at the pool, never at one of its services: a
-    # service's name in a rule would make adding or removing that service
-    # rewrite the chain, where it must be map elements only.
-    pointer = sel.pool.pointer
-    return (
-        NftRule.build([first], pointer),
-        NftRule.build(forward, pointer),
-        # Reached only when the slot has no server (every member drained).
-        NftRule.build([{"drop": None}], f"{pointer} (no server)"),
+        forward = [{"fwd": {"dev": device, "family": ADDR_PROTO[member.address.version], "addr": address}}]
+    # The pointer names the pool and the address, not the member's index: a
+    # reordered member list must not rewrite the rule (and its counter).
+    rule = NftRule.build([{"counter": None}, *forward], f"{pool.pointer} (server {address})")
+    return NftChain(
+        name=server_chain_name(pool.name, address), hook=None, rules=(rule,), pointer=member.pointer or pool.pointer
     )
+
+
+# The server chains last built per (pool, family, device), with the pool
+# object they came from: a health event's recompile at 10,000 VIPs makes a
+# new object of the changed pool only, so the other pools' chains (thousands
+# of members' rules, each built and digested) are reused as they are.
+_SERVER_CHAINS: dict[tuple[str, int, str], tuple[Pool, tuple[NftChain, ...]]] = {}
+_SERVER_CHAINS_MAX = 16384
+
+
+def _server_chains(selectors: list[Selector], device: str) -> list[NftChain]:
+    """One chain per member (drained and down ones too) of each pool an L2 selector uses."""
+    chains: dict[str, NftChain] = {}
+    for sel in selectors:
+        key = (sel.pool.name, sel.family, device)
+        last = _SERVER_CHAINS.get(key)
+        if last is not None and last[0] is sel.pool:
+            built = last[1]
+        else:
+            pins_macs = sel.pins_macs
+            built = tuple(_server_chain(sel.pool, m, device, pins_macs) for m in sel.members)
+            if len(_SERVER_CHAINS) >= _SERVER_CHAINS_MAX:
+                _SERVER_CHAINS.pop(next(iter(_SERVER_CHAINS)))
+            _SERVER_CHAINS[key] = (sel.pool, built)
+        for chain in built:
+            chains.setdefault(chain.name, chain)
+    return [chains[n] for n in sorted(chains)]
+
+
+def _slot_verdicts(sel: Selector, ids: list) -> tuple:
+    """slot (or server id) -> goto the server's chain, one shared element per server."""
+    values = {a: element(("goto", server_chain_name(sel.pool.name, a))) for a in set(a for _k, a in ids)}
+    return tuple((key, values[a]) for key, a in ids)
 
 
 # --- flow pinning ------------------------------------------------------------
@@ -335,7 +414,7 @@ def _flow_key(family: int, seed: int) -> dict:
     return {"jhash": {"mod": PIN_KEY_MOD, "seed": seed, "expr": _concat(hash_inputs(HASH_FIVE_TUPLE, family))}}
 
 
-def _pinned_selector_chain(sel: Selector, device: str, hashing: dict) -> NftChain:
+def _pinned_selector_chain(sel: Selector, hashing: dict) -> NftChain:
     mark = {"meta": {"key": "mark"}}
     pins = f"@{pins_map_name(sel.pool.name, sel.family)}"
     flow = _flow_key(sel.family, sel.hashing.seed)
@@ -350,8 +429,12 @@ def _pinned_selector_chain(sel: Selector, device: str, hashing: dict) -> NftChai
     }
     pinned = {"mangle": {"key": mark, "value": {"map": {"key": flow, "data": pins}}}}
     unpin = {"map": {"op": "delete", "elem": flow, "data": mark, "map": pins}}
-    lookup = {"map": {"key": mark, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
-    first, forward, drop = _forward_rules(sel, device, hashing, lookup)
+    # The server id names the server's chain (see "one chain per server");
+    # an id no longer in the servers map matches nothing and falls through.
+    to_server = {"vmap": {"key": mark, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
+    first = NftRule.build([hashing], sel.pool.pointer)
+    forward = NftRule.build([to_server], sel.pool.pointer)
+    drop = NftRule.build([{"drop": None}], f"{sel.pool.pointer} (no server)")
     rules = (
         first,
         NftRule.build([to_id], sel.pool.pointer),
@@ -382,15 +465,8 @@ def _pinning_maps(selectors: list[Selector], source: str) -> list[NftMap]:
         maps[servers] = NftMap(
             name=servers,
             key_type=("mark",),
-            data_type="ether_addr" if sel.pins_macs else ADDR_TYPE[sel.family],
-            counter=True,  # per-server packets for `kdsr show`
-            elements=tuple(
-                sorted(
-                    (ident, element(by_address[a].mac if sel.pins_macs else a))
-                    for a, ident in ids.items()
-                    if not by_address[a].down
-                )
-            ),
+            data_type="verdict",  # server id -> goto the server's chain, which counts its packets
+            elements=_slot_verdicts(sel, sorted((ident, a) for a, ident in ids.items() if not by_address[a].down)),
             pointer=sel.pool.pointer,
         )
         pins = pins_map_name(sel.pool.name, sel.family)
@@ -441,9 +517,8 @@ def _build_selector_map(sel: Selector, source: str) -> NftMap:
     return NftMap(
         name=sel.name,
         key_type=("mark",),
-        data_type="ether_addr" if sel.pins_macs else ADDR_TYPE[sel.family],
-        counter=True,  # per-slot packets, summed per server by `kdsr show`
-        elements=slot_elements(sel.table()),
+        data_type="verdict",  # slot -> goto the server's chain (see "one chain per server")
+        elements=slot_elements(sel.pool.name, sel.addresses()),
         pointer=sel.pool.pointer,
     )
 
@@ -452,19 +527,19 @@ def _build_selector_map(sel: Selector, source: str) -> NftMap:
 # tables, so an unchanged pool hands back the same one): the daemon's
 # recompile after a change then rebuilds one pool's elements, and the diff
 # compares the others' by identity.
-_SLOT_ELEMENTS: dict[tuple[str, ...], tuple] = {}
+_SLOT_ELEMENTS: dict[tuple[str, tuple[str, ...]], tuple] = {}
 _SLOT_ELEMENTS_MAX = 4096
 
 
-def slot_elements(table: tuple[str, ...]) -> tuple:
-    """slot -> server as map elements, one shared element value per server."""
-    elements = _SLOT_ELEMENTS.get(table)
+def slot_elements(pool: str, table: tuple[str, ...]) -> tuple:
+    """slot -> goto the server's chain, one shared element value per server."""
+    elements = _SLOT_ELEMENTS.get((pool, table))
     if elements is None:
-        values = {member: element(member) for member in set(table)}
+        values = {member: element(("goto", server_chain_name(pool, member))) for member in set(table)}
         elements = tuple(zip(range(len(table)), map(values.__getitem__, table), strict=True))
         if len(_SLOT_ELEMENTS) >= _SLOT_ELEMENTS_MAX:
             _SLOT_ELEMENTS.pop(next(iter(_SLOT_ELEMENTS)))
-        _SLOT_ELEMENTS[table] = elements
+        _SLOT_ELEMENTS[(pool, table)] = elements
     return elements
 
 
@@ -472,6 +547,7 @@ def chains_and_maps(intent: Intent, lb: LoadBalancerNode) -> tuple[list[NftChain
     """L2's part of the ``netdev kdsr`` table (compile/load_balancer.py builds the table)."""
     selectors = selectors_for(intent)
     chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface) for s in selectors]
+    chains += _server_chains(selectors, lb.interface)
     maps = service_maps(selectors) + [_selector_map(s, intent.source) for s in selectors]
     maps += _pinning_maps(selectors, intent.source)
     return chains, maps

@@ -538,7 +538,7 @@ class Runner:
             if command in ("drain", "undrain"):
                 answer.update(self._drain(message, command == "drain"))
             elif command == "show":
-                answer.update(ok=True, report=operations.show(self.kernel, self.store, self.node))
+                answer.update(ok=True, report=operations.show(self.kernel, self.store, self.node, self.intent))
             elif command == "reload":
                 error = self.reload()
                 answer.update(ok=error is None, error=error or "", exit_code=3)

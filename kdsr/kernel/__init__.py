@@ -28,6 +28,11 @@ class Kernel(Protocol):
 
     def nft_tables(self) -> list[tuple[str, str]]: ...
 
+    # The table's libnftables JSON listing as the kernel has it now, counters
+    # included, never a kept read (None: no such table); `kdsr show` reads
+    # counters and slots from it without building the model.
+    def nft_listing(self, family: str, name: str) -> list[dict] | None: ...
+
     def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool: ...
 
     def nft_token(self, family: str, name: str) -> tuple[str, bool] | None: ...  # (token, read at it); see receipt.py

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from kdsr.kernel import KernelError
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.keepalived import KeepalivedError
-from kdsr.kernel.nft_json import decode_element, decode_map
+from kdsr.kernel.nft_json import decode_element, decode_map, encode_key, encode_value, map_object
 from kdsr.kernel.xdp import FakeIO, XdpBackend
 from kdsr.model import (
     Address,
@@ -73,6 +73,8 @@ class FakeKernel:
         self.bird_stopped = False  # installed, its files there, but not running
         self.bird_rejects: str | None = None  # a text that makes bird_check fail at its first line
         self.bird_loaded: str | None = None  # the fragment text BIRD runs now
+        # Packet counters a listing reports (nft_listing); tests set them.
+        self.counts: dict = {}
         # keepalived: fragment files by path; None: not installed.
         self.keepalived_files: dict[str, str] | None = {}
         self.keepalived_stopped = False
@@ -108,6 +110,39 @@ class FakeKernel:
             maps.append(dataclasses.replace(decl, elements=items, pointer=""))
             listing.append({"map": {"name": n, "elem": []}})
         return NftTable(family=family, name=name, chains=chains, maps=tuple(maps)), listing
+
+    def nft_listing(self, family: str, name: str) -> list[dict] | None:
+        """A listing in libnftables' JSON shape, counters from ``counts``
+        (chain name -> (packets, bytes) for its first rule's counter; (map
+        name, key) -> (packets, bytes) for an element of a map with counters)."""
+        table = self.tables.get((family, name))
+        if table is None:
+            return None
+        listing: list[dict] = [{"table": {"family": family, "name": name}}]
+        for chain, (hook, rules) in sorted(table.chains.items()):
+            listing.append({"chain": {"family": family, "table": name, "name": chain}})
+            for rule in rules:
+                expr = json.loads(rule.expr_json)
+                packets, nbytes = self.counts.get(chain, (0, 0))
+                expr = [{"counter": {"packets": packets, "bytes": nbytes}} if "counter" in s else s for s in expr]
+                listing.append({"rule": {"family": family, "table": name, "chain": chain, "expr": expr}})
+            del hook
+        for map_name, (decl, elements) in sorted(table.maps.items()):
+            obj = map_object(NftTable(family, name, (), ()), decl)["map"]
+            items = []
+            for key, elem in sorted(elements.items()):
+                val: object = encode_key(key)
+                if decl.counter or elem.comment:
+                    inner: dict = {"val": val}
+                    if elem.comment:
+                        inner["comment"] = elem.comment
+                    if decl.counter:
+                        packets, nbytes = self.counts.get((map_name, key), (0, 0))
+                        inner["counter"] = {"packets": packets, "bytes": nbytes}
+                    val = {"elem": inner}
+                items.append([val, encode_value(elem.value)])
+            listing.append({"map": {**obj, "elem": items}})
+        return listing
 
     def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool:
         tables = copy.deepcopy(self.tables)

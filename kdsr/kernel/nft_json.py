@@ -300,20 +300,3 @@ def decode_table(listing: list[dict], devices: dict[str, str] | None = None) -> 
         chains=tuple(sorted(decoded_chains, key=lambda c: c.name)),
         maps=tuple(sorted(maps, key=lambda m: m.name)),
     )
-
-
-def element_counters(listing: list[dict]) -> dict[str, dict[Any, tuple[int, int]]]:
-    """map name -> key -> (packets, bytes), for maps declared with ``counter``."""
-    counters: dict[str, dict[Any, tuple[int, int]]] = {}
-    for item in listing:
-        obj = item.get("map")
-        if not obj:
-            continue
-        per_key = counters.setdefault(obj["name"], {})
-        for elem in obj.get("elem", []):
-            key_part = elem[0] if isinstance(elem, list) else elem
-            if isinstance(key_part, dict) and "elem" in key_part:
-                counter = key_part["elem"].get("counter") or {}
-                key = decode_key(key_part["elem"]["val"])
-                per_key[key] = (counter.get("packets", 0), counter.get("bytes", 0))
-    return counters

@@ -588,6 +588,19 @@ class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
         else:
             self._disk.save(generation, chains, table, remember)
 
+    def nft_listing(self, family: str, name: str) -> list[dict] | None:
+        """The table's JSON listing now (counters are never cached)."""
+        ctx = _nftables().Nftables()  # a context of its own: see _list_table
+        ctx.set_json_output(True)
+        ctx.set_handle_output(False)
+        with _stderr_without(NO_JSON_CALLBACK):
+            rc, out, err = ctx.cmd(f"list table {family} {name}")
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise KernelError(f"nft list table {family} {name}: {err.strip()}")
+        return json.loads(out)["nftables"]
+
     def _list_table(self, family: str, name: str, terse: bool = False) -> tuple[NftTable | None, list[dict]]:
         """One listing, in a context of its own: libnftables keeps what a
         listing fetched (every element of every set) until the context's next

@@ -204,11 +204,11 @@ def test_servers_stay_silent_about_the_vip(deployed):
 def test_show_counts_packets(deployed):
     lab = deployed.lab
     lab.probe(VIP4, "tcp", 443, flows=10, first_sport=lab.next_sports(10))
-    report = json.loads(deployed.kdsr("lb", "show", "--json").stdout)
+    report = json.loads(deployed.kdsr("lb", "show", "--json").stdout)["kernel"]
     https = [s for s in report["services"] if s["vip"] == VIP4 and s["protocol"] == "tcp" and s["port"] == "443"]
     assert https and https[0]["packets"] >= 10
     assert sum(s["packets"] for s in report["servers"]) > 0
-    server_report = json.loads(deployed.kdsr("s1", "show", "--json", "--node", "s1").stdout)
+    server_report = json.loads(deployed.kdsr("s1", "show", "--json", "--node", "s1").stdout)["kernel"]
     assert {a["address"] for a in server_report["addresses"]} >= {"10.10.0.100/32", "fd00:10::100/128"}
 
 
@@ -259,7 +259,7 @@ def test_drift_is_planned_exactly_and_repaired_foreign_state_untouched(deployed)
     that, `apply` restores it, and the next plan is empty (exit 0)."""
     lab = deployed.lab
     drifts = {
-        "lb": (["nft", "flush", "ruleset"], "+ nft table netdev kdsr", "Plan: 10 to add, 0 to change"),
+        "lb": (["nft", "flush", "ruleset"], "+ nft table netdev kdsr", "Plan: 16 to add, 0 to change"),
         "s1": (["sysctl", "-w", "net.ipv4.conf.eth0.arp_ignore=0"], "net.ipv4.conf.eth0.arp_ignore", "1 to change"),
         "s2": (["ip", "addr", "del", f"{VIP4}/32", "dev", "lo"], f"{VIP4}/32", "Plan: 1 to add, 0 to change"),
     }

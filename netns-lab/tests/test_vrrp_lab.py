@@ -161,7 +161,7 @@ class Vrrp:
     def vip_packets(self, lb: str, vip: str = VIP) -> int:
         """Packets kdsr's fast path on ``lb`` forwarded for ``vip`` (kdsr show)."""
         shown = json.loads(self.kdsr(lb, "show", "--json").stdout)
-        return sum(s["packets"] for s in shown["services"] if s["vip"] == vip)
+        return sum(s["packets"] for s in shown["kernel"]["services"] if s["vip"] == vip)
 
     def stop_daemons(self) -> None:
         for proc in self.daemons.values():
@@ -402,7 +402,7 @@ def test_destroy_on_every_node_leaves_no_vip_no_fragment_and_keepaliveds_config_
     six = vrrp.probe(30, VIP6)
     assert six.all_ok, six.describe_failures()
     assert "unicast_peer" in vrrp.lab.keepalived_paths("lb1")["fragment"].read_text()
-    shown = json.loads(vrrp.kdsr("lb1", "show", "--json").stdout)["vrrp"]
+    shown = json.loads(vrrp.kdsr("lb1", "show", "--json").stdout)["kernel"]["vrrp"]
     assert {(v["vip"], v["gate"], v["owned_here"]) for v in shown} == {
         (f"{VIP}/32", "0", True),
         (f"{VIP2}/32", "0", False),

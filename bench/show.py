@@ -1,0 +1,117 @@
+"""What `kdsr show` costs and prints at N VIPs: this checkout beside an older release.
+
+    sudo .venv/bin/python bench/show.py [--vips 10000] [--rounds 5] [--baseline e7e684e]
+
+Each release gets a throw-away network namespace of its own
+(``kdsrbench-show-<pid>-<n>``, deleted by name at the end) and a state
+directory of its own, and applies the bench intent of bench/control_plane.py
+(N VIPs, ports 80 and 443, L2, nft, N/10 pools of 3 servers).  Then, rounds
+alternating which release goes first, each runs as a new process (no
+daemon: the CLI reads the kernel itself):
+
+- ``kdsr show`` (no filter);
+- ``kdsr show --service v7`` (one service with its servers), this checkout only;
+- ``kdsr show --json``.
+
+Prints per step the median seconds and the lines (or bytes) printed.  The
+baseline is a git revision of this repository, its ``kdsr`` package unpacked
+from history (default e7e684e, before `show` per service).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "netns-lab"))
+import control_plane  # noqa: E402  (the bench intent and its namespace)
+import releases  # noqa: E402  (an older kdsr from git history)
+
+TIMEOUT_S = 600
+STEPS = {
+    "show": ("show",),
+    "show --service v7": ("show", "--service", "v7"),
+    "show --json": ("show", "--json"),
+}
+
+
+def kdsr(ns: str, release: Path, state: Path, *args: str) -> tuple[float, str]:
+    """Seconds and stdout of one `kdsr` process run from ``release``."""
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args]
+    start = time.perf_counter()
+    run = subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"kdsr {' '.join(args)} from {release} exited {run.returncode}: {run.stderr[-2000:]}")
+    return seconds, run.stdout
+
+
+def measure(namespaces: dict[str, str], found: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
+    states = {name: work / f"state-{name}" for name in found}
+    for name, release in found.items():
+        kdsr(namespaces[name], release, states[name], "apply", str(intent), "--node", "lb1")
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in found}
+    sizes: dict[str, dict[str, dict]] = {name: {} for name in found}
+    names = list(found)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            for step, args in STEPS.items():
+                if name != "this" and step == "show --service v7":
+                    continue  # no filters before `show` per service
+                seconds, out = kdsr(namespaces[name], found[name], states[name], *args)
+                times[name].setdefault(step, []).append(seconds)
+                sizes[name][step] = {"lines": out.count("\n"), "bytes": len(out.encode())}
+    return {
+        name: {step: {"seconds": statistics.median(v), **sizes[name][step]} for step, v in got.items()}
+        for name, got in times.items()
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vips", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--baseline", default="e7e684e")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "show.json"))
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/show.py needs root (it makes network namespaces)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="kdsr-bench-show-") as tmp:
+        work = Path(tmp)
+        intent = work / "intent.json"
+        intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 3, "nft")))
+        found = {"this": ROOT}
+        if args.baseline:
+            found[args.baseline] = releases.unpack(args.baseline, work / "baseline")
+        with contextlib.ExitStack() as stack:
+            namespaces = {
+                name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-show-{os.getpid()}-{n}"))
+                for n, name in enumerate(found)
+            }
+            results = measure(namespaces, found, work, intent, args.rounds)
+    print(f"kdsr show, one process per run, {args.vips} VIPs, median of {args.rounds} rounds:")
+    print(f"{'release':<10} {'step':<20} {'seconds':>8} {'lines':>8} {'bytes':>11}")
+    for name, steps in results.items():
+        for step, got in steps.items():
+            print(f"{name:<10} {step:<20} {got['seconds']:>8.2f} {got['lines']:>8} {got['bytes']:>11}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
