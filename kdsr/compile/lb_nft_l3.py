@@ -250,6 +250,25 @@ def _server_chain(sel: Selector, address: str, pointer: str) -> NftChain:
     return NftChain(name=name, hook=None, rules=(rule,), pointer=pointer)
 
 
+# The server chains last built per (pool, family, mode), with the pool object
+# they came from (see lb_nft_l2._SERVER_CHAINS): a health event's recompile
+# reuses every other pool's.
+_SERVER_CHAINS: dict[tuple[str, int, str], tuple[object, tuple[NftChain, ...]]] = {}
+_SERVER_CHAINS_MAX = 16384
+
+
+def _server_chains(sel: Selector) -> tuple[NftChain, ...]:
+    key = (sel.pool.name, sel.family, sel.mode)
+    last = _SERVER_CHAINS.get(key)
+    if last is not None and last[0] is sel.pool:
+        return last[1]
+    built = tuple(_server_chain(sel, str(m.address), m.pointer) for m in sel.members)
+    if len(_SERVER_CHAINS) >= _SERVER_CHAINS_MAX:
+        _SERVER_CHAINS.pop(next(iter(_SERVER_CHAINS)))
+    _SERVER_CHAINS[key] = (sel.pool, built)
+    return built
+
+
 def _selector_map(sel: Selector) -> NftMap:
     table = sel.table()
     jumps = {a: element(("jump", server_chain_name(sel.pool.name, a, sel.mode))) for a in set(table)}
@@ -329,10 +348,9 @@ def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
                 Rule(family=family, fwmark=mark, table=mark, priority=naming.RULE_PRIORITY, pointer=member.pointer)
             )
     chains = [_ingress(lb)] + [c for s in selectors for c in _selector_chains(s)]
-    servers = {}
+    servers: dict[str, NftChain] = {}
     for sel in selectors:
-        for member in sel.members:
-            chain = _server_chain(sel, str(member.address), member.pointer)
+        for chain in _server_chains(sel):
             servers.setdefault(chain.name, chain)
     chains += [servers[n] for n in sorted(servers)]
     maps = _service_maps(selectors) + [_selector_map(s) for s in selectors] + _tunnel_maps(tunnels)
