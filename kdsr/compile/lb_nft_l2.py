@@ -25,6 +25,7 @@ from kdsr.intent.model import (
     HASH_FIVE_TUPLE,
     HASH_SOURCE_IP,
     HASH_SOURCE_IP_PORT,
+    L3_TUNNELS,
     Hashing,
     Intent,
     LoadBalancerNode,
@@ -259,22 +260,31 @@ def _build_selector_chain(sel: Selector, device: str) -> NftChain:
 SERVER_CHAIN_PREFIX = "server-"
 
 
-def server_chain_name(pool: str, address: str) -> str:
-    """``server-web-v4-10.1.0.2``, ``server-web-v6-fd00--2``: nft's text
-    grammar takes letters, digits, ``-``, ``.``, ``_`` and ``/`` in a bare
-    name, not ``:``, and an address holds no ``-``, so ``:`` -> ``-`` is
-    reversible (``server_of_chain``)."""
+# L3 (lb_nft_l3.py) names its server chains after the mode too: a pool's
+# member has a chain per mode it is reached by (its tunnel mark differs).
+L3_SERVER_CHAIN_PREFIXES = tuple(f"{mode}-{SERVER_CHAIN_PREFIX}" for mode in L3_TUNNELS)
+
+
+def server_chain_name(pool: str, address: str, mode: str = "l2") -> str:
+    """``server-web-v4-10.1.0.2``, ``server-web-v6-fd00--2``, and for L3
+    ``l3-ipip-server-web-v4-10.1.0.2``: nft's text grammar takes letters,
+    digits, ``-``, ``.``, ``_`` and ``/`` in a bare name, not ``:``, and an
+    address holds no ``-``, so ``:`` -> ``-`` is reversible
+    (``server_of_chain``)."""
     version = 6 if ":" in address else 4
-    return f"{SERVER_CHAIN_PREFIX}{pool}-v{version}-{address.replace(':', '-')}"
+    head = SERVER_CHAIN_PREFIX if mode == "l2" else f"{mode}-{SERVER_CHAIN_PREFIX}"
+    return f"{head}{pool}-v{version}-{address.replace(':', '-')}"
 
 
 def server_of_chain(name: str) -> tuple[str, int, str] | None:
-    """``server-web-v4-10.1.0.2`` -> ("web", 4, "10.1.0.2"); None for any
-    other name.  Pool names may hold ``-v4-``; an address never holds a
-    ``v``, so the last one is the separator."""
-    if not name.startswith(SERVER_CHAIN_PREFIX):
+    """``server-web-v4-10.1.0.2`` (or ``l3-gre-server-web-v4-10.1.0.2``) ->
+    ("web", 4, "10.1.0.2"); None for any other name.  Pool names may hold
+    ``-v4-``; an address never holds a ``v``, so the last one is the
+    separator."""
+    head = next((p for p in (SERVER_CHAIN_PREFIX, *L3_SERVER_CHAIN_PREFIXES) if name.startswith(p)), None)
+    if head is None:
         return None
-    rest = name[len(SERVER_CHAIN_PREFIX) :]
+    rest = name[len(head) :]
     for version in (4, 6):
         pool, sep, address = rest.rpartition(f"-v{version}-")
         if sep and pool and address and "v" not in address:

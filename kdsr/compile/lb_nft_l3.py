@@ -47,6 +47,7 @@ from kdsr.compile.lb_nft_l2 import (
     INGRESS_PRIORITY,
     hash_inputs,
     not_for_this_host,
+    server_chain_name,
     service_lookups,
     service_maps,
 )
@@ -194,10 +195,12 @@ def _too_big(sel: Selector) -> dict:
 
 def _selector_chains(sel: Selector) -> list[NftChain]:
     # Rules point at the pool, never at one of its services (see
-    # lb_nft_l2._forward_rules): adding a service is map elements only.
+    # lb_nft_l2._build_selector_chain): adding a service is map elements only.
     pointer = sel.pool.pointer
     mark = {"meta": {"key": "mark"}}
-    to_server = {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{sel.name}"}}}}
+    # The slot's verdict jumps to the server's chain (see _server_chain),
+    # which sets the tunnel's mark, counts, and returns here.
+    to_server = {"vmap": {"key": mark, "data": f"@{sel.name}"}}
     forward = {
         "fwd": {
             "dev": {"map": {"key": mark, "data": f"@{TUNNEL_LINKS}"}},
@@ -220,8 +223,7 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
             }
         }
         rules = (
-            NftRule.build([slot], pointer),
-            NftRule.build([to_server], pointer),
+            NftRule.build([slot, to_server], pointer),
             # Too big for the tunnel: on to the IP stack with the tunnel's mark,
             # whose policy route forwards it into the same tunnel, and
             # forwarding answers "fragmentation needed" (DF) or fragments it;
@@ -235,14 +237,46 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
     return chains
 
 
+def _server_chain(sel: Selector, address: str, pointer: str) -> NftChain:
+    """One per pool member and mode: the tunnel's mark, and the counter of
+    what was sent to the server (see lb_nft_l2 "one chain per server"); a
+    slot that changes hands moves a jump, never this chain."""
+    mark = {"meta": {"key": "mark"}}
+    rule = NftRule.build(
+        [{"mangle": {"key": mark, "value": naming.tunnel_mark(sel.mode, address)}}, {"counter": None}],
+        f"{sel.pool.pointer} (server {address})",
+    )
+    name = server_chain_name(sel.pool.name, address, sel.mode)
+    return NftChain(name=name, hook=None, rules=(rule,), pointer=pointer)
+
+
+# The server chains last built per (pool, family, mode), with the pool object
+# they came from (see lb_nft_l2._SERVER_CHAINS): a health event's recompile
+# reuses every other pool's.
+_SERVER_CHAINS: dict[tuple[str, int, str], tuple[object, tuple[NftChain, ...]]] = {}
+_SERVER_CHAINS_MAX = 16384
+
+
+def _server_chains(sel: Selector) -> tuple[NftChain, ...]:
+    key = (sel.pool.name, sel.family, sel.mode)
+    last = _SERVER_CHAINS.get(key)
+    if last is not None and last[0] is sel.pool:
+        return last[1]
+    built = tuple(_server_chain(sel, str(m.address), m.pointer) for m in sel.members)
+    if len(_SERVER_CHAINS) >= _SERVER_CHAINS_MAX:
+        _SERVER_CHAINS.pop(next(iter(_SERVER_CHAINS)))
+    _SERVER_CHAINS[key] = (sel.pool, built)
+    return built
+
+
 def _selector_map(sel: Selector) -> NftMap:
     table = sel.table()
+    jumps = {a: element(("jump", server_chain_name(sel.pool.name, a, sel.mode))) for a in set(table)}
     return NftMap(
         name=sel.name,
         key_type=("mark",),
-        data_type="mark",
-        counter=True,
-        elements=tuple((slot, element(naming.tunnel_mark(sel.mode, a))) for slot, a in enumerate(table)),
+        data_type="verdict",  # slot -> jump to the server's chain
+        elements=tuple((slot, jumps[a]) for slot, a in enumerate(table)),
         pointer=sel.pool.pointer,
     )
 
@@ -314,6 +348,11 @@ def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
                 Rule(family=family, fwmark=mark, table=mark, priority=naming.RULE_PRIORITY, pointer=member.pointer)
             )
     chains = [_ingress(lb)] + [c for s in selectors for c in _selector_chains(s)]
+    servers: dict[str, NftChain] = {}
+    for sel in selectors:
+        for chain in _server_chains(sel):
+            servers.setdefault(chain.name, chain)
+    chains += [servers[n] for n in sorted(servers)]
     maps = _service_maps(selectors) + [_selector_map(s) for s in selectors] + _tunnel_maps(tunnels)
     return {
         "chains": chains,

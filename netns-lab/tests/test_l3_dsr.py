@@ -302,6 +302,35 @@ def test_second_apply_writes_nothing(deployed):
     assert plan.returncode == 0, plan.stdout
 
 
+def test_counters_grow_across_a_drain_and_add_up(deployed):
+    """nft engine: per-server counters (one chain per member and mode) never
+    go back when a drain moves slots, and a pool's servers counted as many
+    packets as its services did."""
+    if deployed.engine != "nft":
+        pytest.skip("`kdsr show` reads the nft engine's counters only")
+    lab = deployed.lab
+
+    def read() -> tuple[dict, int]:
+        report = json.loads(deployed.kdsr("lb", "show", "--json").stdout)["kernel"]
+        servers = {r["server"]: r["packets"] for r in report["servers"]}
+        return servers, sum(r["packets"] for r in report["services"])
+
+    history = [read()]
+    for step in ("traffic", "drain", "undrain"):
+        if step != "traffic":
+            deployed.kdsr("lb", step, str(deployed.intent), "s2", "--node", "lb1")
+        flows = lab.probe(
+            deployed.vip, "udp", deployed.udp_port, flows=30, first_sport=lab.next_sports(30), timeout=3.0
+        )
+        assert flows.all_ok, flows.describe_failures()
+        servers, services = read()
+        before, services_before = history[-1]
+        assert all(servers.get(a, 0) >= n for a, n in before.items()), (step, before, servers)
+        grown = sum(servers.values()) - sum(before.values())
+        assert grown == services - services_before and grown >= 30, (step, grown, services - services_before)
+        history.append((servers, services))
+
+
 def test_destroy_leaves_foreign_state_as_it_was(deployed):
     """The load balancer carries foreign links, routes, rules and IPVS
     services (FOREIGN); the servers their own addresses and sysctls."""

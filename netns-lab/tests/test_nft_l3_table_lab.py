@@ -52,7 +52,8 @@ for link in desired.links:
 kernel.nft_apply(commands)
 read, _ = kernel.nft_read_table("netdev", "kdsr")
 out["read back equal"] = read == td.desired
-out["fwd rule"] = [r.expr for r in read.chain(td.desired.chains[1].name).rules if "fwd" in r.expr_json]
+selector = next(c.name for c in td.desired.chains if c.name.startswith("pool-"))
+out["fwd rule"] = [r.expr for r in read.chain(selector).rules if "fwd" in r.expr_json]
 # Made again: same name, new index, and no nftables transaction.
 first = desired.links[0].name
 subprocess.run(["ip", "link", "del", first], check=True)
