@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
-from kdsr.compile import compile_node, lb_nft_l3
+from kdsr.compile import CompileCache, compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME, pinned_servers_map
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
@@ -72,11 +72,13 @@ def prepare(
     adopt: bool = False,
     down: frozenset[tuple[str, str]] | None = None,
     drained: frozenset[str] | None = None,
+    cache: CompileCache | None = None,
 ) -> Prepared:
     """Plan the node's changes.  Drains recorded with `kdsr drain` (or
     ``drained``, to plan a drain before recording it) and the servers health
     took out (``down``; by default those a running `kdsr run` reports) are
-    applied as weight 0 (kdsr/health/effective.py)."""
+    applied as weight 0 (kdsr/health/effective.py).  ``cache``: the
+    caller's CompileCache, kept from one plan to the next (kdsr run)."""
     name = select_node(intent, node, kernel)
     state = store.load(name)
     if down is None:
@@ -85,7 +87,7 @@ def prepare(
         drained = frozenset(state.drained)
     with collector.paused():  # builds the large, acyclic state (kdsr/collector.py)
         effective = effective_intent(intent, down, drained)
-        desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective))
+        desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective, cache), cache=cache)
         _check_interfaces(intent, name, kernel)
         # Before reading the kernel: a plan for a kernel that cannot carry it
         # says so (exit 7) instead of listing what apply would then refuse.
@@ -158,7 +160,7 @@ def unserved_services(effective: Effective) -> dict[str, str]:
     return why
 
 
-def unserved_vips(effective: Effective) -> dict[str, str]:
+def unserved_vips(effective: Effective, cache: CompileCache | None = None) -> dict[str, str]:
     """VIPs no server can take a new flow for on this node (VIP -> why): BGP
     withdraws them so that routers send their traffic to a load balancer
     that still has servers.  A VIP shared by several services stays while
@@ -174,7 +176,11 @@ def unserved_vips(effective: Effective) -> dict[str, str]:
         else:
             pool_why[pool.name] = None
     services = effective.intent.services
-    last = _LAST_UNSERVED.get("last")
+    # The last answer, with the services and per-pool reasons it came from:
+    # the health daemon asks after every event with the same services (a
+    # health event changes members' weights, not services), and at 10,000
+    # services the walk is a tenth of a change's compile.
+    last = cache.unserved.get("last") if cache is not None else None
     if last is not None and last[0] is services and last[1] == pool_why:
         return dict(last[2])
     why: dict[str, list[str]] = {}
@@ -187,15 +193,9 @@ def unserved_vips(effective: Effective) -> dict[str, str]:
         else:
             why.setdefault(vip, []).append(reason)
     unserved = {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
-    _LAST_UNSERVED["last"] = (services, pool_why, unserved)
+    if cache is not None:
+        cache.unserved.put("last", (services, pool_why, unserved))
     return dict(unserved)
-
-
-# The last answer, with the services and per-pool reasons it came from: the
-# health daemon asks after every event with the same services (a health
-# event changes members' weights, not services), and at 10,000 services the
-# walk is a tenth of a change's compile.
-_LAST_UNSERVED: dict[str, tuple] = {}
 
 
 def announcement_notes(intent: Intent, desired: Desired) -> list[str]:

@@ -186,7 +186,7 @@ def test_weights_one_to_four_get_shares_within_one_percent(servers):
     # turns while the table fills, so each count is off by about one slot.
     backends = [maglev.Backend(address(i + 1), 1 + i % 4) for i in range(servers)]
     size = next_prime(max(100 * servers, 251))
-    counts = maglev.shares(maglev.populate(backends, size, seed=7))
+    counts = maglev.shares(maglev.build(backends, size, seed=7))
     total = sum(b.weight for b in backends)
     for b in backends:
         assert counts[b.key] / (size * b.weight / total) == pytest.approx(1, abs=0.01), b
@@ -195,7 +195,7 @@ def test_weights_one_to_four_get_shares_within_one_percent(servers):
 def test_twice_the_weight_gets_twice_the_slots_within_the_bound():
     backends = [maglev.Backend(address(i + 1), 2 if i == 0 else 1) for i in range(10)]
     size = next_prime(100 * 10)
-    counts = maglev.shares(maglev.populate(backends, size, seed=3))
+    counts = maglev.shares(maglev.build(backends, size, seed=3))
     light = [counts[b.key] for b in backends[1:]]
     ratio = counts[backends[0].key] / (sum(light) / len(light))
     assert ratio == pytest.approx(2, abs=2 / (size // 11))  # one slot either way, relative

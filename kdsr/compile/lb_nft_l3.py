@@ -42,6 +42,7 @@ fields so the error reaches the server that owns the flow.
 from __future__ import annotations
 
 from kdsr import naming
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.lb_nft_l2 import (
     ADDR_PROTO,
     ADDR_TYPE,
@@ -159,7 +160,7 @@ def _ingress(lb: LoadBalancerNode) -> NftChain:
     return NftChain(name=INGRESS_CHAIN, hook=hook, rules=tuple(rules), pointer=f"{lb.pointer}/interface")
 
 
-def _service_maps(selectors: list[Selector]) -> list[NftMap]:
+def _service_maps(selectors: list[Selector], cache: CompileCache) -> list[NftMap]:
     icmp: dict[int, dict] = {4: {}, 6: {}}
     for sel in selectors:
         for service in sel.services:
@@ -167,7 +168,7 @@ def _service_maps(selectors: list[Selector]) -> list[NftMap]:
             # pools sends errors to the first (sorted) one's selector.
             to_icmp = element(("jump", f"{sel.name}-icmp"), service.pointer)
             icmp[sel.family].setdefault(str(service.vip), to_icmp)
-    maps = service_maps(selectors, SERVICE_MAPS, RANGE_MAPS)
+    maps = service_maps(selectors, SERVICE_MAPS, RANGE_MAPS, cache)
     maps += [
         NftMap(
             name=ICMP_MAPS[family],
@@ -236,8 +237,8 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
     return chains
 
 
-def _selector_map(sel: Selector) -> NftMap:
-    table = sel.table()
+def _selector_map(sel: Selector, cache: CompileCache) -> NftMap:
+    table = sel.table(cache)
     return NftMap(
         name=sel.name,
         key_type=("mark",),
@@ -288,11 +289,11 @@ def tunnel_source(lb: LoadBalancerNode, family: int) -> str:
     return next(str(a.ip) for a in lb.addresses if a.version == family)
 
 
-def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
+def compile_l3(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -> dict:
     """The parts of the load balancer's Desired state for L3 services on the
     nft engine: chains and maps for the ``netdev kdsr`` table, and links,
     routes, rules, sysctls and modules."""
-    selectors = selectors_for(intent, wanted)
+    selectors = selectors_for(intent, wanted, cache=cache)
     if not selectors:
         return {}
     links: dict[str, Link] = {}
@@ -315,7 +316,7 @@ def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
                 Rule(family=family, fwmark=mark, table=mark, priority=naming.RULE_PRIORITY, pointer=member.pointer)
             )
     chains = [_ingress(lb)] + [c for s in selectors for c in _selector_chains(s)]
-    maps = _service_maps(selectors) + [_selector_map(s) for s in selectors] + _tunnel_maps(tunnels)
+    maps = _service_maps(selectors, cache) + [_selector_map(s, cache) for s in selectors] + _tunnel_maps(tunnels)
     return {
         "chains": chains,
         "maps": maps,

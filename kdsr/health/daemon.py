@@ -51,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kdsr import collector, operations, receipt
+from kdsr.compile import CompileCache
 from kdsr.diff import Plan
 from kdsr.errors import KdsrError, UsageError
 from kdsr.health import CHECK_INTERVAL, control
@@ -190,6 +191,9 @@ class Runner:
         # done event), handed from the control thread to the main thread.
         self.requests: queue.Queue = queue.Queue()
         self.last_applied: tuple[Plan | None, object | None] = (None, None)  # the last apply's plan and result
+        # What compile reuses from one apply to the next: after a health
+        # event or a reload, only what the change reached is built again.
+        self.compile_cache = CompileCache()
 
     # --- events ----------------------------------------------------------------
 
@@ -438,7 +442,9 @@ class Runner:
         down = self.down()
         try:
             with self.store.lock(self.wait):
-                prepared = operations.prepare(self.intent, self.node, self.kernel, self.store, self.adopt, down=down)
+                prepared = operations.prepare(
+                    self.intent, self.node, self.kernel, self.store, self.adopt, down=down, cache=self.compile_cache
+                )
                 changes = len(prepared.plan.changes)
                 result = operations.apply(prepared, self.kernel, self.store) if changes else None
                 self.last_applied = (prepared.plan, result)
@@ -564,7 +570,14 @@ class Runner:
         if message.get("dry_run"):
             with self.store.lock(self.wait):
                 prepared = operations.prepare(
-                    self.intent, self.node, self.kernel, self.store, self.adopt, down=self.down(), drained=after
+                    self.intent,
+                    self.node,
+                    self.kernel,
+                    self.store,
+                    self.adopt,
+                    down=self.down(),
+                    drained=after,
+                    cache=self.compile_cache,
                 )
             return {
                 "ok": True,

@@ -76,7 +76,7 @@ def effective_intent(
     """``down``: (pool, member address) pairs health took out; ``drained``: addresses or node names.
 
     With nothing down or drained the intent itself is the effective one
-    (the same object, so compile's per-intent memory holds)."""
+    (the same object, so a CompileCache's answers for it hold)."""
     if not down and not drained:
         return Effective(intent, {p.name: POOL_OK for p in intent.pools}, {p.name: () for p in intent.pools})
     down_in: dict[str, set[tuple[str, str]]] = {}
@@ -89,4 +89,4 @@ def effective_intent(
         else:  # nothing to take out: skip the walk over its members (1,000 pools, one event)
             new, conditions[pool.name], out[pool.name] = pool, POOL_OK, ()
         pools.append(new)
-    return Effective(dataclasses.replace(intent, pools=tuple(pools)), conditions, out)
+    return Effective(intent.with_pools(tuple(pools)), conditions, out)

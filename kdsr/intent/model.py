@@ -7,6 +7,7 @@ the user wrote (``/services/web/ports/0``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 from dataclasses import dataclass, field
@@ -264,7 +265,20 @@ class Intent:
 
     @functools.cached_property
     def _services_by_pool(self) -> dict[str, tuple[Service, ...]]:
-        return _services_by_pool(self.services)
+        """pool name -> its services, sorted by name (shared: do not modify)."""
+        by_pool: dict[str, list[Service]] = {}
+        for service in sorted(self.services, key=lambda s: s.name):
+            by_pool.setdefault(service.pool, []).append(service)
+        return {name: tuple(members) for name, members in by_pool.items()}
+
+    def with_pools(self, pools: tuple[Pool, ...]) -> Intent:
+        """This intent with other pools (of the same names: health's
+        effective intent).  The services are the same objects, and so is
+        their grouping by pool once made: the health daemon's recompile
+        after each event need not sort 10,000 services again."""
+        other = dataclasses.replace(self, pools=pools)
+        other.__dict__["_services_by_pool"] = self._services_by_pool  # where functools.cached_property keeps it
+        return other
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.load_balancers] + [n.name for n in self.servers]
@@ -274,22 +288,3 @@ class Intent:
 
     def server(self, name: str) -> ServerNode | None:
         return next((n for n in self.servers if n.name == name), None)
-
-
-# The last grouping, with the services tuple it grouped: a health event's
-# effective intent is a new Intent sharing the services, and the health
-# daemon's recompile asks for this grouping (10,000 services, sorted) again.
-_LAST_BY_POOL: dict[str, tuple[tuple[Service, ...], dict[str, tuple[Service, ...]]]] = {}
-
-
-def _services_by_pool(services: tuple[Service, ...]) -> dict[str, tuple[Service, ...]]:
-    """pool name -> its services, sorted by name (shared: do not modify)."""
-    last = _LAST_BY_POOL.get("last")
-    if last is not None and last[0] is services:
-        return last[1]
-    by_pool: dict[str, list[Service]] = {}
-    for service in sorted(services, key=lambda s: s.name):
-        by_pool.setdefault(service.pool, []).append(service)
-    grouped = {name: tuple(members) for name, members in by_pool.items()}
-    _LAST_BY_POOL["last"] = (services, grouped)
-    return grouped

@@ -88,14 +88,15 @@ def encode_table(table: NftTable) -> dict:
     return json.loads(encode_table_text(table))
 
 
-def encode_table_text(table: NftTable, remember: bool = True) -> str:
-    """The table as JSON text.  Each map's elements are encoded once per
-    element tuple (see ``_elements_text``), so recording a table after a
-    change re-encodes only the changed maps, not every element.
+def encode_table_text(table: NftTable, texts: EncodedTexts | None = None, remember: bool = True) -> str:
+    """The table as JSON text.  ``texts``: the encodings already made, by
+    map and element tuple (see ``EncodedTexts``), so recording a table after
+    a change re-encodes only the changed maps, not every element.
     ``remember``: keep the texts of maps not seen before (compiled maps,
     which the next compile hands back); a table just listed from the kernel
     is made of new objects no later record meets, and keeping them would
     keep every listing's elements alive."""
+    texts = texts if texts is not None else EncodedTexts()
     chains = []
     for chain in table.chains:
         hook = None
@@ -105,7 +106,7 @@ def encode_table_text(table: NftTable, remember: bool = True) -> str:
         rules = [[r.comment, r.expr_json] for r in chain.rules]
         chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
     head = _dumps({"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains})
-    maps = ",".join(_map_text(m, remember) for m in table.maps)
+    maps = ",".join(texts.map_text(m, remember) for m in table.maps)
     return f'{head[:-1]},"maps":[{maps}]}}'
 
 
@@ -131,20 +132,27 @@ class _TextByIdentity:
         self._known[id(obj)] = (obj, made)
         return made
 
-    def clear(self) -> None:
-        self._known.clear()
 
+class EncodedTexts:
+    """The encodings of maps and of element tuples, by identity, kept by a
+    TableCache for the life of its kernel handle: the daemon records its
+    table after every change, and compile (with its CompileCache) hands
+    back the very map objects and element tuples of every unchanged pool."""
 
-# Encoded maps: after a health event compile hands back the very map objects
-# of every unchanged pool, and encoding 1,000 declarations was half of the
-# record.
-_MAP_TEXT = _TextByIdentity()
+    def __init__(self) -> None:
+        self._maps = _TextByIdentity()
+        self._elements = _TextByIdentity()
 
+    def map_text(self, nmap: NftMap, remember: bool = True) -> str:
+        return self._maps.text(
+            nmap,
+            lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{self._elements_text(m.elements, remember)}}}",
+            remember,
+        )
 
-def _map_text(nmap: NftMap, remember: bool = True) -> str:
-    return _MAP_TEXT.text(
-        nmap, lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{_elements_text(m.elements, remember)}}}", remember
-    )
+    def _elements_text(self, elements: tuple, remember: bool) -> str:
+        """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
+        return self._elements.text(elements, _encode_elements, remember)
 
 
 def _dumps(data) -> str:
@@ -162,16 +170,6 @@ def _encode_declaration(nmap: NftMap) -> dict:
         "timeout": nmap.timeout,
         "pointer": nmap.pointer,
     }
-
-
-# Encoded element tuples: the daemon records its table after every change,
-# and only the changed map's elements are new objects.
-_ENCODED = _TextByIdentity()
-
-
-def _elements_text(elements: tuple, remember: bool = True) -> str:
-    """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
-    return _ENCODED.text(elements, _encode_elements, remember)
 
 
 def _encode_elements(elements: tuple) -> str:
@@ -229,6 +227,7 @@ class TableCache:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory) / "cache"
         self._cookie = netns_cookie()
+        self._texts = EncodedTexts()
 
     def _path(self, family: str, name: str) -> Path | None:
         if self._cookie is None:
@@ -257,7 +256,7 @@ class TableCache:
         if path is None:
             return
         head = _dumps({"identity": self._identity(), "generation": generation, "chains": chains})
-        text = f'{head[:-1]},"table":{encode_table_text(table, remember)}}}'
+        text = f'{head[:-1]},"table":{encode_table_text(table, self._texts, remember)}}}'
         try:
             ensure_dir(self.directory.parent)  # the state directory's own checks (0700, ours) first
             write_atomic(path, text, sync=False)

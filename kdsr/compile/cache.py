@@ -1,0 +1,103 @@
+"""What compile may reuse from one call to the next, owned by its caller.
+
+Compile is a function of the intent (and the node) alone.  Compiling a large
+intent is dear, and the health daemon compiles the whole intent again after
+every probe change and every SIGHUP, where one pool changed.  So a caller
+that compiles many times (``kdsr run``) keeps one ``CompileCache`` and passes
+it to every compile; a caller that compiles once (the CLI) passes none, and
+compile then starts from an empty one of its own.
+
+What a cache holds never shows in a result: a compile with any cache, after
+any history, equals a compile with a fresh one (tests/test_compile_cache.py
+holds it to that for random intents and edit sequences).  What it changes is
+the cost, and which objects come back: an unchanged pool's slot map, chain
+and Maglev table are the very objects of the last compile, so the diff that
+follows compares them by identity instead of element by element.
+
+Two kinds of entry:
+
+- by value: a key made of everything the entry is built from (a Maglev
+  table by its backends, size and seed; a selector chain by all it is made
+  of); any cache may answer it;
+- by slot, "the last answer": a name (a selector's, the services maps') with
+  the inputs the answer came from; the caller compares them, by identity
+  where the inputs are the intent's own objects (a health event's effective
+  intent shares every object but one pool), and builds afresh when they
+  differ.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from kdsr import maglev
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedMemo(Generic[K, V]):
+    """Values by key, the least recently used out first once the entries'
+    total ``cost`` (1 each by default) passes ``limit``.  The last entry
+    always stays, however dear."""
+
+    def __init__(self, limit: int, cost: Callable[[V], int] | None = None) -> None:
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._limit = limit
+        self._cost = cost
+        self._held = 0
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> V:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._held -= self._weigh(old)
+        self._entries[key] = value
+        self._held += self._weigh(value)
+        while self._held > self._limit and len(self._entries) > 1:
+            _key, gone = self._entries.popitem(last=False)
+            self._held -= self._weigh(gone)
+        return value
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        value = self.get(key)
+        return value if value is not None else self.put(key, make())
+
+    def _weigh(self, value: V) -> int:
+        return 1 if self._cost is None else self._cost(value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class CompileCache:
+    """Everything compile reuses between calls; see the module docstring."""
+
+    def __init__(self) -> None:
+        # Maglev tables by (backends, size, seed), bounded by slots held.
+        self.maglev_tables: BoundedMemo[tuple, tuple[str, ...]] = BoundedMemo(1 << 20, cost=len)
+        # Slot-map element tuples by Maglev table: one shared element per server.
+        self.slot_elements: BoundedMemo[tuple, tuple] = BoundedMemo(4096)
+        # Selector chains by everything they are made of.
+        self.chains: BoundedMemo[tuple, Any] = BoundedMemo(4096)
+        # The last slot map per (selector name, intent source), with the pool and hashing it came from.
+        self.selector_maps: BoundedMemo[tuple, tuple] = BoundedMemo(4096)
+        # The last services maps per pair of map names (L2, L3), with what they came from.
+        self.service_maps: BoundedMemo[tuple, tuple] = BoundedMemo(8)
+        # The last selectors per (which services, slot budget), with the steps that made them.
+        self.selectors: BoundedMemo[tuple, Any] = BoundedMemo(8)
+        # IPVS destinations per (pool, method, tunnel type, port, family), with the pool they came from.
+        self.ipvs_dests: BoundedMemo[tuple, tuple] = BoundedMemo(1 << 15)
+        # The last unserved VIPs, with the services and per-pool reasons they came from.
+        self.unserved: BoundedMemo[str, tuple] = BoundedMemo(1)
+
+    def maglev_table(self, backends: tuple[maglev.Backend, ...], size: int, seed: int) -> tuple[str, ...]:
+        """``maglev.build``, remembered: the same inputs give the same (immutable) table."""
+        return self.maglev_tables.get_or_make((backends, size, seed), lambda: maglev.build(backends, size, seed))
