@@ -8,6 +8,7 @@ import sys
 import click
 
 from kdsr import operations
+from kdsr.compile import CompileCache
 from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
 from kdsr.health import CHECK_INTERVAL
 from kdsr.kernel import KernelError
@@ -32,15 +33,16 @@ def _kernel(store: StateStore | None = None):
     return SystemKernel(store.directory if store is not None else None)
 
 
-def _warnings(intent) -> list[str]:
+def _warnings(intent, cache: CompileCache | None = None) -> list[str]:
     from kdsr.compile.checks import warnings_for
 
-    return [str(problem) for problem in warnings_for(intent)]
+    return [str(problem) for problem in warnings_for(intent, cache)]
 
 
-def _load(path: str, text: str | None = None, reloader=None):
+def _load(path: str, text: str | None = None, reloader=None, cache: CompileCache | None = None):
     """The intent at ``path``; ``text`` is its content when already read;
-    ``reloader`` (kdsr/intent/reload.py) when the same file is loaded again and again."""
+    ``reloader`` (kdsr/intent/reload.py) when the same file is loaded again and again;
+    ``cache``: the CompileCache of the compiles that follow (the warnings size their selectors)."""
     from kdsr.intent import load_intent, parse_intent
 
     if reloader is not None:
@@ -48,7 +50,7 @@ def _load(path: str, text: str | None = None, reloader=None):
     else:
         intent = load_intent(path) if text is None else parse_intent(text, path)
     # Warnings go to stderr so that `plan --json` stays parseable.
-    for warning in _warnings(intent):
+    for warning in _warnings(intent, cache):
         click.echo(f"warning: {warning}", err=True)
     return intent
 
@@ -77,7 +79,7 @@ def _record_receipt(
         intent_file, text.encode(), node, prepared.node, kernel, obj.store, down=prepared.down
     )
     if warnings is None:
-        warnings = _warnings(prepared.intent)
+        warnings = _warnings(prepared.intent, obj.compile_cache)
     receipt.record(obj.store, kernel, node, inputs, prepared.desired, prepared.plan.notes, warnings)
 
 
@@ -96,6 +98,9 @@ class Context:
     def __init__(self, state_dir: str | None, wait: float) -> None:
         self.store = StateStore(state_dir)
         self.wait = wait
+        # One per command: its warnings, plan and receipt size the same
+        # selectors; `kdsr run` keeps it for the daemon's life.
+        self.compile_cache = CompileCache()
 
 
 STATE_DIR_HELP = "Where kdsr records what it owns (default /var/lib/kdsr)."
@@ -188,7 +193,9 @@ def plan(
         # A saved plan carries kdsr's full plan; otherwise an unchanged intent needs no compile.
         prepared = None if out else _unchanged(obj, kernel, intent_file, text, node)
         if prepared is None:
-            prepared = operations.prepare(_load(intent_file, text), node, kernel, obj.store)
+            prepared = operations.prepare(
+                _load(intent_file, text, cache=obj.compile_cache), node, kernel, obj.store, cache=obj.compile_cache
+            )
         if out:
             saved_plan.save(out, prepared, text, intent_file)
     except (KdsrError, KernelError, OSError) as exc:
@@ -254,7 +261,7 @@ def apply(
             if node is not None and node != saved.node:
                 raise UsageError(f"{plan_file} was planned for node {saved.node}, not {node}")
             node, intent_file = saved.node, saved.source
-            intent = _load(saved.source, saved.intent_text)
+            intent = _load(saved.source, saved.intent_text, cache=obj.compile_cache)
         else:
             text = read_intent_text(intent_file)
             intent = None
@@ -265,7 +272,8 @@ def apply(
             if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
                 render(same.plan)
                 return
-            prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
+            intent = intent or _load(intent_file, text, cache=obj.compile_cache)
+            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt, cache=obj.compile_cache)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)
             render(prepared.plan)
@@ -274,7 +282,8 @@ def apply(
             if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
                 render(same.plan)
                 return
-            prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
+            intent = intent or _load(intent_file, text, cache=obj.compile_cache)
+            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt, cache=obj.compile_cache)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)  # under the lock: no kdsr run can slip in between
             if not as_json:
@@ -500,14 +509,14 @@ def run_command(
         if reloader.text is None:
             return
         if warned[0] is not prepared.intent:  # 5 ms at 1,000 pools: once per intent, not per health event
-            warned[:] = [prepared.intent, _warnings(prepared.intent)]
+            warned[:] = [prepared.intent, _warnings(prepared.intent, obj.compile_cache)]
         _record_receipt(obj, kernel, intent_file, reloader.text, node, prepared, warned[1])
 
     try:
         require_net_admin("run", "changes this host's nftables, IPVS, links, addresses and sysctls")
         kernel = _kernel(obj.store)
         code = run_daemon(
-            lambda: _load(intent_file, reloader=reloader),
+            lambda: _load(intent_file, reloader=reloader, cache=obj.compile_cache),
             node,
             kernel,
             obj.store,
@@ -518,6 +527,7 @@ def run_command(
             verified=None if adopt else verified,
             check_interval=check_interval,
             log_format=log_format,
+            compile_cache=obj.compile_cache,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from kdsr.maglev import Backend, moved_fraction, build, shares
+from kdsr.maglev import Backend, build, moved_fraction, shares
 
 ADDRS = [f"10.0.0.{i}" for i in range(1, 11)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kdsr import operations
+from kdsr.compile import CompileCache
 from kdsr.errors import UsageError
 from kdsr.health import CHECK_INTERVAL, control, logs, metrics
 from kdsr.health.daemon import Runner
@@ -22,8 +23,10 @@ def run_daemon(
     verified=None,
     check_interval: float = CHECK_INTERVAL,
     log_format: str = "text",
+    compile_cache: CompileCache | None = None,
 ) -> int:
-    """``log_format``: "text" or "json" (kdsr/health/logs.py)."""
+    """``log_format``: "text" or "json" (kdsr/health/logs.py); ``compile_cache``:
+    the one the daemon keeps (and ``load`` sizes its warnings with)."""
     runner = Runner(
         load,
         node,
@@ -37,6 +40,7 @@ def run_daemon(
         # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); READY=1 once the
         # first apply is verified and the control socket (and metrics) listen.
         notifier=Notifier.from_environment(held=True),
+        compile_cache=compile_cache,
     )
     runner.install_signals()
     held: list[control.DaemonLock] = []

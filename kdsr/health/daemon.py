@@ -136,6 +136,7 @@ class Runner:
         check_interval: float = CHECK_INTERVAL,
         log_format: Callable[..., str] = log_line,
         notifier: Notifier | None = None,
+        compile_cache: CompileCache | None = None,
     ) -> None:
         """``check_interval``: seconds between drift checks; 0: none."""
         self._load = load
@@ -193,7 +194,7 @@ class Runner:
         self.last_applied: tuple[Plan | None, object | None] = (None, None)  # the last apply's plan and result
         # What compile reuses from one apply to the next: after a health
         # event or a reload, only what the change reached is built again.
-        self.compile_cache = CompileCache()
+        self.compile_cache = compile_cache if compile_cache is not None else CompileCache()
 
     # --- events ----------------------------------------------------------------
 
