@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from kdsr.intent.model import ENGINE_IPVS, MONITOR_DSR, MONITOR_PLAIN
-from kdsr.intent.verify import parse_port, port_entries, service_engine, service_protocols
+from kdsr.intent.values import parse_port, port_entries, service_engine, service_protocols
 
 Report = Callable[[str, str, str], None]
 
