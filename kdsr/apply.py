@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from kdsr.compile.bird import pointer_at
+from kdsr.bird_text import pointer_at
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, TableDiff, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsr.compile.bird import empty_config, parse_model
+from kdsr.bird_text import empty_config, parse_model
 from kdsr.model import (
     Address,
     Desired,

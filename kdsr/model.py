@@ -380,7 +380,7 @@ class BgpRoute:
 class BirdConfig:
     """kdsr's BIRD fragment: what it announces and to whom, and the file text.
 
-    ``text`` carries the model in its first line (kdsr/compile/bird.py), so
+    ``text`` carries the model in its first line (kdsr/bird_text.py), so
     the fragment read back from disk is an Observed BirdConfig too."""
 
     config: str  # the user's main BIRD config (it includes ``fragment``)

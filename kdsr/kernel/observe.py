@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kdsr import naming
-from kdsr.compile.bird import parse_model
+from kdsr.bird_text import parse_model
 from kdsr.errors import ForeignObjectError
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import NodeState
