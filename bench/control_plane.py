@@ -208,7 +208,7 @@ def run_pipeline(
             observed = observe(kernel, desired, state)
         with rec.step(f"{label}: diff"):
             plan = diff(desired, observed)
-            keep_unchanged(kernel, desired, observed, plan)  # as operations.prepare does
+            keep_unchanged(kernel, desired, observed, plan.tables)  # as operations.prepare does
     read_back = rec.step(f"{label}: read-back")
     original = apply_module._read_back
 

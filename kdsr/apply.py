@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from kdsr.bird_text import pointer_at
-from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, TableDiff, diff, diff_table, reorder_from
+from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
@@ -50,7 +50,7 @@ from kdsr.kernel.bird import BirdError
 from kdsr.kernel.nft_json import batch_for, with_stand_in_links
 from kdsr.kernel.observe import keep_unchanged, observe, observe_announcement
 from kdsr.kernel.state import NodeState, StateStore
-from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link
+from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link, TableDiff
 
 
 @dataclass
@@ -797,7 +797,7 @@ def _read_back(
     """The kernel must now hold exactly what we asked for."""
     observed = observe(kernel, desired, state, ipvs_list=ipvs_list)
     leftover = diff(desired, observed)
-    keep_unchanged(kernel, desired, observed, leftover)
+    keep_unchanged(kernel, desired, observed, leftover.tables)
     if not leftover.empty:
         lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)

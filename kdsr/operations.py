@@ -95,7 +95,7 @@ def prepare(
         observed = observe(kernel, desired, state)
         observed = _check_foreign(intent, desired, observed, state, adopt)
         plan = diff(desired, observed)
-        keep_unchanged(kernel, desired, observed, plan)
+        keep_unchanged(kernel, desired, observed, plan.tables)
         plan.notes = announcement_notes(effective.intent, desired) + probe_notes(effective.intent, name)
         if intent.load_balancer(name) is not None:
             plan.service_changes = service_changes(plan, effective, down, drained)

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,16 +62,19 @@ def boot_id() -> str:
         return ""
 
 
+# The code that decodes and compares tables, by file (read, not imported:
+# the kernel layer imports nothing above it).
+_CODE = ("model.py", "kernel/nft_json.py", "diff.py", "kernel/nft_cache.py")
+
+
 @functools.cache
 def _code_identity() -> str:
     """The code that decodes and compares tables: a record made by other code
     (an upgrade, or a checkout between two commits) is a miss."""
-    from kdsr import diff, model
-    from kdsr.kernel import nft_json
-
+    package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for module in (model, nft_json, diff, sys.modules[__name__]):
-        digest.update(Path(module.__file__).read_bytes())
+    for name in _CODE:
+        digest.update((package / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
