@@ -185,12 +185,11 @@ def run_pipeline(
     from kdsr import apply as apply_module
     from kdsr import collector
     from kdsr.compile import compile_node
+    from kdsr.compile.effective import effective_intent, unserved_vips
     from kdsr.diff import diff
-    from kdsr.health.effective import effective_intent
     from kdsr.intent import load_intent
     from kdsr.kernel.observe import keep_unchanged, observe
     from kdsr.kernel.system import SystemKernel
-    from kdsr.operations import unserved_vips
 
     if fresh_kernel or kernel is None:
         kernel = SystemKernel(store.directory)

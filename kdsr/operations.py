@@ -14,12 +14,12 @@ from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import CompileCache, compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
+from kdsr.compile.effective import Effective, effective_intent, unserved_services, unserved_vips
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME, pinned_servers_map
+from kdsr.compile.targets import targets_for
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
 from kdsr.health import status as health_status
-from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, Effective, effective_intent
-from kdsr.health.targets import targets_for
 from kdsr.intent.model import MONITOR_DSR, Intent, address_text
 from kdsr.kernel import Kernel
 from kdsr.kernel.bird import BirdError
@@ -77,7 +77,7 @@ def prepare(
     """Plan the node's changes.  Drains recorded with `kdsr drain` (or
     ``drained``, to plan a drain before recording it) and the servers health
     took out (``down``; by default those a running `kdsr run` reports) are
-    applied as weight 0 (kdsr/health/effective.py).  ``cache``: the
+    applied as weight 0 (kdsr/compile/effective.py).  ``cache``: the
     caller's CompileCache, kept from one plan to the next (kdsr run)."""
     name = select_node(intent, node, kernel)
     state = store.load(name)
@@ -131,71 +131,6 @@ def service_changes(
             if member.mac:
                 per_family[member.mac] = state
     return service_view.summarise(table.observed, table.desired, members)
-
-
-def unserved_services(effective: Effective) -> dict[str, str]:
-    """Services no server takes a new flow for (service -> what happens, in
-    the operator's words): every server drained or down."""
-    why: dict[str, str] = {}
-    for pool in effective.intent.pools:
-        condition = effective.pools.get(pool.name)
-        if condition == POOL_ALL_DOWN_KEPT:
-            reason = (
-                f"has no healthy server: every server of pool {pool.name} is down, "
-                "and all_down keep forwards to them anyway"
-            )
-        elif condition == POOL_ALL_DOWN_DROPPED:
-            reason = f"has no serving server: every server of pool {pool.name} is down; all_down drop drops its traffic"
-        elif not any(m.weight > 0 for m in pool.members):
-            out = effective.out.get(pool.name, ())
-            which = f" ({', '.join(out)})" if out else ""
-            reason = (
-                f"has no serving server: every server of pool {pool.name} is drained, down or at weight 0{which}; "
-                "its traffic is dropped"
-            )
-        else:
-            continue
-        for service in effective.intent.services_on(pool.name):
-            why[service.name] = reason
-    return why
-
-
-def unserved_vips(effective: Effective, cache: CompileCache | None = None) -> dict[str, str]:
-    """VIPs no server can take a new flow for on this node (VIP -> why): BGP
-    withdraws them so that routers send their traffic to a load balancer
-    that still has servers.  A VIP shared by several services stays while
-    any of them is served."""
-    # Per pool, why it serves no new flow (None: it serves); once per pool,
-    # not per service (10,000 services share 1,000 pools in the bench).
-    pool_why: dict[str, str | None] = {}
-    for pool in effective.intent.pools:
-        if effective.pools.get(pool.name) in (POOL_ALL_DOWN_KEPT, POOL_ALL_DOWN_DROPPED):
-            pool_why[pool.name] = f"no healthy server in pool {pool.name}"
-        elif not any(m.weight > 0 for m in pool.members):
-            pool_why[pool.name] = f"every server of pool {pool.name} drained"
-        else:
-            pool_why[pool.name] = None
-    services = effective.intent.services
-    # The last answer, with the services and per-pool reasons it came from:
-    # the health daemon asks after every event with the same services (a
-    # health event changes members' weights, not services), and at 10,000
-    # services the walk is a tenth of a change's compile.
-    last = cache.unserved.get("last") if cache is not None else None
-    if last is not None and last[0] is services and last[1] == pool_why:
-        return dict(last[2])
-    why: dict[str, list[str]] = {}
-    served: set[str] = set()
-    for service in services:
-        vip = address_text(service.vip)
-        reason = pool_why[service.pool]
-        if reason is None:
-            served.add(vip)
-        else:
-            why.setdefault(vip, []).append(reason)
-    unserved = {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
-    if cache is not None:
-        cache.unserved.put("last", (services, pool_why, unserved))
-    return dict(unserved)
 
 
 def announcement_notes(intent: Intent, desired: Desired) -> list[str]:

@@ -16,10 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdsr import operations
 from kdsr.compile import CompileCache, compile_node, selectors
+from kdsr.compile.effective import effective_intent, unserved_vips
 from kdsr.errors import IntentError
-from kdsr.health.effective import effective_intent
 from kdsr.intent import load_intent, parse_intent
 from kdsr.intent.reload import Reloader
 from kdsr.kernel import nft_cache
@@ -141,7 +140,7 @@ def test_compile_with_a_kept_cache_equals_compile_without(base, seed, steps):
         cold_intent = parse_intent(json.dumps(current), "intent.json")
         try:
             warm_effective = effective_intent(intent, down, drained)
-            warm_withdraw = operations.unserved_vips(warm_effective, cache)
+            warm_withdraw = unserved_vips(warm_effective, cache)
             warm = compile_node(warm_effective.intent, node, warm_withdraw, cache)
         except IntentError as exc:  # e.g. a table size the budget cannot hold: so must the cold compile
             with pytest.raises(IntentError) as cold_exc:
@@ -150,7 +149,7 @@ def test_compile_with_a_kept_cache_equals_compile_without(base, seed, steps):
             continue
         warm_selectors = selectors.selectors_for(warm_effective.intent, budget=20_000, cache=cache)
         cold_effective = effective_intent(cold_intent, down, drained)
-        cold_withdraw = operations.unserved_vips(cold_effective)
+        cold_withdraw = unserved_vips(cold_effective)
         assert warm_withdraw == cold_withdraw, f"step {step}"
         same(warm, compile_node(cold_effective.intent, node, cold_withdraw))
         cold_selectors = selectors.selectors_for(cold_effective.intent, budget=20_000)
@@ -212,9 +211,7 @@ def test_compile_keeps_no_state_of_its_own(tmp_path):
         for node in intent.node_names():
             down = frozenset({(intent.pools[0].name, str(intent.pools[0].members[0].address))})
             for effective in (effective_intent(intent, down, frozenset()), effective_intent(intent)):
-                desired = compile_node(
-                    effective.intent, node, withdraw=operations.unserved_vips(effective, cache), cache=cache
-                )
+                desired = compile_node(effective.intent, node, withdraw=unserved_vips(effective, cache), cache=cache)
                 for table in desired.tables:
                     nft_cache.encode_table_text(table)
     grown = [

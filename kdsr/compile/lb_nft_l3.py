@@ -27,7 +27,7 @@ its tunnel mark; ``ip rule fwmark <mark> lookup <mark>`` routes it into the
 tunnel, and forwarding answers "fragmentation needed" for DF or fragments
 it (the tunnel's own transmit, reached by ``fwd``, would drop it silently:
 it can only answer a packet that has a route).  So IP forwarding is on.
-Health probes use the same rules (kdsr/health/targets.py).
+Health probes use the same rules (kdsr/compile/targets.py).
 
 The VIP is not an address of the load balancer in this design: routers send
 VIP traffic to it.  The Maglev table is the same as the L2 engine's, seeded

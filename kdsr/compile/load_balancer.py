@@ -4,7 +4,7 @@
 - nft engine, L3:  chains and maps in the same ``netdev kdsr`` table,
                    tunnels, routes and rules (lb_nft_l3);
 - health probes:  for dsr monitors of l2 services, a route and rule per
-                   server (kdsr/health/targets.py);
+                   server (kdsr/compile/targets.py);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs);
 - bgp:             the BIRD fragment, and the announce routes that let BIRD
@@ -17,7 +17,7 @@ from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3
 from kdsr.compile.bird import announce_routes, bird_config
 from kdsr.compile.cache import CompileCache
 from kdsr.compile.selectors import selectors_for
-from kdsr.health.targets import probe_paths
+from kdsr.compile.targets import probe_paths
 from kdsr.intent.model import Intent, LoadBalancerNode
 from kdsr.model import Desired, NftTable
 

@@ -52,16 +52,16 @@ from dataclasses import dataclass, field
 
 from kdsr import collector, operations, receipt
 from kdsr.compile import CompileCache
+from kdsr.compile.effective import POOL_OK, effective_intent
+from kdsr.compile.targets import Target, targets_for
 from kdsr.diff import Plan
 from kdsr.errors import KdsrError, UsageError
 from kdsr.health import CHECK_INTERVAL, control
 from kdsr.health import status as health_status
 from kdsr.health.drain import refuse_unserving, resolve_server
-from kdsr.health.effective import POOL_OK, effective_intent
 from kdsr.health.notify import Notifier
 from kdsr.health.probes import Result, probe
 from kdsr.health.state import DOWN, UP, TargetState
-from kdsr.health.targets import Target, targets_for
 from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.state import StateStore

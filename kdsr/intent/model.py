@@ -211,7 +211,7 @@ class PoolMember:
     node: str | None  # the server node this member is, if kdsr manages it
     mac: str | None  # lower-case aa:bb:cc:dd:ee:ff, or None: resolve by ARP/ND
     pointer: str = field(default="", compare=False)
-    # Set only in the effective intent (kdsr/health/effective.py): health took
+    # Set only in the effective intent (kdsr/compile/effective.py): health took
     # this member down.  It then has weight 0 like a drained member, but
     # flow pinning must not keep sending its pinned flows to it.
     down: bool = False
