@@ -7,10 +7,13 @@ import sys
 
 import click
 
-from kdsr import operations
+from kdsr import operations, receipt
+from kdsr.commands import maglev as maglev_report
 from kdsr.compile import CompileCache
+from kdsr.compile.checks import warnings_for
 from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
-from kdsr.health import CHECK_INTERVAL
+from kdsr.health import CHECK_INTERVAL, control
+from kdsr.health.drain import set_drain
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import applied_json, render_json, render_text
@@ -34,8 +37,6 @@ def _kernel(store: StateStore | None = None):
 
 
 def _warnings(intent, cache: CompileCache | None = None) -> list[str]:
-    from kdsr.compile.checks import warnings_for
-
     return [str(problem) for problem in warnings_for(intent, cache)]
 
 
@@ -59,8 +60,6 @@ def _unchanged(obj: Context, kernel, intent_file: str, text: str, node: str | No
     """The empty plan of an intent unchanged since kdsr last verified the
     kernel against it, without validating or compiling (kdsr/receipt.py);
     None when anything may differ."""
-    from kdsr import receipt
-
     found = receipt.unchanged(obj.store, kernel, intent_file, text.encode(), node)
     if found is not None:
         for warning in found.warnings:
@@ -73,8 +72,6 @@ def _record_receipt(
 ) -> None:
     """Under the lock, right after kdsr verified the kernel against ``prepared``;
     ``warnings``: the intent's, when the caller already has them."""
-    from kdsr import receipt
-
     inputs = receipt.inputs_digest(
         intent_file, text.encode(), node, prepared.node, kernel, obj.store, down=prepared.down
     )
@@ -239,7 +236,7 @@ def apply(
     plan_file: str | None,
 ) -> None:
     """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
-    from kdsr import receipt, saved_plan
+    from kdsr import saved_plan
     from kdsr.intent.load import read_intent_text
 
     def render(plan, result=None) -> None:
@@ -323,8 +320,6 @@ def show(obj: Context, node: str | None, as_json: bool) -> None:
     """What kdsr owns on this host now, with per-VIP and per-server packet counters."""
     try:
         require_net_admin("show", "reads this host's nftables, IPVS and link state")
-        from kdsr.health import control
-
         # A running `kdsr run` answers from its own loop: what it shows is
         # what it has applied, never a view an apply has not reached yet.
         answer = None
@@ -347,8 +342,6 @@ def reload(obj: Context, node: str | None) -> None:
 
     Unlike SIGHUP, it waits for the result: an intent that fails validation
     is reported here (exit 3) and the daemon keeps the one it runs."""
-    from kdsr.health import control
-
     try:
         answer = None
         for name in [node] if node else obj.store.nodes():
@@ -445,8 +438,6 @@ def _confirmed(question: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def maglev_command(intent_file: str, service_name: str, without: str | None, with_: str | None, as_json: bool) -> None:
     """Per-server share of a service's Maglev table, and the flows a change would move (reads the intent only)."""
-    from kdsr.commands import maglev as maglev_report
-
     try:
         data = maglev_report.report(_load(intent_file), service_name, without, with_)
     except KdsrError as exc:
@@ -544,8 +535,6 @@ def _drain(
     dry_run: bool = False,
     as_json: bool = False,
 ) -> None:
-    from kdsr.health import control
-    from kdsr.health.drain import set_drain
     from kdsr.intent.load import read_intent_text
 
     command = "drain" if drained else "undrain"
