@@ -74,7 +74,7 @@ def test_a_reload_builds_what_a_cold_load_builds(name):
 
 def test_unchanged_entries_keep_their_objects_and_the_services_tuple():
     before, after = reloaded(example(), edit(EDITS["a weight"]))
-    assert after.services is before.services  # compile's identity memories then hold
+    assert after.services is before.services  # a CompileCache's identity checks then hold
     assert after.pool("web6") is before.pool("web6")
     assert after.pool("web") is not before.pool("web")
     assert after.pool("web").members[0].weight == 5
