@@ -8,7 +8,7 @@ every import, those inside functions too):
 layer          modules                                         may import
 =============  ==============================================  =============================
 base           errors, wording, files, collector, faults,      (nothing of kdsr)
-               privilege, naming
+               privilege, naming, memo
 intent         intent/ (load, schema, rules, values, model)    base
 model          model, maglev, bird_text                        base
 compile        compile/ (pure: Intent -> Desired, and the      base, intent, model

@@ -22,6 +22,7 @@ from kdsr.errors import IntentError
 from kdsr.intent import load_intent, parse_intent
 from kdsr.intent.reload import Reloader
 from kdsr.kernel import nft_cache
+from kdsr.memo import BoundedMemo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["l2-web.json", "l2-bgp-ha.json", "l3-ipip.json", "l3-gre-ipvs.json", "l3-ip6tnl.json"]
@@ -301,3 +302,19 @@ def test_the_effective_intent_shares_the_services_and_their_grouping(example_pat
     assert effective.services is intent.services
     assert effective.services_on(pool.name) is intent.services_on(pool.name)
     assert dataclasses.replace(intent, pools=effective.pools) == effective
+
+
+def test_the_bounded_memo_lets_the_least_recently_used_go_first_by_cost():
+    memo: BoundedMemo[str, tuple] = BoundedMemo(5, cost=len)
+    memo.put("a", (1, 2))
+    memo.put("b", (3, 4))
+    assert memo.get("a") == (1, 2)  # a is now the more recent
+    memo.put("c", (5,))  # 5 slots held: all stay
+    assert (memo.get("a"), memo.get("b"), memo.get("c")) == ((1, 2), (3, 4), (5,))
+    memo.put("d", (6,))  # 6 > 5: the least recently used (a) goes
+    assert memo.get("a") is None and len(memo) == 3
+    assert memo.get_or_make("a", lambda: (7, 8)) == (7, 8)  # made again; b, the oldest now, goes
+    assert memo.get("b") is None
+    memo.put("big", tuple(range(10)))  # dearer than the limit: it alone stays
+    assert len(memo) == 1 and memo.get("big") == tuple(range(10))
+    assert memo.get_or_make("empty", tuple) == () and memo.get("empty") == ()  # a falsy value is a value

@@ -21,7 +21,16 @@ PKG = Path(__file__).resolve().parent.parent / "kdsr"
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # Errors, file and process helpers, and the names kdsr gives kernel objects.
     "base": (
-        ("kdsr.errors", "kdsr.wording", "kdsr.files", "kdsr.collector", "kdsr.faults", "kdsr.privilege", "kdsr.naming"),
+        (
+            "kdsr.errors",
+            "kdsr.wording",
+            "kdsr.files",
+            "kdsr.collector",
+            "kdsr.faults",
+            "kdsr.privilege",
+            "kdsr.naming",
+            "kdsr.memo",
+        ),
         (),
     ),
     "intent": (("kdsr.intent",), ("base",)),

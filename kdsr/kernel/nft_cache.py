@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_atomic
+from kdsr.memo import BoundedMemo
 from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
 
 FORMAT = 1
@@ -112,27 +113,19 @@ def encode_table_text(table: NftTable, texts: EncodedTexts | None = None, rememb
     return f'{head[:-1]},"maps":[{maps}]}}'
 
 
-class _TextByIdentity:
-    """Texts remembered per object, by identity.  The object is kept alive
-    with its text, so its id cannot be reused while remembered; the oldest
-    goes first past ``limit`` entries."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self._known: dict[int, tuple[object, str]] = {}
-        self._limit = limit
-
-    def text(self, obj: object, make: Callable[[Any], str], remember: bool = True) -> str:
-        """``remember``: keep ``obj`` and its text when not known yet."""
-        known = self._known.get(id(obj))
-        if known is not None and known[0] is obj:
-            return known[1]
-        made = make(obj)
-        if not remember:
-            return made
-        if len(self._known) >= self._limit:
-            self._known.pop(next(iter(self._known)))
-        self._known[id(obj)] = (obj, made)
-        return made
+def _by_identity(
+    known: BoundedMemo[int, tuple[object, str]], obj: object, make: Callable[[Any], str], remember: bool
+) -> str:
+    """``obj``'s text from ``known``, by identity, else made (and kept when
+    ``remember``).  The object is kept alive with its text, so its id cannot
+    be reused while remembered."""
+    found = known.get(id(obj))
+    if found is not None and found[0] is obj:
+        return found[1]
+    made = make(obj)
+    if remember:
+        known.put(id(obj), (obj, made))
+    return made
 
 
 class EncodedTexts:
@@ -142,11 +135,12 @@ class EncodedTexts:
     back the very map objects and element tuples of every unchanged pool."""
 
     def __init__(self) -> None:
-        self._maps = _TextByIdentity()
-        self._elements = _TextByIdentity()
+        self._maps: BoundedMemo[int, tuple[object, str]] = BoundedMemo(4096)
+        self._elements: BoundedMemo[int, tuple[object, str]] = BoundedMemo(4096)
 
     def map_text(self, nmap: NftMap, remember: bool = True) -> str:
-        return self._maps.text(
+        return _by_identity(
+            self._maps,
             nmap,
             lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{self._elements_text(m.elements, remember)}}}",
             remember,
@@ -154,7 +148,7 @@ class EncodedTexts:
 
     def _elements_text(self, elements: tuple, remember: bool) -> str:
         """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
-        return self._elements.text(elements, _encode_elements, remember)
+        return _by_identity(self._elements, elements, _encode_elements, remember)
 
 
 def _dumps(data) -> str:
