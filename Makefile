@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test deb man unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
+.PHONY: setup demo test deb man docs unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
 	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup
 
 setup:
@@ -49,6 +49,11 @@ lab-full: setup
 # Only the L3 DSR scenarios (ipip, gre, ip6tnl x nft, ipvs; part of `make test`).
 lab-l3: setup
 	$(PY) netns-lab/guest_tier.py --native-when-capable -- netns-lab/tests/test_l3_dsr.py
+
+# docs/intent-reference.md from the schema's descriptions (tests/test_docs.py
+# fails while the committed page differs).
+docs: setup
+	$(PY) scripts/intent_reference.py
 
 # Rewrite tests/golden/ from the current compiler; review the diff.
 golden: setup

@@ -27,7 +27,7 @@ What the kernel does, and what the model reproduces:
 - The list order: ``ipvsadm -a`` puts a new destination at the *head* of the
   list (list_add_rcu in __ip_vs_update_dest), so the table depends on the
   history of adds.  kdsr keeps the list in canonical order (sorted by
-  address, see kdsr/compile/lb_ipvs.py and kdsr/apply.py converge_dests);
+  address, see kdsr/compile/lb_ipvs.py and kdsr/apply.py converge_commands);
   ``kdsr_order`` and ``list_after_inserts`` express both cases.
 
 Not modelled: the overload flag (upper connection thresholds, which kdsr
@@ -336,7 +336,7 @@ def kdsr_order(dests: Iterable[T]) -> list[T]:
     """kdsr's list order (head first): sorted by address, numerically, IPv4 before IPv6.
 
     kdsr/compile/lb_ipvs.py sorts the pool members by
-    kdsr.maglev.canonical_sort_key, and kdsr/apply.py converge_dests
+    kdsr.maglev.canonical_sort_key, and kdsr/apply.py converge_commands
     (re)adds destinations last-first until the kernel's list is that order.
     Items: addresses, MhDest, or tuples whose first element is the address.
     """

@@ -173,8 +173,8 @@ def _steps(
         first write (a crash part-way leaves it claiming too much, as for
         any create), then the addresses, many to a kernel call.  One step
         per address cost the journal a copy of the state and the store a
-        saved file for each: quadratic in time and memory, 5,000 VIPs on an
-        ipvs director held ~600 MB of copies.  A failure part-way takes back
+        saved file for each: quadratic in time and memory (an ipvs director
+        has one VIP address per service).  A failure part-way takes back
         what this step added before it re-raises; the journal puts the
         record back."""
         added: list[Address] = []
@@ -370,9 +370,8 @@ def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: 
     )
 
 
-# Addresses per kernel call (SystemKernel sends them in one netlink batch):
-# 5,000 VIPs were 3.2 s of one-at-a-time netlink on the host, ten times that
-# emulated.
+# Addresses per kernel call (SystemKernel sends them in one netlink batch,
+# not one request and answer at a time: bench/addresses.py measures both).
 ADDRESS_BATCH = 256
 
 
@@ -597,13 +596,6 @@ def converge_commands(current: IpvsService, target: IpvsService) -> list:
     return commands
 
 
-def converge_dests(kernel: Kernel, current: IpvsService, target: IpvsService) -> None:
-    """``converge_commands`` sent as one batch."""
-    commands = converge_commands(current, target)
-    if commands:
-        kernel.ipvs_batch(commands)
-
-
 def _sync_dests_step(kernel: Kernel, targets: list[IpvsService], listing) -> Step:
     found: dict[str, IpvsService] = {}
 
@@ -793,10 +785,10 @@ def _read_back(
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)
 
 
-# What a read-back's IPVS listing costs, in services of a full listing
-# (ipvsadm 1.31, 10,000 services, emulated guest): a full listing 8.9 s,
-# about 0.9 ms a service; one ``ipvsadm -R`` run of 20 ``-L`` lines 0.094 s.
-# A run is counted as 64 services, each service in it as 4.
+# What a read-back's IPVS listing costs, in services of a full listing: an
+# ``ipvsadm -R`` run of ``-L`` lines costs about as much as listing 64
+# services in full, and each service it lists as 4 (ipvsadm 1.31;
+# bench/ipvs_control_plane.py measures both ways).
 _RUN_COST = 64
 _LISTED_COST = 4
 
@@ -811,11 +803,11 @@ def _ipvs_read_back(plan: Plan, kernel: Kernel) -> tuple[Callable[[], list[IpvsS
     the services the plan changes, so those are listed again, each by its
     selector, and the others are taken as the plan's own read found them a
     moment before (``Plan.ipvs_seen``).  A change among 10,000 services then
-    lists 20 services, not 10,000 (one weight change: 17 s of emulated time
-    before).  What that does not see is another program changing a service
-    kdsr did not touch in between; the next plan does.  A service expected
-    gone ends an ipvsadm run (``ipvs_list_some``), so each costs a run: a
-    plan with many of them, or a small table, is listed in full.
+    lists the 20 it wrote, not 10,000.  What that does not see is another
+    program changing a service kdsr did not touch in between; the next plan
+    does.  A service expected gone ends an ipvsadm run (``ipvs_list_some``),
+    so each costs a run: a plan with many of them, or a small table, is
+    listed in full.
     """
     if plan.ipvs_seen is None:
         return None, 0

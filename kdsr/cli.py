@@ -499,7 +499,7 @@ def run_command(
         # reloaded, `kdsr apply` of the new text misses the receipt, as it must.
         if reloader.text is None:
             return
-        if warned[0] is not prepared.intent:  # 5 ms at 1,000 pools: once per intent, not per health event
+        if warned[0] is not prepared.intent:  # once per intent, not per health event
             warned[:] = [prepared.intent, _warnings(prepared.intent, obj.compile_cache)]
         _record_receipt(obj, kernel, intent_file, reloader.text, node, prepared, warned[1])
 

@@ -4,11 +4,10 @@ kdsr's state is large and acyclic: at 10,000 VIPs a plan holds ~3 million
 tuples, frozen dataclasses and strings, and none of them is freed by the
 cyclic collector (reference counting frees them).  The collector still walks
 them: every 700 allocations it scans the young objects, and whenever the
-survivors grow by a quarter it scans everything.  Building a 271,000-element
-batch then spends most of its time in the collector (measured, 10,000 VIPs:
-compile, batch and text 1.77 s with it, 0.82 s without; the same peak RSS),
-and a single change in the daemon pays a 0.1-0.3 s full scan whenever one
-falls due.
+survivors grow by a quarter it scans everything.  Building a full apply's
+batch then spends most of its time in the collector, for no memory saved,
+and a single change in the daemon pays a full scan whenever one falls due
+(bench/control_plane.py shows both).
 
 So the collector is paused while a command plans and applies (``paused``),
 and the daemon, after it has built and applied an intent, collects once and

@@ -29,7 +29,6 @@ from kdsr.model import (
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
 # The reason of a "bird config" change written without `birdc configure`.
 BIRD_NOT_RUNNING = "BIRD is not running: no reload"
-ACTION_ORDER = {CREATE: 0, UPDATE: 1, REPLACE: 2, DELETE: 3}
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class Plan:
     service_changes: dict = field(default_factory=dict)
     # The IPVS services this plan was made from, by ident (None: absent),
     # for every service it may touch: apply starts from them instead of
-    # listing the kernel again (at 10,000 services a full listing takes
-    # about 10 s in the emulated guest), and the read-back takes the
+    # listing the kernel again (a full listing of a large table is slow:
+    # bench/ipvs_control_plane.py), and the read-back takes the
     # services it did not touch from here.  None: apply lists the kernel.
     ipvs_seen: dict[str, IpvsService | None] | None = field(default=None, repr=False, compare=False)
 

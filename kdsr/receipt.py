@@ -1,9 +1,9 @@
 """The receipt of the last verified apply: an unchanged re-apply without
 validating or compiling again.
 
-Config management re-applies the same intent every few minutes.  At 10,000
-VIPs the schema check alone takes ~2 s and compile ~0.4 s, to learn that
-nothing changed (bench/control_plane.py).  After kdsr has verified that the
+Config management re-applies the same intent every few minutes.  On a large
+intent, validating and compiling take most of a no-op's time, to learn
+that nothing changed (bench/control_plane.py).  After kdsr has verified that the
 kernel matches an intent, it writes a receipt holding:
 
 - ``inputs``: a digest of everything compile reads: kdsr's own code, the

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Which lab tier this kernel supports, and a small namespace toolkit for full-kernel tests.
 
-The host kernel on our machines has no IPVS and no ipip/gre/ip6tnl
-(KERNEL-NOTES.md); Debian's full kernel, booted in a virtme-ng guest by
+A host kernel may lack IPVS and ipip/gre/ip6tnl (a distribution's cloud
+or minimal kernel often does); Debian's full kernel, booted in a virtme-ng guest by
 guest_tier.py, has them as modules. `probe()` tells the two apart by trying
 the real thing: modprobe each module, look for /proc/net/ip_vs, then, in a
 throw-away namespace it names and deletes, create an `mh` IPVS service and an

@@ -13,7 +13,7 @@ created. Lab tests put kdsr in between (`lab.run("lb", ["kdsr", "apply", ...])`)
 
 Run `python3 lab.py` (as root) to build an L2 lab and leave it up for poking.
 
-Rules it keeps (KERNEL-NOTES.md, "Traffic rules"): namespace names carry a
+Rules it keeps: namespace names carry a
 random suffix so parallel runs never collide; teardown deletes only the
 namespaces this object created, by name, and stops only processes it started,
 by pid; every helper process is bounded in time by itself (responder

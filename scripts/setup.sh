@@ -49,7 +49,7 @@ fi
 # The click check: the system's python3-click (8.1 on bookworm, a build
 # dependency of the package) is visible in the venv and would do for kdsr,
 # not for the tests (pyproject.toml's test extra asks for 8.2).
-if ! .venv/bin/python -c 'import kdsr, click, jsonschema, pyroute2, yaml, pytest, hypothesis, virtme_ng
+if ! .venv/bin/python -c 'import kdsr, click, jsonschema, jsonschema_rs, pyroute2, yaml, pytest, hypothesis, virtme_ng
 from importlib.metadata import version
 assert tuple(int(n) for n in version("click").split(".")[:2]) >= (8, 2)' 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lab]'

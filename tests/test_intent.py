@@ -11,8 +11,8 @@ import pytest
 
 from kdsr.errors import EXIT_INVALID_INTENT, IntentError, Problem, UsageError
 from kdsr.intent import Intent, load_intent, parse_intent
-from kdsr.intent.load import SCHEMA_ID, SUPPORTED_ENGINES, SUPPORTED_MODES, schema
-from kdsr.intent.model import DEFAULT_HASH_SEED, HASH_FIELDS, PortRange
+from kdsr.intent.load import SCHEMA_ID, schema
+from kdsr.intent.model import DEFAULT_HASH_SEED, DSR_MODES, ENGINE_IPVS, ENGINE_NFT, HASH_FIELDS, PortRange
 from kdsr.intent.primes import is_prime, next_prime
 from kdsr.intent.reload import same_json
 from kdsr.intent.verify import verify
@@ -457,7 +457,7 @@ def test_interface_of_fifteen_bytes_is_fine():
     ],
 )
 def test_invalid_addresses(edits, pointer, text):
-    # Rule 12: the schema checks them with ipaddress too, so they come with
+    # The schema checks them with ipaddress too, so they come with
     # every other schema error.
     problem = only_problem(changed(**edits))
     assert problem.pointer == pointer
@@ -472,7 +472,7 @@ def test_schema_and_address_errors_together():
 # --- semantic rules (verify) --------------------------------------------------
 
 
-def test_duplicate_vip_port_protocol_across_services():  # rule 1
+def test_duplicate_vip_port_protocol_across_services():
     problem = only_problem(
         changed(services__media__vip="10.10.0.100", services__media__ports=[443], services__media__protocols="tcp")
     )
@@ -480,18 +480,18 @@ def test_duplicate_vip_port_protocol_across_services():  # rule 1
     assert "service web" in problem.message and "/services/web/ports/1" in problem.message
 
 
-def test_overlapping_port_ranges_count():  # rule 1
+def test_overlapping_port_ranges_count():
     doc = changed(services__media__vip="10.10.0.100", services__media__protocols="both", services__media__ports="40-60")
     problem = only_problem(doc)
     assert problem.pointer == "/services/media/ports"
     assert "10.10.0.100 tcp/udp ports 40-60 overlap port 53 of service dns" in problem.message
 
 
-def test_same_port_on_other_protocol_or_vip_is_fine():  # rule 1
+def test_same_port_on_other_protocol_or_vip_is_fine():
     parse_intent(json.dumps(changed(services__media__vip="10.10.0.100", services__media__ports=80)), SOURCE)
 
 
-def test_duplicate_port_within_a_service():  # rule 1
+def test_duplicate_port_within_a_service():
     problem = only_problem(changed(services__web__ports=[80, "70-90"]))
     assert problem.pointer == "/services/web/ports/1"
     assert "this service" in problem.message
@@ -501,33 +501,33 @@ def test_duplicate_port_within_a_service():  # rule 1
     ("vip", "owner"),
     [("10.10.0.11", "server s1"), ("10.10.0.2", "load balancer lb1"), ("10.10.0.50", "pool web member 3")],
 )
-def test_vip_is_someone_elses_address(vip, owner):  # rule 2
+def test_vip_is_someone_elses_address(vip, owner):
     doc = changed(services__media__vip=vip, pools__web__servers__3={"address": "10.10.0.50"})
     problem = only_problem(doc)
     assert problem.pointer == "/services/media/vip"
     assert owner in problem.message
 
 
-def test_mixed_address_family():  # rule 3
+def test_mixed_address_family():
     problem = only_problem(changed(services__web6__pool="web"))
     assert problem.pointer == "/services/web6/pool"
     assert "IPv6 VIP" in problem.message and "IPv4 members" in problem.message
 
 
-def test_unknown_pool():  # rule 4
+def test_unknown_pool():
     problem = only_problem(changed(services__web__pool="wbe"))
     assert problem.pointer == "/services/web/pool"
     assert 'unknown pool "wbe"' in problem.message
     assert 'Did you mean "web"?' in problem.hint
 
 
-def test_unknown_server_node():  # rule 4
+def test_unknown_server_node():
     problem = only_problem(changed(pools__web__servers__0__node="s9"))
     assert problem.pointer == "/pools/web/servers/0/node"
     assert "s1, s2, s3" in problem.hint
 
 
-def test_member_naming_a_load_balancer():  # rule 4
+def test_member_naming_a_load_balancer():
     assert "is a load balancer" in only_problem(changed(pools__web__servers__0__node="lb1")).message
 
 
@@ -537,7 +537,7 @@ def test_member_address_must_belong_to_its_node():
     assert "not an address of server s1" in problem.message
 
 
-def test_l2_server_off_the_load_balancer_segment():  # rule 5
+def test_l2_server_off_the_load_balancer_segment():
     doc = changed(
         servers__s4={"interface": "eth0", "addresses": ["10.9.0.5/24"]}, pools__web__servers__3={"node": "s4"}
     )
@@ -551,7 +551,7 @@ def test_l2_server_off_the_load_balancer_segment():  # rule 5
     )
 
 
-def test_l2_server_must_reach_every_load_balancer():  # rule 5
+def test_l2_server_must_reach_every_load_balancer():
     doc = changed(load_balancers__lb2={"interface": "eth1", "addresses": ["10.20.0.2/24", "fd00:10::3/64"]})
     problems = problems_of(doc)
     # Every IPv4 member of pool web is off lb2's segment; the IPv6 ones are on it.
@@ -559,7 +559,7 @@ def test_l2_server_must_reach_every_load_balancer():  # rule 5
     assert all("load balancer lb2" in p.message for p in problems)
 
 
-def test_mac_pinned_on_some_members_only():  # rule 6
+def test_mac_pinned_on_some_members_only():
     problem = only_problem(changed(pools__web__servers__0__mac="AA:BB:CC:DD:EE:FF"))
     assert problem.pointer == "/pools/web/servers"
     assert "member 0 pins" in problem.message and "members 1, 2 do not" in problem.message
@@ -570,13 +570,13 @@ def test_multicast_mac():
     assert only_problem(doc).pointer == "/pools/web6/servers/0/mac"
 
 
-def test_duplicate_member_address():  # rule 7
+def test_duplicate_member_address():
     problem = only_problem(changed(pools__web__servers__3={"address": "10.10.0.11"}))
     assert problem.pointer == "/pools/web/servers/3/address"
     assert "/pools/web/servers/0" in problem.message
 
 
-def test_table_size_must_be_prime():  # rule 10
+def test_table_size_must_be_prime():
     problem = only_problem(changed(services__web__hashing__table_size=100))
     assert problem.pointer == "/services/web/hashing/table_size"
     assert "try 101" in problem.hint
@@ -587,7 +587,7 @@ def test_prime_table_size_is_fine():
     assert next(s for s in intent.services if s.name == "web").hashing.table_size == 65537
 
 
-def test_node_both_load_balancer_and_server():  # rule 11
+def test_node_both_load_balancer_and_server():
     problem = only_problem(changed(servers__lb1={"interface": "eth0", "addresses": ["10.10.0.50/24"]}))
     assert problem.pointer == "/servers/lb1"
 
@@ -655,8 +655,8 @@ def test_schema_closes_every_object_and_describes_every_property():
 def test_schema_agrees_with_the_code():
     defs = schema()["$defs"]
     dsr = defs["service"]["properties"]["dsr"]["properties"]
-    assert tuple(dsr["mode"]["enum"]) == SUPPORTED_MODES
-    assert tuple(dsr["engine"]["enum"]) == SUPPORTED_ENGINES
+    assert tuple(dsr["mode"]["enum"]) == DSR_MODES
+    assert tuple(dsr["engine"]["enum"]) == (ENGINE_NFT, ENGINE_IPVS)
     hashing = defs["service"]["properties"]["hashing"]["properties"]
     assert tuple(hashing["fields"]["enum"]) == HASH_FIELDS
     assert hashing["seed"]["default"] == DEFAULT_HASH_SEED

@@ -56,7 +56,7 @@ def hash_inputs(fields: str, family: int) -> list[dict]:
     then fails and the service lookup in ``ingress`` (which reads ``th
     dport``) never matches, so such fragments are not load-balanced at all.
     ``source-ip`` alone hashes fragments consistently but a service match
-    still needs the port; see README ("Fragments").
+    still needs the port; see docs/how-it-works.md ("Fragments").
     """
     ip = ADDR_PROTO[family]
     if fields == HASH_SOURCE_IP:
@@ -80,9 +80,8 @@ def service_lookups(family: int, names: dict[int, str], range_names: dict[int, s
 
     Why two maps: a map that allows ranges (``flags interval``) on a
     concatenated key is a pipapo set, whose lookup cost grows with its element
-    count; an exact-match map is a hash, O(1).  Measured in the guest
-    (bench/fast_path.py), one interval map with 20,000 VIP:port elements cut
-    the forwarding rate to a tenth of the 1-VIP rate.  Ports of one VIP never
+    count; an exact-match map is a hash, O(1) (bench/fast_path.py's
+    10,000-VIP row against its 1-VIP row).  Ports of one VIP never
     overlap (intent/verify.py), so at most one of the two maps matches.
     """
     key = {"concat": [_payload(ADDR_PROTO[family], "daddr"), {"meta": {"key": "l4proto"}}, _payload("th", "dport")]}

@@ -16,10 +16,9 @@ stack (chains and maps in ``netdev kdsr``, next to L2's):
               fwd to l3-tunnels[mark] device l3-tunnel-links[mark]
 
 ``fwd`` transmits on the tunnel link, which encapsulates and sends: no
-routing lookup, no forwarding path, no conntrack.  Measured in the guest
-(bench/fast_path.py), it delivers 0.64 of plain forwarding's packet rate,
-IPVS TUN's rate, where the first design (mark in ``inet`` prerouting, let
-policy routing pick the tunnel) delivered 0.24.
+routing lookup, no forwarding path, no conntrack: bench/fast_path.py's
+``nft-l3`` row measures it against IPVS TUN, and the first design (mark in
+``inet`` prerouting, let policy routing pick the tunnel) was far slower.
 
 That routed path stays for two things.  A packet too long for the tunnel
 (more than ``path_mtu`` less the overhead) goes on to the IP stack with

@@ -12,7 +12,7 @@ Table sizes (M for a pool of N servers, drained ones included):
   at least 1,000 slots per server.  Two measured reasons (bench/maglev.py):
   a server change moves close to the ideal 1/N of the flows only when
   M >= ~1000 * N (at M ~ 100 * N Maglev's own reshuffle adds 1-2 points:
-  N = 100, M = 10,007 moves 2.74% on a removal, against 1.56% at 65,537),
+  docs/consistent-hashing.md has the figures),
   and a size that steps on a ladder stays put while a pool grows or shrinks
   within a rung, where a size that followed N would change on every
   membership change and re-slot every flow of the pool;
@@ -52,13 +52,10 @@ DEFAULT_SLOTS_PER_SERVER = 1000
 # changes deployed tables for the same intent: a breaking change.
 TABLE_SIZE_LADDER = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65537)
 MIN_DEFAULT_TABLE_SIZE = 4093
-MIN_TABLE_SIZE = TABLE_SIZE_LADDER[0]
 MAX_TABLE_SIZE = maglev.MAX_TABLE_SIZE
-# Slot elements over all the selector maps of one nft table.  Measured with
-# nft 1.0.6 on a 6.x kernel (2 CPUs): one map of 65,537 elements with
-# counters costs ~8.5 MB of slab (~135 bytes each, plus 16 bytes per CPU for
-# the counter), applies in 0.3 s and lists (JSON, 5 MB) in 0.8 s; sixteen such
-# maps take 8.5 s to apply and 16 s to list.  The kernel copes; what grows is
+# Slot elements over all the selector maps of one nft table.  Each element
+# with its counter costs kernel slab (plus per-CPU counter memory), and nft
+# 1.0.6 lists every element on each read.  The kernel copes; what grows is
 # kdsr's own read-back (plan, apply and show list the whole table).  2^18
 # elements keep a plan within a few seconds and hold, e.g., four pools at the
 # largest size, or 1,000 pools of one or two servers at the minimum (251);
@@ -121,10 +118,6 @@ class Selector:
             by_address = {str(m.address): m for m in self.members}
             return tuple(by_address[a].mac for a in table)
         return table
-
-    @property
-    def slots_per_server(self) -> float:
-        return self.table_size / max(len(self.members), 1)
 
 
 def default_table_size(servers: int) -> tuple[int, str]:

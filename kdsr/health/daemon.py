@@ -101,10 +101,8 @@ class Counters:
     apply_failures: int = 0
     apply_seconds_total: float = 0.0
     last_apply_seconds: float = 0.0
-    changes_applied: int = 0
     drift_checks: int = 0
     drift_check_seconds_total: float = 0.0
-    last_drift_check_seconds: float = 0.0
     drift_repairs: int = 0
     started: float = field(default_factory=time.time)
 
@@ -335,11 +333,6 @@ class Runner:
         self._stop_requested = True
         self._wake()
 
-    def request_reload(self, *_args: object) -> None:
-        """Reload the intent (from another thread)."""
-        self._reload_requested = True
-        self._wake()
-
     def _on_signal(self, number: int, _frame: object) -> None:
         # Runs in the main thread between two bytecodes: flags only (see the
         # module's docstring).  The wake-up fd has woken the loop already.
@@ -461,7 +454,6 @@ class Runner:
                 with self.lock:
                     self.pools, self.out = effective.pools, effective.out
                     self.counters.applies += 1
-                    self.counters.changes_applied += changes
                     self.counters.last_apply_seconds = elapsed
                     self.counters.apply_seconds_total += elapsed
                 self.publish()
@@ -512,7 +504,6 @@ class Runner:
         with self.lock:
             self.counters.drift_checks += 1
             self.counters.drift_check_seconds_total += elapsed
-            self.counters.last_drift_check_seconds = elapsed
         if not held:
             self.apply("drift")
         self._next_check = time.monotonic() + self.check_interval

@@ -12,7 +12,7 @@ __all__ = ["Intent", "load_intent", "parse_intent"]
 
 
 def __getattr__(name: str):
-    # Lazy: loading pulls in JSON Schema (~0.1-0.2 s of imports), which the
+    # Lazy: loading pulls in JSON Schema (slow imports), which the
     # model's users, and a re-apply answered by its receipt, never need.
     if name in ("load_intent", "parse_intent"):
         from kdsr.intent import load

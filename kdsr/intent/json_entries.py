@@ -1,8 +1,7 @@
 """Reading an intent's JSON again after an edit: only the entries that changed.
 
-``kdsr run`` reloads its intent file on SIGHUP.  At 10,000 VIPs the file is
-1.6 MB and the C parser takes 30-60 ms over it, though an edit usually
-touches one service or pool; and every entry it returns is a new object, so
+``kdsr run`` reloads its intent file on SIGHUP.  The C parser reads the whole
+file, though an edit usually touches one service or pool; and every entry it returns is a new object, so
 the reload then compares 11,000 entries with the last document's by value.
 
 This reader walks the top-level object and the entries of its entry maps

@@ -15,15 +15,22 @@ import ipaddress
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import jsonschema
 import yaml
+
+try:
+    import jsonschema_rs
+except ImportError:  # optional: see is_valid_for
+    jsonschema_rs = None
+
+if TYPE_CHECKING:
+    import jsonschema
 
 from kdsr import collector
 from kdsr.errors import IntentError, Problem, UsageError, quote
 from kdsr.files import read_bounded
-from kdsr.intent import schema_check, values
+from kdsr.intent import values
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
@@ -45,8 +52,6 @@ from kdsr.intent.model import (
     DEFAULT_TIMEOUT,
     DEFAULT_UDP_SEND,
     DSR_L2,
-    DSR_MODES,
-    ENGINE_IPVS,
     ENGINE_NFT,
     MONITOR_DSR,
     Announce,
@@ -65,8 +70,6 @@ from kdsr.intent.model import (
     Service,
 )
 
-SUPPORTED_MODES = DSR_MODES
-SUPPORTED_ENGINES = (ENGINE_NFT, ENGINE_IPVS)
 SCHEMA_ID = "https://kdsr.dev/schemas/intent-v1.json"
 
 # Bounds on what an intent may cost to parse (the file's size: kdsr/files.py).
@@ -309,8 +312,8 @@ def _parse_json_fast(text: str, read_json: Callable[[str], dict | None] | None =
     _UNREADABLE when only the careful path (``_parse``) may answer.
 
     The careful path walks every value again in Python to find duplicate
-    keys, count the values and the depth, and make whole floats integers:
-    at 10,000 VIPs (1.6 MB) it parses in 0.28 s, this in 0.03-0.06 s.
+    keys, count the values and the depth, and make whole floats integers,
+    several times slower than the C parser alone.
     Here the parser's hooks do the first and last, a count of the separators
     bounds the values (every value but the first follows a "[", "," or
     ":"), and the schema bounds the depth: it has no open-ended
@@ -352,7 +355,7 @@ def _integral(value: float) -> float | int:
 JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_whole_as_int)
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when PyYAML has it: ~5x faster
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when PyYAML has it: far faster
     """SafeLoader whose mappings record duplicate keys instead of dropping them."""
 
 
@@ -452,12 +455,21 @@ def _check_interface(value: object) -> bool:
     return True
 
 
+def _jsonschema():
+    # Imported when first asked (a "no" from jsonschema-rs, an error to word,
+    # or no jsonschema-rs): a valid intent never needs it, and its import is
+    # a large part of the start-up of every command that loads an intent.
+    import jsonschema
+
+    return jsonschema
+
+
 def _format_checker() -> jsonschema.FormatChecker:
     # The schema's address formats are kdsr's own, checked with ipaddress here
     # so that a bad address is reported together with every other schema
     # error.  Only these formats: the standard ones would depend on which
     # optional packages happen to be installed.
-    checker = jsonschema.FormatChecker(formats=())
+    checker = _jsonschema().FormatChecker(formats=())
     checker.checks("ip-address", raises=ValueError)(_check_address)
     checker.checks("ip-interface", raises=ValueError)(_check_interface)
     return checker
@@ -470,24 +482,49 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 def validator_for(schema: dict) -> jsonschema.Draft202012Validator:
     """A validator of (part of) the intent schema, with kdsr's formats."""
-    return jsonschema.Draft202012Validator(schema, format_checker=_format_checker())
+    return _jsonschema().Draft202012Validator(schema, format_checker=_format_checker())
 
 
 def is_valid_for(schema: dict) -> Callable[[object], bool]:
-    """``validator_for(schema).is_valid``, answered by the compiled check
-    (kdsr/intent/schema_check.py) unless it leaves a value to jsonschema."""
-    validator = validator_for(schema)
-    fast = schema_check.compile_check(schema, validator.format_checker.conforms)
-    if fast is None:
-        return validator.is_valid
+    """``validator_for(schema).is_valid``, answered by jsonschema-rs when it
+    says yes.
+
+    jsonschema walks a document through generic Python machinery, a large
+    cost on a big intent; jsonschema-rs (Rust) gives the yes or no at a small
+    fraction of it.  jsonschema stays the reference: a "no" is asked again
+    there (where the two read a value differently, say a name ending in a
+    newline, which Python's ``$`` accepts, or NaN against a bound, jsonschema's
+    answer is kdsr's), and it alone words the problems.  Without jsonschema-rs
+    (Debian has no package of it) every document takes jsonschema's slower path.
+    """
+    if jsonschema_rs is None:
+        return validator_for(schema).is_valid
+    slow = functools.cache(lambda: validator_for(schema).is_valid)
+    fast = jsonschema_rs.Draft202012Validator(
+        schema,
+        formats={"ip-address": _conforms(_check_address), "ip-interface": _conforms(_check_interface)},
+        validate_formats=True,
+    ).is_valid
 
     def is_valid(doc: object) -> bool:
         try:
-            return fast(doc)
-        except schema_check.Unsure:
-            return validator.is_valid(doc)
+            if fast(doc):
+                return True
+        except ValueError:  # a value JSON has no form for (NaN from YAML's .nan): jsonschema decides
+            pass
+        return slow()(doc)
 
     return is_valid
+
+
+def _conforms(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    def conforms(value: object) -> bool:
+        try:
+            return check(value)
+        except ValueError:
+            return False
+
+    return conforms
 
 
 @functools.cache
@@ -636,7 +673,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
         message = "a pool member needs 'node' or 'address'."
     elif error.context:
         # Any other combinator: the most relevant branch says it best.
-        return _explain(jsonschema.exceptions.best_match(error.context), source, fmt)
+        return _explain(_jsonschema().exceptions.best_match(error.context), source, fmt)
     else:
         message = f"{error.message}."
     return [Problem(source, _pointer(path), message, hint)]

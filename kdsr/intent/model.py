@@ -60,8 +60,8 @@ class PortRange:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-# Flow pinning defaults: IPVS's UDP timeout; 65536 flows cost ~7 MB of
-# kernel memory per pool (README, "Flow pinning").
+# Flow pinning defaults: IPVS's UDP timeout; max_flows bounds the kernel
+# memory the pins of a pool take (docs/consistent-hashing.md, "Flow pinning").
 DEFAULT_PIN_TIMEOUT = 300
 DEFAULT_PIN_MAX_FLOWS = 65536
 
@@ -75,7 +75,6 @@ class FlowPinning:
 
 
 # Health monitor defaults: out within interval x fall + timeout = 3.5 s.
-MONITOR_TYPES = ("tcp", "udp", "http", "https")
 MONITOR_DSR = "dsr"
 MONITOR_PLAIN = "plain"
 DEFAULT_INTERVAL = 1.0
@@ -92,7 +91,7 @@ ALL_DOWN_DROP = "drop"
 class Monitor:
     """One health check, as written on a pool or a service (``pointer`` says which)."""
 
-    type: str  # one of MONITOR_TYPES
+    type: str  # "tcp", "udp", "http" or "https"
     mode: str = MONITOR_DSR
     port: int | None = None  # None: the service's first port
     interval: float = DEFAULT_INTERVAL

@@ -1,8 +1,8 @@
 """The cross-object rules again after an edit, on the part an edit can reach.
 
-verify (kdsr/intent/verify.py) reads the whole document: at 10,000 VIPs that
-is 0.2-0.3 s, most of what was left of a reload's time after the schema and
-the build were made per entry (kdsr/intent/reload.py).  But the last
+verify (kdsr/intent/verify.py) reads the whole document: on a large intent
+that is most of what was left of a reload's time after the schema and the
+build were made per entry (kdsr/intent/reload.py).  But the last
 document had no problem, so every problem of the new one involves an entry
 the edit changed, and each rule pairs an entry with only a few others:
 

@@ -120,7 +120,7 @@ class _Verifier:
     def check_bgp(self) -> None:
         check_bgp(self.services, self.load_balancers, self.report)
 
-    # Rule 11: one role per node; the CLI selects a node by name (--node).
+    # One role per node: the CLI selects a node by name (--node).
     def check_node_names(self) -> None:
         for name in self.servers:
             if name in self.load_balancers:

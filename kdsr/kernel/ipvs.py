@@ -150,13 +150,11 @@ class Listing:
         self._read = read
         self._services: dict[str, IpvsService | None] | None = None
         self._seen = dict(seen) if seen is not None else None
-        self.reads = 0
 
     def get(self, ident: str) -> IpvsService | None:
         if self._services is None:
             if self._seen is not None and ident in self._seen:
                 return self._seen[ident]
-            self.reads += 1
             self._services = {s.ident: s for s in self._read()}
         return self._services.get(ident)
 
@@ -245,9 +243,8 @@ def parse_list(text: str) -> list[IpvsService]:
     A listing of 10,000 services is 170,000 lines, but they name a few
     hundred distinct destinations: each distinct line (its connection
     counters cut off) is read once, and every service that lists it holds
-    the same frozen destination.  (A regular expression over the whole
-    listing to cut the counters cost 12 s of emulated time at that size,
-    most of it backtracking over the column padding.)
+    the same frozen destination.  (Not a regular expression over the whole
+    listing to cut the counters: it backtracks over the column padding.)
     """
     services: list[IpvsService] = []
     read: dict[str, IpvsDest] = {}  # a destination line without its counters -> that destination

@@ -2,8 +2,8 @@
 committed an nftables transaction since.
 
 Listing a table is the dearest thing kdsr does: nft 1.0.6 fetches every
-element of every set for any listing, so a table of 164,000 map elements
-takes ~3.5 s and ~0.5 GB to list and decode (bench/control_plane.py), and the
+element of every set for any listing, so listing and decoding a large
+table takes seconds and hundreds of MB (bench/control_plane.py), and the
 ruleset-wide cost stays even for one map or one element.  The kernel bumps
 its ruleset generation on every committed transaction, whoever sends it
 (nft_generation.py).  A table recorded together with the generation it was
@@ -22,7 +22,7 @@ Two cases where the generation stays while a table changes are the
 kernel's own: a netdev base chain loses its hook when its device goes away,
 and an element of L3's tunnel-link map (an interface index) points at
 nothing once its link is deleted, or at the wrong index once the link is
-made again.  The first shows in the table's chain listing (~4 ms), the
+made again.  The first shows in the table's chain listing (no elements), the
 second in the indexes of kdsr's tunnel links; both are compared on every
 use (``chain_fingerprint``).
 """
@@ -85,10 +85,6 @@ def _tuples(value):
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
-
-
-def encode_table(table: NftTable) -> dict:
-    return json.loads(encode_table_text(table))
 
 
 def encode_table_text(table: NftTable, texts: EncodedTexts | None = None, remember: bool = True) -> str:

@@ -47,8 +47,8 @@ class _Channel:
     """One NETLINK_NETFILTER socket per process, kept open.
 
     Closing such a socket right after an nftables commit takes the kernel
-    ~5 ms (measured: 4 closes were a third of a 66 ms apply at 10,000 VIPs),
-    and an apply reads the generation three times.  Reopened after an error
+    long enough to show in a small apply's time, and an apply reads the
+    generation three times.  Reopened after an error
     or in a forked child; a lock keeps the daemon's threads apart."""
 
     def __init__(self) -> None:

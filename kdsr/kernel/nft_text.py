@@ -1,7 +1,7 @@
 """kdsr's libnftables JSON batch -> nft's text language, for what JSON cannot
 say, and for large batches (kdsr/kernel/system.py ``TEXT_BATCH_ELEMENTS``:
-libnftables' text parser holds ~100 MB less than its JSON parser for the
-271,000 elements of a 10,000-VIP full apply).
+libnftables' text parser holds less memory than its JSON parser for a
+full apply's elements).
 
 libnftables before 1.0.9 (Debian bookworm ships 1.0.6) has no JSON form for
 the map statement, ``update @map { key : data }``: its JSON parser rejects it
@@ -37,7 +37,7 @@ def needs_text(commands: list[dict]) -> bool:
     """True when the batch holds something libnftables 1.0.6 cannot read as JSON."""
     # Element commands hold only keys and values (no statement, no map
     # declaration): skipping them keeps this check off a 271,000-element
-    # batch's critical path (it walked every element: 0.44 s at 10,000 VIPs).
+    # batch's critical path.
     return any(_needs_text(cmd) for cmd in commands if not _is_elements(cmd))
 
 

@@ -116,8 +116,7 @@ def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, changed
     them: the kernel handle keeps the compiled table as that read.  The next
     diff (the daemon's next health event) then meets compile's own map
     tuples and stops at identity.  Without this the first event after a
-    start compared 164,000 read elements pair by pair (100 VIPs: 20-40 ms
-    of a 57-85 ms event)."""
+    start compared every read element with its compiled twin, pair by pair."""
     touched = {(td.family, td.name) for td in changed}
     read = {t.ident: t for t in observed.tables}
     for table in desired.tables:

@@ -1,6 +1,7 @@
 """Links, routes and rules as kdsr reads them, over its own rtnetlink
 socket (rtnl_socket.py): every plan, ``show`` and no-op check reads them,
-and through pyroute2 the import and socket alone cost a CLI run ~0.1 s.
+and through pyroute2 the import and socket alone cost a CLI run more than
+the rest of a no-op check (bench/cli_noop.py).
 
 Only what kdsr compares is decoded (model.Link, model.Route, model.Rule):
 - a link's index, name, kind and, for its tunnel kinds, the two ends and the TTL;

@@ -8,8 +8,9 @@ What the messages carry is decoded where it is used: rtnl_addr.py
 
 Why not pyroute2 (0.9, asyncio underneath): it builds a full message object
 per answer and waits for each write's answer before it sends the next, and
-importing it and opening its socket costs a CLI run ~0.1 s, more than
-kdsr's whole no-op check (see README, Performance).
+importing it and opening its socket costs a CLI run more than kdsr's whole
+no-op check (bench/addresses.py and bench/cli_noop.py measure both; the
+figures are in docs/performance.md).
 """
 
 from __future__ import annotations

@@ -265,8 +265,8 @@ class _L3Mixin:
 
     def ipvs_list_some(self, services: list) -> list:
         """Those of ``services`` the kernel holds: ``-L`` lines through ONE
-        ``ipvsadm -R``, which runs listing commands too (20 services: 0.09 s
-        in the emulated guest, against 1.4 s for 20 processes).  A service
+        ``ipvsadm -R``, which runs listing commands too (one process, not one
+        per service).  A service
         that is not there ends the run ("No such service", exit 1) after
         those before it were listed; the run starts again after it."""
         if not Path("/proc/net/ip_vs").exists():
@@ -369,11 +369,11 @@ def _structure(table: NftTable) -> tuple:
     return tuple(chains), tuple(sorted((m.name, m.declaration()) for m in table.maps))
 
 
-# A batch with this many map elements or more goes to libnftables as text.
-# Measured at 10,000 VIPs (271,000 elements, nft 1.0.6): libnftables' JSON
-# parser holds ~330 MB while it builds the transaction, its text parser
-# ~230 MB, and the text sends within ~10% of the JSON's time (2.8 against
-# 2.5-2.9 s).  Below this, JSON (the path every other change takes).
+# A batch with this many map elements or more goes to libnftables as text:
+# on a full apply's batch (nft 1.0.6) its JSON parser holds far more memory
+# while it builds the transaction than its text parser, for about the same
+# time (bench/control_plane.py's peak RSS).  Below this, JSON (the path
+# every other change takes).
 TEXT_BATCH_ELEMENTS = 20_000
 
 
@@ -471,7 +471,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
         return token, known is not None and known[0] == generation
 
     def _chain_fingerprint(self, family: str) -> str | None:
-        """The family's chains with their hooks, devices and handles (~4 ms:
+        """The family's chains with their hooks, devices and handles (cheap:
         no set elements are fetched), and for netdev the indexes of kdsr's
         tunnel links; None when they cannot be listed."""
         self.nft.set_json_output(False)
@@ -503,7 +503,7 @@ class SystemKernel(_L3Mixin, _BirdMixin):
     def _list_table(self, family: str, name: str, terse: bool = False) -> tuple[NftTable | None, list[dict]]:
         """One listing, in a context of its own: libnftables keeps what a
         listing fetched (every element of every set) until the context's next
-        command, and freeing that costs ~0.2 s per 160,000 elements; a
+        command, and freeing that takes time in proportion to the elements; a
         throw-away context keeps the cost here, off the next transaction.
         ``terse``: without map elements (the structure only)."""
         ctx = _nftables().Nftables()

@@ -220,7 +220,7 @@ def test_ipv4_without_mh_port_in_kdsr_order(netns):
     _lab(netns, "lb", 4)
     svc = MhService(netns, "lb", "10.200.0.1", ("mh-fallback",))
     wanted = mh.kdsr_order(["10.201.0.20", "10.201.0.3", "10.201.0.100", "10.201.0.7"])
-    # kdsr adds last-first (apply.py converge_dests) so the list reads sorted.
+    # kdsr adds last-first (apply.py converge_commands) so the list reads sorted.
     for address in reversed(wanted):
         svc.add(address, 1)
     assert svc.kernel_order() == wanted
