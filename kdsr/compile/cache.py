@@ -38,10 +38,13 @@ class CompileCache:
     """Everything compile reuses between calls; see the module docstring."""
 
     def __init__(self) -> None:
-        # Maglev tables by (backends, size, seed), bounded by slots held.
+        # Maglev tables by (backends, size, seed), and slot-map element tuples
+        # by Maglev table (one shared element per server), each bounded by
+        # slots held: 2^20, four times the slot budget of one nft table
+        # (compile/selectors.py SLOT_BUDGET), so an L2 and an L3 table's
+        # working set stays with room for the tables a change replaces.
         self.maglev_tables: BoundedMemo[tuple, tuple[str, ...]] = BoundedMemo(1 << 20, cost=len)
-        # Slot-map element tuples by Maglev table: one shared element per server.
-        self.slot_elements: BoundedMemo[tuple, tuple] = BoundedMemo(4096)
+        self.slot_elements: BoundedMemo[tuple, tuple] = BoundedMemo(1 << 20, cost=len)
         # Selector chains by everything they are made of.
         self.chains: BoundedMemo[tuple, Any] = BoundedMemo(4096)
         # The last slot map per (selector name, intent source), with the pool and hashing it came from.
