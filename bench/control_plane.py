@@ -310,7 +310,7 @@ def inner(args: argparse.Namespace) -> int:
     # run_command), its warnings computed once per intent.
     from kdsr import cli
 
-    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent))
+    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent, daemon_cache))
     for label, now_down in (("one server down (health)", down), ("the server back up (health)", frozenset())):
         daemon_path = {"fresh_kernel": False, "kernel": daemon_kernel, "receipt_of": receipt_of, "cache": daemon_cache}
         run_pipeline(rec, label, None, intent, store, down=now_down, **daemon_path)
@@ -326,7 +326,7 @@ def inner(args: argparse.Namespace) -> int:
         daemon_file.write_text(changed_path.read_text())
         with collector.paused(), rec.step(f"{label}: load+validate"):
             changed_intent = reloader.load(daemon_file)
-        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent))
+        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent, daemon_cache))
         run_pipeline(
             rec,
             label,

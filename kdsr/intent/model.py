@@ -276,8 +276,15 @@ class Intent:
         their grouping by pool once made: the health daemon's recompile
         after each event need not sort 10,000 services again."""
         other = dataclasses.replace(self, pools=pools)
-        other.__dict__["_services_by_pool"] = self._services_by_pool  # where functools.cached_property keeps it
+        other.share_grouping(self)
         return other
+
+    def share_grouping(self, other: Intent) -> None:
+        """Take ``other``'s grouping of services by pool (made once for
+        both); the two hold the very same services tuple."""
+        if self.services is not other.services:
+            raise ValueError("only an intent with the same services tuple shares their grouping")
+        self.__dict__["_services_by_pool"] = other._services_by_pool  # where functools.cached_property keeps it
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.load_balancers] + [n.name for n in self.servers]
