@@ -10,7 +10,7 @@ layer          modules                                         may import
 base           errors, wording, files, collector, faults,      (nothing of kdsr)
                privilege, naming, memo
 intent         intent/ (load, schema, rules, values, model)    base
-model          model, maglev, bird_text                        base
+model          model, maglev, bird_text, keepalived_text       base
 compile        compile/ (pure: Intent -> Desired, and the      base, intent, model
                effective intent, probe targets, the cache)
 kernel         kernel/ (readers, writers, fakes)               base, model
@@ -18,7 +18,7 @@ diff           diff                                            base, model
 runtime state  health/state, health/status, health/control     base, kernel
 plan           plan_format, service_view, saved_plan           base, model, compile, kernel,
                                                                diff
-apply          apply, receipt                                  base, model, kernel, diff,
+apply          apply, step, vrrp_apply, receipt                base, model, kernel, diff,
                                                                runtime state
 operations     operations                                      all of the above
 daemon         health/, commands/                              all of the above

@@ -18,6 +18,7 @@ Order (deletes mirror creates):
  12. BIRD's fragment (kdsr/kernel/bird.py), checked with BIRD's parser
      before any write: last when it only announces, first when the plan
      withdraws a VIP or removes fast path, so routers stop sending first.
+VRRP's keepalived fragment and gates follow the same order (kdsr/vrrp_apply.py).
 Announce routes (kdsr/compile/bird.py: BIRD announces a VIP while its route
 is in kdsr's announce table) are deleted before everything else, so a
 withdrawal comes first.  They are added only after the read-back has
@@ -41,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from kdsr import vrrp_apply
 from kdsr.bird_text import pointer_at
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
@@ -53,13 +55,7 @@ from kdsr.kernel.nft_json import batch_for, with_stand_in_links
 from kdsr.kernel.observe import keep_unchanged, observe, observe_announcement
 from kdsr.kernel.state import NodeState, StateStore
 from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link, TableDiff
-
-
-@dataclass
-class Step:
-    description: str
-    run: Callable[[], None]
-    undo: Callable[[], None] | None
+from kdsr.step import Step
 
 
 @dataclass
@@ -295,7 +291,8 @@ def _steps(
     bird_change = next(iter(plan.of_kind("bird config")), None)
     if bird_change is not None:
         (first if _withdraws(plan) else announce).append(_bird_step(kernel, state, save, bird_change, notes))
-    return first + steps, announce
+    vrrp = vrrp_apply.steps(plan, kernel, state, save, notes)
+    return vrrp.first + first + steps, announce + vrrp.last
 
 
 # A plan that deletes any of these reloads BIRD before its other steps.
@@ -668,6 +665,7 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
         return result
     check_modules(desired, kernel)
     check_bird(plan, kernel)
+    vrrp_apply.check(plan, kernel)
     # Check every nftables batch before anything is written: a transaction the
     # kernel would refuse must not leave addresses or sysctls half done.  A
     # plan that is one nft transaction and nothing else (every health change,
@@ -738,12 +736,22 @@ def _before_announcing(desired: Desired, plan: Plan) -> Desired:
     change = next(iter(plan.of_kind("bird config")), None)
     if change is not None and not _withdraws(plan):
         bird = change.before
-    return dataclasses.replace(desired, announce=tuple(r for r in desired.announce if r.ident not in coming), bird=bird)
+    desired = dataclasses.replace(
+        desired, announce=tuple(r for r in desired.announce if r.ident not in coming), bird=bird
+    )
+    return vrrp_apply.before_announcing(desired, plan)
 
 
 def _read_back_announcement(desired: Desired, kernel: Kernel, state: NodeState) -> None:
     """The announce routes and the fragment, after the announcing steps."""
-    wanted = Desired(node=desired.node, role=desired.role, bird=desired.bird, announce=desired.announce)
+    wanted = Desired(
+        node=desired.node,
+        role=desired.role,
+        bird=desired.bird,
+        announce=desired.announce,
+        keepalived=desired.keepalived,
+        gates=desired.gates,
+    )
     leftover = diff(wanted, observe_announcement(kernel, desired, state))
     if not leftover.empty:
         lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])

@@ -242,6 +242,8 @@ def diff(desired: Desired, observed: Observed) -> Plan:
     _resend_link_elements(tables, changes)
     _diff_bird(desired, observed, changes)
     _diff_announce(desired, observed, changes)
+    _diff_keepalived(desired, observed, changes)
+    _diff_gates(desired, observed, changes)
     plan = Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])
     if any(c.kind.startswith("ipvs ") for c in changes):
         # Every ident the plan may touch is desired or observed.
@@ -437,6 +439,56 @@ def _diff_bird(desired: Desired, observed: Observed, changes: list[Change]) -> N
         reason = "not what kdsr writes" if edited and not any(c.kind.startswith("bgp ") for c in changes) else ""
         action = CREATE if have is None else UPDATE
         changes.append(Change(action, "bird config", want.fragment, have, want, reason=reason))
+
+
+def _diff_keepalived(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    """VRRP instances as the user thinks of them, then the one file write
+    (or removal) that carries them all ("keepalived config")."""
+    want, have = desired.keepalived, observed.keepalived
+    if want is None and have is None:
+        return
+    wanted_by = {i.ident: i for i in (want.instances if want else ())}
+    present_by = {i.ident: i for i in (have.instances if have else ())}
+    instance_changes = []
+    for ident, item in wanted_by.items():
+        old = present_by.get(ident)
+        if old is None:
+            instance_changes.append(Change(CREATE, "vrrp instance", ident, None, item, pointer=item.pointer))
+        elif old != item:
+            fields = [f for f in item.__dataclass_fields__ if getattr(old, f) != getattr(item, f)]
+            instance_changes.append(
+                Change(UPDATE, "vrrp instance", ident, old, item, reason=",".join(fields), pointer=item.pointer)
+            )
+    for ident, item in present_by.items():
+        if ident not in wanted_by:
+            instance_changes.append(Change(DELETE, "vrrp instance", ident, item, None))
+    changes.extend(instance_changes)
+    if want is None:
+        changes.append(Change(DELETE, "keepalived config", have.fragment, have, None))
+    elif have is None or have.text != want.text:
+        edited = have is not None and not instance_changes
+        reason = "not what kdsr writes" if edited else ""
+        changes.append(
+            Change(CREATE if have is None else UPDATE, "keepalived config", want.fragment, have, want, reason=reason)
+        )
+
+
+def _diff_gates(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    """kdsr's track files: keepalived may own a VIP while its gate holds 0.
+    A close carries why the VIP is given up (health), if that is why."""
+    why = dict(desired.keepalived.withdrawn) if desired.keepalived else {}
+    present = {g.ident: g for g in observed.gates}
+    wanted = {g.ident: g for g in desired.gates}
+    for ident, gate in sorted(wanted.items()):
+        have = present.get(ident)
+        if have is None:
+            changes.append(Change(CREATE, "vrrp gate", ident, after=gate, pointer=gate.pointer))
+        elif have.open != gate.open:
+            reason = "" if gate.open else why.get(gate.vip.split("/")[0], "")
+            changes.append(Change(UPDATE, "vrrp gate", ident, have, gate, reason=reason, pointer=gate.pointer))
+    for ident, gate in sorted(present.items()):
+        if ident not in wanted:
+            changes.append(Change(DELETE, "vrrp gate", ident, before=gate))
 
 
 def _diff_announce(desired: Desired, observed: Observed, changes: list[Change]) -> None:

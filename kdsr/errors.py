@@ -113,6 +113,13 @@ class BirdUnavailableError(KdsrError):
     exit_code = EXIT_KERNEL_FEATURE
 
 
+class KeepalivedUnavailableError(KdsrError):
+    """The intent owns a VIP by VRRP and keepalived is missing, stopped, or
+    does not include kdsr's fragment (found before any write)."""
+
+    exit_code = EXIT_KERNEL_FEATURE
+
+
 class ForeignObjectError(KdsrError):
     """kdsr would have to take over an object it has no record of creating."""
 

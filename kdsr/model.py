@@ -396,6 +396,67 @@ class BirdConfig:
 
 
 @dataclass(frozen=True)
+class VrrpInstance:
+    """One VIP owned by VRRP: a keepalived vrrp_instance in kdsr's fragment."""
+
+    name: str  # kdsr_v4_51: family and virtual router ID
+    vip: str  # with prefix length, /32 or /128
+    interface: str
+    virtual_router_id: int
+    priority: int
+    advert_interval: float
+    preempt: bool
+    unicast_source: str | None  # None: multicast
+    unicast_peers: tuple[str, ...]
+    track_file: str  # the gate (VrrpGate.path)
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class KeepalivedConfig:
+    """kdsr's keepalived fragment: the VIPs this node may own, and the file text.
+
+    ``text`` carries the model in its first line (kdsr/keepalived_text.py),
+    so the fragment read back from disk is an Observed KeepalivedConfig too."""
+
+    config: str  # keepalived's main config (it includes ``fragment``)
+    fragment: str
+    pid_file: str
+    instances: tuple[VrrpInstance, ...]
+    text: str
+    # (first line, last line, intent pointer): maps keepalived's errors back.
+    lines: tuple[tuple[int, int, str], ...] = field(default=(), compare=False)
+    withdrawn: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (vip, why)
+
+
+@dataclass(frozen=True)
+class VrrpGate:
+    """Whether keepalived may own a VIP now: the track file of its instance
+    holds 0 (yes) or 1 (no: the instance goes to FAULT and gives the VIP
+    up).  The files live in a directory emptied at boot, and keepalived
+    creates a missing one as 1 (``init_file 1``), so a rebooted load
+    balancer owns nothing until kdsr has verified its fast path and written
+    0 (kdsr/compile/keepalived.py)."""
+
+    path: str
+    open: bool
+    vip: str = ""
+    pointer: str = field(default="", compare=False)
+
+    @property
+    def ident(self) -> str:
+        return self.path
+
+    @property
+    def value(self) -> str:
+        return "0" if self.open else "1"
+
+
+@dataclass(frozen=True)
 class Desired:
     """Everything kdsr wants on one node."""
 
@@ -413,6 +474,8 @@ class Desired:
     modules: tuple[str, ...] = ()
     bird: BirdConfig | None = None  # load balancers with bgp
     announce: tuple[AnnounceRoute, ...] = ()  # the VIPs BIRD may announce now (bgp)
+    keepalived: KeepalivedConfig | None = None  # load balancers with vrrp
+    gates: tuple[VrrpGate, ...] = ()  # may keepalived own each VIP now (vrrp)
 
 
 @dataclass(frozen=True)
@@ -441,6 +504,8 @@ class Observed:
     foreign_ipvs: frozenset[str] = frozenset()  # wanted idents that exist but are not kdsr's
     bird: BirdConfig | None = None  # kdsr's BIRD fragment as found on disk
     announce: tuple[AnnounceRoute, ...] = ()  # the routes in kdsr's announce table
+    keepalived: KeepalivedConfig | None = None  # kdsr's keepalived fragment as found on disk
+    gates: tuple[VrrpGate, ...] = ()  # kdsr's track files as found
 
 
 @dataclass

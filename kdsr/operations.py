@@ -15,14 +15,17 @@ from kdsr.apply import ApplyResult, apply_plan, check_modules
 from kdsr.compile import CompileCache, compile_node, lb_nft_l3
 from kdsr.compile.announce import assignments
 from kdsr.compile.effective import Effective, effective_intent, unserved_services, unserved_vips
+from kdsr.compile.keepalived import group_of, vrrp_services
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, TABLE_FAMILY, TABLE_NAME, pinned_servers_map
 from kdsr.compile.targets import targets_for
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
-from kdsr.errors import BirdUnavailableError, ForeignObjectError, UsageError
+from kdsr.errors import BirdUnavailableError, ForeignObjectError, KeepalivedUnavailableError, UsageError
 from kdsr.health import status as health_status
 from kdsr.intent.model import MONITOR_DSR, Intent, address_text
+from kdsr.keepalived_text import parse_model as parse_keepalived
 from kdsr.kernel import Kernel
 from kdsr.kernel.bird import BirdError
+from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.nft_json import element_counters
 from kdsr.kernel.observe import keep_unchanged, observe
 from kdsr.kernel.state import NodeState, StateStore
@@ -96,12 +99,18 @@ def prepare(
         observed = _check_foreign(intent, desired, observed, state, adopt)
         plan = diff(desired, observed)
         keep_unchanged(kernel, desired, observed, plan.tables)
-        plan.notes = announcement_notes(effective.intent, desired) + probe_notes(effective.intent, name)
+        plan.notes = (
+            announcement_notes(effective.intent, desired)
+            + vrrp_notes(effective.intent, desired)
+            + probe_notes(effective.intent, name)
+        )
         if intent.load_balancer(name) is not None:
             plan.service_changes = service_changes(plan, effective, down, drained)
             plan.warnings = [f"service {name} {why}" for name, why in sorted(unserved_services(effective).items())]
     _check_bird_ready(plan, kernel)
     _mark_bird_stopped(plan, kernel)
+    _check_keepalived_ready(plan, kernel)
+    _mark_keepalived_stopped(plan, kernel)
     return Prepared(intent=intent, node=name, desired=desired, state=state, plan=plan, down=down)
 
 
@@ -154,6 +163,28 @@ def announcement_notes(intent: Intent, desired: Desired) -> list[str]:
     return lines
 
 
+def vrrp_notes(intent: Intent, desired: Desired) -> list[str]:
+    """For a VRRP load balancer: every VIP it may own, its priority among
+    the VIP's group (the same order on every node), and its gate."""
+    if desired.keepalived is None:
+        return []
+    withdrawn = dict(desired.keepalived.withdrawn)
+    mine = {i.vip.split("/")[0]: i for i in desired.keepalived.instances}
+    lines = ["VRRP (keepalived elects each VIP's owner; the first listed has the highest priority):"]
+    for service in vrrp_services(intent):
+        vip = address_text(service.vip)
+        instance = mine.get(vip)
+        if instance is None:
+            continue
+        group = " > ".join(group_of(intent, service))
+        state = f"given up here ({withdrawn[vip]})" if vip in withdrawn else f"priority {instance.priority} here"
+        lines.append(
+            f"  {instance.vip}  {instance.name} (virtual router {instance.virtual_router_id}): {group}"
+            f"  -> {state}  # {instance.pointer}"
+        )
+    return lines
+
+
 def probe_notes(intent: Intent, node: str) -> list[str]:
     """For a load balancer with health monitors: what each monitor probes
     (`kdsr run` sends these), so a reviewer sees the port and path before a
@@ -192,6 +223,33 @@ def _check_bird_ready(plan: Plan, kernel: Kernel) -> None:
             kernel.bird_ready(want.config, want.fragment, want.socket)
         except BirdError as exc:
             raise BirdUnavailableError(f"{exc}") from exc
+
+
+def _check_keepalived_ready(plan: Plan, kernel: Kernel) -> None:
+    """A plan that writes keepalived's fragment needs keepalived installed,
+    running and including it; one that removes it (the node no longer owns
+    a VIP by VRRP) does not: a stopped keepalived owns nothing."""
+    for change in plan.of_kind("keepalived config"):
+        want = change.after
+        if want is None:
+            continue
+        try:
+            track_dirs = tuple(sorted({i.track_file.rsplit("/", 1)[0] or "/" for i in want.instances}))
+            kernel.keepalived_ready(want.config, want.fragment, want.pid_file, track_dirs)
+        except KeepalivedError as exc:
+            raise KeepalivedUnavailableError(f"{exc}") from exc
+
+
+def _mark_keepalived_stopped(plan: Plan, kernel: Kernel) -> None:
+    """A plan that removes the fragment while keepalived is not running
+    removes it without a reload (kdsr/vrrp_apply.py): say so before it happens."""
+    for change in plan.of_kind("keepalived config"):
+        have = change.before
+        if change.after is None and have is not None and not kernel.keepalived_running(have.pid_file):
+            plan.notes.append(
+                f"keepalived is not running (no live pid in {have.pid_file}): {have.fragment} will be removed "
+                "without a reload; a stopped keepalived owns no VIP."
+            )
 
 
 def _check_foreign(intent: Intent, desired: Desired, observed: Observed, state: NodeState, adopt: bool) -> Observed:
@@ -249,6 +307,7 @@ def prepare_destroy(node: str, kernel: Kernel, store: StateStore) -> Prepared:
     claimed_elsewhere = any(store.load(other).tables for other in store.nodes() if other != node)
     plan = diff(desired, observe(kernel, desired, state, orphans=not claimed_elsewhere))
     _mark_bird_stopped(plan, kernel)
+    _mark_keepalived_stopped(plan, kernel)
     return Prepared(intent=None, node=node, desired=desired, state=state, plan=plan)
 
 
@@ -350,6 +409,7 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
     # kdsr's announce table: the VIPs BIRD may announce from this host now.
     bgp = any(store.load(name).bird_files for name in nodes)
     report["announce"] = sorted(r.prefix for r in kernel.announce_list()) if bgp else []
+    report["vrrp"] = _vrrp_view(kernel, store, nodes)
     for name in nodes:
         state = store.load(name)
         for ident in sorted(state.owned_addresses):
@@ -361,6 +421,29 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                 {"node": name, "key": key.replace("/", "."), "value": kernel.sysctl_read(key), "previous": previous}
             )
     return report
+
+
+def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict]:
+    """Per VRRP instance of kdsr's keepalived fragment: its gate, and whether
+    keepalived has the VIP on this host's interface now (this host owns it)."""
+    rows = []
+    for name in nodes:
+        files = store.load(name).keepalived_files
+        text = kernel.keepalived_read(files[1]) if files else None
+        found = parse_keepalived(text, *files) if text else None
+        for instance in found.instances if found else ():
+            here = {a.cidr for a in kernel.addr_list(instance.interface)}
+            rows.append(
+                {
+                    "node": name,
+                    "instance": instance.name,
+                    "vip": instance.vip,
+                    "priority": instance.priority,
+                    "gate": kernel.gate_read(instance.track_file),
+                    "owned_here": instance.vip in here,
+                }
+            )
+    return rows
 
 
 def _is_pinned_slot_map(table, nmap) -> bool:
@@ -391,7 +474,7 @@ def _pinned_rows(table, slots, counters: dict) -> list[dict]:
 
 def format_show(report: dict) -> str:
     lines = []
-    owned = ("tables", "addresses", "sysctls", "health", "announce")
+    owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp")
     if not any(report.get(key) for key in owned):
         return "kdsr owns nothing on this host.\n"
     for table in report["tables"]:
@@ -433,6 +516,14 @@ def format_show(report: dict) -> str:
     if report.get("announce"):
         lines.append(f"\nannounce routes (table {naming.ANNOUNCE_TABLE:#x}; BIRD announces these VIPs):")
         lines += [f"  {prefix}" for prefix in report["announce"]]
+    if report.get("vrrp"):
+        lines.append("\nVRRP (kdsr's keepalived fragment; gate 0: keepalived may own the VIP, 1: it gives it up):")
+        for v in report["vrrp"]:
+            owner = "owned here" if v["owned_here"] else "not here"
+            lines.append(
+                f"  [{v['node']}] {v['vip']} {v['instance']} priority {v['priority']}, gate {v['gate'] or 'missing'}, "
+                f"{owner}"
+            )
     if report["addresses"]:
         lines.append("\naddresses owned:")
         for a in report["addresses"]:

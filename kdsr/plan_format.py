@@ -24,6 +24,7 @@ from kdsr.model import (
     BirdConfig,
     IpvsDest,
     IpvsService,
+    KeepalivedConfig,
     Link,
     NftChain,
     NftElement,
@@ -32,6 +33,8 @@ from kdsr.model import (
     Route,
     Rule,
     Sysctl,
+    VrrpGate,
+    VrrpInstance,
 )
 from kdsr.service_view import summary_lines
 from kdsr.wording import counted
@@ -82,6 +85,19 @@ def _describe(obj: Any) -> str:
         options = [f"hold {obj.hold_time}s"] + (["bfd"] if obj.bfd else []) + (["password"] if obj.password else [])
         options += [f"multihop {obj.multihop}"] if obj.multihop else []
         return f"AS {obj.asn} from {obj.local} AS {obj.local_asn}, {', '.join(options)}"
+    if isinstance(obj, VrrpInstance):
+        how = f"unicast to {', '.join(obj.unicast_peers) or 'nobody'}" if obj.unicast_source else "multicast"
+        preempt = "" if obj.preempt else ", no preempt"
+        return (
+            f"{obj.vip} on {obj.interface}, virtual router {obj.virtual_router_id}, priority {obj.priority}, "
+            f"advert {obj.advert_interval:g} s, {how}{preempt}"
+        )
+    if isinstance(obj, VrrpGate):
+        return (
+            f"{obj.value} (keepalived may own {obj.vip})" if obj.open else f"{obj.value} (keepalived gives the VIP up)"
+        )
+    if isinstance(obj, KeepalivedConfig):
+        return f"{len(obj.text.splitlines())} lines, checked by keepalived -t, then SIGHUP"
     if isinstance(obj, BirdConfig):
         lines = len(obj.text.splitlines())
         return (
@@ -114,6 +130,8 @@ def _line(change: Change) -> str:
     else:
         detail = _describe(change.after)
         text += f": {detail}" if detail and change.kind != "nft element" else (f" : {detail}" if detail else "")
+    if change.kind == "vrrp gate" and change.action == UPDATE and change.reason:
+        text += f" (give up: {change.reason})"
     if change.kind == "bird config" and change.reason == BIRD_NOT_RUNNING:
         text = text.replace(", then birdc configure", ", no reload (BIRD is not running)")
     elif change.kind == "bird config" and change.reason:
@@ -243,6 +261,18 @@ def _jsonable(obj: Any) -> Any:
         return {"prefix": obj.prefix, "type": obj.kind, "table": naming.ANNOUNCE_TABLE}
     if isinstance(obj, BgpSession):
         return {k: v for k, v in obj.__dict__.items() if k != "pointer"}
+    if isinstance(obj, VrrpInstance):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in obj.__dict__.items() if k != "pointer"}
+    if isinstance(obj, VrrpGate):
+        return {"path": obj.path, "value": obj.value, "vip": obj.vip}
+    if isinstance(obj, KeepalivedConfig):
+        return {
+            "fragment": obj.fragment,
+            "config": obj.config,
+            "pid_file": obj.pid_file,
+            "sha256": hashlib.sha256(obj.text.encode()).hexdigest(),
+            "lines": len(obj.text.splitlines()),
+        }
     if isinstance(obj, BirdConfig):
         # The text holds BGP passwords: the plan carries its digest only.
         return {

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2)
+need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2 keepalived)
 # `make deb` (debian/control's Build-Depends) and the package check in
 # `make test` (netns-lab/tests/test_package.py: `man -w`, `systemd-analyze`;
 # kdsr.service under systemd in a lab namespace: systemd-nspawn).

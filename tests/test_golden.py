@@ -62,6 +62,9 @@ def artefacts(case_dir: Path) -> dict[str, str]:
         if desired.tables:
             batch = [cmd for td in plan.tables for cmd in batch_for(td)]
             out[f"{node}.nft.json"] = batch_text(batch)
+        if desired.keepalived is not None:
+            # The fragment names the intent file it came from: here, as the case's own.
+            out[f"{node}.keepalived.conf"] = desired.keepalived.text.replace(json.dumps(intent.source), '"intent.json"')
         if desired.addresses or desired.sysctls:
             server = {
                 "addresses": [{"interface": a.ifname, "address": a.cidr, "label": a.label} for a in desired.addresses],

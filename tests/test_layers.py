@@ -36,7 +36,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "intent": (("kdsr.intent",), ("base",)),
     # The state types, Maglev, and the BIRD fragment's text: what compile
     # makes and the kernel layer reads and writes.
-    "model": (("kdsr.model", "kdsr.maglev", "kdsr.bird_text"), ("base",)),
+    "model": (("kdsr.model", "kdsr.maglev", "kdsr.bird_text", "kdsr.keepalived_text"), ("base",)),
     "compile": (("kdsr.compile",), ("base", "intent", "model")),
     "kernel": (("kdsr.kernel",), ("base", "model")),
     "diff": (("kdsr.diff",), ("base", "model")),
@@ -46,7 +46,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("base", "model", "compile", "kernel", "diff"),
     ),
     "apply": (
-        ("kdsr.apply", "kdsr.receipt"),
+        ("kdsr.apply", "kdsr.receipt", "kdsr.vrrp_apply", "kdsr.step"),
         ("base", "model", "kernel", "diff", "runtime state"),
     ),
     "operations": (

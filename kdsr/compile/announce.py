@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from kdsr.intent.model import ANNOUNCE_ACTIVE_STANDBY, ANNOUNCE_N_PLUS_M, Intent, Service
+from kdsr.intent.model import ANNOUNCE_ACTIVE_STANDBY, ANNOUNCE_N_PLUS_M, ANNOUNCE_VRRP, Intent, Service
 
 ACTIVE = "active"
 STANDBY = "standby"
@@ -63,6 +63,8 @@ def assignments(intent: Intent) -> list[tuple[Service, Assignment]]:
     """One per VIP (the first service on it, by name; the rules make the others agree)."""
     seen: dict[str, tuple[Service, Assignment]] = {}
     for service in intent.services:
+        if service.announce.mode == ANNOUNCE_VRRP:
+            continue  # owned on the segment by VRRP (kdsr/compile/keepalived.py), never announced by BGP
         if str(service.vip) not in seen:
             seen[str(service.vip)] = (service, assign(intent, service))
     return list(seen.values())

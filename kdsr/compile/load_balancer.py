@@ -8,7 +8,9 @@
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs);
 - bgp:             the BIRD fragment, and the announce routes that let BIRD
-                   announce its VIPs (bird).
+                   announce its VIPs (bird);
+- vrrp:            the keepalived fragment, and the gates that let keepalived
+                   own its VIPs (keepalived).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3
 from kdsr.compile.bird import announce_routes, bird_config
 from kdsr.compile.cache import CompileCache
+from kdsr.compile.keepalived import gates, keepalived_config
 from kdsr.compile.selectors import selectors_for
 from kdsr.compile.targets import probe_paths
 from kdsr.intent.model import Intent, LoadBalancerNode
@@ -47,6 +50,7 @@ def compile_load_balancer(
     sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ()))}
     probe_routes, probe_rules = probe_paths(intent, lb)
     bird = bird_config(intent, lb, withdraw)
+    keepalived = keepalived_config(intent, lb, withdraw)
     return Desired(
         node=lb.name,
         role="load-balancer",
@@ -60,6 +64,8 @@ def compile_load_balancer(
         modules=tuple(sorted(modules)),
         bird=bird,
         announce=announce_routes(bird),
+        keepalived=keepalived,
+        gates=gates(keepalived),
     )
 
 

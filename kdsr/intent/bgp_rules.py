@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Callable
 
 from kdsr.errors import quote
-from kdsr.intent.model import ANNOUNCE_ACTIVE_ACTIVE, ANNOUNCE_ACTIVE_STANDBY, ANNOUNCE_N_PLUS_M
+from kdsr.intent.model import ANNOUNCE_ACTIVE_ACTIVE, ANNOUNCE_ACTIVE_STANDBY, ANNOUNCE_N_PLUS_M, ANNOUNCE_VRRP
 from kdsr.intent.values import did_you_mean, names_list, parse_address, parse_interface
 
 Report = Callable[[str, str, str], None]
@@ -21,6 +21,8 @@ Report = Callable[[str, str, str], None]
 STANDBY_SETTINGS = ("prepend", "standby_med")
 # Settings that only make sense for n+m.
 N_PLUS_M_SETTINGS = ("active", "standby")
+# Settings only VRRP reads (kdsr/intent/vrrp_rules.py).
+VRRP_SETTINGS = ("virtual_router_id", "advert_interval", "preempt", "unicast")
 
 
 def check_bgp(services: dict, load_balancers: dict, report: Report) -> None:
@@ -33,6 +35,8 @@ def check_bgp(services: dict, load_balancers: dict, report: Report) -> None:
         announce = service.get("announce", {})
         if not isinstance(announce, dict) or not (announce or speakers):
             continue  # no BGP anywhere: nothing to announce, nothing to check
+        if announce.get("mode") == ANNOUNCE_VRRP:
+            continue  # owned by VRRP, not announced by BGP: kdsr/intent/vrrp_rules.py
         _check_announce(name, announce, speakers, load_balancers, report)
         _check_same_vip(name, service, announce, by_vip, report)
 
@@ -109,6 +113,14 @@ def _check_neighbors(name: str, bgp: dict, lb: dict, report: Report) -> None:
 
 def _check_announce(name: str, announce: dict, speakers: dict, load_balancers: dict, report: Report) -> None:
     pointer = f"/services/{name}/announce"
+    for key in VRRP_SETTINGS:
+        if key in announce:
+            report(
+                f"{pointer}/{key}",
+                f"'{key}' is a VRRP setting, but this VIP is announced by BGP "
+                f"({announce.get('mode', ANNOUNCE_ACTIVE_ACTIVE)}).",
+                f'Remove \'{key}\', or set "mode" to "vrrp".',
+            )
     if not speakers:
         report(
             pointer,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from kdsr.intent.model import ENGINE_IPVS, MONITOR_DSR, MONITOR_PLAIN
+from kdsr.intent.model import ANNOUNCE_VRRP, ENGINE_IPVS, MONITOR_DSR, MONITOR_PLAIN
 from kdsr.intent.values import parse_port, port_entries, service_engine, service_protocols
 
 Report = Callable[[str, str, str], None]
@@ -141,6 +141,14 @@ def _check_monitor(
             f"a dsr monitor cannot follow service {name}'s ipvs engine: IPVS makes the VIP a local address "
             "of the load balancer, so a probe addressed to it never leaves the host.",
             f'Use "mode": "{MONITOR_PLAIN}" (probes the server\'s own address), or the nft engine.',
+        )
+    announce = target.get("announce")
+    if mode == MONITOR_DSR and isinstance(announce, dict) and announce.get("mode") == ANNOUNCE_VRRP:
+        report(
+            f"{pointer}/mode",
+            f"a dsr monitor cannot probe through service {name}'s VIP: it is owned by VRRP, so on the load "
+            "balancer that holds it the VIP is a local address, and a probe addressed to it never leaves the host.",
+            f'Use "mode": "{MONITOR_PLAIN}" (probes the server\'s own address).',
         )
     if "port" not in monitor and not port_entries(target.get("ports", []), ""):
         report(pointer, f"service {name} has no port to probe.", 'Give the monitor a "port".')

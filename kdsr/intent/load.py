@@ -35,6 +35,7 @@ from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
     ANNOUNCE_ACTIVE_ACTIVE,
+    DEFAULT_ADVERT_INTERVAL,
     DEFAULT_BIRD_CONFIG,
     DEFAULT_BIRD_FRAGMENT,
     DEFAULT_BIRD_SOCKET,
@@ -44,6 +45,9 @@ from kdsr.intent.model import (
     DEFAULT_HOLD_TIME,
     DEFAULT_INTERVAL,
     DEFAULT_JITTER,
+    DEFAULT_KEEPALIVED_CONFIG,
+    DEFAULT_KEEPALIVED_FRAGMENT,
+    DEFAULT_KEEPALIVED_PID_FILE,
     DEFAULT_PATH_MTU,
     DEFAULT_PIN_MAX_FLOWS,
     DEFAULT_PIN_TIMEOUT,
@@ -51,6 +55,7 @@ from kdsr.intent.model import (
     DEFAULT_RISE,
     DEFAULT_TIMEOUT,
     DEFAULT_UDP_SEND,
+    DEFAULT_VRRP_TRACK_DIR,
     DSR_L2,
     ENGINE_NFT,
     MONITOR_DSR,
@@ -61,6 +66,7 @@ from kdsr.intent.model import (
     FlowPinning,
     Hashing,
     Intent,
+    KeepalivedFiles,
     LoadBalancerNode,
     Monitor,
     Pool,
@@ -68,6 +74,7 @@ from kdsr.intent.model import (
     PortRange,
     ServerNode,
     Service,
+    Vrrp,
 )
 
 SCHEMA_ID = "https://kdsr.dev/schemas/intent-v1.json"
@@ -772,6 +779,7 @@ def _build(doc: dict, source: str, kept: Kept | None = None) -> Intent:
             LoadBalancerNode(
                 **_node(name, doc["load_balancers"][name], "load_balancers"),
                 bgp=_bgp(doc["load_balancers"][name].get("bgp"), f"/load_balancers/{name}/bgp"),
+                vrrp=_vrrp(doc["load_balancers"][name].get("vrrp"), f"/load_balancers/{name}/vrrp"),
             )
             for name in sorted(doc["load_balancers"])
         ),
@@ -831,6 +839,25 @@ def _announce(doc: dict, pointer: str) -> Announce:
         med=doc.get("med"),
         standby_med=doc.get("standby_med"),
         communities=tuple(tuple(int(part) for part in c.split(":")) for c in doc.get("communities", ())),
+        pointer=pointer,
+        virtual_router_id=doc.get("virtual_router_id"),
+        advert_interval=float(doc.get("advert_interval", DEFAULT_ADVERT_INTERVAL)),
+        preempt=bool(doc.get("preempt", True)),
+        unicast=bool(doc.get("unicast", False)),
+    )
+
+
+def _vrrp(doc: dict | None, pointer: str) -> Vrrp | None:
+    if doc is None:
+        return None
+    files = doc.get("keepalived", {})
+    return Vrrp(
+        keepalived=KeepalivedFiles(
+            config=files.get("config", DEFAULT_KEEPALIVED_CONFIG),
+            fragment=files.get("fragment", DEFAULT_KEEPALIVED_FRAGMENT),
+            pid_file=files.get("pid_file", DEFAULT_KEEPALIVED_PID_FILE),
+            track_dir=files.get("track_dir", DEFAULT_VRRP_TRACK_DIR),
+        ),
         pointer=pointer,
     )
 

@@ -122,6 +122,14 @@ class Hashing:
 ANNOUNCE_ACTIVE_ACTIVE = "active-active"
 ANNOUNCE_ACTIVE_STANDBY = "active-standby"
 ANNOUNCE_N_PLUS_M = "n+m"
+# VIP ownership on the segment by VRRP (kdsr/compile/keepalived.py renders it
+# for keepalived); not BGP: BIRD never sees these VIPs.
+ANNOUNCE_VRRP = "vrrp"
+DEFAULT_ADVERT_INTERVAL = 1.0
+DEFAULT_KEEPALIVED_CONFIG = "/etc/keepalived/keepalived.conf"
+DEFAULT_KEEPALIVED_FRAGMENT = "/etc/keepalived/kdsr.conf"
+DEFAULT_KEEPALIVED_PID_FILE = "/run/keepalived.pid"
+DEFAULT_VRRP_TRACK_DIR = "/run/kdsr"  # debian/kdsr.tmpfiles makes it at boot
 DEFAULT_PREPEND = 3
 DEFAULT_HOLD_TIME = 90
 DEFAULT_BIRD_CONFIG = "/etc/bird/bird.conf"
@@ -141,6 +149,25 @@ class Announce:
     med: int | None = None
     standby_med: int | None = None
     communities: tuple[tuple[int, int], ...] = ()
+    pointer: str = field(default="", compare=False)
+    # vrrp only (verify requires the router ID there).
+    virtual_router_id: int | None = None
+    advert_interval: float = DEFAULT_ADVERT_INTERVAL
+    preempt: bool = True
+    unicast: bool = False
+
+
+@dataclass(frozen=True)
+class KeepalivedFiles:
+    config: str = DEFAULT_KEEPALIVED_CONFIG  # keepalived's main config, which includes ``fragment``
+    fragment: str = DEFAULT_KEEPALIVED_FRAGMENT  # the file kdsr owns
+    pid_file: str = DEFAULT_KEEPALIVED_PID_FILE
+    track_dir: str = DEFAULT_VRRP_TRACK_DIR  # kdsr's track files (keepalived track_file)
+
+
+@dataclass(frozen=True)
+class Vrrp:
+    keepalived: KeepalivedFiles = KeepalivedFiles()
     pointer: str = field(default="", compare=False)
 
 
@@ -232,6 +259,7 @@ class LoadBalancerNode:
     addresses: tuple[IPInterface, ...]
     pointer: str = field(default="", compare=False)
     bgp: Bgp | None = None
+    vrrp: Vrrp | None = None
 
 
 @dataclass(frozen=True)

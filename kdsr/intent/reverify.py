@@ -118,7 +118,7 @@ def verify_edit(edit: Edit, index: Indexes, source: str) -> tuple[list[Problem],
     index again (which also drops the stale marks that may have led here)."""
     doc, servers = edit.new, edit.new.get("servers", {})
     services, pools = doc["services"], doc["pools"]
-    if _surely_wrong(edit, index):
+    if _surely_wrong(edit, index) or _touches_vrrp(edit):
         return rules.verify(doc, source), None
     # Changed pools (removed ones too: their services now name no pool) and
     # the pools a changed service joined or left: every service on them.
@@ -149,6 +149,17 @@ def verify_edit(edit: Edit, index: Indexes, source: str) -> tuple[list[Problem],
     if rules.verify(part, source):
         return rules.verify(doc, source), None  # the whole document's problems, in verify's words
     return [], list(marks.items())
+
+
+def _touches_vrrp(edit: Edit) -> bool:
+    """A VRRP VIP's virtual router ID pairs it with every other VRRP VIP
+    (kdsr/intent/vrrp_rules.py), not only with its pool and VIP partners."""
+    for name in edit.services:
+        for side in (edit.old, edit.new):
+            announce = side["services"].get(name, {}).get("announce")
+            if isinstance(announce, dict) and announce.get("mode") == "vrrp":
+                return True
+    return False
 
 
 def apply(edit: Edit, index: Indexes, marks: list[tuple[int, Owner]]) -> Indexes:

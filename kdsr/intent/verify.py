@@ -45,6 +45,7 @@ from kdsr.intent.values import (
     service_mode,
     service_protocols,
 )
+from kdsr.intent.vrrp_rules import check_vrrp
 
 L3_HINT = 'an L3 mode ("l3-ipip", "l3-gre" or "l3-ip6tnl") for servers behind routers'
 # The smallest MSS a host must accept (RFC 879 for IPv4, RFC 8200's 1280-byte
@@ -110,6 +111,7 @@ class _Verifier:
         self.check_tunnel_names()
         self.check_health()
         self.check_bgp()
+        self.check_vrrp()
         return self.problems
 
     # Health monitors: kdsr/intent/health_rules.py.
@@ -119,6 +121,10 @@ class _Verifier:
     # BGP and VIP announcement: kdsr/intent/bgp_rules.py.
     def check_bgp(self) -> None:
         check_bgp(self.services, self.load_balancers, self.report)
+
+    # VIP ownership by VRRP: kdsr/intent/vrrp_rules.py.
+    def check_vrrp(self) -> None:
+        check_vrrp(self.services, self.load_balancers, self.report)
 
     # One role per node: the CLI selects a node by name (--node).
     def check_node_names(self) -> None:

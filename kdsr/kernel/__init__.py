@@ -107,3 +107,26 @@ class Kernel(Protocol):
     # Check, write and (``reload``) `birdc configure`; without reload (BIRD
     # is not running) BIRD reads the file when it starts.
     def bird_install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None: ...
+
+    # keepalived (kdsr/kernel/keepalived.py): kdsr's fragment, checked with
+    # `keepalived -t` and loaded by SIGHUP; and the track files (gates).
+    def keepalived_read(self, fragment: str) -> str | None: ...
+
+    def keepalived_ready(
+        self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()
+    ) -> None: ...  # KeepalivedError: missing, stopped, not included, no track directory
+
+    def keepalived_check(self, config: str, fragment: str, text: str) -> None: ...  # KeepalivedError: rejected
+
+    def keepalived_running(self, pid_file: str) -> bool: ...
+
+    # ``text`` None removes the fragment; without ``reload`` keepalived is not running.
+    def keepalived_install(
+        self, config: str, fragment: str, pid_file: str, text: str | None, reload: bool = True
+    ) -> None: ...
+
+    def gate_read(self, path: str) -> str | None: ...  # the track file's value, None: no file
+
+    def gate_write(self, path: str, value: str) -> None: ...
+
+    def gate_remove(self, path: str) -> None: ...

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kdsr.kernel import KernelError
 from kdsr.kernel.bird import BirdError
+from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.nft_json import decode_element, decode_map
 from kdsr.model import (
     Address,
@@ -69,6 +70,13 @@ class FakeKernel:
         self.bird_stopped = False  # installed, its files there, but not running
         self.bird_rejects: str | None = None  # a text that makes bird_check fail at its first line
         self.bird_loaded: str | None = None  # the fragment text BIRD runs now
+        # keepalived: fragment files by path; None: not installed.
+        self.keepalived_files: dict[str, str] | None = {}
+        self.keepalived_stopped = False
+        self.keepalived_rejects: str | None = None  # a text that makes keepalived_check fail
+        self.keepalived_loaded: str | None = None  # the fragment keepalived runs now ("" none)
+        self.gate_files: dict[str, str] = {}  # track file path -> value
+        self.missing_dirs: set[str] = set()  # track directories that do not exist
 
     # ------------------------------------------------------------ helpers
     def _write(self, what: str) -> None:
@@ -457,6 +465,56 @@ class FakeKernel:
         self.bird_files[fragment] = text
         if reload:
             self.bird_loaded = text
+
+    # ------------------------------------------------------------ keepalived
+    def keepalived_read(self, fragment: str) -> str | None:
+        return None if self.keepalived_files is None else self.keepalived_files.get(fragment)
+
+    def keepalived_ready(self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()) -> None:
+        if self.keepalived_files is None:
+            raise KeepalivedError("keepalived is not installed here (fake)", missing=True)
+        if not self.keepalived_running(pid_file):
+            raise KeepalivedError(f"keepalived is not running (pid file {pid_file}) (fake)")
+        for track_dir in sorted(set(track_dirs) & self.missing_dirs):
+            raise KeepalivedError(f"the VRRP track directory {track_dir} does not exist (fake)")
+
+    def keepalived_running(self, pid_file: str) -> bool:
+        return self.keepalived_files is not None and not self.keepalived_stopped
+
+    def keepalived_check(self, config: str, fragment: str, text: str) -> None:
+        if self.keepalived_files is None:
+            raise KeepalivedError("keepalived is not installed here (fake)", missing=True)
+        if self.keepalived_rejects is not None and self.keepalived_rejects in text:
+            line = text[: text.index(self.keepalived_rejects)].count("\n") + 1
+            raise KeepalivedError(f"keepalived rejected the config: Unknown keyword (fake, line {line})", line=line)
+
+    def keepalived_install(
+        self, config: str, fragment: str, pid_file: str, text: str | None, reload: bool = True
+    ) -> None:
+        if reload:
+            self.keepalived_ready(config, fragment, pid_file)
+        if self.keepalived_files is None:
+            raise KeepalivedError("keepalived is not installed (fake)", missing=True)
+        if text is not None:
+            self.keepalived_check(config, fragment, text)
+        self._write(f"keepalived {'install' if text is not None else 'remove'} {fragment}")
+        if text is None:
+            self.keepalived_files.pop(fragment, None)
+        else:
+            self.keepalived_files[fragment] = text
+        if reload:
+            self.keepalived_loaded = text or ""
+
+    def gate_read(self, path: str) -> str | None:
+        return self.gate_files.get(path)
+
+    def gate_write(self, path: str, value: str) -> None:
+        self._write(f"gate {path} {value}")
+        self.gate_files[path] = value
+
+    def gate_remove(self, path: str) -> None:
+        self._write(f"gate remove {path}")
+        self.gate_files.pop(path, None)
 
 
 def _referenced_maps(expr_json: str) -> set[str]:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from kdsr import naming
 from kdsr.bird_text import parse_model
 from kdsr.errors import ForeignObjectError
+from kdsr.keepalived_text import parse_model as parse_keepalived
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import NodeState
 from kdsr.model import (
@@ -15,11 +16,13 @@ from kdsr.model import (
     BirdConfig,
     Desired,
     IpvsService,
+    KeepalivedConfig,
     Link,
     NftTable,
     Observed,
     Sysctl,
     TableDiff,
+    VrrpGate,
 )
 
 # The tables kdsr may own.  Only these are ever read, changed or deleted.
@@ -100,6 +103,7 @@ def observe(
         sysctl_written=tuple(sorted(state.sysctl_written.items())),
         bird=_bird(kernel, desired, state),
         announce=tuple(sorted(kernel.announce_list(), key=lambda r: r.ident)) if bgp else (),
+        **_vrrp(kernel, desired, state),
     )
 
 
@@ -108,6 +112,7 @@ def observe_announcement(kernel: Kernel, desired: Desired, state: NodeState) -> 
     return Observed(
         bird=_bird(kernel, desired, state),
         announce=tuple(sorted(kernel.announce_list(), key=lambda r: r.ident)),
+        **_vrrp(kernel, desired, state),
     )
 
 
@@ -149,6 +154,38 @@ def _bird(kernel: Kernel, desired: Desired, state: NodeState) -> BirdConfig | No
             )
         return BirdConfig(config, fragment, socket, None, (), (), text)
     return found
+
+
+def _vrrp(kernel: Kernel, desired: Desired, state: NodeState) -> dict:
+    """kdsr's keepalived fragment as it is on disk (the one wanted, else the
+    one recorded), and the track files kdsr wants, wrote, or the fragment names."""
+    if desired.keepalived is not None:
+        files = [desired.keepalived.config, desired.keepalived.fragment, desired.keepalived.pid_file]
+    else:
+        files = state.keepalived_files
+    found = None
+    if files:
+        config, fragment, pid_file = files
+        text = kernel.keepalived_read(fragment)
+        if text is not None:
+            found = parse_keepalived(text, config, fragment, pid_file)
+            if found is None:
+                meaningful = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+                if meaningful:
+                    raise ForeignObjectError(
+                        f"{fragment} exists and kdsr did not write it (its first line is not kdsr's model line). "
+                        "kdsr owns that file and would replace it: move your keepalived config elsewhere, or name "
+                        "another file in vrrp.keepalived.fragment."
+                    )
+                found = KeepalivedConfig(config, fragment, pid_file, (), text)
+    vips = {i.track_file: i.vip for i in (found.instances if found else ())}
+    vips.update({g.path: g.vip for g in desired.gates})
+    gates = []
+    for path in sorted(set(vips) | state.gates):
+        value = kernel.gate_read(path)
+        if value is not None:
+            gates.append(VrrpGate(path, open=value == "0", vip=vips.get(path, "")))
+    return {"keepalived": found, "gates": tuple(gates)}
 
 
 def _links(kernel: Kernel, state: NodeState, orphans: bool) -> tuple[list[Link], frozenset[str]]:

@@ -37,6 +37,9 @@ class NodeState:
     ipvs: set[str] = field(default_factory=set)  # IpvsService.ident kdsr created
     drained: set[str] = field(default_factory=set)  # member addresses or node names (`kdsr drain`)
     bird_files: list[str] = field(default_factory=list)  # [config, fragment, socket] once kdsr wrote a fragment
+    # [config, fragment, pid_file] once kdsr wrote a keepalived fragment.
+    keepalived_files: list[str] = field(default_factory=list)
+    gates: set[str] = field(default_factory=set)  # track files kdsr wrote (VrrpGate.path)
 
     def to_json(self) -> dict:
         return {
@@ -51,6 +54,8 @@ class NodeState:
             "ipvs": sorted(self.ipvs),
             "drained": sorted(self.drained),
             "bird_files": list(self.bird_files),
+            "keepalived_files": list(self.keepalived_files),
+            "gates": sorted(self.gates),
         }
 
     @classmethod
@@ -66,6 +71,8 @@ class NodeState:
             ipvs=set(data.get("ipvs", [])),
             drained=set(data.get("drained", [])),
             bird_files=list(data.get("bird_files", [])),
+            keepalived_files=list(data.get("keepalived_files", [])),
+            gates=set(data.get("gates", [])),
         )
 
     @property
@@ -78,6 +85,8 @@ class NodeState:
             or self.ipvs
             or self.drained
             or self.bird_files
+            or self.keepalived_files
+            or self.gates
         )
 
 

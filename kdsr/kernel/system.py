@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from kdsr import naming
-from kdsr.kernel import KernelError, bird, ipvs, nft_text, rtnl_addr, rtnl_routing
+from kdsr.kernel import KernelError, bird, ipvs, keepalived, nft_text, rtnl_addr, rtnl_routing
 from kdsr.kernel.nft_cache import TableCache, boot_id, netns_cookie
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
@@ -362,6 +362,66 @@ class _BirdMixin:
             raise
 
 
+class _KeepalivedMixin:
+    """keepalived through its own config test and SIGHUP (kdsr/kernel/keepalived.py)."""
+
+    def keepalived_read(self, fragment: str) -> str | None:
+        return keepalived.read_file(fragment)
+
+    def keepalived_ready(self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()) -> None:
+        keepalived.require_installed()
+        keepalived.require_running(config, pid_file)
+        keepalived.main_config(config, fragment)
+        for track_dir in track_dirs:
+            keepalived.require_track_dir(track_dir)
+
+    def keepalived_check(self, config: str, fragment: str, text: str) -> None:
+        keepalived.check(config, fragment, text)
+
+    def keepalived_running(self, pid_file: str) -> bool:
+        return keepalived.running_pid(pid_file) is not None
+
+    def keepalived_install(
+        self, config: str, fragment: str, pid_file: str, text: str | None, reload: bool = True
+    ) -> None:
+        """Check, write (``text`` None: remove the fragment), reload; on a
+        reload keepalived does not survive, put the old fragment back.
+
+        Without ``reload`` (keepalived is not running): only a removal, which
+        needs no check: a stopped keepalived owns nothing, and ignores the
+        missing include when it starts."""
+        if text is not None:
+            keepalived.check(config, fragment, text)
+        previous = keepalived.read_file(fragment)
+        if text is None:
+            keepalived.remove_file(fragment)
+        else:
+            keepalived.write_file(fragment, text)
+        self.writes += 1  # type: ignore[attr-defined]
+        if not reload:
+            return
+        try:
+            keepalived.reload(pid_file)
+        except keepalived.KeepalivedError:
+            if previous is not None:
+                keepalived.write_file(fragment, previous)
+            else:
+                keepalived.remove_file(fragment)
+            raise
+
+    def gate_read(self, path: str) -> str | None:
+        text = keepalived.read_file(path, limit=64)
+        return None if text is None else text.strip()
+
+    def gate_write(self, path: str, value: str) -> None:
+        keepalived.write_file(path, value + "\n", keepalived.GATE_MODE)
+        self.writes += 1  # type: ignore[attr-defined]
+
+    def gate_remove(self, path: str) -> None:
+        keepalived.remove_file(path)
+        self.writes += 1  # type: ignore[attr-defined]
+
+
 def _structure(table: NftTable) -> tuple:
     """A table without its map elements, in name order (a listing has the
     kernel's order), compared as the diff compares them."""
@@ -391,7 +451,7 @@ def _as_text(commands: list[dict]) -> str | None:
         return None  # something text cannot say: JSON says it, at JSON's cost
 
 
-class SystemKernel(_L3Mixin, _BirdMixin):
+class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
     def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
         """``cache_dir``: the state directory, where table reads are kept
         across processes while the nftables generation allows (nft_cache.py)."""
