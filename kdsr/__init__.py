@@ -10,7 +10,8 @@ layer          modules                                         may import
 base           errors, wording, files, collector, faults,      (nothing of kdsr)
                privilege, naming, memo
 intent         intent/ (load, schema, rules, values, model)    base
-model          model, maglev, bird_text, keepalived_text       base
+model          model, maglev, fragment_text, bird_text,        base
+               keepalived_text
 compile        compile/ (pure: Intent -> Desired, and the      base, intent, model
                effective intent, probe targets, the cache)
 kernel         kernel/ (readers, writers, fakes)               base, model

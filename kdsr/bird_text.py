@@ -20,7 +20,8 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from kdsr import naming
+from kdsr import fragment_text, naming
+from kdsr.fragment_text import FragmentText
 from kdsr.model import BgpRoute, BgpSession, BirdConfig
 
 MODEL_MARK = "# kdsr-bird-model "
@@ -61,21 +62,10 @@ def render(
     routes: tuple[BgpRoute, ...],
     passwords: dict[str, str],
 ) -> tuple[str, list[tuple[int, int, str]]]:
-    out: list[str] = []
-    where: list[tuple[int, int, str]] = []
-
-    def block(pointer: str, *lines: str) -> None:
-        first = len(out) + 1
-        out.extend(lines)
-        if pointer:
-            where.append((first, len(out), pointer))
-
-    out.append(MODEL_MARK + model_json(router_id, sessions, routes))
-    out.append("# kdsr owns this file and rewrites it on every apply; edits here are undone.")
-    if node:
-        out.append(f"# Node {node}; intent {json.dumps(source)}.")
+    text = FragmentText(MODEL_MARK + model_json(router_id, sessions, routes), node, source)
+    out, block = text.out, text.block
     if router_id is None:
-        return "\n".join(out) + "\n", where
+        return text.done()
     bgp_pointer = sessions[0].pointer.rsplit("/neighbors/", 1)[0] if sessions else ""
     block(f"{bgp_pointer}/router_id", f"router id {router_id};")
     families = sorted({ipaddress.ip_address(s.neighbor).version for s in sessions})
@@ -124,7 +114,7 @@ def render(
             "}",
         ]
         block(session.pointer, *lines)
-    return "\n".join(out) + "\n", where
+    return text.done()
 
 
 def parse_model(text: str, config: str, fragment: str, socket: str) -> BirdConfig | None:
@@ -146,4 +136,4 @@ def parse_model(text: str, config: str, fragment: str, socket: str) -> BirdConfi
 
 def pointer_at(config: BirdConfig, line: int) -> str:
     """The intent path behind a line of the fragment (BIRD's error position)."""
-    return next((p for first, last, p in config.lines if first <= line <= last), "")
+    return fragment_text.pointer_at(config.lines, line)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from kdsr import fragment_text
+from kdsr.fragment_text import FragmentText
 from kdsr.model import KeepalivedConfig, VrrpInstance
 
 MODEL_MARK = "# kdsr-keepalived-model "
@@ -32,19 +34,8 @@ def _seconds(value: float) -> str:
 
 
 def render(node: str, source: str, instances: tuple[VrrpInstance, ...]) -> tuple[str, list[tuple[int, int, str]]]:
-    out: list[str] = []
-    where: list[tuple[int, int, str]] = []
-
-    def block(pointer: str, *lines: str) -> None:
-        first = len(out) + 1
-        out.extend(lines)
-        if pointer:
-            where.append((first, len(out), pointer))
-
-    out.append(MODEL_MARK + model_json(instances))
-    out.append("# kdsr owns this file and rewrites it on every apply; edits here are undone.")
-    if node:
-        out.append(f"# Node {node}; intent {json.dumps(source)}.")
+    text = FragmentText(MODEL_MARK + model_json(instances), node, source)
+    block = text.block
     for instance in instances:
         track = f"{instance.name}_gate"
         lines = [
@@ -85,7 +76,7 @@ def render(node: str, source: str, instances: tuple[VrrpInstance, ...]) -> tuple
             "}",
         ]
         block(instance.pointer, *lines)
-    return "\n".join(out) + "\n", where
+    return text.done()
 
 
 def parse_model(text: str, config: str, fragment: str, pid_file: str) -> KeepalivedConfig | None:
@@ -106,4 +97,4 @@ def parse_model(text: str, config: str, fragment: str, pid_file: str) -> Keepali
 
 def pointer_at(config: KeepalivedConfig, line: int) -> str:
     """The intent path behind a line of the fragment (keepalived's error position)."""
-    return next((p for first, last, p in config.lines if first <= line <= last), "")
+    return fragment_text.pointer_at(config.lines, line)

@@ -36,7 +36,10 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "intent": (("kdsr.intent",), ("base",)),
     # The state types, Maglev, and the BIRD fragment's text: what compile
     # makes and the kernel layer reads and writes.
-    "model": (("kdsr.model", "kdsr.maglev", "kdsr.bird_text", "kdsr.keepalived_text"), ("base",)),
+    "model": (
+        ("kdsr.model", "kdsr.maglev", "kdsr.fragment_text", "kdsr.bird_text", "kdsr.keepalived_text"),
+        ("base",),
+    ),
     "compile": (("kdsr.compile",), ("base", "intent", "model")),
     "kernel": (("kdsr.kernel",), ("base", "model")),
     "diff": (("kdsr.diff",), ("base", "model")),
