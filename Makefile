@@ -1,11 +1,20 @@
 # The README's two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 PY := .venv/bin/python
 
-.PHONY: setup demo test deb man docs unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
+.PHONY: setup bpf demo test deb man docs unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
 	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup
 
 setup:
 	./scripts/setup.sh
+
+# The xdp engine's packet path (bpf/kdsr_xdp.c), compiled once for the BPF
+# target; kdsr loads build/kdsr_xdp.o (or $$KDSR_XDP_OBJECT) at apply time and
+# needs no compiler on the balancer.  -g keeps the BTF libbpf loads maps by.
+MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
+bpf: build/kdsr_xdp.o build/xdp_pass.o
+build/%.o: bpf/%.c
+	@mkdir -p build
+	clang -O2 -g -Wall -Werror -target bpf -I/usr/include/$(MULTIARCH) -c $< -o $@
 
 # Build a namespace lab, apply examples/l2-web.json with the real CLI, send
 # TCP and UDP flows, print the report, tear down (KEEP=1 leaves the lab up).

@@ -28,6 +28,8 @@ same segment, all configured once before the rounds:
     ipvs-dr .5  kdsr apply, dsr l2 / engine ipvs (IPVS DR, mh)
     ipvs-tun .6 kdsr apply, dsr l3-ipip / engine ipvs (IPVS TUN, mh)
     l3    .7  kdsr apply, dsr l3-ipip / engine nft
+    xdp-l2 .8 kdsr apply, dsr l2 / engine xdp, 1 VIP (host: native XDP on veth)
+    xdp-l2-10k .9 the same, 10,000 VIPs
 
 (the servers are on the load balancers' segment in the L3 rows too: the
 outer packet is still LB -> server over ipip, just without a router hop, so
@@ -103,6 +105,8 @@ ROWS = {
     "ipvs-dr": ("10.10.0.5", "l2", "ipvs", 1),
     "ipvs-tun": ("10.10.0.6", "l3-ipip", "ipvs", 1),
     "nft-l3": ("10.10.0.7", "l3-ipip", "nft", 1),
+    "xdp-l2": ("10.10.0.8", "l2", "xdp", 1),
+    "xdp-l2-10k": ("10.10.0.9", "l2", "xdp", N_VIPS),
 }
 LABEL = {
     "fwd": "plain forwarding (router ns, ECMP)",
@@ -111,6 +115,8 @@ LABEL = {
     "ipvs-dr": "kdsr IPVS DR (l2/ipvs)",
     "ipvs-tun": "kdsr IPVS TUN (l3-ipip/ipvs)",
     "nft-l3": "kdsr nft L3 (l3-ipip/nft)",
+    "xdp-l2": "kdsr xdp L2, 1 VIP",
+    "xdp-l2-10k": "kdsr xdp L2, 10,000 VIPs",
 }
 BASELINE = "fwd"
 
@@ -182,6 +188,13 @@ def build(rows: list[str]) -> dict[str, str]:
         macs[row] = wire(lb_ns(row), ROWS[row][0])
         # the load balancer's work (and what follows it) runs on CPU 1.
         nsx(lb_ns(row), ["sh", "-c", "echo 2 > /sys/class/net/eth0/queues/rx-0/rps_cpus"])
+        if ROWS[row][2] == "xdp":
+            # XDP_TX out of a veth reaches its peer only when the peer runs
+            # XDP too (veth_xdp_xmit): a plain XDP_PASS program on the bridge
+            # port (bpf/xdp_pass.c, `make bpf`; docs/xdp-engine.md).  It runs
+            # on the frames the balancer sends back, a cost only xdp rows pay.
+            obj = str(ROOT / "build" / "xdp_pass.o")
+            nsx(SW, ["ip", "link", "set", "dev", port_of(lb_ns(row)), "xdpdrv", "obj", obj, "sec", "xdp"])
     if "fwd" in rows:
         ns = lb_ns("fwd")
         sysctl(ns, "net.ipv4.ip_forward", 1)
@@ -191,6 +204,28 @@ def build(rows: list[str]) -> dict[str, str]:
         hops = [w for a in SERVERS.values() for w in ("nexthop", "via", a)]
         nsx(ns, ["ip", "route", "add", f"{VIP}/32", *hops])
     return macs
+
+
+def pin_napi_threads(rows: list[str]) -> list[str]:
+    """A veth running XDP receives in its own NAPI, scheduled on the CPU that
+    transmitted (the sender's), where RPS does not reach.  Threaded NAPI on
+    the xdp rows' eth0 (possible once a program is attached: EIO before), its
+    kthread moved to CPU 1, puts the balancer's work where the other rows do
+    theirs."""
+    for row in rows:
+        nsx(lb_ns(row), ["sh", "-c", "echo 1 > /sys/class/net/eth0/threaded"])
+    pinned = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("napi/eth0-"):
+            sh(["taskset", "-p", "2", proc.name])
+            pinned.append(f"{comm} ({proc.name})")
+    return pinned
 
 
 def nft(ns: str, text: str) -> None:
@@ -401,6 +436,7 @@ def inside(args: argparse.Namespace, sender: str | None = None) -> dict:
         info["macs"] = macs
         t0 = time.monotonic()
         info["applies"] = apply_all(rows, work)
+        info["napi_threads_on_cpu1"] = pin_napi_threads([r for r in rows if ROWS[r][2] == "xdp"])
         info["apply_seconds"] = round(time.monotonic() - t0, 1)
         failed = {lb_ns(r) for r in rows} & {a["ns"] for a in info["applies"] if a["rc"] != 0}
         rows = [r for r in rows if lb_ns(r) not in failed]
@@ -480,6 +516,12 @@ def summarise(info: dict) -> dict:
     if "nft-l2-10k" in by and "nft-l2" in by:
         v = round(by["nft-l2-10k"]["delivered_pps_median"] / by["nft-l2"]["delivered_pps_median"], 3)
         goals["nft_10k_vs_1_vip"] = {"goal": ">= 0.95", "measured": v, "met": v >= 0.95}
+    if "xdp-l2" in by and "nft-l2" in by:
+        v = round(by["xdp-l2"]["delivered_pps_median"] / by["nft-l2"]["delivered_pps_median"], 3)
+        goals["xdp_l2_vs_nft_l2"] = {"goal": ">= 1.15", "measured": v, "met": v >= 1.15}
+    if "xdp-l2-10k" in by and "xdp-l2" in by:
+        v = round(by["xdp-l2-10k"]["delivered_pps_median"] / by["xdp-l2"]["delivered_pps_median"], 3)
+        goals["xdp_10k_vs_1_vip"] = {"goal": ">= 0.95", "measured": v, "met": v >= 0.95}
     return {"table": table, "goals": goals}
 
 
@@ -513,7 +555,7 @@ def capable() -> bool:
 
 
 # Rows that need nothing the host kernel lacks (IPVS, ipip, pktgen).
-HOST_ROWS = ("fwd", "nft-l2", "nft-l2-10k")
+HOST_ROWS = ("fwd", "nft-l2", "nft-l2-10k", "xdp-l2", "xdp-l2-10k")
 SENDER_SOURCE = ROOT / "bench" / "fastpath_sender.c"
 
 

@@ -10,8 +10,8 @@ layer          modules                                         may import
 base           errors, wording, files, collector, faults,      (nothing of kdsr)
                privilege, naming, memo
 intent         intent/ (load, schema, rules, values, model)    base
-model          model, maglev, fragment_text, bird_text,        base
-               keepalived_text
+model          model, model_xdp, maglev, fragment_text,        base
+               bird_text, keepalived_text
 compile        compile/ (pure: Intent -> Desired, and the      base, intent, model
                effective intent, probe targets, the cache)
 kernel         kernel/ (readers, writers, fakes)               base, model
@@ -28,5 +28,5 @@ cli            cli, __main__                                   anything
 
 No import cycles between modules.  An import inside a function is allowed
 only to keep a command's start-up short (jsonschema, the daemon, the real
-kernel), and tests/test_layers.py lists each with its reason.
+kernel, libbpf), and tests/test_layers.py lists each with its reason.
 """

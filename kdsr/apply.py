@@ -688,7 +688,10 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     writes_before = kernel.writes
     journal = Journal(state, store)
     steps, announce = _steps(plan, kernel, store, state, result.notes)
+    steps += xdp_steps(plan, desired, kernel, store, state)
     _run_steps(journal, steps, result)
+    if desired.xdp is not None:
+        result.notes.extend(kernel.xdp.warnings)
     crash_point("after the last step, before the read-back")
     ipvs_list, result.ipvs_listed_again = _ipvs_read_back(plan, kernel)
     if announce:
@@ -836,3 +839,48 @@ def _ipvs_read_back(plan: Plan, kernel: Kernel) -> tuple[Callable[[], list[IpvsS
     untouched = [s for s in table if s.ident not in touched]
     wanted = [touched[ident] for ident in sorted(touched)]
     return (lambda: untouched + kernel.ipvs_list_some(wanted)), len(wanted)
+
+
+def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState) -> list[Step]:
+    """The xdp engine's changes as one step: attach kdsr's program where it
+    is wanted and absent, bring its maps to the desired elements (servers,
+    then tables, then services; what goes, in reverse), or detach it.  Its
+    undo puts back what the maps held before the step."""
+    changes = [c for c in plan.changes if c.kind.startswith("xdp ")]
+    if not changes:
+        return []
+    want = desired.xdp
+    gone = [c.before for c in changes if c.kind == "xdp program" and c.action == DELETE]
+    create = any(c.kind == "xdp program" and c.action == CREATE for c in changes)
+    # The program replaced by a newer object: attached over the old one in
+    # one step (the kernel swaps programs atomically), with fresh maps that
+    # converge fills: VIP packets meanwhile go to the stack (XDP_PASS).
+    replace = any(c.kind == "xdp program" and c.action == REPLACE for c in changes)
+    before: dict[str, object] = {}
+
+    def run() -> None:
+        for old in gone:
+            kernel.xdp.detach(kernel, old.interface)
+            state.xdp.discard(old.interface)
+            store.save(state)
+        if want is None:
+            return
+        if replace:
+            kernel.xdp.attach(kernel, want.interface, force=True)
+        elif create:
+            force = want.interface in state.xdp  # a foreign program the user let kdsr adopt (--adopt)
+            state.xdp.add(want.interface)
+            store.save(state)
+            kernel.xdp.attach(kernel, want.interface, force=force)
+        else:
+            before["state"] = kernel.xdp.read(want.interface)[0]
+        kernel.xdp.converge(kernel, want)
+
+    def undo() -> None:
+        if want is not None and create:
+            kernel.xdp.detach(kernel, want.interface)
+        elif before.get("state") is not None:
+            kernel.xdp.converge(kernel, before["state"])
+
+    what = "detach kdsr's XDP program" if want is None else f"XDP maps on {want.interface} ({len(changes)} changes)"
+    return [Step(what, run, undo)]

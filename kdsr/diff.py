@@ -242,6 +242,7 @@ def diff(desired: Desired, observed: Observed) -> Plan:
     _resend_link_elements(tables, changes)
     _diff_bird(desired, observed, changes)
     _diff_announce(desired, observed, changes)
+    _diff_xdp(desired, observed, changes)
     _diff_keepalived(desired, observed, changes)
     _diff_gates(desired, observed, changes)
     plan = Plan(node=desired.node, role=desired.role, changes=changes, tables=[t for t in tables if not t.empty])
@@ -507,3 +508,45 @@ def _diff_announce(desired: Desired, observed: Observed, changes: list[Change]) 
     for ident, route in sorted(present.items()):
         if ident not in wanted:
             changes.append(Change(DELETE, "announce route", ident, before=route, reason=why.get(ident, "")))
+
+
+def _diff_xdp(desired: Desired, observed: Observed, changes: list[Change]) -> None:
+    """kdsr's XDP program (xdp engine) and the elements of its maps.
+
+    The program on an interface is created or deleted whole (deleting it
+    frees its maps); inside, each service, selector (Maglev table) and
+    server is an element, created, updated or deleted on its own."""
+    want, have = desired.xdp, observed.xdp
+    if want is None and have is None:
+        return
+    if want is None:
+        changes.append(Change(DELETE, "xdp program", have.interface, before=have))
+        return
+    if have is not None and have.interface == want.interface and have.stale:
+        # A new program starts with empty maps: every element is written again.
+        reason = "program object (build/kdsr_xdp.o)"
+        changes.append(Change(REPLACE, "xdp program", want.interface, have, want, reason=reason, pointer=want.pointer))
+        have = type(want)(interface=want.interface, config_mac="")
+    elif have is None or have.interface != want.interface:
+        if have is not None:
+            changes.append(Change(DELETE, "xdp program", have.interface, before=have))
+        changes.append(Change(CREATE, "xdp program", want.interface, after=want, pointer=want.pointer))
+        have = type(want)(interface=want.interface, config_mac="")
+    elif not have.config_mac:
+        changes.append(
+            Change(UPDATE, "xdp config", want.interface, have, want, reason="interface MAC", pointer=want.pointer)
+        )
+    for kind, wanted_items, present_items in (
+        ("xdp server", want.servers, have.servers),
+        ("xdp selector", want.selectors, have.selectors),
+        ("xdp service", want.services, have.services),
+    ):
+        present = {item.ident: item for item in present_items}
+        for item in wanted_items:
+            old = present.pop(item.ident, None)
+            if old is None:
+                changes.append(Change(CREATE, kind, item.ident, after=item, pointer=item.pointer))
+            elif old != item:
+                changes.append(Change(UPDATE, kind, item.ident, old, item, pointer=item.pointer))
+        for item in present.values():
+            changes.append(Change(DELETE, kind, item.ident, before=item))

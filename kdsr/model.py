@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdsr.model_xdp import XdpState
+
 # A map element key or value: an int (slot), a string (address, MAC) or a
 # tuple for concatenations, with a port range as a (first, last) tuple.
 ElementKey = int | str | tuple
@@ -474,6 +476,7 @@ class Desired:
     modules: tuple[str, ...] = ()
     bird: BirdConfig | None = None  # load balancers with bgp
     announce: tuple[AnnounceRoute, ...] = ()  # the VIPs BIRD may announce now (bgp)
+    xdp: XdpState | None = None  # kdsr's XDP program and its maps (xdp engine)
     keepalived: KeepalivedConfig | None = None  # load balancers with vrrp
     gates: tuple[VrrpGate, ...] = ()  # may keepalived own each VIP now (vrrp)
 
@@ -504,6 +507,8 @@ class Observed:
     foreign_ipvs: frozenset[str] = frozenset()  # wanted idents that exist but are not kdsr's
     bird: BirdConfig | None = None  # kdsr's BIRD fragment as found on disk
     announce: tuple[AnnounceRoute, ...] = ()  # the routes in kdsr's announce table
+    xdp: XdpState | None = None  # kdsr's XDP program found (desired or recorded interface)
+    foreign_xdp: str = ""  # another XDP program on the interface kdsr wants: who it is
     keepalived: KeepalivedConfig | None = None  # kdsr's keepalived fragment as found on disk
     gates: tuple[VrrpGate, ...] = ()  # kdsr's track files as found
 

@@ -259,16 +259,19 @@ def _check_foreign(intent: Intent, desired: Desired, observed: Observed, state: 
     wanted_links = {link.name: link for link in desired.links}
     links = sorted(observed.foreign_links & set(wanted_links))
     services = sorted(observed.foreign_ipvs)
-    if not (links or services):
+    if not (links or services or observed.foreign_xdp):
         return observed
     if adopt:
         state.links.update(links)
         state.ipvs.update(services)
+        if observed.foreign_xdp and desired.xdp is not None:
+            state.xdp.add(desired.xdp.interface)  # apply replaces that program with kdsr's
         return dataclasses.replace(
-            observed, foreign_links=observed.foreign_links - set(links), foreign_ipvs=frozenset()
+            observed, foreign_links=observed.foreign_links - set(links), foreign_ipvs=frozenset(), foreign_xdp=""
         )
     lines = [f"link {n} ({wanted_links[n].pointer})" for n in links]
     lines += [f"IPVS service {i}" for i in services]
+    lines += [observed.foreign_xdp] if observed.foreign_xdp else []
     raise ForeignObjectError(
         f"{intent.source}: these exist already, but kdsr has no record of creating them: "
         + "; ".join(lines)
@@ -397,6 +400,7 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                     {"selector": nmap.name, "server": server, "slots": slots, "packets": packets, "bytes": nbytes}
                 )
     nodes = [node] if node else store.nodes()
+    report["xdp"] = _xdp_show(kernel, store, nodes, report)
     report["health"] = []
     report["drained"] = []
     for name in nodes:
@@ -421,6 +425,53 @@ def show(kernel: Kernel, store: StateStore, node: str | None) -> dict:
                 {"node": name, "key": key.replace("/", "."), "value": kernel.sysctl_read(key), "previous": previous}
             )
     return report
+
+
+def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict) -> list[dict]:
+    """kdsr's XDP programs (xdp engine): service and server rows with the
+    program's per-CPU counters summed, and the program's own events."""
+    programs = []
+    for ifname in sorted({i for name in nodes for i in store.load(name).xdp}):
+        if not kernel.link_exists(ifname):
+            continue
+        state, _foreign = kernel.xdp.read(ifname)
+        if state is None:
+            continue
+        counts = kernel.xdp.counters(ifname)
+        for svc in state.services:
+            host = f"[{svc.vip}]" if svc.family == 6 else svc.vip
+            packets, nbytes = counts["services"].get(f"{svc.protocol} {host}:{svc.first}", (0, 0))
+            port = str(svc.first) if svc.first == svc.last else f"{svc.first}-{svc.last}"
+            report["services"].append(
+                {
+                    "vip": svc.vip,
+                    "protocol": svc.protocol,
+                    "port": port,
+                    "selector": svc.selector,
+                    "packets": packets,
+                    "bytes": nbytes,
+                    "source": f"xdp on {ifname}",
+                    "engine": "xdp",
+                }
+            )
+        for sel in state.selectors:
+            slots: dict[str, int] = {}
+            for address in sel.table:
+                slots[address] = slots.get(address, 0) + 1
+            for server, share in sorted(slots.items()):
+                packets, nbytes = counts["servers"].get(server, (0, 0))
+                report["servers"].append(
+                    {
+                        "selector": sel.name,
+                        "server": server,
+                        "slots": share,
+                        "packets": packets,
+                        "bytes": nbytes,
+                        "engine": "xdp",
+                    }
+                )
+        programs.append({"interface": ifname, "mode": counts.get("mode", ""), "events": counts.get("events", {})})
+    return programs
 
 
 def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict]:
@@ -474,11 +525,14 @@ def _pinned_rows(table, slots, counters: dict) -> list[dict]:
 
 def format_show(report: dict) -> str:
     lines = []
-    owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp")
+    owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp", "xdp")
     if not any(report.get(key) for key in owned):
         return "kdsr owns nothing on this host.\n"
     for table in report["tables"]:
         lines.append(f"nft table {table}")
+    for prog in report.get("xdp", []):
+        events = ", ".join(f"{k} {v}" for k, v in prog["events"].items())
+        lines.append(f"xdp program kdsr_xdp on {prog['interface']} ({prog['mode']}): {events}")
     if report["services"]:
         lines.append("\nservices (VIP . protocol . port -> selector, packets/bytes seen by the load balancer):")
         for s in report["services"]:

@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from kdsr import naming
+from kdsr import model_xdp, naming
 from kdsr.diff import BIRD_NOT_RUNNING, CREATE, DELETE, REPLACE, UPDATE, Change, Plan, format_key, format_value
 from kdsr.model import (
     Address,
@@ -45,6 +45,8 @@ PLAN_FORMAT_VERSION = 1
 
 
 def _describe(obj: Any) -> str:
+    if isinstance(obj, model_xdp.XDP_TYPES):
+        return model_xdp.describe(obj)
     if isinstance(obj, NftTable):
         return f"{counted(len(obj.chains), 'chain')}, {counted(len(obj.maps), 'map')}"
     if isinstance(obj, NftChain):
@@ -198,6 +200,8 @@ def render_text(plan: Plan, source: str = "") -> str:
 
 
 def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, model_xdp.XDP_TYPES):
+        return model_xdp.as_json(obj)
     if obj is None:
         return None
     if isinstance(obj, NftTable):

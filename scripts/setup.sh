@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=(nftables python3-nftables python3-venv iproute2 tcpdump ipvsadm bird2 keepalived)
+# The xdp engine: clang/llvm compile bpf/kdsr_xdp.c for the BPF target (here,
+# not on the balancer at run time), libbpf-dev has its headers, libbpf1 (a
+# dependency) loads it and bpftool finds kdsr's program and maps.
+need_pkgs+=(clang llvm libbpf-dev bpftool dpkg-dev)
 # `make deb` (debian/control's Build-Depends) and the package check in
 # `make test` (netns-lab/tests/test_package.py: `man -w`, `systemd-analyze`;
 # kdsr.service under systemd in a lab namespace: systemd-nspawn).
@@ -54,3 +58,6 @@ from importlib.metadata import version
 assert tuple(int(n) for n in version("click").split(".")[:2]) >= (8, 2)' 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lab]'
 fi
+
+# The xdp engine's BPF object (make bpf): build/kdsr_xdp.o.
+make -s bpf

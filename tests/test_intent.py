@@ -12,7 +12,7 @@ import pytest
 from kdsr.errors import EXIT_INVALID_INTENT, IntentError, Problem, UsageError
 from kdsr.intent import Intent, load_intent, parse_intent
 from kdsr.intent.load import SCHEMA_ID, schema
-from kdsr.intent.model import DEFAULT_HASH_SEED, DSR_MODES, ENGINE_IPVS, ENGINE_NFT, HASH_FIELDS, PortRange
+from kdsr.intent.model import DEFAULT_HASH_SEED, DSR_MODES, ENGINE_IPVS, ENGINE_NFT, ENGINE_XDP, HASH_FIELDS, PortRange
 from kdsr.intent.primes import is_prime, next_prime
 from kdsr.intent.reload import same_json
 from kdsr.intent.verify import verify
@@ -383,8 +383,8 @@ def test_enum_errors_list_supported_values():
     assert mode.pointer == "/services/web/dsr/mode"
     assert 'Supported values: "l2", "l3-ipip", "l3-gre", "l3-ip6tnl"' in mode.message
     assert "l3-ip6tnl" in mode.hint
-    engine = only_problem(changed(services__web__dsr__engine="xdp"))
-    assert 'Supported values: "nft", "ipvs"' in engine.message
+    engine = only_problem(changed(services__web__dsr__engine="ebpf"))
+    assert 'Supported values: "nft", "ipvs", "xdp"' in engine.message
 
 
 def test_unknown_field_names_it_and_lists_the_allowed_ones():
@@ -656,7 +656,7 @@ def test_schema_agrees_with_the_code():
     defs = schema()["$defs"]
     dsr = defs["service"]["properties"]["dsr"]["properties"]
     assert tuple(dsr["mode"]["enum"]) == DSR_MODES
-    assert tuple(dsr["engine"]["enum"]) == (ENGINE_NFT, ENGINE_IPVS)
+    assert tuple(dsr["engine"]["enum"]) == (ENGINE_NFT, ENGINE_IPVS, ENGINE_XDP)
     hashing = defs["service"]["properties"]["hashing"]["properties"]
     assert tuple(hashing["fields"]["enum"]) == HASH_FIELDS
     assert hashing["seed"]["default"] == DEFAULT_HASH_SEED

@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # The state types, Maglev, and the BIRD fragment's text: what compile
     # makes and the kernel layer reads and writes.
     "model": (
-        ("kdsr.model", "kdsr.maglev", "kdsr.fragment_text", "kdsr.bird_text", "kdsr.keepalived_text"),
+        ("kdsr.model", "kdsr.model_xdp", "kdsr.maglev", "kdsr.fragment_text", "kdsr.bird_text", "kdsr.keepalived_text"),
         ("base",),
     ),
     "compile": (("kdsr.compile",), ("base", "intent", "model")),
@@ -72,6 +72,7 @@ STARTUP_EXCEPTIONS = {
     ("kdsr.cli", "kdsr.commands.health"): "the daemon, its metrics server and probes: only kdsr run and health",
     ("kdsr.cli", "kdsr.kernel.system"): "the real kernel (netlink, libnftables): not for validate or maglev",
     ("kdsr.cli", "kdsr.saved_plan"): "only plan --out and apply --plan-file",
+    ("kdsr.kernel.system", "kdsr.kernel.xdp"): "ctypes and the libbpf binding: only a node with an xdp service",
     ("kdsr.intent", "kdsr.intent.load"): "the package's lazy attribute: loading pulls in jsonschema",
     ("kdsr.intent", "kdsr.intent.model"): "the package's lazy attribute (with load_intent)",
 }

@@ -15,7 +15,7 @@ import dataclasses
 import ipaddress
 
 from kdsr import maglev
-from kdsr.compile import lb_nft_l3
+from kdsr.compile import lb_nft_l3, lb_xdp
 from kdsr.compile.selectors import (
     DEFAULT_SLOTS_PER_SERVER,
     MIN_DEFAULT_TABLE_SIZE,
@@ -28,7 +28,7 @@ from kdsr.compile.selectors import (
     selectors_for,
 )
 from kdsr.errors import UsageError
-from kdsr.intent.model import ENGINE_NFT, Intent, PoolMember, Service
+from kdsr.intent.model import ENGINE_NFT, ENGINE_XDP, Intent, PoolMember, Service
 
 SIZE_REASONS = {
     SIZED_BY_INTENT: "table_size from the intent",
@@ -50,12 +50,12 @@ def _service(intent: Intent, name: str) -> Service:
 
 
 def _selector(intent: Intent, service: Service) -> Selector:
-    if service.engine != ENGINE_NFT:
+    if service.engine not in (ENGINE_NFT, ENGINE_XDP):
         raise UsageError(
             f"{intent.source}: service {service.name} uses the {service.engine} engine, whose table the kernel "
-            "builds; kdsr maglev shows the tables kdsr builds (nft engine)."
+            "builds; kdsr maglev shows the tables kdsr builds (nft and xdp engines)."
         )
-    wanted = lb_nft_l3.wanted if service.is_l3 else None
+    wanted = lb_xdp.wanted if service.engine == ENGINE_XDP else lb_nft_l3.wanted if service.is_l3 else None
     return next(s for s in selectors_for(intent, wanted) if service in s.services)
 
 

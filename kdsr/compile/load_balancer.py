@@ -5,6 +5,7 @@
                    tunnels, routes and rules (lb_nft_l3);
 - health probes:  for dsr monitors of l2 services, a route and rule per
                    server (kdsr/compile/targets.py);
+- xdp engine, l2:  kdsr's XDP program's map contents (lb_xdp);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs);
 - bgp:             the BIRD fragment, and the announce routes that let BIRD
@@ -15,7 +16,7 @@
 
 from __future__ import annotations
 
-from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3
+from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3, lb_xdp
 from kdsr.compile.bird import announce_routes, bird_config
 from kdsr.compile.cache import CompileCache
 from kdsr.compile.keepalived import gates, keepalived_config
@@ -47,7 +48,8 @@ def compile_load_balancer(
         tables.append(_table(lb_ipvs.TABLE_FAMILY, lb_ipvs.TABLE_NAME, ipvs["chains"], ipvs.get("maps", []), lb))
     modules.update(l3.get("modules", ()))
     modules.update(ipvs.get("modules", ()))
-    sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ()))}
+    xdp, xdp_sysctls = lb_xdp.compile_xdp(intent, lb, cache)
+    sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ())) + xdp_sysctls}
     probe_routes, probe_rules = probe_paths(intent, lb)
     bird = bird_config(intent, lb, withdraw)
     keepalived = keepalived_config(intent, lb, withdraw)
@@ -64,6 +66,7 @@ def compile_load_balancer(
         modules=tuple(sorted(modules)),
         bird=bird,
         announce=announce_routes(bird),
+        xdp=xdp,
         keepalived=keepalived,
         gates=gates(keepalived),
     )

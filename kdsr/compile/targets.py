@@ -25,6 +25,7 @@ from kdsr import naming
 from kdsr.intent.model import (
     DSR_L2,
     ENGINE_NFT,
+    ENGINE_XDP,
     MONITOR_DSR,
     Intent,
     LoadBalancerNode,
@@ -139,7 +140,7 @@ def probe_paths(intent: Intent, lb: LoadBalancerNode) -> tuple[list[Route], list
     for monitor, pool, service in monitored(intent):
         if monitor.mode != MONITOR_DSR or service is None:
             continue
-        if service.mode != DSR_L2 or service.engine != ENGINE_NFT:
+        if service.mode != DSR_L2 or service.engine not in (ENGINE_NFT, ENGINE_XDP):
             continue
         for member in pool.members:
             if member.address.version != service.vip.version:

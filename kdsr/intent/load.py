@@ -562,7 +562,7 @@ _HINTS: list[tuple[tuple[str, ...], str]] = [
     (("services", "*", "protocols", "*"), 'A list holds "tcp" and "udp"; "both" only replaces the whole list.'),
     (("services", "*", "pool"), "Name a pool defined under /pools."),
     (("services", "*", "dsr", "mode"), 'Modes are "l2", "l3-ipip", "l3-gre" (IPv4) and "l3-ip6tnl" (IPv6).'),
-    (("services", "*", "dsr", "engine"), 'Engines are "nft" (default) and "ipvs".'),
+    (("services", "*", "dsr", "engine"), 'Engines are "nft" (default), "ipvs" and "xdp".'),
     (("services", "*", "dsr", "path_mtu"), "path_mtu is 576-65535 bytes; leave it out for 1500."),
     (("services", "*", "dsr", "mss_clamp"), 'Use "auto" (default), "off", or an MSS in bytes such as 1400.'),
     (

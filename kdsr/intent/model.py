@@ -34,6 +34,7 @@ DSR_L3_IP6TNL = "l3-ip6tnl"
 DSR_MODES = (DSR_L2, DSR_L3_IPIP, DSR_L3_GRE, DSR_L3_IP6TNL)
 ENGINE_NFT = "nft"
 ENGINE_IPVS = "ipvs"
+ENGINE_XDP = "xdp"
 
 # Per L3 mode: the tunnel link kind, the address family it carries (inner and
 # outer are the same family here), and the bytes the outer headers add.
@@ -206,7 +207,7 @@ class Service:
     protocols: tuple[str, ...]  # sorted subset of ("tcp", "udp")
     pool: str
     mode: str  # one of DSR_MODES
-    engine: str  # "nft" | "ipvs"
+    engine: str  # "nft" | "ipvs" | "xdp"
     hashing: Hashing
     pointer: str = field(default="", compare=False)
     path_mtu: int = DEFAULT_PATH_MTU

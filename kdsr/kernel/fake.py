@@ -19,6 +19,7 @@ from kdsr.kernel import KernelError
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.nft_json import decode_element, decode_map
+from kdsr.kernel.xdp import FakeIO, XdpBackend
 from kdsr.model import (
     Address,
     AnnounceRoute,
@@ -45,6 +46,8 @@ class _Table:
 class FakeKernel:
     def __init__(self, interfaces: tuple[str, ...] = ("lo", "eth0"), local: tuple[str, ...] = ()) -> None:
         self.writes = 0
+        # kdsr's XDP program and maps, in memory (kdsr/kernel/xdp.py FakeIO)
+        self.xdp = XdpBackend(FakeIO({name: f"02:00:00:00:00:{i + 1:02x}" for i, name in enumerate(interfaces)}))
         self.ops: list[str] = []  # one line per write, for assertions
         self.fail_at: int | None = None  # fail the write with this 1-based number
         self.fail_message = "EBUSY (injected)"

@@ -87,7 +87,10 @@ def observe(
         ipvs, foreign_ipvs = _ipvs(ipvs_list or kernel.ipvs_list, desired, state)
     else:
         ipvs, foreign_ipvs = [], frozenset()
+    xdp, foreign_xdp = _xdp(kernel, desired, state)
     return Observed(
+        xdp=xdp,
+        foreign_xdp=foreign_xdp,
         links=tuple(links),
         foreign_links=foreign_links,
         routes=tuple(sorted(kernel.route_list(), key=lambda r: r.ident)) if l3 else (),
@@ -209,4 +212,21 @@ def _ipvs(
     wanted = {s.ident for s in desired.ipvs}
     found = [s for s in ipvs_list() if s.ident in state.ipvs or s.ident in wanted]
     foreign = frozenset(s.ident for s in found if s.ident not in state.ipvs)
+    return found, foreign
+
+
+def _xdp(kernel: Kernel, desired: Desired, state: NodeState):
+    """kdsr's XDP program on the interface it wants (or recorded), and a
+    foreign program found where kdsr wants its own.  kdsr's program is
+    found by its name on the interface (kdsr/kernel/xdp.py)."""
+    interfaces = sorted(({desired.xdp.interface} if desired.xdp is not None else set()) | state.xdp)
+    found, foreign = None, ""
+    for ifname in interfaces:
+        if not kernel.link_exists(ifname):
+            continue
+        have, other = kernel.xdp.read(ifname)
+        if have is not None and (found is None or desired.xdp is None or ifname == desired.xdp.interface):
+            found = have
+        if other and desired.xdp is not None and ifname == desired.xdp.interface and ifname not in state.xdp:
+            foreign = f"{other} on {ifname}"
     return found, foreign

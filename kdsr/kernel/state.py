@@ -37,6 +37,7 @@ class NodeState:
     ipvs: set[str] = field(default_factory=set)  # IpvsService.ident kdsr created
     drained: set[str] = field(default_factory=set)  # member addresses or node names (`kdsr drain`)
     bird_files: list[str] = field(default_factory=list)  # [config, fragment, socket] once kdsr wrote a fragment
+    xdp: set[str] = field(default_factory=set)  # interfaces kdsr attached its XDP program to (or adopted)
     # [config, fragment, pid_file] once kdsr wrote a keepalived fragment.
     keepalived_files: list[str] = field(default_factory=list)
     gates: set[str] = field(default_factory=set)  # track files kdsr wrote (VrrpGate.path)
@@ -54,6 +55,7 @@ class NodeState:
             "ipvs": sorted(self.ipvs),
             "drained": sorted(self.drained),
             "bird_files": list(self.bird_files),
+            **({"xdp": sorted(self.xdp)} if self.xdp else {}),
             "keepalived_files": list(self.keepalived_files),
             "gates": sorted(self.gates),
         }
@@ -71,6 +73,7 @@ class NodeState:
             ipvs=set(data.get("ipvs", [])),
             drained=set(data.get("drained", [])),
             bird_files=list(data.get("bird_files", [])),
+            xdp=set(data.get("xdp", [])),
             keepalived_files=list(data.get("keepalived_files", [])),
             gates=set(data.get("gates", [])),
         )
@@ -85,6 +88,7 @@ class NodeState:
             or self.ipvs
             or self.drained
             or self.bird_files
+            or self.xdp
             or self.keepalived_files
             or self.gates
         )

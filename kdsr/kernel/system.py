@@ -463,6 +463,16 @@ class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
         self._nf_tables_ok = False
         # (family, name) -> (ruleset generation, table, listing) of the last read
         self._tables_read: dict[tuple[str, str], tuple[int, NftTable | None, list[dict]]] = {}
+        self._xdp = None
+
+    @property
+    def xdp(self):
+        """kdsr's XDP program and maps (kdsr/kernel/xdp.py), through libbpf."""
+        if self._xdp is None:
+            from kdsr.kernel.xdp import LibbpfIO, XdpBackend
+
+            self._xdp = XdpBackend(LibbpfIO())
+        return self._xdp
 
     # ------------------------------------------------------------ nftables
     @property

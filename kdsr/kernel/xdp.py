@@ -1,0 +1,660 @@
+"""The xdp engine's kernel backend: kdsr's XDP program and its maps.
+
+Finding kdsr's objects: nothing is pinned.  bpffs is not mounted on these
+machines, and ``ip netns exec`` gives each namespace its own mounts, so a pin
+made in one would not be seen from another shell.  The program is found
+through the interface it is attached to (``bpftool net show dev X``: the
+program id; ``bpftool prog show id N``: its name and map ids; ``bpftool map
+show id M``: each map's name); a program named ``kdsr_xdp`` with kdsr's maps
+is kdsr's, any other XDP program on the interface is someone else's.  The
+maps live as long as the program: detaching it frees them, so destroy leaves
+nothing behind.
+
+Loading: ``ip link set dev X xdpdrv obj build/kdsr_xdp.o sec xdp``
+(iproute2's libbpf loader; no compiler at run time), native mode, falling
+back to generic XDP (``xdpgeneric``) where the driver has none, with a
+warning.  Map elements are read and written through libbpf itself
+(``bpf_map_get_fd_by_id``, ``bpf_map_lookup_elem``, ...) via ctypes.
+
+Layout (bpf/kdsr_xdp.c): this module decides where things go; compile
+only says what (kdsr/model_xdp.py).  Each server gets an index in
+``servers`` (its counters are ``server_stats[index]``), each selector an
+index in ``selectors`` and two regions of ``slots``; a new table is written
+into the inactive region, then the selector's ``active`` flips.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from kdsr.kernel import KernelError
+from kdsr.model_xdp import HASH_FIELDS, PROGRAM_NAME, XdpSelector, XdpServer, XdpService, XdpState
+
+MAP_NAMES = (
+    "config",
+    "services",
+    "ranges",
+    "selectors",
+    "slots",
+    "servers",
+    "server_stats",
+    "service_stats",
+    "events",
+)
+MAX_SELECTORS = 4096
+MAX_SERVERS = 4096
+MAX_SLOTS = 2 * 262144 + 2 * 65537
+RANGES_PER_KEY = 16
+NO_SERVER = 0xFFFFFFFF
+SERVER_HAS_MAC = 1
+PROTOCOLS = {"tcp": 6, "udp": 17}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+FIELD_NAMES = {v: k for k, v in HASH_FIELDS.items()}
+EVENTS = ("pass", "not_for_host", "no_server", "no_neighbour", "redirect")
+
+# struct layouts of bpf/kdsr_xdp.c (x86-64 and every little-endian target)
+SVC_KEY = struct.Struct("<16sBBH")
+SELECTOR = struct.Struct("<6I64s")  # active, size, seed, fields, base[0], base[1], name
+SERVER = struct.Struct("<6sBB16s")
+CONFIG = struct.Struct("<6s2xI8s")
+U32 = struct.Struct("<I")
+COUNTER = struct.Struct("<QQ")
+PORT_RANGE = struct.Struct("<HHI")
+
+
+def default_object() -> Path:
+    """build/kdsr_xdp.o of this checkout (`make bpf`), or $KDSR_XDP_OBJECT."""
+    env = os.environ.get("KDSR_XDP_OBJECT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "build" / "kdsr_xdp.o"
+
+
+def _addr_bytes(address: str) -> tuple[int, bytes]:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.version, ip.packed.ljust(16, b"\0")
+
+
+def _addr_text(family: int, raw: bytes) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_address(raw[:4] if family == 4 else raw[:16]))
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", "")) if mac else b"\0" * 6
+
+
+def _mac_text(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def service_key(vip: str, protocol: str, port: int) -> bytes:
+    family, addr = _addr_bytes(vip)
+    return SVC_KEY.pack(addr, family, PROTOCOLS[protocol], port)
+
+
+@dataclass
+class ProgramInfo:
+    prog_id: int
+    name: str
+    mode: str  # "driver" | "generic" | "offload"
+    maps: dict[str, int] = field(default_factory=dict)  # name -> map id
+
+
+class MapsIO(Protocol):
+    """Where map elements and programs live: libbpf (``LibbpfIO``) or a dict (``FakeIO``)."""
+
+    def program(self, ifname: str) -> ProgramInfo | None: ...
+
+    def attach(self, ifname: str, obj: Path, force: bool) -> str: ...  # -> mode
+
+    def detach(self, ifname: str) -> None: ...
+
+    def lookup(self, map_id: int, key: bytes) -> bytes | None: ...
+
+    def keys(self, map_id: int) -> list[bytes]: ...
+
+    def update(self, map_id: int, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, map_id: int, key: bytes) -> None: ...
+
+    def interface_mac(self, ifname: str) -> str: ...
+
+    def cpus(self) -> int: ...
+
+    def managed_neighbours(self, ifname: str) -> set[str]: ...
+
+    def neighbour(self, ifname: str, address: str, add: bool) -> None: ...
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError as exc:
+        raise KernelError(f"{argv[0]} is not installed (the xdp engine needs bpftool and iproute2)") from exc
+    if result.returncode != 0:
+        raise KernelError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+class LibbpfIO:
+    """The real kernel: bpftool and iproute2 for programs, libbpf for map elements."""
+
+    def __init__(self) -> None:
+        self._lib = None
+        self._fds: dict[int, int] = {}
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+    @property
+    def lib(self):
+        if self._lib is None:
+            name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)
+            except OSError as exc:
+                raise KernelError(f"libbpf is not installed ({exc}); the xdp engine needs libbpf1") from exc
+            lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+            lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+            lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+            self._lib = lib
+        return self._lib
+
+    def program(self, ifname: str) -> ProgramInfo | None:
+        found = json.loads(_run(["bpftool", "-j", "net", "show", "dev", ifname]) or "[]")
+        for entry in found:
+            for xdp in entry.get("xdp", []):
+                if xdp.get("devname") == ifname:
+                    prog = json.loads(_run(["bpftool", "-j", "prog", "show", "id", str(xdp["id"])]))
+                    maps = {}
+                    for map_id in prog.get("map_ids", []):
+                        info = json.loads(_run(["bpftool", "-j", "map", "show", "id", str(map_id)]))
+                        maps[info.get("name", "")] = map_id
+                        self._sizes[map_id] = (info["bytes_key"], info["bytes_value"])
+                    return ProgramInfo(xdp["id"], prog.get("name", ""), xdp.get("mode", ""), maps)
+        return None
+
+    def attach(self, ifname: str, obj: Path, force: bool) -> str:
+        if not obj.exists():
+            raise KernelError(f"{obj} does not exist: build the xdp engine's program with `make bpf`")
+        force_flag = ["-force"] if force else []
+        try:
+            _run(["ip", *force_flag, "link", "set", "dev", ifname, "xdpdrv", "obj", str(obj), "sec", "xdp"])
+            return "driver"
+        except KernelError as native:
+            try:
+                _run(["ip", *force_flag, "link", "set", "dev", ifname, "xdpgeneric", "obj", str(obj), "sec", "xdp"])
+            except KernelError:
+                raise native from None
+            return "generic"
+
+    def detach(self, ifname: str) -> None:
+        _run(["ip", "link", "set", "dev", ifname, "xdp", "off"])
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, map_id: int) -> int:
+        fd = self._fds.get(map_id)
+        if fd is None:
+            fd = self.lib.bpf_map_get_fd_by_id(map_id)
+            if fd < 0:
+                raise KernelError(f"BPF map id {map_id}: {os.strerror(-fd)}")
+            self._fds[map_id] = fd
+        return fd
+
+    def _value_size(self, map_id: int) -> int:
+        if map_id not in self._sizes:
+            info = json.loads(_run(["bpftool", "-j", "map", "show", "id", str(map_id)]))
+            self._sizes[map_id] = (info["bytes_key"], info["bytes_value"])
+        key, value = self._sizes[map_id]
+        return value
+
+    def lookup(self, map_id: int, key: bytes) -> bytes | None:
+        size = self._value_size(map_id)
+        per_cpu = (size + 7) // 8 * 8 * self.cpus()  # room for a per-CPU value too
+        buf = ctypes.create_string_buffer(max(size, per_cpu))
+        rc = self.lib.bpf_map_lookup_elem(self._fd(map_id), key, buf)
+        if rc != 0:
+            return None
+        return buf.raw
+
+    def keys(self, map_id: int) -> list[bytes]:
+        key_size = self._sizes[map_id][0] if map_id in self._sizes else None
+        if key_size is None:
+            self._value_size(map_id)
+            key_size = self._sizes[map_id][0]
+        found = []
+        prev = None
+        nxt = ctypes.create_string_buffer(key_size)
+        while self.lib.bpf_map_get_next_key(self._fd(map_id), prev, nxt) == 0:
+            found.append(nxt.raw)
+            prev = ctypes.create_string_buffer(nxt.raw, key_size)
+            if len(found) > 1 << 20:
+                break
+        return found
+
+    def update(self, map_id: int, key: bytes, value: bytes) -> None:
+        rc = self.lib.bpf_map_update_elem(self._fd(map_id), key, value, 0)
+        if rc != 0:
+            raise KernelError(f"BPF map id {map_id}: update: {os.strerror(ctypes.get_errno())}")
+
+    def delete(self, map_id: int, key: bytes) -> None:
+        self.lib.bpf_map_delete_elem(self._fd(map_id), key)
+
+    def interface_mac(self, ifname: str) -> str:
+        return Path(f"/sys/class/net/{ifname}/address").read_text().strip()
+
+    def cpus(self) -> int:
+        return self.lib.libbpf_num_possible_cpus()
+
+    def managed_neighbours(self, ifname: str) -> set[str]:
+        found = json.loads(_run(["ip", "-j", "neigh", "show", "dev", ifname]) or "[]")
+        return {entry["dst"] for entry in found if "managed" in entry}
+
+    def neighbour(self, ifname: str, address: str, add: bool) -> None:
+        if add:
+            found = json.loads(_run(["ip", "-j", "neigh", "show", address, "dev", ifname]) or "[]")
+            if any("PERMANENT" in entry.get("state", []) for entry in found):
+                return  # someone's static entry: bpf_fib_lookup() finds it as it is
+            _run(["ip", "neigh", "replace", address, "dev", ifname, "managed"])
+        else:
+            _run(["ip", "neigh", "del", address, "dev", ifname])
+
+
+@dataclass
+class _Layout:
+    """Where things are in the maps right now (read from them)."""
+
+    info: ProgramInfo
+    servers: dict[str, int]  # address -> index
+    server_entries: dict[int, XdpServer]
+    selectors: dict[str, tuple[int, tuple[int, ...]]]  # name -> (id, descriptor)
+
+
+class XdpBackend:
+    """Reads kdsr's XDP state from an interface, and makes it what is wanted."""
+
+    def __init__(self, io: MapsIO, obj: Path | None = None) -> None:
+        self.io = io
+        self.obj = obj or default_object()
+        self.warnings: list[str] = []
+
+    # ---------------------------------------------------------------- read
+    def read(self, ifname: str) -> tuple[XdpState | None, str]:
+        """(kdsr's state on ``ifname`` or None, a description of a foreign XDP program or "")."""
+        info = self.io.program(ifname)
+        if info is None:
+            return None, ""
+        if info.name != PROGRAM_NAME or not set(MAP_NAMES) <= set(info.maps):
+            return None, f"XDP program {info.name or '(no name)'} (id {info.prog_id}, {info.mode})"
+        layout = self._layout(info)
+        return self._state(ifname, layout), ""
+
+    def _layout(self, info: ProgramInfo) -> _Layout:
+        servers: dict[str, int] = {}
+        entries: dict[int, XdpServer] = {}
+        for index in range(MAX_SERVERS):
+            raw = self.io.lookup(info.maps["servers"], U32.pack(index))
+            if raw is None:
+                continue
+            mac, flags, family, addr = SERVER.unpack_from(raw)
+            if family not in (4, 6):
+                continue
+            address = _addr_text(family, addr)
+            servers[address] = index
+            entries[index] = XdpServer(address, _mac_text(mac) if flags & SERVER_HAS_MAC else "")
+        selectors = {}
+        for index in range(MAX_SELECTORS):
+            raw = self.io.lookup(info.maps["selectors"], U32.pack(index))
+            if raw is None:
+                continue
+            desc = SELECTOR.unpack_from(raw)
+            if desc[1] == 0:
+                continue
+            name = desc[6].split(b"\0", 1)[0].decode(errors="replace")
+            selectors[name] = (index, desc)
+        return _Layout(info, servers, entries, selectors)
+
+    def _state(self, ifname: str, layout: _Layout) -> XdpState:
+        maps = layout.info.maps
+        managed = self.io.managed_neighbours(ifname)
+        names_by_id = {index: name for name, (index, _) in layout.selectors.items()}
+        selectors = []
+        for name, (_index, desc) in sorted(layout.selectors.items()):
+            active, size, seed, fields, base0, base1, _name = desc
+            base = (base0, base1)[active & 1]
+            table = []
+            for slot in range(size):
+                raw = self.io.lookup(maps["slots"], U32.pack(base + slot))
+                index = U32.unpack_from(raw)[0] if raw else NO_SERVER
+                server = layout.server_entries.get(index)
+                table.append(server.address if server else ("" if index == NO_SERVER else f"#{index}"))
+            if all(t == "" for t in table):
+                table = []
+            family = 6 if ":" in next((t for t in table if t), "") else 4
+            if name.split("-")[-2:-1] == ["v6"]:
+                family = 6
+            selectors.append(XdpSelector(name, family, FIELD_NAMES.get(fields, str(fields)), seed, size, tuple(table)))
+        services = []
+        for key in self.io.keys(maps["services"]):
+            addr, family, proto, port = SVC_KEY.unpack(key[: SVC_KEY.size])
+            raw = self.io.lookup(maps["services"], key)
+            if raw is None:
+                continue
+            sel = names_by_id.get(U32.unpack_from(raw)[0], f"#{U32.unpack_from(raw)[0]}")
+            services.append(
+                XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), port, port, sel)
+            )
+        for key in self.io.keys(maps["ranges"]):
+            addr, family, proto, _port = SVC_KEY.unpack(key[: SVC_KEY.size])
+            raw = self.io.lookup(maps["ranges"], key)
+            if raw is None:
+                continue
+            count = U32.unpack_from(raw)[0]
+            for i in range(min(count, RANGES_PER_KEY)):
+                first, last, sel_id = PORT_RANGE.unpack_from(raw, 4 + i * PORT_RANGE.size)
+                sel = names_by_id.get(sel_id, f"#{sel_id}")
+                services.append(
+                    XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), first, last, sel)
+                )
+        config = self.io.lookup(maps["config"], U32.pack(0))
+        config_mac = _mac_text(CONFIG.unpack_from(config)[0]) if config else ""
+        if config_mac != self.io.interface_mac(ifname):
+            config_mac = ""
+        loaded = CONFIG.unpack_from(config)[2] if config else b""
+        stale = bool(config_mac) and loaded != self.object_digest()
+        return XdpState(
+            interface=ifname,
+            services=tuple(sorted(services, key=lambda s: s.ident)),
+            selectors=tuple(selectors),
+            servers=tuple(
+                sorted(
+                    (
+                        XdpServer(s.address, s.mac, neighbour=not s.mac and s.address in managed)
+                        for s in layout.server_entries.values()
+                    ),
+                    key=lambda s: s.ident,
+                )
+            ),
+            mode=layout.info.mode,
+            config_mac=config_mac,
+            stale=stale,
+        )
+
+    def object_digest(self) -> bytes:
+        """The first 8 bytes of the object file's SHA-256 (zeros without a file)."""
+        try:
+            return hashlib.sha256(self.obj.read_bytes()).digest()[:8]
+        except OSError:
+            return bytes(8)
+
+    # ---------------------------------------------------------------- write
+    def detach(self, kernel, ifname: str) -> None:
+        """Detach kdsr's program (its maps go with it) and drop the managed
+        neighbour entries kdsr made for its servers."""
+        have, _foreign = self.read(ifname)
+        self.io.detach(ifname)
+        kernel.writes += 1
+        if have is not None:
+            self._drop_neighbours(kernel, ifname, {s.address for s in have.servers if s.neighbour})
+
+    def attach(self, kernel, ifname: str, force: bool = False) -> None:
+        mode = self.io.attach(ifname, self.obj, force)
+        kernel.writes += 1
+        if mode == "generic":
+            self.warnings.append(
+                f"{ifname}: the driver has no native XDP, so kdsr's program runs as generic XDP, after the "
+                "socket buffer is built: it costs about what the nft engine does and gains little over it."
+            )
+
+    def converge(self, kernel, want: XdpState) -> None:
+        """Make the maps on ``want.interface`` hold ``want`` (the program is attached)."""
+        info = self.io.program(want.interface)
+        if info is None or info.name != PROGRAM_NAME:
+            raise KernelError(f"{want.interface}: kdsr's XDP program is not attached")
+        maps = info.maps
+        layout = self._layout(info)
+        have = self._state(want.interface, layout)
+
+        def write(map_name: str, key: bytes, value: bytes) -> None:
+            self.io.update(maps[map_name], key, value)
+            kernel.writes += 1
+
+        def remove(map_name: str, key: bytes) -> None:
+            self.io.delete(maps[map_name], key)
+            kernel.writes += 1
+
+        # 1. the interface's MAC: frames for it are the ones to balance
+        if not have.config_mac:
+            ifindex = 0
+            mac = _mac_bytes(self.io.interface_mac(want.interface))
+            write("config", U32.pack(0), CONFIG.pack(mac, ifindex, self.object_digest()))
+        # 2. servers first (a table may name them only once they exist), and
+        # the managed neighbour entries of those without a MAC
+        have_neighbours = {s.address for s in have.servers if s.neighbour}
+        for server in want.servers:
+            if server.neighbour and server.address not in have_neighbours:
+                self.io.neighbour(want.interface, server.address, True)
+                kernel.writes += 1
+        free_servers = sorted(set(range(MAX_SERVERS)) - set(layout.server_entries))
+        index_of = dict(layout.servers)
+        for server in want.servers:
+            old = layout.server_entries.get(index_of.get(server.address, -1))
+            if old is not None and old.mac == server.mac:
+                continue
+            if server.address not in index_of:
+                if not free_servers:
+                    raise KernelError(f"more than {MAX_SERVERS} servers on one XDP balancer")
+                index_of[server.address] = free_servers.pop(0)
+                zero = COUNTER.pack(0, 0) * self.io.cpus()
+                self.io.update(maps["server_stats"], U32.pack(index_of[server.address]), zero)
+            family, addr = _addr_bytes(server.address)
+            flags = SERVER_HAS_MAC if server.mac else 0
+            write(
+                "servers", U32.pack(index_of[server.address]), SERVER.pack(_mac_bytes(server.mac), flags, family, addr)
+            )
+        # 3. selectors: a new one gets an id and two regions; a changed table
+        # goes into the inactive region, then `active` flips
+        have_tables = {s.name: s for s in have.selectors}
+        used_ids = {index for index, _ in layout.selectors.values()}
+        regions = sorted((base, desc[1]) for _, desc in layout.selectors.values() for base in (desc[4], desc[5]))
+        id_of = {name: index for name, (index, _) in layout.selectors.items()}
+        wanted_names = {s.name for s in want.selectors}
+        for sel in want.selectors:
+            if sel.name in layout.selectors and have_tables.get(sel.name) == sel:
+                continue
+            slots = [index_of[a] for a in sel.table] if sel.table else [NO_SERVER] * sel.size
+            if sel.name in layout.selectors:
+                index, desc = layout.selectors[sel.name]
+                active = desc[0] & 1
+                target = desc[4 + (1 - active)]
+                for slot, value in enumerate(slots):
+                    write("slots", U32.pack(target + slot), U32.pack(value))
+                flipped = (1 - active, *desc[1:])
+                write("selectors", U32.pack(index), SELECTOR.pack(*flipped))
+                continue
+            index = next((i for i in range(MAX_SELECTORS) if i not in used_ids), None)
+            if index is None:
+                raise KernelError(f"more than {MAX_SELECTORS} selectors on one XDP balancer")
+            used_ids.add(index)
+            base0 = _first_fit(regions, sel.size)
+            regions = sorted([*regions, (base0, sel.size)])
+            base1 = _first_fit(regions, sel.size)
+            regions = sorted([*regions, (base1, sel.size)])
+            for slot, value in enumerate(slots):
+                write("slots", U32.pack(base0 + slot), U32.pack(value))
+            desc = (0, sel.size, sel.seed, HASH_FIELDS[sel.fields], base0, base1, sel.name.encode()[:64])
+            write("selectors", U32.pack(index), SELECTOR.pack(*desc))
+            id_of[sel.name] = index
+        # 4. services (one element each; a VIP's and protocol's port ranges
+        # are one element, rewritten whole)
+        have_services = {s.ident: s for s in have.services}
+        want_services = {s.ident: s for s in want.services}
+        ranges: dict[bytes, list[XdpService]] = {}
+        for svc in want.services:
+            if svc.first != svc.last:
+                ranges.setdefault(service_key(svc.vip, svc.protocol, 0), []).append(svc)
+            elif have_services.get(svc.ident) != svc:
+                write("services", service_key(svc.vip, svc.protocol, svc.first), U32.pack(id_of[svc.selector]))
+        have_ranges: dict[bytes, list[XdpService]] = {}
+        for svc in have.services:
+            if svc.first != svc.last:
+                have_ranges.setdefault(service_key(svc.vip, svc.protocol, 0), []).append(svc)
+        for key, items in ranges.items():
+            items.sort(key=lambda s: s.first)
+            if sorted(have_ranges.get(key, []), key=lambda s: s.first) == items:
+                continue
+            if len(items) > RANGES_PER_KEY:
+                raise KernelError(f"more than {RANGES_PER_KEY} port ranges on {items[0].vip} {items[0].protocol}")
+            value = U32.pack(len(items)) + b"".join(PORT_RANGE.pack(s.first, s.last, id_of[s.selector]) for s in items)
+            write("ranges", key, value.ljust(4 + RANGES_PER_KEY * PORT_RANGE.size, b"\0"))
+        # 5. then what goes: services, selectors, servers (reverse order)
+        for ident, svc in have_services.items():
+            if ident in want_services or svc.first != svc.last:
+                continue
+            remove("services", service_key(svc.vip, svc.protocol, svc.first))
+        for key in have_ranges:
+            if key not in ranges:
+                remove("ranges", key)
+        for name, (index, _desc) in layout.selectors.items():
+            if name not in wanted_names:
+                write("selectors", U32.pack(index), SELECTOR.pack(0, 0, 0, 0, 0, 0, b""))
+        want_servers = {s.address for s in want.servers}
+        for address, index in layout.servers.items():
+            if address not in want_servers:
+                write("servers", U32.pack(index), SERVER.pack(b"\0" * 6, 0, 0, b"\0" * 16))
+        self._drop_neighbours(
+            kernel, want.interface, have_neighbours - {s.address for s in want.servers if s.neighbour}
+        )
+
+    def _drop_neighbours(self, kernel, ifname: str, addresses: set[str]) -> None:
+        for address in sorted(addresses):
+            self.io.neighbour(ifname, address, False)
+            kernel.writes += 1
+
+    # ---------------------------------------------------------------- counters
+    def counters(self, ifname: str) -> dict:
+        """Per server, per service and per event: packets and bytes summed over CPUs."""
+        info = self.io.program(ifname)
+        if info is None or info.name != PROGRAM_NAME:
+            return {}
+        layout = self._layout(info)
+        cpus = self.io.cpus()
+
+        def summed(raw: bytes | None) -> tuple[int, int]:
+            if raw is None:
+                return 0, 0
+            packets = sum(COUNTER.unpack_from(raw, i * COUNTER.size)[0] for i in range(cpus))
+            octets = sum(COUNTER.unpack_from(raw, i * COUNTER.size)[1] for i in range(cpus))
+            return packets, octets
+
+        servers = {
+            address: summed(self.io.lookup(info.maps["server_stats"], U32.pack(index)))
+            for address, index in layout.servers.items()
+        }
+        services = {}
+        for key in self.io.keys(info.maps["service_stats"]):
+            addr, family, proto, port = SVC_KEY.unpack(key[: SVC_KEY.size])
+            host = _addr_text(family, addr)
+            host = f"[{host}]" if family == 6 else host
+            services[f"{PROTOCOL_NAMES.get(proto, proto)} {host}:{port}"] = summed(
+                self.io.lookup(info.maps["service_stats"], key)
+            )
+        events = {}
+        for i, name in enumerate(EVENTS):
+            raw = self.io.lookup(info.maps["events"], U32.pack(i))
+            events[name] = sum(struct.unpack_from("<Q", raw, j * 8)[0] for j in range(cpus)) if raw else 0
+        return {"servers": servers, "services": services, "events": events, "mode": info.mode}
+
+
+def _first_fit(regions: list[tuple[int, int]], size: int) -> int:
+    """The lowest base where ``size`` slots fit between the used ``regions`` (sorted)."""
+    at = 0
+    for base, length in regions:
+        if base - at >= size:
+            return at
+        at = max(at, base + length)
+    if at + size > MAX_SLOTS:
+        raise KernelError(f"the XDP program's slot array ({MAX_SLOTS} slots) has no room for a {size}-slot table")
+    return at
+
+
+class FakeIO:
+    """An in-memory stand-in for the kernel's BPF maps and XDP hook (unit tests)."""
+
+    def __init__(self, interfaces: dict[str, str] | None = None, cpus: int = 2) -> None:
+        self.macs = interfaces or {"eth0": "02:00:00:00:00:01"}
+        self.neighbours: dict[str, set[str]] = {}  # managed neighbour entries per interface
+        self.attached: dict[str, ProgramInfo] = {}
+        self.maps: dict[int, dict[bytes, bytes]] = {}
+        self._next_id = 100
+        self._cpus = cpus
+
+    def foreign(self, ifname: str, name: str = "other_prog") -> None:
+        self._next_id += 1
+        self.attached[ifname] = ProgramInfo(self._next_id, name, "driver", {})
+
+    def program(self, ifname: str) -> ProgramInfo | None:
+        return self.attached.get(ifname)
+
+    def attach(self, ifname: str, obj: Path, force: bool) -> str:
+        if ifname not in self.macs:
+            raise KernelError(f"no interface {ifname}")
+        if ifname in self.attached and not force:
+            raise KernelError(f"{ifname}: an XDP program is attached already (EBUSY)")
+        for map_id in self.attached.get(ifname, ProgramInfo(0, "", "")).maps.values():
+            self.maps.pop(map_id, None)  # the replaced program's maps go with it
+        maps = {}
+        for name in MAP_NAMES:
+            self._next_id += 1
+            maps[name] = self._next_id
+            self.maps[self._next_id] = {}
+        self._next_id += 1
+        self.attached[ifname] = ProgramInfo(self._next_id, PROGRAM_NAME, "driver", maps)
+        return "driver"
+
+    def detach(self, ifname: str) -> None:
+        info = self.attached.pop(ifname, None)
+        if info is None:
+            raise KernelError(f"{ifname}: no XDP program")
+        for map_id in info.maps.values():
+            self.maps.pop(map_id, None)
+
+    def lookup(self, map_id: int, key: bytes) -> bytes | None:
+        return self.maps[map_id].get(key)
+
+    def keys(self, map_id: int) -> list[bytes]:
+        return list(self.maps[map_id])
+
+    def update(self, map_id: int, key: bytes, value: bytes) -> None:
+        self.maps[map_id][key] = value
+
+    def delete(self, map_id: int, key: bytes) -> None:
+        self.maps[map_id].pop(key, None)
+
+    def interface_mac(self, ifname: str) -> str:
+        return self.macs[ifname]
+
+    def managed_neighbours(self, ifname: str) -> set[str]:
+        return set(self.neighbours.get(ifname, set()))
+
+    def neighbour(self, ifname: str, address: str, add: bool) -> None:
+        held = self.neighbours.setdefault(ifname, set())
+        (held.add if add else held.discard)(address)
+
+    def cpus(self) -> int:
+        return self._cpus
