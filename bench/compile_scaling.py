@@ -7,8 +7,8 @@ against the number of VIPs, and the fitted exponent (time ~ VIPs^k).
 
 No root, no kernel: load and compile are pure.  The intents are
 bench/control_plane.py's (VIPs over VIPs/10 pools of 16 servers, at most
-1,000 pools).  Each figure is the best of ``--repeat`` cold runs (every
-memory kdsr keeps between compiles is cleared before each: kdsr/memories.py), and the
+1,000 pools).  Each figure is the best of ``--repeat`` cold runs (compile
+without a CompileCache, and every lru_cache in kdsr cleared before each), and the
 memory is tracemalloc's peak of Python allocations during one more run
 (measured apart: tracemalloc slows Python several times over).  The
 exponent is the least-squares slope of log(time) on log(VIPs); the issue's
@@ -32,11 +32,19 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from control_plane import bench_intent  # noqa: E402
 
-from kdsr import memories  # noqa: E402
 from kdsr.compile import compile_node  # noqa: E402
 from kdsr.intent import load_intent  # noqa: E402
 
 GOAL_EXPONENT = 1.1
+
+
+def _cold() -> None:
+    """Clear the value caches of kdsr's pure functions (functools.lru_cache)."""
+    for name, module in list(sys.modules.items()):
+        if name == "kdsr" or name.startswith("kdsr."):
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
 
 
 def _measure(step, repeat: int) -> tuple[float, float, object]:
@@ -44,11 +52,11 @@ def _measure(step, repeat: int) -> tuple[float, float, object]:
     (tracemalloc slows Python several times over, so never both at once)."""
     best, result = math.inf, None
     for _ in range(repeat):
-        memories.forget()  # every memory compile keeps between calls: a cold run computes all
+        _cold()
         started = time.perf_counter()
         result = step()
         best = min(best, time.perf_counter() - started)
-    memories.forget()
+    _cold()
     tracemalloc.start()
     step()
     peak = tracemalloc.get_traced_memory()[1] / 2**20

@@ -174,20 +174,22 @@ def run_pipeline(
     kernel=None,
     down=frozenset(),
     receipt_of=None,
+    cache=None,
 ):
     """load (when ``path``) -> compile -> read -> diff -> apply -> read-back, each a step.
     ``down``: (pool, server) pairs health took out, as the daemon passes them.
     ``receipt_of``: (file, text, warnings) of the daemon's intent: then the
-    receipt ``kdsr run`` records after each verified apply is a step too."""
+    receipt ``kdsr run`` records after each verified apply is a step too.
+    ``cache``: the daemon's CompileCache, kept from one step to the next
+    (None: compile from nothing, as a new ``kdsr apply`` process does)."""
     from kdsr import apply as apply_module
     from kdsr import collector
     from kdsr.compile import compile_node
+    from kdsr.compile.effective import effective_intent, unserved_vips
     from kdsr.diff import diff
-    from kdsr.health.effective import effective_intent
     from kdsr.intent import load_intent
     from kdsr.kernel.observe import keep_unchanged, observe
     from kdsr.kernel.system import SystemKernel
-    from kdsr.operations import unserved_vips
 
     if fresh_kernel or kernel is None:
         kernel = SystemKernel(store.directory)
@@ -200,12 +202,12 @@ def run_pipeline(
     with collector.paused():
         with rec.step(f"{label}: compile"):
             effective = effective_intent(intent, down, frozenset(state.drained))
-            desired = compile_node(effective.intent, "lb1", withdraw=unserved_vips(effective))
+            desired = compile_node(effective.intent, "lb1", withdraw=unserved_vips(effective, cache), cache=cache)
         with rec.step(f"{label}: read"):
             observed = observe(kernel, desired, state)
         with rec.step(f"{label}: diff"):
             plan = diff(desired, observed)
-            keep_unchanged(kernel, desired, observed, plan)  # as operations.prepare does
+            keep_unchanged(kernel, desired, observed, plan.tables)  # as operations.prepare does
     read_back = rec.step(f"{label}: read-back")
     original = apply_module._read_back
 
@@ -293,8 +295,11 @@ def inner(args: argparse.Namespace) -> int:
     daemon_file.write_text(Path(args.intent).read_text())
     reloader = Reloader()
     intent = reloader.load(daemon_file)
+    from kdsr.compile import CompileCache
+
     daemon_kernel = SystemKernel(store.directory)
-    run_pipeline(rec, "warm daemon", None, intent, store, fresh_kernel=False, kernel=daemon_kernel)
+    daemon_cache = CompileCache()  # as kdsr run's Runner keeps one
+    run_pipeline(rec, "warm daemon", None, intent, store, fresh_kernel=False, kernel=daemon_kernel, cache=daemon_cache)
     from kdsr import collector
 
     collector.settle()  # as kdsr run does after its first apply
@@ -305,9 +310,9 @@ def inner(args: argparse.Namespace) -> int:
     # run_command), its warnings computed once per intent.
     from kdsr import cli
 
-    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent))
+    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent, daemon_cache))
     for label, now_down in (("one server down (health)", down), ("the server back up (health)", frozenset())):
-        daemon_path = {"fresh_kernel": False, "kernel": daemon_kernel, "receipt_of": receipt_of}
+        daemon_path = {"fresh_kernel": False, "kernel": daemon_kernel, "receipt_of": receipt_of, "cache": daemon_cache}
         run_pipeline(rec, label, None, intent, store, down=now_down, **daemon_path)
     changes = {
         "one weight change": with_weight(doc, "p0", 0, 3),
@@ -321,9 +326,17 @@ def inner(args: argparse.Namespace) -> int:
         daemon_file.write_text(changed_path.read_text())
         with collector.paused(), rec.step(f"{label}: load+validate"):
             changed_intent = reloader.load(daemon_file)
-        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent))
+        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent, daemon_cache))
         run_pipeline(
-            rec, label, None, changed_intent, store, fresh_kernel=False, kernel=daemon_kernel, receipt_of=receipt_of
+            rec,
+            label,
+            None,
+            changed_intent,
+            store,
+            fresh_kernel=False,
+            kernel=daemon_kernel,
+            receipt_of=receipt_of,
+            cache=daemon_cache,
         )
     # The same edits through the CLI: back to the start, then each changed file.
     cli_apply(args.intent, args.state_dir)

@@ -43,23 +43,19 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from kdsr import vrrp_apply
-from kdsr.compile.bird import pointer_at
-from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, TableDiff, diff, diff_table, reorder_from
+from kdsr.bird_text import pointer_at
+from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point
 from kdsr.kernel import Kernel, KernelError
+from kdsr.kernel import ipvs as ipvs_cmd
 from kdsr.kernel.bird import BirdError
+from kdsr.kernel.ipvs import IpvsCommand
 from kdsr.kernel.nft_json import batch_for, with_stand_in_links
 from kdsr.kernel.observe import keep_unchanged, observe, observe_announcement
 from kdsr.kernel.state import NodeState, StateStore
-from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link
-
-
-@dataclass
-class Step:
-    description: str
-    run: Callable[[], None]
-    undo: Callable[[], None] | None
+from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link, TableDiff
+from kdsr.step import Step
 
 
 @dataclass
@@ -440,8 +436,6 @@ def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[],
     does the same: every destination list is exactly the old one again,
     order included, so the mh table is too.
     """
-    from kdsr.kernel import ipvs as ipvs_cmd
-
     listing = ipvs_cmd.Listing(kernel.ipvs_list, seen=plan.ipvs_seen)
     services = plan.of_kind("ipvs service")
     created = [c.after for c in services if c.action == CREATE]
@@ -506,8 +500,6 @@ def _send(kernel: Kernel, listing, commands: list, results: dict[str, IpvsServic
 
 
 def _create_commands(services: list[IpvsService]) -> list:
-    from kdsr.kernel.ipvs import IpvsCommand
-
     commands = []
     for svc in services:
         commands.append(IpvsCommand("-A", svc))
@@ -516,8 +508,6 @@ def _create_commands(services: list[IpvsService]) -> list:
 
 
 def _create_services_step(kernel: Kernel, state: NodeState, save, listing, created: list[IpvsService]) -> Step:
-    from kdsr.kernel.ipvs import IpvsCommand
-
     def delete_what_landed() -> None:
         # Which lines of a failed batch ran is unknown: list, delete ours that exist.
         there = [s for s in created if listing.get(s.ident) is not None]
@@ -546,8 +536,6 @@ def _create_services_step(kernel: Kernel, state: NodeState, save, listing, creat
 
 
 def _edit_services_step(kernel: Kernel, listing, edited: list[tuple[IpvsService, IpvsService]]) -> Step:
-    from kdsr.kernel.ipvs import IpvsCommand
-
     def edit(pairs: list[tuple[IpvsService, IpvsService]]) -> None:
         """``-E`` each ``old`` to ``new``'s settings; an edit keeps the destinations."""
         results = {}
@@ -569,8 +557,6 @@ def _edit_services_step(kernel: Kernel, listing, edited: list[tuple[IpvsService,
 
 
 def _delete_services_step(kernel: Kernel, state: NodeState, save, listing, deleted: list[IpvsService]) -> Step:
-    from kdsr.kernel.ipvs import IpvsCommand
-
     def run() -> None:
         _send(kernel, listing, [IpvsCommand("-D", s) for s in deleted], {s.ident: None for s in deleted})
         crash_point("after the write, before its record is updated")
@@ -595,8 +581,6 @@ def converge_commands(current: IpvsService, target: IpvsService) -> list:
     lines; the kernel parks it in its trash meanwhile and takes the same
     object back, so its established connections survive.
     """
-    from kdsr.kernel.ipvs import IpvsCommand
-
     wanted = {d.ident for d in target.dests}
     have = {d.ident: d for d in current.dests}
     commands = [IpvsCommand("-d", target, d) for d in current.dests if d.ident not in wanted]
@@ -806,7 +790,7 @@ def _read_back(
     """The kernel must now hold exactly what we asked for."""
     observed = observe(kernel, desired, state, ipvs_list=ipvs_list)
     leftover = diff(desired, observed)
-    keep_unchanged(kernel, desired, observed, leftover)
+    keep_unchanged(kernel, desired, observed, leftover.tables)
     if not leftover.empty:
         lines = ", ".join(f"{c.action} {c.kind} {c.ident}" for c in leftover.changes[:5])
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)

@@ -8,9 +8,13 @@ import time
 
 import click
 
-from kdsr import operations, service_view
+from kdsr import operations, receipt, service_view
+from kdsr.commands import maglev as maglev_report
+from kdsr.compile import CompileCache
+from kdsr.compile.checks import warnings_for
 from kdsr.errors import EXIT_CHANGES, EXIT_ERROR, EXIT_OK, EXIT_USAGE, IntentError, KdsrError, UsageError
-from kdsr.health import CHECK_INTERVAL
+from kdsr.health import CHECK_INTERVAL, control
+from kdsr.health.drain import set_drain
 from kdsr.kernel import KernelError
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import applied_json, render_json, render_text
@@ -33,15 +37,14 @@ def _kernel(store: StateStore | None = None):
     return SystemKernel(store.directory if store is not None else None)
 
 
-def _warnings(intent) -> list[str]:
-    from kdsr.compile.checks import warnings_for
-
-    return [str(problem) for problem in warnings_for(intent)]
+def _warnings(intent, cache: CompileCache | None = None) -> list[str]:
+    return [str(problem) for problem in warnings_for(intent, cache)]
 
 
-def _load(path: str, text: str | None = None, reloader=None):
+def _load(path: str, text: str | None = None, reloader=None, cache: CompileCache | None = None):
     """The intent at ``path``; ``text`` is its content when already read;
-    ``reloader`` (kdsr/intent/reload.py) when the same file is loaded again and again."""
+    ``reloader`` (kdsr/intent/reload.py) when the same file is loaded again and again;
+    ``cache``: the CompileCache of the compiles that follow (the warnings size their selectors)."""
     from kdsr.intent import load_intent, parse_intent
 
     if reloader is not None:
@@ -49,7 +52,7 @@ def _load(path: str, text: str | None = None, reloader=None):
     else:
         intent = load_intent(path) if text is None else parse_intent(text, path)
     # Warnings go to stderr so that `plan --json` stays parseable.
-    for warning in _warnings(intent):
+    for warning in _warnings(intent, cache):
         click.echo(f"warning: {warning}", err=True)
     return intent
 
@@ -58,8 +61,6 @@ def _unchanged(obj: Context, kernel, intent_file: str, text: str, node: str | No
     """The empty plan of an intent unchanged since kdsr last verified the
     kernel against it, without validating or compiling (kdsr/receipt.py);
     None when anything may differ."""
-    from kdsr import receipt
-
     found = receipt.unchanged(obj.store, kernel, intent_file, text.encode(), node)
     if found is not None:
         for warning in found.warnings:
@@ -72,13 +73,11 @@ def _record_receipt(
 ) -> None:
     """Under the lock, right after kdsr verified the kernel against ``prepared``;
     ``warnings``: the intent's, when the caller already has them."""
-    from kdsr import receipt
-
     inputs = receipt.inputs_digest(
         intent_file, text.encode(), node, prepared.node, kernel, obj.store, down=prepared.down
     )
     if warnings is None:
-        warnings = _warnings(prepared.intent)
+        warnings = _warnings(prepared.intent, obj.compile_cache)
     receipt.record(obj.store, kernel, node, inputs, prepared.desired, prepared.plan.notes, warnings)
 
 
@@ -97,6 +96,9 @@ class Context:
     def __init__(self, state_dir: str | None, wait: float) -> None:
         self.store = StateStore(state_dir)
         self.wait = wait
+        # One per command: its warnings, plan and receipt size the same
+        # selectors; `kdsr run` keeps it for the daemon's life.
+        self.compile_cache = CompileCache()
 
 
 STATE_DIR_HELP = "Where kdsr records what it owns (default /var/lib/kdsr)."
@@ -189,7 +191,9 @@ def plan(
         # A saved plan carries kdsr's full plan; otherwise an unchanged intent needs no compile.
         prepared = None if out else _unchanged(obj, kernel, intent_file, text, node)
         if prepared is None:
-            prepared = operations.prepare(_load(intent_file, text), node, kernel, obj.store)
+            prepared = operations.prepare(
+                _load(intent_file, text, cache=obj.compile_cache), node, kernel, obj.store, cache=obj.compile_cache
+            )
         if out:
             saved_plan.save(out, prepared, text, intent_file)
     except (KdsrError, KernelError, OSError) as exc:
@@ -233,7 +237,7 @@ def apply(
     plan_file: str | None,
 ) -> None:
     """Make this node's kernel state match the intent: plan, then apply atomically where the kernel allows."""
-    from kdsr import receipt, saved_plan
+    from kdsr import saved_plan
     from kdsr.intent.load import read_intent_text
 
     def render(plan, result=None) -> None:
@@ -255,7 +259,7 @@ def apply(
             if node is not None and node != saved.node:
                 raise UsageError(f"{plan_file} was planned for node {saved.node}, not {node}")
             node, intent_file = saved.node, saved.source
-            intent = _load(saved.source, saved.intent_text)
+            intent = _load(saved.source, saved.intent_text, cache=obj.compile_cache)
         else:
             text = read_intent_text(intent_file)
             intent = None
@@ -266,7 +270,8 @@ def apply(
             if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
                 render(same.plan)
                 return
-            prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
+            intent = intent or _load(intent_file, text, cache=obj.compile_cache)
+            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt, cache=obj.compile_cache)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)
             render(prepared.plan)
@@ -275,7 +280,8 @@ def apply(
             if receipts and (same := _unchanged(obj, kernel, intent_file, text, node)):
                 render(same.plan)
                 return
-            prepared = operations.prepare(intent or _load(intent_file, text), node, kernel, obj.store, adopt=adopt)
+            intent = intent or _load(intent_file, text, cache=obj.compile_cache)
+            prepared = operations.prepare(intent, node, kernel, obj.store, adopt=adopt, cache=obj.compile_cache)
             if saved is not None:
                 saved_plan.check_fresh(saved, prepared)  # under the lock: no kdsr run can slip in between
             if not as_json:
@@ -362,8 +368,6 @@ def show(
 def _show_report(obj: Context, node: str | None, intent) -> dict:
     """A running `kdsr run` answers from its own loop: what it shows is what
     it has applied, never a view an apply has not reached yet."""
-    from kdsr.health import control
-
     for name in [node] if node else obj.store.nodes():
         answer = control.request(obj.store, name, {"command": "show"})
         if answer is not None:
@@ -383,8 +387,6 @@ def reload(obj: Context, node: str | None) -> None:
 
     Unlike SIGHUP, it waits for the result: an intent that fails validation
     is reported here (exit 3) and the daemon keeps the one it runs."""
-    from kdsr.health import control
-
     try:
         answer = None
         for name in [node] if node else obj.store.nodes():
@@ -481,8 +483,6 @@ def _confirmed(question: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def maglev_command(intent_file: str, service_name: str, without: str | None, with_: str | None, as_json: bool) -> None:
     """Per-server share of a service's Maglev table, and the flows a change would move (reads the intent only)."""
-    from kdsr.commands import maglev as maglev_report
-
     try:
         data = maglev_report.report(_load(intent_file), service_name, without, with_)
     except KdsrError as exc:
@@ -549,14 +549,14 @@ def run_command(
         if reloader.text is None:
             return
         if warned[0] is not prepared.intent:  # once per intent, not per health event
-            warned[:] = [prepared.intent, _warnings(prepared.intent)]
+            warned[:] = [prepared.intent, _warnings(prepared.intent, obj.compile_cache)]
         _record_receipt(obj, kernel, intent_file, reloader.text, node, prepared, warned[1])
 
     try:
         require_net_admin("run", "changes this host's nftables, IPVS, links, addresses and sysctls")
         kernel = _kernel(obj.store)
         code = run_daemon(
-            lambda: _load(intent_file, reloader=reloader),
+            lambda: _load(intent_file, reloader=reloader, cache=obj.compile_cache),
             node,
             kernel,
             obj.store,
@@ -567,6 +567,7 @@ def run_command(
             verified=None if adopt else verified,
             check_interval=check_interval,
             log_format=log_format,
+            compile_cache=obj.compile_cache,
         )
     except (KdsrError, KernelError) as exc:
         _fail(exc)
@@ -583,8 +584,6 @@ def _drain(
     dry_run: bool = False,
     as_json: bool = False,
 ) -> None:
-    from kdsr.health import control
-    from kdsr.health.drain import set_drain
     from kdsr.intent.load import read_intent_text
 
     command = "drain" if drained else "undrain"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdsr.compile.bird import empty_config, parse_model
+from kdsr.bird_text import empty_config, parse_model
 from kdsr.model import (
     Address,
     Desired,
@@ -23,6 +23,7 @@ from kdsr.model import (
     NftTable,
     Observed,
     Sysctl,
+    TableDiff,
 )
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
@@ -39,41 +40,6 @@ class Change:
     after: Any = None
     reason: str = ""  # for replace: the field that forces it
     pointer: str = ""  # where in the intent this comes from
-
-
-@dataclass
-class TableDiff:
-    """Everything that differs inside one nft table, grouped for the batch builder."""
-
-    family: str
-    name: str
-    desired: NftTable | None
-    observed: NftTable | None
-    chains_add: list[NftChain] = field(default_factory=list)
-    chains_delete: list[NftChain] = field(default_factory=list)
-    chains_replace: list[tuple[NftChain, NftChain]] = field(default_factory=list)
-    chains_rebuild: list[NftChain] = field(default_factory=list)  # same hook, new rules
-    maps_add: list[NftMap] = field(default_factory=list)
-    maps_delete: list[NftMap] = field(default_factory=list)
-    maps_replace: list[tuple[NftMap, NftMap]] = field(default_factory=list)
-    # Per surviving map: keys to delete (removed or changed), elements to add.
-    elements_delete: dict[str, list] = field(default_factory=dict)
-    elements_add: dict[str, list] = field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        return not (
-            (self.desired is None) != (self.observed is None)
-            or self.chains_add
-            or self.chains_delete
-            or self.chains_replace
-            or self.chains_rebuild
-            or self.maps_add
-            or self.maps_delete
-            or self.maps_replace
-            or any(self.elements_delete.values())
-            or any(self.elements_add.values())
-        )
 
 
 @dataclass

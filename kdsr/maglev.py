@@ -50,29 +50,6 @@ def _offset_and_skip(key: str, seed: int, size: int) -> tuple[int, int]:
     return offset, skip
 
 
-# Tables already built, by (backends, size, seed): the health daemon
-# recompiles the whole intent on every change, and a change touches one pool,
-# so every other pool's table comes from here.  Bounded by slots held (~8 MB
-# of references at most), oldest out first.
-_BUILT: dict[tuple, tuple[str, ...]] = {}
-_BUILT_SLOTS_MAX = 1 << 20
-_built_slots = 0
-
-
-def populate(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ...]:
-    """``build``, remembered: the same inputs give the same (immutable) table."""
-    global _built_slots
-    key = (tuple(backends), size, seed)
-    table = _BUILT.get(key)
-    if table is None:
-        table = build(backends, size, seed)
-        _BUILT[key] = table
-        _built_slots += len(table)
-        while _built_slots > _BUILT_SLOTS_MAX and len(_BUILT) > 1:
-            _built_slots -= len(_BUILT.pop(next(iter(_BUILT))))
-    return table
-
-
 def build(backends: Sequence[Backend], size: int, seed: int) -> tuple[str, ...]:
     """Return the lookup table: ``table[slot]`` is a backend key.
 

@@ -382,7 +382,7 @@ class BgpRoute:
 class BirdConfig:
     """kdsr's BIRD fragment: what it announces and to whom, and the file text.
 
-    ``text`` carries the model in its first line (kdsr/compile/bird.py), so
+    ``text`` carries the model in its first line (kdsr/bird_text.py), so
     the fragment read back from disk is an Observed BirdConfig too."""
 
     config: str  # the user's main BIRD config (it includes ``fragment``)
@@ -422,7 +422,7 @@ class VrrpInstance:
 class KeepalivedConfig:
     """kdsr's keepalived fragment: the VIPs this node may own, and the file text.
 
-    ``text`` carries the model in its first line (kdsr/compile/keepalived.py),
+    ``text`` carries the model in its first line (kdsr/keepalived_text.py),
     so the fragment read back from disk is an Observed KeepalivedConfig too."""
 
     config: str  # keepalived's main config (it includes ``fragment``)
@@ -511,3 +511,39 @@ class Observed:
     foreign_xdp: str = ""  # another XDP program on the interface kdsr wants: who it is
     keepalived: KeepalivedConfig | None = None  # kdsr's keepalived fragment as found on disk
     gates: tuple[VrrpGate, ...] = ()  # kdsr's track files as found
+
+
+@dataclass
+class TableDiff:
+    """Everything that differs inside one nft table, grouped for the batch
+    builder (kernel/nft_json.py ``batch_for``); diff.py makes it."""
+
+    family: str
+    name: str
+    desired: NftTable | None
+    observed: NftTable | None
+    chains_add: list[NftChain] = field(default_factory=list)
+    chains_delete: list[NftChain] = field(default_factory=list)
+    chains_replace: list[tuple[NftChain, NftChain]] = field(default_factory=list)
+    chains_rebuild: list[NftChain] = field(default_factory=list)  # same hook, new rules
+    maps_add: list[NftMap] = field(default_factory=list)
+    maps_delete: list[NftMap] = field(default_factory=list)
+    maps_replace: list[tuple[NftMap, NftMap]] = field(default_factory=list)
+    # Per surviving map: keys to delete (removed or changed), elements to add.
+    elements_delete: dict[str, list] = field(default_factory=dict)
+    elements_add: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            (self.desired is None) != (self.observed is None)
+            or self.chains_add
+            or self.chains_delete
+            or self.chains_replace
+            or self.chains_rebuild
+            or self.maps_add
+            or self.maps_delete
+            or self.maps_replace
+            or any(self.elements_delete.values())
+            or any(self.elements_add.values())
+        )

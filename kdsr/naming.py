@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import re
 
-from kdsr.intent.model import L3_TUNNELS
-
 MARK_BASE = 0x6B000000
 MARK_MASK = 0xFF000000
 TUNNEL_MARK_BITS = 0x7FFFFF
@@ -38,7 +36,10 @@ RULE_PRIORITY = 1000
 # lower half), so no packet is ever routed by this table.
 ANNOUNCE_TABLE = IPVS_MARK_BASE
 
-_KIND_LETTER = {"ipip": "i", "gre": "g", "ip6tnl": "6"}
+# Per L3 mode (intent/model.py L3_TUNNELS), the letter of its link kind
+# (ipip, gre, ip6tnl) in a tunnel's name.  Kept here, not looked up there:
+# names are kdsr's, and the kernel layer reads them without the intent.
+_MODE_LETTER = {"l3-ipip": "i", "l3-gre": "g", "l3-ip6tnl": "6"}
 DECAP_LINK = {"ipip": "kdsr-ipip", "gre": "kdsr-gre", "ip6tnl": "kdsr-ip6tnl"}
 
 
@@ -52,8 +53,7 @@ def server_key(mode: str, address: str) -> str:
 
 
 def tunnel_name(mode: str, address: str) -> str:
-    kind = L3_TUNNELS[mode][0]
-    return f"kdsr{_KIND_LETTER[kind]}-{server_key(mode, address)}"  # 12 bytes < IFNAMSIZ
+    return f"kdsr{_MODE_LETTER[mode]}-{server_key(mode, address)}"  # 12 bytes < IFNAMSIZ
 
 
 def tunnel_mark(mode: str, address: str) -> int:

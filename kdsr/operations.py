@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
-from kdsr.compile import compile_node
+from kdsr.compile import CompileCache, compile_node
 from kdsr.compile.announce import assignments
+from kdsr.compile.effective import Effective, effective_intent, unserved_services, unserved_vips
+from kdsr.compile.keepalived import group_of, vrrp_services
 from kdsr.compile.lb_nft_l2 import TABLE_FAMILY, TABLE_NAME
+from kdsr.compile.targets import targets_for
 from kdsr.diff import BIRD_NOT_RUNNING, Plan, diff
 from kdsr.errors import BirdUnavailableError, ForeignObjectError, KeepalivedUnavailableError, UsageError
 from kdsr.health import status as health_status
-from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, Effective, effective_intent
-from kdsr.health.targets import targets_for
 from kdsr.intent.model import MONITOR_DSR, Intent, address_text
+from kdsr.keepalived_text import parse_model as parse_keepalived
 from kdsr.kernel import Kernel
 from kdsr.kernel.bird import BirdError
 from kdsr.kernel.keepalived import KeepalivedError
@@ -72,11 +74,13 @@ def prepare(
     adopt: bool = False,
     down: frozenset[tuple[str, str]] | None = None,
     drained: frozenset[str] | None = None,
+    cache: CompileCache | None = None,
 ) -> Prepared:
     """Plan the node's changes.  Drains recorded with `kdsr drain` (or
     ``drained``, to plan a drain before recording it) and the servers health
     took out (``down``; by default those a running `kdsr run` reports) are
-    applied as weight 0 (kdsr/health/effective.py)."""
+    applied as weight 0 (kdsr/compile/effective.py).  ``cache``: the
+    caller's CompileCache, kept from one plan to the next (kdsr run)."""
     name = select_node(intent, node, kernel)
     state = store.load(name)
     if down is None:
@@ -85,7 +89,7 @@ def prepare(
         drained = frozenset(state.drained)
     with collector.paused():  # builds the large, acyclic state (kdsr/collector.py)
         effective = effective_intent(intent, down, drained)
-        desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective))
+        desired = compile_node(effective.intent, name, withdraw=unserved_vips(effective, cache), cache=cache)
         _check_interfaces(intent, name, kernel)
         # Before reading the kernel: a plan for a kernel that cannot carry it
         # says so (exit 7) instead of listing what apply would then refuse.
@@ -93,7 +97,7 @@ def prepare(
         observed = observe(kernel, desired, state)
         observed = _check_foreign(intent, desired, observed, state, adopt)
         plan = diff(desired, observed)
-        keep_unchanged(kernel, desired, observed, plan)
+        keep_unchanged(kernel, desired, observed, plan.tables)
         plan.notes = (
             announcement_notes(effective.intent, desired)
             + vrrp_notes(effective.intent, desired)
@@ -137,73 +141,6 @@ def service_changes(
     return service_view.summarise(table.observed, table.desired, members)
 
 
-def unserved_services(effective: Effective) -> dict[str, str]:
-    """Services no server takes a new flow for (service -> what happens, in
-    the operator's words): every server drained or down."""
-    why: dict[str, str] = {}
-    for pool in effective.intent.pools:
-        condition = effective.pools.get(pool.name)
-        if condition == POOL_ALL_DOWN_KEPT:
-            reason = (
-                f"has no healthy server: every server of pool {pool.name} is down, "
-                "and all_down keep forwards to them anyway"
-            )
-        elif condition == POOL_ALL_DOWN_DROPPED:
-            reason = f"has no serving server: every server of pool {pool.name} is down; all_down drop drops its traffic"
-        elif not any(m.weight > 0 for m in pool.members):
-            out = effective.out.get(pool.name, ())
-            which = f" ({', '.join(out)})" if out else ""
-            reason = (
-                f"has no serving server: every server of pool {pool.name} is drained, down or at weight 0{which}; "
-                "its traffic is dropped"
-            )
-        else:
-            continue
-        for service in effective.intent.services_on(pool.name):
-            why[service.name] = reason
-    return why
-
-
-def unserved_vips(effective: Effective) -> dict[str, str]:
-    """VIPs no server can take a new flow for on this node (VIP -> why): BGP
-    withdraws them so that routers send their traffic to a load balancer
-    that still has servers.  A VIP shared by several services stays while
-    any of them is served."""
-    # Per pool, why it serves no new flow (None: it serves); once per pool,
-    # not per service (10,000 services share 1,000 pools in the bench).
-    pool_why: dict[str, str | None] = {}
-    for pool in effective.intent.pools:
-        if effective.pools.get(pool.name) in (POOL_ALL_DOWN_KEPT, POOL_ALL_DOWN_DROPPED):
-            pool_why[pool.name] = f"no healthy server in pool {pool.name}"
-        elif not any(m.weight > 0 for m in pool.members):
-            pool_why[pool.name] = f"every server of pool {pool.name} drained"
-        else:
-            pool_why[pool.name] = None
-    services = effective.intent.services
-    last = _LAST_UNSERVED.get("last")
-    if last is not None and last[0] is services and last[1] == pool_why:
-        return dict(last[2])
-    why: dict[str, list[str]] = {}
-    served: set[str] = set()
-    for service in services:
-        vip = address_text(service.vip)
-        reason = pool_why[service.pool]
-        if reason is None:
-            served.add(vip)
-        else:
-            why.setdefault(vip, []).append(reason)
-    unserved = {vip: "; ".join(reasons) for vip, reasons in why.items() if vip not in served}
-    _LAST_UNSERVED["last"] = (services, pool_why, unserved)
-    return dict(unserved)
-
-
-# The last answer, with the services and per-pool reasons it came from: the
-# health daemon asks after every event with the same services (a health
-# event changes members' weights, not services), and at 10,000 services the
-# walk is a tenth of a change's compile.
-_LAST_UNSERVED: dict[str, tuple] = {}
-
-
 def announcement_notes(intent: Intent, desired: Desired) -> list[str]:
     """For a BGP load balancer: every VIP's HA assignment (the same on every
     node) and what this node announces of it."""
@@ -230,8 +167,6 @@ def vrrp_notes(intent: Intent, desired: Desired) -> list[str]:
     the VIP's group (the same order on every node), and its gate."""
     if desired.keepalived is None:
         return []
-    from kdsr.compile.keepalived import group_of, vrrp_services
-
     withdrawn = dict(desired.keepalived.withdrawn)
     mine = {i.vip.split("/")[0]: i for i in desired.keepalived.instances}
     lines = ["VRRP (keepalived elects each VIP's owner; the first listed has the highest priority):"]
@@ -517,13 +452,11 @@ def show_pools(intent: Intent) -> dict:
 def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict]:
     """Per VRRP instance of kdsr's keepalived fragment: its gate, and whether
     keepalived has the VIP on this host's interface now (this host owns it)."""
-    from kdsr.compile.keepalived import parse_model
-
     rows = []
     for name in nodes:
         files = store.load(name).keepalived_files
         text = kernel.keepalived_read(files[1]) if files else None
-        found = parse_model(text, *files) if text else None
+        found = parse_keepalived(text, *files) if text else None
         for instance in found.instances if found else ():
             here = {a.cidr for a in kernel.addr_list(instance.interface)}
             rows.append(

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from kdsr.compile.keepalived import pointer_at
 from kdsr.diff import DELETE, Plan
 from kdsr.errors import ApplyError
+from kdsr.keepalived_text import pointer_at
 from kdsr.kernel import Kernel
 from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.state import NodeState
 from kdsr.model import KeepalivedConfig, VrrpGate
-
-if TYPE_CHECKING:
-    from kdsr.apply import Step
+from kdsr.step import Step
 
 
 def _step(description: str, run: Callable[[], None], undo: Callable[[], None] | None) -> Step:
-    from kdsr.apply import Step  # apply.py imports this module
-
     return Step(description, run, undo)
 
 

@@ -7,12 +7,14 @@ import json
 import pytest
 
 from kdsr import operations
+from kdsr.compile import CompileCache
 from kdsr.errors import ApplyError, LockedError
 from kdsr.intent import parse_intent
 from kdsr.kernel import KernelError
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
 from kdsr.model import Address
+from kdsr.plan_format import render_json
 
 BASE = {
     "version": 1,
@@ -349,3 +351,37 @@ def test_a_server_s_vips_go_to_the_kernel_in_batches_and_a_refusal_in_one_takes_
     assert calls == [(True, 1), (True, ADDRESS_BATCH), (True, ADDRESS_BATCH), (True, 601 - 1 - 2 * ADDRESS_BATCH)]
     assert len(kernel.addresses["lo"]) == 601
     assert operations.prepare(it, "s1", kernel, store).plan.empty
+
+
+def test_a_kept_compile_cache_plans_what_a_fresh_compile_plans(kernel, store):
+    """The daemon's path: one CompileCache through edits, health events and
+    drains.  Each step's plan with it is the plan without it (the same
+    kernel, the same records), and applying it leaves nothing to do: the
+    next plan is empty and makes zero writes."""
+
+    def remove_s3(doc):
+        doc["pools"]["web"]["servers"].pop()
+
+    def heavier(doc):
+        doc["pools"]["web"]["servers"][0]["weight"] = 3
+
+    cache = CompileCache()
+    down = frozenset({("web", "10.10.0.12")})
+    steps = [
+        (intent(), frozenset(), None),
+        (intent(), down, None),
+        (intent(heavier), down, None),
+        (intent(heavier), frozenset(), frozenset({"s1"})),
+        (intent(remove_s3), frozenset(), None),
+        (intent(), frozenset(), None),
+    ]
+    for i, (it, now_down, drained) in enumerate(steps):
+        kept = operations.prepare(it, "lb1", kernel, store, down=now_down, drained=drained, cache=cache)
+        fresh = operations.prepare(it, "lb1", kernel, store, down=now_down, drained=drained)
+        assert render_json(kept.plan, "test.json") == render_json(fresh.plan, "test.json"), f"step {i}"
+        assert kept.desired == fresh.desired
+        operations.apply(kept, kernel, store)
+        writes = kernel.writes
+        again = operations.prepare(it, "lb1", kernel, store, down=now_down, drained=drained, cache=cache)
+        assert again.plan.empty, f"step {i}: {again.plan.changes[:3]}"
+        assert kernel.writes == writes

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from kdsr import operations
+from kdsr.bird_text import parse_model, pointer_at
 from kdsr.compile import compile_node
 from kdsr.compile.announce import assign
-from kdsr.compile.bird import parse_model, pointer_at
 from kdsr.errors import ApplyError, BirdUnavailableError, ForeignObjectError, IntentError
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel

@@ -16,14 +16,14 @@ from click.testing import CliRunner
 from kdsr import naming, operations
 from kdsr.cli import main
 from kdsr.compile import compile_node
+from kdsr.compile.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, POOL_DEGRADED, effective_intent
+from kdsr.compile.targets import targets_for
 from kdsr.errors import IntentError
 from kdsr.health import metrics
 from kdsr.health import status as health_status
 from kdsr.health.daemon import Runner, log_line
-from kdsr.health.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT, POOL_DEGRADED, effective_intent
 from kdsr.health.probes import Result, probe, status_matches
 from kdsr.health.state import DOWN, UP, TargetState
-from kdsr.health.targets import targets_for
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from kdsr import naming
 from kdsr.errors import IntentError
 from kdsr.intent import parse_intent
+from kdsr.intent.model import L3_TUNNELS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -83,3 +85,13 @@ def test_mss_clamp_on_l2_is_refused():
 
     found = problems(mutate)
     assert any(p.pointer.endswith("/dsr/mss_clamp") and "L2 DSR does not encapsulate" in str(p) for p in found)
+
+
+def test_every_l3_mode_names_its_tunnels_after_its_link_kind():
+    """naming.py keeps its own letter per mode (the kernel layer reads names
+    without the intent): every mode of the intent has one, and it is its
+    link kind's, in a name kdsr recognises as its own."""
+    letters = {"ipip": "i", "gre": "g", "ip6tnl": "6"}
+    for mode, (kind, _family, _overhead) in L3_TUNNELS.items():
+        name = naming.tunnel_name(mode, "192.0.2.7")
+        assert name.startswith(f"kdsr{letters[kind]}-") and naming.is_kdsr_link_name(name), (mode, name)

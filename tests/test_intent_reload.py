@@ -74,10 +74,13 @@ def test_a_reload_builds_what_a_cold_load_builds(name):
 
 def test_unchanged_entries_keep_their_objects_and_the_services_tuple():
     before, after = reloaded(example(), edit(EDITS["a weight"]))
-    assert after.services is before.services  # compile's identity memories then hold
+    assert after.services is before.services  # a CompileCache's identity checks then hold
     assert after.pool("web6") is before.pool("web6")
     assert after.pool("web") is not before.pool("web")
     assert after.pool("web").members[0].weight == 5
+    # The same services, grouped by pool once: not sorted again per reload.
+    assert after.services_on("web") is before.services_on("web")
+    assert after.services_on("web") == parse_intent(json.dumps(edit(EDITS["a weight"])), SOURCE).services_on("web")
 
 
 def test_a_changed_service_is_new_and_the_others_are_kept():

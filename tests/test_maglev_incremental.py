@@ -149,8 +149,8 @@ def test_removal_moves_the_removed_servers_slots_and_at_most_1pp_more(size):
     # own slots (bench/maglev.py measures it); with ~1000 per server, as the
     # lab uses, it stays within the 1 percentage point.
     servers = [maglev.Backend(f"10.10.0.{11 + i}") for i in range(4)]
-    old = maglev.populate(servers, size, 0x6B647372)
-    new = maglev.populate(servers[:-1], size, 0x6B647372)
+    old = maglev.build(servers, size, 0x6B647372)
+    new = maglev.build(servers[:-1], size, 0x6B647372)
     gone = servers[-1].key
     assert gone not in new
     others_moved = sum(1 for a, b in zip(old, new, strict=True) if a != b and a != gone)

@@ -11,11 +11,11 @@ import pytest
 from kdsr import operations
 from kdsr.compile import compile_node
 from kdsr.compile import selectors as selectors_module
+from kdsr.compile.effective import effective_intent
 from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, server_chain_name, servers_map_name
 from kdsr.compile.selectors import selectors_for, server_id
 from kdsr.diff import diff
 from kdsr.errors import IntentError
-from kdsr.health.effective import effective_intent
 from kdsr.intent import parse_intent
 from kdsr.intent.model import DEFAULT_PIN_MAX_FLOWS, DEFAULT_PIN_TIMEOUT, FlowPinning
 from kdsr.kernel import KernelError, nft_text

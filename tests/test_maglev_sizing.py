@@ -11,7 +11,7 @@ from cli_in_process import separate_runner
 
 from kdsr import maglev
 from kdsr.cli import main
-from kdsr.compile import selectors
+from kdsr.compile import CompileCache, selectors
 from kdsr.compile.checks import warnings_for
 from kdsr.compile.selectors import (
     MAX_TABLE_SIZE,
@@ -186,7 +186,7 @@ def test_weights_one_to_four_get_shares_within_one_percent(servers):
     # turns while the table fills, so each count is off by about one slot.
     backends = [maglev.Backend(address(i + 1), 1 + i % 4) for i in range(servers)]
     size = next_prime(max(100 * servers, 251))
-    counts = maglev.shares(maglev.populate(backends, size, seed=7))
+    counts = maglev.shares(maglev.build(backends, size, seed=7))
     total = sum(b.weight for b in backends)
     for b in backends:
         assert counts[b.key] / (size * b.weight / total) == pytest.approx(1, abs=0.01), b
@@ -195,7 +195,7 @@ def test_weights_one_to_four_get_shares_within_one_percent(servers):
 def test_twice_the_weight_gets_twice_the_slots_within_the_bound():
     backends = [maglev.Backend(address(i + 1), 2 if i == 0 else 1) for i in range(10)]
     size = next_prime(100 * 10)
-    counts = maglev.shares(maglev.populate(backends, size, seed=3))
+    counts = maglev.shares(maglev.build(backends, size, seed=3))
     light = [counts[b.key] for b in backends[1:]]
     ratio = counts[backends[0].key] / (sum(light) / len(light))
     assert ratio == pytest.approx(2, abs=2 / (size // 11))  # one slot either way, relative
@@ -258,17 +258,19 @@ def test_plan_warns_about_a_large_ipvs_pool_and_still_plans(tmp_path, monkeypatc
 
 def test_a_pool_grown_past_its_rung_under_the_cap_says_the_budget_sized_it():
     """The table keeps its size (the cap) and its services, but not its
-    reason: selectors remembered from the last intent must not keep it."""
+    reason: selectors a CompileCache kept from the last intent must not keep it."""
     reloader = Reloader()
+    cache = CompileCache()
     before = reloader.parse(json.dumps(intent_doc({"tiny": 4, "big": 10})), "sizing.json")
-    sels = {s.pool.name: s for s in selectors_for(before, budget=8190)}
+    sels = {s.pool.name: s for s in selectors_for(before, budget=8190, cache=cache)}
     assert (sels["tiny"].table_size, sels["tiny"].sized_by) == (4093, SIZED_BY_DEFAULT)
     grown = intent_doc({"tiny": 5, "big": 10})
     grown["pools"]["big"] = intent_doc({"tiny": 4, "big": 10})["pools"]["big"]  # only tiny changes
     after = reloader.parse(json.dumps(grown), "sizing.json")
     assert all(map(operator.is_, after.services, before.services))  # a reload keeps unchanged services
-    sels = {s.pool.name: s for s in selectors_for(after, budget=8190)}
+    sels = {s.pool.name: s for s in selectors_for(after, budget=8190, cache=cache)}
     assert (sels["tiny"].table_size, sels["tiny"].sized_by) == (4093, SIZED_BY_BUDGET)
+    assert selectors_for(after, budget=8190, cache=cache) == selectors_for(after, budget=8190)
 
 
 def test_a_pool_grown_past_its_capped_table_is_refused_though_its_default_size_did_not_move():

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from kdsr import cli
+from kdsr.compile.targets import targets_for
 from kdsr.errors import EXIT_INVALID_INTENT, IntentError
-from kdsr.health.targets import targets_for
 from kdsr.intent import parse_intent
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "l2-web.json"

@@ -6,7 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "kdsr"
 FORBIDDEN = {"pyroute2", "nftables", "subprocess", "socket", "os", "kdsr.kernel"}
 PURE = list((PKG / "compile").glob("*.py")) + [PKG / "maglev.py", PKG / "diff.py", PKG / "model.py"]
-PURE += list((PKG / "intent").glob("*.py")) + [PKG / "health" / "targets.py", PKG / "health" / "effective.py"]
+PURE += list((PKG / "intent").glob("*.py")) + [PKG / "bird_text.py", PKG / "keepalived_text.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

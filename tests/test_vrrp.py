@@ -12,9 +12,9 @@ import pytest
 
 from kdsr import operations
 from kdsr.compile import compile_node
-from kdsr.compile.keepalived import parse_model, pointer_at
 from kdsr.errors import ApplyError, ForeignObjectError, IntentError, KeepalivedUnavailableError
 from kdsr.intent import parse_intent
+from kdsr.keepalived_text import parse_model, pointer_at
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
 from kdsr.plan_format import render_json, render_text

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from kdsr import operations
+from kdsr.compile import CompileCache
 from kdsr.errors import UsageError
 from kdsr.health import CHECK_INTERVAL, control, logs, metrics
 from kdsr.health.daemon import Runner
 from kdsr.health.drain import DrainOutcome, resolve_server, set_drain  # noqa: F401 (the CLI's names)
 from kdsr.health.notify import Notifier
 from kdsr.kernel.state import StateStore
+from kdsr.kernel.system import SystemKernel
 
 
 def run_daemon(
@@ -22,8 +24,10 @@ def run_daemon(
     verified=None,
     check_interval: float = CHECK_INTERVAL,
     log_format: str = "text",
+    compile_cache: CompileCache | None = None,
 ) -> int:
-    """``log_format``: "text" or "json" (kdsr/health/logs.py)."""
+    """``log_format``: "text" or "json" (kdsr/health/logs.py); ``compile_cache``:
+    the one the daemon keeps (and ``load`` sizes its warnings with)."""
     runner = Runner(
         load,
         node,
@@ -37,6 +41,7 @@ def run_daemon(
         # systemd's $NOTIFY_SOCKET (contrib/kdsr.service); READY=1 once the
         # first apply is verified and the control socket (and metrics) listen.
         notifier=Notifier.from_environment(held=True),
+        compile_cache=compile_cache,
     )
     if listen:
         metrics.parse_listen(listen)  # a usage error before anything else
@@ -90,6 +95,4 @@ def _reader(kernel):
     records on disk), so that a read never switches the output flags of the
     context the main thread applies through, nor writes the records its
     applies read; a fake kernel (tests) is shared."""
-    from kdsr.kernel.system import SystemKernel
-
     return SystemKernel() if isinstance(kernel, SystemKernel) else kernel

@@ -15,20 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kdsr.compile import lb_nft_l3
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.selectors import SLOTS_PER_SERVER, sizing_problems
 from kdsr.errors import Problem
 from kdsr.intent.model import ENGINE_IPVS, IPVS_MH_TABLE_SIZE, Intent
 
 
-def _nft_l2_sizing(intent: Intent) -> list[Problem]:
-    return sizing_problems(intent)
+def _nft_l2_sizing(intent: Intent, cache: CompileCache | None) -> list[Problem]:
+    return sizing_problems(intent, cache=cache)
 
 
-def _nft_l3_sizing(intent: Intent) -> list[Problem]:
-    return sizing_problems(intent, lb_nft_l3.wanted)
+def _nft_l3_sizing(intent: Intent, cache: CompileCache | None) -> list[Problem]:
+    return sizing_problems(intent, lb_nft_l3.wanted, cache)
 
 
-def _ipvs_mh_sizing(intent: Intent) -> list[Problem]:
+def _ipvs_mh_sizing(intent: Intent, _cache: CompileCache | None) -> list[Problem]:
     """IPVS mh's table is the kernel's (IP_VS_MH_TAB_SIZE, 4093 on Debian) and
     cannot be raised from user space: above 40 servers a pool gets fewer than
     100 slots per server.  One warning per pool, at the pool."""
@@ -53,9 +54,14 @@ def _ipvs_mh_sizing(intent: Intent) -> list[Problem]:
     return problems
 
 
-CHECKS: list[Callable[[Intent], list[Problem]]] = [_nft_l2_sizing, _nft_l3_sizing, _ipvs_mh_sizing]
+CHECKS: list[Callable[[Intent, CompileCache | None], list[Problem]]] = [
+    _nft_l2_sizing,
+    _nft_l3_sizing,
+    _ipvs_mh_sizing,
+]
 
 
-def warnings_for(intent: Intent) -> list[Problem]:
-    """Every warning for the intent, in CHECKS order (IntentError if sizing cannot fit at all)."""
-    return [problem for check in CHECKS for problem in check(intent)]
+def warnings_for(intent: Intent, cache: CompileCache | None = None) -> list[Problem]:
+    """Every warning for the intent, in CHECKS order (IntentError if sizing cannot fit at all).
+    ``cache``: the CompileCache of the compile that follows, which sizes the same selectors."""
+    return [problem for check in CHECKS for problem in check(intent, cache)]

@@ -21,24 +21,19 @@ missing one as 1: a rebooted load balancer owns nothing until kdsr has read
 back this boot's fast path and opened the gate.  Health closes the gate of
 a VIP no server can take new flows for; the fragment stays as it is.
 
-Everything kdsr declares is named ``kdsr_*``.  Only values the schema and the
-rules have validated reach the text: addresses and numbers as Python renders
-them, interface names (the schema's name pattern) and absolute paths.  The
-first line carries the model as JSON, so the file read back is enough to
-diff against.
+The text of the fragment, and reading it back, is kdsr/keepalived_text.py's.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import posixpath
 
 from kdsr.intent.model import ANNOUNCE_VRRP, Intent, LoadBalancerNode, Service
 from kdsr.intent.vrrp_rules import PRIORITY_STEP, TOP_PRIORITY
+from kdsr.keepalived_text import render
 from kdsr.model import KeepalivedConfig, VrrpGate, VrrpInstance
 
-MODEL_MARK = "# kdsr-keepalived-model "
 GATE_PREFIX = "kdsr-vrrp-"  # track file names in the track directory
 
 
@@ -140,95 +135,4 @@ def gates(config: KeepalivedConfig | None) -> tuple[VrrpGate, ...]:
     )
 
 
-def model_json(instances: tuple[VrrpInstance, ...]) -> str:
-    return json.dumps(
-        {"instances": [{k: v for k, v in i.__dict__.items() if k != "pointer"} for i in instances]},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-
-
-def _seconds(value: float) -> str:
-    """keepalived reads VRRPv3 intervals as seconds with up to two decimals."""
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def render(node: str, source: str, instances: tuple[VrrpInstance, ...]) -> tuple[str, list[tuple[int, int, str]]]:
-    out: list[str] = []
-    where: list[tuple[int, int, str]] = []
-
-    def block(pointer: str, *lines: str) -> None:
-        first = len(out) + 1
-        out.extend(lines)
-        if pointer:
-            where.append((first, len(out), pointer))
-
-    out.append(MODEL_MARK + model_json(instances))
-    out.append("# kdsr owns this file and rewrites it on every apply; edits here are undone.")
-    if node:
-        out.append(f"# Node {node}; intent {json.dumps(source)}.")
-    for instance in instances:
-        track = f"{instance.name}_gate"
-        lines = [
-            "",
-            f"# kdsr writes 0 into {instance.track_file} once this boot's fast path for {instance.vip} is in,",
-            "# and 1 to give the VIP up (no serving server); keepalived creates it as 1.",
-            f"track_file {track} {{",
-            f"  file {instance.track_file}",
-            "  weight 0",
-            "  init_file 1",
-            "}",
-            f"vrrp_instance {instance.name} {{",
-            # BACKUP: a starting keepalived waits for the current owner's
-            # advertisements instead of claiming the VIP at once.
-            "  state BACKUP",
-            f"  interface {instance.interface}",
-            "  version 3",
-            f"  virtual_router_id {instance.virtual_router_id}",
-            f"  priority {instance.priority}",
-            f"  advert_int {_seconds(instance.advert_interval)}",
-        ]
-        if not instance.preempt:
-            lines.append("  nopreempt")
-        # keepalived 2.2.7's config test refuses unicast without peers (a
-        # group of one): that instance advertises to nobody, by multicast.
-        if instance.unicast_source is not None and instance.unicast_peers:
-            lines.append(f"  unicast_src_ip {instance.unicast_source}")
-            lines.append("  unicast_peer {")
-            lines += [f"    {peer}" for peer in instance.unicast_peers]
-            lines.append("  }")
-        lines += [
-            "  track_file {",
-            f"    {track} weight 0",
-            "  }",
-            "  virtual_ipaddress {",
-            f"    {instance.vip} dev {instance.interface}",
-            "  }",
-            "}",
-        ]
-        block(instance.pointer, *lines)
-    return "\n".join(out) + "\n", where
-
-
-def parse_model(text: str, config: str, fragment: str, pid_file: str) -> KeepalivedConfig | None:
-    """The KeepalivedConfig a fragment file describes (its first line), or
-    None if it is not one kdsr wrote."""
-    first = text.split("\n", 1)[0]
-    if not first.startswith(MODEL_MARK):
-        return None
-    try:
-        data = json.loads(first[len(MODEL_MARK) :])
-        instances = tuple(
-            VrrpInstance(**{**i, "unicast_peers": tuple(i.get("unicast_peers", ()))}) for i in data["instances"]
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
-    return KeepalivedConfig(config, fragment, pid_file, instances, text)
-
-
-def pointer_at(config: KeepalivedConfig, line: int) -> str:
-    """The intent path behind a line of the fragment (keepalived's error position)."""
-    return next((p for first, last, p in config.lines if first <= line <= last), "")
-
-
-__all__ = ["gates", "keepalived_config", "parse_model", "pointer_at", "render"]
+__all__ = ["gates", "keepalived_config"]

@@ -27,6 +27,7 @@ ARP for it), on ``lo`` for L3 (routers route it here).
 from __future__ import annotations
 
 from kdsr import maglev, naming
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.lb_nft_l2 import ADDR_PROTO, ADDR_TYPE
 from kdsr.intent.model import (
     DSR_L2,
@@ -35,7 +36,6 @@ from kdsr.intent.model import (
     HASH_SOURCE_IP_PORT,
     Intent,
     LoadBalancerNode,
-    Pool,
     Service,
 )
 from kdsr.model import (
@@ -81,17 +81,15 @@ def wanted(service: Service) -> bool:
     return service.engine == ENGINE_IPVS
 
 
-# The destinations of one pool for one forwarding method, port and family,
-# kept by the pool's identity from one compile to the next: the services on
-# a pool share one tuple, and a recompile that kept the pool (a health event
-# on another pool, a reload that did not touch it) hands back the same
-# tuple, so building 10,000 services does not sort and make 160,000
-# destinations again, and the diff meets equal tuples it compares by
-# identity.  Replaced by each compile's own (kdsr/memories.py names it).
-_LAST_DESTS: dict[tuple, tuple[Pool, tuple[IpvsDest, ...]]] = {}
+def _dests(service: Service, intent: Intent, port: int, cache: CompileCache) -> tuple[IpvsDest, ...]:
+    """The destinations of the service's pool for its forwarding method, port and family.
 
-
-def _dests(service: Service, intent: Intent, port: int, made: dict) -> tuple[IpvsDest, ...]:
+    Kept in ``cache`` with the pool they came from, and handed back while the
+    pool is the same object: the services on a pool share one tuple, and a
+    recompile that kept the pool (a health event on another pool, a reload
+    that did not touch it) hands back the same tuple, so building 10,000
+    services does not sort and make 160,000 destinations again, and the diff
+    meets equal tuples it compares by identity."""
     pool = intent.pool(service.pool)
     if service.mode == DSR_L2:
         method, tun_type = "route", ""
@@ -99,9 +97,8 @@ def _dests(service: Service, intent: Intent, port: int, made: dict) -> tuple[Ipv
         # IPVS's "ipip" is ip6ip6 for an IPv6 service.
         method, tun_type = "tunnel", "gre" if service.mode == DSR_L3_GRE else "ipip"
     key = (service.pool, method, tun_type, port, service.vip.version)
-    last = made.get(key) or _LAST_DESTS.get(key)
+    last = cache.ipvs_dests.get(key)
     if last is not None and last[0] is pool:
-        made[key] = last
         return last[1]
     members = sorted(pool.members, key=lambda m: maglev.canonical_sort_key(str(m.address)))
     dests = tuple(
@@ -109,7 +106,7 @@ def _dests(service: Service, intent: Intent, port: int, made: dict) -> tuple[Ipv
         for m in members
         if m.address.version == service.vip.version
     )
-    made[key] = (pool, dests)
+    cache.ipvs_dests.put(key, (pool, dests))
     return dests
 
 
@@ -120,11 +117,10 @@ def _flags(service: Service) -> tuple[str, ...]:
     return tuple(sorted(flags))
 
 
-def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
+def services_for(intent: Intent, cache: CompileCache) -> tuple[list[IpvsService], dict[int, dict]]:
     """IPVS services, and the fwmark map elements for port ranges per family."""
     result: list[IpvsService] = []
     marks: dict[int, dict] = {4: {}, 6: {}}
-    made: dict[tuple, tuple[Pool, tuple[IpvsDest, ...]]] = {}
     for service in intent.services:
         if not wanted(service):
             continue
@@ -142,7 +138,7 @@ def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
                             fwmark=0,
                             scheduler="mh",
                             flags=_flags(service),
-                            dests=_dests(service, intent, ports.first, made),
+                            dests=_dests(service, intent, ports.first, cache),
                             pointer=ports.pointer,
                         )
                     )
@@ -158,12 +154,10 @@ def services_for(intent: Intent) -> tuple[list[IpvsService], dict[int, dict]]:
                         fwmark=mark,
                         scheduler="mh",
                         flags=_flags(service),
-                        dests=_dests(service, intent, 0, made),
+                        dests=_dests(service, intent, 0, cache),
                         pointer=ports.pointer,
                     )
                 )
-    _LAST_DESTS.clear()
-    _LAST_DESTS.update(made)
     return sorted(result, key=lambda s: s.ident), marks
 
 
@@ -215,8 +209,8 @@ def vip_addresses(intent: Intent, lb: LoadBalancerNode) -> list[Address]:
     return list(found.values())
 
 
-def compile_ipvs(intent: Intent, lb: LoadBalancerNode) -> dict:
-    services, marks = services_for(intent)
+def compile_ipvs(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -> dict:
+    services, marks = services_for(intent, cache)
     if not services:
         return {}
     chains, maps = mark_chain_and_maps(marks)

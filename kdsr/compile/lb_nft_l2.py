@@ -20,13 +20,13 @@ transaction.  Rules and chains exist per selector, and selectors are few.
 
 from __future__ import annotations
 
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.selectors import Selector, selectors_for, server_ids
 from kdsr.intent.model import (
     HASH_FIVE_TUPLE,
     HASH_SOURCE_IP,
     HASH_SOURCE_IP_PORT,
     L3_TUNNELS,
-    Hashing,
     Intent,
     LoadBalancerNode,
     Pool,
@@ -126,23 +126,25 @@ def _ingress_chain(lb: LoadBalancerNode) -> NftChain:
     return NftChain(name=INGRESS_CHAIN, hook=hook, rules=tuple(rules), pointer=f"{lb.pointer}/interface")
 
 
-# The last answer per pair of map names (L2, L3), with what it was built
-# from: a change to a pool leaves every service as it was, and building,
-# then sorting, 20,000 elements at 10,000 VIPs costs more than comparing.
-_LAST_SERVICE_MAPS: dict[tuple, tuple[tuple, tuple, list[NftMap]]] = {}
-
-
 def service_maps(
-    selectors: list[Selector], names: dict[int, str] = SERVICE_MAPS, range_names: dict[int, str] = RANGE_MAPS
+    selectors: list[Selector],
+    names: dict[int, str] = SERVICE_MAPS,
+    range_names: dict[int, str] = RANGE_MAPS,
+    cache: CompileCache | None = None,
 ) -> list[NftMap]:
     """Per family, the verdict maps VIP . protocol . port -> jump to the
     selector: one exact map for single ports, one interval map for ranges
     (see ``service_lookups``; shared with the L3 engine, which names them
     differently).  Keys hold ports as ``(first, last)`` in both, the form a
     listing decodes to."""
+    if cache is None:
+        return _service_maps(selectors, names, range_names)
+    # The last answer per pair of map names (L2, L3), with what it was built
+    # from: a change to a pool leaves every service as it was, and building,
+    # then sorting, 20,000 elements at 10,000 VIPs costs more than comparing.
     which = (tuple(names.items()), tuple(range_names.items()))
     heads = tuple((sel.name, sel.family, sel.services) for sel in selectors)
-    last = _LAST_SERVICE_MAPS.get(which)
+    last = cache.service_maps.get(which)
     # The same service objects (a health event's intent shares them): no
     # need to look inside.  Else compare by value, pointers included (they
     # are the elements' comments, and services compare without them).
@@ -156,7 +158,7 @@ def service_maps(
         maps = last[2]
     else:
         maps = _service_maps(selectors, names, range_names)
-    _LAST_SERVICE_MAPS[which] = (heads, made_of, maps)
+    cache.service_maps.put(which, (heads, made_of, maps))
     return list(maps)
 
 
@@ -193,24 +195,14 @@ def _service_maps(selectors: list[Selector], names: dict[int, str], range_names:
     return maps
 
 
-# Selector chains already built, by everything they are made of: the
-# daemon's recompile after a change then builds (and digests) only the
-# chains whose selector changed, not one per pool.
-_CHAINS: dict[tuple, NftChain] = {}
-_CHAINS_MAX = 4096
-
-
-def _selector_chain(sel: Selector, device: str) -> NftChain:
+def _selector_chain(sel: Selector, device: str, cache: CompileCache) -> NftChain:
     if sel.hashing.pinning is not None:
         return _build_selector_chain(sel, device)
+    # By everything the chain is made of: the daemon's recompile after a
+    # change then builds (and digests) only the chains whose selector
+    # changed, not one per pool.
     key = (sel.name, sel.family, sel.table_size, sel.hashing, sel.pins_macs, device, sel.pool.pointer)
-    chain = _CHAINS.get(key)
-    if chain is None:
-        chain = _build_selector_chain(sel, device)
-        if len(_CHAINS) >= _CHAINS_MAX:
-            _CHAINS.pop(next(iter(_CHAINS)))
-        _CHAINS[key] = chain
-    return chain
+    return cache.chains.get_or_make(key, lambda: _build_selector_chain(sel, device))
 
 
 def _build_selector_chain(sel: Selector, device: str) -> NftChain:
@@ -317,24 +309,20 @@ def _server_chain(pool: Pool, member: PoolMember, device: str, pins_macs: bool) 
 # object they came from: a health event's recompile at 10,000 VIPs makes a
 # new object of the changed pool only, so the other pools' chains (thousands
 # of members' rules, each built and digested) are reused as they are.
-_SERVER_CHAINS: dict[tuple[str, int, str], tuple[Pool, tuple[NftChain, ...]]] = {}
-_SERVER_CHAINS_MAX = 16384
-
-
-def _server_chains(selectors: list[Selector], device: str) -> list[NftChain]:
+def _server_chains(selectors: list[Selector], device: str, cache: CompileCache) -> list[NftChain]:
     """One chain per member (drained and down ones too) of each pool an L2 selector uses."""
     chains: dict[str, NftChain] = {}
     for sel in selectors:
+        # Kept while the pool object is the same: a health event's recompile
+        # rebuilds one pool's chains, not every pool's.
         key = (sel.pool.name, sel.family, device)
-        last = _SERVER_CHAINS.get(key)
+        last = cache.server_chains.get(key)
         if last is not None and last[0] is sel.pool:
             built = last[1]
         else:
             pins_macs = sel.pins_macs
             built = tuple(_server_chain(sel.pool, m, device, pins_macs) for m in sel.members)
-            if len(_SERVER_CHAINS) >= _SERVER_CHAINS_MAX:
-                _SERVER_CHAINS.pop(next(iter(_SERVER_CHAINS)))
-            _SERVER_CHAINS[key] = (sel.pool, built)
+            cache.server_chains.put(key, (sel.pool, built))
         for chain in built:
             chains.setdefault(chain.name, chain)
     return [chains[n] for n in sorted(chains)]
@@ -496,68 +484,59 @@ def _concat(parts: list[dict]) -> dict:
     return parts[0] if len(parts) == 1 else {"concat": parts}
 
 
-# The last slot map per selector name, with the pool and hashing it came
-# from: after a health event only the changed pool is a new object, so the
-# other 999 of 1,000 maps skip their Maglev lookup and element tuples.
-_LAST_SELECTOR_MAPS: dict[tuple[str, str], tuple[Pool, Hashing, NftMap]] = {}
-_LAST_SELECTOR_MAPS_MAX = 4096
-
-
-def _selector_map(sel: Selector, source: str = "") -> NftMap:
-    last = _LAST_SELECTOR_MAPS.get((sel.name, source))
+def _selector_map(sel: Selector, source: str, cache: CompileCache) -> NftMap:
+    # The last slot map of this selector, with the pool and hashing it came
+    # from: after a health event only the changed pool is a new object, so
+    # the other 999 of 1,000 maps skip their Maglev lookup and element tuples.
+    last = cache.selector_maps.get((sel.name, source))
     if last is not None and last[0] is sel.pool and last[1] == sel.hashing:
         return last[2]
-    built = _build_selector_map(sel, source)
-    if len(_LAST_SELECTOR_MAPS) >= _LAST_SELECTOR_MAPS_MAX:
-        _LAST_SELECTOR_MAPS.pop(next(iter(_LAST_SELECTOR_MAPS)))
-    _LAST_SELECTOR_MAPS[(sel.name, source)] = (sel.pool, sel.hashing, built)
+    built = _build_selector_map(sel, source, cache)
+    cache.selector_maps.put((sel.name, source), (sel.pool, sel.hashing, built))
     return built
 
 
-def _build_selector_map(sel: Selector, source: str) -> NftMap:
+def _build_selector_map(sel: Selector, source: str, cache: CompileCache) -> NftMap:
     if sel.hashing.pinning is not None:
         ids = server_ids(sel, source)
         return NftMap(
             name=sel.name,
             key_type=("mark",),
             data_type="mark",  # slot -> server id; the servers map counts packets
-            elements=tuple((slot, element(ids[a])) for slot, a in enumerate(sel.addresses())),
+            elements=tuple((slot, element(ids[a])) for slot, a in enumerate(sel.addresses(cache))),
             pointer=sel.pool.pointer,
         )
     return NftMap(
         name=sel.name,
         key_type=("mark",),
         data_type="verdict",  # slot -> goto the server's chain (see "one chain per server")
-        elements=slot_elements(sel.pool.name, sel.addresses()),
+        elements=slot_elements(sel.pool.name, sel.addresses(cache), cache),
         pointer=sel.pool.pointer,
     )
 
 
-# Element tuples already built, by Maglev table (maglev.populate remembers
-# tables, so an unchanged pool hands back the same one): the daemon's
-# recompile after a change then rebuilds one pool's elements, and the diff
-# compares the others' by identity.
-_SLOT_ELEMENTS: dict[tuple[str, tuple[str, ...]], tuple] = {}
-_SLOT_ELEMENTS_MAX = 4096
+def slot_elements(pool: str, table: tuple[str, ...], cache: CompileCache | None = None) -> tuple:
+    """slot -> goto the server's chain, one shared element value per server.
+
+    ``cache``: element tuples already built, by pool and Maglev table (the
+    cache hands back the same table for an unchanged pool): the daemon's
+    recompile after a change then rebuilds one pool's elements, and the
+    diff compares the others' by identity."""
+    if cache is None:
+        return _slot_elements(pool, table)
+    return cache.slot_elements.get_or_make((pool, table), lambda: _slot_elements(pool, table))
 
 
-def slot_elements(pool: str, table: tuple[str, ...]) -> tuple:
-    """slot -> goto the server's chain, one shared element value per server."""
-    elements = _SLOT_ELEMENTS.get((pool, table))
-    if elements is None:
-        values = {member: element(("goto", server_chain_name(pool, member))) for member in set(table)}
-        elements = tuple(zip(range(len(table)), map(values.__getitem__, table), strict=True))
-        if len(_SLOT_ELEMENTS) >= _SLOT_ELEMENTS_MAX:
-            _SLOT_ELEMENTS.pop(next(iter(_SLOT_ELEMENTS)))
-        _SLOT_ELEMENTS[(pool, table)] = elements
-    return elements
+def _slot_elements(pool: str, table: tuple[str, ...]) -> tuple:
+    values = {member: element(("goto", server_chain_name(pool, member))) for member in set(table)}
+    return tuple(zip(range(len(table)), map(values.__getitem__, table), strict=True))
 
 
-def chains_and_maps(intent: Intent, lb: LoadBalancerNode) -> tuple[list[NftChain], list[NftMap]]:
+def chains_and_maps(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -> tuple[list[NftChain], list[NftMap]]:
     """L2's part of the ``netdev kdsr`` table (compile/load_balancer.py builds the table)."""
-    selectors = selectors_for(intent)
-    chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface) for s in selectors]
-    chains += _server_chains(selectors, lb.interface)
-    maps = service_maps(selectors) + [_selector_map(s, intent.source) for s in selectors]
+    selectors = selectors_for(intent, cache=cache)
+    chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface, cache) for s in selectors]
+    chains += _server_chains(selectors, lb.interface, cache)
+    maps = service_maps(selectors, cache=cache) + [_selector_map(s, intent.source, cache) for s in selectors]
     maps += _pinning_maps(selectors, intent.source)
     return chains, maps

@@ -26,7 +26,7 @@ its tunnel mark; ``ip rule fwmark <mark> lookup <mark>`` routes it into the
 tunnel, and forwarding answers "fragmentation needed" for DF or fragments
 it (the tunnel's own transmit, reached by ``fwd``, would drop it silently:
 it can only answer a packet that has a route).  So IP forwarding is on.
-Health probes use the same rules (kdsr/health/targets.py).
+Health probes use the same rules (kdsr/compile/targets.py).
 
 The VIP is not an address of the load balancer in this design: routers send
 VIP traffic to it.  The Maglev table is the same as the L2 engine's, seeded
@@ -41,6 +41,7 @@ fields so the error reaches the server that owns the flow.
 from __future__ import annotations
 
 from kdsr import naming
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.lb_nft_l2 import (
     ADDR_PROTO,
     ADDR_TYPE,
@@ -159,7 +160,7 @@ def _ingress(lb: LoadBalancerNode) -> NftChain:
     return NftChain(name=INGRESS_CHAIN, hook=hook, rules=tuple(rules), pointer=f"{lb.pointer}/interface")
 
 
-def _service_maps(selectors: list[Selector]) -> list[NftMap]:
+def _service_maps(selectors: list[Selector], cache: CompileCache) -> list[NftMap]:
     icmp: dict[int, dict] = {4: {}, 6: {}}
     for sel in selectors:
         for service in sel.services:
@@ -167,7 +168,7 @@ def _service_maps(selectors: list[Selector]) -> list[NftMap]:
             # pools sends errors to the first (sorted) one's selector.
             to_icmp = element(("jump", f"{sel.name}-icmp"), service.pointer)
             icmp[sel.family].setdefault(str(service.vip), to_icmp)
-    maps = service_maps(selectors, SERVICE_MAPS, RANGE_MAPS)
+    maps = service_maps(selectors, SERVICE_MAPS, RANGE_MAPS, cache)
     maps += [
         NftMap(
             name=ICMP_MAPS[family],
@@ -250,27 +251,20 @@ def _server_chain(sel: Selector, address: str, pointer: str) -> NftChain:
     return NftChain(name=name, hook=None, rules=(rule,), pointer=pointer)
 
 
-# The server chains last built per (pool, family, mode), with the pool object
-# they came from (see lb_nft_l2._SERVER_CHAINS): a health event's recompile
-# reuses every other pool's.
-_SERVER_CHAINS: dict[tuple[str, int, str], tuple[object, tuple[NftChain, ...]]] = {}
-_SERVER_CHAINS_MAX = 16384
-
-
-def _server_chains(sel: Selector) -> tuple[NftChain, ...]:
+def _server_chains(sel: Selector, cache: CompileCache) -> tuple[NftChain, ...]:
+    # Kept while the pool object is the same (as lb_nft_l2._server_chains):
+    # a health event's recompile reuses every other pool's.
     key = (sel.pool.name, sel.family, sel.mode)
-    last = _SERVER_CHAINS.get(key)
+    last = cache.server_chains.get(key)
     if last is not None and last[0] is sel.pool:
         return last[1]
     built = tuple(_server_chain(sel, str(m.address), m.pointer) for m in sel.members)
-    if len(_SERVER_CHAINS) >= _SERVER_CHAINS_MAX:
-        _SERVER_CHAINS.pop(next(iter(_SERVER_CHAINS)))
-    _SERVER_CHAINS[key] = (sel.pool, built)
+    cache.server_chains.put(key, (sel.pool, built))
     return built
 
 
-def _selector_map(sel: Selector) -> NftMap:
-    table = sel.table()
+def _selector_map(sel: Selector, cache: CompileCache) -> NftMap:
+    table = sel.table(cache)
     jumps = {a: element(("jump", server_chain_name(sel.pool.name, a, sel.mode))) for a in set(table)}
     return NftMap(
         name=sel.name,
@@ -321,11 +315,11 @@ def tunnel_source(lb: LoadBalancerNode, family: int) -> str:
     return next(str(a.ip) for a in lb.addresses if a.version == family)
 
 
-def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
+def compile_l3(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -> dict:
     """The parts of the load balancer's Desired state for L3 services on the
     nft engine: chains and maps for the ``netdev kdsr`` table, and links,
     routes, rules, sysctls and modules."""
-    selectors = selectors_for(intent, wanted)
+    selectors = selectors_for(intent, wanted, cache=cache)
     if not selectors:
         return {}
     links: dict[str, Link] = {}
@@ -350,10 +344,10 @@ def compile_l3(intent: Intent, lb: LoadBalancerNode) -> dict:
     chains = [_ingress(lb)] + [c for s in selectors for c in _selector_chains(s)]
     servers: dict[str, NftChain] = {}
     for sel in selectors:
-        for chain in _server_chains(sel):
+        for chain in _server_chains(sel, cache):
             servers.setdefault(chain.name, chain)
     chains += [servers[n] for n in sorted(servers)]
-    maps = _service_maps(selectors) + [_selector_map(s) for s in selectors] + _tunnel_maps(tunnels)
+    maps = _service_maps(selectors, cache) + [_selector_map(s, cache) for s in selectors] + _tunnel_maps(tunnels)
     return {
         "chains": chains,
         "maps": maps,

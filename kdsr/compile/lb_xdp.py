@@ -14,6 +14,7 @@ so such a pool wants ``forwarding`` on the front interface for its family.
 
 from __future__ import annotations
 
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.selectors import selectors_for
 from kdsr.intent.model import ENGINE_XDP, Intent, LoadBalancerNode, Service, address_text
 from kdsr.model import Sysctl
@@ -24,9 +25,11 @@ def wanted(service: Service) -> bool:
     return service.mode == "l2" and service.engine == ENGINE_XDP
 
 
-def compile_xdp(intent: Intent, lb: LoadBalancerNode) -> tuple[XdpState | None, list[Sysctl]]:
+def compile_xdp(
+    intent: Intent, lb: LoadBalancerNode, cache: CompileCache | None = None
+) -> tuple[XdpState | None, list[Sysctl]]:
     """The XDP program's state on the front interface (None: no xdp service), and the sysctls it needs."""
-    selectors = selectors_for(intent, wanted)
+    selectors = selectors_for(intent, wanted, cache=cache)
     if not selectors:
         return None, []
     services: list[XdpService] = []
@@ -41,7 +44,7 @@ def compile_xdp(intent: Intent, lb: LoadBalancerNode) -> tuple[XdpState | None, 
                 fields=sel.hashing.fields,
                 seed=sel.hashing.seed,
                 size=sel.table_size,
-                table=sel.addresses(),
+                table=sel.addresses(cache),
                 pointer=sel.pool.pointer,
             )
         )

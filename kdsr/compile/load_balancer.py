@@ -4,7 +4,7 @@
 - nft engine, L3:  chains and maps in the same ``netdev kdsr`` table,
                    tunnels, routes and rules (lb_nft_l3);
 - health probes:  for dsr monitors of l2 services, a route and rule per
-                   server (kdsr/health/targets.py);
+                   server (kdsr/compile/targets.py);
 - xdp engine, l2:  kdsr's XDP program's map contents (lb_xdp);
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs);
@@ -18,31 +18,37 @@ from __future__ import annotations
 
 from kdsr.compile import lb_ipvs, lb_nft_l2, lb_nft_l3, lb_xdp
 from kdsr.compile.bird import announce_routes, bird_config
+from kdsr.compile.cache import CompileCache
 from kdsr.compile.keepalived import gates, keepalived_config
 from kdsr.compile.selectors import selectors_for
-from kdsr.health.targets import probe_paths
+from kdsr.compile.targets import probe_paths
 from kdsr.intent.model import Intent, LoadBalancerNode
 from kdsr.model import Desired, NftTable
 
 
-def compile_load_balancer(intent: Intent, lb: LoadBalancerNode, withdraw: dict[str, str] | None = None) -> Desired:
-    """``withdraw``: VIPs this node must not announce now, and why (health)."""
+def compile_load_balancer(
+    intent: Intent, lb: LoadBalancerNode, withdraw: dict[str, str] | None = None, cache: CompileCache | None = None
+) -> Desired:
+    """``withdraw``: VIPs this node must not announce now, and why (health).
+    ``cache``: what an earlier compile left to reuse (compile/cache.py)."""
+    cache = cache if cache is not None else CompileCache()
     tables = []
     modules: set[str] = set()
-    l3 = lb_nft_l3.compile_l3(intent, lb)
-    chains, maps = lb_nft_l2.chains_and_maps(intent, lb) if selectors_for(intent) else ([], [])  # L2 on nft
+    l3 = lb_nft_l3.compile_l3(intent, lb, cache)
+    l2 = selectors_for(intent, cache=cache)  # L2 on nft
+    chains, maps = lb_nft_l2.chains_and_maps(intent, lb, cache) if l2 else ([], [])
     if chains or l3:
         # L3's chains and maps join L2's in the one netdev table.
         chains += l3.get("chains", [])
         maps += l3.get("maps", [])
         tables.append(_table(lb_nft_l2.TABLE_FAMILY, lb_nft_l2.TABLE_NAME, chains, maps, lb))
         modules.add("nf_tables")
-    ipvs = lb_ipvs.compile_ipvs(intent, lb)
+    ipvs = lb_ipvs.compile_ipvs(intent, lb, cache)
     if ipvs.get("chains"):
         tables.append(_table(lb_ipvs.TABLE_FAMILY, lb_ipvs.TABLE_NAME, ipvs["chains"], ipvs.get("maps", []), lb))
     modules.update(l3.get("modules", ()))
     modules.update(ipvs.get("modules", ()))
-    xdp, xdp_sysctls = lb_xdp.compile_xdp(intent, lb)
+    xdp, xdp_sysctls = lb_xdp.compile_xdp(intent, lb, cache)
     sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ())) + xdp_sysctls}
     probe_routes, probe_rules = probe_paths(intent, lb)
     bird = bird_config(intent, lb, withdraw)

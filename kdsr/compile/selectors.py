@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdsr import maglev
+from kdsr.compile.cache import CompileCache
 from kdsr.errors import IntentError, Problem
 from kdsr.intent.model import Hashing, Intent, Pool, PoolMember, Service, address_text
 from kdsr.intent.primes import is_prime, next_prime
@@ -103,14 +104,16 @@ class Selector:
         """The pool's members of this selector's family, drained ones included."""
         return tuple(m for m in self.pool.members if m.address.version == self.family)
 
-    def addresses(self) -> tuple[str, ...]:
-        """The Maglev table: slot -> member address."""
-        backends = [maglev.Backend(key=address_text(m.address), weight=m.weight) for m in self.members]
-        return maglev.populate(backends, self.table_size, self.hashing.seed)
+    def addresses(self, cache: CompileCache | None = None) -> tuple[str, ...]:
+        """The Maglev table: slot -> member address (``cache``: where tables already built are kept)."""
+        backends = tuple(maglev.Backend(key=address_text(m.address), weight=m.weight) for m in self.members)
+        if cache is None:
+            return maglev.build(backends, self.table_size, self.hashing.seed)
+        return cache.maglev_table(backends, self.table_size, self.hashing.seed)
 
-    def table(self) -> tuple[str, ...]:
+    def table(self, cache: CompileCache | None = None) -> tuple[str, ...]:
         """slot -> member key: the address, or the MAC when MACs are pinned."""
-        table = self.addresses()
+        table = self.addresses(cache)
         if self.pins_macs:
             by_address = {str(m.address): m for m in self.members}
             return tuple(by_address[a].mac for a in table)
@@ -160,13 +163,13 @@ def _l2_nft(service: Service) -> bool:
 # Compile asks for the same intent's selectors more than once (whether there
 # is an L2 table, then its contents), and the daemon asks again after every
 # health event and reload.  At 10,000 services a fresh answer walks all of
-# them, so each step keeps what it last made and redoes only what an edit
-# reached: the grouping, by the identity of the service objects (a reload
-# reuses the unchanged ones, a health event or a drain keeps the whole
-# tuple); the sizes, by what they are computed from; each selector, by its
-# parts.  The selectors an edit did not reach stay the same objects, with
-# the same services tuples, which is how service_maps and the chain memory
-# downstream recognise them without looking inside.
+# them, so with a CompileCache each step reuses what it last made and redoes
+# only what an edit reached: the grouping, by the identity of the service
+# objects (a reload reuses the unchanged ones, a health event or a drain
+# keeps the whole tuple); the sizes, by what they are computed from; each
+# selector, by its parts.  The selectors an edit did not reach stay the same
+# objects, with the same services tuples, which is how service_maps and the
+# chain cache downstream recognise them without looking inside.
 @dataclass(frozen=True)
 class _Groups:
     services: tuple[Service, ...]  # the intent's services they were made from
@@ -187,11 +190,11 @@ class _Last:
     by_final: dict[tuple, Selector]
 
 
-_LAST_SELECTORS: dict[tuple, _Last] = {}
-
-
 def selectors_for(
-    intent: Intent, wanted: Callable[[Service], bool] | None = None, budget: int = SLOT_BUDGET
+    intent: Intent,
+    wanted: Callable[[Service], bool] | None = None,
+    budget: int = SLOT_BUDGET,
+    cache: CompileCache | None = None,
 ) -> list[Selector]:
     """Selectors for the services ``wanted`` picks (default: L2 services of the nft engine).
 
@@ -199,7 +202,7 @@ def selectors_for(
     Raises IntentError when the intent's own table sizes exceed the budget.
     """
     wanted = wanted or _l2_nft
-    last = _LAST_SELECTORS.get((wanted, budget))
+    last: _Last | None = cache.selectors.get((wanted, budget)) if cache is not None else None
     if last is not None and last.intent is intent:
         return list(last.selectors)
     groups = _grouped(intent.services, wanted, last.groups if last is not None else None)
@@ -219,9 +222,8 @@ def selectors_for(
         sizes = _apply_budget(intent, provisional, budget)
     by_final = _selectors(intent, groups, sizes, last.by_final if last is not None else {})
     selectors = tuple(by_final.values())
-    if len(_LAST_SELECTORS) >= 8:  # a caller passing a new function each time
-        _LAST_SELECTORS.clear()
-    _LAST_SELECTORS[(wanted, budget)] = _Last(intent, groups, sizing, sizes, selectors, by_final)
+    if cache is not None:
+        cache.selectors.put((wanted, budget), _Last(intent, groups, sizing, sizes, selectors, by_final))
     return list(selectors)
 
 
@@ -249,7 +251,7 @@ def _grouped(services: tuple[Service, ...], wanted: Callable[[Service], bool], l
         grouped = tuple(services[i] for i in at)
         old = last.members.get(key) if last is not None else None
         if old is not None and len(old[0]) == len(grouped) and all(map(operator.is_, old[0], grouped)):
-            grouped = old[0]  # the same services: the same tuple, for the memories downstream
+            grouped = old[0]  # the same services: the same tuple, for the cache downstream
         members[key] = (grouped, tuple(at))
     return _Groups(services, keys, members)
 
@@ -368,14 +370,16 @@ def _apply_budget(intent: Intent, provisional: dict[tuple, tuple[int, str]], bud
     return result
 
 
-def sizing_problems(intent: Intent, wanted: Callable[[Service], bool] | None = None) -> list[Problem]:
+def sizing_problems(
+    intent: Intent, wanted: Callable[[Service], bool] | None = None, cache: CompileCache | None = None
+) -> list[Problem]:
     """Warnings (not errors): tables with fewer than 100 slots per server.
 
     Maglev's worst share is at most 1 + 1/floor(M/N) of the mean; below 100
     slots per server that is more than 1% (NSDI 2016, 3.4).
     """
     problems, squeezed = [], []
-    for sel in selectors_for(intent, wanted):
+    for sel in selectors_for(intent, wanted, cache=cache):
         servers = len(sel.members)
         if not servers or sel.table_size >= SLOTS_PER_SERVER * servers:
             continue

@@ -51,17 +51,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kdsr import collector, operations, receipt
+from kdsr.compile import CompileCache
+from kdsr.compile.effective import POOL_OK, effective_intent
+from kdsr.compile.targets import Target, targets_for
 from kdsr.diff import Plan
 from kdsr.errors import KdsrError, UsageError
 from kdsr.health import CHECK_INTERVAL, control
 from kdsr.health import status as health_status
 from kdsr.health.drain import refuse_unserving, resolve_server
-from kdsr.health.effective import POOL_OK, effective_intent
 from kdsr.health.metrics import DaemonMetrics
 from kdsr.health.notify import Notifier
 from kdsr.health.probes import Result, probe
 from kdsr.health.state import DOWN, UP, TargetState
-from kdsr.health.targets import Target, targets_for
 from kdsr.intent.model import Intent
 from kdsr.kernel import Kernel, KernelError
 from kdsr.kernel.state import StateStore
@@ -134,6 +135,7 @@ class Runner:
         check_interval: float = CHECK_INTERVAL,
         log_format: Callable[..., str] = log_line,
         notifier: Notifier | None = None,
+        compile_cache: CompileCache | None = None,
     ) -> None:
         """``check_interval``: seconds between drift checks; 0: none."""
         self._load = load
@@ -190,6 +192,9 @@ class Runner:
         # done event), handed from the control thread to the main thread.
         self.requests: queue.Queue = queue.Queue()
         self.last_applied: tuple[Plan | None, object | None] = (None, None)  # the last apply's plan and result
+        # What compile reuses from one apply to the next: after a health
+        # event or a reload, only what the change reached is built again.
+        self.compile_cache = compile_cache if compile_cache is not None else CompileCache()
 
     # --- events ----------------------------------------------------------------
 
@@ -433,7 +438,9 @@ class Runner:
         down = self.down()
         try:
             with self.store.lock(self.wait):
-                prepared = operations.prepare(self.intent, self.node, self.kernel, self.store, self.adopt, down=down)
+                prepared = operations.prepare(
+                    self.intent, self.node, self.kernel, self.store, self.adopt, down=down, cache=self.compile_cache
+                )
                 changes = len(prepared.plan.changes)
                 result = operations.apply(prepared, self.kernel, self.store) if changes else None
                 self.last_applied = (prepared.plan, result)
@@ -561,7 +568,14 @@ class Runner:
         if message.get("dry_run"):
             with self.store.lock(self.wait):
                 prepared = operations.prepare(
-                    self.intent, self.node, self.kernel, self.store, self.adopt, down=self.down(), drained=after
+                    self.intent,
+                    self.node,
+                    self.kernel,
+                    self.store,
+                    self.adopt,
+                    down=self.down(),
+                    drained=after,
+                    cache=self.compile_cache,
                 )
             return {
                 "ok": True,

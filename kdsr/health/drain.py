@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdsr import operations
+from kdsr.compile.effective import effective_intent, unserved_services
 from kdsr.errors import UsageError
-from kdsr.health.effective import effective_intent
 from kdsr.intent.model import Intent
 from kdsr.kernel.state import StateStore
 from kdsr.wording import counted
@@ -82,8 +82,8 @@ def refuse_unserving(
     intent: Intent, node: str, down: frozenset[tuple[str, str]], before: frozenset[str], server: str
 ) -> None:
     """Leaving a service with no server is a decision (--force), not an accident."""
-    now = operations.unserved_services(effective_intent(intent, down, before))
-    after = operations.unserved_services(effective_intent(intent, down, before | {server}))
+    now = unserved_services(effective_intent(intent, down, before))
+    after = unserved_services(effective_intent(intent, down, before | {server}))
     newly = sorted(set(after) - set(now))
     if newly:
         raise UsageError(

@@ -14,7 +14,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from kdsr.health.targets import Target
+from kdsr.compile.targets import Target
 
 BODY_LIMIT = 65536  # bytes of an http body read for the 'body' check
 UDP_REPLY_LIMIT = 4096

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from kdsr.errors import quote
 from kdsr.intent.model import ANNOUNCE_ACTIVE_ACTIVE, ANNOUNCE_ACTIVE_STANDBY, ANNOUNCE_N_PLUS_M, ANNOUNCE_VRRP
-from kdsr.intent.verify import did_you_mean, names_list, parse_address, parse_interface
+from kdsr.intent.values import did_you_mean, names_list, parse_address, parse_interface
 
 Report = Callable[[str, str, str], None]
 

@@ -3,7 +3,7 @@
 The schema checks each monitor's shape and ranges; these rules check what a
 monitor needs from the rest of the intent: a VIP and port to probe, a
 protocol the service carries, and a DSR path the load balancer can send a
-probe down (``kdsr/health/targets.py`` builds the probes from the same facts).
+probe down (``kdsr/compile/targets.py`` builds the probes from the same facts).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from kdsr.intent.model import ANNOUNCE_VRRP, ENGINE_IPVS, MONITOR_DSR, MONITOR_PLAIN
-from kdsr.intent.verify import parse_port, port_entries, service_engine, service_protocols
+from kdsr.intent.values import parse_port, port_entries, service_engine, service_protocols
 
 Report = Callable[[str, str, str], None]
 
-# The protocol each monitor type speaks (kdsr/health/targets.py has the same).
+# The protocol each monitor type speaks (kdsr/compile/targets.py has the same).
 MONITOR_PROTOCOL = {"tcp": "tcp", "http": "tcp", "https": "tcp", "udp": "udp"}
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 from kdsr import collector
 from kdsr.errors import IntentError, Problem, UsageError, quote
 from kdsr.files import read_bounded
+from kdsr.intent import values
 from kdsr.intent import verify as rules
 from kdsr.intent.model import (
     ALL_DOWN_KEEP,
@@ -451,13 +452,13 @@ def _schema() -> dict:
 
 def _check_address(value: object) -> bool:
     if isinstance(value, str):
-        rules.parse_address(value)  # ValueError carries the message
+        values.parse_address(value)  # ValueError carries the message
     return True
 
 
 def _check_interface(value: object) -> bool:
     if isinstance(value, str):
-        rules.parse_interface(value)
+        values.parse_interface(value)
     return True
 
 
@@ -626,7 +627,7 @@ def _explain(error: jsonschema.ValidationError, source: str, fmt: str) -> list[P
                 source,
                 _pointer(path + [key]),
                 f"unknown field {quote(key)}.",
-                f"{rules.did_you_mean(key, allowed)}Allowed fields: {', '.join(allowed)}.",
+                f"{values.did_you_mean(key, allowed)}Allowed fields: {', '.join(allowed)}.",
             )
             for key in value
             if key not in allowed
@@ -799,21 +800,21 @@ class Kept(Protocol):
 def _service(name: str, service: dict) -> Service:
     pointer = f"/services/{name}"
     ports = []
-    for port_pointer, item in rules.port_entries(service["ports"], f"{pointer}/ports"):
-        first, last = rules.parse_port(item)
+    for port_pointer, item in values.port_entries(service["ports"], f"{pointer}/ports"):
+        first, last = values.parse_port(item)
         ports.append(PortRange(first, last, port_pointer))
     dsr = service.get("dsr", {})
     hashing = service.get("hashing", {})
     return Service(
         name=name,
-        vip=rules.parse_address(service["vip"]),
+        vip=values.parse_address(service["vip"]),
         ports=tuple(sorted(ports, key=lambda r: (r.first, r.last))),
-        protocols=rules.service_protocols(service),
+        protocols=values.service_protocols(service),
         pool=service["pool"],
         mode=dsr.get("mode", DSR_L2),
         engine=dsr.get("engine", ENGINE_NFT),
         path_mtu=int(dsr.get("path_mtu", DEFAULT_PATH_MTU)),
-        mss_clamp=rules.mss_clamp(service),
+        mss_clamp=values.mss_clamp(service),
         hashing=Hashing(
             fields=hashing.get("fields", DEFAULT_HASH_FIELDS),
             seed=int(hashing.get("seed", DEFAULT_HASH_SEED)),
@@ -870,7 +871,7 @@ def _bgp(doc: dict | None, pointer: str) -> Bgp | None:
         router_id=ipaddress.IPv4Address(doc["router_id"]),
         neighbors=tuple(
             BgpNeighbor(
-                address=rules.parse_address(n["address"]),
+                address=values.parse_address(n["address"]),
                 asn=int(n["asn"]),
                 password=n.get("password"),
                 bfd=bool(n.get("bfd", False)),
@@ -935,11 +936,11 @@ def _flow_pinning(value: bool | dict) -> FlowPinning | None:
 def _pool(name: str, pool: dict, servers: dict) -> Pool:
     members = []
     for i, member in enumerate(pool["servers"]):
-        text, _ = rules.member_address(member, servers)  # verify proved it resolves
+        text, _ = values.member_address(member, servers)  # verify proved it resolves
         mac = member.get("mac")
         members.append(
             PoolMember(
-                address=rules.parse_address(text),
+                address=values.parse_address(text),
                 weight=int(member.get("weight", 1)),
                 node=member.get("node"),
                 mac=mac.lower() if mac else None,
@@ -960,6 +961,6 @@ def _node(name: str, node: dict, kind: str) -> dict:
     return {
         "name": name,
         "interface": node["interface"],
-        "addresses": tuple(rules.parse_interface(a) for a in node["addresses"]),
+        "addresses": tuple(values.parse_interface(a) for a in node["addresses"]),
         "pointer": f"/{kind}/{name}",
     }

@@ -7,6 +7,7 @@ the user wrote (``/services/web/ports/0``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 from dataclasses import dataclass, field
@@ -237,7 +238,7 @@ class PoolMember:
     node: str | None  # the server node this member is, if kdsr manages it
     mac: str | None  # lower-case aa:bb:cc:dd:ee:ff, or None: resolve by ARP/ND
     pointer: str = field(default="", compare=False)
-    # Set only in the effective intent (kdsr/health/effective.py): health took
+    # Set only in the effective intent (kdsr/compile/effective.py): health took
     # this member down.  It then has weight 0 like a drained member, but
     # flow pinning must not keep sending its pinned flows to it.
     down: bool = False
@@ -292,7 +293,27 @@ class Intent:
 
     @functools.cached_property
     def _services_by_pool(self) -> dict[str, tuple[Service, ...]]:
-        return _services_by_pool(self.services)
+        """pool name -> its services, sorted by name (shared: do not modify)."""
+        by_pool: dict[str, list[Service]] = {}
+        for service in sorted(self.services, key=lambda s: s.name):
+            by_pool.setdefault(service.pool, []).append(service)
+        return {name: tuple(members) for name, members in by_pool.items()}
+
+    def with_pools(self, pools: tuple[Pool, ...]) -> Intent:
+        """This intent with other pools (of the same names: health's
+        effective intent).  The services are the same objects, and so is
+        their grouping by pool once made: the health daemon's recompile
+        after each event need not sort 10,000 services again."""
+        other = dataclasses.replace(self, pools=pools)
+        other.share_grouping(self)
+        return other
+
+    def share_grouping(self, other: Intent) -> None:
+        """Take ``other``'s grouping of services by pool (made once for
+        both); the two hold the very same services tuple."""
+        if self.services is not other.services:
+            raise ValueError("only an intent with the same services tuple shares their grouping")
+        self.__dict__["_services_by_pool"] = other._services_by_pool  # where functools.cached_property keeps it
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.load_balancers] + [n.name for n in self.servers]
@@ -302,22 +323,3 @@ class Intent:
 
     def server(self, name: str) -> ServerNode | None:
         return next((n for n in self.servers if n.name == name), None)
-
-
-# The last grouping, with the services tuple it grouped: a health event's
-# effective intent is a new Intent sharing the services, and the health
-# daemon's recompile asks for this grouping (10,000 services, sorted) again.
-_LAST_BY_POOL: dict[str, tuple[tuple[Service, ...], dict[str, tuple[Service, ...]]]] = {}
-
-
-def _services_by_pool(services: tuple[Service, ...]) -> dict[str, tuple[Service, ...]]:
-    """pool name -> its services, sorted by name (shared: do not modify)."""
-    last = _LAST_BY_POOL.get("last")
-    if last is not None and last[0] is services:
-        return last[1]
-    by_pool: dict[str, list[Service]] = {}
-    for service in sorted(services, key=lambda s: s.name):
-        by_pool.setdefault(service.pool, []).append(service)
-    grouped = {name: tuple(members) for name, members in by_pool.items()}
-    _LAST_BY_POOL["last"] = (services, grouped)
-    return grouped

@@ -70,6 +70,8 @@ class Reloader:
             return readings[-1].doc
 
         intent, doc = load.checked(text, source, fmt, since=self._last, read_json=read_json)
+        if self._last is not None and intent.services is self._last.intent.services:
+            intent.share_grouping(self._last.intent)  # an edit of pools or nodes only
         self._reading = next((r for r in readings if r.doc is doc), None)
         first = self._last is None
         self._last = _Since(doc, intent, self._last)

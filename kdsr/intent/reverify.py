@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kdsr.errors import Problem
+from kdsr.intent import values
 from kdsr.intent import verify as rules
 from kdsr.intent.model import IPAddress
 
@@ -63,7 +64,7 @@ class Indexes:
             index._add_pool(name, pool, servers)
         seen: set[tuple[str, str]] = set()  # (mode, pool): the services on a pool share its marks
         for service in doc["services"].values():
-            kind = (rules.service_mode(service), service["pool"])
+            kind = (values.service_mode(service), service["pool"])
             if kind not in seen:
                 seen.add(kind)
                 index._add_marks(_marks(service, doc["pools"], servers))
@@ -219,7 +220,7 @@ def _surely_wrong(edit: Edit, index: Indexes) -> bool:
 
 def _vip(service: dict) -> IPAddress | None:
     try:
-        return rules.parse_address(service["vip"])
+        return values.parse_address(service["vip"])
     except ValueError:
         return None  # a problem verify reports (the entry is in the cut-down document)
 
@@ -227,11 +228,11 @@ def _vip(service: dict) -> IPAddress | None:
 def _member_addresses(pool: dict, servers: dict) -> tuple[IPAddress, ...]:
     found = []
     for member in pool["servers"]:
-        resolved = rules.member_address(member, servers)
+        resolved = values.member_address(member, servers)
         if resolved is None:
             continue
         try:
-            found.append(rules.parse_address(resolved[0]))
+            found.append(values.parse_address(resolved[0]))
         except ValueError:
             continue
     return tuple(found)
@@ -239,7 +240,7 @@ def _member_addresses(pool: dict, servers: dict) -> tuple[IPAddress, ...]:
 
 def _marks(service: dict, pools: dict, servers: dict) -> dict[int, Owner]:
     """The marks check_tunnel_names gives the service's members."""
-    mode = rules.service_mode(service)
+    mode = values.service_mode(service)
     pool = pools.get(service["pool"])
     if pool is None or not rules.marks_members(mode, pool):
         return {}

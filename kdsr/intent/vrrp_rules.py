@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from kdsr.errors import quote
 from kdsr.intent.model import ANNOUNCE_VRRP, DSR_L2, ENGINE_NFT
-from kdsr.intent.verify import did_you_mean, names_list, parse_address, parse_interface
+from kdsr.intent.values import did_you_mean, names_list, parse_address, parse_interface
 
 Report = Callable[[str, str, str], None]
 

@@ -34,12 +34,12 @@ import hashlib
 import json
 import os
 import socket
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_atomic
+from kdsr.memo import BoundedMemo
 from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
 
 FORMAT = 1
@@ -63,16 +63,19 @@ def boot_id() -> str:
         return ""
 
 
+# The code that decodes and compares tables, by file (read, not imported:
+# the kernel layer imports nothing above it).
+_CODE = ("model.py", "kernel/nft_json.py", "diff.py", "kernel/nft_cache.py")
+
+
 @functools.cache
 def _code_identity() -> str:
     """The code that decodes and compares tables: a record made by other code
     (an upgrade, or a checkout between two commits) is a miss."""
-    from kdsr import diff, model
-    from kdsr.kernel import nft_json
-
+    package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for module in (model, nft_json, diff, sys.modules[__name__]):
-        digest.update(Path(module.__file__).read_bytes())
+    for name in _CODE:
+        digest.update((package / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -84,14 +87,15 @@ def _tuples(value):
     return value
 
 
-def encode_table_text(table: NftTable, remember: bool = True) -> str:
-    """The table as JSON text.  Each map's elements are encoded once per
-    element tuple (see ``_elements_text``), so recording a table after a
-    change re-encodes only the changed maps, not every element.
+def encode_table_text(table: NftTable, texts: EncodedTexts | None = None, remember: bool = True) -> str:
+    """The table as JSON text.  ``texts``: the encodings already made, by
+    map and element tuple (see ``EncodedTexts``), so recording a table after
+    a change re-encodes only the changed maps, not every element.
     ``remember``: keep the texts of maps not seen before (compiled maps,
     which the next compile hands back); a table just listed from the kernel
     is made of new objects no later record meets, and keeping them would
     keep every listing's elements alive."""
+    texts = texts if texts is not None else EncodedTexts()
     chains = []
     for chain in table.chains:
         hook = None
@@ -101,46 +105,46 @@ def encode_table_text(table: NftTable, remember: bool = True) -> str:
         rules = [[r.comment, r.expr_json] for r in chain.rules]
         chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
     head = _dumps({"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains})
-    maps = ",".join(_map_text(m, remember) for m in table.maps)
+    maps = ",".join(texts.map_text(m, remember) for m in table.maps)
     return f'{head[:-1]},"maps":[{maps}]}}'
 
 
-class _TextByIdentity:
-    """Texts remembered per object, by identity.  The object is kept alive
-    with its text, so its id cannot be reused while remembered; the oldest
-    goes first past ``limit`` entries."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self._known: dict[int, tuple[object, str]] = {}
-        self._limit = limit
-
-    def text(self, obj: object, make: Callable[[Any], str], remember: bool = True) -> str:
-        """``remember``: keep ``obj`` and its text when not known yet."""
-        known = self._known.get(id(obj))
-        if known is not None and known[0] is obj:
-            return known[1]
-        made = make(obj)
-        if not remember:
-            return made
-        if len(self._known) >= self._limit:
-            self._known.pop(next(iter(self._known)))
-        self._known[id(obj)] = (obj, made)
-        return made
-
-    def clear(self) -> None:
-        self._known.clear()
+def _by_identity(
+    known: BoundedMemo[int, tuple[object, str]], obj: object, make: Callable[[Any], str], remember: bool
+) -> str:
+    """``obj``'s text from ``known``, by identity, else made (and kept when
+    ``remember``).  The object is kept alive with its text, so its id cannot
+    be reused while remembered."""
+    found = known.get(id(obj))
+    if found is not None and found[0] is obj:
+        return found[1]
+    made = make(obj)
+    if remember:
+        known.put(id(obj), (obj, made))
+    return made
 
 
-# Encoded maps: after a health event compile hands back the very map objects
-# of every unchanged pool, and encoding 1,000 declarations was half of the
-# record.
-_MAP_TEXT = _TextByIdentity()
+class EncodedTexts:
+    """The encodings of maps and of element tuples, by identity, kept by a
+    TableCache for the life of its kernel handle: the daemon records its
+    table after every change, and compile (with its CompileCache) hands
+    back the very map objects and element tuples of every unchanged pool."""
 
+    def __init__(self) -> None:
+        self._maps: BoundedMemo[int, tuple[object, str]] = BoundedMemo(4096)
+        self._elements: BoundedMemo[int, tuple[object, str]] = BoundedMemo(4096)
 
-def _map_text(nmap: NftMap, remember: bool = True) -> str:
-    return _MAP_TEXT.text(
-        nmap, lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{_elements_text(m.elements, remember)}}}", remember
-    )
+    def map_text(self, nmap: NftMap, remember: bool = True) -> str:
+        return _by_identity(
+            self._maps,
+            nmap,
+            lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{self._elements_text(m.elements, remember)}}}",
+            remember,
+        )
+
+    def _elements_text(self, elements: tuple, remember: bool) -> str:
+        """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
+        return _by_identity(self._elements, elements, _encode_elements, remember)
 
 
 def _dumps(data) -> str:
@@ -158,16 +162,6 @@ def _encode_declaration(nmap: NftMap) -> dict:
         "timeout": nmap.timeout,
         "pointer": nmap.pointer,
     }
-
-
-# Encoded element tuples: the daemon records its table after every change,
-# and only the changed map's elements are new objects.
-_ENCODED = _TextByIdentity()
-
-
-def _elements_text(elements: tuple, remember: bool = True) -> str:
-    """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
-    return _ENCODED.text(elements, _encode_elements, remember)
 
 
 def _encode_elements(elements: tuple) -> str:
@@ -225,6 +219,7 @@ class TableCache:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory) / "cache"
         self._cookie = netns_cookie()
+        self._texts = EncodedTexts()
 
     def _path(self, family: str, name: str) -> Path | None:
         if self._cookie is None:
@@ -253,7 +248,7 @@ class TableCache:
         if path is None:
             return
         head = _dumps({"identity": self._identity(), "generation": generation, "chains": chains})
-        text = f'{head[:-1]},"table":{encode_table_text(table, remember)}}}'
+        text = f'{head[:-1]},"table":{encode_table_text(table, self._texts, remember)}}}'
         try:
             ensure_dir(self.directory.parent)  # the state directory's own checks (0700, ours) first
             write_atomic(path, text, sync=False)

@@ -16,8 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from kdsr.diff import TableDiff
-from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable, canonical_json, element
+from kdsr.model import ChainHook, NftChain, NftElement, NftMap, NftRule, NftTable, TableDiff, canonical_json, element
 
 # ---------------------------------------------------------------- encoding
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 from kdsr import naming
-from kdsr.compile import keepalived as keepalived_model
-from kdsr.compile.bird import parse_model
+from kdsr.bird_text import parse_model
 from kdsr.errors import ForeignObjectError
+from kdsr.keepalived_text import parse_model as parse_keepalived
 from kdsr.kernel import Kernel
 from kdsr.kernel.state import NodeState
 from kdsr.model import (
@@ -22,11 +21,9 @@ from kdsr.model import (
     NftTable,
     Observed,
     Sysctl,
+    TableDiff,
     VrrpGate,
 )
-
-if TYPE_CHECKING:
-    from kdsr.diff import Plan
 
 # The tables kdsr may own.  Only these are ever read, changed or deleted.
 OWNED_TABLES = (("netdev", "kdsr"), ("inet", "kdsr"))
@@ -122,16 +119,16 @@ def observe_announcement(kernel: Kernel, desired: Desired, state: NodeState) -> 
     )
 
 
-def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, plan: Plan) -> None:
-    """Each table the plan leaves alone equals its read, as the diff compares
+def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, changed: Iterable[TableDiff]) -> None:
+    """Each table a plan leaves alone (not in ``changed``, its table diffs) equals its read, as the diff compares
     them: the kernel handle keeps the compiled table as that read.  The next
     diff (the daemon's next health event) then meets compile's own map
     tuples and stops at identity.  Without this the first event after a
     start compared every read element with its compiled twin, pair by pair."""
-    changed = {(td.family, td.name) for td in plan.tables}
+    touched = {(td.family, td.name) for td in changed}
     read = {t.ident: t for t in observed.tables}
     for table in desired.tables:
-        if (table.family, table.name) not in changed and table.ident in read:
+        if (table.family, table.name) not in touched and table.ident in read:
             kernel.nft_adopt(read[table.ident], table)
 
 
@@ -174,7 +171,7 @@ def _vrrp(kernel: Kernel, desired: Desired, state: NodeState) -> dict:
         config, fragment, pid_file = files
         text = kernel.keepalived_read(fragment)
         if text is not None:
-            found = keepalived_model.parse_model(text, config, fragment, pid_file)
+            found = parse_keepalived(text, config, fragment, pid_file)
             if found is None:
                 meaningful = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
                 if meaningful:

@@ -22,12 +22,12 @@ from functools import partial
 from pathlib import Path
 
 from kdsr import naming
-from kdsr.kernel import KernelError, bird, keepalived, nft_text, rtnl_addr, rtnl_routing
+from kdsr.kernel import KernelError, bird, ipvs, keepalived, nft_text, rtnl_addr, rtnl_routing
 from kdsr.kernel.nft_cache import TableCache, boot_id, netns_cookie
 from kdsr.kernel.nft_generation import read_generation
 from kdsr.kernel.nft_json import decode_table, devices_from_text
 from kdsr.kernel.rtnl_socket import NetlinkError, RtnlSocket
-from kdsr.model import Address, NftTable
+from kdsr.model import Address, AnnounceRoute, Link, NftTable, Route, Rule
 
 PROC_SYS = Path("/proc/sys")
 
@@ -111,8 +111,6 @@ class _L3Mixin:
         return missing
 
     def link_list(self, prefix: str) -> list:
-        from kdsr.model import Link
-
         found = []
         for _index, name, kind, ends in self._read(rtnl_routing.links, "read links"):
             if not name.startswith(prefix):
@@ -148,8 +146,6 @@ class _L3Mixin:
         self.writes += 1  # type: ignore[attr-defined]
 
     def route_list(self) -> list:
-        from kdsr.model import Route
-
         routes = []
         for family in (4, 6):
             for table, oif, gateway in self._read(partial(rtnl_routing.default_routes, family=family), "read routes"):
@@ -187,8 +183,6 @@ class _L3Mixin:
 
     def announce_list(self) -> list:
         """Every route in kdsr's announce table (naming.ANNOUNCE_TABLE)."""
-        from kdsr.model import AnnounceRoute
-
         found = []
         for family in (4, 6):
             dump = partial(rtnl_routing.table_routes, family=family, table=naming.ANNOUNCE_TABLE)
@@ -214,8 +208,6 @@ class _L3Mixin:
         self._announce("del", route)
 
     def rule_list(self, priority: int) -> list:
-        from kdsr.model import Rule
-
         rules = []
         for family in (4, 6):
             for prio, mark, table in self._read(partial(rtnl_routing.fwmark_rules, family=family), "read rules"):
@@ -267,8 +259,6 @@ class _L3Mixin:
         return subprocess.run(["ipvsadm", "-R"], input=text, capture_output=True, text=True, check=False)
 
     def ipvs_list(self) -> list:
-        from kdsr.kernel import ipvs
-
         if not Path("/proc/net/ip_vs").exists():
             return []
         return ipvs.parse_list(self._ipvsadm(list(ipvs.LIST_ARGS), write=False))
@@ -279,8 +269,6 @@ class _L3Mixin:
         per service).  A service
         that is not there ends the run ("No such service", exit 1) after
         those before it were listed; the run starts again after it."""
-        from kdsr.kernel import ipvs
-
         if not Path("/proc/net/ip_vs").exists():
             return []
         found, left = [], list(services)
@@ -298,13 +286,9 @@ class _L3Mixin:
         return found
 
     def ipvs_service(self, verb: str, svc) -> None:
-        from kdsr.kernel import ipvs
-
         self._ipvsadm(ipvs.service_args(verb, svc))
 
     def ipvs_dest(self, verb: str, svc, dest) -> None:
-        from kdsr.kernel import ipvs
-
         self._ipvsadm(ipvs.dest_args(verb, svc, dest))
 
     def ipvs_batch(self, commands: list) -> None:
@@ -318,8 +302,6 @@ class _L3Mixin:
         which ran, the kernel is listed again and the first command whose
         effect is missing is named.  Callers must re-read, not assume.
         """
-        from kdsr.kernel import ipvs
-
         if not commands:
             return
         result = self._ipvsadm_restore(ipvs.restore_text(commands))
