@@ -183,7 +183,7 @@ def run_pipeline(
     ``cache``: the daemon's CompileCache, kept from one step to the next
     (None: compile from nothing, as a new ``kdsr apply`` process does)."""
     from kdsr import apply as apply_module
-    from kdsr import collector
+    from kdsr import collector, operations
     from kdsr.compile import compile_node
     from kdsr.compile.effective import effective_intent, unserved_vips
     from kdsr.diff import diff
@@ -208,6 +208,8 @@ def run_pipeline(
         with rec.step(f"{label}: diff"):
             plan = diff(desired, observed)
             keep_unchanged(kernel, desired, observed, plan.tables)  # as operations.prepare does
+            # The plan's service-level summary, as operations.prepare makes it.
+            plan.service_changes = operations.service_changes(plan, effective, down, frozenset(state.drained))
     read_back = rec.step(f"{label}: read-back")
     original = apply_module._read_back
 
@@ -230,7 +232,7 @@ def run_pipeline(
     # Report the read-back after the apply that ran it.
     rec.steps = [s for s in rec.steps if s is not back] + [back]
     if receipt_of is not None:
-        from kdsr import cli, operations
+        from kdsr import cli
 
         source, text, warnings = receipt_of
         prepared = operations.Prepared(intent=intent, node="lb1", desired=desired, state=state, plan=plan, down=down)

@@ -86,31 +86,66 @@ def service_ports(table: NftTable | None) -> list[ServicePort]:
     return found
 
 
-def _mark_names(table: NftTable) -> dict:
-    """What a mark in a slot stands for: L3 tunnel marks -> server address."""
-    names: dict = {}
-    for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
-        nmap = table.map(name)
-        names.update((key, elem.value) for key, elem in (nmap.elements if nmap is not None else ()))
-    return names
+class _Maps:
+    """One table's maps by name, and its selectors by (pool, family): built
+    once per summary, since NftTable.map is a scan and a plan at 10,000 VIPs
+    asks about thousands of selectors."""
+
+    def __init__(self, table: NftTable | None) -> None:
+        self.by_name = {m.name: m for m in table.maps} if table is not None else {}
+        self.selectors: dict[tuple[str, int], list[str]] = {}
+        for name in sorted(self.by_name):
+            if name.startswith("pool-") and selector_pool(name):
+                self.selectors.setdefault((selector_pool(name), selector_family(name)), []).append(name)
+        self._marks: dict | None = None
+
+    def marks(self) -> dict:
+        """What a mark in a slot stands for: L3 tunnel marks -> server address."""
+        if self._marks is None:
+            self._marks = {}
+            for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
+                nmap = self.by_name.get(name)
+                self._marks.update((key, elem.value) for key, elem in (nmap.elements if nmap is not None else ()))
+        return self._marks
+
+    def slot_servers(self, selector: str) -> list[str]:
+        """The selector's Maglev table as servers, slot by slot (empty when unknown)."""
+        nmap = self.by_name.get(selector)
+        if nmap is None:
+            return []
+        if nmap.data_type == "verdict":  # L2: goto the server's chain
+            return [server_of_value(elem.value) for _slot, elem in nmap.elements]
+        if nmap.data_type != "mark":
+            return [str(elem.value) for _slot, elem in nmap.elements]
+        # Flow pinning: the slot names a server id of the pool's servers map;
+        # L3: a tunnel mark whose address map names the server.
+        names = dict(self.marks())
+        servers = self.by_name.get(servers_map_name(selector_pool(selector), selector_family(selector)))
+        if servers is not None:
+            names.update((key, server_of_value(elem.value)) for key, elem in servers.elements)
+        return [str(names.get(elem.value, f"id {elem.value}")) for _slot, elem in nmap.elements]
+
+    def pool_shares(self, pool: str, family: int) -> Counter:
+        """server -> slots it holds in the pool's tables of this family."""
+        total: Counter = Counter()
+        for selector in self.selectors.get((pool, family), ()):
+            total.update(self.slot_servers(selector))
+        return total
+
+    def same_tables(self, other: _Maps, pool: str, family: int) -> bool:
+        """Whether the pool's slot maps (and servers map) are the same in both
+        tables: most pools of a plan are unchanged, and comparing (by identity
+        first: the daemon's compile keeps an unchanged pool's maps) costs
+        less than reading every slot."""
+        names = self.selectors.get((pool, family), [])
+        if names != other.selectors.get((pool, family), []):
+            return False
+        names = [*names, servers_map_name(pool, family)]
+        return all(_same(self.by_name.get(n), other.by_name.get(n)) for n in names)
 
 
-def slot_servers(table: NftTable | None, selector: str) -> list[str]:
-    """The selector's Maglev table as servers, slot by slot (empty when unknown)."""
-    nmap = table.map(selector) if table is not None else None
-    if nmap is None:
-        return []
-    if nmap.data_type == "verdict":  # L2: goto the server's chain
-        return [server_of_value(elem.value) for _slot, elem in nmap.elements]
-    if nmap.data_type != "mark":
-        return [str(elem.value) for _slot, elem in nmap.elements]
-    # Flow pinning: the slot names a server id of the pool's servers map;
-    # L3: a tunnel mark whose address map names the server.
-    names = _mark_names(table)
-    servers = table.map(servers_map_name(selector_pool(selector), selector_family(selector)))
-    if servers is not None:
-        names.update((key, server_of_value(elem.value)) for key, elem in servers.elements)
-    return [str(names.get(elem.value, f"id {elem.value}")) for _slot, elem in nmap.elements]
+def _same(a: object, b: object) -> bool:
+    return a is b or a == b
 
 
 def server_of_value(value) -> str:
@@ -119,25 +154,6 @@ def server_of_value(value) -> str:
         found = server_of_chain(value[1])
         return found[2] if found is not None else str(value[1])
     return str(value)
-
-
-def shares(table: NftTable | None, selector: str) -> Counter:
-    """server -> slots it holds in the selector's table."""
-    return Counter(slot_servers(table, selector))
-
-
-def selectors(table: NftTable | None) -> list[str]:
-    """Every selector (Maglev table) of the table, by name."""
-    if table is None:
-        return []
-    return sorted(m.name for m in table.maps if selector_pool(m.name) and m.name.startswith("pool-"))
-
-
-# --- counters and slots, read from a listing ----------------------------------
-#
-# `kdsr show` and the metrics read the kernel's listing (JSON) straight, not
-# through the model: counters are not configuration, and the model's
-# elements and rules would cost a decode per slot for nothing.
 
 
 def _elem_parts(item) -> tuple:
@@ -290,8 +306,12 @@ def summarise(before: NftTable | None, after: NftTable | None, members: dict[tup
     pins MACs) -> its state in the intent after the change ("weight 2",
     "drained", "down"), to say why a share moves.  Returns {"services": [...],
     "pools": [...]} (the plan JSON's "summary")."""
-    old, new = _by_service(service_ports(before)), _by_service(service_ports(after))
+    old_maps, new_maps = _Maps(before), _Maps(after)
     services = []
+    if all(_same(old_maps.by_name.get(n), new_maps.by_name.get(n)) for n in SERVICE_MAP_NAMES):
+        old = new = {}  # the same services (the usual daemon change: a pool's servers)
+    else:
+        old, new = _by_service(service_ports(before)), _by_service(service_ports(after))
     for name in sorted(set(old) | set(new)):
         was, now = old.get(name), new.get(name)
         if was is None:
@@ -303,8 +323,10 @@ def summarise(before: NftTable | None, after: NftTable | None, members: dict[tup
                 {"action": "update", "service": name, "what": _describe_ports(now), "was": _describe_ports(was)}
             )
     pools = []
-    for pool, family in sorted(_pool_families(before) | _pool_families(after)):
-        was, now = _pool_shares(before, pool, family), _pool_shares(after, pool, family)
+    for pool, family in sorted(set(old_maps.selectors) | set(new_maps.selectors)):
+        if old_maps.same_tables(new_maps, pool, family):
+            continue  # the same slots: no share moved
+        was, now = old_maps.pool_shares(pool, family), new_maps.pool_shares(pool, family)
         was_total, now_total = sum(was.values()), sum(now.values())
         states = members.get((pool, family), {})
         rows = []
@@ -332,18 +354,6 @@ def _by_service(ports: list[ServicePort]) -> dict[str, list[ServicePort]]:
     for port in ports:
         found.setdefault(port.service or f"{port.vip}", []).append(port)
     return found
-
-
-def _pool_families(table: NftTable | None) -> set[tuple[str, int]]:
-    return {(selector_pool(s), selector_family(s)) for s in selectors(table)}
-
-
-def _pool_shares(table: NftTable | None, pool: str, family: int) -> Counter:
-    total: Counter = Counter()
-    for selector in selectors(table):
-        if selector_pool(selector) == pool and selector_family(selector) == family:
-            total.update(shares(table, selector))
-    return total
 
 
 def summary_lines(summary: dict) -> list[str]:
