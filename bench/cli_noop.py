@@ -27,15 +27,14 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
+import benchlib  # noqa: E402  (bench/benchlib.py)
 import control_plane  # noqa: E402  (the bench intent and its namespace)
 import releases  # noqa: E402  (an older kdsr from git history)
 
@@ -52,13 +51,7 @@ def unpack(revision: str, dest: Path) -> Path:
 
 def kdsr(ns: str, release: Path, state: Path, *args: str) -> float:
     """Seconds for one `kdsr` process run from ``release`` (python -m imports from its working directory)."""
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args]
-    start = time.perf_counter()
-    run = subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=TIMEOUT_S)
-    seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        raise SystemExit(f"kdsr {' '.join(args)} from {release} exited {run.returncode}: {run.stderr[-2000:]}")
-    return seconds
+    return benchlib.kdsr(ns, release, state, *args, timeout=TIMEOUT_S)[0]
 
 
 def measure(namespaces: dict[str, str], releases: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
@@ -95,10 +88,7 @@ def main() -> int:
         intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 16, "nft")))
         releases = {"this": ROOT, args.baseline: unpack(args.baseline, work / "baseline")}
         with contextlib.ExitStack() as stack:
-            namespaces = {
-                name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-cli-{os.getpid()}-{n}"))
-                for n, name in enumerate(releases)
-            }
+            namespaces = benchlib.release_namespaces(stack, "cli", releases)
             results = measure(namespaces, releases, work, intent, args.rounds)
     this, base = results["this"], results[args.baseline]
     print(f"kdsr CLI, one process per run, {args.vips} VIPs, median of {args.rounds} rounds (seconds):")
@@ -106,10 +96,8 @@ def main() -> int:
     for step in STEPS:
         print(f"{step:<26} {this[step]:>7.3f} {base[step]:>9.3f} {base[step] / this[step]:>6.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        benchlib.write_json(args.json, out)
     return 0
 
 

@@ -25,15 +25,14 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
+import benchlib  # noqa: E402  (bench/benchlib.py)
 import control_plane  # noqa: E402  (the bench intent and its namespace)
 import releases  # noqa: E402  (an older kdsr from git history)
 
@@ -47,13 +46,7 @@ STEPS = {
 
 def kdsr(ns: str, release: Path, state: Path, *args: str) -> tuple[float, str]:
     """Seconds and stdout of one `kdsr` process run from ``release``."""
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args]
-    start = time.perf_counter()
-    run = subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=TIMEOUT_S)
-    seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        raise SystemExit(f"kdsr {' '.join(args)} from {release} exited {run.returncode}: {run.stderr[-2000:]}")
-    return seconds, run.stdout
+    return benchlib.kdsr(ns, release, state, *args, timeout=TIMEOUT_S)
 
 
 def measure(namespaces: dict[str, str], found: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
@@ -95,10 +88,7 @@ def main() -> int:
         if args.baseline:
             found[args.baseline] = releases.unpack(args.baseline, work / "baseline")
         with contextlib.ExitStack() as stack:
-            namespaces = {
-                name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-show-{os.getpid()}-{n}"))
-                for n, name in enumerate(found)
-            }
+            namespaces = benchlib.release_namespaces(stack, "show", found)
             results = measure(namespaces, found, work, intent, args.rounds)
     print(f"kdsr show, one process per run, {args.vips} VIPs, median of {args.rounds} rounds:")
     print(f"{'release':<10} {'step':<20} {'seconds':>8} {'lines':>8} {'bytes':>11}")
@@ -106,10 +96,8 @@ def main() -> int:
         for step, got in steps.items():
             print(f"{name:<10} {step:<20} {got['seconds']:>8.2f} {got['lines']:>8} {got['bytes']:>11}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        benchlib.write_json(args.json, out)
     return 0
 
 
