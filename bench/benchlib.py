@@ -7,6 +7,7 @@ Imported by the benches with bench/ on sys.path (``import benchlib``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -40,6 +41,49 @@ def release_namespaces(stack: contextlib.ExitStack, bench: str, names: Iterable[
         name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-{bench}-{os.getpid()}-{n}"))
         for n, name in enumerate(names)
     }
+
+
+def release_arguments(doc: str, vips: int, rounds: int, baseline: str, results: str) -> argparse.Namespace:
+    """The options of a bench that compares this checkout with ``baseline``:
+    --vips, --rounds, --baseline and --json (bench/results/RESULTS.json)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--vips", type=int, default=vips)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--baseline", default=baseline)
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / f"{results}.json"))
+    return p.parse_args()
+
+
+def write_release_results(args: argparse.Namespace, results: dict) -> None:
+    """The results of a bench with release_arguments' options, unless --json ''."""
+    if args.json:
+        out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
+        write_json(args.json, out)
+
+
+def compare_releases(
+    bench: str, baseline: str, vips: int, servers: int, rounds: int, measure: Callable[..., dict]
+) -> dict:
+    """Unpack ``baseline`` (none if empty) beside this checkout, write the
+    bench intent of bench/control_plane.py (``vips`` VIPs, ``servers`` per
+    pool, nft) and give each release a namespace of its own; then
+    ``measure(namespaces, releases, work, intent, rounds)``."""
+    import control_plane  # here: control_plane imports this module
+    import releases  # an older kdsr from git history (netns-lab/)
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix=f"kdsr-bench-{bench}-") as tmp:
+        work = Path(tmp)
+        intent = work / "intent.json"
+        intent.write_text(json.dumps(control_plane.bench_intent(vips, servers, "nft")))
+        found = {"this": root}
+        if baseline:
+            try:
+                found[baseline] = releases.unpack(baseline, work / "baseline")
+            except releases.ReleaseMissing as exc:
+                raise SystemExit(f"cannot unpack: {exc}") from None
+        with contextlib.ExitStack() as stack:
+            return measure(release_namespaces(stack, bench, found), found, work, intent, rounds)
 
 
 def run_inner(script: str, bench: str, number: int, release: Path, args: list[str], what: str) -> dict:

@@ -20,21 +20,15 @@ from history (default e7e684e, before `show` per service).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
 import benchlib  # noqa: E402  (bench/benchlib.py)
-import control_plane  # noqa: E402  (the bench intent and its namespace)
-import releases  # noqa: E402  (an older kdsr from git history)
 
 TIMEOUT_S = 600
 STEPS = {
@@ -71,33 +65,17 @@ def measure(namespaces: dict[str, str], found: dict[str, Path], work: Path, inte
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vips", type=int, default=10_000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--baseline", default="e7e684e")
-    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "show.json"))
-    args = p.parse_args()
+    args = benchlib.release_arguments(__doc__, 10_000, 5, "e7e684e", "show")
     if os.geteuid() != 0:
         print("bench/show.py needs root (it makes network namespaces)", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="kdsr-bench-show-") as tmp:
-        work = Path(tmp)
-        intent = work / "intent.json"
-        intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 3, "nft")))
-        found = {"this": ROOT}
-        if args.baseline:
-            found[args.baseline] = releases.unpack(args.baseline, work / "baseline")
-        with contextlib.ExitStack() as stack:
-            namespaces = benchlib.release_namespaces(stack, "show", found)
-            results = measure(namespaces, found, work, intent, args.rounds)
+    results = benchlib.compare_releases("show", args.baseline, args.vips, 3, args.rounds, measure)
     print(f"kdsr show, one process per run, {args.vips} VIPs, median of {args.rounds} rounds:")
     print(f"{'release':<10} {'step':<20} {'seconds':>8} {'lines':>8} {'bytes':>11}")
     for name, steps in results.items():
         for step, got in steps.items():
             print(f"{name:<10} {step:<20} {got['seconds']:>8.2f} {got['lines']:>8} {got['bytes']:>11}")
-    if args.json:
-        out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
-        benchlib.write_json(args.json, out)
+    benchlib.write_release_results(args, results)
     return 0
 
 
