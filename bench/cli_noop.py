@@ -22,43 +22,23 @@ and the ratios (baseline / this); ``--json`` writes them.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
-import control_plane  # noqa: E402  (the bench intent and its namespace)
-import releases  # noqa: E402  (an older kdsr from git history)
+import benchlib  # noqa: E402  (bench/benchlib.py)
 
 STEPS = ("apply, no-op by receipt", "plan in full")
 TIMEOUT_S = 300
 
 
-def unpack(revision: str, dest: Path) -> Path:
-    try:
-        return releases.unpack(revision, dest)
-    except releases.ReleaseMissing as exc:
-        raise SystemExit(f"cannot unpack: {exc}") from None
-
-
 def kdsr(ns: str, release: Path, state: Path, *args: str) -> float:
     """Seconds for one `kdsr` process run from ``release`` (python -m imports from its working directory)."""
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args]
-    start = time.perf_counter()
-    run = subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=TIMEOUT_S)
-    seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        raise SystemExit(f"kdsr {' '.join(args)} from {release} exited {run.returncode}: {run.stderr[-2000:]}")
-    return seconds
+    return benchlib.kdsr(ns, release, state, *args, timeout=TIMEOUT_S)[0]
 
 
 def measure(namespaces: dict[str, str], releases: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
@@ -80,36 +60,17 @@ def measure(namespaces: dict[str, str], releases: dict[str, Path], work: Path, i
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vips", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=11)
-    p.add_argument("--baseline", default="35746cb")
-    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "cli_noop.json"))
-    args = p.parse_args()
+    args = benchlib.release_arguments(__doc__, 100, 11, "35746cb", "cli_noop")
     if os.geteuid() != 0:
         print("bench/cli_noop.py needs root (it makes a network namespace)", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="kdsr-bench-cli-") as tmp:
-        work = Path(tmp)
-        intent = work / "intent.json"
-        intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 16, "nft")))
-        releases = {"this": ROOT, args.baseline: unpack(args.baseline, work / "baseline")}
-        with contextlib.ExitStack() as stack:
-            namespaces = {
-                name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-cli-{os.getpid()}-{n}"))
-                for n, name in enumerate(releases)
-            }
-            results = measure(namespaces, releases, work, intent, args.rounds)
+    results = benchlib.compare_releases("cli", args.baseline, args.vips, 16, args.rounds, measure)
     this, base = results["this"], results[args.baseline]
     print(f"kdsr CLI, one process per run, {args.vips} VIPs, median of {args.rounds} rounds (seconds):")
     print(f"{'step':<26} {'this':>7} {args.baseline:>9} {'ratio':>6}")
     for step in STEPS:
         print(f"{step:<26} {this[step]:>7.3f} {base[step]:>9.3f} {base[step] / this[step]:>6.2f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    benchlib.write_release_results(args, results)
     return 0
 
 

@@ -495,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             str(n): {g: {"figure": f, "met": ok} for g, (f, ok) in goals(n, r).items()} for n, r in results.items()
         },
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwritten: {args.json}")
+    import benchlib  # here, not at the top: benchlib imports this module
+
+    benchlib.write_json(args.json, out, indent=2)
     return 0
 
 

@@ -48,8 +48,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
+import benchlib  # noqa: E402  (bench/benchlib.py)
 import control_plane  # noqa: E402  (the bench intent and its namespace)
 import releases  # noqa: E402  (an older kdsr from git history)
+from benchlib import p90  # noqa: E402
 
 DEFAULT_BASELINE = "e7e684e"
 LISTEN = "127.0.0.1:9469"
@@ -105,18 +107,8 @@ def inner(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- outer
 def measure(release: Path, vips: int, args: argparse.Namespace, number: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="kdsr-scrape-") as tmp:
-        with control_plane.bench_namespace(f"kdsrbench-scrape-{os.getpid()}-{number}") as ns:
-            argv = ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", "--release", str(release)]
-            argv += ["--work", tmp, "--size", str(vips), "--scrapes", str(args.scrapes), "--every", str(args.every)]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench at {vips} VIPs ({release}) failed:\n{proc.stderr[-4000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+    extra = ["--size", str(vips), "--scrapes", str(args.scrapes), "--every", str(args.every)]
+    return benchlib.run_inner(__file__, "scrape", number, release, extra, f"{vips} VIPs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             row += f"{own['kernel_read_s']:>13.2f}{own['counters_age_s']:>7.1f}"
         print(row)
     out = {"kernel": os.uname().release, "scrapes": args.scrapes, "every_s": args.every, "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwritten: {args.json}")
+    benchlib.write_json(args.json, out)
     return 0
 
 

@@ -20,22 +20,15 @@ from history (default e7e684e, before `show` per service).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
-import control_plane  # noqa: E402  (the bench intent and its namespace)
-import releases  # noqa: E402  (an older kdsr from git history)
+import benchlib  # noqa: E402  (bench/benchlib.py)
 
 TIMEOUT_S = 600
 STEPS = {
@@ -47,13 +40,7 @@ STEPS = {
 
 def kdsr(ns: str, release: Path, state: Path, *args: str) -> tuple[float, str]:
     """Seconds and stdout of one `kdsr` process run from ``release``."""
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kdsr", "--state-dir", str(state), *args]
-    start = time.perf_counter()
-    run = subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=TIMEOUT_S)
-    seconds = time.perf_counter() - start
-    if run.returncode != 0:
-        raise SystemExit(f"kdsr {' '.join(args)} from {release} exited {run.returncode}: {run.stderr[-2000:]}")
-    return seconds, run.stdout
+    return benchlib.kdsr(ns, release, state, *args, timeout=TIMEOUT_S)
 
 
 def measure(namespaces: dict[str, str], found: dict[str, Path], work: Path, intent: Path, rounds: int) -> dict:
@@ -78,38 +65,17 @@ def measure(namespaces: dict[str, str], found: dict[str, Path], work: Path, inte
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vips", type=int, default=10_000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--baseline", default="e7e684e")
-    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "show.json"))
-    args = p.parse_args()
+    args = benchlib.release_arguments(__doc__, 10_000, 5, "e7e684e", "show")
     if os.geteuid() != 0:
         print("bench/show.py needs root (it makes network namespaces)", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="kdsr-bench-show-") as tmp:
-        work = Path(tmp)
-        intent = work / "intent.json"
-        intent.write_text(json.dumps(control_plane.bench_intent(args.vips, 3, "nft")))
-        found = {"this": ROOT}
-        if args.baseline:
-            found[args.baseline] = releases.unpack(args.baseline, work / "baseline")
-        with contextlib.ExitStack() as stack:
-            namespaces = {
-                name: stack.enter_context(control_plane.bench_namespace(f"kdsrbench-show-{os.getpid()}-{n}"))
-                for n, name in enumerate(found)
-            }
-            results = measure(namespaces, found, work, intent, args.rounds)
+    results = benchlib.compare_releases("show", args.baseline, args.vips, 3, args.rounds, measure)
     print(f"kdsr show, one process per run, {args.vips} VIPs, median of {args.rounds} rounds:")
     print(f"{'release':<10} {'step':<20} {'seconds':>8} {'lines':>8} {'bytes':>11}")
     for name, steps in results.items():
         for step, got in steps.items():
             print(f"{name:<10} {step:<20} {got['seconds']:>8.2f} {got['lines']:>8} {got['bytes']:>11}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        out = {"vips": args.vips, "rounds": args.rounds, "baseline": args.baseline, "results": results}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    benchlib.write_release_results(args, results)
     return 0
 
 

@@ -57,8 +57,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "netns-lab"))
+import benchlib  # noqa: E402  (bench/benchlib.py)
 import control_plane  # noqa: E402  (the bench intent and its namespace)
 import releases  # noqa: E402  (an older kdsr from git history)
+from benchlib import p90  # noqa: E402
 
 DEFAULT_BASELINE = "b0868eb"
 START_TIMEOUT_S = 600
@@ -271,18 +273,8 @@ def has_check_interval(release: Path) -> bool:
 
 
 def measure(release: Path, vips: int, edits: int, drift: bool, number: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="kdsr-hup-") as tmp:
-        with control_plane.bench_namespace(f"kdsrbench-hup-{os.getpid()}-{number}") as ns:
-            argv = ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", "--release", str(release)]
-            argv += ["--work", tmp, "--vips", str(vips), "--edits", str(edits)] + (["--drift"] if drift else [])
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench at {vips} VIPs ({release}) failed:\n{proc.stderr[-4000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+    extra = ["--vips", str(vips), "--edits", str(edits)] + (["--drift"] if drift else [])
+    return benchlib.run_inner(__file__, "hup", number, release, extra, f"{vips} VIPs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{rss:>26}"
                 )
     out = {"kernel": os.uname().release, "vips": args.vips, "edits": args.edits, "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwritten: {args.json}")
+    benchlib.write_json(args.json, out)
     return 0
 
 

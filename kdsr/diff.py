@@ -9,12 +9,14 @@ field that forces it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdsr.bird_text import empty_config, parse_model
 from kdsr.model import (
     Address,
+    AnnounceRoute,
     Desired,
     IpvsService,
     Link,
@@ -24,6 +26,7 @@ from kdsr.model import (
     Observed,
     Sysctl,
     TableDiff,
+    VrrpGate,
 )
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
@@ -275,17 +278,31 @@ def _diff_links(desired: Desired, observed: Observed, changes: list[Change]) -> 
             changes.append(Change(DELETE, "link", name, before=have))
 
 
-def _diff_keyed(wanted_items: tuple, present_items: tuple, kind: str, changes: list[Change]) -> None:
-    """Objects whose identity is their whole configuration (routes, rules):
-    created or deleted, never changed."""
+def _diff_keyed(
+    wanted_items: tuple,
+    present_items: tuple,
+    kind: str,
+    changes: list[Change],
+    changed: Callable[[Any, Any], tuple[str, str] | None] = lambda _have, _want: None,
+    gone: Callable[[str], str] = lambda _ident: "",
+) -> None:
+    """Objects kdsr keys by ``ident``: created when missing, deleted (for
+    the reason ``gone`` of the ident gives) when not wanted.  One that is
+    there but differs gets the action and reason ``changed`` (have, want)
+    gives; by default none (routes, rules: the identity is the whole
+    configuration, never changed)."""
     present = {x.ident: x for x in present_items}
     wanted = {x.ident: x for x in wanted_items}
     for ident, item in sorted(wanted.items()):
-        if ident not in present:
+        have = present.get(ident)
+        if have is None:
             changes.append(Change(CREATE, kind, ident, after=item, pointer=item.pointer))
+        elif (change := changed(have, item)) is not None:
+            action, reason = change
+            changes.append(Change(action, kind, ident, have, item, reason=reason, pointer=item.pointer))
     for ident, item in sorted(present.items()):
         if ident not in wanted:
-            changes.append(Change(DELETE, kind, ident, before=item))
+            changes.append(Change(DELETE, kind, ident, before=item, reason=gone(ident)))
 
 
 def reorder_from(observed: IpvsService, desired: IpvsService) -> int:
@@ -478,36 +495,24 @@ def _diff_gates(desired: Desired, observed: Observed, changes: list[Change]) -> 
     """kdsr's track files: keepalived may own a VIP while its gate holds 0.
     A close carries why the VIP is given up (health), if that is why."""
     why = dict(desired.keepalived.withdrawn) if desired.keepalived else {}
-    present = {g.ident: g for g in observed.gates}
-    wanted = {g.ident: g for g in desired.gates}
-    for ident, gate in sorted(wanted.items()):
-        have = present.get(ident)
-        if have is None:
-            changes.append(Change(CREATE, "vrrp gate", ident, after=gate, pointer=gate.pointer))
-        elif have.open != gate.open:
-            reason = "" if gate.open else why.get(gate.vip.split("/")[0], "")
-            changes.append(Change(UPDATE, "vrrp gate", ident, have, gate, reason=reason, pointer=gate.pointer))
-    for ident, gate in sorted(present.items()):
-        if ident not in wanted:
-            changes.append(Change(DELETE, "vrrp gate", ident, before=gate))
+
+    def changed(have: VrrpGate, gate: VrrpGate) -> tuple[str, str] | None:
+        if have.open == gate.open:
+            return None
+        return UPDATE, "" if gate.open else why.get(gate.vip.split("/")[0], "")
+
+    _diff_keyed(desired.gates, observed.gates, "vrrp gate", changes, changed)
 
 
 def _diff_announce(desired: Desired, observed: Observed, changes: list[Change]) -> None:
     """kdsr's announce table: BIRD announces a VIP while its route is there.
     A delete carries why the VIP is withdrawn (health), if that is why."""
     why = dict(desired.bird.withdrawn) if desired.bird else {}
-    present = {r.ident: r for r in observed.announce}
-    wanted = {r.ident: r for r in desired.announce}
-    for ident, route in sorted(wanted.items()):
-        have = present.get(ident)
-        if have is None:
-            changes.append(Change(CREATE, "announce route", ident, after=route, pointer=route.pointer))
-        elif have != route:
-            reason = f"type {have.kind} -> {route.kind}"
-            changes.append(Change(REPLACE, "announce route", ident, have, route, reason=reason, pointer=route.pointer))
-    for ident, route in sorted(present.items()):
-        if ident not in wanted:
-            changes.append(Change(DELETE, "announce route", ident, before=route, reason=why.get(ident, "")))
+
+    def changed(have: AnnounceRoute, route: AnnounceRoute) -> tuple[str, str] | None:
+        return None if have == route else (REPLACE, f"type {have.kind} -> {route.kind}")
+
+    _diff_keyed(desired.announce, observed.announce, "announce route", changes, changed, lambda i: why.get(i, ""))
 
 
 def _diff_xdp(desired: Desired, observed: Observed, changes: list[Change]) -> None:

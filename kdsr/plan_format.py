@@ -270,23 +270,22 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, VrrpGate):
         return {"path": obj.path, "value": obj.value, "vip": obj.vip}
     if isinstance(obj, KeepalivedConfig):
-        return {
-            "fragment": obj.fragment,
-            "config": obj.config,
-            "pid_file": obj.pid_file,
-            "sha256": hashlib.sha256(obj.text.encode()).hexdigest(),
-            "lines": len(obj.text.splitlines()),
-        }
+        return _fragment_json(obj, pid_file=obj.pid_file)
     if isinstance(obj, BirdConfig):
-        # The text holds BGP passwords: the plan carries its digest only.
-        return {
-            "fragment": obj.fragment,
-            "config": obj.config,
-            "socket": obj.socket,
-            "sha256": hashlib.sha256(obj.text.encode()).hexdigest(),
-            "lines": len(obj.text.splitlines()),
-        }
+        return _fragment_json(obj, socket=obj.socket)
     return str(obj)
+
+
+def _fragment_json(obj: BirdConfig | KeepalivedConfig, **files: str) -> dict:
+    """A daemon's config fragment in a plan: its files, and the digest and
+    line count of its text (BIRD's holds BGP passwords: never the text)."""
+    return {
+        "fragment": obj.fragment,
+        "config": obj.config,
+        **files,
+        "sha256": hashlib.sha256(obj.text.encode()).hexdigest(),
+        "lines": len(obj.text.splitlines()),
+    }
 
 
 def applied_json(result: Any) -> dict | None:

@@ -53,7 +53,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from lab import READY_TIMEOUT, Host, L2Lab, LabError, LabProcess, _exec, lab_unavailable_reason
+from daemonlab import DaemonLab
+from lab import READY_TIMEOUT, Host, LabError, LabProcess, _exec, lab_unavailable_reason
 
 ROUTER_ASN, LB_ASN = 65000, 65001
 # The router's BGP timers (seconds); tests bound failover times with them.
@@ -84,7 +85,6 @@ MULTIPATH_HASH_FIELDS = "0x0037"  # used with policy 3
 
 BIRD = shutil.which("bird") or "/usr/sbin/bird"
 BIRDC = shutil.which("birdc") or "/usr/sbin/birdc"
-SETPRIV = shutil.which("setpriv")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 POLL = 0.05
 BIRDC_TIMEOUT = 10.0
@@ -96,7 +96,7 @@ def bird_unavailable_reason() -> str | None:
     return f"the BGP lab needs BIRD 2 ({', '.join(missing)} missing: apt-get install bird2)" if missing else None
 
 
-class BgpLab(L2Lab):
+class BgpLab(DaemonLab):
     HOSTS = {
         "client": Host("client", "10.20.0.2/24", "fd00:20::2/64"),
         "router": Host("router", "10.10.0.1/24", "fd00:10::1/64"),
@@ -273,29 +273,16 @@ include "{paths["fragment"]}";
 
     def start_bird(self, name: str, timeout: float = READY_TIMEOUT) -> LabProcess:
         """Start BIRD on `name` (router or a load balancer); returns once it answers birdc."""
-        old = self._birds.get(name)
-        if old and old.running():
-            raise LabError(f"BIRD already runs in {name} (pid {old.pid})")
-        if old:
-            self._processes.remove(old)
         paths = self.bird_paths(name)
         argv = [BIRD, "-f", "-c", str(paths["config"]), "-s", str(paths["socket"]), "-P", str(paths["pidfile"])]
-        if SETPRIV and not self.keep:  # a kept lab's BIRDs outlive us on purpose
-            argv = [SETPRIV, "--pdeathsig", "TERM", *argv]
-        proc = self._birds[name] = self.spawn(name, argv, tag="bird")
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / POLL) + 1):
-            if not proc.running():
-                raise LabError(f"BIRD in {name} exited {proc.popen.returncode}:\n{proc.stderr().strip()}")
-            if paths["socket"].exists():
-                status = self.run(name, [BIRDC, "-s", str(paths["socket"]), "show", "status"], check=False, timeout=5)
-                if "Daemon is up and running" in status.stdout:
-                    return proc
-            if time.monotonic() > deadline:
-                break
-            time.sleep(POLL)
-        proc.stop()
-        raise LabError(f"BIRD in {name} not ready after {timeout:g}s:\n{proc.stderr().strip()}")
+
+        def ready(_proc: LabProcess) -> bool:
+            if not paths["socket"].exists():
+                return False
+            status = self.run(name, [BIRDC, "-s", str(paths["socket"]), "show", "status"], check=False, timeout=5)
+            return "Daemon is up and running" in status.stdout
+
+        return self._start_daemon(self._birds, name, "BIRD", argv, ready, timeout, POLL)
 
     def bird(self, name: str) -> LabProcess:
         return self._birds[name]
@@ -341,11 +328,7 @@ include "{paths["fragment"]}";
             proc.stop(signal.SIGKILL)
             self._processes.remove(proc)
         self._birds.pop(lb, None)
-        ns = self.ns(lb)
-        _exec(["ip", "netns", "del", ns], timeout=20)
-        self._created.remove(ns)
-        self._add_namespace(lb)
-        self._attach(self.HOSTS[lb])
+        self._renew_namespace(lb)
 
     def birdc(self, name: str, *args: str) -> str:
         """`birdc -s <socket> args...` in that host; its stdout (raises if birdc fails)."""

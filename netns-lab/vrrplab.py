@@ -36,10 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-from lab import READY_TIMEOUT, Host, L2Lab, LabError, LabProcess, _exec, lab_unavailable_reason
+from daemonlab import DaemonLab
+from lab import READY_TIMEOUT, Host, LabError, LabProcess, lab_unavailable_reason
 
 KEEPALIVED = shutil.which("keepalived") or "/usr/sbin/keepalived"
-SETPRIV = shutil.which("setpriv")
 POLL = 0.02
 LOAD_BALANCERS = ("lb1", "lb2", "lb3")
 SERVERS = ("s1", "s2", "s3")
@@ -54,7 +54,7 @@ def keepalived_unavailable_reason() -> str | None:
     return None
 
 
-class VrrpLab(L2Lab):
+class VrrpLab(DaemonLab):
     HOSTS = {
         "client": Host("client", "10.10.0.50/24", "fd00:10::50/64"),
         "lb1": Host("lb1", "10.10.0.2/24", "fd00:10::2/64"),
@@ -109,29 +109,17 @@ include {paths["fragment"]}
     def start_keepalived(self, lb: str, timeout: float = READY_TIMEOUT) -> LabProcess:
         """Start keepalived (VRRP only) on ``lb``; returns once its pid file names it.  Without a
         fragment it starts no VRRP child; the reload that brings kdsr's fragment starts it."""
-        old = self._keepaliveds.get(lb)
-        if old and old.running():
-            raise LabError(f"keepalived already runs in {lb} (pid {old.pid})")
-        if old:
-            self._processes.remove(old)
         paths = self.keepalived_paths(lb)
         argv = [KEEPALIVED, "--vrrp", "--dont-fork", "--log-console", "--log-detail", "--no-syslog"]
         argv += ["-f", str(paths["config"]), "-p", str(paths["pid_file"]), "-r", str(paths["vrrp_pid_file"])]
-        if SETPRIV and not self.keep:
-            argv = [SETPRIV, "--pdeathsig", "TERM", *argv]
-        proc = self._keepaliveds[lb] = self.spawn(lb, argv, tag="keepalived")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.running():
-                raise LabError(f"keepalived in {lb} exited {proc.popen.returncode}:\n{proc.stderr().strip()}")
+
+        def ready(proc: LabProcess) -> bool:
             try:
-                if int(paths["pid_file"].read_text().strip()) == proc.pid:
-                    return proc
+                return int(paths["pid_file"].read_text().strip()) == proc.pid
             except (OSError, ValueError):
-                pass
-            time.sleep(POLL)
-        proc.stop()
-        raise LabError(f"keepalived in {lb} not ready after {timeout:g}s:\n{proc.stderr().strip()}")
+                return False
+
+        return self._start_daemon(self._keepaliveds, lb, "keepalived", argv, ready, timeout, POLL)
 
     def keepalived(self, lb: str) -> LabProcess:
         return self._keepaliveds[lb]
@@ -178,11 +166,7 @@ include {paths["fragment"]}
         for proc in ours:
             self._processes.remove(proc)
         self._keepaliveds.pop(lb, None)
-        ns = self.ns(lb)
-        _exec(["ip", "netns", "del", ns], timeout=20)
-        self._created.remove(ns)
-        self._add_namespace(lb)
-        self._attach(self.HOSTS[lb])
+        self._renew_namespace(lb)
         for gate in self.keepalived_paths(lb)["track_dir"].iterdir():
             gate.unlink()
 

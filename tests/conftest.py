@@ -22,6 +22,14 @@ def update_golden(request):
 
 
 @pytest.fixture
+def store(tmp_path):
+    """kdsr's state directory for the test."""
+    from kdsr.kernel.state import StateStore
+
+    return StateStore(tmp_path / "state")
+
+
+@pytest.fixture
 def example_path():
     return ROOT / "examples" / "l2-web.json"
 

@@ -1,15 +1,12 @@
 """Apply against the validating fake kernel: idempotence, minimal changes,
 transitions, rollback at every step, ownership."""
 
-import copy
-import json
-
 import pytest
+from intent_docs import IntentDocs
 
 from kdsr import operations
 from kdsr.compile import CompileCache
 from kdsr.errors import ApplyError, LockedError
-from kdsr.intent import parse_intent
 from kdsr.kernel import KernelError
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
@@ -38,11 +35,7 @@ BASE = {
 SYSCTL_KEYS = [f"net/ipv4/conf/{s}/{n}" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")]
 
 
-def intent(mutate=None):
-    doc = copy.deepcopy(BASE)
-    if mutate:
-        mutate(doc)
-    return parse_intent(json.dumps(doc), "test.json")
+intent = IntentDocs(BASE, "test.json").intent
 
 
 @pytest.fixture
@@ -50,11 +43,6 @@ def kernel():
     k = FakeKernel()
     k.sysctls.update({key: "0" for key in SYSCTL_KEYS})
     return k
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
 
 
 def run(it, node, kernel, store):

@@ -2,19 +2,15 @@
 renders, HA role assignment, and apply/withdraw/destroy ordering.  The lab
 (netns-lab/tests/test_bgp_lab.py) runs the same paths against real BIRD."""
 
-import copy
-import json
-
 import pytest
+from intent_docs import IntentDocs
 
 from kdsr import operations
 from kdsr.bird_text import parse_model, pointer_at
 from kdsr.compile import compile_node
 from kdsr.compile.announce import assign
-from kdsr.errors import ApplyError, BirdUnavailableError, ForeignObjectError, IntentError
-from kdsr.intent import parse_intent
+from kdsr.errors import ApplyError, BirdUnavailableError, ForeignObjectError
 from kdsr.kernel.fake import FakeKernel
-from kdsr.kernel.state import StateStore
 
 FILES = {"config": "/etc/bird/bird.conf", "fragment": "/etc/bird/kdsr.conf", "socket": "/run/bird/bird.ctl"}
 
@@ -52,21 +48,8 @@ BASE = {
 }
 
 
-def doc_with(mutate=None) -> dict:
-    doc = copy.deepcopy(BASE)
-    if mutate:
-        mutate(doc)
-    return doc
-
-
-def intent(mutate=None):
-    return parse_intent(json.dumps(doc_with(mutate)), "bgp.json")
-
-
-def problems(mutate) -> dict[str, str]:
-    with pytest.raises(IntentError) as info:
-        intent(mutate)
-    return {p.pointer: f"{p.message} {p.hint}" for p in info.value.problems}
+DOCS = IntentDocs(BASE, "bgp.json")
+doc_with, intent, problems = DOCS.doc_with, DOCS.intent, DOCS.problems
 
 
 @pytest.fixture
@@ -74,11 +57,6 @@ def kernel():
     k = FakeKernel()
     k.sysctls.update({"net/ipv4/conf/all/arp_ignore": "0"})
     return k
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
 
 
 # ------------------------------------------------------------------ bad input

@@ -63,11 +63,6 @@ def new_kernel(runs_on: bool = False) -> FakeKernel:
     return kernel
 
 
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
-
-
 def apply(it, kernel, store):
     prepared = operations.prepare(it, "lb1", kernel, store)
     operations.apply(prepared, kernel, store)

@@ -42,11 +42,6 @@ def kernel():
     return k
 
 
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
-
-
 def run(it, node, kernel, store, adopt=False):
     prepared = operations.prepare(it, node, kernel, store, adopt=adopt)
     operations.apply(prepared, kernel, store)

@@ -3,20 +3,18 @@ renders, and apply/withdraw/destroy ordering of the fragment and its gates.
 The lab (netns-lab/tests/test_vrrp_lab.py) runs the same paths against real
 keepalived."""
 
-import copy
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from intent_docs import IntentDocs
 
 from kdsr import operations
 from kdsr.compile import compile_node
 from kdsr.errors import ApplyError, ForeignObjectError, IntentError, KeepalivedUnavailableError
-from kdsr.intent import parse_intent
 from kdsr.keepalived_text import parse_model, pointer_at
 from kdsr.kernel.fake import FakeKernel
-from kdsr.kernel.state import StateStore
 from kdsr.plan_format import render_json, render_text
 
 FILES = {
@@ -61,31 +59,13 @@ BASE = {
 }
 
 
-def doc_with(mutate=None) -> dict:
-    doc = copy.deepcopy(BASE)
-    if mutate:
-        mutate(doc)
-    return doc
-
-
-def intent(mutate=None):
-    return parse_intent(json.dumps(doc_with(mutate)), "vrrp.json")
-
-
-def problems(mutate) -> dict[str, str]:
-    with pytest.raises(IntentError) as info:
-        intent(mutate)
-    return {p.pointer: f"{p.message} {p.hint}" for p in info.value.problems}
+DOCS = IntentDocs(BASE, "vrrp.json")
+doc_with, intent, problems = DOCS.doc_with, DOCS.intent, DOCS.problems
 
 
 @pytest.fixture
 def kernel():
     return FakeKernel()
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
 
 
 # ------------------------------------------------------------------ bad input

@@ -2,19 +2,17 @@
 plan, apply, no-op, drift repair, drain, foreign program, destroy, and the
 slot hash, which must be nft's."""
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
+from intent_docs import IntentDocs
 
 from kdsr import operations
 from kdsr.compile import compile_node
 from kdsr.compile.selectors import selectors_for
 from kdsr.errors import ForeignObjectError, IntentError
-from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
-from kdsr.kernel.state import StateStore
 from kdsr.kernel.xdp import SELECTOR, U32
 
 XDP = {"mode": "l2", "engine": "xdp"}
@@ -39,11 +37,7 @@ BASE = {
 }
 
 
-def intent(mutate=None):
-    doc = copy.deepcopy(BASE)
-    if mutate:
-        mutate(doc)
-    return parse_intent(json.dumps(doc), "test.json")
+intent = IntentDocs(BASE, "test.json").intent
 
 
 @pytest.fixture
@@ -52,11 +46,6 @@ def kernel():
     for family in ("ipv4", "ipv6"):
         k.sysctls[f"net/{family}/conf/eth0/forwarding"] = "0"
     return k
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
 
 
 def run(it, kernel, store, node="lb1", adopt=False):

@@ -34,14 +34,14 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
+from kdsr.kernel import fragment_file
+from kdsr.kernel.fragment_file import FRAGMENT_MODE, MAX_FRAGMENT_BYTES
+
 KEEPALIVED_TIMEOUT = 30  # seconds for one keepalived -t
-FRAGMENT_MODE = 0o640
 GATE_MODE = 0o644
-MAX_FRAGMENT_BYTES = 16 * 1024 * 1024
 # After SIGHUP: how long the reloading keepalived must stay alive for the
 # reload to count as taken (it re-reads the config and restarts its VRRP
 # child; a config it cannot load makes it exit).
@@ -51,14 +51,8 @@ RELOAD_SETTLE = 0.2
 _ERROR_AT = re.compile(r"^\((?P<file>[^:()\n]+): Line (?P<line>\d+)\) (?P<message>.*)$", re.M)
 
 
-class KeepalivedError(Exception):
+class KeepalivedError(fragment_file.FragmentError):
     """keepalived is missing, not running, or refused a config."""
-
-    def __init__(self, message: str, line: int | None = None, detail: str = "", missing: bool = False) -> None:
-        super().__init__(message)
-        self.line = line  # line in the fragment keepalived objected to, if it named one
-        self.detail = detail
-        self.missing = missing  # keepalived is not installed
 
 
 def require_installed() -> None:
@@ -106,94 +100,49 @@ def _include_line(fragment: str) -> re.Pattern:
     return re.compile(r'^[ \t]*include[ \t]+"?' + re.escape(fragment) + r'"?[ \t]*(?:#.*)?$', re.M)
 
 
-def main_config(config: str, fragment: str) -> str:
-    try:
-        text = Path(config).read_text(encoding="utf-8")
-    except OSError as exc:
-        missing = isinstance(exc, FileNotFoundError)
-        raise KeepalivedError(
-            f"cannot read keepalived's config {config}: {exc.strerror}. Create it with the line include {fragment} "
-            "(and your own global_defs, if any), start keepalived, and run kdsr again; nothing was changed.",
-            missing=missing,
-        ) from exc
-    if not _include_line(fragment).search(text):
-        raise KeepalivedError(
-            f"keepalived's config {config} does not include kdsr's fragment: add the line include {fragment} "
-            "at its top level (not inside a block), reload keepalived, then run kdsr again; nothing was changed."
-        )
-    return text
-
-
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=KEEPALIVED_TIMEOUT, check=False)
-    except FileNotFoundError as exc:
-        raise KeepalivedError(f"{argv[0]} is not installed ({exc.strerror})", missing=True) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise KeepalivedError(f"{' '.join(argv[:3])} did not answer within {KEEPALIVED_TIMEOUT} s") from exc
+    return fragment_file.run(argv, KEEPALIVED_TIMEOUT, KeepalivedError)
+
+
+_CHECKER = fragment_file.Checker(
+    name="keepalived",
+    error=KeepalivedError,
+    include=_include_line,
+    include_as=lambda candidate: f"include {candidate}",
+    argv=lambda config: ["keepalived", "--config-test", "-f", config],
+    run=_run,
+    error_at=_ERROR_AT,
+    first_line=True,
+)
+
+
+def main_config(config: str, fragment: str) -> str:
+    return fragment_file.main_config(
+        _CHECKER,
+        config,
+        fragment,
+        lambda strerror: (
+            f"cannot read keepalived's config {config}: {strerror}. Create it with the line include {fragment} "
+            "(and your own global_defs, if any), start keepalived, and run kdsr again; nothing was changed."
+        ),
+        f"keepalived's config {config} does not include kdsr's fragment: add the line include {fragment} "
+        "at its top level (not inside a block), reload keepalived, then run kdsr again; nothing was changed.",
+    )
 
 
 def check(config: str, fragment: str, text: str) -> None:
     """Test the main config with ``text`` as the fragment; KeepalivedError if keepalived refuses it."""
-    main = main_config(config, fragment)
-    directory = os.path.dirname(config) or "."
-    made: list[str] = []
-    try:
-        candidate = _temp_file(directory, ".kdsr-candidate-", text, made)
-        checked = _include_line(fragment).sub(lambda _m: f"include {candidate}", main, count=1)
-        wrapper = _temp_file(directory, ".kdsr-check-", checked, made)
-        result = _run(["keepalived", "--config-test", "-f", wrapper])
-    finally:
-        for path in made:
-            os.unlink(path)
-    if result.returncode != 0:
-        output = (result.stderr + result.stdout).strip()
-        line = None
-        message = output.splitlines()[0] if output else f"exit {result.returncode}"
-        for match in _ERROR_AT.finditer(output):
-            message = match["message"].strip()
-            if os.path.basename(match["file"]).startswith(".kdsr-candidate-"):
-                line = int(match["line"])
-            else:
-                message = f"{message} (in {config} line {match['line']})"
-            break
-        raise KeepalivedError(f"keepalived rejected the config: {message}", line=line, detail=output)
-
-
-def _temp_file(directory: str, prefix: str, text: str, made: list[str], mode: int = FRAGMENT_MODE) -> str:
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".conf", dir=directory)
-    made.append(path)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(path, mode)
-    return path
+    fragment_file.check_in_place(_CHECKER, config, main_config(config, fragment), fragment, text)
 
 
 def read_file(path: str, limit: int = MAX_FRAGMENT_BYTES) -> str | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise KeepalivedError(f"cannot read {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise KeepalivedError(f"{path} is over {limit} bytes: not a file kdsr wrote")
-    return data.decode("utf-8", errors="replace")
+    return fragment_file.read(path, limit, KeepalivedError)
 
 
 def write_file(path: str, text: str, mode: int = FRAGMENT_MODE) -> None:
     """Atomic replace (same directory, rename): keepalived's inotify watch
     on a track file's directory sees the rename as one new value."""
-    directory = os.path.dirname(path) or "."
-    made: list[str] = []
-    temp = _temp_file(directory, ".kdsr-", text, made, mode)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    fragment_file.write(path, text, ".kdsr-", mode)
 
 
 def remove_file(path: str) -> None:

@@ -146,17 +146,22 @@ def _bird(kernel: Kernel, desired: Desired, state: NodeState) -> BirdConfig | No
         return None
     found = parse_model(text, config, fragment, socket)
     if found is None:
-        # Not a file kdsr wrote.  One with nothing but comments is the empty
-        # placeholder a user creates for the include: kdsr may fill it.
-        meaningful = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        if meaningful:
-            raise ForeignObjectError(
-                f"{fragment} exists and kdsr did not write it (its first line is not kdsr's model line). "
-                "kdsr owns that file and would replace it: move your BIRD config elsewhere, or name another "
-                "file in bgp.bird.fragment."
-            )
+        _require_placeholder(text, fragment, "BIRD", "bgp.bird.fragment")
         return BirdConfig(config, fragment, socket, None, (), (), text)
     return found
+
+
+def _require_placeholder(text: str, fragment: str, daemon: str, field: str) -> None:
+    """A fragment kdsr did not write (no model line).  One with nothing but
+    comments is the empty placeholder a user creates for the include: kdsr
+    may fill it; anything else is the user's, and refused."""
+    meaningful = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if meaningful:
+        raise ForeignObjectError(
+            f"{fragment} exists and kdsr did not write it (its first line is not kdsr's model line). "
+            f"kdsr owns that file and would replace it: move your {daemon} config elsewhere, or name another "
+            f"file in {field}."
+        )
 
 
 def _vrrp(kernel: Kernel, desired: Desired, state: NodeState) -> dict:
@@ -173,13 +178,7 @@ def _vrrp(kernel: Kernel, desired: Desired, state: NodeState) -> dict:
         if text is not None:
             found = parse_keepalived(text, config, fragment, pid_file)
             if found is None:
-                meaningful = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-                if meaningful:
-                    raise ForeignObjectError(
-                        f"{fragment} exists and kdsr did not write it (its first line is not kdsr's model line). "
-                        "kdsr owns that file and would replace it: move your keepalived config elsewhere, or name "
-                        "another file in vrrp.keepalived.fragment."
-                    )
+                _require_placeholder(text, fragment, "keepalived", "vrrp.keepalived.fragment")
                 found = KeepalivedConfig(config, fragment, pid_file, (), text)
     vips = {i.track_file: i.vip for i in (found.instances if found else ())}
     vips.update({g.path: g.vip for g in desired.gates})
