@@ -41,8 +41,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
-from kdsr.errors import UsageError
 from kdsr.compile.effective import POOL_ALL_DOWN_DROPPED, POOL_ALL_DOWN_KEPT
+from kdsr.errors import UsageError
 from kdsr.health.state import UP
 
 SERVER_LABELS = ("pool", "server", "server_node")
