@@ -138,3 +138,21 @@ def test_without_a_daemon_the_cli_does_the_work_itself(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "Done by the running" not in result.output
     assert control.running(StateStore(tmp_path / "state"), "lb1") is None
     assert kernel.writes
+
+
+def test_an_answer_larger_than_a_request_may_be_comes_back_whole(tmp_path):
+    """A drain's plan at thousands of changes, or `show` at 10,000 VIPs, is
+    an answer of megabytes: the client reads it whole (only the daemon
+    bounds what it reads: a request)."""
+    store = StateStore(tmp_path / "state")
+    lock = control.DaemonLock(store, "lb1")
+    path = control.socket_path(store, "lb1")
+    big = "x" * (3 * control.MAX_LINE)
+    server = control.ControlServer(path, lambda message: {"ok": True, "text": big})
+    lock.record(path)
+    try:
+        answer = control.request(store, "lb1", {"command": "show"}, timeout=30)
+    finally:
+        server.close()
+        lock.release()
+    assert answer is not None and answer["text"] == big

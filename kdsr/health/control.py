@@ -34,6 +34,9 @@ from kdsr.kernel.state import StateStore
 # takes seconds; a reload longer).
 ANSWER_TIMEOUT = 300.0
 MAX_LINE = 1 << 20
+# An answer can be large: a drain's plan at thousands of changes, `show` at
+# 10,000 VIPs (tens of MB).  Only the daemon's side bounds what it reads.
+MAX_ANSWER = 1 << 30
 # sockaddr_un holds 108 bytes with its terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -133,7 +136,7 @@ def request(store: StateStore, node: str, message: dict, timeout: float = ANSWER
         except OSError:
             return None  # starting or stopping: no control socket yet, or no more
         conn.sendall(json.dumps(message).encode() + b"\n")
-        answer = _read_line(conn)
+        answer = _read_line(conn, MAX_ANSWER)
     if answer is None:
         raise DaemonError(f"kdsr run for node {node} (pid {holder.get('pid')}) closed without an answer", 1)
     if not answer.get("ok"):
@@ -141,9 +144,9 @@ def request(store: StateStore, node: str, message: dict, timeout: float = ANSWER
     return answer
 
 
-def _read_line(conn: socket.socket) -> dict | None:
+def _read_line(conn: socket.socket, limit: int = MAX_LINE) -> dict | None:
     data = b""
-    while not data.endswith(b"\n") and len(data) < MAX_LINE:
+    while not data.endswith(b"\n") and len(data) < limit:
         chunk = conn.recv(65536)
         if not chunk:
             break
