@@ -40,12 +40,12 @@ def _kdsr(n: int) -> dict[str, float]:
     done: list[Address] = []
     t0 = time.perf_counter()
     for start in range(0, n, 256):  # as apply sends them (ADDRESS_BATCH)
-        kernel.addr_write(True, addrs[start : start + 256], done)
+        kernel.links.addr_write(True, addrs[start : start + 256], done)
     t1 = time.perf_counter()
-    listed = kernel.addr_list(IFNAME)
+    listed = kernel.links.addr_list(IFNAME)
     t2 = time.perf_counter()
     gone: list[Address] = []
-    kernel.addr_write(False, addrs, gone)
+    kernel.links.addr_write(False, addrs, gone)
     t3 = time.perf_counter()
     kernel.close()
     assert len(done) == len(gone) == n and len([a for a in listed if a.cidr.startswith("10.")]) == n

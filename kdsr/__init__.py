@@ -14,7 +14,8 @@ model          model, model_xdp, maglev, fragment_text,        base
                bird_text, keepalived_text
 compile        compile/ (pure: Intent -> Desired, and the      base, intent, model
                effective intent, probe targets, the cache)
-kernel         kernel/ (readers, writers, fakes)               base, model
+kernel         kernel/ (a backend per subsystem, each with     base, model
+               its fake; see kdsr/kernel/__init__.py)
 diff           diff                                            base, model
 runtime state  health/state, health/status, health/control     base, kernel
 plan           plan_format, service_view, saved_plan           base, model, compile, kernel,
@@ -26,7 +27,8 @@ daemon         health/, commands/                              all of the above
 cli            cli, __main__                                   anything
 =============  ==============================================  =============================
 
-No import cycles between modules.  An import inside a function is allowed
+No import cycles between modules, and no kernel backend imports another's
+modules (nft, links, ipvs, bird, keepalived, sysctl, xdp).  An import inside a function is allowed
 only to keep a command's start-up short (jsonschema, the daemon, the real
 kernel, libbpf), and tests/test_layers.py lists each with its reason.
 """

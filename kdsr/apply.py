@@ -47,10 +47,9 @@ from kdsr.bird_text import pointer_at
 from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
 from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point
-from kdsr.kernel import Kernel, KernelError
-from kdsr.kernel import ipvs as ipvs_cmd
+from kdsr.kernel import Kernel, KernelError, ipvsadm
 from kdsr.kernel.bird import BirdError
-from kdsr.kernel.ipvs import IpvsCommand
+from kdsr.kernel.ipvsadm import IpvsCommand
 from kdsr.kernel.nft_json import batch_for, with_stand_in_links
 from kdsr.kernel.observe import keep_unchanged, observe, observe_announcement
 from kdsr.kernel.state import NodeState, StateStore
@@ -140,18 +139,18 @@ def _steps(
                 state.sysctl_previous.setdefault(key, previous)
             state.sysctl_written[key] = value
             save()
-            kernel.sysctl_write(key, value)
+            kernel.sysctl.write(key, value)
 
         def undo() -> None:
             if previous is not None:
-                kernel.sysctl_write(key, previous)
+                kernel.sysctl.write(key, previous)
 
         return Step(f"set sysctl {key.replace('/', '.')}={value}", run, undo)
 
     def restore_sysctl(key: str, value: str, current: str | None, write: bool) -> Step:
         def run() -> None:
             if write:
-                kernel.sysctl_write(key, value)
+                kernel.sysctl.write(key, value)
                 crash_point("after the write, before its record is updated")
             state.sysctl_previous.pop(key, None)
             state.sysctl_written.pop(key, None)
@@ -159,7 +158,7 @@ def _steps(
 
         def undo() -> None:
             if write and current is not None:
-                kernel.sysctl_write(key, current)
+                kernel.sysctl.write(key, current)
 
         verb = "restore" if write else "forget"
         return Step(f"{verb} sysctl {key.replace('/', '.')}={value}", run, undo)
@@ -228,11 +227,15 @@ def _steps(
     for change in moved:
         route = change.before
         steps.append(
-            Step(f"delete route {change.ident}", partial(kernel.route_del, route), partial(kernel.route_add, route))
+            Step(
+                f"delete route {change.ident}",
+                partial(kernel.links.route_del, route),
+                partial(kernel.links.route_add, route),
+            )
         )
     for kind, add, delete in (
-        ("route", kernel.route_add, kernel.route_del),
-        ("rule", kernel.rule_add, kernel.rule_del),
+        ("route", kernel.links.route_add, kernel.links.route_del),
+        ("rule", kernel.links.rule_add, kernel.links.rule_del),
     ):
         for change in plan.of_kind(kind):
             if change.action == CREATE:
@@ -248,20 +251,20 @@ def _steps(
         ident = f"{td.family} {td.name}"
 
         def run(commands=commands, ident=ident, create=td.desired is not None) -> None:
-            kernel.nft_apply(commands)
+            kernel.nft.apply(commands)
             crash_point("after the write, before its record is updated")
             (state.tables.add if create else state.tables.discard)(ident)
             save()
 
         def undo(inverse=inverse) -> None:
-            kernel.nft_apply(inverse)
+            kernel.nft.apply(inverse)
 
         steps.append(Step(f"nftables transaction on table {ident} ({len(commands)} commands)", run, undo))
 
     steps.extend(_ipvs_steps(plan, kernel, state, save))
     for kind, add, delete in (
-        ("rule", kernel.rule_add, kernel.rule_del),
-        ("route", kernel.route_add, kernel.route_del),
+        ("rule", kernel.links.rule_add, kernel.links.rule_del),
+        ("route", kernel.links.route_add, kernel.links.route_del),
     ):
         for change in plan.of_kind(kind):
             if change.action == DELETE and change not in moved:
@@ -307,14 +310,14 @@ def _announce_step(kernel: Kernel, add: bool, route: AnnounceRoute, why: str = "
     if add:
         return Step(
             f"add announce route {route.prefix} (BIRD announces it)",
-            partial(kernel.announce_add, route),
-            partial(kernel.announce_del, route),
+            partial(kernel.links.announce_add, route),
+            partial(kernel.links.announce_del, route),
         )
     because = f": {why}" if why else ""
     return Step(
         f"delete announce route {route.prefix} (BIRD withdraws it{because})",
-        partial(kernel.announce_del, route),
-        partial(kernel.announce_add, route),
+        partial(kernel.links.announce_del, route),
+        partial(kernel.links.announce_add, route),
     )
 
 
@@ -324,13 +327,13 @@ def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], chang
     declares = _declares(want)
     # A fragment that declares nothing (destroy) needs no running BIRD: a
     # stopped BIRD announces nothing, and reads the file when it starts.
-    reload = declares or kernel.bird_running(want.socket)
+    reload = declares or kernel.bird.running(want.socket)
 
     def run() -> None:
         if declares:
             state.bird_files = [want.config, want.fragment, want.socket]
             save()
-        kernel.bird_install(want.config, want.fragment, want.socket, want.text, reload=reload)
+        kernel.bird.install(want.config, want.fragment, want.socket, want.text, reload=reload)
         if not reload:
             notes.append(
                 f"BIRD was not running (no answer on {want.socket}): {want.fragment} was emptied without a "
@@ -343,7 +346,7 @@ def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], chang
 
     def undo() -> None:
         if have is not None:
-            kernel.bird_install(have.config, have.fragment, have.socket, have.text, reload=reload)
+            kernel.bird.install(have.config, have.fragment, have.socket, have.text, reload=reload)
 
     what = f"{len(want.routes)} routes, {len(want.sessions)} sessions" if declares else "empty"
     how = "and reload BIRD" if reload else "(BIRD is not running: no reload)"
@@ -358,12 +361,12 @@ def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: 
     def run() -> None:
         state.links.add(link.name)
         save()
-        kernel.link_add(link)
+        kernel.links.link_add(link)
 
     return Step(
         f"add {link.kind} link {link.name} ({link.local} -> {link.remote or 'any'})",
         run,
-        lambda: kernel.link_del(link.name),
+        lambda: kernel.links.link_del(link.name),
     )
 
 
@@ -382,7 +385,7 @@ def _in_batches(kernel: Kernel, add: bool, addrs: list[Address], done: list[Addr
         if done:
             crash_point(f"part-way through the addresses, before {addrs[start].cidr}")
         try:
-            kernel.addr_write(add, addrs[start : start + size], done)
+            kernel.links.addr_write(add, addrs[start : start + size], done)
         except Exception:
             undo()
             raise
@@ -394,7 +397,7 @@ def _take_back(kernel: Kernel, added: bool, done: list[Address]) -> None:
     back stays in ``done`` and the error goes up (the journal reports it)."""
     undone: list[Address] = []
     try:
-        kernel.addr_write(not added, done[::-1], undone)
+        kernel.links.addr_write(not added, done[::-1], undone)
     finally:
         gone = set(map(id, undone))
         done[:] = [a for a in done if id(a) not in gone]
@@ -409,12 +412,12 @@ def _addresses(verb: str, preposition: str, addrs: list[Address]) -> str:
 
 def _delete_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
     def run() -> None:
-        kernel.link_del(link.name)
+        kernel.links.link_del(link.name)
         crash_point("after the write, before its record is updated")
         state.links.discard(link.name)
         save()
 
-    return Step(f"delete link {link.name}", run, lambda: kernel.link_add(link))
+    return Step(f"delete link {link.name}", run, lambda: kernel.links.link_add(link))
 
 
 def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[], None]) -> list[Step]:
@@ -436,7 +439,7 @@ def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[],
     does the same: every destination list is exactly the old one again,
     order included, so the mh table is too.
     """
-    listing = ipvs_cmd.Listing(kernel.ipvs_list, seen=plan.ipvs_seen)
+    listing = ipvsadm.Listing(kernel.ipvs.list_all, seen=plan.ipvs_seen)
     services = plan.of_kind("ipvs service")
     created = [c.after for c in services if c.action == CREATE]
     edited = [(c.before, c.after) for c in services if c.action == UPDATE]
@@ -491,7 +494,7 @@ def _send(kernel: Kernel, listing, commands: list, results: dict[str, IpvsServic
         return
     crash_point(f"before an ipvsadm batch of {len(commands)} commands")
     try:
-        kernel.ipvs_batch(commands)
+        kernel.ipvs.batch(commands)
     except Exception:
         listing.forget()
         raise
@@ -650,7 +653,7 @@ def check_bird(plan: Plan, kernel: Kernel) -> None:
     for change in plan.of_kind("bird config"):
         want: BirdConfig = change.after
         try:
-            kernel.bird_check(want.config, want.fragment, want.text)
+            kernel.bird.check(want.config, want.fragment, want.text)
         except BirdError as exc:
             if exc.missing and not _declares(want):
                 continue  # BIRD is not installed: nothing reads the emptied fragment
@@ -677,9 +680,9 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
         crash_point(f"before the nft {'transaction' if only_one_transaction else 'dry run'} on {td.family} {td.name}")
         try:
             if only_one_transaction:
-                result.proved_by_generation = kernel.nft_apply(commands, becomes=td.desired)
+                result.proved_by_generation = kernel.nft.apply(commands, becomes=td.desired)
             else:
-                kernel.nft_apply(_rehearsal(plan, td, commands), check_only=True)
+                kernel.nft.apply(_rehearsal(plan, td, commands), check_only=True)
         except KernelError as exc:
             raise ApplyError(f"nothing was changed: {exc}", rolled_back=True) from exc
     if only_one_transaction:
@@ -838,7 +841,7 @@ def _ipvs_read_back(plan: Plan, kernel: Kernel) -> tuple[Callable[[], list[IpvsS
         return None, 0
     untouched = [s for s in table if s.ident not in touched]
     wanted = [touched[ident] for ident in sorted(touched)]
-    return (lambda: untouched + kernel.ipvs_list_some(wanted)), len(wanted)
+    return (lambda: untouched + kernel.ipvs.list_some(wanted)), len(wanted)
 
 
 def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState) -> list[Step]:
@@ -860,27 +863,27 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
 
     def run() -> None:
         for old in gone:
-            kernel.xdp.detach(kernel, old.interface)
+            kernel.xdp.detach(old.interface)
             state.xdp.discard(old.interface)
             store.save(state)
         if want is None:
             return
         if replace:
-            kernel.xdp.attach(kernel, want.interface, force=True)
+            kernel.xdp.attach(want.interface, force=True)
         elif create:
             force = want.interface in state.xdp  # a foreign program the user let kdsr adopt (--adopt)
             state.xdp.add(want.interface)
             store.save(state)
-            kernel.xdp.attach(kernel, want.interface, force=force)
+            kernel.xdp.attach(want.interface, force=force)
         else:
             before["state"] = kernel.xdp.read(want.interface)[0]
-        kernel.xdp.converge(kernel, want)
+        kernel.xdp.converge(want)
 
     def undo() -> None:
         if want is not None and create:
-            kernel.xdp.detach(kernel, want.interface)
+            kernel.xdp.detach(want.interface)
         elif before.get("state") is not None:
-            kernel.xdp.converge(kernel, before["state"])
+            kernel.xdp.converge(before["state"])
 
     what = "detach kdsr's XDP program" if want is None else f"XDP maps on {want.interface} ({len(changes)} changes)"
     return [Step(what, run, undo)]

@@ -48,7 +48,7 @@ def select_node(intent: Intent, node: str | None, kernel: Kernel) -> str:
             known = ", ".join(intent.node_names())
             raise UsageError(f"{intent.source}: node {node!r} is not in the intent. Nodes: {known}.")
         return node
-    local = kernel.local_addresses()
+    local = kernel.links.local_addresses()
     candidates = []
     for lb in intent.load_balancers:
         if any(str(a.ip) in local for a in lb.addresses):
@@ -219,7 +219,7 @@ def _check_bird_ready(plan: Plan, kernel: Kernel) -> None:
         if not (want.routes or want.sessions or want.router_id):
             continue
         try:
-            kernel.bird_ready(want.config, want.fragment, want.socket)
+            kernel.bird.ready(want.config, want.fragment, want.socket)
         except BirdError as exc:
             raise BirdUnavailableError(f"{exc}") from exc
 
@@ -234,7 +234,7 @@ def _check_keepalived_ready(plan: Plan, kernel: Kernel) -> None:
             continue
         try:
             track_dirs = tuple(sorted({i.track_file.rsplit("/", 1)[0] or "/" for i in want.instances}))
-            kernel.keepalived_ready(want.config, want.fragment, want.pid_file, track_dirs)
+            kernel.keepalived.ready(want.config, want.fragment, want.pid_file, track_dirs)
         except KeepalivedError as exc:
             raise KeepalivedUnavailableError(f"{exc}") from exc
 
@@ -244,7 +244,7 @@ def _mark_keepalived_stopped(plan: Plan, kernel: Kernel) -> None:
     removes it without a reload (kdsr/vrrp_apply.py): say so before it happens."""
     for change in plan.of_kind("keepalived config"):
         have = change.before
-        if change.after is None and have is not None and not kernel.keepalived_running(have.pid_file):
+        if change.after is None and have is not None and not kernel.keepalived.running(have.pid_file):
             plan.notes.append(
                 f"keepalived is not running (no live pid in {have.pid_file}): {have.fragment} will be removed "
                 "without a reload; a stopped keepalived owns no VIP."
@@ -281,13 +281,13 @@ def _check_foreign(intent: Intent, desired: Desired, observed: Observed, state: 
 
 def _check_interfaces(intent: Intent, node: str, kernel: Kernel) -> None:
     lb = intent.load_balancer(node)
-    if lb is not None and not kernel.link_exists(lb.interface):
+    if lb is not None and not kernel.links.link_exists(lb.interface):
         raise UsageError(
             f"{intent.source}: {lb.pointer}/interface: interface {lb.interface!r} does not exist on this host. "
             "Name the load balancer's front interface here."
         )
     server = intent.server(node)
-    if server is not None and not kernel.link_exists(server.interface):
+    if server is not None and not kernel.links.link_exists(server.interface):
         raise UsageError(
             f"{intent.source}: {server.pointer}/interface: interface {server.interface!r} does not exist on this "
             "host. Name the server's uplink interface here."
@@ -320,7 +320,7 @@ def _mark_bird_stopped(plan: Plan, kernel: Kernel) -> None:
         want = change.after
         if change.kind != "bird config" or want.routes or want.sessions or want.router_id:
             continue
-        if not kernel.bird_running(want.socket):
+        if not kernel.bird.running(want.socket):
             plan.changes[i] = dataclasses.replace(change, reason=BIRD_NOT_RUNNING)
             plan.notes.append(
                 f"BIRD is not running (no answer on {want.socket}): {want.fragment} will be emptied without a "
@@ -345,7 +345,7 @@ def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | N
     service_view.read_listing for the nft rows).  ``intent``: the one applied
     (the daemon's, or the one `kdsr show INTENT` names), for each member's
     weight and node in "pools"."""
-    listing = kernel.nft_listing(TABLE_FAMILY, TABLE_NAME)
+    listing = kernel.nft.listing(TABLE_FAMILY, TABLE_NAME)
     report: dict = {"nodes": store.nodes(), "tables": [], "services": [], "servers": [], "addresses": [], "sysctls": []}
     report["selectors"] = {}
     if listing is not None:
@@ -366,17 +366,17 @@ def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | N
         report["drained"] += [{"node": name, "server": s} for s in sorted(store.load(name).drained)]
     # kdsr's announce table: the VIPs BIRD may announce from this host now.
     bgp = any(store.load(name).bird_files for name in nodes)
-    report["announce"] = sorted(r.prefix for r in kernel.announce_list()) if bgp else []
+    report["announce"] = sorted(r.prefix for r in kernel.links.announce_list()) if bgp else []
     report["vrrp"] = _vrrp_view(kernel, store, nodes)
     for name in nodes:
         state = store.load(name)
         for ident in sorted(state.owned_addresses):
             ifname, cidr = ident.split(" ", 1)
-            present = any(a.cidr == cidr for a in kernel.addr_list(ifname))
+            present = any(a.cidr == cidr for a in kernel.links.addr_list(ifname))
             report["addresses"].append({"node": name, "interface": ifname, "address": cidr, "present": present})
         for key, previous in sorted(state.sysctl_previous.items()):
             report["sysctls"].append(
-                {"node": name, "key": key.replace("/", "."), "value": kernel.sysctl_read(key), "previous": previous}
+                {"node": name, "key": key.replace("/", "."), "value": kernel.sysctl.read(key), "previous": previous}
             )
     return report
 
@@ -387,7 +387,7 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
     counters summed), and the program's own events."""
     programs = []
     for ifname in sorted({i for name in nodes for i in store.load(name).xdp}):
-        if not kernel.link_exists(ifname):
+        if not kernel.links.link_exists(ifname):
             continue
         state, _foreign = kernel.xdp.read(ifname)
         if state is None:
@@ -455,17 +455,17 @@ def _vrrp_view(kernel: Kernel, store: StateStore, nodes: list[str]) -> list[dict
     rows = []
     for name in nodes:
         files = store.load(name).keepalived_files
-        text = kernel.keepalived_read(files[1]) if files else None
+        text = kernel.keepalived.read(files[1]) if files else None
         found = parse_keepalived(text, *files) if text else None
         for instance in found.instances if found else ():
-            here = {a.cidr for a in kernel.addr_list(instance.interface)}
+            here = {a.cidr for a in kernel.links.addr_list(instance.interface)}
             rows.append(
                 {
                     "node": name,
                     "instance": instance.name,
                     "vip": instance.vip,
                     "priority": instance.priority,
-                    "gate": kernel.gate_read(instance.track_file),
+                    "gate": kernel.keepalived.gate_read(instance.track_file),
                     "owned_here": instance.vip in here,
                 }
             )

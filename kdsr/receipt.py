@@ -89,7 +89,7 @@ def inputs_digest(
         sorted(map(list, down)),
     ]
     if node_arg is None:
-        parts.append(sorted(kernel.local_addresses()))
+        parts.append(sorted(kernel.links.local_addresses()))
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -114,7 +114,7 @@ def verified_tokens(kernel: Kernel, desired: Desired, state: NodeState) -> dict[
     commit came in between, or the kernel has no generation)."""
     tokens = {}
     for family, name in _tables_of(desired, state.tables):
-        token = kernel.nft_token(family, name)
+        token = kernel.nft.token(family, name)
         if token is None or not token[1]:
             return None
         tokens[f"{family} {name}"] = token[0]
@@ -130,7 +130,7 @@ def still_verified(kernel: Kernel, tokens: dict[str, str], rest: Desired, state:
     if set(tokens) != {f"{f} {n}" for f, n in _tables_of(rest, state.tables)}:
         return None  # the record of owned tables changed since
     for ident, token in tokens.items():
-        now = kernel.nft_token(*ident.split(" ", 1))
+        now = kernel.nft.token(*ident.split(" ", 1))
         if now is None or now[0] != token:
             return None
     # The tables are vouched for: diff the rest as a plan would.

@@ -62,13 +62,13 @@ def _gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate, before, w
     def run() -> None:
         state.gates.add(gate.path)
         save()
-        kernel.gate_write(gate.path, gate.value)
+        kernel.keepalived.gate_write(gate.path, gate.value)
 
     def undo() -> None:
         if before is None:
-            kernel.gate_remove(gate.path)
+            kernel.keepalived.gate_remove(gate.path)
         else:
-            kernel.gate_write(gate.path, before.value)
+            kernel.keepalived.gate_write(gate.path, before.value)
 
     if gate.open:
         what = f"open VRRP gate {gate.path} (keepalived may own {gate.vip})"
@@ -80,12 +80,12 @@ def _gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate, before, w
 
 def _remove_gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate) -> Step:  # noqa: N803
     def run() -> None:
-        kernel.gate_remove(gate.path)
+        kernel.keepalived.gate_remove(gate.path)
         state.gates.discard(gate.path)
         save()
 
     def undo() -> None:
-        kernel.gate_write(gate.path, gate.value)
+        kernel.keepalived.gate_write(gate.path, gate.value)
 
     return _step(f"remove VRRP gate {gate.path}", run, undo)
 
@@ -96,13 +96,13 @@ def _config_step(kernel: Kernel, state: NodeState, save, change, notes: list[str
     files = want or have
     # Removing the fragment needs no running keepalived: a stopped one owns
     # nothing, and ignores the missing include when it starts.
-    reload = want is not None or kernel.keepalived_running(files.pid_file)
+    reload = want is not None or kernel.keepalived.running(files.pid_file)
 
     def run() -> None:
         if want is not None:
             state.keepalived_files = [want.config, want.fragment, want.pid_file]
             save()
-        kernel.keepalived_install(files.config, files.fragment, files.pid_file, want.text if want else None, reload)
+        kernel.keepalived.install(files.config, files.fragment, files.pid_file, want.text if want else None, reload)
         if not reload:
             notes.append(
                 f"keepalived was not running (no live pid in {files.pid_file}): {files.fragment} was removed "
@@ -114,9 +114,9 @@ def _config_step(kernel: Kernel, state: NodeState, save, change, notes: list[str
 
     def undo() -> None:
         if have is not None:
-            kernel.keepalived_install(have.config, have.fragment, have.pid_file, have.text, reload)
+            kernel.keepalived.install(have.config, have.fragment, have.pid_file, have.text, reload)
         else:
-            kernel.keepalived_install(files.config, files.fragment, files.pid_file, None, reload)
+            kernel.keepalived.install(files.config, files.fragment, files.pid_file, None, reload)
 
     how = "and reload keepalived" if reload else "(keepalived is not running: no reload)"
     if want is None:
@@ -131,7 +131,7 @@ def check(plan: Plan, kernel: Kernel) -> None:
         if want is None:
             continue
         try:
-            kernel.keepalived_check(want.config, want.fragment, want.text)
+            kernel.keepalived.check(want.config, want.fragment, want.text)
         except KeepalivedError as exc:
             where = pointer_at(want, exc.line) if exc.line else ""
             at = f" (fragment line {exc.line}, from the intent's {where})" if where else ""

@@ -30,8 +30,10 @@ def run_kdsr(tmp_path, *args: str):
 def install_kernel(monkeypatch, kernel):
     """Make ``kernel`` (a fake) the one the CLI drives, with the server-side
     sysctls at the distribution defaults and NET_ADMIN granted; returns it."""
-    kernel.sysctls.update({f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")})
-    kernel.sysctls["net/ipv4/ip_forward"] = "0"
+    kernel.sysctl.values.update(
+        {f"net/ipv4/conf/{i}/arp_{k}": "0" for i in ("all", "eth0") for k in ("ignore", "announce")}
+    )
+    kernel.sysctl.values["net/ipv4/ip_forward"] = "0"
     monkeypatch.setattr(cli, "_kernel", lambda store=None: kernel)
     monkeypatch.setattr(privilege, "has_net_admin", lambda: True)
     return kernel

@@ -41,7 +41,7 @@ intent = IntentDocs(BASE, "test.json").intent
 @pytest.fixture
 def kernel():
     k = FakeKernel()
-    k.sysctls.update({key: "0" for key in SYSCTL_KEYS})
+    k.sysctl.values.update({key: "0" for key in SYSCTL_KEYS})
     return k
 
 
@@ -53,9 +53,9 @@ def run(it, node, kernel, store):
 
 def snapshot(kernel):
     return (
-        {k: kernel.nft_read_table(*k)[0] for k in kernel.nft_tables()},
-        {i: sorted(a.cidr for a in addrs) for i, addrs in kernel.addresses.items()},
-        dict(kernel.sysctls),
+        {k: kernel.nft.read_table(*k)[0] for k in kernel.nft.list_tables()},
+        {i: sorted(a.cidr for a in addrs) for i, addrs in kernel.links.addresses.items()},
+        dict(kernel.sysctl.values),
     )
 
 
@@ -113,13 +113,13 @@ def test_transitions_equal_fresh_apply(store, tmp_path):
 
 
 def test_destroy_removes_exactly_what_kdsr_owns(kernel, store):
-    kernel.addresses["lo"].append(Address("lo", "127.0.0.1/8"))
-    kernel.addresses["lo"].append(Address("lo", "192.0.2.1/32", "lo:mine"))
-    kernel.sysctls["net/ipv4/conf/eth0/arp_ignore"] = "2"  # foreign value, higher than ours
+    kernel.links.addresses["lo"].append(Address("lo", "127.0.0.1/8"))
+    kernel.links.addresses["lo"].append(Address("lo", "192.0.2.1/32", "lo:mine"))
+    kernel.sysctl.values["net/ipv4/conf/eth0/arp_ignore"] = "2"  # foreign value, higher than ours
     before = snapshot(kernel)
     run(intent(), "s1", kernel, store)
-    assert "10.10.0.100/32" in [a.cidr for a in kernel.addresses["lo"]]
-    assert kernel.sysctls["net/ipv4/conf/all/arp_ignore"] == "1"
+    assert "10.10.0.100/32" in [a.cidr for a in kernel.links.addresses["lo"]]
+    assert kernel.sysctl.values["net/ipv4/conf/all/arp_ignore"] == "1"
     destroy = operations.prepare_destroy("s1", kernel, store)
     operations.apply(destroy, kernel, store)
     assert snapshot(kernel) == before
@@ -127,11 +127,11 @@ def test_destroy_removes_exactly_what_kdsr_owns(kernel, store):
 
 
 def test_foreign_address_equal_to_vip_is_neither_claimed_nor_removed(kernel, store):
-    kernel.addresses["lo"].append(Address("lo", "10.10.0.100/32"))
+    kernel.links.addresses["lo"].append(Address("lo", "10.10.0.100/32"))
     plan = run(intent(), "s1", kernel, store)
     assert not [c for c in plan.changes if c.kind == "address"]
     operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
-    assert [a.cidr for a in kernel.addresses["lo"]] == ["10.10.0.100/32"]
+    assert [a.cidr for a in kernel.links.addresses["lo"]] == ["10.10.0.100/32"]
 
 
 def test_fault_at_every_step_rolls_back(kernel, store):
@@ -154,7 +154,7 @@ def test_fault_at_every_step_rolls_back(kernel, store):
 def test_failed_rollback_is_reported_and_next_apply_converges(kernel, store):
     it = intent()
     # Fail the 3rd write, and the undo that follows (the 4th write).
-    original = kernel._write
+    original = kernel.log.write
     failures = {3, 4}
     count = {"n": 0}
 
@@ -164,12 +164,12 @@ def test_failed_rollback_is_reported_and_next_apply_converges(kernel, store):
             raise KernelError(f"{what}: ENOMEM (injected)")
         original(what)
 
-    kernel._write = flaky
+    kernel.log.write = flaky
     with pytest.raises(ApplyError) as info:
         run(it, "s1", kernel, store)
     assert not info.value.rolled_back
     assert "rolling back also failed" in str(info.value)
-    kernel._write = original
+    kernel.log.write = original
     run(it, "s1", kernel, store)
     assert operations.prepare(it, "s1", kernel, store).plan.empty
 
@@ -179,16 +179,16 @@ def test_rejected_nft_transaction_changes_nothing(kernel, store):
     before = snapshot(kernel)
     writes = kernel.writes
 
-    real = kernel.nft_apply
+    real = kernel.nft.apply
 
     def reject(commands, check_only=False, becomes=None):
         raise KernelError("Error: Could not process rule: Invalid argument")
 
-    kernel.nft_apply = reject
+    kernel.nft.apply = reject
     with pytest.raises(ApplyError) as info:
         run(intent(lambda d: d["pools"]["web"]["servers"].pop()), "lb1", kernel, store)
     assert "nothing was changed" in str(info.value)
-    kernel.nft_apply = real
+    kernel.nft.apply = real
     assert snapshot(kernel) == before and kernel.writes == writes
 
 
@@ -203,7 +203,7 @@ def test_node_selection(kernel, store):
 
     with pytest.raises(UsageError, match="no node"):
         operations.select_node(intent(), None, kernel)
-    kernel.local = {"10.10.0.12"}
+    kernel.links.local = {"10.10.0.12"}
     assert operations.select_node(intent(), None, kernel) == "s2"
     with pytest.raises(UsageError, match="not in the intent"):
         operations.select_node(intent(), "nope", kernel)
@@ -229,9 +229,9 @@ def test_destroy_of_another_node_leaves_the_lb_table(kernel, store):
 def test_records_of_vanished_objects_are_forgotten_not_reused(kernel, store):
     run(intent(), "s1", kernel, store)
     # Someone removes our v4 VIP and the uplink's sysctls vanish with eth0.
-    kernel.addresses["lo"] = [a for a in kernel.addresses["lo"] if a.cidr != "10.10.0.100/32"]
-    for key in [k for k in kernel.sysctls if "/eth0/" in k]:
-        del kernel.sysctls[key]
+    kernel.links.addresses["lo"] = [a for a in kernel.links.addresses["lo"] if a.cidr != "10.10.0.100/32"]
+    for key in [k for k in kernel.sysctl.values if "/eth0/" in k]:
+        del kernel.sysctl.values[key]
     destroy = operations.prepare_destroy("s1", kernel, store)
     forgotten = {c.ident for c in destroy.plan.changes if c.reason == "forget"}
     assert "lo 10.10.0.100/32" in forgotten
@@ -239,23 +239,23 @@ def test_records_of_vanished_objects_are_forgotten_not_reused(kernel, store):
     operations.apply(destroy, kernel, store)
     assert store.nodes() == []
     # An address added later with the VIP's value is not ours.
-    kernel.addresses["lo"].append(Address("lo", "10.10.0.100/32"))
+    kernel.links.addresses["lo"].append(Address("lo", "10.10.0.100/32"))
     assert operations.prepare_destroy("s1", kernel, store).plan.empty
 
 
 def test_sysctl_changed_after_kdsr_is_left_alone(kernel, store):
     run(intent(), "s1", kernel, store)
-    kernel.sysctls["net/ipv4/conf/all/arp_announce"] = "1"  # an admin's later choice
+    kernel.sysctl.values["net/ipv4/conf/all/arp_announce"] = "1"  # an admin's later choice
     operations.apply(operations.prepare_destroy("s1", kernel, store), kernel, store)
-    assert kernel.sysctls["net/ipv4/conf/all/arp_announce"] == "1"
-    assert kernel.sysctls["net/ipv4/conf/all/arp_ignore"] == "0"  # ours: restored
+    assert kernel.sysctl.values["net/ipv4/conf/all/arp_announce"] == "1"
+    assert kernel.sysctl.values["net/ipv4/conf/all/arp_ignore"] == "0"  # ours: restored
 
 
 def test_stricter_arp_setting_is_not_lowered(kernel, store):
-    kernel.sysctls["net/ipv4/conf/eth0/arp_ignore"] = "2"
+    kernel.sysctl.values["net/ipv4/conf/eth0/arp_ignore"] = "2"
     plan = run(intent(), "s1", kernel, store)
     assert "net.ipv4.conf.eth0.arp_ignore" not in {c.ident for c in plan.changes}
-    assert kernel.sysctls["net/ipv4/conf/eth0/arp_ignore"] == "2"
+    assert kernel.sysctl.values["net/ipv4/conf/eth0/arp_ignore"] == "2"
 
 
 def test_rollback_restores_records(kernel, store):
@@ -291,7 +291,7 @@ def test_a_server_s_vips_are_one_step_and_a_fault_part_way_takes_back_what_it_ad
     assert "add 6 addresses (10.10.0.100/32 to lo and 5 more)" in result.steps
     assert not [s for s in result.steps if s.startswith("add address")]
     applied = snapshot(kernel)
-    assert len([a for a in kernel.addresses["lo"] if a.cidr.startswith("10.10.0.1")]) == 6
+    assert len([a for a in kernel.links.addresses["lo"] if a.cidr.startswith("10.10.0.1")]) == 6
     for k in range(1, 7):  # each of the six deletes
         kernel.fail_at = kernel.writes + k
         with pytest.raises(ApplyError) as info:
@@ -318,13 +318,13 @@ def test_a_server_s_vips_go_to_the_kernel_in_batches_and_a_refusal_in_one_takes_
     it = intent(many_vips)
     before = snapshot(kernel)
     calls = []
-    write = kernel.addr_write
+    write = kernel.links.addr_write
 
     def counted(add, addrs, done):
         calls.append((add, len(addrs)))
         write(add, addrs, done)
 
-    kernel.addr_write = counted
+    kernel.links.addr_write = counted
     kernel.fail_at = kernel.writes + 4 + 1 + ADDRESS_BATCH + 10  # after the sysctls: the 10th of the third call
     with pytest.raises(ApplyError) as info:
         run(it, "s1", kernel, store)
@@ -337,7 +337,7 @@ def test_a_server_s_vips_go_to_the_kernel_in_batches_and_a_refusal_in_one_takes_
     calls.clear()
     run(it, "s1", kernel, store)
     assert calls == [(True, 1), (True, ADDRESS_BATCH), (True, ADDRESS_BATCH), (True, 601 - 1 - 2 * ADDRESS_BATCH)]
-    assert len(kernel.addresses["lo"]) == 601
+    assert len(kernel.links.addresses["lo"]) == 601
     assert operations.prepare(it, "s1", kernel, store).plan.empty
 
 

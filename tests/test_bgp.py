@@ -55,7 +55,7 @@ doc_with, intent, problems = DOCS.doc_with, DOCS.intent, DOCS.problems
 @pytest.fixture
 def kernel():
     k = FakeKernel()
-    k.sysctls.update({"net/ipv4/conf/all/arp_ignore": "0"})
+    k.sysctl.values.update({"net/ipv4/conf/all/arp_ignore": "0"})
     return k
 
 
@@ -197,8 +197,8 @@ def test_apply_announces_last_after_the_read_back_and_a_second_apply_changes_not
     assert kernel.ops.index("announce add 10.0.0.100/32") > max(
         i for i, op in enumerate(kernel.ops) if op.startswith("nft")
     )
-    assert [r.prefix for r in kernel.announce] == ["10.0.0.100/32", "10.0.0.101/32"]
-    assert kernel.bird_loaded == kernel.bird_files[FILES["fragment"]]
+    assert [r.prefix for r in kernel.links.announce] == ["10.0.0.100/32", "10.0.0.101/32"]
+    assert kernel.bird.loaded == kernel.bird.files[FILES["fragment"]]
     assert store.load("lb1").bird_files == [FILES["config"], FILES["fragment"], FILES["socket"]]
     assert operations.prepare(it, "lb1", kernel, store).plan.empty
 
@@ -215,19 +215,19 @@ def test_the_fragment_announces_only_what_it_learns_from_kdsrs_announce_table():
 def test_a_fast_path_that_does_not_read_back_is_never_announced(kernel, store):
     """The read-back before the announce routes finds the table gone (as if
     the kernel had dropped it): the apply fails and announces nothing."""
-    real_apply = kernel.nft_apply
+    real_apply = kernel.nft.apply
 
     def apply_then_lose(commands, check_only=False, becomes=None):
         proved = real_apply(commands, check_only=check_only, becomes=becomes)
         if not check_only:
-            kernel.tables.clear()
+            kernel.nft.tables.clear()
         return proved
 
-    kernel.nft_apply = apply_then_lose
+    kernel.nft.apply = apply_then_lose
     with pytest.raises(ApplyError) as info:
         operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
     assert "read-back after apply does not match" in str(info.value)
-    assert kernel.announce == [] and not any(op.startswith("announce") for op in kernel.ops)
+    assert kernel.links.announce == [] and not any(op.startswith("announce") for op in kernel.ops)
 
 
 def test_after_a_reboot_the_files_alone_announce_nothing_until_kdsr_applies(kernel, store):
@@ -236,10 +236,10 @@ def test_after_a_reboot_the_files_alone_announce_nothing_until_kdsr_applies(kern
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
     rebooted = FakeKernel()
-    rebooted.sysctls.update({"net/ipv4/conf/all/arp_ignore": "0"})
-    rebooted.bird_files = dict(kernel.bird_files)
-    rebooted.bird_loaded = kernel.bird_files[FILES["fragment"]]  # BIRD started from the file
-    assert rebooted.announce == []
+    rebooted.sysctl.values.update({"net/ipv4/conf/all/arp_ignore": "0"})
+    rebooted.bird.files = dict(kernel.bird.files)
+    rebooted.bird.loaded = kernel.bird.files[FILES["fragment"]]  # BIRD started from the file
+    assert rebooted.links.announce == []
     prepared = operations.prepare(it, "lb1", rebooted, store)
     assert not prepared.plan.of_kind("bird config")  # the fragment on disk is right as it is
     assert [c.action for c in prepared.plan.of_kind("announce route")] == ["create", "create"]
@@ -255,9 +255,9 @@ def test_announce_table_drift_is_planned(kernel, store):
 
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    kernel.announce.remove(AnnounceRoute("10.0.0.101/32"))
-    kernel.announce.append(AnnounceRoute("192.0.2.7/32", "unreachable"))
-    kernel.announce[0] = AnnounceRoute("10.0.0.100/32", "prohibit")
+    kernel.links.announce.remove(AnnounceRoute("10.0.0.101/32"))
+    kernel.links.announce.append(AnnounceRoute("192.0.2.7/32", "unreachable"))
+    kernel.links.announce[0] = AnnounceRoute("10.0.0.100/32", "prohibit")
     text = render_text(operations.prepare(it, "lb1", kernel, store).plan)
     assert (
         "  + announce route 10.0.0.101/32: blackhole in table 0x6b800000, BIRD announces the VIP while it is there"
@@ -267,7 +267,7 @@ def test_announce_table_drift_is_planned(kernel, store):
     assert "[type prohibit -> blackhole forces replacement]" in text
     assert "  - announce route 192.0.2.7/32 (withdraw)" in text
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    assert sorted(kernel.announce, key=lambda r: r.prefix) == [
+    assert sorted(kernel.links.announce, key=lambda r: r.prefix) == [
         AnnounceRoute("10.0.0.100/32"),
         AnnounceRoute("10.0.0.101/32"),
     ]
@@ -278,7 +278,7 @@ def test_health_withdraws_a_vip_by_its_announce_route_first_and_keeps_a_shared_o
 
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    loaded = kernel.bird_loaded
+    loaded = kernel.bird.loaded
     # media's only server is down: its VIP goes; web and dns keep theirs.
     prepared = operations.prepare(it, "lb1", kernel, store, down=frozenset({("media", "10.10.0.12")}))
     assert [(c.action, c.ident) for c in prepared.plan.of_kind("announce route")] == [("delete", "10.0.0.101/32")]
@@ -289,12 +289,12 @@ def test_health_withdraws_a_vip_by_its_announce_route_first_and_keeps_a_shared_o
     assert result.steps[0] == (
         "delete announce route 10.0.0.101/32 (BIRD withdraws it: no healthy server in pool media)"
     )  # before the fast path changes
-    assert [r.prefix for r in kernel.announce] == ["10.0.0.100/32"]
-    assert kernel.bird_loaded is loaded  # BIRD was not reloaded
+    assert [r.prefix for r in kernel.links.announce] == ["10.0.0.100/32"]
+    assert kernel.bird.loaded is loaded  # BIRD was not reloaded
     # Back up: announced again, last.
     result = operations.apply(operations.prepare(it, "lb1", kernel, store, down=frozenset()), kernel, store)
     assert result.steps[-1] == "add announce route 10.0.0.101/32 (BIRD announces it)"
-    assert [r.prefix for r in kernel.announce] == ["10.0.0.100/32", "10.0.0.101/32"]
+    assert [r.prefix for r in kernel.links.announce] == ["10.0.0.100/32", "10.0.0.101/32"]
 
 
 def test_destroy_withdraws_everything_before_removing_the_fast_path(kernel, store):
@@ -308,9 +308,9 @@ def test_destroy_withdraws_everything_before_removing_the_fast_path(kernel, stor
         f"write BIRD fragment {FILES['fragment']} (empty) and reload BIRD",
     ]
     assert result.notes == []
-    text = kernel.bird_files[FILES["fragment"]]
+    text = kernel.bird.files[FILES["fragment"]]
     assert "protocol" not in text and "router id" not in text
-    assert kernel.announce == [] and kernel.tables == {}
+    assert kernel.links.announce == [] and kernel.nft.tables == {}
     assert store.load("lb1").bird_files == []
     assert operations.prepare_destroy("lb1", kernel, store).plan.empty
 
@@ -320,8 +320,8 @@ def test_destroy_with_bird_stopped_empties_the_fragment_without_a_reload_and_say
 
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    loaded = kernel.bird_loaded
-    kernel.bird_stopped = True
+    loaded = kernel.bird.loaded
+    kernel.bird.stopped = True
     prepared = operations.prepare_destroy("lb1", kernel, store)
     text = render_text(prepared.plan)
     assert "BIRD is not running (no answer on /run/bird/bird.ctl)" in text
@@ -332,17 +332,17 @@ def test_destroy_with_bird_stopped_empties_the_fragment_without_a_reload_and_say
         f"BIRD was not running (no answer on {FILES['socket']}): {FILES['fragment']} was emptied without a "
         "reload, so BIRD announces nothing of kdsr's when it starts."
     ]
-    text = kernel.bird_files[FILES["fragment"]]
+    text = kernel.bird.files[FILES["fragment"]]
     assert "protocol" not in text and "router id" not in text
-    assert kernel.bird_loaded is loaded
-    assert kernel.announce == [] and kernel.tables == {} and store.load("lb1").bird_files == []
+    assert kernel.bird.loaded is loaded
+    assert kernel.links.announce == [] and kernel.nft.tables == {} and store.load("lb1").bird_files == []
     assert operations.prepare_destroy("lb1", kernel, store).plan.empty
 
 
 def test_an_intent_without_bgp_empties_the_fragment_while_bird_is_stopped(kernel, store):
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    kernel.bird_stopped = True
+    kernel.bird.stopped = True
 
     def no_bgp(doc):
         for node in doc["load_balancers"].values():
@@ -351,7 +351,7 @@ def test_an_intent_without_bgp_empties_the_fragment_while_bird_is_stopped(kernel
     prepared = operations.prepare(intent(no_bgp), "lb1", kernel, store)  # no exit 7: nothing to announce
     result = operations.apply(prepared, kernel, store)
     assert result.notes and "was emptied without a reload" in result.notes[0]
-    assert kernel.announce == [] and store.load("lb1").bird_files == []
+    assert kernel.links.announce == [] and store.load("lb1").bird_files == []
 
 
 def test_a_fragment_bird_rejects_changes_nothing_and_names_the_intent_path(kernel, store):
@@ -359,17 +359,17 @@ def test_a_fragment_bird_rejects_changes_nothing_and_names_the_intent_path(kerne
         doc["load_balancers"]["lb1"]["bgp"]["neighbors"].append({"address": "10.10.0.9", "asn": 65009})
 
     it = intent(extra)
-    kernel.bird_rejects = "neighbor 10.10.0.9 as 65009;"
+    kernel.bird.rejects = "neighbor 10.10.0.9 as 65009;"
     writes = kernel.writes
     with pytest.raises(ApplyError) as info:
         operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
     assert "nothing was changed" in str(info.value)
     assert "/load_balancers/lb1/bgp/neighbors/1" in str(info.value)
-    assert kernel.writes == writes and FILES["fragment"] not in kernel.bird_files
+    assert kernel.writes == writes and FILES["fragment"] not in kernel.bird.files
 
 
 def test_bird_not_running_is_exit_7_before_any_write(kernel, store):
-    kernel.bird_files = None
+    kernel.bird.files = None
     with pytest.raises(BirdUnavailableError) as info:
         operations.prepare(intent(), "lb1", kernel, store)
     assert info.value.exit_code == 7 and "not running" in str(info.value)
@@ -377,10 +377,10 @@ def test_bird_not_running_is_exit_7_before_any_write(kernel, store):
 
 
 def test_a_fragment_kdsr_did_not_write_is_refused(kernel, store):
-    kernel.bird_files[FILES["fragment"]] = "protocol static mine { ipv4; route 192.0.2.0/24 blackhole; }\n"
+    kernel.bird.files[FILES["fragment"]] = "protocol static mine { ipv4; route 192.0.2.0/24 blackhole; }\n"
     with pytest.raises(ForeignObjectError):
         operations.prepare(intent(), "lb1", kernel, store)
-    kernel.bird_files[FILES["fragment"]] = "# placeholder for kdsr\n"
+    kernel.bird.files[FILES["fragment"]] = "# placeholder for kdsr\n"
     assert not operations.prepare(intent(), "lb1", kernel, store).plan.empty
 
 

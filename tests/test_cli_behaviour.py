@@ -40,7 +40,7 @@ def intent(tmp_path):
 
 
 def slots(kernel: FakeKernel, address: str) -> int:
-    table = kernel.nft_read_table("netdev", "kdsr")[0]
+    table = kernel.nft.read_table("netdev", "kdsr")[0]
     return sum(
         1
         for m in table.maps
@@ -64,7 +64,7 @@ def test_global_options_work_after_the_subcommand(tmp_path, kernel, intent):
 def test_destroy_with_the_intent_finds_the_node_as_apply_does(tmp_path, kernel, intent):
     for node in ("lb1", "s1"):  # two nodes recorded: without a way to pick, destroy would refuse
         assert run_kdsr(tmp_path, "apply", str(intent), "--node", node).exit_code == 0
-    kernel.local = {"10.10.0.2"}  # this host is lb1
+    kernel.links.local = {"10.10.0.2"}  # this host is lb1
     refused = run_kdsr(tmp_path, "destroy")
     assert refused.exit_code == EXIT_USAGE and "pass --node" in refused.output
     result = run_kdsr(tmp_path, "destroy", str(intent))
@@ -79,10 +79,10 @@ def test_destroy_on_a_terminal_asks_and_only_yes_goes_ahead(tmp_path, kernel, in
     writes = kernel.writes
     no = cli_invoke(tmp_path, ["destroy", "--node", "lb1"], "y\n")
     assert no.exit_code == EXIT_ERROR and "Destroy cancelled; nothing was changed." in no.output
-    assert kernel.writes == writes and kernel.nft_read_table("netdev", "kdsr")[0] is not None
+    assert kernel.writes == writes and kernel.nft.read_table("netdev", "kdsr")[0] is not None
     yes = cli_invoke(tmp_path, ["destroy", "--node", "lb1"], "yes\n")
     assert yes.exit_code == 0, yes.output
-    assert "- nft table netdev kdsr" in yes.output and kernel.nft_read_table("netdev", "kdsr")[0] is None
+    assert "- nft table netdev kdsr" in yes.output and kernel.nft.read_table("netdev", "kdsr")[0] is None
     assert run_kdsr(tmp_path, "apply", str(intent), "--node", "lb1").exit_code == 0
     auto = cli_invoke(tmp_path, ["destroy", "--node", "lb1", "--auto-approve"], "")
     assert auto.exit_code == 0 and "Only 'yes'" not in auto.output
@@ -102,7 +102,7 @@ def test_run_on_a_server_node_is_a_usage_error(tmp_path, kernel, intent):
 
 def test_plan_refuses_a_kernel_that_lacks_a_module_the_intent_needs(tmp_path, kernel):
     kernel.modules = {"nf_tables"}
-    kernel.sysctls.update({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
+    kernel.sysctl.values.update({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
     result = run_kdsr(tmp_path, "plan", str(ROOT / "examples" / "l3-ipip.json"), "--node", "lb1")
     assert result.exit_code == EXIT_KERNEL_FEATURE, result.output
     assert "lacks ipip" in result.output and "to add" not in result.output

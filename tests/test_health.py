@@ -192,7 +192,7 @@ class Script:
 @pytest.fixture
 def daemon(tmp_path):
     kernel = FakeKernel()
-    kernel.sysctls.update(
+    kernel.sysctl.values.update(
         {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
     )
     store = StateStore(tmp_path / "state")
@@ -220,7 +220,7 @@ def feed(runner: Runner, rounds: int) -> None:
 
 
 def slots_of(runner: Runner, server: str) -> int:
-    table, _listing = runner.kernel.nft_read_table("netdev", "kdsr")
+    table, _listing = runner.kernel.nft.read_table("netdev", "kdsr")
     maps = [m for m in table.maps if m.name.startswith("pool-web-")]
     return sum(1 for nmap in maps for _k, e in nmap.elements if server_of_value(e.value) == server)
 
@@ -478,7 +478,7 @@ def test_a_failing_receipt_hook_neither_fails_the_apply_nor_stops_the_daemon(tmp
     from kdsr.intent import load_intent
 
     kernel = FakeKernel()
-    kernel.sysctls.update(
+    kernel.sysctl.values.update(
         {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
     )
     path = tmp_path / "intent.json"
@@ -617,7 +617,7 @@ def drift_runner(tmp_path, check_interval: float = 30.0):
     from kdsr.intent import load_intent
 
     kernel = GenerationKernel()
-    kernel.sysctls.update(
+    kernel.sysctl.values.update(
         {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
     )
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -653,12 +653,12 @@ def test_hand_deleted_service_and_slot_elements_are_repaired_logged_and_counted(
     runner = drift_runner(tmp_path)
     kernel = runner.kernel
     service = kernel.delete_element("netdev", "kdsr", "services-v4")
-    slot_map = next(name for name in kernel.tables[("netdev", "kdsr")].maps if name.startswith("pool-web-v4-"))
+    slot_map = next(name for name in kernel.nft.tables[("netdev", "kdsr")].maps if name.startswith("pool-web-v4-"))
     slot = kernel.delete_element("netdev", "kdsr", slot_map)
     writes = kernel.writes
     runner.check_drift()
     assert kernel.writes == writes + 1  # one nft transaction
-    maps = kernel.tables[("netdev", "kdsr")].maps
+    maps = kernel.nft.tables[("netdev", "kdsr")].maps
     assert service in maps["services-v4"][1] and slot in maps[slot_map][1]
     (line,) = [line for line in runner.lines if "event=drift-repaired" in line]
     assert "changes=2" in line and f"{slot_map}[{slot}]" in line and "services-v4[10.10.0.100 . tcp . " in line, line
@@ -674,9 +674,9 @@ def test_hand_deleted_service_and_slot_elements_are_repaired_logged_and_counted(
 def test_a_hand_deleted_probe_route_is_repaired(tmp_path):
     """Routes have no generation: the check reads and diffs them each time."""
     runner = drift_runner(tmp_path)
-    route = runner.kernel.routes.pop()
+    route = runner.kernel.links.routes.pop()
     runner.check_drift()
-    assert route in runner.kernel.routes
+    assert route in runner.kernel.links.routes
     (line,) = [line for line in runner.lines if "event=drift-repaired" in line]
     assert "changes=1" in line and "+ route " in line, line
 
@@ -723,7 +723,7 @@ def test_a_hand_removed_ipvs_destination_or_tunnel_link_is_repaired(tmp_path, ex
     from kdsr.intent import load_intent
 
     kernel = GenerationKernel()
-    kernel.sysctls.update(
+    kernel.sysctl.values.update(
         {k: "0" for k in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")}
         | {f"net/ipv4/vs/{k}": "0" for k in ("expire_nodest_conn", "sloppy_tcp", "schedule_icmp")}
     )
@@ -733,12 +733,12 @@ def test_a_hand_removed_ipvs_destination_or_tunnel_link_is_repaired(tmp_path, ex
     runner.start()
     runner._stop_probes()
     if example.endswith("ipvs"):
-        ident, service = next(iter(kernel.ipvs.items()))
-        kernel.ipvs[ident] = dataclasses.replace(service, dests=service.dests[1:])
+        ident, service = next(iter(kernel.ipvs.services.items()))
+        kernel.ipvs.services[ident] = dataclasses.replace(service, dests=service.dests[1:])
         what = "ipvs"
     else:
-        name = next(iter(kernel.links))
-        kernel.link_del(name)
+        name = next(iter(kernel.links.tunnels))
+        kernel.links.link_del(name)
         what = f"link {name}"
     runner.check_drift()
     (line,) = [line for line in lines if "event=drift-repaired" in line]

@@ -22,12 +22,27 @@ from kdsr.kernel.fake import FakeKernel
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "l2-web.json"
 
 
+class _Recorded:
+    """One backend of the fake kernel, recording every method called on it."""
+
+    def __init__(self, backend, name: str, calls: list[str]) -> None:
+        self._backend, self._name, self._calls = backend, name, calls
+
+    def __getattr__(self, attr: str):
+        value = getattr(self._backend, attr)
+        if callable(value):
+            self._calls.append(f"{self._name}.{attr}")
+        return value
+
+
 class CountingKernel(FakeKernel):
-    """A fake kernel that records every method called on it."""
+    """A fake kernel that records every method called on it or on its backends."""
 
     def __init__(self) -> None:
         super().__init__()
         object.__setattr__(self, "calls", [])
+        for name in ("nft", "links", "ipvs", "bird", "keepalived", "sysctl", "xdp"):
+            object.__setattr__(self, name, _Recorded(getattr(self, name), name, self.calls))
 
     def __getattribute__(self, name: str):
         value = object.__getattribute__(self, name)

@@ -1,4 +1,4 @@
-"""IPVS writes in batches (Kernel.ipvs_batch, one ``ipvsadm -R``): the
+"""IPVS writes in batches (Ipvs.batch, one ``ipvsadm -R``): the
 restore text, failures mid-batch (stopping there, or running on past the
 refused line as ipvsadm 1.31 does) rolled back to the old state, and an
 apply that lists the kernel's IPVS table at most twice (the plan's read and
@@ -15,7 +15,7 @@ from kdsr.errors import ApplyError
 from kdsr.intent import parse_intent
 from kdsr.kernel import KernelError
 from kdsr.kernel.fake import FakeKernel
-from kdsr.kernel.ipvs import IpvsCommand, Listing, first_not_landed, restore_text
+from kdsr.kernel.ipvsadm import IpvsCommand, Listing, first_not_landed, restore_text
 from kdsr.kernel.state import StateStore
 from kdsr.model import IpvsDest, IpvsService
 
@@ -58,8 +58,8 @@ LB_SYSCTLS = ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"] + [
 
 def new_kernel(runs_on: bool = False) -> FakeKernel:
     kernel = FakeKernel()
-    kernel.sysctls.update({key: "0" for key in LB_SYSCTLS})
-    kernel.ipvs_batch_runs_on = runs_on
+    kernel.sysctl.values.update({key: "0" for key in LB_SYSCTLS})
+    kernel.ipvs.batch_runs_on = runs_on
     return kernel
 
 
@@ -99,39 +99,39 @@ def test_first_not_landed_judges_the_last_command_on_each_object():
 
 def test_listing_lists_once_until_forgotten():
     kernel = FakeKernel()
-    listing = Listing(kernel.ipvs_list)
+    listing = Listing(kernel.ipvs.list_all)
     assert listing.get(SVC.ident) is None and listing.get("other") is None
     listing.put(SVC.ident, SVC)
-    assert listing.get(SVC.ident) == SVC and kernel.ipvs_lists == 1
+    assert listing.get(SVC.ident) == SVC and kernel.ipvs.lists == 1
     listing.forget()
-    assert listing.get(SVC.ident) is None and kernel.ipvs_lists == 2
+    assert listing.get(SVC.ident) is None and kernel.ipvs.lists == 2
 
 
 def test_listing_starts_from_what_the_plan_saw():
     kernel = FakeKernel()
-    kernel.ipvs[SVC.ident] = SVC
-    listing = Listing(kernel.ipvs_list, seen={SVC.ident: None, "planned": None})
+    kernel.ipvs.services[SVC.ident] = SVC
+    listing = Listing(kernel.ipvs.list_all, seen={SVC.ident: None, "planned": None})
     # Inside what the plan saw: no listing (even where the kernel now differs).
     assert listing.get(SVC.ident) is None and listing.get("planned") is None
     listing.put("planned", SVC)
-    assert listing.get("planned") == SVC and kernel.ipvs_lists == 0
+    assert listing.get("planned") == SVC and kernel.ipvs.lists == 0
     # Outside it: the kernel is listed.
-    assert listing.get("elsewhere") is None and kernel.ipvs_lists == 1
+    assert listing.get("elsewhere") is None and kernel.ipvs.lists == 1
     assert listing.get(SVC.ident) == SVC
 
 
 def test_a_listing_forgets_what_the_plan_saw_after_a_failure():
     kernel = FakeKernel()
-    kernel.ipvs[SVC.ident] = SVC
-    listing = Listing(kernel.ipvs_list, seen={SVC.ident: None})
+    kernel.ipvs.services[SVC.ident] = SVC
+    listing = Listing(kernel.ipvs.list_all, seen={SVC.ident: None})
     listing.forget()
-    assert listing.get(SVC.ident) == SVC and kernel.ipvs_lists == 1
+    assert listing.get(SVC.ident) == SVC and kernel.ipvs.lists == 1
 
 
 @pytest.mark.parametrize("runs_on", [False, True])
 def test_fake_batch_names_the_refused_line_and_stops_or_runs_on(runs_on):
     kernel = FakeKernel()
-    kernel.ipvs_batch_runs_on = runs_on
+    kernel.ipvs.batch_runs_on = runs_on
     commands = [
         IpvsCommand("-A", SVC),
         IpvsCommand("-a", SVC, D1),
@@ -139,9 +139,9 @@ def test_fake_batch_names_the_refused_line_and_stops_or_runs_on(runs_on):
         IpvsCommand("-a", SVC, D2),
     ]
     with pytest.raises(KernelError, match=r"line 3 of 4: ipvsadm -a -t 10.9.0.1:80 -r 10.3.0.1:80 .*already exists"):
-        kernel.ipvs_batch(commands)
+        kernel.ipvs.batch(commands)
     expected = (D2, D1) if runs_on else (D1,)
-    assert kernel.ipvs[SVC.ident].dests == expected
+    assert kernel.ipvs.services[SVC.ident].dests == expected
 
 
 # ---------------------------------------------------------------- in an apply
@@ -165,14 +165,14 @@ def test_a_batch_failing_mid_way_rolls_the_apply_back(store, runs_on):
         kernel = new_kernel(runs_on)
         k_store = StateStore(store.directory.parent / f"s{k}-{runs_on}")
         apply(base, kernel, k_store)
-        old = copy.deepcopy(kernel.ipvs)
+        old = copy.deepcopy(kernel.ipvs.services)
         kernel.fail_at = kernel.writes + k
         with pytest.raises(ApplyError) as caught:
             apply(changed, kernel, k_store)
         assert caught.value.rolled_back, caught.value
-        assert kernel.ipvs == old, f"write {k}: {caught.value}"
+        assert kernel.ipvs.services == old, f"write {k}: {caught.value}"
         apply(changed, kernel, k_store)
-        assert kernel.ipvs == reference.ipvs
+        assert kernel.ipvs.services == reference.ipvs.services
 
 
 def test_a_failed_create_batch_leaves_no_service_and_no_record(store):
@@ -184,44 +184,44 @@ def test_a_failed_create_batch_leaves_no_service_and_no_record(store):
     kernel.fail_at = first_ipvs + 5  # inside the batch that creates the services
     with pytest.raises(ApplyError, match="ipvsadm -R failed at line"):
         apply(it, kernel, store)
-    assert kernel.ipvs == {}
+    assert kernel.ipvs.services == {}
     assert store.load("lb1").ipvs == set()
     apply(it, kernel, store)
-    assert len(kernel.ipvs) == 20
+    assert len(kernel.ipvs.services) == 20
 
 
 def test_many_services_apply_with_a_constant_number_of_listings(store):
     kernel = new_kernel()
     it = intent(300)  # 600 services x 4 destinations
-    lists, batches = kernel.ipvs_lists, kernel.ipvs_batches
+    lists, batches = kernel.ipvs.lists, kernel.ipvs.batches
     apply(it, kernel, store)
-    assert len(kernel.ipvs) == 600
+    assert len(kernel.ipvs.services) == 600
     # prepare's read and the read-back; the steps start from the plan's read and send one batch.
-    assert kernel.ipvs_lists - lists == 2
-    assert kernel.ipvs_batches - batches == 1
+    assert kernel.ipvs.lists - lists == 2
+    assert kernel.ipvs.batches - batches == 1
     # A weight change of one pool's first server: its 20 services edited, no
     # listing by the steps, and the read-back lists those 20 again, not 600.
-    lists, some, batches, writes = kernel.ipvs_lists, kernel.ipvs_some_lists, kernel.ipvs_batches, kernel.writes
+    lists, some, batches, writes = kernel.ipvs.lists, kernel.ipvs.some_lists, kernel.ipvs.batches, kernel.writes
     prepared = operations.prepare(intent(300, weight_of_first=2), "lb1", kernel, store)
     result = operations.apply(prepared, kernel, store)
-    assert kernel.ipvs_lists - lists == 1 and kernel.ipvs_some_lists - some == 1
+    assert kernel.ipvs.lists - lists == 1 and kernel.ipvs.some_lists - some == 1
     assert result.ipvs_listed_again == 20
-    assert kernel.ipvs_batches - batches == 1
+    assert kernel.ipvs.batches - batches == 1
     assert kernel.writes - writes == 20
-    heavier = [d for s in kernel.ipvs.values() for d in s.dests if d.weight == 2]
+    heavier = [d for s in kernel.ipvs.services.values() for d in s.dests if d.weight == 2]
     assert len(heavier) == 20 and {d.address for d in heavier} == {"10.200.1.1"}
     assert apply(intent(300, weight_of_first=2), kernel, store).empty
 
 
 def _losing_last_write(kernel):
     """ipvsadm -R that says every line ran but drops the last one."""
-    real = kernel.ipvs_batch
+    real = kernel.ipvs.batch
 
     def batch(commands):
         real(commands[:-1])
-        kernel.writes += 1
+        kernel.ipvs.writes += 1
 
-    kernel.ipvs_batch = batch
+    kernel.ipvs.batch = batch
 
 
 @pytest.mark.parametrize("vips", [300, 5], ids=["read back by service", "read back in full"])
@@ -229,20 +229,20 @@ def test_the_read_back_catches_a_write_that_did_not_land(store, vips):
     kernel = new_kernel()
     apply(intent(vips), kernel, store)
     _losing_last_write(kernel)
-    some = kernel.ipvs_some_lists
+    some = kernel.ipvs.some_lists
     with pytest.raises(ApplyError, match="read-back after apply does not match the intent: update ipvs dest"):
         apply(intent(vips, weight_of_first=2), kernel, store)
-    assert kernel.ipvs_some_lists - some == (1 if vips == 300 else 0)
+    assert kernel.ipvs.some_lists - some == (1 if vips == 300 else 0)
 
 
 def test_services_expected_gone_cost_a_listing_each_so_many_are_read_back_in_full(store):
     kernel = new_kernel()
     apply(intent(300), kernel, store)
-    lists, some = kernel.ipvs_lists, kernel.ipvs_some_lists
+    lists, some = kernel.ipvs.lists, kernel.ipvs.some_lists
     prepared = operations.prepare(intent(290), "lb1", kernel, store)  # 20 services go
     result = operations.apply(prepared, kernel, store)
-    assert (kernel.ipvs_lists - lists, kernel.ipvs_some_lists - some, result.ipvs_listed_again) == (2, 0, 0)
-    assert len(kernel.ipvs) == 580
+    assert (kernel.ipvs.lists - lists, kernel.ipvs.some_lists - some, result.ipvs_listed_again) == (2, 0, 0)
+    assert len(kernel.ipvs.services) == 580
 
 
 def test_drain_health_and_weight_edit_destinations_in_place_so_their_stats_survive(store):

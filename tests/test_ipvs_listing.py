@@ -9,7 +9,7 @@ connection counters and column widths varied, and reads them back."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdsr.kernel.ipvs import parse_list
+from kdsr.kernel.ipvsadm import parse_list
 from kdsr.model import IpvsDest, IpvsService
 
 # ipvsadm -L -n --nosort --tun-info; "~" stands for the nine spaces ipvsadm prints at the end of a line.

@@ -37,8 +37,8 @@ def example(name, mutate=None):
 @pytest.fixture
 def kernel():
     k = FakeKernel()
-    k.sysctls.update({key: "0" for key in LB_SYSCTLS + SERVER_SYSCTLS})
-    k.sysctls["net/ipv4/conf/all/rp_filter"] = "1"  # strict, as many distributions ship
+    k.sysctl.values.update({key: "0" for key in LB_SYSCTLS + SERVER_SYSCTLS})
+    k.sysctl.values["net/ipv4/conf/all/rp_filter"] = "1"  # strict, as many distributions ship
     return k
 
 
@@ -53,7 +53,17 @@ def plan_of(it, node, kernel, store):
 
 
 def snapshot(k: FakeKernel):
-    return copy.deepcopy((k.tables, k.links, sorted(k.routes), sorted(k.rules), k.ipvs, k.sysctls, k.addresses))
+    return copy.deepcopy(
+        (
+            k.nft.tables,
+            k.links.tunnels,
+            sorted(k.links.routes),
+            sorted(k.links.rules),
+            k.ipvs.services,
+            k.sysctl.values,
+            k.links.addresses,
+        )
+    )
 
 
 # ---------------------------------------------------------------- nft engine, L3
@@ -65,17 +75,17 @@ def test_l3_ipip_load_balancer_gets_a_tunnel_route_and_rule_per_server(kernel, s
     servers = ["10.3.0.11", "10.3.0.12", "10.3.0.13"]
     for address in servers:
         name = naming.tunnel_name("l3-ipip", address)
-        assert kernel.links[name] == Link(name, "ipip", "10.2.0.2", address, 64)
+        assert kernel.links.tunnels[name] == Link(name, "ipip", "10.2.0.2", address, 64)
         mark = naming.tunnel_mark("l3-ipip", address)
-        assert any(r.table == mark and r.dev == name for r in kernel.routes)
-        assert any(r.fwmark == mark and r.table == mark for r in kernel.rules)
-    assert kernel.sysctls["net/ipv4/ip_forward"] == "1"
+        assert any(r.table == mark and r.dev == name for r in kernel.links.routes)
+        assert any(r.fwmark == mark and r.table == mark for r in kernel.links.rules)
+    assert kernel.sysctl.values["net/ipv4/ip_forward"] == "1"
     # The L3 chains live in the netdev table (hashed and handed to the
     # tunnel at ingress); no inet table without IPVS port ranges.
-    assert ("netdev", "kdsr") in kernel.tables and ("inet", "kdsr") not in kernel.tables
+    assert ("netdev", "kdsr") in kernel.nft.tables and ("inet", "kdsr") not in kernel.nft.tables
     # Every slot of the selector map jumps to one of the three servers'
     # chains, which sets the server's tunnel mark (and counts).
-    table, _ = kernel.nft_read_table("netdev", "kdsr")
+    table, _ = kernel.nft.read_table("netdev", "kdsr")
     slot_maps = [m for m in table.maps if m.name.startswith("pool-")]
     assert len(slot_maps) == 1
     marks = {naming.tunnel_mark("l3-ipip", a): a for a in servers}
@@ -132,16 +142,16 @@ def test_a_replaced_tunnel_link_gets_its_link_map_element_sent_again(kernel, sto
 def test_l3_server_decapsulates_loosens_rp_filter_and_clamps_mss(kernel, store):
     it = example("l3-ipip")
     run(it, "s1", kernel, store)
-    assert kernel.links["kdsr-ipip"] == Link("kdsr-ipip", "ipip", "10.3.0.11", "", 64)
+    assert kernel.links.tunnels["kdsr-ipip"] == Link("kdsr-ipip", "ipip", "10.3.0.11", "", 64)
     # rp_filter drops packets on an IPv4 interface without an address: the VIPs go there too.
-    assert {(a.cidr, a.label) for a in kernel.addresses["kdsr-ipip"]} == {
+    assert {(a.cidr, a.label) for a in kernel.links.addresses["kdsr-ipip"]} == {
         ("10.9.0.100/32", "kdsr-ipip:kdsr"),
         ("10.9.0.101/32", "kdsr-ipip:kdsr"),
     }
-    assert kernel.sysctls["net/ipv4/conf/all/rp_filter"] == "2"
-    assert kernel.sysctls["net/ipv4/conf/kdsr-ipip/rp_filter"] in ("0", "2")
-    assert kernel.sysctls["net/ipv4/conf/eth0/rp_filter"] == "0"  # 0 already lets decapsulated packets in
-    table, _ = kernel.nft_read_table("inet", "kdsr")
+    assert kernel.sysctl.values["net/ipv4/conf/all/rp_filter"] == "2"
+    assert kernel.sysctl.values["net/ipv4/conf/kdsr-ipip/rp_filter"] in ("0", "2")
+    assert kernel.sysctl.values["net/ipv4/conf/eth0/rp_filter"] == "0"  # 0 already lets decapsulated packets in
+    table, _ = kernel.nft.read_table("inet", "kdsr")
     assert table.chain("clamp-1440") is not None  # 1500 - 20 (ipip) - 20 (IP) - 20 (TCP)
     clamp_keys = [k for k, _e in table.map("mss-v4").elements]
     assert ("10.9.0.100", (80, 80)) in clamp_keys and ("10.9.0.100", (53, 53)) in clamp_keys
@@ -162,12 +172,12 @@ def test_mode_change_replaces_tunnels_and_names_the_field(kernel, store):
     assert sorted(c.ident for c in plan.changes if c.kind == "route" and c.action == "replace")
     run(example("l3-ipip", to_other_lb_address), "lb1", kernel, store)
     assert plan_of(example("l3-ipip", to_other_lb_address), "lb1", kernel, store).empty
-    assert all(link.local == "10.2.0.7" for link in kernel.links.values())
+    assert all(link.local == "10.2.0.7" for link in kernel.links.tunnels.values())
 
 
 def test_l3_destroy_removes_everything_kdsr_made_and_nothing_else(kernel, store):
-    kernel.links["kdsr-manual"] = Link("kdsr-manual", "ipip", "10.2.0.2", "10.3.0.99")  # not ours
-    kernel.interfaces.add("kdsr-manual")
+    kernel.links.tunnels["kdsr-manual"] = Link("kdsr-manual", "ipip", "10.2.0.2", "10.3.0.99")  # not ours
+    kernel.links.interfaces.add("kdsr-manual")
     before = snapshot(kernel)
     run(example("l3-ipip"), "lb1", kernel, store)
     prepared = operations.prepare_destroy("lb1", kernel, store)
@@ -179,12 +189,12 @@ def test_l3_destroy_removes_everything_kdsr_made_and_nothing_else(kernel, store)
 
 
 def dest_order(kernel, ident):
-    return [d.address for d in kernel.ipvs[ident].dests]
+    return [d.address for d in kernel.ipvs.services[ident].dests]
 
 
 def test_ipvs_services_use_mh_with_flags_and_canonical_destination_order(kernel, store):
     run(example("l3-gre-ipvs"), "lb1", kernel, store)
-    web = kernel.ipvs["tcp 10.9.0.100:80"]
+    web = kernel.ipvs.services["tcp 10.9.0.100:80"]
     assert web.scheduler == "mh" and web.flags == ("mh-fallback", "mh-port")
     assert [(d.address, d.method, d.tun_type) for d in web.dests] == [
         ("10.3.0.11", "tunnel", "gre"),
@@ -193,12 +203,12 @@ def test_ipvs_services_use_mh_with_flags_and_canonical_destination_order(kernel,
     ]
     # The port range is a fwmark service, marked by the inet kdsr table.
     mark = naming.ipvs_fwmark(4, "udp", "10.9.0.101", 5000, 5010)
-    assert f"fwmark {mark:#x} ipv4" in kernel.ipvs
-    table, _ = kernel.nft_read_table("inet", "kdsr")
+    assert f"fwmark {mark:#x} ipv4" in kernel.ipvs.services
+    table, _ = kernel.nft.read_table("inet", "kdsr")
     assert dict(table.map("ipvs-marks-v4").elements)[("10.9.0.101", "udp", (5000, 5010))].value == mark
     # The VIPs are local (on lo for L3); the IPVS sysctls are set.
-    assert {a.cidr for a in kernel.addresses["lo"]} == {"10.9.0.100/32", "10.9.0.101/32"}
-    assert kernel.sysctls["net/ipv4/vs/sloppy_tcp"] == "1"
+    assert {a.cidr for a in kernel.links.addresses["lo"]} == {"10.9.0.100/32", "10.9.0.101/32"}
+    assert kernel.sysctl.values["net/ipv4/vs/sloppy_tcp"] == "1"
     assert plan_of(example("l3-gre-ipvs"), "lb1", kernel, store).empty
 
 
@@ -212,12 +222,12 @@ def with_servers(*hosts):
 def test_two_directors_with_different_histories_hold_the_same_list(tmp_path):
     fresh, churned = FakeKernel(), FakeKernel()
     for k in (fresh, churned):
-        k.sysctls.update({key: "0" for key in LB_SYSCTLS})
+        k.sysctl.values.update({key: "0" for key in LB_SYSCTLS})
     run(example("l3-gre-ipvs", with_servers(11, 12, 13, 14)), "lb1", fresh, StateStore(tmp_path / "a"))
     history = [(13,), (13, 11), (14, 13, 11, 12, 15), (12, 14), (14, 12, 11, 13)]
     for hosts in history:
         run(example("l3-gre-ipvs", with_servers(*hosts)), "lb1", churned, StateStore(tmp_path / "b"))
-    assert churned.ipvs == fresh.ipvs
+    assert churned.ipvs.services == fresh.ipvs.services
     assert dest_order(churned, "tcp 10.9.0.100:80") == ["10.3.0.11", "10.3.0.12", "10.3.0.13", "10.3.0.14"]
 
 
@@ -230,7 +240,7 @@ def test_a_weight_change_edits_in_place_and_never_recreates(kernel, store):
     kernel.ops.clear()
     run(example("l3-gre-ipvs", heavier), "lb1", kernel, store)
     assert kernel.ops and all(op.startswith("ipvs dest edit") for op in kernel.ops), kernel.ops
-    assert {d.weight for d in kernel.ipvs["tcp 10.9.0.100:80"].dests} == {1, 3}
+    assert {d.weight for d in kernel.ipvs.services["tcp 10.9.0.100:80"].dests} == {1, 3}
 
 
 def test_adding_the_canonically_first_server_touches_only_it(kernel, store):
@@ -265,7 +275,7 @@ TRANSITIONS = [
 def test_a_fault_at_any_write_rolls_back_to_the_previous_state(tmp_path, name, mutate, node):
     def fresh():
         k = FakeKernel()
-        k.sysctls.update({key: "0" for key in LB_SYSCTLS + SERVER_SYSCTLS})
+        k.sysctl.values.update({key: "0" for key in LB_SYSCTLS + SERVER_SYSCTLS})
         return k
 
     # Start from the example applied, then move to the mutated intent (or
@@ -302,8 +312,8 @@ def test_a_kernel_without_the_modules_fails_before_any_write(kernel, store):
 
 def test_a_kdsr_named_link_kdsr_did_not_create_is_not_adopted_unless_asked(kernel, store):
     name = naming.tunnel_name("l3-ipip", "10.3.0.12")
-    kernel.links[name] = Link(name, "ipip", "10.2.0.2", "10.3.0.12", 64)
-    kernel.interfaces.add(name)
+    kernel.links.tunnels[name] = Link(name, "ipip", "10.2.0.2", "10.3.0.12", 64)
+    kernel.links.interfaces.add(name)
     with pytest.raises(ForeignObjectError) as refused:
         run(example("l3-ipip"), "lb1", kernel, store)
     assert name in str(refused.value) and "--adopt" in str(refused.value) and kernel.writes == 0
@@ -315,7 +325,7 @@ def test_a_kdsr_named_link_kdsr_did_not_create_is_not_adopted_unless_asked(kerne
 def test_an_ipvs_service_kdsr_did_not_create_is_not_taken_over(kernel, store):
     from kdsr.model import IpvsService
 
-    kernel.ipvs["tcp 10.9.0.100:80"] = IpvsService(4, "tcp", "10.9.0.100", 80, 0, "wlc", ())
+    kernel.ipvs.services["tcp 10.9.0.100:80"] = IpvsService(4, "tcp", "10.9.0.100", 80, 0, "wlc", ())
     with pytest.raises(ForeignObjectError):
         run(example("l3-gre-ipvs"), "lb1", kernel, store)
     assert kernel.writes == 0
@@ -323,16 +333,16 @@ def test_an_ipvs_service_kdsr_did_not_create_is_not_taken_over(kernel, store):
 
 def test_ipv6_l3_uses_ip6tnl_and_ipvs_ipip_for_v6(kernel, store):
     run(example("l3-ip6tnl"), "lb1", kernel, store)
-    assert {link.kind for link in kernel.links.values()} == {"ip6tnl"}
-    assert kernel.sysctls["net/ipv6/conf/all/forwarding"] == "1"
+    assert {link.kind for link in kernel.links.tunnels.values()} == {"ip6tnl"}
+    assert kernel.sysctl.values["net/ipv6/conf/all/forwarding"] == "1"
 
     def ipvs(doc):
         for svc in doc["services"].values():
             svc["dsr"]["engine"] = "ipvs"
 
     other = FakeKernel()
-    other.sysctls.update({key: "0" for key in LB_SYSCTLS})
+    other.sysctl.values.update({key: "0" for key in LB_SYSCTLS})
     run(example("l3-ip6tnl", ipvs), "lb1", other, StateStore(store.directory / "v6"))
-    web = other.ipvs["tcp [fd00:9::100]:80"]
+    web = other.ipvs.services["tcp [fd00:9::100]:80"]
     assert {(d.method, d.tun_type) for d in web.dests} == {("tunnel", "ipip")}
     assert dataclasses.replace(web, dests=()).family == 6

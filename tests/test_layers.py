@@ -10,6 +10,7 @@ with its reason.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "kdsr"
@@ -169,12 +170,86 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+# The kernel layer is one backend per subsystem (kdsr/kernel/__init__.py):
+# a backend's modules are its class, its helpers and its fake, by name
+# (``kdsr.kernel.<name>`` and ``kdsr.kernel.fake.<name>``).  No backend's
+# modules import another backend's; what they share is listed here, and only
+# the composition of them all (the kernel handles, the readers) imports more
+# than one backend.
+BACKENDS = {
+    "nft": r"nft(_\w+)?",
+    "links": r"links|rtnl_\w+",
+    "ipvs": r"ipvs(adm)?",
+    "bird": r"bird",
+    "keepalived": r"keepalived",
+    "sysctl": r"sysctl",
+    "xdp": r"xdp",
+}
+KERNEL_SHARED = {
+    "kdsr.kernel": "KernelError and the backends' interfaces",
+    "kdsr.kernel.netlink": "the netlink message layout (nftables' generation, rtnetlink)",
+    "kdsr.kernel.fragment_file": "a daemon's config fragment, checked in place (BIRD, keepalived)",
+    "kdsr.kernel.statefiles": "kdsr's own files, no symlinks followed",
+    "kdsr.kernel.fake.log": "the writes every fake backend received",
+}
+KERNEL_WHOLE = {
+    "kdsr.kernel.system": "the real kernel: one of each backend",
+    "kdsr.kernel.fake": "the fake kernel: one of each fake",
+    "kdsr.kernel.observe": "reads every backend into Observed",
+    "kdsr.kernel.state": "kdsr's ownership records",
+}
+
+
+def backend_of(name: str) -> str | None:
+    match = re.fullmatch(r"kdsr\.kernel\.(?:fake\.)?(\w+)", name)
+    if match is None or name in KERNEL_SHARED or name in KERNEL_WHOLE:
+        return None
+    return next((b for b, pattern in BACKENDS.items() if re.fullmatch(pattern, match.group(1))), None)
+
+
+def test_every_kernel_module_is_a_backends_or_listed():
+    kernel = [n for n in MODULES if _starts(n, "kdsr.kernel")]
+    unplaced = [n for n in kernel if n not in KERNEL_SHARED and n not in KERNEL_WHOLE and backend_of(n) is None]
+    assert not unplaced, "kernel modules of no backend (name them after one, or list them):\n" + "\n".join(unplaced)
+
+
+def test_backends_do_not_import_each_other():
+    wrong = []
+    for name in MODULES:
+        here = backend_of(name)
+        if here is None:
+            continue
+        for target, _inner in imports(name):
+            there = backend_of(target)
+            if there is not None and there != here:
+                wrong.append(f"{name} ({here}) imports {target} ({there})")
+    assert not wrong, "a backend imports another:\n" + "\n".join(sorted(set(wrong)))
+
+
+def test_the_kernel_is_composed_not_inherited():
+    """No mixins: a class in kdsr/kernel/ has at most one base, and reaches
+    into no other class through ``type: ignore``."""
+    found = []
+    for name, path in MODULES.items():
+        if not _starts(name, "kdsr.kernel"):
+            continue
+        text = path.read_text()
+        if "type: ignore" in text:
+            found.append(f"{name}: type: ignore")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and len(node.bases) > 1:
+                found.append(f"{name}: class {node.name} has {len(node.bases)} bases")
+    assert not found, "\n".join(found)
+
+
 def test_the_rules_catch_what_they_are_for(tmp_path, monkeypatch):
     """The checks themselves: a circle hidden in a function, and an import up the layers, are found."""
     fake = {
         "kdsr.intent.a": "def f():\n    from kdsr.intent import b\n",
         "kdsr.intent.b": "from kdsr.intent import a\n",
         "kdsr.kernel.c": "from kdsr.diff import Plan\n",
+        "kdsr.kernel.nft_d": "from kdsr.kernel.links import Links\n",
+        "kdsr.kernel.e": "class Both(A, B):\n    pass\n",
     }
     for name, text in fake.items():
         path = tmp_path / (name.replace(".", "/") + ".py")
@@ -185,10 +260,15 @@ def test_the_rules_catch_what_they_are_for(tmp_path, monkeypatch):
         test_no_import_cycles,
         test_imports_go_down_the_layers,
         test_imports_inside_functions_only_for_start_up,
+        test_backends_do_not_import_each_other,
+        test_every_kernel_module_is_a_backends_or_listed,
+        test_the_kernel_is_composed_not_inherited,
     ):
         try:
             check()
         except AssertionError as exc:
-            assert "kdsr.intent" in str(exc) or "kdsr.kernel.c" in str(exc)
+            assert any(
+                name in str(exc) for name in ("kdsr.intent", "kdsr.kernel.c", "kdsr.kernel.nft_d", "kdsr.kernel.e")
+            )
         else:
             raise AssertionError(f"{check.__name__} found nothing")

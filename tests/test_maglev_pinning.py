@@ -207,7 +207,7 @@ def test_show_reports_maglev_shares_of_a_pinned_pool(tmp_path):
     kernel, store = FakeKernel(), StateStore(tmp_path)
     it = intent(drain_first)
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    kernel.counts[server_chain_name("web", "10.10.0.12")] = (7, 700)
+    kernel.nft.counts[server_chain_name("web", "10.10.0.12")] = (7, 700)
     report = operations.show(kernel, store, "lb1", it)
     web = next(s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning)
     shares = dict(collections.Counter(web.addresses()))

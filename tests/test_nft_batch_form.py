@@ -1,4 +1,4 @@
-"""Which form a batch goes to libnftables in (kdsr/kernel/system.py
+"""Which form a batch goes to libnftables in (kdsr/kernel/nft.py
 ``_as_text``): JSON normally; text when JSON cannot say it (flow pinning) or
 when the batch is large enough that JSON's parser costs ~100 MB more."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from kdsr.compile import compile_node
 from kdsr.diff import diff_table
 from kdsr.intent import load_intent, parse_intent
-from kdsr.kernel import nft_text, system
+from kdsr.kernel import nft, nft_text
 from kdsr.kernel.nft_json import batch_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +26,15 @@ def first_batch(intent, family: str = "netdev") -> list[dict]:
 
 def test_a_small_batch_goes_as_json(monkeypatch):
     commands = first_batch(load_intent(ROOT / "examples" / "l2-web.json"))
-    assert 0 < nft_text.element_count(commands) < system.TEXT_BATCH_ELEMENTS
-    assert system._as_text(commands) is None
+    assert 0 < nft_text.element_count(commands) < nft.TEXT_BATCH_ELEMENTS
+    assert nft._as_text(commands) is None
 
 
 def test_a_batch_over_the_threshold_goes_as_text(monkeypatch):
     commands = first_batch(load_intent(ROOT / "examples" / "l2-web.json"))
     count = nft_text.element_count(commands)
-    monkeypatch.setattr(system, "TEXT_BATCH_ELEMENTS", count)
-    text = system._as_text(commands)
+    monkeypatch.setattr(nft, "TEXT_BATCH_ELEMENTS", count)
+    text = nft._as_text(commands)
     assert text is not None and text == nft_text.render(commands)
     assert text.startswith("add table netdev kdsr\n")
 
@@ -52,8 +52,8 @@ def test_what_text_cannot_say_stays_json_however_large(monkeypatch):
     # raw payloads that read an ICMP error's embedded header): a large batch
     # of them falls back to JSON instead of failing.
     commands = first_batch(load_intent(ROOT / "examples" / "l3-ipip.json"))
-    monkeypatch.setattr(system, "TEXT_BATCH_ELEMENTS", 0)
-    assert system._as_text(commands) is None
+    monkeypatch.setattr(nft, "TEXT_BATCH_ELEMENTS", 0)
+    assert nft._as_text(commands) is None
 
 
 def test_flow_pinning_still_goes_as_text_and_elements_are_not_walked(monkeypatch):
@@ -63,7 +63,7 @@ def test_flow_pinning_still_goes_as_text_and_elements_are_not_walked(monkeypatch
         service.setdefault("hashing", {})["flow_pinning"] = True
     commands = first_batch(parse_intent(json.dumps(pinned), "pinned.json"))
     assert nft_text.needs_text(commands)
-    assert system._as_text(commands) is not None
+    assert nft._as_text(commands) is not None
     # An element command is never walked: its values cannot hold a statement.
     walked = []
     monkeypatch.setattr(nft_text, "_needs_text", lambda value: walked.append(value) or False)

@@ -29,7 +29,7 @@ def _intent(doc):
 
 def _applied(tmp_path, doc, node="lb1"):
     kernel, store = FakeKernel(), StateStore(tmp_path / "state")
-    kernel.sysctls.update({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
+    kernel.sysctl.values.update({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
     operations.apply(operations.prepare(_intent(doc), node, kernel, store), kernel, store)
     return kernel, store
 

@@ -75,7 +75,7 @@ def test_an_edited_intent_is_planned_in_full(tmp_path, intent, kernel, loads):
 
 def test_a_hand_made_nftables_change_is_planned_in_full(tmp_path, intent, kernel, loads):
     apply_twice(tmp_path, intent, "lb1")
-    table = kernel.tables[("netdev", "kdsr")]
+    table = kernel.nft.tables[("netdev", "kdsr")]
     slots = next(elements for name, (_decl, elements) in table.maps.items() if name.startswith("pool-web-v4"))
     del slots[min(slots)]
     kernel.hand_edit()
@@ -88,7 +88,7 @@ def test_a_changed_sysctl_is_seen_without_compiling(tmp_path, intent, kernel, lo
     copy of what the intent wants is diffed against a fresh read; a
     difference sends the plan down the full path, which names it."""
     apply_twice(tmp_path, intent, "s1")
-    kernel.sysctls["net/ipv4/conf/all/arp_ignore"] = "0"
+    kernel.sysctl.values["net/ipv4/conf/all/arp_ignore"] = "0"
     plan = kdsr(tmp_path, "plan", str(intent), "--node", "s1", "--detailed-exitcode")
     assert plan.exit_code == 2 and "arp_ignore" in plan.output and len(loads) == 2, plan.output
 
@@ -120,11 +120,11 @@ def test_a_drain_another_kdsr_or_another_node_is_planned_in_full(tmp_path, inten
 
 
 def test_no_receipt_when_another_commit_came_between(tmp_path, intent, kernel, loads, monkeypatch):
-    real = kernel.nft_token
-    monkeypatch.setattr(kernel, "nft_token", lambda f, n: (real(f, n)[0], False))
+    real = kernel.nft.token
+    monkeypatch.setattr(kernel.nft, "token", lambda f, n: (real(f, n)[0], False))
     apply_twice(tmp_path, intent, "lb1")
     assert len(loads) == 2
-    monkeypatch.setattr(kernel, "nft_token", lambda f, n: None)
+    monkeypatch.setattr(kernel.nft, "token", lambda f, n: None)
     kdsr(tmp_path, "apply", str(intent), "--node", "lb1")
     assert len(loads) == 3
 
@@ -197,6 +197,6 @@ def test_a_missing_announce_route_is_planned_in_full(tmp_path, kernel, loads):
     assert "No changes" in apply_twice(tmp_path, intent, "lb1").output
     assert len(loads) == 1
     gone = announce_routes(compile_node(example, "lb1").bird)[0]
-    kernel.announce.remove(gone)
+    kernel.links.announce.remove(gone)
     plan = kdsr(tmp_path, "plan", str(intent), "--node", "lb1", "--detailed-exitcode")
     assert plan.exit_code == 2 and f"+ announce route {gone.prefix}" in plan.output and len(loads) == 2, plan.output

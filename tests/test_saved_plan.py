@@ -45,9 +45,9 @@ def test_the_saved_plan_is_applied_and_the_next_plan_is_empty(tmp_path, intent, 
 
 def test_drift_since_the_plan_makes_it_stale_and_nothing_is_written(tmp_path, intent, kernel):
     kdsr(tmp_path, "apply", str(intent), "--node", "s1")
-    kernel.sysctls["net/ipv4/conf/all/arp_ignore"] = "0"  # someone resets a sysctl kdsr set
+    kernel.sysctl.values["net/ipv4/conf/all/arp_ignore"] = "0"  # someone resets a sysctl kdsr set
     out = save_plan(tmp_path, intent)
-    kernel.addresses["lo"].clear()  # ...and, after the review, deletes the VIPs
+    kernel.links.addresses["lo"].clear()  # ...and, after the review, deletes the VIPs
     writes = kernel.writes
     result = kdsr(tmp_path, "apply", "--plan-file", str(out))
     assert result.exit_code == EXIT_STALE_PLAN, result.output
@@ -70,8 +70,8 @@ def test_another_apply_since_the_plan_makes_it_stale(tmp_path, intent, kernel):
 
 def test_state_kdsr_does_not_manage_does_not_make_a_plan_stale(tmp_path, intent, kernel):
     out = save_plan(tmp_path, intent)
-    kernel.addr_add(Address(ifname="eth0", cidr="192.0.2.9/24"))  # foreign, unrelated
-    kernel.sysctls["net/ipv4/ip_forward"] = "1"
+    kernel.links.addr_add(Address(ifname="eth0", cidr="192.0.2.9/24"))  # foreign, unrelated
+    kernel.sysctl.values["net/ipv4/ip_forward"] = "1"
     result = kdsr(tmp_path, "apply", "--plan-file", str(out))
     assert result.exit_code == 0, result.output
 
@@ -82,8 +82,8 @@ def test_the_plan_carries_its_intent_so_a_later_edit_changes_nothing(tmp_path, i
     doc["services"]["web"]["vip"] = "10.10.0.200"
     intent.write_text(json.dumps(doc))
     assert kdsr(tmp_path, "apply", "--plan-file", str(out)).exit_code == 0
-    assert "10.10.0.200/32" not in {a.cidr for a in kernel.addresses["lo"]}
-    assert "10.10.0.100/32" in {a.cidr for a in kernel.addresses["lo"]}
+    assert "10.10.0.200/32" not in {a.cidr for a in kernel.links.addresses["lo"]}
+    assert "10.10.0.100/32" in {a.cidr for a in kernel.links.addresses["lo"]}
 
 
 def test_bad_plan_files_and_arguments_are_usage_errors(tmp_path, intent, kernel):
@@ -113,7 +113,7 @@ def test_dry_run_of_a_saved_plan_checks_it_and_writes_nothing(tmp_path, intent, 
     out = save_plan(tmp_path, intent)
     result = kdsr(tmp_path, "apply", "--plan-file", str(out), "--dry-run")
     assert result.exit_code == 0 and "+ address" in result.output, result.output
-    kernel.sysctls["net/ipv4/conf/all/arp_ignore"] = "2"
+    kernel.sysctl.values["net/ipv4/conf/all/arp_ignore"] = "2"
     assert kdsr(tmp_path, "apply", "--plan-file", str(out), "--dry-run").exit_code == EXIT_STALE_PLAN
     assert kernel.writes == 0
 

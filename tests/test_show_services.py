@@ -60,14 +60,14 @@ def _service(doc: dict, name: str) -> dict:
 
 
 def _count(kernel: FakeKernel, vip: str, proto: str, port: int, packets: int) -> None:
-    kernel.counts[("services-v4", (vip, proto, (port, port)))] = (packets, packets * 100)
+    kernel.nft.counts[("services-v4", (vip, proto, (port, port)))] = (packets, packets * 100)
 
 
 def test_each_service_with_its_pool_servers_states_weights_shares_and_counters(tmp_path, kernel, applied):
     _count(kernel, "10.10.0.100", "tcp", 80, 30)
     _count(kernel, "10.10.0.100", "tcp", 443, 12)
-    kernel.counts[server_chain_name("web", S1)] = (20, 2000)
-    kernel.counts[server_chain_name("web", S2)] = (22, 2200)
+    kernel.nft.counts[server_chain_name("web", S1)] = (20, 2000)
+    kernel.nft.counts[server_chain_name("web", S2)] = (22, 2200)
     shown = run_kdsr(tmp_path, "show", str(applied), "--json")
     assert shown.exit_code == 0, shown.output
     doc = json.loads(shown.output)
@@ -158,7 +158,7 @@ def test_rates_come_from_two_reads(kernel, tmp_path, applied):
     store = StateStore(tmp_path / "state")
     before = operations.show(kernel, store, "lb1")
     _count(kernel, "10.10.0.100", "tcp", 80, 200)
-    kernel.counts[server_chain_name("web", S1)] = (200, 20000)
+    kernel.nft.counts[server_chain_name("web", S1)] = (200, 20000)
     after = operations.show(kernel, store, "lb1")
     doc = operations.show_document(after, None, before, 2.0)
     web = _service(doc, "web")
@@ -205,4 +205,4 @@ def test_the_kernel_report_keeps_the_rows_the_metrics_read(kernel, tmp_path, app
     rows = [r for r in report["servers"] if r["pool"] == "web"]
     assert {r["server"] for r in rows} == {S1, S2, S3}
     assert all(r["selector"].startswith("pool-web-v4-") and r["counted_in"].startswith("server-web-v4-") for r in rows)
-    assert service_view.read_listing(kernel.nft_listing("netdev", "kdsr"))["servers"] == report["servers"]
+    assert service_view.read_listing(kernel.nft.listing("netdev", "kdsr"))["servers"] == report["servers"]

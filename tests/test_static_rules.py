@@ -57,7 +57,7 @@ def _plan(doc, kernel, store):
 def test_a_service_added_or_removed_is_map_elements_only(case, name, tmp_path):
     example, shape, vip, extra = CASES[case]
     kernel, store = FakeKernel(), StateStore(tmp_path / "state")
-    kernel.sysctls.update({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
+    kernel.sysctl.values.update({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
     base = _doc(example, shape)
     pool = next(iter(base["pools"]))
     operations.apply(operations.prepare(_intent(base), "lb1", kernel, store), kernel, store)

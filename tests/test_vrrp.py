@@ -234,7 +234,7 @@ def test_apply_opens_the_gates_last_after_the_read_back_and_a_second_apply_chang
         f"write keepalived fragment {FILES['fragment']} (2 VRRP instances) and reload keepalived",
     ]
     assert kernel.ops.index(f"gate {gate} 0") > max(i for i, op in enumerate(kernel.ops) if op.startswith("nft"))
-    assert kernel.keepalived_loaded == kernel.keepalived_files[FILES["fragment"]]
+    assert kernel.keepalived.loaded == kernel.keepalived.files[FILES["fragment"]]
     state = store.load("lb1")
     assert state.keepalived_files == [FILES["config"], FILES["fragment"], FILES["pid_file"]]
     assert len(state.gates) == 2
@@ -242,25 +242,25 @@ def test_apply_opens_the_gates_last_after_the_read_back_and_a_second_apply_chang
 
 
 def test_a_fast_path_that_does_not_read_back_never_opens_a_gate(kernel, store):
-    real_apply = kernel.nft_apply
+    real_apply = kernel.nft.apply
 
     def apply_then_lose(commands, check_only=False, becomes=None):
         proved = real_apply(commands, check_only=check_only, becomes=becomes)
         if not check_only:
-            kernel.tables.clear()
+            kernel.nft.tables.clear()
         return proved
 
-    kernel.nft_apply = apply_then_lose
+    kernel.nft.apply = apply_then_lose
     with pytest.raises(ApplyError) as info:
         operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
     assert "read-back after apply does not match" in str(info.value)
-    assert kernel.gate_files == {} and kernel.keepalived_files == {}
+    assert kernel.keepalived.gates == {} and kernel.keepalived.files == {}
 
 
 def test_health_gives_a_vip_up_by_its_gate_first_and_keeps_a_shared_one(kernel, store):
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    loaded = kernel.keepalived_loaded
+    loaded = kernel.keepalived.loaded
     prepared = operations.prepare(it, "lb1", kernel, store, down=frozenset({("media", "10.10.0.12")}))
     assert [(c.action, c.ident) for c in prepared.plan.changes if c.kind.startswith(("vrrp", "keepalived"))] == [
         ("update", FILES["track_dir"] + "/kdsr-vrrp-v4_52")
@@ -270,9 +270,9 @@ def test_health_gives_a_vip_up_by_its_gate_first_and_keeps_a_shared_one(kernel, 
     assert "given up here (no healthy server in pool media)" in text
     result = operations.apply(prepared, kernel, store)
     assert result.steps[0].startswith(f"close VRRP gate {FILES['track_dir']}/kdsr-vrrp-v4_52")
-    assert kernel.gate_files[FILES["track_dir"] + "/kdsr-vrrp-v4_52"] == "1"
-    assert kernel.gate_files[FILES["track_dir"] + "/kdsr-vrrp-v4_51"] == "0"
-    assert kernel.keepalived_loaded is loaded  # keepalived was not reloaded
+    assert kernel.keepalived.gates[FILES["track_dir"] + "/kdsr-vrrp-v4_52"] == "1"
+    assert kernel.keepalived.gates[FILES["track_dir"] + "/kdsr-vrrp-v4_51"] == "0"
+    assert kernel.keepalived.loaded is loaded  # keepalived was not reloaded
     result = operations.apply(operations.prepare(it, "lb1", kernel, store, down=frozenset()), kernel, store)
     assert result.steps[-1].startswith(f"open VRRP gate {FILES['track_dir']}/kdsr-vrrp-v4_52")
 
@@ -280,9 +280,9 @@ def test_health_gives_a_vip_up_by_its_gate_first_and_keeps_a_shared_one(kernel, 
 def test_gate_and_fragment_drift_is_planned_back(kernel, store):
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    kernel.gate_files[FILES["track_dir"] + "/kdsr-vrrp-v4_51"] = "1"
-    del kernel.gate_files[FILES["track_dir"] + "/kdsr-vrrp-v4_52"]
-    kernel.keepalived_files[FILES["fragment"]] += "# an edit\n"
+    kernel.keepalived.gates[FILES["track_dir"] + "/kdsr-vrrp-v4_51"] = "1"
+    del kernel.keepalived.gates[FILES["track_dir"] + "/kdsr-vrrp-v4_52"]
+    kernel.keepalived.files[FILES["fragment"]] += "# an edit\n"
     plan = operations.prepare(it, "lb1", kernel, store).plan
     assert sorted((c.action, c.kind) for c in plan.changes) == [
         ("create", "vrrp gate"),
@@ -300,7 +300,7 @@ def test_after_a_reboot_the_fragment_alone_owns_nothing_until_kdsr_applies(kerne
     it = intent()
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
     rebooted = FakeKernel()
-    rebooted.keepalived_files = dict(kernel.keepalived_files)
+    rebooted.keepalived.files = dict(kernel.keepalived.files)
     prepared = operations.prepare(it, "lb1", rebooted, store)
     assert not prepared.plan.of_kind("keepalived config")
     result = operations.apply(prepared, rebooted, store)
@@ -317,29 +317,29 @@ def test_destroy_removes_the_fragment_first_then_the_gates_and_leaves_nothing(ke
         f"remove VRRP gate {FILES['track_dir']}/kdsr-vrrp-v4_51",
         f"remove VRRP gate {FILES['track_dir']}/kdsr-vrrp-v4_52",
     ]
-    assert kernel.keepalived_files == {} and kernel.gate_files == {} and kernel.tables == {}
-    assert kernel.keepalived_loaded == ""
+    assert kernel.keepalived.files == {} and kernel.keepalived.gates == {} and kernel.nft.tables == {}
+    assert kernel.keepalived.loaded == ""
     assert store.load("lb1").empty
     assert operations.prepare_destroy("lb1", kernel, store).plan.empty
 
 
 def test_destroy_with_keepalived_stopped_removes_the_fragment_without_a_reload_and_says_so(kernel, store):
     operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
-    kernel.keepalived_stopped = True
+    kernel.keepalived.stopped = True
     prepared = operations.prepare_destroy("lb1", kernel, store)
     assert any("keepalived is not running" in note for note in prepared.plan.notes)
     result = operations.apply(prepared, kernel, store)
     assert result.steps[0].endswith("(keepalived is not running: no reload)")
     assert any("was removed without a reload" in note for note in result.notes)
-    assert kernel.keepalived_files == {}
+    assert kernel.keepalived.files == {}
 
 
 def test_keepalived_missing_or_stopped_is_exit_7_before_any_write(kernel, store):
-    kernel.keepalived_stopped = True
+    kernel.keepalived.stopped = True
     with pytest.raises(KeepalivedUnavailableError) as info:
         operations.prepare(intent(), "lb1", kernel, store)
     assert info.value.exit_code == 7 and "not running" in str(info.value)
-    kernel.keepalived_files = None
+    kernel.keepalived.files = None
     with pytest.raises(KeepalivedUnavailableError) as info:
         operations.prepare(intent(), "lb1", kernel, store)
     assert "apt-get install keepalived" in str(info.value) or "not installed" in str(info.value)
@@ -349,7 +349,7 @@ def test_keepalived_missing_or_stopped_is_exit_7_before_any_write(kernel, store)
 def test_a_missing_track_directory_is_exit_7_before_any_write(kernel, store):
     """keepalived would drop a track file whose directory is missing and own
     the VIP unguarded: kdsr refuses instead."""
-    kernel.missing_dirs.add(FILES["track_dir"])
+    kernel.keepalived.missing_dirs.add(FILES["track_dir"])
     with pytest.raises(KeepalivedUnavailableError) as info:
         operations.prepare(intent(), "lb1", kernel, store)
     assert info.value.exit_code == 7 and FILES["track_dir"] in str(info.value)
@@ -357,7 +357,7 @@ def test_a_missing_track_directory_is_exit_7_before_any_write(kernel, store):
 
 
 def test_a_fragment_keepalived_rejects_changes_nothing_and_names_the_intent_path(kernel, store):
-    kernel.keepalived_rejects = "virtual_router_id 52"
+    kernel.keepalived.rejects = "virtual_router_id 52"
     with pytest.raises(ApplyError) as info:
         operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
     assert info.value.exit_code == 6
@@ -366,7 +366,7 @@ def test_a_fragment_keepalived_rejects_changes_nothing_and_names_the_intent_path
 
 
 def test_a_fragment_kdsr_did_not_write_is_refused(kernel, store):
-    kernel.keepalived_files[FILES["fragment"]] = "vrrp_instance mine {\n}\n"
+    kernel.keepalived.files[FILES["fragment"]] = "vrrp_instance mine {\n}\n"
     with pytest.raises(ForeignObjectError):
         operations.prepare(intent(), "lb1", kernel, store)
 
@@ -426,7 +426,7 @@ def test_show_lists_each_vip_its_gate_and_whether_this_host_owns_it(kernel, stor
     from kdsr.model import Address
 
     operations.apply(operations.prepare(intent(), "lb1", kernel, store), kernel, store)
-    kernel.addresses["eth0"].append(Address("eth0", "10.10.0.100/32"))  # keepalived made lb1 the owner
+    kernel.links.addresses["eth0"].append(Address("eth0", "10.10.0.100/32"))  # keepalived made lb1 the owner
     report = operations.show(kernel, store, "lb1")
     assert [(v["vip"], v["gate"], v["owned_here"]) for v in report["vrrp"]] == [
         ("10.10.0.100/32", "0", True),

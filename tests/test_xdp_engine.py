@@ -44,7 +44,7 @@ intent = IntentDocs(BASE, "test.json").intent
 def kernel():
     k = FakeKernel()
     for family in ("ipv4", "ipv6"):
-        k.sysctls[f"net/{family}/conf/eth0/forwarding"] = "0"
+        k.sysctl.values[f"net/{family}/conf/eth0/forwarding"] = "0"
     return k
 
 

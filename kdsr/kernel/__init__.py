@@ -1,9 +1,20 @@
 """Readers and writers of kernel state.  The only package with side effects.
 
-``Kernel`` is the interface apply and the readers use; ``system.SystemKernel``
-talks to the real kernel (libnftables, rtnetlink via pyroute2, /proc/sys),
-``fake.FakeKernel`` is a validating in-memory stand-in for unit tests.
-Every write goes through one of these methods, so ``writes`` counts them.
+One backend per kernel subsystem, each a small class with a validating fake
+of its own (kdsr/kernel/fake/):
+
+- ``nft.Nftables``: kdsr's nftables tables (libnftables; JSON to read);
+- ``links.Links``: links, addresses, routes and rules (rtnetlink);
+- ``ipvs.Ipvs``: IPVS services and destinations (ipvsadm);
+- ``bird.Bird``: kdsr's BIRD fragment (bird -p, birdc);
+- ``keepalived.Keepalived``: kdsr's keepalived fragment and its track files;
+- ``sysctl.Sysctl``: /proc/sys;
+- ``xdp.XdpBackend``: kdsr's XDP program and its maps (libbpf).
+
+``Kernel`` holds one of each (``kernel.nft``, ``kernel.links``, ...):
+``system.SystemKernel`` the real ones, ``fake.FakeKernel`` the fakes.  Every
+write goes through a backend, and each counts its own; ``Kernel.writes`` is
+their sum.  The backends do not import one another (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -12,34 +23,49 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from kdsr.model import Address, AnnounceRoute, IpvsDest, IpvsService, Link, NftTable, Route, Rule
+from kdsr.model_xdp import XdpState
 
 if TYPE_CHECKING:
-    from kdsr.kernel.ipvs import IpvsCommand
+    from kdsr.kernel.ipvsadm import IpvsCommand
 
 
 class KernelError(Exception):
     """The kernel (or the fake) refused an operation."""
 
 
-class Kernel(Protocol):
+class NftBackend(Protocol):
     writes: int
 
-    def nft_read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]: ...
+    def read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]: ...
 
-    def nft_tables(self) -> list[tuple[str, str]]: ...
+    def list_tables(self) -> list[tuple[str, str]]: ...
 
     # The table's libnftables JSON listing as the kernel has it now, counters
     # included, never a kept read (None: no such table); `kdsr show` reads
     # counters and slots from it without building the model.
-    def nft_listing(self, family: str, name: str) -> list[dict] | None: ...
+    def listing(self, family: str, name: str) -> list[dict] | None: ...
 
-    def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool: ...
+    def apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool: ...
 
-    def nft_token(self, family: str, name: str) -> tuple[str, bool] | None: ...  # (token, read at it); see receipt.py
+    def token(self, family: str, name: str) -> tuple[str, bool] | None: ...  # (token, read at it); see receipt.py
 
-    # ``same`` equals ``read`` (what nft_read_table returned) as the diff
+    # ``same`` equals ``read`` (what read_table returned) as the diff
     # compares tables: keep ``same`` as that read (see observe.keep_unchanged).
-    def nft_adopt(self, read: NftTable, same: NftTable) -> None: ...
+    def adopt(self, read: NftTable, same: NftTable) -> None: ...
+
+    def available(self) -> bool: ...  # nf_tables answers (often built in: no /sys/module entry)
+
+
+class LinksBackend(Protocol):
+    writes: int
+
+    def link_exists(self, ifname: str) -> bool: ...
+
+    def link_list(self, prefix: str) -> list[Link]: ...
+
+    def link_add(self, link: Link) -> None: ...
+
+    def link_del(self, name: str) -> None: ...
 
     def addr_list(self, ifname: str) -> list[Address]: ...
 
@@ -48,22 +74,7 @@ class Kernel(Protocol):
     # batch goes on past a refused message), naming the first refused.
     def addr_write(self, add: bool, addrs: Sequence[Address], done: list[Address]) -> None: ...
 
-    def sysctl_read(self, key: str) -> str | None: ...
-
-    def sysctl_write(self, key: str, value: str) -> None: ...
-
     def local_addresses(self) -> set[str]: ...
-
-    def link_exists(self, ifname: str) -> bool: ...
-
-    # L3 and IPVS
-    def modules_missing(self, names: tuple[str, ...]) -> list[str]: ...
-
-    def link_list(self, prefix: str) -> list[Link]: ...
-
-    def link_add(self, link: Link) -> None: ...
-
-    def link_del(self, name: str) -> None: ...
 
     def route_list(self) -> list[Route]: ...
 
@@ -84,54 +95,111 @@ class Kernel(Protocol):
 
     def rule_del(self, rule: Rule) -> None: ...
 
-    def ipvs_list(self) -> list[IpvsService]: ...
+
+class IpvsBackend(Protocol):
+    writes: int
+
+    def list_all(self) -> list[IpvsService]: ...
 
     # Those of ``services`` the kernel holds, as it holds them, each listed
     # by its selector (an apply's read-back of what it wrote).
-    def ipvs_list_some(self, services: list[IpvsService]) -> list[IpvsService]: ...
+    def list_some(self, services: list[IpvsService]) -> list[IpvsService]: ...
 
-    def ipvs_service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
+    def service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
 
-    def ipvs_dest(self, verb: str, svc: IpvsService, dest: IpvsDest) -> None: ...  # "-a", "-e", "-d"
+    def dest(self, verb: str, svc: IpvsService, dest: IpvsDest) -> None: ...  # "-a", "-e", "-d"
 
     # Many ipvsadm writes in one go (ipvs.IpvsCommand).  Not a transaction:
     # raises KernelError naming a failed command; which of the others took
-    # effect is unknown (SystemKernel: ipvsadm -R runs the lines after a
-    # refused one; FakeKernel: stops there), so a caller lists the kernel again.
-    def ipvs_batch(self, commands: list[IpvsCommand]) -> None: ...
+    # effect is unknown (Ipvs: ipvsadm -R runs the lines after a refused
+    # one; FakeIpvs: stops there), so a caller lists the kernel again.
+    def batch(self, commands: list[IpvsCommand]) -> None: ...
 
-    # BIRD (kdsr/kernel/bird.py): kdsr's fragment, checked and loaded.
-    def bird_read(self, fragment: str) -> str | None: ...
 
-    def bird_ready(self, config: str, fragment: str, socket: str) -> None: ...  # BirdError: missing, stopped
+class BirdBackend(Protocol):
+    """kdsr's fragment of BIRD's config, checked and loaded (kdsr/kernel/bird.py)."""
 
-    def bird_check(self, config: str, fragment: str, text: str) -> None: ...  # BirdError: rejected
+    writes: int
 
-    def bird_running(self, socket: str) -> bool: ...
+    def read(self, fragment: str) -> str | None: ...
+
+    def ready(self, config: str, fragment: str, socket: str) -> None: ...  # BirdError: missing, stopped
+
+    def check(self, config: str, fragment: str, text: str) -> None: ...  # BirdError: rejected
+
+    def running(self, socket: str) -> bool: ...
 
     # Check, write and (``reload``) `birdc configure`; without reload (BIRD
     # is not running) BIRD reads the file when it starts.
-    def bird_install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None: ...
+    def install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None: ...
 
-    # keepalived (kdsr/kernel/keepalived.py): kdsr's fragment, checked with
-    # `keepalived -t` and loaded by SIGHUP; and the track files (gates).
-    def keepalived_read(self, fragment: str) -> str | None: ...
 
-    def keepalived_ready(
+class KeepalivedBackend(Protocol):
+    """kdsr's keepalived fragment, checked with `keepalived -t` and loaded by
+    SIGHUP; and the track files (gates).  kdsr/kernel/keepalived.py."""
+
+    writes: int
+
+    def read(self, fragment: str) -> str | None: ...
+
+    def ready(
         self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()
     ) -> None: ...  # KeepalivedError: missing, stopped, not included, no track directory
 
-    def keepalived_check(self, config: str, fragment: str, text: str) -> None: ...  # KeepalivedError: rejected
+    def check(self, config: str, fragment: str, text: str) -> None: ...  # KeepalivedError: rejected
 
-    def keepalived_running(self, pid_file: str) -> bool: ...
+    def running(self, pid_file: str) -> bool: ...
 
     # ``text`` None removes the fragment; without ``reload`` keepalived is not running.
-    def keepalived_install(
-        self, config: str, fragment: str, pid_file: str, text: str | None, reload: bool = True
-    ) -> None: ...
+    def install(self, config: str, fragment: str, pid_file: str, text: str | None, reload: bool = True) -> None: ...
 
     def gate_read(self, path: str) -> str | None: ...  # the track file's value, None: no file
 
     def gate_write(self, path: str, value: str) -> None: ...
 
     def gate_remove(self, path: str) -> None: ...
+
+
+class SysctlBackend(Protocol):
+    writes: int
+
+    def read(self, key: str) -> str | None: ...  # "net/ipv4/conf/all/rp_filter"; None: no such key
+
+    def write(self, key: str, value: str) -> None: ...
+
+
+class XdpEngine(Protocol):
+    """kdsr/kernel/xdp.py's XdpBackend (not imported here: it imports this package)."""
+
+    writes: int
+    warnings: list[str]  # what an attach found worth saying (generic XDP)
+
+    def read(self, ifname: str) -> tuple[XdpState | None, str]: ...  # (kdsr's state, a foreign program)
+
+    def attach(self, ifname: str, force: bool = False) -> None: ...
+
+    def detach(self, ifname: str) -> None: ...
+
+    def converge(self, want: XdpState) -> None: ...
+
+    def counters(self, ifname: str) -> dict: ...
+
+
+class Kernel(Protocol):
+    nft: NftBackend
+    links: LinksBackend
+    ipvs: IpvsBackend
+    bird: BirdBackend
+    keepalived: KeepalivedBackend
+    sysctl: SysctlBackend
+
+    @property
+    def xdp(self) -> XdpEngine: ...
+
+    @property
+    def writes(self) -> int: ...  # every backend's writes, summed
+
+    # Kernel modules the names of which are missing and cannot be loaded.
+    def modules_missing(self, names: tuple[str, ...]) -> list[str]: ...
+
+    def close(self) -> None: ...

@@ -105,3 +105,51 @@ def configure(socket: str) -> None:
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0 or not re.search(r"Reconfigured|Reconfiguration in progress", output):
         raise BirdError(f"birdc configure failed: {output.splitlines()[-1] if output else result.returncode}")
+
+
+class Bird:
+    """kdsr's fragment of a running BIRD's config, through BIRD's own tools."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def read(self, fragment: str) -> str | None:
+        return read_fragment(fragment)
+
+    def ready(self, config: str, fragment: str, socket: str) -> None:
+        require_installed()
+        require_running(config, socket)
+        main_config(config, fragment)
+
+    def check(self, config: str, fragment: str, text: str) -> None:
+        check(config, fragment, text)
+
+    def running(self, socket: str) -> bool:
+        try:
+            return running(socket)
+        except BirdError:  # birdc missing, or no answer in time
+            return False
+
+    def install(self, config: str, fragment: str, socket: str, text: str, reload: bool = True) -> None:
+        """Check, write, reload; on a reload BIRD refuses, put the old fragment back.
+
+        Without ``reload`` (BIRD is not running): check and write.  Where
+        BIRD is not even installed, nothing can check the file, and nothing
+        reads it either."""
+        try:
+            check(config, fragment, text)
+        except BirdError as exc:
+            if reload or not exc.missing:
+                raise
+        previous = read_fragment(fragment)
+        write_fragment(config, fragment, text)
+        self.writes += 1
+        if not reload:
+            return
+        try:
+            configure(socket)
+        except BirdError:
+            if previous is not None:
+                write_fragment(config, fragment, previous)
+                configure(socket)
+            raise

@@ -152,7 +152,7 @@ def remove_file(path: str) -> None:
         pass
 
 
-def reload(pid_file: str) -> None:
+def reload_config(pid_file: str) -> None:
     """SIGHUP to keepalived; KeepalivedError if it is not running, or not after the reload."""
     pid = running_pid(pid_file)
     if pid is None:
@@ -164,3 +164,65 @@ def reload(pid_file: str) -> None:
     time.sleep(RELOAD_SETTLE)
     if running_pid(pid_file) != pid:
         raise KeepalivedError(f"keepalived (pid {pid}) did not survive the reload: see its log")
+
+
+class Keepalived:
+    """kdsr's fragment of a running keepalived's config and its track files
+    (gates), through keepalived's own config test and SIGHUP."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def read(self, fragment: str) -> str | None:
+        return read_file(fragment)
+
+    def ready(self, config: str, fragment: str, pid_file: str, track_dirs: tuple[str, ...] = ()) -> None:
+        require_installed()
+        require_running(config, pid_file)
+        main_config(config, fragment)
+        for track_dir in track_dirs:
+            require_track_dir(track_dir)
+
+    def check(self, config: str, fragment: str, text: str) -> None:
+        check(config, fragment, text)
+
+    def running(self, pid_file: str) -> bool:
+        return running_pid(pid_file) is not None
+
+    def install(self, config: str, fragment: str, pid_file: str, text: str | None, reload: bool = True) -> None:
+        """Check, write (``text`` None: remove the fragment), reload; on a
+        reload keepalived does not survive, put the old fragment back.
+
+        Without ``reload`` (keepalived is not running): only a removal, which
+        needs no check: a stopped keepalived owns nothing, and ignores the
+        missing include when it starts."""
+        if text is not None:
+            check(config, fragment, text)
+        previous = read_file(fragment)
+        if text is None:
+            remove_file(fragment)
+        else:
+            write_file(fragment, text)
+        self.writes += 1
+        if not reload:
+            return
+        try:
+            reload_config(pid_file)
+        except KeepalivedError:
+            if previous is not None:
+                write_file(fragment, previous)
+            else:
+                remove_file(fragment)
+            raise
+
+    def gate_read(self, path: str) -> str | None:
+        text = read_file(path, limit=64)
+        return None if text is None else text.strip()
+
+    def gate_write(self, path: str, value: str) -> None:
+        write_file(path, value + "\n", GATE_MODE)
+        self.writes += 1
+
+    def gate_remove(self, path: str) -> None:
+        remove_file(path)
+        self.writes += 1

@@ -43,7 +43,7 @@ def read_tables(kernel: Kernel, desired: Desired, state: NodeState, orphans: boo
         if f"{family} {name}" not in wanted and not orphans:
             continue
         # Reuse a read no nftables transaction has outdated (nft_generation.py).
-        table, _listing = kernel.nft_read_table(family, name, reuse=True)
+        table, _listing = kernel.nft.read_table(family, name, reuse=True)
         if table is not None:
             tables.append(table)
     return tables
@@ -64,7 +64,7 @@ def observe(
     addresses: list[Address] = []
     owned: set[str] = set()
     for ifname in sorted(interfaces):
-        for addr in kernel.addr_list(ifname):
+        for addr in kernel.links.addr_list(ifname):
             mine = addr.ident in state.owned_addresses or addr.label.endswith(OWNED_LABEL_SUFFIX)
             if mine:
                 owned.add(addr.ident)
@@ -74,7 +74,7 @@ def observe(
     keys = {s.key for s in desired.sysctls} | set(state.sysctl_previous)
     sysctls = []
     for key in sorted(keys):
-        value = kernel.sysctl_read(key)
+        value = kernel.sysctl.read(key)
         if value is not None:
             sysctls.append(Sysctl(key=key, value=value))
 
@@ -84,7 +84,7 @@ def observe(
     # did (destroy, an intent without bgp), or by a destroy without records.
     bgp = bool(desired.bird or desired.announce or state.bird_files or orphans)
     if desired.ipvs or state.ipvs:
-        ipvs, foreign_ipvs = _ipvs(ipvs_list or kernel.ipvs_list, desired, state)
+        ipvs, foreign_ipvs = _ipvs(ipvs_list or kernel.ipvs.list_all, desired, state)
     else:
         ipvs, foreign_ipvs = [], frozenset()
     xdp, foreign_xdp = _xdp(kernel, desired, state)
@@ -93,8 +93,8 @@ def observe(
         foreign_xdp=foreign_xdp,
         links=tuple(links),
         foreign_links=foreign_links,
-        routes=tuple(sorted(kernel.route_list(), key=lambda r: r.ident)) if l3 else (),
-        rules=tuple(sorted(kernel.rule_list(naming.RULE_PRIORITY), key=lambda r: r.ident)) if l3 else (),
+        routes=tuple(sorted(kernel.links.route_list(), key=lambda r: r.ident)) if l3 else (),
+        rules=tuple(sorted(kernel.links.rule_list(naming.RULE_PRIORITY), key=lambda r: r.ident)) if l3 else (),
         ipvs=tuple(ipvs),
         foreign_ipvs=foreign_ipvs,
         tables=tuple(read_tables(kernel, desired, state, orphans)),
@@ -105,7 +105,7 @@ def observe(
         sysctl_previous=tuple(sorted(state.sysctl_previous.items())),
         sysctl_written=tuple(sorted(state.sysctl_written.items())),
         bird=_bird(kernel, desired, state),
-        announce=tuple(sorted(kernel.announce_list(), key=lambda r: r.ident)) if bgp else (),
+        announce=tuple(sorted(kernel.links.announce_list(), key=lambda r: r.ident)) if bgp else (),
         **_vrrp(kernel, desired, state),
     )
 
@@ -114,7 +114,7 @@ def observe_announcement(kernel: Kernel, desired: Desired, state: NodeState) -> 
     """Only what tells BIRD what to announce: the fragment and kdsr's announce table."""
     return Observed(
         bird=_bird(kernel, desired, state),
-        announce=tuple(sorted(kernel.announce_list(), key=lambda r: r.ident)),
+        announce=tuple(sorted(kernel.links.announce_list(), key=lambda r: r.ident)),
         **_vrrp(kernel, desired, state),
     )
 
@@ -129,7 +129,7 @@ def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, changed
     read = {t.ident: t for t in observed.tables}
     for table in desired.tables:
         if (table.family, table.name) not in touched and table.ident in read:
-            kernel.nft_adopt(read[table.ident], table)
+            kernel.nft.adopt(read[table.ident], table)
 
 
 def _bird(kernel: Kernel, desired: Desired, state: NodeState) -> BirdConfig | None:
@@ -141,7 +141,7 @@ def _bird(kernel: Kernel, desired: Desired, state: NodeState) -> BirdConfig | No
     else:
         return None
     config, fragment, socket = files
-    text = kernel.bird_read(fragment)
+    text = kernel.bird.read(fragment)
     if text is None:
         return None
     found = parse_model(text, config, fragment, socket)
@@ -174,7 +174,7 @@ def _vrrp(kernel: Kernel, desired: Desired, state: NodeState) -> dict:
     found = None
     if files:
         config, fragment, pid_file = files
-        text = kernel.keepalived_read(fragment)
+        text = kernel.keepalived.read(fragment)
         if text is not None:
             found = parse_keepalived(text, config, fragment, pid_file)
             if found is None:
@@ -184,7 +184,7 @@ def _vrrp(kernel: Kernel, desired: Desired, state: NodeState) -> dict:
     vips.update({g.path: g.vip for g in desired.gates})
     gates = []
     for path in sorted(set(vips) | state.gates):
-        value = kernel.gate_read(path)
+        value = kernel.keepalived.gate_read(path)
         if value is not None:
             gates.append(VrrpGate(path, open=value == "0", vip=vips.get(path, "")))
     return {"keepalived": found, "gates": tuple(gates)}
@@ -194,7 +194,7 @@ def _links(kernel: Kernel, state: NodeState, orphans: bool) -> tuple[list[Link],
     """Every link with kdsr's prefix, and which of them kdsr has no record of
     creating.  Destroy after a lost state directory (``orphans``) also takes
     links whose whole name is one only kdsr gives (kdsr/naming.py)."""
-    links = kernel.link_list(LINK_PREFIX)
+    links = kernel.links.link_list(LINK_PREFIX)
     if orphans:
         foreign = frozenset(x.name for x in links if x.name not in state.links and not naming.is_kdsr_link_name(x.name))
     else:
@@ -221,7 +221,7 @@ def _xdp(kernel: Kernel, desired: Desired, state: NodeState):
     interfaces = sorted(({desired.xdp.interface} if desired.xdp is not None else set()) | state.xdp)
     found, foreign = None, ""
     for ifname in interfaces:
-        if not kernel.link_exists(ifname):
+        if not kernel.links.link_exists(ifname):
             continue
         have, other = kernel.xdp.read(ifname)
         if have is not None and (found is None or desired.xdp is None or ifname == desired.xdp.interface):

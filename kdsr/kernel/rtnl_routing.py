@@ -1,13 +1,14 @@
-"""Links, routes and rules as kdsr reads them, over its own rtnetlink
-socket (rtnl_socket.py): every plan, ``show`` and no-op check reads them,
-and through pyroute2 the import and socket alone cost a CLI run more than
-the rest of a no-op check (bench/cli_noop.py).
+"""Links, routes and rules over kdsr's own rtnetlink socket (rtnl_socket.py):
+the dumps every plan, ``show`` and no-op check reads, and the requests that
+make and delete what kdsr owns.
 
 Only what kdsr compares is decoded (model.Link, model.Route, model.Rule):
 - a link's index, name, kind and, for its tunnel kinds, the two ends and the TTL;
 - a route's table, destination, type, output interface and gateway;
 - a rule's priority, firewall mark and table.
-Writes stay with pyroute2: they happen only when a plan changes something.
+The requests carry what ``ip`` sends for the same command (the attribute
+numbers are the kernel's uapi: linux/if_link.h, if_tunnel.h, rtnetlink.h,
+fib_rules.h).
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import errno
 import socket
 import struct
 
-from kdsr.kernel.netlink import attrs
-from kdsr.kernel.rtnl_socket import NetlinkError, RtnlSocket
+from kdsr.kernel.netlink import attr, attrs
+from kdsr.kernel.rtnl_socket import NLM_F_CREATE, NLM_F_EXCL, NetlinkError, RtnlSocket
 
 RTM_NEWLINK = 16
+RTM_DELLINK = 17
 RTM_GETLINK = 18
 RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
 RTM_GETROUTE = 26
 RTM_NEWRULE = 32
+RTM_DELRULE = 33
 RTM_GETRULE = 34
 
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -37,12 +41,25 @@ IFLA_INFO_DATA = 2
 # Where each tunnel kind keeps its local end, remote end and TTL (a u8)
 # inside IFLA_INFO_DATA: IFLA_IPTUN_* for ipip and ip6tnl, IFLA_GRE_* for gre.
 TUNNEL_ATTRS = {"ipip": (2, 3, 4), "ip6tnl": (2, 3, 4), "gre": (6, 7, 8)}
+IFLA_IPTUN_FLAGS = 8
+IFLA_IPTUN_PROTO = 9
+IFF_UP = 0x1
+IPPROTO_IPV6 = 41
+# IP6_TNL_F_IGN_ENCAP_LIMIT (linux/ip6_tunnel.h): no 8-byte encapsulation-limit
+# option, so the overhead is the 40-byte outer header only (what the MSS
+# clamp assumes).
+IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
 
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
 RTA_TABLE = 15
 RTN_UNICAST = 1
+RTPROT_UNSPEC = 0
+RTPROT_STATIC = 4
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_NOWHERE = 255  # in a delete: a route of any scope
+RT_TABLE_UNSPEC = 0
 ROUTE_TYPES = {
     1: "unicast",
     2: "local",
@@ -55,10 +72,13 @@ ROUTE_TYPES = {
     9: "throw",
     10: "nat",
 }
+ROUTE_TYPE_NUMBERS = {name: number for number, name in ROUTE_TYPES.items()}
 
 FRA_PRIORITY = 6
 FRA_FWMARK = 10
 FRA_TABLE = 15
+FRA_FWMASK = 16
+FR_ACT_TO_TBL = 1
 
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -166,3 +186,88 @@ def fwmark_rules(sock: RtnlSocket, family: int) -> list[tuple[int, int, int]]:
         priority = _u32(found_attrs.get(FRA_PRIORITY)) or 0
         found.append((priority, mark, _u32(found_attrs.get(FRA_TABLE)) or header_table))
     return found
+
+
+# ---------------------------------------------------------------- writes
+
+
+def _request(sock: RtnlSocket, kind: int, flags: int, body: bytes) -> None:
+    """One request, answered; NetlinkError if the kernel refused it."""
+    (error,) = sock.each_acknowledged(kind, flags, [body])
+    if error is not None:
+        raise error
+
+
+def _raw(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+
+
+def add_tunnel(sock: RtnlSocket, name: str, kind: str, local: str, remote: str, ttl: int) -> None:
+    """Make a tunnel link of ``kind`` (ipip, gre, ip6tnl) and bring it up in
+    the same request, as ``ip link add NAME up type KIND local L remote R ttl T``
+    does; ``remote`` "" accepts any.  An ip6tnl link carries IPv6 in IPv6
+    (proto 41) without the encapsulation-limit option."""
+    local_at, remote_at, ttl_at = TUNNEL_ATTRS[kind]
+    data = attr(local_at, _raw(local)) + attr(ttl_at, struct.pack("=B", ttl))
+    if remote:
+        data += attr(remote_at, _raw(remote))
+    if kind == "ip6tnl":
+        data += attr(IFLA_IPTUN_PROTO, struct.pack("=B", IPPROTO_IPV6))
+        data += attr(IFLA_IPTUN_FLAGS, struct.pack("=I", IP6_TNL_F_IGN_ENCAP_LIMIT))
+    info = attr(IFLA_INFO_KIND, kind.encode() + b"\0") + attr(IFLA_INFO_DATA, data)
+    body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP)
+    body += attr(IFLA_IFNAME, name.encode() + b"\0") + attr(IFLA_LINKINFO, info)
+    _request(sock, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def delete_link(sock: RtnlSocket, index: int) -> None:
+    _request(sock, RTM_DELLINK, 0, IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0))
+
+
+def write_route(
+    sock: RtnlSocket,
+    add: bool,
+    family: int,
+    table: int,
+    dst: str = "",
+    dst_len: int = 0,
+    oif: int = 0,
+    gateway: str = "",
+    route_type: int = RTN_UNICAST,
+) -> None:
+    """Add (or delete) a route of the family (4 or 6) in ``table``: to
+    ``dst``/``dst_len`` (none: the default route), out of interface index
+    ``oif`` (0: none), via ``gateway`` (""), of ``route_type``.  An add is
+    ``proto static``, scope global; a delete matches any protocol and scope,
+    but only the type asked for (the kernel's rule for deletes)."""
+    header_table = table if table < 256 else RT_TABLE_UNSPEC
+    if add:
+        protocol, scope = RTPROT_STATIC, RT_SCOPE_UNIVERSE
+    else:
+        protocol, scope = RTPROT_UNSPEC, RT_SCOPE_NOWHERE
+    body = RTMSG.pack(FAMILIES[family], dst_len, 0, 0, header_table, protocol, scope, route_type, 0)
+    body += attr(RTA_TABLE, struct.pack("=I", table))
+    if dst:
+        body += attr(RTA_DST, _raw(dst))
+    if oif:
+        body += attr(RTA_OIF, struct.pack("=I", oif))
+    if gateway:
+        body += attr(RTA_GATEWAY, _raw(gateway))
+    if add:
+        _request(sock, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
+    else:
+        _request(sock, RTM_DELROUTE, 0, body)
+
+
+def write_rule(sock: RtnlSocket, add: bool, family: int, priority: int, fwmark: int, table: int) -> None:
+    """Add (or delete) ``pref PRIORITY fwmark MARK/0xffffffff lookup TABLE``."""
+    header_table = table if table < 256 else RT_TABLE_UNSPEC
+    body = FIB_RULE_HDR.pack(FAMILIES[family], 0, 0, 0, header_table, 0, 0, FR_ACT_TO_TBL, 0)
+    body += attr(FRA_PRIORITY, struct.pack("=I", priority))
+    body += attr(FRA_FWMARK, struct.pack("=I", fwmark))
+    body += attr(FRA_FWMASK, struct.pack("=I", 0xFFFFFFFF))
+    body += attr(FRA_TABLE, struct.pack("=I", table))
+    if add:
+        _request(sock, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, body)
+    else:
+        _request(sock, RTM_DELRULE, 0, body)

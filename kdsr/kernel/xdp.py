@@ -292,6 +292,7 @@ class XdpBackend:
         self.io = io
         self.obj = obj or default_object()
         self.warnings: list[str] = []
+        self.writes = 0
 
     # ---------------------------------------------------------------- read
     def read(self, ifname: str) -> tuple[XdpState | None, str]:
@@ -403,25 +404,25 @@ class XdpBackend:
             return bytes(8)
 
     # ---------------------------------------------------------------- write
-    def detach(self, kernel, ifname: str) -> None:
+    def detach(self, ifname: str) -> None:
         """Detach kdsr's program (its maps go with it) and drop the managed
         neighbour entries kdsr made for its servers."""
         have, _foreign = self.read(ifname)
         self.io.detach(ifname)
-        kernel.writes += 1
+        self.writes += 1
         if have is not None:
-            self._drop_neighbours(kernel, ifname, {s.address for s in have.servers if s.neighbour})
+            self._drop_neighbours(ifname, {s.address for s in have.servers if s.neighbour})
 
-    def attach(self, kernel, ifname: str, force: bool = False) -> None:
+    def attach(self, ifname: str, force: bool = False) -> None:
         mode = self.io.attach(ifname, self.obj, force)
-        kernel.writes += 1
+        self.writes += 1
         if mode == "generic":
             self.warnings.append(
                 f"{ifname}: the driver has no native XDP, so kdsr's program runs as generic XDP, after the "
                 "socket buffer is built: it costs about what the nft engine does and gains little over it."
             )
 
-    def converge(self, kernel, want: XdpState) -> None:
+    def converge(self, want: XdpState) -> None:
         """Make the maps on ``want.interface`` hold ``want`` (the program is attached)."""
         info = self.io.program(want.interface)
         if info is None or info.name != PROGRAM_NAME:
@@ -432,11 +433,11 @@ class XdpBackend:
 
         def write(map_name: str, key: bytes, value: bytes) -> None:
             self.io.update(maps[map_name], key, value)
-            kernel.writes += 1
+            self.writes += 1
 
         def remove(map_name: str, key: bytes) -> None:
             self.io.delete(maps[map_name], key)
-            kernel.writes += 1
+            self.writes += 1
 
         # 1. the interface's MAC: frames for it are the ones to balance
         if not have.config_mac:
@@ -449,7 +450,7 @@ class XdpBackend:
         for server in want.servers:
             if server.neighbour and server.address not in have_neighbours:
                 self.io.neighbour(want.interface, server.address, True)
-                kernel.writes += 1
+                self.writes += 1
         free_servers = sorted(set(range(MAX_SERVERS)) - set(layout.server_entries))
         index_of = dict(layout.servers)
         for server in want.servers:
@@ -537,14 +538,12 @@ class XdpBackend:
         for address, index in layout.servers.items():
             if address not in want_servers:
                 write("servers", U32.pack(index), SERVER.pack(b"\0" * 6, 0, 0, b"\0" * 16))
-        self._drop_neighbours(
-            kernel, want.interface, have_neighbours - {s.address for s in want.servers if s.neighbour}
-        )
+        self._drop_neighbours(want.interface, have_neighbours - {s.address for s in want.servers if s.neighbour})
 
-    def _drop_neighbours(self, kernel, ifname: str, addresses: set[str]) -> None:
+    def _drop_neighbours(self, ifname: str, addresses: set[str]) -> None:
         for address in sorted(addresses):
             self.io.neighbour(ifname, address, False)
-            kernel.writes += 1
+            self.writes += 1
 
     # ---------------------------------------------------------------- counters
     def counters(self, ifname: str) -> dict:

@@ -70,10 +70,10 @@ sys.path.insert(0, sys.argv[1])
 from kdsr.kernel.system import SystemKernel
 from kdsr.model import IpvsService
 k = SystemKernel()
-whole = k.ipvs_list()
+whole = k.ipvs.list_all()
 def ask(kind, address, port, mark=0, family=4):
     return IpvsService(family, kind, address, port, mark, "", ())
-some = k.ipvs_list_some([
+some = k.ipvs.list_some([
     ask("tcp", "192.0.2.100", 80), ask("tcp", "192.0.2.199", 80), ask("fwmark", "", 0, 7, 6),
     ask("udp", "2001:db8::100", 53, family=6), ask("fwmark", "", 0, 9), ask("fwmark", "", 0, 7),
 ])

@@ -33,8 +33,8 @@ intent = load_intent(sys.argv[1])
 kernel, store = SystemKernel(), StateStore(sys.argv[2])
 operations.apply(operations.prepare(intent, "lb1", kernel, store), kernel, store)
 out = {"generation_after_apply": read_generation()}
-first = kernel.nft_read_table("netdev", "kdsr", reuse=True)
-again = kernel.nft_read_table("netdev", "kdsr", reuse=True)
+first = kernel.nft.read_table("netdev", "kdsr", reuse=True)
+again = kernel.nft.read_table("netdev", "kdsr", reuse=True)
 out["reused_when_unchanged"] = first[0] is again[0]
 out["noop_plan"] = len(operations.prepare(intent, "lb1", kernel, store).plan.changes)
 # A new handle (kdsr run after a start) lists the table; the no-op plan

@@ -14,7 +14,7 @@ each flow (its connection entry) must be the one the model predicts, for
 - IPv6 with mh-port (the address is folded to 32 bits first).
 
 The kernel's list order is read the way kdsr reads it (``ipvsadm -L -n
---nosort --tun-info``, kdsr.kernel.ipvs.parse_list) and must also equal the
+--nosort --tun-info``, kdsr.kernel.ipvsadm.parse_list) and must also equal the
 model's ``list_after_inserts`` of the add/delete history.  Connection
 entries are read from /proc/net/ip_vs_conn, the table ``ipvsadm -Lnc``
 prints (raw: addresses and ports unformatted).
@@ -42,7 +42,7 @@ for path in (ROOT, ROOT / "bench"):
 
 import ipvs_mh_model as mh  # noqa: E402
 
-from kdsr.kernel.ipvs import parse_list  # noqa: E402
+from kdsr.kernel.ipvsadm import parse_list  # noqa: E402
 
 pytestmark = pytest.mark.full_kernel
 

@@ -39,7 +39,7 @@ kernel = SystemKernel(cache_dir=tempfile.mkdtemp())
 
 def check(batch):
     try:
-        kernel.nft_apply(batch, check_only=True)
+        kernel.nft.apply(batch, check_only=True)
         return "accepted"
     except KernelError as exc:
         return str(exc)
@@ -49,8 +49,8 @@ out["dry run before the links"] = check(commands)
 out["rehearsal before the links"] = check(_rehearsal(plan, td, commands))
 for link in desired.links:
     subprocess.run(["ip", "link", "add", link.name, "type", "veth", "peer", "name", "p" + link.name[5:]], check=True)
-kernel.nft_apply(commands)
-read, _ = kernel.nft_read_table("netdev", "kdsr")
+kernel.nft.apply(commands)
+read, _ = kernel.nft.read_table("netdev", "kdsr")
 out["read back equal"] = read == td.desired
 selector = next(c.name for c in td.desired.chains if c.name.startswith("pool-"))
 out["fwd rule"] = [r.expr for r in read.chain(selector).rules if "fwd" in r.expr_json]

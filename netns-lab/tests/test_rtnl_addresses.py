@@ -24,14 +24,14 @@ k = SystemKernel()
 out = []
 for op, args in json.loads(sys.argv[2]):
     if op == "local":
-        out.append(sorted(k.local_addresses()))
+        out.append(sorted(k.links.local_addresses()))
         continue
     if op == "list":
-        out.append([[a.ifname, a.cidr, a.label] for name in args for a in k.addr_list(name)])
+        out.append([[a.ifname, a.cidr, a.label] for name in args for a in k.links.addr_list(name)])
         continue
     done, error = [], None
     try:
-        k.addr_write(op == "add", [Address(*a) for a in args], done)
+        k.links.addr_write(op == "add", [Address(*a) for a in args], done)
     except KernelError as exc:
         error = str(exc)
     out.append({"done": [a.cidr for a in done], "error": error, "writes": k.writes})

@@ -29,9 +29,9 @@ from kdsr.kernel.system import SystemKernel
 
 k = SystemKernel()
 ours = {
-    "links": sorted([l.name, l.kind, l.local, l.remote, l.ttl] for l in k.link_list("kdsr")),
-    "routes": sorted([r.family, r.table, r.dev, r.gateway] for r in k.route_list()),
-    "rules": sorted([r.family, r.fwmark, r.table, r.priority] for r in k.rule_list(naming.RULE_PRIORITY)),
+    "links": sorted([l.name, l.kind, l.local, l.remote, l.ttl] for l in k.links.link_list("kdsr")),
+    "routes": sorted([r.family, r.table, r.dev, r.gateway] for r in k.links.route_list()),
+    "rules": sorted([r.family, r.fwmark, r.table, r.priority] for r in k.links.rule_list(naming.RULE_PRIORITY)),
 }
 ipr = IPRoute()
 names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
@@ -96,11 +96,11 @@ from kdsr.model import AnnounceRoute
 
 k = SystemKernel()
 for prefix in ("10.0.0.100/32", "fd00:10::100/128"):
-    k.announce_add(AnnounceRoute(prefix))
-found = sorted([r.prefix, r.kind] for r in k.announce_list())
+    k.links.announce_add(AnnounceRoute(prefix))
+found = sorted([r.prefix, r.kind] for r in k.links.announce_list())
 for prefix, kind in found:
-    k.announce_del(AnnounceRoute(prefix, kind))
-print(json.dumps({"found": found, "after": [r.prefix for r in k.announce_list()], "writes": k.writes}))
+    k.links.announce_del(AnnounceRoute(prefix, kind))
+print(json.dumps({"found": found, "after": [r.prefix for r in k.links.announce_list()], "writes": k.writes}))
 """
 
 
