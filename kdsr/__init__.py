@@ -20,7 +20,7 @@ diff           diff                                            base, model
 runtime state  health/state, health/status, health/control     base, kernel
 plan           plan_format, service_view, saved_plan           base, model, compile, kernel,
                                                                diff
-apply          apply, step, vrrp_apply, receipt                base, model, kernel, diff,
+apply          apply, step, ipvs_apply, vrrp_apply, receipt    base, model, kernel, diff,
                                                                runtime state
 operations     operations                                      all of the above
 daemon         health/, commands/                              all of the above

@@ -1,29 +1,35 @@
 """Carry out a Plan: ordered, journaled, rolled back on failure, read back.
 
-Order (deletes mirror creates):
-  0. kernel modules      - checked (and loaded) before any write;
-  1. links to create     - tunnels first: per-link sysctls and routes need them;
-  2. sysctls to set      - before the VIP appears on lo, so the server never
-                           answers ARP for it, not even for a moment;
-  3. addresses to add;
-  4. routes, then rules  - a rule never points at an empty table;
-  5. nftables            - one transaction per table, checked (dry run)
-                           before anything at all is written;
-  6. IPVS services and destinations (canonical order, see below);
-  7. IPVS services to delete;
-  8. rules, then routes to delete;
-  9. addresses to delete;
- 10. sysctls to restore  - after the VIP is gone, for the same reason;
- 11. links to delete;
- 12. BIRD's fragment (kdsr/kernel/bird.py), checked with BIRD's parser
-     before any write: last when it only announces, first when the plan
-     withdraws a VIP or removes fast path, so routers stop sending first.
-VRRP's keepalived fragment and gates follow the same order (kdsr/vrrp_apply.py).
-Announce routes (kdsr/compile/bird.py: BIRD announces a VIP while its route
-is in kdsr's announce table) are deleted before everything else, so a
-withdrawal comes first.  They are added only after the read-back has
-verified the rest: a VIP is announced once this boot's fast path for it is
-in, and a fragment that only announces is written after them.
+Each kernel backend's steps are built apart (here: links, sysctls,
+nftables, BIRD, XDP; kdsr/ipvs_apply.py: IPVS; kdsr/vrrp_apply.py:
+keepalived), each tagged with its phase (kdsr/step.py ``Phase``), and run
+in phase order.  Kernel modules are checked (and loaded), and every nftables
+batch, BIRD's and keepalived's fragments are checked, before any write.
+
+Phases (deletes mirror creates):
+  RELEASE, WITHDRAW - keepalived gives a VIP up (a gate closes) and BIRD
+                      withdraws it (its announce route goes; a fragment
+                      that withdraws a VIP or removes fast path) before the
+                      fast path changes, so routers stop sending first;
+  MAKE_LINKS        - tunnels first: per-link sysctls and routes need them;
+  SET_SYSCTLS       - before the VIP appears on lo, so the server never
+                      answers ARP for it, not even for a moment;
+  ADD_ADDRESSES;
+  ADD_ROUTES        - routes, then rules: a rule never points at an empty table;
+  NFT               - one transaction per table;
+  IPVS              - services and destinations (canonical order), deletes last;
+  DELETE_ROUTES     - rules, then routes;
+  DELETE_ADDRESSES;
+  RESTORE_SYSCTLS   - after the VIP is gone, for the same reason;
+  DELETE_LINKS;
+  XDP               - kdsr's XDP program and its maps;
+  (read back)
+  ANNOUNCE, OPEN    - announce routes added (kdsr/compile/bird.py: BIRD
+                      announces a VIP while its route is in kdsr's announce
+                      table), a fragment that only announces, gates that
+                      open: only once the read-back has verified the rest,
+                      so a VIP is announced once this boot's fast path for it
+                      is in.
 
 nftables is transactional; links, routes, rules, IPVS, addresses and sysctls
 are not.  Each completed
@@ -42,19 +48,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from kdsr import vrrp_apply
+from kdsr import ipvs_apply, vrrp_apply
 from kdsr.bird_text import pointer_at
-from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table, reorder_from
+from kdsr.diff import CREATE, DELETE, REPLACE, UPDATE, Plan, diff, diff_table
 from kdsr.errors import ApplyError, KernelFeatureError
 from kdsr.faults import crash_point
-from kdsr.kernel import Kernel, KernelError, ipvsadm
+from kdsr.kernel import BirdBackend, Kernel, KernelError, LinksBackend, NftBackend, SysctlBackend, XdpEngine
 from kdsr.kernel.bird import BirdError
-from kdsr.kernel.ipvsadm import IpvsCommand
 from kdsr.kernel.nft_json import batch_for, with_stand_in_links
 from kdsr.kernel.observe import keep_unchanged, observe, observe_announcement
 from kdsr.kernel.state import NodeState, StateStore
 from kdsr.model import Address, AnnounceRoute, BirdConfig, Desired, IpvsService, Link, TableDiff
-from kdsr.step import Step
+from kdsr.step import Phase, Step
 
 
 @dataclass
@@ -116,52 +121,42 @@ class Journal:
         return failures
 
 
-def _steps(
-    plan: Plan, kernel: Kernel, store: StateStore, state: NodeState, notes: list[str]
-) -> tuple[list[Step], list[Step]]:
-    """One Step per kernel write: those to run, then those that announce,
-    which run only once the kernel has been read back after the first.
+def _steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState, notes: list[str]):
+    """Every backend's steps, one Step per kernel write (or batch of them), in
+    phase order: those to run, then those that announce, which run only once
+    the kernel has been read back after the first.
 
     Ownership is recorded *before* a write that creates something and dropped
     *after* a write that removes it, so a crash at any point leaves a state
     file that claims too much rather than too little; diff forgets records of
     things that are not there.
     """
-    steps: list[Step] = []
 
     def save() -> None:
         store.save(state)
         crash_point("after saving the ownership record")
 
-    def set_sysctl(key: str, value: str, previous: str | None) -> Step:
-        def run() -> None:
-            if previous is not None:
-                state.sysctl_previous.setdefault(key, previous)
-            state.sysctl_written[key] = value
-            save()
-            kernel.sysctl.write(key, value)
+    phased = [
+        *_links_steps(plan, kernel.links, state, save),
+        *_sysctl_steps(plan, kernel.sysctl, state, save),
+        *_nft_steps(plan, kernel.nft, state, save),
+        *ipvs_apply.steps(plan, kernel.ipvs, state, save),
+        *_bird_steps(plan, kernel.bird, state, save, notes),
+        *vrrp_apply.steps(plan, kernel.keepalived, state, save, notes),
+    ]
+    if any(c.kind.startswith("xdp ") for c in plan.changes):  # the XDP backend loads libbpf: only when needed
+        phased += _xdp_steps(plan, desired, kernel.xdp, store, state)
+    phased.sort(key=lambda tagged: tagged[0])  # stable: a builder's order within a phase stays
+    before = [step for phase, step in phased if phase < Phase.ANNOUNCE]
+    return before, [step for phase, step in phased if phase >= Phase.ANNOUNCE]
 
-        def undo() -> None:
-            if previous is not None:
-                kernel.sysctl.write(key, previous)
 
-        return Step(f"set sysctl {key.replace('/', '.')}={value}", run, undo)
-
-    def restore_sysctl(key: str, value: str, current: str | None, write: bool) -> Step:
-        def run() -> None:
-            if write:
-                kernel.sysctl.write(key, value)
-                crash_point("after the write, before its record is updated")
-            state.sysctl_previous.pop(key, None)
-            state.sysctl_written.pop(key, None)
-            save()
-
-        def undo() -> None:
-            if write and current is not None:
-                kernel.sysctl.write(key, current)
-
-        verb = "restore" if write else "forget"
-        return Step(f"{verb} sysctl {key.replace('/', '.')}={value}", run, undo)
+def _links_steps(
+    plan: Plan, links: LinksBackend, state: NodeState, save: Callable[[], None]
+) -> list[tuple[Phase, Step]]:
+    """Tunnels, addresses, the routes and rules that send marked packets
+    into them, and kdsr's announce routes."""
+    out: list[tuple[Phase, Step]] = []
 
     def add_addresses(addrs: list[Address]) -> Step:
         """Addresses as ONE step: one ownership record, saved before the
@@ -175,12 +170,12 @@ def _steps(
         added: list[Address] = []
 
         def undo() -> None:
-            _take_back(kernel, True, added)
+            _take_back(links, True, added)
 
         def run() -> None:
             state.owned_addresses.update(a.ident for a in addrs)
             save()
-            _in_batches(kernel, True, addrs, added, undo)
+            _in_batches(links, True, addrs, added, undo)
 
         return Step(_addresses("add", "to", addrs), run, undo)
 
@@ -190,11 +185,11 @@ def _steps(
         removed: list[Address] = []
 
         def undo() -> None:
-            _take_back(kernel, False, removed)
+            _take_back(links, False, removed)
 
         def run() -> None:
             if write:
-                _in_batches(kernel, False, addrs, removed, undo)
+                _in_batches(links, False, addrs, removed, undo)
                 crash_point("after the write, before its record is updated")
             state.owned_addresses.difference_update(a.ident for a in addrs)
             save()
@@ -204,19 +199,25 @@ def _steps(
 
     for change in plan.of_kind("link"):
         if change.action == REPLACE:
-            steps.append(_delete_link(kernel, state, save, change.before))
+            out.append((Phase.MAKE_LINKS, _delete_link(links, state, save, change.before)))
         if change.action in (CREATE, REPLACE):
-            steps.append(_add_link(kernel, state, save, change.after))
-    for change in plan.of_kind("sysctl"):
-        if change.action == UPDATE:
-            previous = change.before.value if change.before is not None else None
-            steps.append(set_sysctl(change.after.key, change.after.value, previous))
+            out.append((Phase.MAKE_LINKS, _add_link(links, state, save, change.after)))
+        elif change.action == DELETE:
+            out.append((Phase.DELETE_LINKS, _delete_link(links, state, save, change.before)))
+
     for change in plan.of_kind("address"):
         if change.action == REPLACE:
-            steps += [delete_addresses([change.before]), add_addresses([change.after])]
+            out += [
+                (Phase.ADD_ADDRESSES, delete_addresses([change.before])),
+                (Phase.ADD_ADDRESSES, add_addresses([change.after])),
+            ]
     created = [c.after for c in plan.of_kind("address") if c.action == CREATE]
     if created:
-        steps.append(add_addresses(created))
+        out.append((Phase.ADD_ADDRESSES, add_addresses(created)))
+    for write in (True, False):
+        gone = [c.before for c in plan.of_kind("address") if c.action == DELETE and (c.reason != "forget") == write]
+        if gone:
+            out.append((Phase.DELETE_ADDRESSES, delete_addresses(gone, write)))
 
     # A table whose default route moves to another link: the old route goes
     # first, or the kernel refuses the new one (EEXIST).
@@ -226,76 +227,106 @@ def _steps(
     ]
     for change in moved:
         route = change.before
-        steps.append(
-            Step(
-                f"delete route {change.ident}",
-                partial(kernel.links.route_del, route),
-                partial(kernel.links.route_add, route),
-            )
-        )
-    for kind, add, delete in (
-        ("route", kernel.links.route_add, kernel.links.route_del),
-        ("rule", kernel.links.rule_add, kernel.links.rule_del),
-    ):
+        step = Step(f"delete route {change.ident}", partial(links.route_del, route), partial(links.route_add, route))
+        out.append((Phase.ADD_ROUTES, step))
+    for kind, add, delete in (("route", links.route_add, links.route_del), ("rule", links.rule_add, links.rule_del)):
         for change in plan.of_kind(kind):
             if change.action == CREATE:
-                steps.append(
-                    Step(f"add {kind} {change.ident}", partial(add, change.after), partial(delete, change.after))
-                )
+                step = Step(f"add {kind} {change.ident}", partial(add, change.after), partial(delete, change.after))
+                out.append((Phase.ADD_ROUTES, step))
             elif change.action == REPLACE:  # its link was replaced, which took it away
-                steps.append(Step(f"restore {kind} {change.ident}", partial(add, change.after), None))
+                out.append((Phase.ADD_ROUTES, Step(f"restore {kind} {change.ident}", partial(add, change.after), None)))
+    for kind, add, delete in (("rule", links.rule_add, links.rule_del), ("route", links.route_add, links.route_del)):
+        for change in plan.of_kind(kind):
+            if change.action == DELETE and change not in moved:
+                step = Step(
+                    f"delete {kind} {change.ident}", partial(delete, change.before), partial(add, change.before)
+                )
+                out.append((Phase.DELETE_ROUTES, step))
 
+    # Routers stop sending before the fast path goes, and start only once it
+    # is there: withdrawals first, announcements last.
+    for change in plan.of_kind("announce route"):
+        if change.action in (DELETE, REPLACE):
+            out.append((Phase.WITHDRAW, _announce_step(links, False, change.before, change.reason)))
+        if change.action in (CREATE, REPLACE):
+            out.append((Phase.ANNOUNCE, _announce_step(links, True, change.after)))
+    return out
+
+
+def _sysctl_steps(
+    plan: Plan, sysctl: SysctlBackend, state: NodeState, save: Callable[[], None]
+) -> list[tuple[Phase, Step]]:
+    def set_sysctl(key: str, value: str, previous: str | None) -> Step:
+        def run() -> None:
+            if previous is not None:
+                state.sysctl_previous.setdefault(key, previous)
+            state.sysctl_written[key] = value
+            save()
+            sysctl.write(key, value)
+
+        def undo() -> None:
+            if previous is not None:
+                sysctl.write(key, previous)
+
+        return Step(f"set sysctl {key.replace('/', '.')}={value}", run, undo)
+
+    def restore_sysctl(key: str, value: str, current: str | None, write: bool) -> Step:
+        def run() -> None:
+            if write:
+                sysctl.write(key, value)
+                crash_point("after the write, before its record is updated")
+            state.sysctl_previous.pop(key, None)
+            state.sysctl_written.pop(key, None)
+            save()
+
+        def undo() -> None:
+            if write and current is not None:
+                sysctl.write(key, current)
+
+        verb = "restore" if write else "forget"
+        return Step(f"{verb} sysctl {key.replace('/', '.')}={value}", run, undo)
+
+    out: list[tuple[Phase, Step]] = []
+    for change in plan.of_kind("sysctl"):
+        current = change.before.value if change.before is not None else None
+        if change.action == UPDATE:
+            out.append((Phase.SET_SYSCTLS, set_sysctl(change.after.key, change.after.value, current)))
+        elif change.action == DELETE:
+            step = restore_sysctl(change.after.key, change.after.value, current, change.reason == "restore")
+            out.append((Phase.RESTORE_SYSCTLS, step))
+    return out
+
+
+def _nft_steps(plan: Plan, nft: NftBackend, state: NodeState, save: Callable[[], None]) -> list[tuple[Phase, Step]]:
+    """One transaction per table; its undo is the transaction back."""
+    out: list[tuple[Phase, Step]] = []
     for td in plan.tables:
         commands = batch_for(td)
         inverse = batch_for(diff_table(td.observed, td.desired, []))
         ident = f"{td.family} {td.name}"
 
         def run(commands=commands, ident=ident, create=td.desired is not None) -> None:
-            kernel.nft.apply(commands)
+            nft.apply(commands)
             crash_point("after the write, before its record is updated")
             (state.tables.add if create else state.tables.discard)(ident)
             save()
 
         def undo(inverse=inverse) -> None:
-            kernel.nft.apply(inverse)
+            nft.apply(inverse)
 
-        steps.append(Step(f"nftables transaction on table {ident} ({len(commands)} commands)", run, undo))
+        out.append((Phase.NFT, Step(f"nftables transaction on table {ident} ({len(commands)} commands)", run, undo)))
+    return out
 
-    steps.extend(_ipvs_steps(plan, kernel, state, save))
-    for kind, add, delete in (
-        ("rule", kernel.links.rule_add, kernel.links.rule_del),
-        ("route", kernel.links.route_add, kernel.links.route_del),
-    ):
-        for change in plan.of_kind(kind):
-            if change.action == DELETE and change not in moved:
-                steps.append(
-                    Step(f"delete {kind} {change.ident}", partial(delete, change.before), partial(add, change.before))
-                )
-    for write in (True, False):
-        gone = [c.before for c in plan.of_kind("address") if c.action == DELETE and (c.reason != "forget") == write]
-        if gone:
-            steps.append(delete_addresses(gone, write))
-    for change in plan.of_kind("sysctl"):
-        if change.action == DELETE:
-            current = change.before.value if change.before is not None else None
-            steps.append(restore_sysctl(change.after.key, change.after.value, current, change.reason == "restore"))
-    for change in plan.of_kind("link"):
-        if change.action == DELETE:
-            steps.append(_delete_link(kernel, state, save, change.before))
-    # Routers stop sending before the fast path goes, and start only once it
-    # is there: withdrawals first, announcements last.
-    first: list[Step] = []
-    announce: list[Step] = []
-    for change in plan.of_kind("announce route"):
-        if change.action in (DELETE, REPLACE):
-            first.append(_announce_step(kernel, False, change.before, change.reason))
-        if change.action in (CREATE, REPLACE):
-            announce.append(_announce_step(kernel, True, change.after))
-    bird_change = next(iter(plan.of_kind("bird config")), None)
-    if bird_change is not None:
-        (first if _withdraws(plan) else announce).append(_bird_step(kernel, state, save, bird_change, notes))
-    vrrp = vrrp_apply.steps(plan, kernel, state, save, notes)
-    return vrrp.first + first + steps, announce + vrrp.last
+
+def _bird_steps(
+    plan: Plan, bird: BirdBackend, state: NodeState, save: Callable[[], None], notes: list[str]
+) -> list[tuple[Phase, Step]]:
+    """BIRD's fragment: first when the plan withdraws, else once the rest is verified."""
+    change = next(iter(plan.of_kind("bird config")), None)
+    if change is None:
+        return []
+    return [(Phase.WITHDRAW if _withdraws(plan) else Phase.ANNOUNCE, _bird_step(bird, state, save, change, notes))]
 
 
 # A plan that deletes any of these reloads BIRD before its other steps.
@@ -306,34 +337,34 @@ def _withdraws(plan: Plan) -> bool:
     return any(c.action == DELETE and c.kind in WITHDRAW_FIRST for c in plan.changes)
 
 
-def _announce_step(kernel: Kernel, add: bool, route: AnnounceRoute, why: str = "") -> Step:
+def _announce_step(links: LinksBackend, add: bool, route: AnnounceRoute, why: str = "") -> Step:
     if add:
         return Step(
             f"add announce route {route.prefix} (BIRD announces it)",
-            partial(kernel.links.announce_add, route),
-            partial(kernel.links.announce_del, route),
+            partial(links.announce_add, route),
+            partial(links.announce_del, route),
         )
     because = f": {why}" if why else ""
     return Step(
         f"delete announce route {route.prefix} (BIRD withdraws it{because})",
-        partial(kernel.links.announce_del, route),
-        partial(kernel.links.announce_add, route),
+        partial(links.announce_del, route),
+        partial(links.announce_add, route),
     )
 
 
-def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], change, notes: list[str]) -> Step:
+def _bird_step(bird: BirdBackend, state: NodeState, save: Callable[[], None], change, notes: list[str]) -> Step:
     want: BirdConfig = change.after
     have: BirdConfig | None = change.before
     declares = _declares(want)
     # A fragment that declares nothing (destroy) needs no running BIRD: a
     # stopped BIRD announces nothing, and reads the file when it starts.
-    reload = declares or kernel.bird.running(want.socket)
+    reload = declares or bird.running(want.socket)
 
     def run() -> None:
         if declares:
             state.bird_files = [want.config, want.fragment, want.socket]
             save()
-        kernel.bird.install(want.config, want.fragment, want.socket, want.text, reload=reload)
+        bird.install(want.config, want.fragment, want.socket, want.text, reload=reload)
         if not reload:
             notes.append(
                 f"BIRD was not running (no answer on {want.socket}): {want.fragment} was emptied without a "
@@ -346,7 +377,7 @@ def _bird_step(kernel: Kernel, state: NodeState, save: Callable[[], None], chang
 
     def undo() -> None:
         if have is not None:
-            kernel.bird.install(have.config, have.fragment, have.socket, have.text, reload=reload)
+            bird.install(have.config, have.fragment, have.socket, have.text, reload=reload)
 
     what = f"{len(want.routes)} routes, {len(want.sessions)} sessions" if declares else "empty"
     how = "and reload BIRD" if reload else "(BIRD is not running: no reload)"
@@ -357,25 +388,27 @@ def _declares(config: BirdConfig) -> bool:
     return bool(config.routes or config.sessions or config.router_id)
 
 
-def _add_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
+def _add_link(links: LinksBackend, state: NodeState, save: Callable[[], None], link: Link) -> Step:
     def run() -> None:
         state.links.add(link.name)
         save()
-        kernel.links.link_add(link)
+        links.link_add(link)
 
     return Step(
         f"add {link.kind} link {link.name} ({link.local} -> {link.remote or 'any'})",
         run,
-        lambda: kernel.links.link_del(link.name),
+        lambda: links.link_del(link.name),
     )
 
 
-# Addresses per kernel call (SystemKernel sends them in one netlink batch,
-# not one request and answer at a time: bench/addresses.py measures both).
+# Addresses per kernel call (kdsr/kernel/links.py sends them in one netlink
+# batch, not one request and answer at a time: bench/netlink.py measures both).
 ADDRESS_BATCH = 256
 
 
-def _in_batches(kernel: Kernel, add: bool, addrs: list[Address], done: list[Address], undo: Callable[[], None]) -> None:
+def _in_batches(
+    links: LinksBackend, add: bool, addrs: list[Address], done: list[Address], undo: Callable[[], None]
+) -> None:
     """Add (or delete) the addresses in order, noting each that landed in
     ``done``; a failure undoes what was done, then re-raises.  The first
     address goes alone, so a crash after it with the rest still to come
@@ -385,19 +418,19 @@ def _in_batches(kernel: Kernel, add: bool, addrs: list[Address], done: list[Addr
         if done:
             crash_point(f"part-way through the addresses, before {addrs[start].cidr}")
         try:
-            kernel.links.addr_write(add, addrs[start : start + size], done)
+            links.addr_write(add, addrs[start : start + size], done)
         except Exception:
             undo()
             raise
         start, size = start + size, ADDRESS_BATCH
 
 
-def _take_back(kernel: Kernel, added: bool, done: list[Address]) -> None:
+def _take_back(links: LinksBackend, added: bool, done: list[Address]) -> None:
     """Reverse the writes in ``done``, last first; what could not be taken
     back stays in ``done`` and the error goes up (the journal reports it)."""
     undone: list[Address] = []
     try:
-        kernel.links.addr_write(not added, done[::-1], undone)
+        links.addr_write(not added, done[::-1], undone)
     finally:
         gone = set(map(id, undone))
         done[:] = [a for a in done if id(a) not in gone]
@@ -410,229 +443,14 @@ def _addresses(verb: str, preposition: str, addrs: list[Address]) -> str:
     return f"{verb} {len(addrs)} addresses ({first} and {len(addrs) - 1} more)"
 
 
-def _delete_link(kernel: Kernel, state: NodeState, save: Callable[[], None], link: Link) -> Step:
+def _delete_link(links: LinksBackend, state: NodeState, save: Callable[[], None], link: Link) -> Step:
     def run() -> None:
-        kernel.links.link_del(link.name)
+        links.link_del(link.name)
         crash_point("after the write, before its record is updated")
         state.links.discard(link.name)
         save()
 
-    return Step(f"delete link {link.name}", run, lambda: kernel.links.link_add(link))
-
-
-def _ipvs_steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[], None]) -> list[Step]:
-    """At most four steps, each ONE ipvsadm batch (``Kernel.ipvs_batch``), so
-    10,000 services cost a handful of processes, not one per write:
-
-    1. new services with their destination lists (``-A``, then ``-a``
-       last-first: the kernel adds at the head, and the order decides the
-       mh table);
-    2. edited services (``-E``);
-    3. the destination lists of the other touched services, each brought
-       to the desired one (see ``converge_commands``);
-    4. deleted services last.
-
-    The kernel is not listed again: the steps start from what the plan was
-    made from (``Plan.ipvs_seen``), and list it only after a batch failed.
-    Batches are not transactional, so a step whose batch fails puts back,
-    from a fresh listing, what it had found; its undo (a later step failed)
-    does the same: every destination list is exactly the old one again,
-    order included, so the mh table is too.
-    """
-    listing = ipvsadm.Listing(kernel.ipvs.list_all, seen=plan.ipvs_seen)
-    services = plan.of_kind("ipvs service")
-    created = [c.after for c in services if c.action == CREATE]
-    edited = [(c.before, c.after) for c in services if c.action == UPDATE]
-    deleted = [c.before for c in services if c.action == DELETE]
-    new_idents = {s.ident for s in created}
-
-    steps: list[Step] = []
-    if created:
-        steps.append(_create_services_step(kernel, state, save, listing, created))
-    if edited:
-        steps.append(_edit_services_step(kernel, listing, edited))
-    targets = [t for t in _dest_targets(plan) if t.ident not in new_idents]
-    if targets:
-        steps.append(_sync_dests_step(kernel, targets, listing))
-    if deleted:
-        steps.append(_delete_services_step(kernel, state, save, listing, deleted))
-    return steps
-
-
-def _dest_targets(plan: Plan) -> list[IpvsService]:
-    """Each service whose destinations or settings change, with the list it must end with."""
-    touched: dict[str, IpvsService | None] = {}
-    for change in plan.of_kind("ipvs dest"):
-        if change.after is not None:
-            touched[change.after[0].ident] = change.after[0]
-        else:
-            touched.setdefault(change.before[0].ident, None)
-    for change in plan.of_kind("ipvs service"):
-        if change.action in (CREATE, UPDATE):
-            touched.setdefault(change.ident, change.after)
-    desired_by_ident = {c.after.ident: c.after for c in plan.of_kind("ipvs service") if c.after is not None}
-    targets = []
-    for ident in sorted(touched):
-        target = touched[ident] or desired_by_ident.get(ident)
-        if target is None:
-            # Only destinations were dropped: the target is the kernel's list without them.
-            dropped = {c.before[1].ident for c in plan.of_kind("ipvs dest") if c.before and c.before[0].ident == ident}
-            have = next(c.before[0] for c in plan.of_kind("ipvs dest") if c.before and c.before[0].ident == ident)
-            target = dataclasses.replace(have, dests=tuple(d for d in have.dests if d.ident not in dropped))
-        targets.append(target)
-    return targets
-
-
-def _names(services: list[IpvsService]) -> str:
-    shown = ", ".join(s.ident for s in services[:3])
-    return shown + (f" and {len(services) - 3} more" if len(services) > 3 else "")
-
-
-def _send(kernel: Kernel, listing, commands: list, results: dict[str, IpvsService | None]) -> None:
-    """One batch; the listing learns what it made, or forgets all when it failed."""
-    if not commands:
-        return
-    crash_point(f"before an ipvsadm batch of {len(commands)} commands")
-    try:
-        kernel.ipvs.batch(commands)
-    except Exception:
-        listing.forget()
-        raise
-    for ident, service in results.items():
-        listing.put(ident, service)
-
-
-def _create_commands(services: list[IpvsService]) -> list:
-    commands = []
-    for svc in services:
-        commands.append(IpvsCommand("-A", svc))
-        commands.extend(IpvsCommand("-a", svc, d) for d in reversed(svc.dests))
-    return commands
-
-
-def _create_services_step(kernel: Kernel, state: NodeState, save, listing, created: list[IpvsService]) -> Step:
-    def delete_what_landed() -> None:
-        # Which lines of a failed batch ran is unknown: list, delete ours that exist.
-        there = [s for s in created if listing.get(s.ident) is not None]
-        _send(kernel, listing, [IpvsCommand("-D", s) for s in there], {s.ident: None for s in there})
-
-    def run() -> None:
-        state.ipvs.update(s.ident for s in created)
-        save()
-        try:
-            _send(kernel, listing, _create_commands(created), {s.ident: s for s in created})
-        except Exception:
-            delete_what_landed()  # the journal drops the ownership records again
-            raise
-
-    def undo() -> None:
-        _send(kernel, listing, [IpvsCommand("-D", s) for s in created], {s.ident: None for s in created})
-
-    if len(created) == 1:
-        svc = created[0]
-        what = (
-            f"add IPVS service {svc.ident} ({svc.scheduler} {','.join(svc.flags)}) with {len(svc.dests)} destinations"
-        )
-    else:
-        what = f"add {len(created)} IPVS services with their destinations ({_names(created)})"
-    return Step(what, run, undo)
-
-
-def _edit_services_step(kernel: Kernel, listing, edited: list[tuple[IpvsService, IpvsService]]) -> Step:
-    def edit(pairs: list[tuple[IpvsService, IpvsService]]) -> None:
-        """``-E`` each ``old`` to ``new``'s settings; an edit keeps the destinations."""
-        results = {}
-        for _old, new in pairs:
-            have = listing.get(new.ident)
-            if have is not None:
-                results[new.ident] = dataclasses.replace(have, scheduler=new.scheduler, flags=new.flags)
-        _send(kernel, listing, [IpvsCommand("-E", new) for _old, new in pairs], results)
-
-    def undo() -> None:
-        edit([(new, old) for old, new in edited])
-
-    if len(edited) == 1:
-        svc = edited[0][1]
-        what = f"edit IPVS service {svc.ident} ({svc.scheduler} {','.join(svc.flags)})"
-    else:
-        what = f"edit {len(edited)} IPVS services ({_names([new for _old, new in edited])})"
-    return Step(what, partial(edit, edited), undo)
-
-
-def _delete_services_step(kernel: Kernel, state: NodeState, save, listing, deleted: list[IpvsService]) -> Step:
-    def run() -> None:
-        _send(kernel, listing, [IpvsCommand("-D", s) for s in deleted], {s.ident: None for s in deleted})
-        crash_point("after the write, before its record is updated")
-        state.ipvs.difference_update(s.ident for s in deleted)
-        save()
-
-    def undo() -> None:
-        # Back with the destination lists they had, in the same order.
-        _send(kernel, listing, _create_commands(deleted), {s.ident: s for s in deleted})
-
-    what = f"delete IPVS service {deleted[0].ident}" if len(deleted) == 1 else None
-    return Step(what or f"delete {len(deleted)} IPVS services ({_names(deleted)})", run, undo)
-
-
-def converge_commands(current: IpvsService, target: IpvsService) -> list:
-    """The writes that turn the kernel's destination list ``current`` into
-    ``target``, order included: drop what goes, edit weights in place, then
-    (re)add the head of the target list last-first, because the kernel adds
-    at the head.
-
-    A re-added destination is deleted and added back by two consecutive
-    lines; the kernel parks it in its trash meanwhile and takes the same
-    object back, so its established connections survive.
-    """
-    wanted = {d.ident for d in target.dests}
-    have = {d.ident: d for d in current.dests}
-    commands = [IpvsCommand("-d", target, d) for d in current.dests if d.ident not in wanted]
-    readd = reorder_from(current, target)
-    commands += [IpvsCommand("-e", target, d) for d in target.dests[readd:] if have[d.ident] != d]
-    for dest in reversed(target.dests[:readd]):
-        if dest.ident in have:
-            commands.append(IpvsCommand("-d", target, have[dest.ident]))
-        commands.append(IpvsCommand("-a", target, dest))
-    return commands
-
-
-def _sync_dests_step(kernel: Kernel, targets: list[IpvsService], listing) -> Step:
-    found: dict[str, IpvsService] = {}
-
-    def converge(wanted: dict[str, IpvsService]) -> None:
-        """One batch taking each service, as the listing has it, to ``wanted``'s list."""
-        commands: list = []
-        results: dict[str, IpvsService | None] = {}
-        for ident, want in wanted.items():
-            now = listing.get(ident)
-            if now is None:
-                continue  # gone (deleted by someone else): nothing to converge
-            commands += converge_commands(now, want)
-            results[ident] = dataclasses.replace(now, dests=want.dests)
-        _send(kernel, listing, commands, results)
-
-    def run() -> None:
-        for target in targets:
-            found[target.ident] = listing.get(target.ident) or dataclasses.replace(target, dests=())
-        try:
-            converge({t.ident: t for t in targets})
-        except Exception as exc:
-            # Put these lists back (from a fresh listing) before the journal undoes the rest.
-            try:
-                converge(found)
-            except Exception as again:  # noqa: BLE001 - say both
-                raise KernelError(f"{exc}; putting the destination lists back also failed: {again}") from exc
-            raise
-
-    def undo() -> None:
-        converge(found)
-
-    if len(targets) == 1:
-        listing_text = ", ".join(f"{d.ident} w{d.weight}" for d in targets[0].dests)
-        what = f"set IPVS destinations of {targets[0].ident} to [{listing_text}]"
-    else:
-        what = f"set IPVS destinations of {len(targets)} services ({_names(targets)})"
-    return Step(what, run, undo)
+    return Step(f"delete link {link.name}", run, lambda: links.link_add(link))
 
 
 def check_modules(desired: Desired, kernel: Kernel) -> None:
@@ -647,13 +465,13 @@ def check_modules(desired: Desired, kernel: Kernel) -> None:
         )
 
 
-def check_bird(plan: Plan, kernel: Kernel) -> None:
+def check_bird(plan: Plan, bird: BirdBackend) -> None:
     """BIRD must accept the new fragment before anything is written (that
     BIRD runs and includes it, prepare checked when it made the plan)."""
     for change in plan.of_kind("bird config"):
         want: BirdConfig = change.after
         try:
-            kernel.bird.check(want.config, want.fragment, want.text)
+            bird.check(want.config, want.fragment, want.text)
         except BirdError as exc:
             if exc.missing and not _declares(want):
                 continue  # BIRD is not installed: nothing reads the emptied fragment
@@ -667,8 +485,8 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     if plan.empty:
         return result
     check_modules(desired, kernel)
-    check_bird(plan, kernel)
-    vrrp_apply.check(plan, kernel)
+    check_bird(plan, kernel.bird)
+    vrrp_apply.check(plan, kernel.keepalived)
     # Check every nftables batch before anything is written: a transaction the
     # kernel would refuse must not leave addresses or sysctls half done.  A
     # plan that is one nft transaction and nothing else (every health change,
@@ -690,13 +508,12 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
 
     writes_before = kernel.writes
     journal = Journal(state, store)
-    steps, announce = _steps(plan, kernel, store, state, result.notes)
-    steps += xdp_steps(plan, desired, kernel, store, state)
+    steps, announce = _steps(plan, desired, kernel, store, state, result.notes)
     _run_steps(journal, steps, result)
     if desired.xdp is not None:
         result.notes.extend(kernel.xdp.warnings)
     crash_point("after the last step, before the read-back")
-    ipvs_list, result.ipvs_listed_again = _ipvs_read_back(plan, kernel)
+    ipvs_list, result.ipvs_listed_again = ipvs_apply.read_back(plan, kernel.ipvs)
     if announce:
         # What this plan built is read back before BIRD may announce it;
         # then the announce routes (and a fragment that only announces).
@@ -799,52 +616,9 @@ def _read_back(
         raise ApplyError(f"read-back after apply does not match the intent: {lines}", rolled_back=False)
 
 
-# What a read-back's IPVS listing costs, in services of a full listing: an
-# ``ipvsadm -R`` run of ``-L`` lines costs about as much as listing 64
-# services in full, and each service it lists as 4 (ipvsadm 1.31;
-# bench/ipvs_control_plane.py measures both ways).
-_RUN_COST = 64
-_LISTED_COST = 4
-
-
-def _ipvs_read_back(plan: Plan, kernel: Kernel) -> tuple[Callable[[], list[IpvsService]] | None, int]:
-    """Where the read-back takes the IPVS table from, and how many services
-    it lists again; (None, 0): a full listing.
-
-    IPVS has no generation that would prove nothing else changed since the
-    plan's read (nftables has, kdsr/kernel/nft_cache.py), so the read-back
-    cannot be cheaper by proof.  It can be by scope: the steps wrote only
-    the services the plan changes, so those are listed again, each by its
-    selector, and the others are taken as the plan's own read found them a
-    moment before (``Plan.ipvs_seen``).  A change among 10,000 services then
-    lists the 20 it wrote, not 10,000.  What that does not see is another
-    program changing a service kdsr did not touch in between; the next plan
-    does.  A service expected gone ends an ipvsadm run (``ipvs_list_some``),
-    so each costs a run: a plan with many of them, or a small table, is
-    listed in full.
-    """
-    if plan.ipvs_seen is None:
-        return None, 0
-    touched: dict[str, IpvsService] = {}
-    for change in plan.changes:
-        if change.kind == "ipvs service":
-            touched[change.ident] = change.after or change.before
-        elif change.kind == "ipvs dest":
-            svc = (change.after or change.before)[0]
-            touched.setdefault(svc.ident, svc)
-    if not touched:
-        return None, 0
-    gone = {c.ident for c in plan.of_kind("ipvs service") if c.after is None}
-    table = [s for s in plan.ipvs_seen.values() if s is not None]
-    cost = (1 + len(gone)) * _RUN_COST + len(touched) * _LISTED_COST
-    if cost > len(table):
-        return None, 0
-    untouched = [s for s in table if s.ident not in touched]
-    wanted = [touched[ident] for ident in sorted(touched)]
-    return (lambda: untouched + kernel.ipvs.list_some(wanted)), len(wanted)
-
-
-def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState) -> list[Step]:
+def _xdp_steps(
+    plan: Plan, desired: Desired, xdp: XdpEngine, store: StateStore, state: NodeState
+) -> list[tuple[Phase, Step]]:
     """The xdp engine's changes as one step: attach kdsr's program where it
     is wanted and absent, bring its maps to the desired elements (servers,
     then tables, then services; what goes, in reverse), or detach it.  Its
@@ -863,27 +637,27 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
 
     def run() -> None:
         for old in gone:
-            kernel.xdp.detach(old.interface)
+            xdp.detach(old.interface)
             state.xdp.discard(old.interface)
             store.save(state)
         if want is None:
             return
         if replace:
-            kernel.xdp.attach(want.interface, force=True)
+            xdp.attach(want.interface, force=True)
         elif create:
             force = want.interface in state.xdp  # a foreign program the user let kdsr adopt (--adopt)
             state.xdp.add(want.interface)
             store.save(state)
-            kernel.xdp.attach(want.interface, force=force)
+            xdp.attach(want.interface, force=force)
         else:
-            before["state"] = kernel.xdp.read(want.interface)[0]
-        kernel.xdp.converge(want)
+            before["state"] = xdp.read(want.interface)[0]
+        xdp.converge(want)
 
     def undo() -> None:
         if want is not None and create:
-            kernel.xdp.detach(want.interface)
+            xdp.detach(want.interface)
         elif before.get("state") is not None:
-            kernel.xdp.converge(before["state"])
+            xdp.converge(before["state"])
 
     what = "detach kdsr's XDP program" if want is None else f"XDP maps on {want.interface} ({len(changes)} changes)"
-    return [Step(what, run, undo)]
+    return [(Phase.XDP, Step(what, run, undo))]

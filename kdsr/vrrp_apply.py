@@ -11,16 +11,15 @@ last; a gate whose instance is gone is removed after the fragment.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kdsr.diff import DELETE, Plan
 from kdsr.errors import ApplyError
 from kdsr.keepalived_text import pointer_at
-from kdsr.kernel import Kernel
+from kdsr.kernel import KeepalivedBackend
 from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.state import NodeState
 from kdsr.model import KeepalivedConfig, VrrpGate
-from kdsr.step import Step
+from kdsr.step import Phase, Step
 
 
 def _step(description: str, run: Callable[[], None], undo: Callable[[], None] | None) -> Step:
@@ -31,44 +30,43 @@ def _step(description: str, run: Callable[[], None], undo: Callable[[], None] | 
 RELEASE_FIRST = ("vrrp instance", "nft table", "nft chain", "address")
 
 
-@dataclass
-class VrrpSteps:
-    first: list = field(default_factory=list)  # before every other step
-    last: list = field(default_factory=list)  # after the read-back (with the announcing steps)
-
-
 def _releases(plan: Plan) -> bool:
     return any(c.action == DELETE and c.kind in RELEASE_FIRST for c in plan.changes)
 
 
-def steps(plan: Plan, kernel: Kernel, state: NodeState, save: Callable[[], None], notes: list[str]) -> VrrpSteps:
-    out = VrrpSteps()
+def steps(
+    plan: Plan, keepalived: KeepalivedBackend, state: NodeState, save: Callable[[], None], notes: list[str]
+) -> list[tuple[Phase, Step]]:
+    """RELEASE: the gates that close, and the fragment (with the gates it no
+    longer names) when the plan releases; else those go in OPEN, with the
+    gates that open, after the read-back."""
+    out: list[tuple[Phase, Step]] = []
     for change in plan.of_kind("vrrp gate"):
         gate: VrrpGate | None = change.after
         if gate is not None and not gate.open:
-            out.first.append(_gate_step(kernel, state, save, gate, change.before, change.reason))
+            out.append((Phase.RELEASE, _gate_step(keepalived, state, save, gate, change.before, change.reason)))
         elif gate is not None:
-            out.last.append(_gate_step(kernel, state, save, gate, change.before))
+            out.append((Phase.OPEN, _gate_step(keepalived, state, save, gate, change.before)))
     config = next(iter(plan.of_kind("keepalived config")), None)
     removed = [c.before for c in plan.of_kind("vrrp gate") if c.after is None]
-    where = out.first if _releases(plan) or config is None else out.last
+    where = Phase.RELEASE if _releases(plan) or config is None else Phase.OPEN
     if config is not None:
-        where.append(_config_step(kernel, state, save, config, notes))
-    where.extend(_remove_gate_step(kernel, state, save, gate) for gate in removed)
+        out.append((where, _config_step(keepalived, state, save, config, notes)))
+    out.extend((where, _remove_gate_step(keepalived, state, save, gate)) for gate in removed)
     return out
 
 
-def _gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate, before, why: str = "") -> Step:
+def _gate_step(keepalived: KeepalivedBackend, state: NodeState, save, gate: VrrpGate, before, why: str = "") -> Step:
     def run() -> None:
         state.gates.add(gate.path)
         save()
-        kernel.keepalived.gate_write(gate.path, gate.value)
+        keepalived.gate_write(gate.path, gate.value)
 
     def undo() -> None:
         if before is None:
-            kernel.keepalived.gate_remove(gate.path)
+            keepalived.gate_remove(gate.path)
         else:
-            kernel.keepalived.gate_write(gate.path, before.value)
+            keepalived.gate_write(gate.path, before.value)
 
     if gate.open:
         what = f"open VRRP gate {gate.path} (keepalived may own {gate.vip})"
@@ -78,31 +76,31 @@ def _gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate, before, w
     return _step(what, run, undo)
 
 
-def _remove_gate_step(kernel: Kernel, state: NodeState, save, gate: VrrpGate) -> Step:  # noqa: N803
+def _remove_gate_step(keepalived: KeepalivedBackend, state: NodeState, save, gate: VrrpGate) -> Step:  # noqa: N803
     def run() -> None:
-        kernel.keepalived.gate_remove(gate.path)
+        keepalived.gate_remove(gate.path)
         state.gates.discard(gate.path)
         save()
 
     def undo() -> None:
-        kernel.keepalived.gate_write(gate.path, gate.value)
+        keepalived.gate_write(gate.path, gate.value)
 
     return _step(f"remove VRRP gate {gate.path}", run, undo)
 
 
-def _config_step(kernel: Kernel, state: NodeState, save, change, notes: list[str]) -> Step:  # noqa: N803
+def _config_step(keepalived: KeepalivedBackend, state: NodeState, save, change, notes: list[str]) -> Step:  # noqa: N803
     want: KeepalivedConfig | None = change.after
     have: KeepalivedConfig | None = change.before
     files = want or have
     # Removing the fragment needs no running keepalived: a stopped one owns
     # nothing, and ignores the missing include when it starts.
-    reload = want is not None or kernel.keepalived.running(files.pid_file)
+    reload = want is not None or keepalived.running(files.pid_file)
 
     def run() -> None:
         if want is not None:
             state.keepalived_files = [want.config, want.fragment, want.pid_file]
             save()
-        kernel.keepalived.install(files.config, files.fragment, files.pid_file, want.text if want else None, reload)
+        keepalived.install(files.config, files.fragment, files.pid_file, want.text if want else None, reload)
         if not reload:
             notes.append(
                 f"keepalived was not running (no live pid in {files.pid_file}): {files.fragment} was removed "
@@ -114,9 +112,9 @@ def _config_step(kernel: Kernel, state: NodeState, save, change, notes: list[str
 
     def undo() -> None:
         if have is not None:
-            kernel.keepalived.install(have.config, have.fragment, have.pid_file, have.text, reload)
+            keepalived.install(have.config, have.fragment, have.pid_file, have.text, reload)
         else:
-            kernel.keepalived.install(files.config, files.fragment, files.pid_file, None, reload)
+            keepalived.install(files.config, files.fragment, files.pid_file, None, reload)
 
     how = "and reload keepalived" if reload else "(keepalived is not running: no reload)"
     if want is None:
@@ -124,14 +122,14 @@ def _config_step(kernel: Kernel, state: NodeState, save, change, notes: list[str
     return _step(f"write keepalived fragment {want.fragment} ({len(want.instances)} VRRP instances) {how}", run, undo)
 
 
-def check(plan: Plan, kernel: Kernel) -> None:
+def check(plan: Plan, keepalived: KeepalivedBackend) -> None:
     """keepalived must accept the new fragment before anything is written."""
     for change in plan.of_kind("keepalived config"):
         want: KeepalivedConfig | None = change.after
         if want is None:
             continue
         try:
-            kernel.keepalived.check(want.config, want.fragment, want.text)
+            keepalived.check(want.config, want.fragment, want.text)
         except KeepalivedError as exc:
             where = pointer_at(want, exc.line) if exc.line else ""
             at = f" (fragment line {exc.line}, from the intent's {where})" if where else ""
@@ -157,4 +155,4 @@ def before_announcing(desired, plan: Plan):
     return dataclasses.replace(desired, gates=tuple(gates), keepalived=keepalived)
 
 
-__all__ = ["VrrpSteps", "before_announcing", "check", "steps"]
+__all__ = ["before_announcing", "check", "steps"]

@@ -50,7 +50,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("base", "model", "compile", "kernel", "diff"),
     ),
     "apply": (
-        ("kdsr.apply", "kdsr.receipt", "kdsr.vrrp_apply", "kdsr.step"),
+        ("kdsr.apply", "kdsr.receipt", "kdsr.vrrp_apply", "kdsr.ipvs_apply", "kdsr.step"),
         ("base", "model", "kernel", "diff", "runtime state"),
     ),
     "operations": (

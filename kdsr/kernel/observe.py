@@ -58,7 +58,7 @@ def observe(
 ) -> Observed:
     """``orphans``: also read kdsr tables no node's state file claims (destroy).
     ``ipvs_list``: where the IPVS table comes from, if not a full listing
-    (an apply's read-back of the services it wrote, apply._ipvs_read_back)."""
+    (an apply's read-back of the services it wrote, ipvs_apply.read_back)."""
     wanted = {a.ident: a for a in desired.addresses}
     interfaces = {a.ifname for a in desired.addresses} | {i.split(" ", 1)[0] for i in state.owned_addresses}
     addresses: list[Address] = []
