@@ -95,8 +95,9 @@ class Links:
         return found
 
     def link_add(self, link: Link) -> None:
-        send = partial(rtnl_routing.add_tunnel, name=link.name, kind=link.kind, local=link.local)
-        self._write(f"add {link.kind} link {link.name}", partial(send, remote=link.remote, ttl=link.ttl))
+        data = rtnl_routing.tunnel_data(link.kind, link.local, link.remote, link.ttl)
+        send = partial(rtnl_routing.add_link, name=link.name, kind=link.kind, data=data)
+        self._write(f"add {link.kind} link {link.name}", send)
 
     def link_del(self, name: str) -> None:
         self._write(f"delete link {name}", partial(rtnl_routing.delete_link, index=self._index(name)))

@@ -202,11 +202,11 @@ def _raw(address: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
 
 
-def add_tunnel(sock: RtnlSocket, name: str, kind: str, local: str, remote: str, ttl: int) -> None:
-    """Make a tunnel link of ``kind`` (ipip, gre, ip6tnl) and bring it up in
-    the same request, as ``ip link add NAME up type KIND local L remote R ttl T``
-    does; ``remote`` "" accepts any.  An ip6tnl link carries IPv6 in IPv6
-    (proto 41) without the encapsulation-limit option."""
+def tunnel_data(kind: str, local: str, remote: str, ttl: int) -> bytes:
+    """IFLA_INFO_DATA of a tunnel link of ``kind`` (ipip, gre, ip6tnl), as
+    ``ip link add ... type KIND local L remote R ttl T`` sends it; ``remote``
+    "" accepts any.  An ip6tnl link carries IPv6 in IPv6 (proto 41) without
+    the encapsulation-limit option."""
     local_at, remote_at, ttl_at = TUNNEL_ATTRS[kind]
     data = attr(local_at, _raw(local)) + attr(ttl_at, struct.pack("=B", ttl))
     if remote:
@@ -214,7 +214,15 @@ def add_tunnel(sock: RtnlSocket, name: str, kind: str, local: str, remote: str, 
     if kind == "ip6tnl":
         data += attr(IFLA_IPTUN_PROTO, struct.pack("=B", IPPROTO_IPV6))
         data += attr(IFLA_IPTUN_FLAGS, struct.pack("=I", IP6_TNL_F_IGN_ENCAP_LIMIT))
-    info = attr(IFLA_INFO_KIND, kind.encode() + b"\0") + attr(IFLA_INFO_DATA, data)
+    return data
+
+
+def add_link(sock: RtnlSocket, name: str, kind: str, data: bytes = b"") -> None:
+    """Make a link of ``kind`` with IFLA_INFO_DATA ``data`` and bring it up
+    in the same request, as ``ip link add NAME up type KIND ...`` does."""
+    info = attr(IFLA_INFO_KIND, kind.encode() + b"\0")
+    if data:
+        info += attr(IFLA_INFO_DATA, data)
     body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP)
     body += attr(IFLA_IFNAME, name.encode() + b"\0") + attr(IFLA_LINKINFO, info)
     _request(sock, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)

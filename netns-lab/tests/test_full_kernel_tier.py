@@ -63,6 +63,85 @@ def test_ipvs_mh_service_in_a_namespace(netns):
     assert "192.0.2.100:80" not in host.stdout
 
 
+# kdsr's tunnel links, made by kdsr's own socket (rtnl_routing.add_link)
+# and then, in their place (the kernel refuses a second tunnel with the same
+# ends), through pyroute2 with the arguments kdsr gave it before it wrote
+# links itself, each as `ip -d` shows it; then kdsr makes them all, reads
+# them, refuses a second add, deletes them.
+TUNNEL_WRITER = """
+import json, socket, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from pyroute2 import IPRoute
+from kdsr.kernel import KernelError
+from kdsr.kernel.system import SystemKernel
+from kdsr.model import Link
+
+def shown(name):
+    return json.loads(subprocess.run(["ip", "-j", "-d", "link", "show", "dev", name], capture_output=True,
+                                     text=True, check=True).stdout)[0]
+
+k, ipr = SystemKernel(), IPRoute()
+links = [Link("kdsr-a", "ipip", "192.0.2.1", "192.0.2.2", 64), Link("kdsr-b", "gre", "192.0.2.1", "192.0.2.3", 64),
+         Link("kdsr-c", "ip6tnl", "2001:db8::1", "2001:db8::2", 64), Link("kdsr-d", "ipip", "192.0.2.1", "", 64),
+         Link("kdsr-e", "ip6tnl", "2001:db8::1", "", 32)]
+pairs = {}
+for link in links:
+    k.links.link_add(link)
+    ours = shown(link.name)
+    k.links.link_del(link.name)
+    prefix = link.kind
+    kwargs = {"ifname": link.name, "kind": link.kind, f"{prefix}_local": link.local, f"{prefix}_ttl": link.ttl}
+    if link.remote:
+        kwargs[f"{prefix}_remote"] = link.remote
+    if link.kind == "ip6tnl":
+        kwargs["ip6tnl_proto"] = 41
+        kwargs["ip6tnl_flags"] = 0x1
+    ipr.link("add", **kwargs)
+    ipr.link("set", index=socket.if_nametoindex(link.name), state="up")
+    theirs = shown(link.name)
+    ipr.link("del", index=socket.if_nametoindex(link.name))
+    pairs[link.name] = [ours, theirs]
+for link in links:
+    k.links.link_add(link)
+read = sorted([l.name, l.kind, l.local, l.remote, l.ttl] for l in k.links.link_list("kdsr-"))
+refused = []
+for write in (lambda: k.links.link_add(links[0]), lambda: k.links.link_del("kdsr-none")):
+    try:
+        write()
+    except KernelError as exc:
+        refused.append(str(exc))
+for link in links:
+    k.links.link_del(link.name)
+left = [l.name for l in k.links.link_list("kdsr-")]
+print(json.dumps({"pairs": pairs, "read": read, "refused": refused, "left": left, "writes": k.writes}))
+"""
+
+
+def test_tunnel_links_written_as_pyroute2_wrote_them(netns):
+    """Each kind of tunnel kdsr makes (ipip, gre, ip6tnl; with a remote end
+    and with any) is, as `ip -d` shows it, what kdsr's earlier pyroute2
+    writes made, and up; kdsr reads them back as written, refuses a second
+    add with the kernel's EEXIST, and deletes them."""
+    netns.add("t")
+    root = str(Path(__file__).resolve().parents[2])
+    out = json.loads(netns.run("t", [PYTHON, "-c", TUNNEL_WRITER, root], timeout=HELPER_TIMEOUT * 2).stdout)
+    for name, (ours, theirs) in out["pairs"].items():
+        assert ours["linkinfo"] == theirs["linkinfo"], (name, ours["linkinfo"], theirs["linkinfo"])
+        assert ours["flags"] == theirs["flags"] and "UP" in ours["flags"], (name, ours["flags"], theirs["flags"])
+        assert ours["mtu"] == theirs["mtu"], (name, ours["mtu"], theirs["mtu"])
+    assert out["pairs"]["kdsr-c"][0]["linkinfo"]["info_data"]["proto"] == "ip6ip6"
+    assert out["read"] == [
+        ["kdsr-a", "ipip", "192.0.2.1", "192.0.2.2", 64],
+        ["kdsr-b", "gre", "192.0.2.1", "192.0.2.3", 64],
+        ["kdsr-c", "ip6tnl", "2001:db8::1", "2001:db8::2", 64],
+        ["kdsr-d", "ipip", "192.0.2.1", "", 64],
+        ["kdsr-e", "ip6tnl", "2001:db8::1", "", 32],
+    ]
+    assert "add ipip link kdsr-a: EEXIST" in out["refused"][0], out["refused"]
+    assert out["refused"][1] == "interface kdsr-none does not exist", out["refused"]
+    assert out["left"] == [] and out["writes"] == 5 * 2 + 5 + 5
+
+
 # SystemKernel's two IPVS readers, run inside the namespace; prints JSON.
 IPVS_READERS = """
 import json, sys

@@ -129,3 +129,122 @@ def test_the_announce_table_is_read_and_written_whatever_the_route_type(netns):
     }
     assert netns.run("a", "ip rule").stdout == rules and netns.run("a", "ip route show table main").stdout == main
     assert "10.0.0.101" in netns.run("a", "ip route show table 100").stdout
+
+
+# Runs inside the namespace: the same routes and rules written twice, once
+# through kdsr's own socket (tables T1.., marks M1..) and once through
+# pyroute2 with the arguments kdsr gave it before it wrote them itself
+# (tables T1+0x10..); then kdsr's refusals.
+WRITE_HELPER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pyroute2 import IPRoute
+from kdsr.kernel import KernelError
+from kdsr.kernel.system import SystemKernel
+from kdsr.model import AnnounceRoute, Route, Rule
+from kdsr import naming
+
+T1, T2, T3 = (int(x) for x in sys.argv[2:5])
+k, ipr = SystemKernel(), IPRoute()
+eth0 = ipr.link_lookup(ifname="eth0")[0]
+routes = [Route(4, T1, "kdsr4-a"), Route(4, T2, "eth0", gateway="10.3.0.1"), Route(6, T3, "eth0", gateway="fd00:3::1")]
+rules = [Rule(4, T1, T1, 1000), Rule(6, T3, T3, 1000)]
+for route in routes:
+    k.links.route_add(route)
+    args = {"dst": "0.0.0.0/0" if route.family == 4 else "::/0", "oif": ipr.link_lookup(ifname=route.dev)[0],
+            "table": route.table + 0x10, "family": 2 if route.family == 4 else 10}
+    if route.gateway:
+        args["gateway"] = route.gateway
+    ipr.route("add", **args)
+for rule in rules:
+    k.links.rule_add(rule)
+    ipr.rule("add", family=2 if rule.family == 4 else 10, fwmark=rule.fwmark + 0x10, fwmask=0xFFFFFFFF,
+             table=rule.table + 0x10, priority=rule.priority)
+for prefix in ("10.0.0.100/32", "fd00:10::100/128"):
+    k.links.announce_add(AnnounceRoute(prefix))
+refused = []
+for write in (lambda: k.links.route_add(routes[0]), lambda: k.links.rule_add(rules[0]),
+              lambda: k.links.announce_add(AnnounceRoute("10.0.0.100/32")),
+              lambda: k.links.route_add(Route(4, T1 + 0x20, "kdsr-none")),
+              lambda: k.links.route_del(Route(4, T1 + 0x20, "eth0")), lambda: k.links.rule_del(Rule(4, T2, T2, 1000))):
+    try:
+        write()
+    except KernelError as exc:
+        refused.append(str(exc))
+read = {"routes": sorted(map(repr, k.links.route_list())), "rules": sorted(map(repr, k.links.rule_list(1000))),
+        "announce": sorted(map(repr, k.links.announce_list()))}
+print(json.dumps({"refused": refused, "read": read, "writes": k.writes}))
+"""
+
+DELETE_HELPER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kdsr.kernel.system import SystemKernel
+k = SystemKernel()
+for route in k.links.route_list():
+    k.links.route_del(route)
+for rule in k.links.rule_list(1000):
+    k.links.rule_del(rule)
+for route in k.links.announce_list():
+    k.links.announce_del(route)
+print(json.dumps({"writes": k.writes}))
+"""
+
+
+def _routes_of(netns, table: int, family: str) -> list[dict]:
+    found = json.loads(netns.run("a", ["ip", "-j", "-d", family, "route", "show", "table", str(table)]).stdout)
+    for route in found:
+        route.pop("table", None)
+    return found
+
+
+def _rules_of(netns, mark: int, family: str) -> list[dict]:
+    found = json.loads(netns.run("a", ["ip", "-j", "-d", family, "rule", "show"]).stdout)
+    found = [r for r in found if r.get("fwmark") == hex(mark)]
+    for rule in found:
+        rule.pop("fwmark")
+        rule.pop("table")
+    return found
+
+
+def test_routes_and_rules_written_as_pyroute2_wrote_them(netns):
+    """kdsr's own writes (rtnl_routing.write_route, write_rule) make what its
+    earlier pyroute2 writes made, attribute for attribute as `ip -d` shows
+    them; a second add, a route out of a missing device, a delete of what is
+    not there are refused with the kernel's word; the deletes take exactly
+    what was added, and nothing else."""
+    from kdsr import naming
+
+    netns.add("a")
+    for cmd in (
+        "ip link add kdsr4-a type veth peer name kdsr4-b",
+        "ip link add eth0 type veth peer name eth1",
+        "ip link set kdsr4-a up",
+        "ip link set eth0 up",
+        "ip addr add 10.3.0.2/24 dev eth0",
+        "ip addr add fd00:3::2/64 dev eth0 nodad",
+    ):
+        netns.run("a", cmd)
+    before = {f: netns.run("a", ["ip", f, "route", "show", "table", "all"]).stdout for f in ("-4", "-6")}
+    rules_before = {f: netns.run("a", ["ip", f, "rule"]).stdout for f in ("-4", "-6")}
+    out = json.loads(netns.run("a", [PYTHON, "-c", WRITE_HELPER, ROOT, str(T1), str(T2), str(T3)], timeout=120).stdout)
+    for table, family in ((T1, "-4"), (T2, "-4"), (T3, "-6")):
+        ours, theirs = _routes_of(netns, table, family), _routes_of(netns, table + 0x10, family)
+        assert ours == theirs and len(ours) == 1, (table, ours, theirs)
+        assert ours[0]["protocol"] == "static" and ours[0]["scope"] == "global", ours
+    for mark, family in ((T1, "-4"), (T3, "-6")):
+        ours, theirs = _rules_of(netns, mark, family), _rules_of(netns, mark + 0x10, family)
+        assert ours == theirs and len(ours) == 1, (mark, ours, theirs)
+    announce = netns.run("a", ["ip", "-d", "route", "show", "table", str(naming.ANNOUNCE_TABLE)]).stdout
+    assert "blackhole 10.0.0.100 proto static scope global" in announce, announce
+    assert len(out["refused"]) == 6, out["refused"]
+    assert "EEXIST" in out["refused"][0] and "EEXIST" in out["refused"][1] and "EEXIST" in out["refused"][2]
+    assert "interface kdsr-none does not exist" in out["refused"][3]
+    assert "ESRCH" in out["refused"][4] and "ENOENT" in out["refused"][5], out["refused"]
+    assert out["writes"] == 3 + 2 + 2  # the refused writes count none
+    assert len(out["read"]["routes"]) == 6 and len(out["read"]["rules"]) == 4 and len(out["read"]["announce"]) == 2
+    # kdsr deletes what it reads as its own: both writers' routes and rules, its announce routes.
+    gone = json.loads(netns.run("a", [PYTHON, "-c", DELETE_HELPER, ROOT], timeout=120).stdout)
+    assert gone["writes"] == 6 + 4 + 2
+    assert {f: netns.run("a", ["ip", f, "route", "show", "table", "all"]).stdout for f in ("-4", "-6")} == before
+    assert {f: netns.run("a", ["ip", f, "rule"]).stdout for f in ("-4", "-6")} == rules_before
