@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: setup bpf demo test deb man docs unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
-	bench-ipvs-control-plane bench-addresses bench-cli-noop bench-sighup bench-metrics
+	bench-ipvs-control-plane bench-netlink bench-cli-noop bench-sighup bench-metrics
 
 setup:
 	./scripts/setup.sh
@@ -88,10 +88,10 @@ bench-ipvs-control-plane: setup
 bench-compile: setup
 	$(PY) bench/compile_scaling.py
 
-# Address writes and reads (root; a throw-away namespace): kdsr's rtnetlink
-# code beside pyroute2 in one run; writes bench/results/addresses.json.
-bench-addresses: setup
-	$(PY) bench/addresses.py
+# Links, addresses, routes and rules (root; a throw-away namespace): kdsr's
+# rtnetlink code beside pyroute2 in one run; writes bench/results/netlink.json.
+bench-netlink: setup
+	$(PY) bench/netlink.py
 
 # `kdsr apply` with nothing to change and a full `kdsr plan`, one process
 # each, this checkout beside an older release (root; throw-away namespaces).

@@ -69,7 +69,7 @@ class ApplyResult:
     # True when the ruleset generation proved the one nft transaction was
     # the only commit since the read: the read-back then takes the map
     # elements as sent, and lists the table's structure only if it changed
-    # (SystemKernel.nft_apply).
+    # (kdsr/kernel/nft.py ``Nftables.apply``).
     proved_by_generation: bool = False
     # IPVS services the read-back listed again by their selectors, the rest
     # being as the plan's read found them (_ipvs_read_back); 0: a full

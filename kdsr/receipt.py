@@ -11,7 +11,7 @@ kernel matches an intent, it writes a receipt holding:
   host's local addresses, which pick it), the servers drained with `kdsr
   drain` and the servers a running health daemon reports down;
 - per nftables table kdsr wants or owns, the kernel's token
-  (``Kernel.nft_token``: namespace, boot, ruleset generation and chain
+  (``NftBackend.token``: namespace, boot, ruleset generation and chain
   listing) at which kdsr read or proved the table equal to the intent.  Any
   nftables commit by anyone moves the generation (nft_cache.py);
 - everything else the intent wants (addresses, sysctls, links, routes, rules,

@@ -17,7 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-DEBIAN_NAMES = {"click": "python3-click", "jsonschema": "python3-jsonschema", "pyroute2": "python3-pyroute2"}
+DEBIAN_NAMES = {"click": "python3-click", "jsonschema": "python3-jsonschema"}
 DEBIAN_NAMES["PyYAML"] = "python3-yaml"
 DEBIAN_NAMES["prometheus-client"] = "python3-prometheus-client"
 # Dependencies Debian has no package of: debian/py3dist-overrides tells

@@ -1,5 +1,5 @@
 """kdsr's libnftables JSON batch -> nft's text language, for what JSON cannot
-say, and for large batches (kdsr/kernel/system.py ``TEXT_BATCH_ELEMENTS``:
+say, and for large batches (kdsr/kernel/nft.py ``TEXT_BATCH_ELEMENTS``:
 libnftables' text parser holds less memory than its JSON parser for a
 full apply's elements).
 

@@ -3,9 +3,8 @@ interface's dump, and adds or deletes sent many to a message.
 
 These are the two paths that grow with the number of VIPs: an ipvs director
 holds every VIP on its front interface, a server every VIP on ``lo``.
-pyroute2 builds a message object per address and waits for each write's
-answer; here writes go many to a send and a dump is decoded with ``struct``
-straight from the receive buffer (bench/addresses.py runs both side by side).
+Writes go many to a send and a dump is decoded with ``struct`` straight
+from the receive buffer (bench/netlink.py runs this beside pyroute2).
 
 Only what kdsr writes and compares is carried: family, prefix length, the
 address (``IFA_LOCAL`` for IPv4, as ``ip`` shows it), the label.

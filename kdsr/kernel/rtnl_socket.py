@@ -1,16 +1,11 @@
-"""One rtnetlink (NETLINK_ROUTE) socket, without pyroute2.
+"""One rtnetlink (NETLINK_ROUTE) socket, kdsr's own (why not pyroute2:
+kdsr/kernel/links.py).
 
 A dump is read to its end and read again when the kernel marks it
 interrupted (the objects changed while it ran); requests go out up to
 ``BATCH`` to a ``send`` and each is still answered, or refused, on its own.
-What the messages carry is decoded where it is used: rtnl_addr.py
+What the messages carry is built and decoded where it is used: rtnl_addr.py
 (addresses) and rtnl_routing.py (links, routes, rules).
-
-Why not pyroute2 (0.9, asyncio underneath): it builds a full message object
-per answer and waits for each write's answer before it sends the next, and
-importing it and opening its socket costs a CLI run more than kdsr's whole
-no-op check (bench/addresses.py and bench/cli_noop.py measure both; the
-figures are in docs/performance.md).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ fresh = SystemKernel()
 prepared = operations.prepare(intent, "lb1", fresh, store)
 compiled = next(t for t in prepared.desired.tables if t.family == "netdev")
 out["fresh_noop_plan"] = len(prepared.plan.changes)
-out["fresh_keeps_compiled"] = fresh.nft_read_table("netdev", "kdsr", reuse=True)[0] is compiled
+out["fresh_keeps_compiled"] = fresh.nft.read_table("netdev", "kdsr", reuse=True)[0] is compiled
 
 maps = [m for m in first[0].maps if m.name.startswith("pool-web-v4") and m.elements]
 name, (key, _value) = maps[0].name, maps[0].elements[0]

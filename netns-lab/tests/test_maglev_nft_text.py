@@ -169,13 +169,13 @@ def test_rolled_back_transition_restores_the_pinned_chain(scratch, tmp_path):
 
 
 def test_a_large_batch_goes_as_text_and_builds_what_json_builds(scratch, tmp_path):
-    """Over TEXT_BATCH_ELEMENTS (kdsr/kernel/system.py) kdsr sends the batch
+    """Over TEXT_BATCH_ELEMENTS (kdsr/kernel/nft.py) kdsr sends the batch
     as text: through the CLI it applies, replans empty, and the kernel holds
     exactly what the same batch as JSON builds."""
     from kdsr.compile import compile_node
     from kdsr.diff import diff_table
     from kdsr.intent import load_intent
-    from kdsr.kernel import system
+    from kdsr.kernel import nft
     from kdsr.kernel.nft_json import batch_for
 
     doc = copy.deepcopy(PINNED)
@@ -189,8 +189,8 @@ def test_a_large_batch_goes_as_text_and_builds_what_json_builds(scratch, tmp_pat
     path.write_text(json.dumps(doc))
     table = compile_node(load_intent(path), "lb1").tables[0]
     commands = batch_for(diff_table(table, None, []))
-    assert nft_text.element_count(commands) >= system.TEXT_BATCH_ELEMENTS
-    assert system._as_text(commands) is not None
+    assert nft_text.element_count(commands) >= nft.TEXT_BATCH_ELEMENTS
+    assert nft._as_text(commands) is not None
 
     by_kdsr, by_json = scratch(), scratch()
     applied = by_kdsr.kdsr("apply", str(path), "--node", "lb1")

@@ -35,7 +35,8 @@ desired = compile_node(intent, "lb1")
 plan = diff(desired, Observed())
 (td,) = [t for t in plan.tables if t.family == "netdev"]
 out = {"links": [link.name for link in desired.links]}
-kernel = SystemKernel(cache_dir=tempfile.mkdtemp())
+cache = tempfile.mkdtemp()
+kernel = SystemKernel(cache_dir=cache)
 
 def check(batch):
     try:
@@ -58,8 +59,8 @@ out["fwd rule"] = [r.expr for r in read.chain(selector).rules if "fwd" in r.expr
 first = desired.links[0].name
 subprocess.run(["ip", "link", "del", first], check=True)
 subprocess.run(["ip", "link", "add", first, "type", "veth", "peer", "name", "p" + first[5:]], check=True)
-again = SystemKernel(cache_dir=kernel._disk.directory.parent)
-reread, _ = again.nft_read_table("netdev", "kdsr", reuse=True)
+again = SystemKernel(cache_dir=cache)
+reread, _ = again.nft.read_table("netdev", "kdsr", reuse=True)
 links = {m.name: m for m in reread.maps}["l3-tunnel-links"]
 out["links map after"] = {str(k): e.value for k, e in links.elements}
 out["read equal after"] = reread == td.desired
