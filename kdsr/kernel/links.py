@@ -3,16 +3,16 @@ or the front interface, the default route of each server's table, the
 fwmark rules that pick a table, and kdsr's announce table.
 
 All through kdsr's own rtnetlink socket (rtnl_socket.py; the messages in
-rtnl_addr.py and rtnl_routing.py).  pyroute2, the maintained library for
-this, was measured beside it for every operation kdsr does
-(bench/netlink.py prints both, side by side): it lost on the paths that
-grow with the intent, the addresses a server holds on ``lo`` (one per VIP)
-and every plan's reads, because it builds a message object per answer,
-waits for each write's answer before it sends the next (its asyncio
-interface, asked for many at once, stopped answering at a few thousand),
-and its import and socket cost a CLI run more than kdsr's whole no-op
-check.  On the few writes of links, routes and rules the two are alike, so
-one stack serves everything.
+rtnl_addr.py and rtnl_routing.py), reads and writes alike.  pyroute2, the
+maintained library for this, was measured beside it for every operation
+kdsr does (bench/netlink.py prints both side by side) and lost on every one
+but a link's delete, where the kernel's own work dominates: most on the
+paths that grow with the intent (a server's address per VIP on ``lo``, an
+announce route per VIP) and on every plan's reads, and in its import and
+socket, which every CLI run pays.  It builds a message object per answer
+and waits for each write's answer before it sends the next; kdsr sends
+addresses many to a send, each still answered on its own, and decodes a
+dump with ``struct`` from the receive buffer.
 """
 
 from __future__ import annotations
