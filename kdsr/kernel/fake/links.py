@@ -94,8 +94,10 @@ class FakeLinks:
             )
 
     def link_del(self, name: str) -> None:
+        if name not in self.interfaces:
+            raise KernelError(f"interface {name} does not exist")  # links.py looks the index up first
         if name not in self.tunnels:
-            raise KernelError(f"delete link {name}: ENODEV No such device")
+            raise KernelError(f"delete link {name}: EOPNOTSUPP (the fake deletes only links kdsr made)")
         self._write(f"link del {name}")
         del self.tunnels[name]
         self.interfaces.discard(name)
@@ -110,13 +112,15 @@ class FakeLinks:
 
     def route_add(self, route: Route) -> None:
         if route.dev not in self.interfaces:
-            raise KernelError(f"add route {route.ident}: ENODEV No such device")
+            raise KernelError(f"interface {route.dev} does not exist")  # links.py looks the index up first
         if any((r.family, r.table) == (route.family, route.table) for r in self.routes):
             raise KernelError(f"add route {route.ident}: EEXIST File exists")
         self._write(f"route add {route.ident}")
         self.routes.append(Route(route.family, route.table, route.dev, gateway=route.gateway))
 
     def route_del(self, route: Route) -> None:
+        if route.dev not in self.interfaces:
+            raise KernelError(f"interface {route.dev} does not exist")
         plain = Route(route.family, route.table, route.dev, gateway=route.gateway)
         if plain not in self.routes:
             raise KernelError(f"del route {route.ident}: ESRCH No such process")
