@@ -121,7 +121,9 @@ class Journal:
         return failures
 
 
-def _steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState, notes: list[str]):
+def _steps(
+    plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, state: NodeState, notes: list[str]
+) -> tuple[list[Step], list[Step]]:
     """Every backend's steps, one Step per kernel write (or batch of them), in
     phase order: those to run, then those that announce, which run only once
     the kernel has been read back after the first.
