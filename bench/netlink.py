@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,13 +51,21 @@ def _vips(n: int) -> list[str]:
     return [f"10.{64 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}" for i in range(1, n + 1)]
 
 
-def _timed(steps: dict) -> dict[str, float]:
-    out = {}
-    for step, run in steps.items():
+def _measured(add, listing, delete, expect: int) -> dict[str, float]:
+    """Seconds to add, list (``listing`` returns what it found: at least
+    ``expect``) and delete."""
+    found: list = []
+    times = {}
+    for step, run in (("add", add), ("list", lambda: found.extend(listing())), ("delete", delete)):
         start = time.perf_counter()
         run()
-        out[step] = time.perf_counter() - start
-    return out
+        times[step] = time.perf_counter() - start
+    assert len(found) >= expect, (len(found), expect)
+    return times
+
+
+def _each(write, items):
+    return lambda: [write(item) for item in items]
 
 
 def _start(stack: str) -> float:
@@ -84,91 +93,43 @@ class Kdsr:
         from kdsr.model import Address
 
         addrs = [Address("lo", f"{ip}/32") for ip in vips]
-        done: list = []
-
-        def add() -> None:
-            for start in range(0, len(addrs), 256):  # apply's ADDRESS_BATCH
-                self.links.addr_write(True, addrs[start : start + 256], done)
-
-        found: list = []
-        times = _timed(
-            {
-                "add": add,
-                "list": lambda: found.extend(self.links.addr_list("lo")),
-                "delete": lambda: self.links.addr_write(False, addrs, []),
-            }
-        )
-        assert len(done) == len(vips) and len(found) >= len(vips)
-        return times
+        batches = [addrs[start : start + 256] for start in range(0, len(addrs), 256)]  # apply's ADDRESS_BATCH
+        add = _each(lambda batch: self.links.addr_write(True, batch, []), batches)
+        delete = lambda: self.links.addr_write(False, addrs, [])  # noqa: E731
+        return _measured(add, lambda: self.links.addr_list("lo"), delete, len(vips))
 
     def announce(self, vips: list[str]) -> dict[str, float]:
         from kdsr.model import AnnounceRoute
 
         routes = [AnnounceRoute(f"{ip}/32") for ip in vips]
-        found: list = []
-        times = _timed(
-            {
-                "add": lambda: [self.links.announce_add(r) for r in routes],
-                "list": lambda: found.extend(self.links.announce_list()),
-                "delete": lambda: [self.links.announce_del(r) for r in routes],
-            }
-        )
-        assert len(found) == len(vips)
-        return times
+        add, delete = _each(self.links.announce_add, routes), _each(self.links.announce_del, routes)
+        return _measured(add, self.links.announce_list, delete, len(vips))
 
     def links_(self, n: int) -> dict[str, float]:
         from kdsr.kernel import rtnl_routing
         from kdsr.model import Link
 
         links = [Link(f"kdsrb{i}", "ipip", "10.200.0.2", f"10.201.{i >> 8}.{i & 255}") for i in range(n)]
-
-        def add() -> None:
-            for link in links:
-                if self.link_kind == "ipip":
-                    self.links.link_add(link)
-                else:  # the same request without a tunnel's attributes
-                    rtnl_routing.add_link(self.links.rtnl, link.name, "bridge")
-
-        found: list = []
-        times = _timed(
-            {
-                "add": add,
-                "list": lambda: found.extend(self.links.link_list("kdsrb")),
-                "delete": lambda: [self.links.link_del(link.name) for link in links],
-            }
-        )
-        assert len(found) == n
-        return times
+        if self.link_kind == "ipip":
+            add = _each(self.links.link_add, links)
+        else:  # the same request without a tunnel's attributes
+            add = _each(lambda link: rtnl_routing.add_link(self.links.rtnl, link.name, "bridge"), links)
+        delete = _each(lambda link: self.links.link_del(link.name), links)
+        return _measured(add, lambda: self.links.link_list("kdsrb"), delete, n)
 
     def routes(self, n: int) -> dict[str, float]:
         from kdsr.model import Route
 
         routes = [Route(4, TABLE0 + i, "eth0", gateway=f"10.200.1.{i % 250 + 1}") for i in range(n)]
-        found: list = []
-        times = _timed(
-            {
-                "add": lambda: [self.links.route_add(r) for r in routes],
-                "list": lambda: found.extend(self.links.route_list()),
-                "delete": lambda: [self.links.route_del(r) for r in routes],
-            }
-        )
-        assert len(found) == n
-        return times
+        add, delete = _each(self.links.route_add, routes), _each(self.links.route_del, routes)
+        return _measured(add, self.links.route_list, delete, n)
 
     def rules(self, n: int) -> dict[str, float]:
         from kdsr.model import Rule
 
         rules = [Rule(4, TABLE0 + i, TABLE0 + i, PRIORITY) for i in range(n)]
-        found: list = []
-        times = _timed(
-            {
-                "add": lambda: [self.links.rule_add(r) for r in rules],
-                "list": lambda: found.extend(self.links.rule_list(PRIORITY)),
-                "delete": lambda: [self.links.rule_del(r) for r in rules],
-            }
-        )
-        assert len(found) == n
-        return times
+        add, delete = _each(self.links.rule_add, rules), _each(self.links.rule_del, rules)
+        return _measured(add, lambda: self.links.rule_list(PRIORITY), delete, n)
 
 
 class Pyroute2:
@@ -177,129 +138,85 @@ class Pyroute2:
 
         self.ipr = IPRoute()
         self.link_kind = link_kind
-        self.lo = self.ipr.link_lookup(ifname="lo")[0]
-        self.eth0 = self.ipr.link_lookup(ifname="eth0")[0]
+        self.lo = socket.if_nametoindex("lo")
+        self.eth0 = socket.if_nametoindex("eth0")
+
+    def _routes(self, wanted) -> list:
+        found = []
+        for af in (2, 10):
+            for m in self.ipr.route("dump", family=af):
+                if wanted(m.get_attr("RTA_TABLE") or m["table"], m):
+                    found.append((m.get_attr("RTA_DST"), m["dst_len"], m["type"], m.get_attr("RTA_OIF")))
+        return found
 
     def addresses(self, vips: list[str]) -> dict[str, float]:
-        found: list = []
+        def listing() -> list:
+            return [
+                (m["family"], m["prefixlen"], m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
+                for m in self.ipr.addr("dump", index=self.lo)
+            ]
 
-        def listing() -> None:
-            for m in self.ipr.addr("dump", index=self.lo):
-                found.append((m["family"], m["prefixlen"], m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")))
-
-        times = _timed(
-            {
-                "add": lambda: [self.ipr.addr("add", index=self.lo, address=ip, prefixlen=32) for ip in vips],
-                "list": listing,
-                "delete": lambda: [self.ipr.addr("del", index=self.lo, address=ip, prefixlen=32) for ip in vips],
-            }
-        )
-        assert len(found) >= len(vips)
-        return times
+        add = _each(lambda ip: self.ipr.addr("add", index=self.lo, address=ip, prefixlen=32), vips)
+        delete = _each(lambda ip: self.ipr.addr("del", index=self.lo, address=ip, prefixlen=32), vips)
+        return _measured(add, listing, delete, len(vips))
 
     def announce(self, vips: list[str]) -> dict[str, float]:
-        found: list = []
+        def write(op: str, ip: str) -> None:
+            extra = {"proto": "static"} if op == "add" else {}
+            self.ipr.route(op, dst=f"{ip}/32", table=0x6B800000, type="blackhole", family=2, **extra)
 
-        def add(ip: str) -> None:
-            self.ipr.route("add", dst=f"{ip}/32", table=0x6B800000, type="blackhole", family=2, proto="static")
-
-        def listing() -> None:
-            for af in (2, 10):
-                for m in self.ipr.route("dump", family=af):
-                    if (m.get_attr("RTA_TABLE") or m["table"]) == 0x6B800000:
-                        found.append((m.get_attr("RTA_DST"), m["dst_len"], m["type"]))
-
-        times = _timed(
-            {
-                "add": lambda: [add(ip) for ip in vips],
-                "list": listing,
-                "delete": lambda: [
-                    self.ipr.route("del", dst=f"{ip}/32", table=0x6B800000, type="blackhole", family=2) for ip in vips
-                ],
-            }
-        )
-        assert len(found) == len(vips)
-        return times
+        add, delete = _each(partial(write, "add"), vips), _each(partial(write, "del"), vips)
+        return _measured(add, lambda: self._routes(lambda table, m: table == 0x6B800000), delete, len(vips))
 
     def links_(self, n: int) -> dict[str, float]:
         names = [f"kdsrb{i}" for i in range(n)]
 
-        def add() -> None:
-            for i, name in enumerate(names):
-                if self.link_kind == "ipip":
-                    kwargs = {"ipip_local": "10.200.0.2", "ipip_remote": f"10.201.{i >> 8}.{i & 255}", "ipip_ttl": 64}
-                else:
-                    kwargs = {}
-                self.ipr.link("add", ifname=name, kind=self.link_kind, **kwargs)
-                self.ipr.link("set", index=socket.if_nametoindex(name), state="up")
+        def make(i: int) -> None:
+            kwargs = {}
+            if self.link_kind == "ipip":
+                kwargs = {"ipip_local": "10.200.0.2", "ipip_remote": f"10.201.{i >> 8}.{i & 255}", "ipip_ttl": 64}
+            self.ipr.link("add", ifname=names[i], kind=self.link_kind, **kwargs)
+            self.ipr.link("set", index=socket.if_nametoindex(names[i]), state="up")
 
-        found: list = []
-
-        def listing() -> None:
+        def listing() -> list:
+            found = []
             for m in self.ipr.get_links():
-                name = m.get_attr("IFLA_IFNAME")
-                if name.startswith("kdsrb"):
+                if m.get_attr("IFLA_IFNAME").startswith("kdsrb"):
                     info = m.get_attr("IFLA_LINKINFO")
                     data = info.get_attr("IFLA_INFO_DATA") if info else None
                     ends = (data.get_attr("IFLA_IPTUN_LOCAL"), data.get_attr("IFLA_IPTUN_REMOTE")) if data else None
-                    found.append((name, info.get_attr("IFLA_INFO_KIND") if info else None, ends))
+                    found.append((m.get_attr("IFLA_IFNAME"), info.get_attr("IFLA_INFO_KIND") if info else None, ends))
+            return found
 
-        times = _timed(
-            {
-                "add": add,
-                "list": listing,
-                "delete": lambda: [self.ipr.link("del", index=socket.if_nametoindex(n)) for n in names],
-            }
-        )
-        assert len(found) == n
-        return times
+        delete = _each(lambda name: self.ipr.link("del", index=socket.if_nametoindex(name)), names)
+        return _measured(_each(make, range(n)), listing, delete, n)
 
     def routes(self, n: int) -> dict[str, float]:
         def write(op: str, i: int) -> None:
             gateway = f"10.200.1.{i % 250 + 1}"
             self.ipr.route(op, dst="0.0.0.0/0", oif=self.eth0, table=TABLE0 + i, family=2, gateway=gateway)
 
-        found: list = []
+        def ours(table: int, m) -> bool:
+            return TABLE0 <= table < TABLE0 + n and m["dst_len"] == 0 and m["type"] == 1
 
-        def listing() -> None:
-            for af in (2, 10):
-                for m in self.ipr.route("dump", family=af):
-                    table = m.get_attr("RTA_TABLE") or m["table"]
-                    if TABLE0 <= table < TABLE0 + n and m["dst_len"] == 0 and m["type"] == 1:
-                        found.append((table, m.get_attr("RTA_OIF"), m.get_attr("RTA_GATEWAY")))
-
-        times = _timed(
-            {
-                "add": lambda: [write("add", i) for i in range(n)],
-                "list": listing,
-                "delete": lambda: [write("del", i) for i in range(n)],
-            }
-        )
-        assert len(found) == n
-        return times
+        add, delete = _each(partial(write, "add"), range(n)), _each(partial(write, "del"), range(n))
+        return _measured(add, lambda: self._routes(ours), delete, n)
 
     def rules(self, n: int) -> dict[str, float]:
         def write(op: str, i: int) -> None:
             mark = TABLE0 + i
             self.ipr.rule(op, family=2, fwmark=mark, fwmask=0xFFFFFFFF, table=mark, priority=PRIORITY)
 
-        found: list = []
+        def listing() -> list:
+            return [
+                (m.get_attr("FRA_FWMARK"), m.get_attr("FRA_TABLE"))
+                for af in (2, 10)
+                for m in self.ipr.get_rules(family=af)
+                if m.get_attr("FRA_PRIORITY") == PRIORITY and m.get_attr("FRA_FWMARK") is not None
+            ]
 
-        def listing() -> None:
-            for af in (2, 10):
-                for m in self.ipr.get_rules(family=af):
-                    if m.get_attr("FRA_PRIORITY") == PRIORITY and m.get_attr("FRA_FWMARK") is not None:
-                        found.append((m.get_attr("FRA_FWMARK"), m.get_attr("FRA_TABLE")))
-
-        times = _timed(
-            {
-                "add": lambda: [write("add", i) for i in range(n)],
-                "list": listing,
-                "delete": lambda: [write("del", i) for i in range(n)],
-            }
-        )
-        assert len(found) == n
-        return times
+        add, delete = _each(partial(write, "add"), range(n)), _each(partial(write, "del"), range(n))
+        return _measured(add, listing, delete, n)
 
 
 def _ipip_works() -> bool:

@@ -57,17 +57,21 @@ print(json.dumps({"ours": ours, "theirs": theirs}))
 """
 
 T1, T2, T3 = 0x6B000101, 0x6B000202, 0x6B000303  # kdsr's mark and table range
+# A link with kdsr's name (a veth: the host has no tunnel modules) and an uplink.
+LINKS = (
+    "ip link add kdsr4-a type veth peer name kdsr4-b",
+    "ip link add eth0 type veth peer name eth1",
+    "ip link set kdsr4-a up",
+    "ip link set eth0 up",
+    "ip addr add 10.3.0.2/24 dev eth0",
+    "ip addr add fd00:3::2/64 dev eth0 nodad",
+)
 
 
 def test_links_routes_and_rules_read_as_pyroute2_reads_them(netns):
     netns.add("a")
     for cmd in (
-        "ip link add kdsr4-a type veth peer name kdsr4-b",
-        "ip link add eth0 type veth peer name eth1",
-        "ip link set kdsr4-a up",
-        "ip link set eth0 up",
-        "ip addr add 10.3.0.2/24 dev eth0",
-        "ip addr add fd00:3::2/64 dev eth0 nodad",
+        *LINKS,
         f"ip route add default dev kdsr4-a table {T1}",
         f"ip route add default via 10.3.0.1 dev eth0 table {T2}",
         f"ip -6 route add default via fd00:3::1 dev eth0 table {T3}",
@@ -216,14 +220,7 @@ def test_routes_and_rules_written_as_pyroute2_wrote_them(netns):
     from kdsr import naming
 
     netns.add("a")
-    for cmd in (
-        "ip link add kdsr4-a type veth peer name kdsr4-b",
-        "ip link add eth0 type veth peer name eth1",
-        "ip link set kdsr4-a up",
-        "ip link set eth0 up",
-        "ip addr add 10.3.0.2/24 dev eth0",
-        "ip addr add fd00:3::2/64 dev eth0 nodad",
-    ):
+    for cmd in LINKS:
         netns.run("a", cmd)
     before = {f: netns.run("a", ["ip", f, "route", "show", "table", "all"]).stdout for f in ("-4", "-6")}
     rules_before = {f: netns.run("a", ["ip", f, "rule"]).stdout for f in ("-4", "-6")}
