@@ -6,9 +6,10 @@ Only what kdsr compares is decoded (model.Link, model.Route, model.Rule):
 - a link's index, name, kind and, for its tunnel kinds, the two ends and the TTL;
 - a route's table, destination, type, output interface and gateway;
 - a rule's priority, firewall mark and table.
-The requests carry what ``ip`` sends for the same command (the attribute
-numbers are the kernel's uapi: linux/if_link.h, if_tunnel.h, rtnetlink.h,
-fib_rules.h).
+The requests carry what kdsr sent through pyroute2 before it wrote them
+itself, so the kernel holds the same objects (the routing labs compare
+both, attribute for attribute); the attribute numbers are the kernel's
+uapi: linux/if_link.h, if_tunnel.h, ip6_tunnel.h, rtnetlink.h, fib_rules.h.
 """
 
 from __future__ import annotations
@@ -203,9 +204,9 @@ def _raw(address: str) -> bytes:
 
 
 def tunnel_data(kind: str, local: str, remote: str, ttl: int) -> bytes:
-    """IFLA_INFO_DATA of a tunnel link of ``kind`` (ipip, gre, ip6tnl), as
-    ``ip link add ... type KIND local L remote R ttl T`` sends it; ``remote``
-    "" accepts any.  An ip6tnl link carries IPv6 in IPv6 (proto 41) without
+    """IFLA_INFO_DATA of a tunnel link of ``kind`` (ipip, gre, ip6tnl): the
+    local end, the remote end (none for ``remote`` "": any) and the TTL; the
+    kernel's defaults for the rest.  An ip6tnl link carries IPv6 in IPv6 (proto 41) without
     the encapsulation-limit option."""
     local_at, remote_at, ttl_at = TUNNEL_ATTRS[kind]
     data = attr(local_at, _raw(local)) + attr(ttl_at, struct.pack("=B", ttl))
