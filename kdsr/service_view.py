@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kdsr.compile import lb_nft_l3
-from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, pinned_servers_map, server_of_chain, servers_map_name
+from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, servers_map_parts
 from kdsr.kernel.nft_json import decode_key
 from kdsr.model import NftTable
 
@@ -94,36 +94,24 @@ class _Maps:
     def __init__(self, table: NftTable | None) -> None:
         self.by_name = {m.name: m for m in table.maps} if table is not None else {}
         self.selectors: dict[tuple[str, int], list[str]] = {}
+        self.servers: dict[tuple[str, int], list[str]] = {}  # the pool's servers maps (L2, each L3 mode)
         for name in sorted(self.by_name):
             if name.startswith("pool-") and selector_pool(name):
                 self.selectors.setdefault((selector_pool(name), selector_family(name)), []).append(name)
-        self._marks: dict | None = None
-
-    def marks(self) -> dict:
-        """What a mark in a slot stands for: L3 tunnel marks -> server address."""
-        if self._marks is None:
-            self._marks = {}
-            for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
-                nmap = self.by_name.get(name)
-                self._marks.update((key, elem.value) for key, elem in (nmap.elements if nmap is not None else ()))
-        return self._marks
+            elif (parts := servers_map_parts(name)) is not None:
+                self.servers.setdefault(parts, []).append(name)
 
     def slot_servers(self, selector: str) -> list[str]:
         """The selector's Maglev table as servers, slot by slot (empty when unknown)."""
         nmap = self.by_name.get(selector)
         if nmap is None:
             return []
-        if nmap.data_type == "verdict":  # L2: goto the server's chain
-            return [server_of_value(elem.value) for _slot, elem in nmap.elements]
-        if nmap.data_type != "mark":
-            return [str(elem.value) for _slot, elem in nmap.elements]
-        # Flow pinning: the slot names a server id of the pool's servers map;
-        # L3: a tunnel mark whose address map names the server.
-        names = dict(self.marks())
-        servers = self.by_name.get(servers_map_name(selector_pool(selector), selector_family(selector)))
-        if servers is not None:
-            names.update((key, server_of_value(elem.value)) for key, elem in servers.elements)
-        return [str(names.get(elem.value, f"id {elem.value}")) for _slot, elem in nmap.elements]
+        # A slot holds a server id; the pool's servers maps name the server
+        # in each element's comment (every one of them the same way).
+        names = server_names(
+            self.by_name[n] for n in self.servers.get((selector_pool(selector), selector_family(selector)), ())
+        )
+        return [names.get(elem.value, f"id {elem.value}") for _slot, elem in nmap.elements]
 
     def pool_shares(self, pool: str, family: int) -> Counter:
         """server -> slots it holds in the pool's tables of this family."""
@@ -133,27 +121,31 @@ class _Maps:
         return total
 
     def same_tables(self, other: _Maps, pool: str, family: int) -> bool:
-        """Whether the pool's slot maps (and servers map) are the same in both
-        tables: most pools of a plan are unchanged, and comparing (by identity
-        first: the daemon's compile keeps an unchanged pool's maps) costs
-        less than reading every slot."""
         names = self.selectors.get((pool, family), [])
         if names != other.selectors.get((pool, family), []):
             return False
-        names = [*names, servers_map_name(pool, family)]
-        return all(_same(self.by_name.get(n), other.by_name.get(n)) for n in names)
+        servers = self.servers.get((pool, family), [])
+        if servers != other.servers.get((pool, family), []):
+            return False
+        return all(_same(self.by_name.get(n), other.by_name.get(n)) for n in [*names, *servers])
+
+
+def table_slots(table: NftTable | None) -> dict[str, list[str]]:
+    """selector -> its Maglev table as servers (member addresses), slot by slot."""
+    maps = _Maps(table)
+    return {name: maps.slot_servers(name) for names in maps.selectors.values() for name in names}
 
 
 def _same(a: object, b: object) -> bool:
     return a is b or a == b
 
 
-def server_of_value(value) -> str:
-    """A slot's value as its server: ``goto server-web-v4-10.1.0.2`` -> ``10.1.0.2``."""
-    if isinstance(value, tuple):
-        found = server_of_chain(value[1])
-        return found[2] if found is not None else str(value[1])
-    return str(value)
+def server_names(servers_maps) -> dict:
+    """server id -> the member's address, from servers maps' element comments."""
+    names: dict = {}
+    for nmap in servers_maps:
+        names.update((key, elem.comment) for key, elem in nmap.elements)
+    return names
 
 
 def _elem_parts(item) -> tuple:
@@ -183,22 +175,24 @@ def read_listing(listing: list[dict]) -> dict:
       pool, selector, packets, bytes, source (the intent pointer);
     - ``servers``: per pool member the table knows: pool, family, server,
       selector (the pool's selectors, comma-separated), slots (over them),
-      packets, bytes, counted_in (the chain whose rule counts it, or
-      "slots" where per-slot counters are summed: L3);
+      packets, bytes, counted_in (the servers maps whose elements count it:
+      the pool's L2 one and one per L3 mode);
     - ``selectors``: selector -> {"pool", "family", "size", "slots": {server: slots}}.
     """
     maps = {item["map"]["name"]: item["map"] for item in listing if "map" in item}
     counted: dict[tuple[str, int, str], list] = {}  # (pool, family, server) -> [packets, bytes, counted_in]
-    for item in listing:
-        rule = item.get("rule")
-        if rule is None:
+    names: dict[tuple[str, int], dict] = {}  # (pool, family) -> server id -> address
+    for name, obj in maps.items():
+        parts = servers_map_parts(name)
+        if parts is None:
             continue
-        found = server_of_chain(rule["chain"])
-        if found is None:
-            continue
-        counter = next((s["counter"] for s in rule.get("expr", []) if isinstance(s, dict) and "counter" in s), None)
-        if isinstance(counter, dict):
-            counted[found] = [counter.get("packets", 0), counter.get("bytes", 0), rule["chain"]]
+        for item in obj.get("elem", []):
+            val, _value, comment, count = _elem_parts(item)
+            names.setdefault(parts, {})[val] = comment
+            entry = counted.setdefault((*parts, comment), [0, 0, ""])
+            entry[0] += count[0] if count else 0
+            entry[1] += count[1] if count else 0
+            entry[2] = ",".join(sorted({*entry[2].split(","), name} - {""}))
     ports = []
     for name in SERVICE_MAP_NAMES:
         for item in maps.get(name, {}).get("elem", []):
@@ -219,39 +213,18 @@ def read_listing(listing: list[dict]) -> dict:
                     "source": comment,
                 }
             )
-    tunnels = {}
-    for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
-        for item in maps.get(name, {}).get("elem", []):
-            val, value, _c, _n = _elem_parts(item)
-            tunnels[val] = str(value)
     selectors: dict[str, dict] = {}
     for name, obj in maps.items():
         pool, family = selector_pool(name), selector_family(name)
         if not pool or not name.startswith("pool-"):
             continue
+        by_id = names.get((pool, family), {})
         slots: Counter = Counter()
-        servers_map = maps.get(pinned_servers_map(name)) if obj.get("map") == "mark" else None
-        by_id = {}
-        if servers_map is not None:  # flow pinning: slot -> server id -> goto the server's chain
-            for item in servers_map.get("elem", []):
-                val, value, _c, _n = _elem_parts(item)
-                by_id[val] = _server_of_target(_target(value), value)
         for item in obj.get("elem", []):
-            val, value, _c, count = _elem_parts(item)
-            if obj.get("map") == "verdict":
-                server = _server_of_target(_target(value), value)
-            elif servers_map is not None:
-                server = by_id.get(value, f"id {value}")
-            else:  # L3: a tunnel mark, counted per slot
-                server = tunnels.get(value, f"mark {value}")
-                if count is not None:
-                    entry = counted.setdefault((pool, family, server), [0, 0, "slots"])
-                    entry[0] += count[0]
-                    entry[1] += count[1]
-            slots[server] += 1
-        if servers_map is not None:
-            for server in by_id.values():
-                slots.setdefault(server, 0)  # drained: serves its pinned flows, holds no slot
+            _val, value, _c, _n = _elem_parts(item)
+            slots[by_id.get(value, f"id {value}")] += 1
+        for server in by_id.values():
+            slots.setdefault(server, 0)  # drained or down: in the pool, no slot
         selectors[name] = {"pool": pool, "family": family, "size": sum(slots.values()), "slots": dict(slots)}
     members: dict[tuple[str, int, str], dict] = {}
     for key in sorted(set(counted) | {(s["pool"], s["family"], a) for s in selectors.values() for a in s["slots"]}):
@@ -269,13 +242,6 @@ def read_listing(listing: list[dict]) -> dict:
             "counted_in": where,
         }
     return {"services": ports, "servers": list(members.values()), "selectors": selectors}
-
-
-def _server_of_target(target: str | None, value) -> str:
-    if target is None:
-        return str(value)
-    found = server_of_chain(target)
-    return found[2] if found is not None else target
 
 
 # --- a plan's summary ----------------------------------------------------------

@@ -20,7 +20,7 @@ from kdsr import cli
 from kdsr.errors import EXIT_ERROR, EXIT_KERNEL_FEATURE, EXIT_USAGE
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
-from kdsr.service_view import server_of_value
+from kdsr.service_view import table_slots
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "l2-web.json"
@@ -41,13 +41,7 @@ def intent(tmp_path):
 
 def slots(kernel: FakeKernel, address: str) -> int:
     table = kernel.nft_read_table("netdev", "kdsr")[0]
-    return sum(
-        1
-        for m in table.maps
-        if m.name.startswith("pool-web-v4")
-        for _k, e in m.elements
-        if server_of_value(e.value) == address
-    )
+    return sum(servers.count(address) for name, servers in table_slots(table).items() if name.startswith("pool-web-v4"))
 
 
 def test_global_options_work_after_the_subcommand(tmp_path, kernel, intent):

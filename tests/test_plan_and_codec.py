@@ -29,7 +29,7 @@ def test_text_plan_has_symbols_pointers_and_summary(example_path):
     text = render_text(diff(compile_node(it, "lb1"), Observed()))
     assert "  + nft table netdev kdsr" in text
     assert "# /services" in text
-    assert text.rstrip().splitlines()[-1].startswith("Plan: 16 to add, 0 to change, 0 to replace, 0 to destroy.")
+    assert text.rstrip().splitlines()[-1].startswith("Plan: 12 to add, 0 to change, 0 to replace, 0 to destroy.")
 
 
 def test_no_change_plan_says_so(example_path):

@@ -6,13 +6,14 @@ table, and the JSON document's shape (README "kdsr show")."""
 from __future__ import annotations
 
 import json
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 from cli_in_process import install_kernel, run_kdsr
 
 from kdsr import operations, service_view
-from kdsr.compile.lb_nft_l2 import server_chain_name
+from kdsr.compile.lb_nft_l2 import servers_map_name
 from kdsr.intent import load_intent, parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
@@ -66,8 +67,8 @@ def _count(kernel: FakeKernel, vip: str, proto: str, port: int, packets: int) ->
 def test_each_service_with_its_pool_servers_states_weights_shares_and_counters(tmp_path, kernel, applied):
     _count(kernel, "10.10.0.100", "tcp", 80, 30)
     _count(kernel, "10.10.0.100", "tcp", 443, 12)
-    kernel.counts[server_chain_name("web", S1)] = (20, 2000)
-    kernel.counts[server_chain_name("web", S2)] = (22, 2200)
+    kernel.counts[(servers_map_name("web", 4), int(ip_address(S1)))] = (20, 2000)
+    kernel.counts[(servers_map_name("web", 4), int(ip_address(S2)))] = (22, 2200)
     shown = run_kdsr(tmp_path, "show", str(applied), "--json")
     assert shown.exit_code == 0, shown.output
     doc = json.loads(shown.output)
@@ -158,7 +159,7 @@ def test_rates_come_from_two_reads(kernel, tmp_path, applied):
     store = StateStore(tmp_path / "state")
     before = operations.show(kernel, store, "lb1")
     _count(kernel, "10.10.0.100", "tcp", 80, 200)
-    kernel.counts[server_chain_name("web", S1)] = (200, 20000)
+    kernel.counts[(servers_map_name("web", 4), int(ip_address(S1)))] = (200, 20000)
     after = operations.show(kernel, store, "lb1")
     doc = operations.show_document(after, None, before, 2.0)
     web = _service(doc, "web")
@@ -204,5 +205,5 @@ def test_the_kernel_report_keeps_the_rows_the_metrics_read(kernel, tmp_path, app
     assert {(r["vip"], r["protocol"], r["port"]) for r in report["services"]} >= {("10.10.0.100", "tcp", "80")}
     rows = [r for r in report["servers"] if r["pool"] == "web"]
     assert {r["server"] for r in rows} == {S1, S2, S3}
-    assert all(r["selector"].startswith("pool-web-v4-") and r["counted_in"].startswith("server-web-v4-") for r in rows)
+    assert all(r["selector"].startswith("pool-web-v4-") and r["counted_in"] == "servers-web-v4" for r in rows)
     assert service_view.read_listing(kernel.nft_listing("netdev", "kdsr"))["servers"] == report["servers"]

@@ -134,7 +134,7 @@ class Names:
     that pins MACs keeps those in its slots); pools by their selectors'
     names, whose format (``pool-<pool>-v<family>-<digest>``) is
     kdsr/compile/selectors.py's Selector.name, read back as
-    lb_nft_l2.pinned_servers_map reads it.  Not through selectors_for: the
+    service_view.selector_pool reads it.  Not through selectors_for: the
     metrics thread would replace compile's memory of the last intent (the
     effective one the daemon's applies compile) with the intent as loaded.
     Rows that name their pool or service themselves are taken as named."""
