@@ -531,6 +531,8 @@ class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
         kept = self._tables_read.get(key)
         if kept is not None and kept[1] is read:
             self._tables_read[key] = (kept[0], same, [])
+            if self._disk is not None:
+                self._disk.adopt(read, same)
 
     def nft_token(self, family: str, name: str) -> tuple[str, bool] | None:
         """A token for the family's nftables state now (namespace, boot,
