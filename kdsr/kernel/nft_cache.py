@@ -268,12 +268,14 @@ class TableCache:
 
     def adopt(self, read: NftTable, same: NftTable) -> None:
         """``same`` equals ``read`` (the caller compared them): its maps take
-        the texts of ``read``'s, so the next record encodes neither."""
+        the texts of ``read``'s, so the next record encodes neither.  A
+        map's intent pointer does not take part (a table listed from the
+        kernel has none, and the record of a read is only ever compared)."""
         by_name = {m.name: m for m in read.maps}
         for nmap in same.maps:
             twin = by_name.get(nmap.name)
             text = self._text_of(twin)
-            if text is not None and twin.pointer == nmap.pointer:
+            if text is not None:
                 self._texts.keep(nmap, text)
 
     def _text_of(self, nmap: NftMap | None) -> str | None:
@@ -295,7 +297,7 @@ class TableCache:
             loaded = self._loaded.get(nmap.name)
             if loaded is None or loaded[0] is nmap or self._texts.known(nmap) is not None:
                 continue
-            if loaded[0] == nmap and loaded[0].pointer == nmap.pointer:
+            if loaded[0] == nmap:
                 self._texts.keep(nmap, loaded[1])
         head = _dumps({"identity": self._identity(), "generation": generation, "chains": chains})
         text = f"{head}\n{encode_table_text(table, self._texts, remember)}"
