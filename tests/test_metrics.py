@@ -23,7 +23,7 @@ from test_health import daemon, doc, feed  # noqa: F401 (daemon: a pytest fixtur
 from kdsr import operations
 from kdsr.cli import main
 from kdsr.errors import UsageError
-from kdsr.health import metrics
+from kdsr.health import counter_reader, metrics
 from kdsr.kernel.fake import FakeKernel
 
 SERVER_LABELS = {"pool", "server", "server_node"}
@@ -307,3 +307,24 @@ def test_a_metrics_port_another_program_holds_stops_kdsr_run_before_its_first_ap
     assert result.exit_code == 4, result.output
     assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output and "Traceback" not in result.output
     assert kernel.writes == 0
+
+
+def test_the_counter_reader_child_reports_its_failure_and_is_bounded(tmp_path, monkeypatch):
+    """kdsr/health/counter_reader.py: a child that fails is an error with its
+    last line; one that takes too long is stopped (by its pid) and is an error."""
+    monkeypatch.setattr(
+        counter_reader,
+        "_command",
+        lambda state_dir, node: ["/bin/sh", "-c", "echo one >&2; echo 'no table here' >&2; exit 3"],
+    )
+    with pytest.raises(counter_reader.CounterReadError, match="no table here"):
+        counter_reader.read(str(tmp_path), "lb1")
+    monkeypatch.setattr(counter_reader, "_command", lambda state_dir, node: ["/bin/sh", "-c", "sleep 30"])
+    with pytest.raises(counter_reader.CounterReadError, match="longer than 0.5 s"):
+        counter_reader.read(str(tmp_path), "lb1", timeout=0.5)
+    monkeypatch.setattr(
+        counter_reader,
+        "_command",
+        lambda state_dir, node: ["/bin/sh", "-c", 'echo \'{"services": [], "servers": []}\''],
+    )
+    assert counter_reader.read(str(tmp_path), "lb1") == {"services": [], "servers": []}
