@@ -328,3 +328,24 @@ def test_the_counter_reader_child_reports_its_failure_and_is_bounded(tmp_path, m
         lambda state_dir, node: ["/bin/sh", "-c", 'echo \'{"services": [], "servers": []}\''],
     )
     assert counter_reader.read(str(tmp_path), "lb1") == {"services": [], "servers": []}
+
+
+def test_in_table_is_encoded_again_only_when_the_intent_or_the_members_out_change(daemon):  # noqa: F811
+    """kdsr_server_in_table is 16,000 samples at 10,000 VIPs x 16 servers:
+    a scrape reuses its rendering until the intent or the members taken
+    out change, and then shows the change."""
+    runner = started(daemon)
+    scrape = metrics.scrape_for(runner, None)
+    encodes = []
+    real = metrics.InTableCollector.collect
+    runner.out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics.InTableCollector, "collect", lambda self: encodes.append(1) or real(self))
+        first = metrics.exposition(scrape)
+        again = metrics.exposition(scrape)
+        assert len(encodes) == 1 and first == again
+        runner.out = {"web": ("10.10.0.12",)}  # health took it out: a new object
+        taken_out = metrics.exposition(scrape)
+        assert len(encodes) == 2
+    line = 'kdsr_server_in_table{pool="web",server="10.10.0.12"'
+    assert f'{line},server_node="s2"}} 1.0' in first and f'{line},server_node="s2"}} 0.0' in taken_out

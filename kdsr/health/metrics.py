@@ -217,29 +217,14 @@ class HealthCollector(Collector):
 
     def collect(self) -> Iterable:
         view = self._runner.view()
-        out = self._runner.out
         names = self._names.of(self._runner.intent)
         up = GaugeMetricFamily(
             "kdsr_server_up", "1 when the server passes every health check of its pool.", labels=SERVER_LABELS
         )
-        in_table = GaugeMetricFamily(
-            "kdsr_server_in_table",
-            "1 when the server holds slots of its pool's table (not down, not drained, weight above 0).",
-            labels=SERVER_LABELS,
-        )
         for s in view.get("servers", []):
             labels = [s["pool"], s["server"], s.get("node") or names.nodes.get((s["pool"], s["server"]), "")]
             up.add_metric(labels, 1 if s["state"] == UP else 0)
-        # Every member, checked or not: at weight 0 in the intent, or taken
-        # out by health or a drain, it holds no slot.
-        intent = names.intent
-        for pool in intent.pools if intent is not None else ():
-            for member in pool.members:
-                address = str(member.address)
-                serving = member.weight > 0 and address not in out.get(pool.name, ())
-                in_table.add_metric([pool.name, address, member.node or ""], 1 if serving else 0)
         yield up
-        yield in_table
         families = {
             "up": GaugeMetricFamily(
                 "kdsr_check_up", "1 when one health check of one server is up.", labels=CHECK_LABELS
@@ -279,6 +264,60 @@ class HealthCollector(Collector):
             dropping.add_metric([pool], 1 if condition == POOL_ALL_DOWN_DROPPED else 0)
         yield all_down
         yield dropping
+
+
+class InTableCollector(Collector):
+    """``kdsr_server_in_table``: every member of the intent the daemon runs,
+    checked or not.  It changes only with the intent or the members the
+    daemon took out (``runner.out``, a new object on every change), so its
+    rendering is kept until either changes (``Rendered``): at 10,000 VIPs x
+    16 servers that is 16,000 samples no scrape has to encode again."""
+
+    def __init__(self, runner, names: NamesCache) -> None:
+        self._runner = runner
+        self._names = names
+
+    def key(self) -> tuple:
+        return (self._runner.intent, self._runner.out)
+
+    def collect(self) -> Iterable:
+        intent, out = self.key()
+        in_table = GaugeMetricFamily(
+            "kdsr_server_in_table",
+            "1 when the server holds slots of its pool's table (not down, not drained, weight above 0).",
+            labels=SERVER_LABELS,
+        )
+        # At weight 0 in the intent, or taken out by health or a drain, a
+        # member holds no slot.
+        for pool in intent.pools if intent is not None else ():
+            for member in pool.members:
+                address = str(member.address)
+                serving = member.weight > 0 and address not in out.get(pool.name, ())
+                in_table.add_metric([pool.name, address, member.node or ""], 1 if serving else 0)
+        yield in_table
+
+
+class Rendered:
+    """A collector's exposition per content type, made again only when its
+    ``key()`` (compared by identity) changes."""
+
+    def __init__(self, collector: InTableCollector) -> None:
+        self._collector = collector
+        self._lock = threading.Lock()
+        self._key: tuple = ()
+        self._bytes: dict[str, bytes] = {}
+
+    def exposition(self, content_type: str, encoder: Callable) -> bytes:
+        key = self._collector.key()
+        with self._lock:
+            same = len(key) == len(self._key) and all(a is b for a, b in zip(key, self._key, strict=True))
+            if not same:
+                self._key, self._bytes = key, {}
+            if content_type not in self._bytes:
+                registry = CollectorRegistry()
+                registry.register(self._collector)
+                self._bytes[content_type] = encoder(registry)
+            return self._bytes[content_type]
 
 
 # --- the kernel's counters ----------------------------------------------------------
@@ -483,20 +522,24 @@ class Scrape:
     its health view, the state of the kernel reads) rendered now, then the
     kernel's counters as their last read rendered them."""
 
-    def __init__(self, registry: CollectorRegistry, kernel: KernelCounters | None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, kernel: KernelCounters | None, kept: tuple[Rendered, ...] = ()
+    ) -> None:
         self.registry = registry
         self.kernel = kernel
+        self.kept = kept
 
     def body(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` (an Accept header) asks for, and its content type."""
         encoder, content_type = choose_encoder(accept or "")
-        live = encoder(self.registry)
-        if self.kernel is None:
-            return live, content_type
-        counters = self.kernel.exposition(content_type, encoder)
-        if counters and content_type.startswith("application/openmetrics-text"):
-            live = live.removesuffix(b"# EOF\n")  # one EOF, at the very end
-        return live + counters, content_type
+        parts = [encoder(self.registry)] + [kept.exposition(content_type, encoder) for kept in self.kept]
+        if self.kernel is not None:
+            parts.append(self.kernel.exposition(content_type, encoder))
+        parts = [p for p in parts if p]
+        if content_type.startswith("application/openmetrics-text"):
+            # One EOF, at the very end.
+            parts = [p.removesuffix(b"# EOF\n") for p in parts[:-1]] + parts[-1:]
+        return b"".join(parts), content_type
 
 
 def scrape_for(runner, read_kernel: Callable[[], dict] | None, wait: float = KERNEL_WAIT) -> Scrape:
@@ -507,11 +550,12 @@ def scrape_for(runner, read_kernel: Callable[[], dict] | None, wait: float = KER
     registry = CollectorRegistry()
     registry.register(_Registry(runner.metrics.registry))
     registry.register(HealthCollector(runner, names))
+    kept = (Rendered(InTableCollector(runner, names)),)
     counters = None
     if read_kernel is not None:
         counters = KernelCounters(read_kernel, lambda report: KernelFamilies(report, names.of(runner.intent)), wait)
         registry.register(KernelReadCollector(counters))
-    return Scrape(registry, counters)
+    return Scrape(registry, counters, kept)
 
 
 def exposition(scrape: Scrape, accept: str | None = None) -> str:
