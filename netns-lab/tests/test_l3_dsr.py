@@ -303,17 +303,25 @@ def test_second_apply_writes_nothing(deployed):
 
 
 def test_counters_grow_across_a_drain_and_add_up(deployed):
-    """nft engine: per-server counters (one chain per member and mode) never
-    go back when a drain moves slots, and a pool's servers counted as many
-    packets as its services did."""
+    """nft engine: per-server counters (the pool's servers map, one element
+    per member and mode) never go back when a drain moves slots, and a
+    pool's servers counted as many packets as its services did, plus the
+    ICMP errors about its flows that went the same way (a reply the client
+    got after its probe gave up is answered by port-unreachable to the VIP,
+    which the balancer sends on to the flow's server)."""
     if deployed.engine != "nft":
         pytest.skip("`kdsr show` reads the nft engine's counters only")
     lab = deployed.lab
 
+    def icmp_errors() -> int:
+        listed = json.loads(lab.run("lb", ["nft", "-j", "list", "map", "netdev", "kdsr", "l3-icmp-v4"]).stdout)
+        elements = next(i["map"] for i in listed["nftables"] if "map" in i).get("elem", [])
+        return sum(e[0]["elem"].get("counter", {}).get("packets", 0) for e in elements if isinstance(e[0], dict))
+
     def read() -> tuple[dict, int]:
         report = json.loads(deployed.kdsr("lb", "show", "--json").stdout)["kernel"]
         servers = {r["server"]: r["packets"] for r in report["servers"]}
-        return servers, sum(r["packets"] for r in report["services"])
+        return servers, sum(r["packets"] for r in report["services"]) + icmp_errors()
 
     history = [read()]
     for step in ("traffic", "drain", "undrain"):
