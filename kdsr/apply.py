@@ -854,7 +854,8 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
     create = any(c.kind == "xdp program" and c.action == CREATE for c in changes)
     # The program replaced by a newer object: attached over the old one in
     # one step (the kernel swaps programs atomically), with fresh maps that
-    # converge fills: VIP packets meanwhile go to the stack (XDP_PASS).
+    # converge fills: VIP packets meanwhile go to the stack (XDP_PASS).  The
+    # old program's counters are carried into the new one's.
     replace = any(c.kind == "xdp program" and c.action == REPLACE for c in changes)
     before: dict[str, object] = {}
 
@@ -865,7 +866,9 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
             store.save(state)
         if want is None:
             return
+        carried = None
         if replace:
+            carried = kernel.xdp.carried(want.interface)
             kernel.xdp.attach(kernel, want.interface, force=True)
         elif create:
             force = want.interface in state.xdp  # a foreign program the user let kdsr adopt (--adopt)
@@ -875,6 +878,7 @@ def xdp_steps(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, s
         else:
             before["state"] = kernel.xdp.read(want.interface)[0]
         kernel.xdp.converge(kernel, want)
+        kernel.xdp.carry_over(kernel, want.interface, carried)
 
     def undo() -> None:
         if want is not None and create:
