@@ -384,7 +384,14 @@ def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | N
 def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict) -> list[dict]:
     """kdsr's XDP programs (xdp engine): service, selector and pool-member rows
     in the shape service_view.read_listing gives for nft (the program's per-CPU
-    counters summed), and the program's own events."""
+    counters summed), and the program's own events.
+
+    The program's tables name the servers that hold slots; its counters are
+    per server.  A server that holds none (drained, down, weight 0) keeps
+    its counters, and a row with them, as the nft engine's pool members keep
+    theirs: under the pools the intent puts it in (``report["pools"]``: `kdsr
+    show INTENT`, the daemon), else with no pool (the metrics name it from
+    the intent they run: kdsr/health/metrics.py Names.pool)."""
     programs = []
     for ifname in sorted({i for name in nodes for i in store.load(name).xdp}):
         if not kernel.link_exists(ifname):
@@ -420,8 +427,12 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
                 "pool": pool,
                 "family": sel.family,
                 "size": len(sel.table),
-                "slots": slots,
+                "slots": dict(slots),
             }
+            for member in (report.get("pools") or {}).get(pool, []):
+                server = member["server"]
+                if server in counts["servers"] and (":" in server) == (sel.family == 6):
+                    slots.setdefault(server, 0)
             for server, share in sorted(slots.items()):
                 packets, nbytes = counts["servers"].get(server, (0, 0))
                 report["servers"].append(
@@ -431,6 +442,22 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
                         "server": server,
                         "selector": sel.name,
                         "slots": share,
+                        "packets": packets,
+                        "bytes": nbytes,
+                        "counted_in": f"xdp on {ifname}",
+                        "engine": "xdp",
+                    }
+                )
+        rowed = {row["server"] for row in report["servers"] if row.get("counted_in") == f"xdp on {ifname}"}
+        for server, (packets, nbytes) in sorted(counts["servers"].items()):
+            if server not in rowed:
+                report["servers"].append(
+                    {
+                        "pool": "",
+                        "family": 6 if ":" in server else 4,
+                        "server": server,
+                        "selector": "",
+                        "slots": 0,
                         "packets": packets,
                         "bytes": nbytes,
                         "counted_in": f"xdp on {ifname}",

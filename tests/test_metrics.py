@@ -147,6 +147,74 @@ def test_rows_that_name_their_pool_and_service_are_taken_as_named(daemon):  # no
     assert value(families, "kdsr_service_bytes", "kdsr_service_bytes_total", service="web") == 0
 
 
+def _on_xdp(d: dict) -> None:
+    for service in d["services"].values():
+        service["dsr"] = {"mode": "l2", "engine": "xdp"}
+
+
+def test_the_xdp_engines_counters_are_the_same_series_and_a_drained_server_keeps_its_own(tmp_path):
+    """`kdsr run --metrics` with every service on the xdp engine: the
+    program's per-CPU counters, summed, under the nft engine's metric names
+    and labels; a server that goes down leaves the table but keeps its
+    series and its count (monotonic), as an nft per-member chain does."""
+    from test_health import Script
+
+    from kdsr.commands import health as health_command
+    from kdsr.health.daemon import Runner
+    from kdsr.intent import load_intent
+    from kdsr.kernel.state import StateStore
+    from kdsr.kernel.xdp import COUNTER, service_key
+
+    kernel = FakeKernel()
+    kernel.sysctls.update({f"net/{f}/conf/eth0/forwarding": "0" for f in ("ipv4", "ipv6")})
+    kernel.sysctls.update(
+        {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
+    )
+    store = StateStore(tmp_path / "state")
+    path = tmp_path / "intent.json"
+    path.write_text(json.dumps(doc(_on_xdp)))
+    script = Script()
+    runner = Runner(lambda: load_intent(path), "lb1", kernel, store, emit=lambda line: None, probe_fn=script)
+    started(runner)
+    info = kernel.xdp.io.attached["eth0"]
+    maps, cpus = kernel.xdp.io.maps, kernel.xdp.io.cpus()
+    maps[info.maps["service_stats"]][service_key("10.10.0.100", "tcp", 80)] = COUNTER.pack(3, 180) * cpus
+    for index in maps[info.maps["servers"]]:
+        maps[info.maps["server_stats"]][index] = COUNTER.pack(7, 700) * cpus
+
+    def scrape_daemon() -> dict:
+        server, scraped = health_command._bind_metrics(runner, kernel, store, "127.0.0.1:0")
+        try:
+            families = text_string_to_metric_families(metrics.exposition(scraped))
+            return {f.name: (f.type, [(x.name, x.labels, x.value) for x in f.samples]) for f in families}
+        finally:
+            server.server_close()
+
+    families = scrape_daemon()
+    s2 = {"pool": "web", "server": "10.10.0.12", "server_node": "s2"}
+    for name in ("kdsr_server_packets", "kdsr_server_bytes"):
+        assert families[name][0] == "counter"
+        assert {frozenset(labels) for _n, labels, _v in families[name][1]} == {frozenset(SERVER_LABELS)}
+    assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 7 * cpus
+    assert value(families, "kdsr_server_bytes", "kdsr_server_bytes_total", **s2) == 700 * cpus
+    assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", server="fd00:10::11") == 7 * cpus
+    web80 = {"service": "web", "vip": "10.10.0.100", "protocol": "tcp", "port": "80"}
+    assert value(families, "kdsr_service_packets", "kdsr_service_packets_total", **web80) == 3 * cpus
+    assert value(families, "kdsr_service_bytes", "kdsr_service_bytes_total", **web80) == 180 * cpus
+
+    script.failing.add("10.10.0.12")
+    feed(runner, 3)  # s2 down: its slots go to s1 and s3
+    families = scrape_daemon()
+    assert value(families, "kdsr_server_in_table", **s2) == 0
+    assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 7 * cpus
+    report = operations.show(kernel, store, "lb1")  # what the metrics read (no intent): a row with no pool
+    assert [(r["pool"], r["slots"], r["packets"]) for r in report["servers"] if r["server"] == "10.10.0.12"] == [
+        ("", 0, 7 * cpus)
+    ]
+    named = operations.show(kernel, store, "lb1", runner.intent)  # `kdsr show INTENT`, the daemon: its pool
+    assert [(r["pool"], r["slots"]) for r in named["servers"] if r["server"] == "10.10.0.12"] == [("web", 0)]
+
+
 def test_probe_failures_and_reload_results_are_counted(daemon):  # noqa: F811
     started(daemon)
     daemon.script.failing.add("10.10.0.12")

@@ -145,6 +145,7 @@ class Names:
         self.nodes: dict[tuple[str, str], str] = {}  # (pool, address) -> server node name
         self.addresses: dict[tuple[str, str], str] = {}  # (pool, address or MAC) -> address
         self.pools: set[str] = set()
+        self.pools_of: dict[str, list[str]] = {}  # address -> the pools it is a member of, by name
         if intent is None:
             return
         for service in intent.services:
@@ -153,12 +154,13 @@ class Names:
                 for ports in service.ports:
                     port = str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
                     self.services[(vip, protocol, port)] = service.name
-        for pool in intent.pools:
+        for pool in sorted(intent.pools, key=lambda p: p.name):
             self.pools.add(pool.name)
             for member in pool.members:
                 address = str(member.address)
                 self.nodes[(pool.name, address)] = member.node or ""
                 self.addresses[(pool.name, address)] = address
+                self.pools_of.setdefault(address, []).append(pool.name)
                 if member.mac:
                     self.addresses[(pool.name, member.mac)] = address
 
@@ -173,7 +175,13 @@ class Names:
         if named:
             return str(named)
         match = _SELECTOR.match(str(row.get("selector", "")))
-        return match["pool"] if match and (match["pool"] in self.pools or not self.pools) else ""
+        if match and (match["pool"] in self.pools or not self.pools):
+            return match["pool"]
+        # A row of the xdp engine for a server that holds no slot now (down,
+        # drained): the pool the intent puts it in (the first, by name, of
+        # several: the program counts per server, not per pool).
+        owners = self.pools_of.get(str(row.get("server", "")))
+        return owners[0] if owners else ""
 
     def server(self, pool: str, value: object) -> tuple[str, str]:
         """(address, server node) of one pool member, from what the kernel holds for it."""
