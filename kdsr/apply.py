@@ -673,13 +673,14 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     # transaction itself is all-or-nothing.
     only_one_transaction = len(plan.tables) == 1 and all(c.kind.startswith("nft ") for c in plan.changes)
     for td in plan.tables:
-        commands = batch_for(td)
         crash_point(f"before the nft {'transaction' if only_one_transaction else 'dry run'} on {td.family} {td.name}")
         try:
+            # The batch is not kept here: the kernel lets a large one go
+            # before libnftables parses it (SystemKernel.nft_apply).
             if only_one_transaction:
-                result.proved_by_generation = kernel.nft_apply(commands, becomes=td.desired)
+                result.proved_by_generation = kernel.nft_apply(batch_for(td), becomes=td.desired)
             else:
-                kernel.nft_apply(_rehearsal(plan, td, commands), check_only=True)
+                kernel.nft_apply(_rehearsal(plan, td, batch_for(td)), check_only=True)
         except KernelError as exc:
             raise ApplyError(f"nothing was changed: {exc}", rolled_back=True) from exc
     if only_one_transaction:

@@ -53,7 +53,7 @@ def run(it, node, kernel, store):
 
 def snapshot(kernel):
     return (
-        {k: kernel.nft_read_table(*k)[0] for k in kernel.nft_tables()},
+        {k: kernel.nft_read_table(*k) for k in kernel.nft_tables()},
         {i: sorted(a.cidr for a in addrs) for i, addrs in kernel.addresses.items()},
         dict(kernel.sysctls),
     )

@@ -220,7 +220,7 @@ def feed(runner: Runner, rounds: int) -> None:
 
 
 def slots_of(runner: Runner, server: str) -> int:
-    table, _listing = runner.kernel.nft_read_table("netdev", "kdsr")
+    table = runner.kernel.nft_read_table("netdev", "kdsr")
     return sum(servers.count(server) for name, servers in table_slots(table).items() if name.startswith("pool-web-"))
 
 

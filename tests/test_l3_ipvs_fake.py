@@ -76,7 +76,7 @@ def test_l3_ipip_load_balancer_gets_a_tunnel_route_and_rule_per_server(kernel, s
     assert ("netdev", "kdsr") in kernel.tables and ("inet", "kdsr") not in kernel.tables
     # Every slot of the selector map holds one of the three servers' ids,
     # which the pool's servers map turns into the server's tunnel mark (and counts).
-    table, _ = kernel.nft_read_table("netdev", "kdsr")
+    table = kernel.nft_read_table("netdev", "kdsr")
     slot_maps = [m for m in table.maps if m.name.startswith("pool-")]
     assert len(slot_maps) == 1
     marks = {naming.tunnel_mark("l3-ipip", a): a for a in servers}
@@ -144,7 +144,7 @@ def test_l3_server_decapsulates_loosens_rp_filter_and_clamps_mss(kernel, store):
     assert kernel.sysctls["net/ipv4/conf/all/rp_filter"] == "2"
     assert kernel.sysctls["net/ipv4/conf/kdsr-ipip/rp_filter"] in ("0", "2")
     assert kernel.sysctls["net/ipv4/conf/eth0/rp_filter"] == "0"  # 0 already lets decapsulated packets in
-    table, _ = kernel.nft_read_table("inet", "kdsr")
+    table = kernel.nft_read_table("inet", "kdsr")
     assert table.chain("clamp-1440") is not None  # 1500 - 20 (ipip) - 20 (IP) - 20 (TCP)
     clamp_keys = [k for k, _e in table.map("mss-v4").elements]
     assert ("10.9.0.100", (80, 80)) in clamp_keys and ("10.9.0.100", (53, 53)) in clamp_keys
@@ -197,7 +197,7 @@ def test_ipvs_services_use_mh_with_flags_and_canonical_destination_order(kernel,
     # The port range is a fwmark service, marked by the inet kdsr table.
     mark = naming.ipvs_fwmark(4, "udp", "10.9.0.101", 5000, 5010)
     assert f"fwmark {mark:#x} ipv4" in kernel.ipvs
-    table, _ = kernel.nft_read_table("inet", "kdsr")
+    table = kernel.nft_read_table("inet", "kdsr")
     assert dict(table.map("ipvs-marks-v4").elements)[("10.9.0.101", "udp", (5000, 5010))].value == mark
     # The VIPs are local (on lo for L3); the IPVS sysctls are set.
     assert {a.cidr for a in kernel.addresses["lo"]} == {"10.9.0.100/32", "10.9.0.101/32"}

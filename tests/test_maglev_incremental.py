@@ -133,7 +133,7 @@ def test_one_server_change_rewrites_exactly_the_moved_slots(change, tmp_path):
     ]
     assert sum(slot_elements) == 2 * len(moved)
     # And the kernel now holds the new table.
-    table, _ = kernel.nft_read_table("netdev", "kdsr")
+    table = kernel.nft_read_table("netdev", "kdsr")
     assert table_slots(table)[new_sel.name] == list(new)
 
 

@@ -87,15 +87,16 @@ def test_a_table_listed_from_the_kernel_is_not_kept_alive_by_its_record(tmp_path
     from kdsr.kernel import system
 
     monkeypatch.setattr(nft_cache, "netns_cookie", lambda: 42)
-    generation = iter(range(1, 100))
-    monkeypatch.setattr(system, "read_generation", lambda: next(generation))
+    generation = [1]
+    monkeypatch.setattr(system, "read_generation", lambda: generation[0])
     kernel = system.SystemKernel(tmp_path)
     monkeypatch.setattr(kernel, "_chain_fingerprint", lambda family: "chains")
-    monkeypatch.setattr(kernel, "_list_table", lambda family, name: (_table(f"10.0.0.{next(generation)}"), []))
-    first, _ = kernel.nft_read_table("netdev", "kdsr", reuse=True)
+    monkeypatch.setattr(kernel, "_list_table", lambda family, name: (generation[0], _table(f"10.0.0.{generation[0]}")))
+    first = kernel.nft_read_table("netdev", "kdsr", reuse=True)
     listed = weakref.ref(first.maps[0])
     assert (tmp_path / "cache").exists(), "the listing was recorded"
-    second, _ = kernel.nft_read_table("netdev", "kdsr", reuse=True)  # another generation: listed again
+    generation[0] += 1
+    second = kernel.nft_read_table("netdev", "kdsr", reuse=True)  # another generation: listed again
     assert second.maps[0].elements[0][1].value != first.maps[0].elements[0][1].value
     del first
     gc.collect()

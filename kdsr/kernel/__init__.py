@@ -24,13 +24,14 @@ class KernelError(Exception):
 class Kernel(Protocol):
     writes: int
 
-    def nft_read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]: ...
+    def nft_read_table(self, family: str, name: str, reuse: bool = False) -> NftTable | None: ...
 
     def nft_tables(self) -> list[tuple[str, str]]: ...
 
     # The table's libnftables JSON listing as the kernel has it now, counters
     # included, never a kept read (None: no such table); `kdsr show` reads
-    # counters and slots from it without building the model.
+    # counters and slots from it without building the model.  The elements
+    # of maps the packet path fills (flow pins) may be left out.
     def nft_listing(self, family: str, name: str) -> list[dict] | None: ...
 
     def nft_apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool: ...
