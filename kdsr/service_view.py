@@ -227,9 +227,12 @@ def read_listing(listing: list[dict]) -> dict:
             slots.setdefault(server, 0)  # drained or down: in the pool, no slot
         selectors[name] = {"pool": pool, "family": family, "size": sum(slots.values()), "slots": dict(slots)}
     members: dict[tuple[str, int, str], dict] = {}
+    by_pool: dict[tuple[str, int], list[str]] = {}  # (pool, family) -> its selectors, by name
+    for name in sorted(selectors):
+        by_pool.setdefault((selectors[name]["pool"], selectors[name]["family"]), []).append(name)
     for key in sorted(set(counted) | {(s["pool"], s["family"], a) for s in selectors.values() for a in s["slots"]}):
         pool, family, server = key
-        own = sorted(n for n, s in selectors.items() if s["pool"] == pool and s["family"] == family)
+        own = by_pool.get((pool, family), [])
         packets, nbytes, where = counted.get(key, [0, 0, ""])
         members[key] = {
             "pool": pool,
