@@ -728,7 +728,9 @@ class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
             for item in items or ():
                 obj = item.get("map")
                 if obj is not None and not is_dynamic(obj):
-                    obj["elem"] = share_verdicts(_map_elements(ctx, family, name, obj["name"]))
+                    elements = _map_elements(ctx, family, name, obj["name"])
+                    if elements:  # as a listing of the table has it: no "elem" for an empty map
+                        obj["elem"] = share_verdicts(elements)
             if read_generation() == start:
                 return items
         return _whole(family, name)
