@@ -46,7 +46,8 @@ program's nftables transaction, which makes kdsr list its table, and the
 two edits), ``kdsr plan`` after such a transaction, ``kdsr show`` with and
 without ``--json``, ``kdsr run`` (its start after such a transaction, an
 edit reloaded on SIGHUP, a drift check that repairs an element deleted by
-hand, ``show --json`` answered by it, and that client), ``kdsr destroy``,
+hand, ``show --json`` answered by it, and that client; the process its
+``--metrics`` starts to read the counters), ``kdsr destroy``,
 and a full apply through the CLI into the emptied kernel.  Rows over the
 memory goal are flagged.
 """
@@ -307,15 +308,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def cli(state_dir: str, *args: str) -> CliRun:
     """One ``kdsr`` process of this checkout: its wall time, and its peak
     RSS as the kernel counted it (``wait4``, in a small launcher)."""
+    return launch([sys.executable, "-m", "kdsr", "--state-dir", state_dir, *args])
+
+
+def launch(argv: list[str]) -> CliRun:
+    """``argv`` run from this checkout (see ``cli``)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as peak:
-        argv = [sys.executable, "-c", LAUNCHER, peak.name, sys.executable, "-m", "kdsr", "--state-dir", state_dir]
         start = time.perf_counter()
-        proc = subprocess.run([*argv, *args], cwd=REPO, stdout=out, stderr=err, timeout=INNER_TIMEOUT_S, check=False)
+        command = [sys.executable, "-c", LAUNCHER, peak.name, *argv]
+        proc = subprocess.run(command, cwd=REPO, stdout=out, stderr=err, timeout=INNER_TIMEOUT_S, check=False)
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         if proc.returncode not in (0, 2):  # 2: changes pending (plan --detailed-exitcode)
-            raise SystemExit(f"kdsr {' '.join(args)} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+            raise SystemExit(f"{' '.join(argv[1:])} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
         return CliRun(seconds, float(Path(peak.name).read_text()) / 1024, out.read().decode())
 
 
@@ -392,6 +398,9 @@ def measure_paths(intent: str, weight_file: Path, state_dir: str, work: Path, pa
     run("kdsr plan after another program's nft transaction", "plan", intent, "--node", "lb1")
     run("kdsr show", "show")
     run("kdsr show --json", "show", "--json")
+    # What `kdsr run --metrics` starts for each read of the kernel counters.
+    done = launch([sys.executable, "-m", "kdsr.health.counter_reader", state_dir, "lb1"])
+    path("kdsr run --metrics: a read of the counters (its own process)", done.seconds, done.peak_mb)
 
     daemon_file = work / "run-intent.json"
     daemon_file.write_text(Path(intent).read_text())

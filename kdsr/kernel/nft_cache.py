@@ -1,10 +1,9 @@
 """A kdsr table as last read or written, kept on disk while nothing has
 committed an nftables transaction since.
 
-Listing a table is the dearest thing kdsr does: nft 1.0.6 fetches every
-element of every set for any listing, so listing and decoding a large
-table takes seconds and hundreds of MB (bench/control_plane.py), and the
-ruleset-wide cost stays even for one map or one element.  The kernel bumps
+Listing a table is the dearest thing kdsr does: a listing of each map
+(SystemKernel._list_table), so a large table takes seconds to list and
+decode (bench/control_plane.py).  The kernel bumps
 its ruleset generation on every committed transaction, whoever sends it
 (nft_generation.py).  A table recorded together with the generation it was
 read at is therefore still the kernel's table while the generation is the

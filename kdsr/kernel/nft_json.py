@@ -49,7 +49,7 @@ def encode_element(key: Any, elem: NftElement | None, verdicts: dict | None = No
     sharing makes no difference)."""
     if type(key) is int and elem is not None and not elem.comment:  # a slot: most elements of a large table
         value = elem.value
-        if type(value) is str:
+        if type(value) is int or type(value) is str:
             return [key, value]
         if verdicts is not None and type(value) is tuple:
             encoded = verdicts.get(value)

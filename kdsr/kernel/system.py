@@ -452,6 +452,11 @@ def _only_chains(before: NftTable, becomes: NftTable) -> NftTable:
 TEXT_BATCH_ELEMENTS = 20_000
 
 
+# Text batches this long (characters) or longer are large: before and after
+# one, freed memory is handed back (``_release_freed``).
+LARGE_TEXT = 1 << 20
+
+
 def _in_memory_file(text: str):
     """``text`` in an anonymous file that lives in memory (memfd), written
     and flushed, for libnftables to open by its /proc/self/fd path."""
@@ -801,12 +806,13 @@ class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
             return False
         before = read_generation() if becomes is not None and not check_only else None
         text = _as_text(commands)
-        batch_file = None
+        batch_file, large = None, False
         if text is not None:
             del commands
-            batch_file = _in_memory_file(text)
+            batch_file, large = _in_memory_file(text), len(text) >= LARGE_TEXT
             del text
-            _release_freed()  # what the batch and its text held
+            if large:
+                _release_freed()  # what the batch and its text held
         self.nft.set_dry_run(check_only)
         try:
             if batch_file is not None:
@@ -819,7 +825,7 @@ class SystemKernel(_L3Mixin, _BirdMixin, _KeepalivedMixin):
                 rc, _out, err = self.nft.json_cmd(batch)
         finally:
             self.nft.set_dry_run(False)
-            if batch_file is not None:  # what parsing a large batch took is free now
+            if large:  # what libnftables took to parse it is free now
                 _release_freed()
         if rc != 0:
             raise KernelError(f"nftables rejected the transaction: {err.strip()}")
