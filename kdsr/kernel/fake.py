@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kdsr.kernel import KernelError
 from kdsr.kernel.bird import BirdError
+from kdsr.kernel.ipvs import ZERO, IpvsCounters, IpvsStats
 from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.nft_json import decode_element, decode_map, encode_key, encode_value, map_object
 from kdsr.kernel.xdp import FakeIO, XdpBackend
@@ -68,6 +69,12 @@ class FakeKernel:
         self.ipvs_some_lists = 0  # ipvs_list_some calls (a read-back of the services written)
         self.ipvs_batches = 0
         self.ipvs_batch_runs_on = False  # True: a refused batch line does not stop the rest
+        # IPVS statistics ipvs_stats reports; tests set them: service ident ->
+        # (connections, packets, bytes), (service ident, destination ident) ->
+        # the same.  Like the kernel's, a destination's go with it when it is
+        # deleted (a service's, all of them); an edit (weight) keeps them.
+        self.ipvs_counts: dict = {}
+        self.ipvs_stats_reads = 0
         # BIRD: fragment files by path; None: BIRD not installed/running.
         self.bird_files: dict[str, str] | None = {}
         self.bird_stopped = False  # installed, its files there, but not running
@@ -407,6 +414,17 @@ class FakeKernel:
         self.ipvs_lists += 1
         return list(self.ipvs.values())
 
+    def ipvs_stats(self) -> list[IpvsStats]:
+        self.ipvs_stats_reads += 1
+        return [
+            IpvsStats(
+                svc,
+                IpvsCounters(*self.ipvs_counts.get(ident, ZERO)),
+                {d.ident: IpvsCounters(*self.ipvs_counts.get((ident, d.ident), ZERO)) for d in svc.dests},
+            )
+            for ident, svc in self.ipvs.items()
+        ]
+
     def ipvs_list_some(self, services: list[IpvsService]) -> list[IpvsService]:
         self.ipvs_some_lists += 1
         return [self.ipvs[s.ident] for s in services if s.ident in self.ipvs]
@@ -428,6 +446,9 @@ class FakeKernel:
                 raise KernelError(f"ipvsadm -D {svc.ident}: No such service")
             self._write(f"ipvs del {svc.ident}")
             del self.ipvs[svc.ident]
+            self.ipvs_counts = {
+                k: v for k, v in self.ipvs_counts.items() if (k[0] if isinstance(k, tuple) else k) != svc.ident
+            }
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
 
@@ -450,6 +471,7 @@ class FakeKernel:
                 dests[index] = dest
             else:
                 del dests[index]
+                self.ipvs_counts.pop((svc.ident, dest.ident), None)
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
         self.ipvs[svc.ident] = dataclasses.replace(have, dests=tuple(dests))
