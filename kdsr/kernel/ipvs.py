@@ -364,9 +364,13 @@ def _split_listings(text: str) -> tuple[str, str]:
 
 
 def _parse_counters(text: str) -> dict[str, tuple[IpvsCounters, dict[str, IpvsCounters]]]:
-    """service ident -> (its counters, destination ident -> counters)."""
+    """service ident -> (its counters, destination ident -> counters).
+
+    10,000 services name the same few hundred destinations: each
+    destination's text is made an ident once (``idents``)."""
     found: dict[str, tuple[IpvsCounters, dict[str, IpvsCounters]]] = {}
     dests: dict[str, IpvsCounters] | None = None
+    idents: dict[str, str] = {}  # a destination as printed -> IpvsDest.ident
     for line in text.splitlines():
         words = line.split()
         if len(words) < 7 or not words[-1].isdigit():
@@ -374,8 +378,10 @@ def _parse_counters(text: str) -> dict[str, tuple[IpvsCounters, dict[str, IpvsCo
         counters = IpvsCounters(int(words[-5]), int(words[-4]), int(words[-2]))  # Conns, InPkts, InBytes
         if words[0] == "->":
             if dests is not None:
-                address, port = _split_hostport(words[1])
-                dests[_hostport(address, port)] = counters  # IpvsDest.ident
+                ident = idents.get(words[1])
+                if ident is None:
+                    ident = idents[words[1]] = _hostport(*_split_hostport(words[1]))
+                dests[ident] = counters
             continue
         ident = _stats_ident(words[:-5])
         dests = None if ident is None else {}
