@@ -444,3 +444,35 @@ def test_the_ipvs_labels_name_every_ipvs_service_compile_makes():
     assert {(v["service"], v["protocol"], v["port"]) for v in labels.values() if v["vip"] == "fd00:9::100"} == {
         ("web6", p, port) for p in ("tcp", "udp") for port in ("443", "8000-8009")
     }
+
+
+def test_ipvs_counters_survive_the_re_adds_that_keep_mh_s_order(tmp_path, kernel, ipvs_applied):
+    """A server added to the pool: kdsr deletes and adds back the destinations
+    before it (the kernel adds at the head of the list, and mh's table
+    depends on the order); the kernel hands each back from its trash with
+    its counters (seen on Debian's 6.1: a destination deleted and added back
+    at once kept them), so `kdsr show` reads them on; a service made again
+    starts from 0 (seen there too)."""
+    _ipvs_count(kernel)
+    doc = json.loads(ipvs_applied.read_text())
+    doc["pools"]["web"]["servers"].append({"address": "10.3.0.14"})
+    ipvs_applied.write_text(json.dumps(doc))
+    assert run_kdsr(tmp_path, "apply", str(ipvs_applied), "--node", "lb1").exit_code == 0
+    assert any(op.startswith("ipvs dest del tcp 10.9.0.100:80 10.3.0.11:80") for op in kernel.ops)
+    web = _service(json.loads(run_kdsr(tmp_path, "show", str(ipvs_applied), "--json").output), "web")
+    rows = {r["server"]: r for r in web["servers"]}
+    assert (rows[L3["s1"]]["packets"], rows[L3["s1"]]["connections"], rows["10.3.0.14"]["packets"]) == (34, 7, 0)
+    assert abs(rows["10.3.0.14"]["share"] - 0.25) < 1e-9
+    web80 = lb_ipvs_service(ipvs_applied, "tcp 10.9.0.100:80")
+    kernel.ipvs_service("-D", web80)
+    kernel.ipvs_service("-A", web80)
+    for dest in reversed(web80.dests):
+        kernel.ipvs_dest("-a", web80, dest)
+    web = _service(json.loads(run_kdsr(tmp_path, "show", str(ipvs_applied), "--json").output), "web")
+    assert {p["port"]: p["packets"] for p in web["ports"]} == {"80": 0, "443": 10}
+
+
+def lb_ipvs_service(path, ident: str):
+    services, _marks = lb_ipvs.services_for(load_intent(path), CompileCache())
+    (found,) = [s for s in services if s.ident == ident]
+    return found

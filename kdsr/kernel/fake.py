@@ -71,9 +71,13 @@ class FakeKernel:
         self.ipvs_batch_runs_on = False  # True: a refused batch line does not stop the rest
         # IPVS statistics ipvs_stats reports; tests set them: service ident ->
         # (connections, packets, bytes), (service ident, destination ident) ->
-        # the same.  Like the kernel's, a destination's go with it when it is
-        # deleted (a service's, all of them); an edit (weight) keeps them.
+        # the same.  As the kernel (6.1) does: an edit (weight) keeps them; a
+        # deleted destination goes to a trash and comes back from it, counters
+        # and all, when added again (kdsr's re-adds that keep mh's list order;
+        # the kernel empties its trash after a minute, the fake never does); a
+        # deleted service takes its counters and its destinations' along.
         self.ipvs_counts: dict = {}
+        self.ipvs_trash: dict = {}
         self.ipvs_stats_reads = 0
         # BIRD: fragment files by path; None: BIRD not installed/running.
         self.bird_files: dict[str, str] | None = {}
@@ -449,6 +453,7 @@ class FakeKernel:
             self.ipvs_counts = {
                 k: v for k, v in self.ipvs_counts.items() if (k[0] if isinstance(k, tuple) else k) != svc.ident
             }
+            self.ipvs_trash = {k: v for k, v in self.ipvs_trash.items() if k[0] != svc.ident}
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
 
@@ -463,6 +468,8 @@ class FakeKernel:
                 raise KernelError(f"ipvsadm -a {svc.ident} {dest.ident}: Destination already exists")
             self._write(f"ipvs dest add {svc.ident} {dest.ident}")
             dests.insert(0, dest)  # the kernel adds at the head of the list
+            if (svc.ident, dest.ident) in self.ipvs_trash:
+                self.ipvs_counts[(svc.ident, dest.ident)] = self.ipvs_trash.pop((svc.ident, dest.ident))
         elif verb in ("-e", "-d"):
             if index is None:
                 raise KernelError(f"ipvsadm {verb} {svc.ident} {dest.ident}: No such destination")
@@ -471,7 +478,8 @@ class FakeKernel:
                 dests[index] = dest
             else:
                 del dests[index]
-                self.ipvs_counts.pop((svc.ident, dest.ident), None)
+                if (svc.ident, dest.ident) in self.ipvs_counts:
+                    self.ipvs_trash[(svc.ident, dest.ident)] = self.ipvs_counts.pop((svc.ident, dest.ident))
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
         self.ipvs[svc.ident] = dataclasses.replace(have, dests=tuple(dests))
