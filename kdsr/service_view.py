@@ -621,10 +621,18 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
 
 
 def _members(rows) -> dict[tuple[str, int, str], dict]:
-    """(pool, family, server) -> its counters, rows of the same member added up."""
+    """(pool, family, server) -> its counters, the rows of the same member
+    added up (a pool on two engines), except rows of one counter
+    (``counted_in``: the xdp engine's per-server counter, in a row per
+    selector of the pool), which count once, as the metrics count them."""
     found: dict[tuple[str, int, str], dict] = {}
+    seen: set[tuple] = set()
     for row in rows:
         key = (row["pool"], row["family"], row["server"])
+        if row.get("counted_in"):
+            if (row["counted_in"], *key) in seen:
+                continue
+            seen.add((row["counted_in"], *key))
         have = found.get(key)
         if have is None:
             found[key] = {"packets": row["packets"], "bytes": row["bytes"], "connections": row.get("connections")}

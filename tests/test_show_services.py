@@ -476,3 +476,40 @@ def lb_ipvs_service(path, ident: str):
     services, _marks = lb_ipvs.services_for(load_intent(path), CompileCache())
     (found,) = [s for s in services if s.ident == ident]
     return found
+
+
+def test_a_member_s_rows_add_up_once_per_counter():
+    """services_view adds up a member's rows (a pool on two engines), but a
+    counter shown in several rows (the xdp program's per-server counter, a
+    row per selector of the pool) counts once."""
+
+    def row(selector: str, counted_in: str, packets: int, engine: str, connections=None) -> dict:
+        return {
+            "pool": "web",
+            "family": 4,
+            "server": S1,
+            "selector": selector,
+            "slots": 1,
+            "packets": packets,
+            "bytes": packets * 10,
+            "counted_in": counted_in,
+            "engine": engine,
+            **({"connections": connections} if connections is not None else {}),
+        }
+
+    report = {
+        "services": [
+            {"vip": "10.10.0.100", "protocol": "tcp", "port": "80", "service": "web", "pool": "web",
+             "selector": "pool-web-v4-aaaaaa", "packets": 9, "bytes": 90, "source": "/services/web/ports/0",
+             "engine": "xdp"},
+        ],
+        "servers": [
+            row("pool-web-v4-aaaaaa", "xdp on eth0", 7, "xdp"),
+            row("pool-web-v4-bbbbbb", "xdp on eth0", 7, "xdp"),
+            row("", "", 5, "ipvs", connections=2),
+        ],
+        "selectors": {"pool-web-v4-aaaaaa": {"pool": "web", "family": 4, "size": 1, "slots": {S1: 1}}},
+    }  # fmt: skip
+    (web,) = service_view.services_view(report)
+    (s1,) = web["servers"]
+    assert (s1["packets"], s1["bytes"], s1["connections"]) == (12, 120, 2)
