@@ -22,10 +22,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from kdsr.compile import lb_nft_l3
+from kdsr.compile import lb_ipvs, lb_nft_l3
 from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, servers_map_parts
 from kdsr.kernel.nft_json import decode_key
-from kdsr.model import NftTable
+from kdsr.model import IpvsService, NftTable
 
 SERVICE_MAP_NAMES = (
     *SERVICE_MAPS.values(),
@@ -247,6 +247,121 @@ def read_listing(listing: list[dict]) -> dict:
     return {"services": ports, "servers": list(members.values()), "selectors": selectors}
 
 
+# --- the ipvs engine: IPVS's own counters, in the same rows ----------------------
+
+IPVS = "ipvs"
+
+
+def ipvs_selector(ident: str) -> str:
+    """The name an IPVS service's table goes by in the report's "selectors"."""
+    return f"{IPVS} {ident}"
+
+
+def mark_labels(listing: list[dict]) -> dict[str, dict[str, str]]:
+    """What each port range's fwmark IPVS service stands for, from the
+    ``inet kdsr`` table's mark maps (kdsr/compile/lb_ipvs.py): VIP, protocol,
+    range and the intent pointer of the element's comment (naming the
+    service; the pool only the intent knows).  For `kdsr show` without an
+    intent, so that a range shows as a VIP's ports, not as a bare mark."""
+    found: dict[str, dict[str, str]] = {}
+    maps = {item["map"]["name"]: item["map"] for item in listing if "map" in item}
+    for family, name in lb_ipvs.MARK_MAPS.items():
+        for item in maps.get(name, {}).get("elem", []):
+            val, mark, comment, _count = _elem_parts(item)
+            vip, protocol, (first, last) = decode_key(val)
+            ident = IpvsService(family, "fwmark", "", 0, int(mark), "", ()).ident
+            found[ident] = {
+                "service": service_name(comment),
+                "vip": vip,
+                "protocol": protocol,
+                "port": str(first) if first == last else f"{first}-{last}",
+                "source": comment,
+            }
+    return found
+
+
+def read_ipvs(stats: list, labels: dict[str, dict[str, str]]) -> dict:
+    """IPVS services (``Kernel.ipvs_stats``, those kdsr owns) as the rows
+    read_listing gives for the nft engine, each marked ``"engine": "ipvs"``
+    and with ``connections`` (IPVS's connection table counts them):
+
+    - ``services``: per IPVS service, its counters; VIP, protocol, port,
+      service and pool from ``labels`` (lb_ipvs.service_labels of the intent,
+      or mark_labels), else what the kernel says (a fwmark service: protocol
+      "fwmark", port its mark; service and pool "");
+    - ``selectors``: per IPVS service, its destinations' weights as "slots":
+      mh gives each destination a part of its table in proportion to its
+      weight, and weight 0 (drained, down) takes it out;
+    - ``servers``: per pool member, the counters of its destinations in every
+      IPVS service of the pool, added up, and its largest weight there.
+
+    Counters are IPVS's own: inbound packets and bytes (a DSR reply never
+    crosses the load balancer) and connections scheduled.  They survive
+    weight changes, drains and health events, which edit destinations in
+    place."""
+    ports = []
+    selectors: dict[str, dict] = {}
+    members: dict[tuple[str, int, str], list[int]] = {}  # (pool, family, server) -> [packets, bytes, conns, weight]
+    for entry in stats:
+        svc = entry.service
+        label = labels.get(svc.ident, {})
+        pool = label.get("pool", "")
+        if svc.protocol == "fwmark":
+            vip, protocol, port = label.get("vip", ""), label.get("protocol", "fwmark"), label.get("port", "")
+            port = port or str(svc.fwmark)
+        else:
+            vip, protocol, port = svc.address, svc.protocol, str(svc.port)
+        selector = ipvs_selector(svc.ident)
+        ports.append(
+            {
+                "vip": vip,
+                "protocol": protocol,
+                "port": port,
+                "service": label.get("service", ""),
+                "pool": pool,
+                "selector": selector,
+                "packets": entry.counters.packets,
+                "bytes": entry.counters.bytes,
+                "connections": entry.counters.connections,
+                "source": label.get("source", "") or f"IPVS service {svc.ident}",
+                "engine": IPVS,
+            }
+        )
+        weights: dict[str, int] = {}
+        for dest in svc.dests:
+            weights[dest.address] = weights.get(dest.address, 0) + dest.weight
+            counted = entry.dests.get(dest.ident)
+            member = members.setdefault((pool, svc.family, dest.address), [0, 0, 0, 0])
+            if counted is not None:
+                member[0] += counted.packets
+                member[1] += counted.bytes
+                member[2] += counted.connections
+            member[3] = max(member[3], dest.weight)
+        selectors[selector] = {
+            "pool": pool,
+            "family": svc.family,
+            "size": sum(weights.values()),
+            "slots": weights,
+            "engine": IPVS,
+        }
+    servers = [
+        {
+            "pool": pool,
+            "family": family,
+            "server": server,
+            "selector": "",
+            "slots": weight,
+            "packets": packets,
+            "bytes": nbytes,
+            "connections": conns,
+            "counted_in": "",
+            "engine": IPVS,
+        }
+        for (pool, family, server), (packets, nbytes, conns, weight) in sorted(members.items())
+    ]
+    return {"services": ports, "servers": servers, "selectors": selectors}
+
+
 # --- a plan's summary ----------------------------------------------------------
 
 # Added services beyond this many are counted, not listed (a first apply of
@@ -373,6 +488,13 @@ class ShowFilter:
         return bool(self.services or self.vips or self.servers)
 
 
+def _connections(rows) -> int | None:
+    """Connections of rows of which some count them (IPVS); None where none
+    does (the nft and xdp engines keep no connection table)."""
+    counted = [r["connections"] for r in rows if r.get("connections") is not None]
+    return sum(counted) if counted else None
+
+
 def _rate(now: dict, before: dict | None, elapsed: float | None) -> dict | None:
     """Packets and bytes per second between two reads; None without two reads
     (or when the counter went backwards: the object was made again)."""
@@ -414,10 +536,11 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
 
     ``before``: an earlier report, ``elapsed`` seconds older, for rates.  A
     server's counters are its pool's (one counter per pool member): services
-    that share a pool share them."""
+    that share a pool share them (and a pool that serves services on two
+    engines, say nft and ipvs, adds both engines' counters)."""
     old_ports = {(p["vip"], p["protocol"], p["port"]): p for p in (before or {}).get("services", ())}
-    old_servers = {(s["pool"], s["family"], s["server"]): s for s in (before or {}).get("servers", ())}
-    members = {(s["pool"], s["family"], s["server"]): s for s in report.get("servers", ())}
+    old_servers = _members((before or {}).get("servers", ()))
+    members = _members(report.get("servers", ()))
     by_pool: dict[tuple[str, int], set[str]] = {}
     for pool, family, address in members:
         by_pool.setdefault((pool, family), set()).add(address)
@@ -433,8 +556,8 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
         ports = grouped[name]
         selector = ports[0]["selector"]
         pool = ports[0]["pool"]
-        family = selector_family(selector)
         table = report.get("selectors", {}).get(selector, {"size": 0, "slots": {}})
+        family = table.get("family") or selector_family(selector)
         packets = sum(p["packets"] for p in ports)
         nbytes = sum(p["bytes"] for p in ports)
         was = [old_ports.get((p["vip"], p["protocol"], p["port"])) for p in ports]
@@ -449,7 +572,7 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
         addresses = sorted(by_pool.get((pool, family), set()) | set(known) | set(table["slots"]), key=_address_order)
         servers = []
         for address in addresses:
-            counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "counted_in": ""})
+            counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "connections": None})
             slots = table["slots"].get(address, 0)
             member = known.get(address) or {"node": nodes.get(address)}
             state, why = _state(
@@ -466,6 +589,7 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
                     "share": round(slots / table["size"], 4) if table["size"] else 0.0,
                     "packets": counted["packets"],
                     "bytes": counted["bytes"],
+                    "connections": counted["connections"],
                     "rate": _rate(counted, old_servers.get((pool, family, address)), elapsed),
                 }
             )
@@ -475,13 +599,21 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
                 "service": name,
                 "vip": ports[0]["vip"],
                 "ports": [
-                    {"protocol": p["protocol"], "port": p["port"], "packets": p["packets"], "bytes": p["bytes"]}
+                    {
+                        "protocol": p["protocol"],
+                        "port": p["port"],
+                        "packets": p["packets"],
+                        "bytes": p["bytes"],
+                        "connections": p.get("connections"),
+                    }
                     for p in sorted(ports, key=lambda p: (p["protocol"], int(p["port"].split("-")[0])))
                 ],
                 "pool": pool,
+                "engine": ports[0].get("engine", "nft"),
                 "selector": selector,
                 "packets": packets,
                 "bytes": nbytes,
+                "connections": _connections(ports),
                 "rate": rate,
                 "serving": serving,
                 "no_server": serving == 0,
@@ -489,6 +621,29 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
             }
         )
     return services
+
+
+def _members(rows) -> dict[tuple[str, int, str], dict]:
+    """(pool, family, server) -> its counters, the rows of the same member
+    added up (a pool on two engines), except rows of one counter
+    (``counted_in``: the xdp engine's per-server counter, in a row per
+    selector of the pool), which count once, as the metrics count them."""
+    found: dict[tuple[str, int, str], dict] = {}
+    seen: set[tuple] = set()
+    for row in rows:
+        key = (row["pool"], row["family"], row["server"])
+        if row.get("counted_in"):
+            if (row["counted_in"], *key) in seen:
+                continue
+            seen.add((row["counted_in"], *key))
+        have = found.get(key)
+        if have is None:
+            found[key] = {"packets": row["packets"], "bytes": row["bytes"], "connections": row.get("connections")}
+            continue
+        have["packets"] += row["packets"]
+        have["bytes"] += row["bytes"]
+        have["connections"] = _connections([have, row])
+    return found
 
 
 def _address_order(address: str) -> tuple:
@@ -561,7 +716,14 @@ def show_lines(services: list[dict], detail: bool, rates: bool) -> list[str]:
                     f"    {r['server'] + node:<30} {r['state']:<8} weight {weight:<3} {100 * r['share']:5.1f}%"
                     f"  {_count(r['packets']):>7} pkts {_count(r['bytes']):>7} B"
                 )
+                if r.get("connections") is not None:
+                    text += f" {_count(r['connections']):>7} conns"
                 if rates:
                     text += f"  {_rate_text(r['rate'])}"
                 lines.append(f"{text}  ({r['reason']})")
+    if any(s.get("engine") == IPVS for s in services):
+        lines.append(
+            "(ipvs engine: IPVS's own counters, inbound only (DSR replies do not cross the load balancer); "
+            "conns: connections IPVS scheduled; share: of the destinations' weights)"
+        )
     return lines

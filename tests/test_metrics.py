@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import io
 import json
 import socket
 import threading
@@ -22,6 +23,7 @@ from test_health import daemon, doc, feed  # noqa: F401 (daemon: a pytest fixtur
 
 from kdsr import operations
 from kdsr.cli import main
+from kdsr.commands import health as health_commands
 from kdsr.errors import UsageError
 from kdsr.health import counter_reader, metrics
 from kdsr.kernel.fake import FakeKernel
@@ -417,3 +419,82 @@ def test_in_table_is_encoded_again_only_when_the_intent_or_the_members_out_chang
         assert len(encodes) == 2
     line = 'kdsr_server_in_table{pool="web",server="10.10.0.12"'
     assert f'{line},server_node="s2"}} 1.0' in first and f'{line},server_node="s2"}} 0.0' in taken_out
+
+
+# --- the ipvs engine: IPVS's own counters -------------------------------------------
+
+
+def _on_ipvs(d: dict) -> None:
+    """Service web (tcp/80, 443) on IPVS (L2, DR), its pool checked by plain probes."""
+    d["services"]["web"]["dsr"] = {"mode": "l2", "engine": "ipvs"}
+    d["pools"]["web"]["health"]["mode"] = "plain"
+
+
+def test_ipvs_counters_are_series_named_by_the_daemon_s_intent_and_survive_a_health_event(daemon):  # noqa: F811
+    """kdsr run --metrics on the ipvs engine: the read (commands/health.py's,
+    as the counter reader child makes it) names IPVS services and pools
+    with the intent the daemon runs; a server health takes out is weight 0,
+    edited in place, so its counters do not go back."""
+    daemon.path.write_text(json.dumps(doc(_on_ipvs)))
+    daemon.kernel.sysctls.update(
+        {f"net/ipv4/vs/{k}": "0" for k in ("expire_nodest_conn", "sloppy_tcp", "schedule_icmp")}
+    )
+    started(daemon)
+    assert set(daemon.kernel.ipvs) == {"tcp 10.10.0.100:80", "tcp 10.10.0.100:443"}
+    daemon.kernel.ipvs_counts.update(
+        {
+            "tcp 10.10.0.100:80": (5, 50, 5000),
+            ("tcp 10.10.0.100:80", "10.10.0.11:80"): (3, 30, 3000),
+            ("tcp 10.10.0.100:80", "10.10.0.12:80"): (2, 20, 2000),
+            ("tcp 10.10.0.100:443", "10.10.0.12:443"): (1, 7, 700),
+        }
+    )
+    server, scrape = health_commands._bind_metrics(daemon, daemon.kernel, daemon.store, "127.0.0.1:0")
+    server.server_close()  # never served: the scrapes below render in this thread
+    scrape.kernel.wait, scrape.kernel.fresh = 10.0, 0.0
+
+    def families() -> dict:
+        parsed = text_string_to_metric_families(metrics.exposition(scrape))
+        return {f.name: (f.type, [(s.name, s.labels, s.value) for s in f.samples]) for f in parsed}
+
+    first = families()
+    web80 = {"service": "web", "vip": "10.10.0.100", "protocol": "tcp", "port": "80"}
+    assert value(first, "kdsr_service_packets", "kdsr_service_packets_total", **web80) == 50
+    assert value(first, "kdsr_service_bytes", "kdsr_service_bytes_total", **web80) == 5000
+    assert value(first, "kdsr_service_connections", "kdsr_service_connections_total", **web80) == 5
+    s2 = {"pool": "web", "server": "10.10.0.12", "server_node": "s2"}
+    assert value(first, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 27  # both services of the pool
+    assert value(first, "kdsr_server_connections", "kdsr_server_connections_total", **s2) == 3
+    for name in ("kdsr_server_packets", "kdsr_server_bytes", "kdsr_server_connections"):
+        assert all(set(labels) == SERVER_LABELS for _s, labels, _v in first[name][1]), name
+    # nft services keep no connection table: no connection series for them.
+    assert {lab["service"] for _s, lab, _v in first["kdsr_service_connections"][1]} == {"web"}
+
+    daemon.script.failing.add("10.10.0.12")
+    feed(daemon, 3)
+    weights = {d.address: d.weight for d in daemon.kernel.ipvs["tcp 10.10.0.100:80"].dests}
+    assert weights["10.10.0.12"] == 0  # taken out: weight 0, the same destination
+    daemon.kernel.ipvs_counts[("tcp 10.10.0.100:80", "10.10.0.11:80")] = (4, 40, 4000)
+    second = families()
+    assert value(second, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 27
+    assert value(second, "kdsr_server_packets", "kdsr_server_packets_total", server="10.10.0.11") == 40
+
+
+def test_the_counter_reader_child_gets_the_ipvs_labels_on_stdin(tmp_path, monkeypatch, capsys):
+    """The daemon hands the child lb_ipvs.service_labels of its intent on
+    stdin (IPVS holds no names); the child passes them to operations.show."""
+    labels = {"tcp 10.10.0.100:80": {"service": "web", "pool": "web", "vip": "10.10.0.100"}}
+    assert counter_reader._command("/s", "lb1")[-1] == "--ipvs-labels"
+    monkeypatch.setattr(counter_reader, "_command", lambda state_dir, node: ["/bin/sh", "-c", "cat"])
+    assert counter_reader.read(str(tmp_path), "lb1", ipvs_labels=labels) == labels
+    seen = {}
+
+    def show(kernel, store, node, intent=None, ipvs_labels=None):
+        seen.update(node=node, labels=ipvs_labels)
+        return {"services": []}
+
+    monkeypatch.setattr(counter_reader.operations, "show", show)
+    monkeypatch.setattr(counter_reader, "SystemKernel", FakeKernel)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(labels)))
+    assert counter_reader.main([str(tmp_path), "lb1", "--ipvs-labels"]) == 0
+    assert seen == {"node": "lb1", "labels": labels} and json.loads(capsys.readouterr().out) == {"services": []}

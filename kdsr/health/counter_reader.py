@@ -12,6 +12,9 @@ the listing, and renders them.
 The child is ``python -m kdsr.health.counter_reader STATE_DIR NODE``: it
 inherits the daemon's network namespace and privileges, reads what `kdsr
 show` reads (operations.show, no intent), and prints the report as JSON.
+IPVS keeps no names, so with ``--ipvs-labels`` it reads on stdin what each
+of kdsr's IPVS services stands for in the daemon's intent (its service and
+pool: lb_ipvs.service_labels), as `kdsr show INTENT` has them.
 """
 
 from __future__ import annotations
@@ -40,17 +43,23 @@ class CounterReadError(RuntimeError):
 
 
 def _command(state_dir: str, node: str) -> list[str]:
-    return [sys.executable, "-m", "kdsr.health.counter_reader", str(state_dir), node]
+    return [sys.executable, "-m", "kdsr.health.counter_reader", str(state_dir), node, "--ipvs-labels"]
 
 
-def read(state_dir: str, node: str, timeout: float = READ_TIMEOUT_S) -> dict:
-    """The report of one read, made by a child process (see the module docstring)."""
+def read(
+    state_dir: str, node: str, timeout: float = READ_TIMEOUT_S, ipvs_labels: dict[str, dict[str, str]] | None = None
+) -> dict:
+    """The report of one read, made by a child process (see the module
+    docstring); ``ipvs_labels``: lb_ipvs.service_labels of the daemon's intent."""
     command = _command(state_dir, node)
     path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as child:
+    labels = json.dumps(ipvs_labels or {}, separators=(",", ":")).encode()
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    ) as child:
         try:
-            out, err = child.communicate(timeout=timeout)
+            out, err = child.communicate(labels, timeout=timeout)
         except subprocess.TimeoutExpired:
             child.kill()  # ours, by its pid
             child.communicate()
@@ -62,8 +71,9 @@ def read(state_dir: str, node: str, timeout: float = READ_TIMEOUT_S) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    state_dir, node = argv
-    report = operations.show(SystemKernel(), StateStore(state_dir), node)
+    state_dir, node, *options = argv
+    labels = json.load(sys.stdin) if options == ["--ipvs-labels"] else None
+    report = operations.show(SystemKernel(), StateStore(state_dir), node, ipvs_labels=labels)
     json.dump(report, sys.stdout, separators=(",", ":"), default=str)
     return 0
 

@@ -9,7 +9,9 @@ global one, so nothing of another library's registers into it):
 - the health view and the pools' conditions, collected at each scrape
   (``HealthCollector``);
 - the kernel's per-service and per-server packet and byte counters
-  (``KernelFamilies``), from a listing of kdsr's whole nft table.  At
+  (``KernelFamilies``), from a listing of kdsr's whole nft table, and
+  for the ipvs engine IPVS's own (with connections; `kdsr show`'s rows,
+  kdsr/service_view.py read_ipvs).  At
   10,000 VIPs that listing, and formatting its samples, take longer
   than a scrape should: ``KernelCounters`` reads and formats in a thread of
   its own, one read at a time, and a scrape adds the last read's text to
@@ -353,17 +355,28 @@ def _kernel_families(report: dict, names: Names) -> Iterable:
         "Bytes the load balancer matched per service, VIP, protocol and port.",
         labels=SERVICE_LABELS,
     )
+    service_connections = CounterMetricFamily(
+        "kdsr_service_connections",
+        "Connections IPVS scheduled per service, VIP, protocol and port (ipvs engine: IPVS's own counter; "
+        "the nft and xdp engines keep no connection table).",
+        labels=SERVICE_LABELS,
+    )
     for s in report.get("services", []):
         labels = [names.service(s), str(s.get("vip", "")), str(s.get("protocol", "")), str(s.get("port", ""))]
         service_packets.add_metric(labels, s.get("packets", 0))
         service_bytes.add_metric(labels, s.get("bytes", 0))
+        if s.get("connections") is not None:
+            service_connections.add_metric(labels, s["connections"])
     yield service_packets
     yield service_bytes
+    if service_connections.samples:
+        yield service_connections
     # Per pool and server: the rows of a pool's selectors (one per address
     # family and hashing) add up, except where one nft map counts for
     # several selectors (flow pinning's servers map, ``counted_in``), which
     # counts once.
     totals: dict[tuple[str, str, str], list[int]] = {}
+    connections: dict[tuple[str, str, str], int] = {}
     seen_shared: set[tuple[str, str]] = set()
     for s in report.get("servers", []):
         shared = s.get("counted_in")
@@ -376,17 +389,28 @@ def _kernel_families(report: dict, names: Names) -> Iterable:
         entry = totals.setdefault((pool, address, node), [0, 0])
         entry[0] += s.get("packets", 0)
         entry[1] += s.get("bytes", 0)
+        if s.get("connections") is not None:
+            connections[(pool, address, node)] = connections.get((pool, address, node), 0) + s["connections"]
     server_packets = CounterMetricFamily(
         "kdsr_server_packets", "Packets the load balancer forwarded per pool and server.", labels=SERVER_LABELS
     )
     server_bytes = CounterMetricFamily(
         "kdsr_server_bytes", "Bytes the load balancer forwarded per pool and server.", labels=SERVER_LABELS
     )
+    server_connections = CounterMetricFamily(
+        "kdsr_server_connections",
+        "Connections IPVS scheduled to the server, per pool (ipvs engine only).",
+        labels=SERVER_LABELS,
+    )
     for labels, (packets, nbytes) in sorted(totals.items()):
         server_packets.add_metric(list(labels), packets)
         server_bytes.add_metric(list(labels), nbytes)
+    for labels, count in sorted(connections.items()):
+        server_connections.add_metric(list(labels), count)
     yield server_packets
     yield server_bytes
+    if server_connections.samples:
+        yield server_connections
 
 
 class KernelCounters:

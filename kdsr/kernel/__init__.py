@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from kdsr.model import Address, AnnounceRoute, IpvsDest, IpvsService, Link, NftTable, Route, Rule
 
 if TYPE_CHECKING:
-    from kdsr.kernel.ipvs import IpvsCommand
+    from kdsr.kernel.ipvs import IpvsCommand, IpvsStats
 
 
 class KernelError(Exception):
@@ -90,6 +90,10 @@ class Kernel(Protocol):
     # Those of ``services`` the kernel holds, as it holds them, each listed
     # by its selector (an apply's read-back of what it wrote).
     def ipvs_list_some(self, services: list[IpvsService]) -> list[IpvsService]: ...
+
+    # Every IPVS service with its counters and its destinations' (`kdsr show`,
+    # the metrics): one read, whatever the number of services.
+    def ipvs_stats(self) -> list[IpvsStats]: ...
 
     def ipvs_service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kdsr.kernel import KernelError
 from kdsr.kernel.bird import BirdError
+from kdsr.kernel.ipvs import ZERO, IpvsCounters, IpvsStats
 from kdsr.kernel.keepalived import KeepalivedError
 from kdsr.kernel.nft_json import decode_element, decode_map, encode_key, encode_value, map_object
 from kdsr.kernel.xdp import FakeIO, XdpBackend
@@ -68,6 +69,16 @@ class FakeKernel:
         self.ipvs_some_lists = 0  # ipvs_list_some calls (a read-back of the services written)
         self.ipvs_batches = 0
         self.ipvs_batch_runs_on = False  # True: a refused batch line does not stop the rest
+        # IPVS statistics ipvs_stats reports; tests set them: service ident ->
+        # (connections, packets, bytes), (service ident, destination ident) ->
+        # the same.  As the kernel (6.1) does: an edit (weight) keeps them; a
+        # deleted destination goes to a trash and comes back from it, counters
+        # and all, when added again (kdsr's re-adds that keep mh's list order;
+        # the kernel empties its trash after a minute, the fake never does); a
+        # deleted service takes its counters and its destinations' along.
+        self.ipvs_counts: dict = {}
+        self.ipvs_trash: dict = {}
+        self.ipvs_stats_reads = 0
         # BIRD: fragment files by path; None: BIRD not installed/running.
         self.bird_files: dict[str, str] | None = {}
         self.bird_stopped = False  # installed, its files there, but not running
@@ -405,6 +416,17 @@ class FakeKernel:
         self.ipvs_lists += 1
         return list(self.ipvs.values())
 
+    def ipvs_stats(self) -> list[IpvsStats]:
+        self.ipvs_stats_reads += 1
+        return [
+            IpvsStats(
+                svc,
+                IpvsCounters(*self.ipvs_counts.get(ident, ZERO)),
+                {d.ident: IpvsCounters(*self.ipvs_counts.get((ident, d.ident), ZERO)) for d in svc.dests},
+            )
+            for ident, svc in self.ipvs.items()
+        ]
+
     def ipvs_list_some(self, services: list[IpvsService]) -> list[IpvsService]:
         self.ipvs_some_lists += 1
         return [self.ipvs[s.ident] for s in services if s.ident in self.ipvs]
@@ -426,6 +448,10 @@ class FakeKernel:
                 raise KernelError(f"ipvsadm -D {svc.ident}: No such service")
             self._write(f"ipvs del {svc.ident}")
             del self.ipvs[svc.ident]
+            self.ipvs_counts = {
+                k: v for k, v in self.ipvs_counts.items() if (k[0] if isinstance(k, tuple) else k) != svc.ident
+            }
+            self.ipvs_trash = {k: v for k, v in self.ipvs_trash.items() if k[0] != svc.ident}
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
 
@@ -440,6 +466,8 @@ class FakeKernel:
                 raise KernelError(f"ipvsadm -a {svc.ident} {dest.ident}: Destination already exists")
             self._write(f"ipvs dest add {svc.ident} {dest.ident}")
             dests.insert(0, dest)  # the kernel adds at the head of the list
+            if (svc.ident, dest.ident) in self.ipvs_trash:
+                self.ipvs_counts[(svc.ident, dest.ident)] = self.ipvs_trash.pop((svc.ident, dest.ident))
         elif verb in ("-e", "-d"):
             if index is None:
                 raise KernelError(f"ipvsadm {verb} {svc.ident} {dest.ident}: No such destination")
@@ -448,6 +476,8 @@ class FakeKernel:
                 dests[index] = dest
             else:
                 del dests[index]
+                if (svc.ident, dest.ident) in self.ipvs_counts:
+                    self.ipvs_trash[(svc.ident, dest.ident)] = self.ipvs_counts.pop((svc.ident, dest.ident))
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
         self.ipvs[svc.ident] = dataclasses.replace(have, dests=tuple(dests))

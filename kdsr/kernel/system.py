@@ -272,6 +272,14 @@ class _L3Mixin:
             return []
         return ipvs.parse_list(self._ipvsadm(list(ipvs.LIST_ARGS), write=False))
 
+    def ipvs_stats(self) -> list:
+        if not Path("/proc/net/ip_vs").exists():
+            return []
+        try:
+            return ipvs.read_stats(self._ipvsadm_restore)
+        except ValueError as exc:
+            raise KernelError(f"{exc}") from None
+
     def ipvs_list_some(self, services: list) -> list:
         """Those of ``services`` the kernel holds: ``-L`` lines through ONE
         ``ipvsadm -R``, which runs listing commands too (one process, not one
