@@ -19,6 +19,7 @@ lines, and `kdsr show` can report per service.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 
@@ -106,12 +107,18 @@ class _Maps:
         nmap = self.by_name.get(selector)
         if nmap is None:
             return []
+        if nmap.data_type != "mark":
+            # A table kdsr made before slots held server ids (an upgrade's
+            # plan reads it): the slot holds the address itself, or a goto to
+            # the member's own chain (``server-<pool>-v4-<address>``).
+            return [_legacy_slot_server(elem.value) for _slot, elem in nmap.elements]
         # A slot holds a server id; the pool's servers maps name the server
         # in each element's comment (every one of them the same way).
         names = server_names(
             self.by_name[n] for n in self.servers.get((selector_pool(selector), selector_family(selector)), ())
         )
-        return [names.get(elem.value, f"id {elem.value}") for _slot, elem in nmap.elements]
+        family = selector_family(selector)
+        return [names.get(elem.value) or _server_of_id(elem.value, family) for _slot, elem in nmap.elements]
 
     def pool_shares(self, pool: str, family: int) -> Counter:
         """server -> slots it holds in the pool's tables of this family."""
@@ -140,11 +147,28 @@ def _same(a: object, b: object) -> bool:
     return a is b or a == b
 
 
+def _legacy_slot_server(value) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("goto", "jump"):
+        for family in ("-v4-", "-v6-"):
+            _head, sep, address = str(value[1]).rpartition(family)
+            if sep and "v" not in address:
+                return address.replace("-", ":") if family == "-v6-" else address
+        return str(value[1])
+    return str(value)
+
+
+def _server_of_id(ident, family: int) -> str:
+    """A server id no servers map names: an IPv4 server's id is its address."""
+    if family == 4 and isinstance(ident, int) and 0 <= ident < 2**32:
+        return str(ipaddress.IPv4Address(ident))
+    return f"id {ident}"
+
+
 def server_names(servers_maps) -> dict:
     """server id -> the member's address, from servers maps' element comments."""
     names: dict = {}
     for nmap in servers_maps:
-        names.update((key, elem.comment) for key, elem in nmap.elements)
+        names.update((key, elem.comment) for key, elem in nmap.elements if elem.comment)
     return names
 
 

@@ -513,3 +513,26 @@ def test_a_member_s_rows_add_up_once_per_counter():
     (web,) = service_view.services_view(report)
     (s1,) = web["servers"]
     assert (s1["packets"], s1["bytes"], s1["connections"]) == (12, 120, 2)
+
+
+def test_slots_of_tables_made_before_server_ids_name_their_servers():
+    """An upgrade's plan reads the table an older kdsr made: slots that hold
+    the address itself, or a goto to the member's own chain, name the same
+    servers as slots that hold server ids (no server "removed" and "added")."""
+    from kdsr.model import NftMap, NftTable, element
+    from kdsr.service_view import table_slots
+
+    addresses = NftMap("pool-web-v4-60e94c", ("mark",), "ipv4_addr", elements=((0, element(S1)), (1, element(S2))))
+    gotos = NftMap(
+        "pool-web6-v6-60e94c",
+        ("mark",),
+        "verdict",
+        elements=((0, element(("goto", "server-web6-v6-fd00-10--11"))),),
+    )
+    ids = NftMap("pool-api-v4-60e94c", ("mark",), "mark", elements=((0, element(int(ip_address(S3)))),))
+    table = NftTable("netdev", "kdsr", (), (addresses, gotos, ids))
+    assert table_slots(table) == {
+        "pool-web-v4-60e94c": [S1, S2],
+        "pool-web6-v6-60e94c": ["fd00:10::11"],
+        "pool-api-v4-60e94c": [S3],  # no servers map read: an IPv4 id is the address
+    }
