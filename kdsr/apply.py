@@ -496,13 +496,14 @@ def apply_plan(plan: Plan, desired: Desired, kernel: Kernel, store: StateStore, 
     # transaction itself is all-or-nothing.
     only_one_transaction = len(plan.tables) == 1 and all(c.kind.startswith("nft ") for c in plan.changes)
     for td in plan.tables:
-        commands = batch_for(td)
         crash_point(f"before the nft {'transaction' if only_one_transaction else 'dry run'} on {td.family} {td.name}")
         try:
+            # The batch is not kept here: the kernel lets a large one go
+            # before libnftables parses it (Nftables.apply).
             if only_one_transaction:
-                result.proved_by_generation = kernel.nft.apply(commands, becomes=td.desired)
+                result.proved_by_generation = kernel.nft.apply(batch_for(td), becomes=td.desired)
             else:
-                kernel.nft.apply(_rehearsal(plan, td, commands), check_only=True)
+                kernel.nft.apply(_rehearsal(plan, td, batch_for(td)), check_only=True)
         except KernelError as exc:
             raise ApplyError(f"nothing was changed: {exc}", rolled_back=True) from exc
     if only_one_transaction:
@@ -633,7 +634,8 @@ def _xdp_steps(
     create = any(c.kind == "xdp program" and c.action == CREATE for c in changes)
     # The program replaced by a newer object: attached over the old one in
     # one step (the kernel swaps programs atomically), with fresh maps that
-    # converge fills: VIP packets meanwhile go to the stack (XDP_PASS).
+    # converge fills: VIP packets meanwhile go to the stack (XDP_PASS).  The
+    # old program's counters are carried into the new one's.
     replace = any(c.kind == "xdp program" and c.action == REPLACE for c in changes)
     before: dict[str, object] = {}
 
@@ -644,7 +646,9 @@ def _xdp_steps(
             store.save(state)
         if want is None:
             return
+        carried = None
         if replace:
+            carried = xdp.carried(want.interface)
             xdp.attach(want.interface, force=True)
         elif create:
             force = want.interface in state.xdp  # a foreign program the user let kdsr adopt (--adopt)
@@ -654,6 +658,7 @@ def _xdp_steps(
         else:
             before["state"] = xdp.read(want.interface)[0]
         xdp.converge(want)
+        xdp.carry_over(want.interface, carried)
 
     def undo() -> None:
         if want is not None and create:

@@ -360,9 +360,23 @@ def show(
         _fail(exc)
     document = operations.show_document(report, which, before, elapsed)
     if as_json:
-        click.echo(json.dumps(document, indent=2))
+        _echo_json(document)
     else:
         click.echo(operations.format_show(report, document, which).rstrip("\n"))
+
+
+def _echo_json(document: dict, pieces: int = 4096) -> None:
+    """``document`` as indented JSON on stdout, written as it is encoded: at
+    10,000 VIPs `kdsr show --json` is tens of MB, which json.dumps would
+    hold whole, beside the pieces it joins (and click.echo copies it once
+    more to strip colours)."""
+    encoded: list[str] = []
+    for piece in json.JSONEncoder(indent=2).iterencode(document):
+        encoded.append(piece)
+        if len(encoded) == pieces:
+            click.echo("".join(encoded), nl=False)
+            encoded.clear()
+    click.echo("".join(encoded))
 
 
 def _show_report(obj: Context, node: str | None, intent) -> dict:

@@ -537,10 +537,9 @@ def _diff_xdp(desired: Desired, observed: Observed, changes: list[Change]) -> No
             changes.append(Change(DELETE, "xdp program", have.interface, before=have))
         changes.append(Change(CREATE, "xdp program", want.interface, after=want, pointer=want.pointer))
         have = type(want)(interface=want.interface, config_mac="")
-    elif not have.config_mac:
-        changes.append(
-            Change(UPDATE, "xdp config", want.interface, have, want, reason="interface MAC", pointer=want.pointer)
-        )
+    elif not have.config_mac or (have.source4, have.source6) != (want.source4, want.source6):
+        reason = "interface MAC" if not have.config_mac else "tunnel source"
+        changes.append(Change(UPDATE, "xdp config", want.interface, have, want, reason=reason, pointer=want.pointer))
     for kind, wanted_items, present_items in (
         ("xdp server", want.servers, have.servers),
         ("xdp selector", want.selectors, have.selectors),

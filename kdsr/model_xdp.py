@@ -3,8 +3,9 @@
 The BPF program (bpf/kdsr_xdp.c) reads maps whose layout is the kernel
 backend's business (kdsr/kernel/xdp.py: slot regions, server indexes, which
 half of a selector is active).  What compile wants and what a reader finds
-is this logical state: services -> selector, selector -> Maglev table,
-server -> MAC.  The plan shows changes of these elements.
+is this logical state: services -> selector, selector -> Maglev table
+(and, for L3, the tunnel and path MTU), server -> MAC.  The plan shows
+changes of these elements.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ PROGRAM_NAME = "kdsr_xdp"
 
 # bpf/kdsr_xdp.c HASH_*: which fields the Maglev slot is hashed from.
 HASH_FIELDS = {"source-ip": 0, "source-ip-port": 1, "five-tuple": 2}
+# bpf/kdsr_xdp.c ENCAP_*: how a selector's packets reach their server (the DSR mode).
+ENCAPS = {"l2": 0, "l3-ipip": 1, "l3-gre": 2, "l3-ip6tnl": 3}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ class XdpSelector:
     size: int
     table: tuple[str, ...]  # slot -> server address; () when no server has weight
     pointer: str = field(default="", compare=False)
+    mode: str = "l2"  # the DSR mode: l2 rewrites MACs, l3-* push the tunnel's outer header
+    # L3: the longest packet the path to the servers carries once
+    # encapsulated (the smallest path_mtu of the selector's services, as the
+    # nft engine's "too big" rule has it); 0 for l2.
+    path_mtu: int = 0
 
     @property
     def ident(self) -> str:
@@ -85,6 +93,11 @@ class XdpState:
     selectors: tuple[XdpSelector, ...] = ()
     servers: tuple[XdpServer, ...] = ()
     pointer: str = field(default="", compare=False)
+    # L3: the outer source of the tunnels, per family (the nft engine's
+    # tunnel links' local address); "" where no L3 selector needs one.
+    # In the program's config element, with the interface's MAC.
+    source4: str = field(default="", compare=False)
+    source6: str = field(default="", compare=False)
     # Observed only: how the program is attached ("driver" | "generic"), and
     # the interface's MAC in the program's config ("" : not set).
     mode: str = field(default="", compare=False)
@@ -106,12 +119,14 @@ def describe(obj: XdpServer | XdpSelector | XdpService | XdpState) -> str:
         for address in obj.table:
             shares[address] = shares.get(address, 0) + 1
         held = ", ".join(f"{a} {n}" for a, n in sorted(shares.items())) or "no server: drops"
-        return f"{obj.size} slots, {obj.fields} seed {obj.seed:#x} ({held})"
+        tunnel = f", {obj.mode} path MTU {obj.path_mtu}" if obj.mode != "l2" else ""
+        return f"{obj.size} slots, {obj.fields} seed {obj.seed:#x}{tunnel} ({held})"
     if isinstance(obj, XdpService):
         return f"-> {obj.selector}"
+    sources = ", ".join(a for a in (obj.source4, obj.source6) if a)
     return (
         f"kdsr_xdp on {obj.interface}: {len(obj.services)} services, {len(obj.selectors)} tables, "
-        f"{len(obj.servers)} servers"
+        f"{len(obj.servers)} servers" + (f", tunnel source {sources}" if sources else "")
     )
 
 
@@ -119,7 +134,15 @@ def as_json(obj: XdpServer | XdpSelector | XdpService | XdpState) -> dict:
     if isinstance(obj, XdpServer):
         return {"address": obj.address, "mac": obj.mac}
     if isinstance(obj, XdpSelector):
-        return {"name": obj.name, "fields": obj.fields, "seed": obj.seed, "size": obj.size, "table": list(obj.table)}
+        return {
+            "name": obj.name,
+            "fields": obj.fields,
+            "seed": obj.seed,
+            "size": obj.size,
+            "mode": obj.mode,
+            "path_mtu": obj.path_mtu,
+            "table": list(obj.table),
+        }
     if isinstance(obj, XdpService):
         return {"vip": obj.vip, "protocol": obj.protocol, "ports": [obj.first, obj.last], "selector": obj.selector}
     return {
@@ -127,4 +150,5 @@ def as_json(obj: XdpServer | XdpSelector | XdpService | XdpState) -> dict:
         "services": len(obj.services),
         "selectors": len(obj.selectors),
         "servers": len(obj.servers),
+        "tunnel_sources": [a for a in (obj.source4, obj.source6) if a],
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kdsr import collector, naming, service_view
 from kdsr.apply import ApplyResult, apply_plan, check_modules
-from kdsr.compile import CompileCache, compile_node
+from kdsr.compile import CompileCache, compile_node, lb_ipvs
 from kdsr.compile.announce import assignments
 from kdsr.compile.effective import Effective, effective_intent, unserved_services, unserved_vips
 from kdsr.compile.keepalived import group_of, vrrp_services
@@ -339,12 +339,20 @@ def destroy_node_name(node: str | None, store: StateStore) -> str:
     raise UsageError(f"state for several nodes in {store.directory} ({', '.join(nodes)}); pass --node")
 
 
-def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | None = None) -> dict:
+def show(
+    kernel: Kernel,
+    store: StateStore,
+    node: str | None,
+    intent: Intent | None = None,
+    ipvs_labels: dict[str, dict[str, str]] | None = None,
+) -> dict:
     """What kdsr owns on this host now, with packet counters where the kernel
     has them (the "kernel" part of `kdsr show --json`; see
-    service_view.read_listing for the nft rows).  ``intent``: the one applied
-    (the daemon's, or the one `kdsr show INTENT` names), for each member's
-    weight and node in "pools"."""
+    service_view.read_listing for the nft rows, read_ipvs for IPVS's).
+    ``intent``: the one applied (the daemon's, or the one `kdsr show INTENT`
+    names), for each member's weight and node in "pools", and the names of
+    kdsr's IPVS services (their services and pools), unless ``ipvs_labels``
+    (lb_ipvs.service_labels of the intent) gives those."""
     listing = kernel.nft.listing(TABLE_FAMILY, TABLE_NAME)
     report: dict = {"nodes": store.nodes(), "tables": [], "services": [], "servers": [], "addresses": [], "sysctls": []}
     report["selectors"] = {}
@@ -354,6 +362,9 @@ def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | N
     report["pools"] = show_pools(intent) if intent is not None else None
     report["read_at"] = time.time()
     nodes = [node] if node else store.nodes()
+    if ipvs_labels is None and intent is not None:
+        ipvs_labels = lb_ipvs.service_labels(intent)
+    report["ipvs"] = _ipvs_show(kernel, store, nodes, report, ipvs_labels)
     report["xdp"] = _xdp_show(kernel, store, nodes, report)
     report["health"] = []
     report["drained"] = []
@@ -381,10 +392,42 @@ def show(kernel: Kernel, store: StateStore, node: str | None, intent: Intent | N
     return report
 
 
+def _ipvs_show(
+    kernel: Kernel, store: StateStore, nodes: list[str], report: dict, labels: dict[str, dict[str, str]] | None
+) -> dict | None:
+    """kdsr's IPVS services (those its state records), read once with their
+    counters, as rows beside the nft ones (service_view.read_ipvs); None when
+    kdsr owns no IPVS service here (ipvsadm is not run).  Returns how many
+    were read and those recorded but missing from the kernel."""
+    owned = {ident for name in nodes for ident in store.load(name).ipvs}
+    if not owned:
+        return None
+    stats = [s for s in kernel.ipvs.stats() if s.service.ident in owned]
+    labels = dict(labels or {})
+    if any(s.service.protocol == "fwmark" and s.service.ident not in labels for s in stats):
+        # A port range's fwmark names no port: the mark maps' elements do.
+        marks = kernel.nft.listing(lb_ipvs.TABLE_FAMILY, lb_ipvs.TABLE_NAME) or []
+        labels = {**service_view.mark_labels(marks), **labels}
+    rows = service_view.read_ipvs(stats, labels)
+    report["services"] += rows["services"]
+    report["servers"] += rows["servers"]
+    report["selectors"].update(rows["selectors"])
+    listed = {s.service.ident for s in stats}
+    named = all(labels.get(s.service.ident, {}).get("pool") for s in stats)
+    return {"services": len(stats), "missing": sorted(owned - listed), "named": named}
+
+
 def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict) -> list[dict]:
     """kdsr's XDP programs (xdp engine): service, selector and pool-member rows
     in the shape service_view.read_listing gives for nft (the program's per-CPU
-    counters summed), and the program's own events."""
+    counters summed), and the program's own events.
+
+    The program's tables name the servers that hold slots; its counters are
+    per server.  A server that holds none (drained, down, weight 0) keeps
+    its counters, and a row with them, as the nft engine's pool members keep
+    theirs: under the pools the intent puts it in (``report["pools"]``: `kdsr
+    show INTENT`, the daemon), else with no pool (the metrics name it from
+    the intent they run: kdsr/health/metrics.py Names.pool)."""
     programs = []
     for ifname in sorted({i for name in nodes for i in store.load(name).xdp}):
         if not kernel.links.link_exists(ifname):
@@ -420,8 +463,12 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
                 "pool": pool,
                 "family": sel.family,
                 "size": len(sel.table),
-                "slots": slots,
+                "slots": dict(slots),
             }
+            for member in (report.get("pools") or {}).get(pool, []):
+                server = member["server"]
+                if server in counts["servers"] and (":" in server) == (sel.family == 6):
+                    slots.setdefault(server, 0)
             for server, share in sorted(slots.items()):
                 packets, nbytes = counts["servers"].get(server, (0, 0))
                 report["servers"].append(
@@ -431,6 +478,22 @@ def _xdp_show(kernel: Kernel, store: StateStore, nodes: list[str], report: dict)
                         "server": server,
                         "selector": sel.name,
                         "slots": share,
+                        "packets": packets,
+                        "bytes": nbytes,
+                        "counted_in": f"xdp on {ifname}",
+                        "engine": "xdp",
+                    }
+                )
+        rowed = {row["server"] for row in report["servers"] if row.get("counted_in") == f"xdp on {ifname}"}
+        for server, (packets, nbytes) in sorted(counts["servers"].items()):
+            if server not in rowed:
+                report["servers"].append(
+                    {
+                        "pool": "",
+                        "family": 6 if ":" in server else 4,
+                        "server": server,
+                        "selector": "",
+                        "slots": 0,
                         "packets": packets,
                         "bytes": nbytes,
                         "counted_in": f"xdp on {ifname}",
@@ -492,11 +555,20 @@ def format_show(report: dict, document: dict | None = None, which: service_view.
     which = which or service_view.ShowFilter()
     document = document or show_document(report, which)
     lines = []
-    owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp", "xdp")
+    owned = ("tables", "addresses", "sysctls", "health", "announce", "vrrp", "xdp", "ipvs")
     if not any(report.get(key) for key in owned):
         return "kdsr owns nothing on this host.\n"
     for table in report["tables"]:
         lines.append(f"nft table {table}")
+    ipvs = report.get("ipvs")
+    if ipvs:
+        count = ipvs["services"]
+        lines.append(f"IPVS: {count} service{'' if count == 1 else 's'} of kdsr's, with IPVS's own counters")
+        if ipvs["missing"]:
+            shown = ", ".join(ipvs["missing"][:5]) + (
+                f" and {len(ipvs['missing']) - 5} more" if len(ipvs["missing"]) > 5 else ""
+            )
+            lines.append(f"  MISSING from the kernel: {shown} (`kdsr plan` shows the repair)")
     for prog in report.get("xdp", []):
         events = ", ".join(f"{k} {v}" for k, v in prog["events"].items())
         lines.append(f"xdp program kdsr_xdp on {prog['interface']} ({prog['mode']}): {events}")
@@ -513,6 +585,8 @@ def format_show(report: dict, document: dict | None = None, which: service_view.
             lines.append(f"({len(services)} services: --service, --vip or --server show their servers)")
         elif not report.get("pools"):
             lines.append("(weights: from the running kdsr run, or pass the intent: kdsr show INTENT)")
+        if ipvs and ipvs["services"] and not ipvs["named"]:
+            lines.append("(IPVS holds no names: for its services' names and pools, pass the intent: kdsr show INTENT)")
         if any(s["no_server"] for s in services):
             unserved = [s["service"] for s in services if s["no_server"]]
             lines.append(f"Warning: no server takes the flows of {', '.join(unserved)}.")

@@ -44,7 +44,8 @@ ELEMENTS_SHOWN_PER_MAP = 12
 PLAN_FORMAT_VERSION = 1
 
 
-def _describe(obj: Any) -> str:
+def _describe(obj: Any, servers: dict | None = None) -> str:
+    """``servers``: server id -> address (``server_names``), for slot maps."""
     if isinstance(obj, model_xdp.XDP_TYPES):
         return model_xdp.describe(obj)
     if isinstance(obj, NftTable):
@@ -55,14 +56,15 @@ def _describe(obj: Any) -> str:
             return f"{hook}, {counted(len(obj.rules), 'rule')}"
         return counted(len(obj.rules), "rule")
     if isinstance(obj, NftMap):
-        values = Counter(format_value(e.value) for _k, e in obj.elements)
+        named = servers if servers is not None and _names_servers(obj.name) else {}
+        values = Counter(named.get(e.value) or format_value(e.value) for _k, e in obj.elements)
         top = ", ".join(f"{v} x{n}" for v, n in sorted(values.items())[:4])
         more = f", +{len(values) - 4} more" if len(values) > 4 else ""
         return f"{' . '.join(obj.key_type)} : {obj.data_type}, {counted(len(obj.elements), 'element')}" + (
             f" ({top}{more})" if top else ""
         )
     if isinstance(obj, NftElement):
-        return format_value(obj.value)
+        return (servers or {}).get(obj.value) or format_value(obj.value)
     if isinstance(obj, Address):
         return f"label {obj.label}" if obj.label else ""
     if isinstance(obj, Sysctl):
@@ -110,11 +112,32 @@ def _describe(obj: Any) -> str:
     return ""
 
 
-def _line(change: Change) -> str:
+def _names_servers(map_name: str) -> bool:
+    """A selector's slot map: its values are server ids."""
+    return map_name.startswith("pool-")
+
+
+def server_names(plan: Plan) -> dict:
+    """server id -> member address, from the servers maps of the plan's
+    tables (desired and observed), so a slot reads as its server."""
+    maps = (
+        m
+        for td in plan.tables
+        for table in (td.observed, td.desired)
+        if table is not None
+        for m in table.maps
+        if m.name.startswith("servers-")
+    )
+    return {key: elem.comment for nmap in maps for key, elem in nmap.elements if elem.comment}
+
+
+def _line(change: Change, servers: dict | None = None) -> str:
     symbol = SYMBOL[change.action]
     text = f"  {symbol} {change.kind} {change.ident}"
+    if change.kind == "nft element" and not _names_servers(change.ident.partition("/")[2]):
+        servers = None
     if change.kind == "nft element" and change.action == UPDATE:
-        text += f": {_describe(change.before)} -> {_describe(change.after)}"
+        text += f": {_describe(change.before, servers)} -> {_describe(change.after, servers)}"
     elif change.kind == "sysctl":
         before = change.before.value if change.before and change.before.value is not None else "(absent)"
         text += f": {before} -> {change.after.value}"
@@ -127,10 +150,10 @@ def _line(change: Change) -> str:
     elif change.action == DELETE and change.reason == "forget":
         text += " (already gone; forget the record)"
     elif change.action == DELETE:
-        detail = _describe(change.before)
+        detail = _describe(change.before, servers)
         text += f" ({detail})" if detail else ""
     else:
-        detail = _describe(change.after)
+        detail = _describe(change.after, servers)
         text += f": {detail}" if detail and change.kind != "nft element" else (f" : {detail}" if detail else "")
     if change.kind == "vrrp gate" and change.action == UPDATE and change.reason:
         text += f" (give up: {change.reason})"
@@ -177,6 +200,7 @@ def render_text(plan: Plan, source: str = "") -> str:
     lines = [header, ""]
     per_map: Counter = Counter()
     hidden: Counter = Counter()
+    servers = server_names(plan)
     for change in plan.changes:
         if change.kind == "nft element":
             map_id = change.ident.split("[", 1)[0]
@@ -184,7 +208,7 @@ def render_text(plan: Plan, source: str = "") -> str:
             if per_map[map_id] > ELEMENTS_SHOWN_PER_MAP:
                 hidden[map_id] += 1
                 continue
-        lines.append(_line(change))
+        lines.append(_line(change, servers))
     for map_id, count in sorted(hidden.items()):
         lines.append(f"    ... and {count} more element changes in {map_id} (see --json)")
     s = summary(plan)

@@ -19,13 +19,14 @@ lines, and `kdsr show` can report per service.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 
-from kdsr.compile import lb_nft_l3
-from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, pinned_servers_map, server_of_chain, servers_map_name
+from kdsr.compile import lb_ipvs, lb_nft_l3
+from kdsr.compile.lb_nft_l2 import RANGE_MAPS, SERVICE_MAPS, servers_map_parts
 from kdsr.kernel.nft_json import decode_key
-from kdsr.model import NftTable
+from kdsr.model import IpvsService, NftTable
 
 SERVICE_MAP_NAMES = (
     *SERVICE_MAPS.values(),
@@ -94,36 +95,30 @@ class _Maps:
     def __init__(self, table: NftTable | None) -> None:
         self.by_name = {m.name: m for m in table.maps} if table is not None else {}
         self.selectors: dict[tuple[str, int], list[str]] = {}
+        self.servers: dict[tuple[str, int], list[str]] = {}  # the pool's servers maps (L2, each L3 mode)
         for name in sorted(self.by_name):
             if name.startswith("pool-") and selector_pool(name):
                 self.selectors.setdefault((selector_pool(name), selector_family(name)), []).append(name)
-        self._marks: dict | None = None
-
-    def marks(self) -> dict:
-        """What a mark in a slot stands for: L3 tunnel marks -> server address."""
-        if self._marks is None:
-            self._marks = {}
-            for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
-                nmap = self.by_name.get(name)
-                self._marks.update((key, elem.value) for key, elem in (nmap.elements if nmap is not None else ()))
-        return self._marks
+            elif (parts := servers_map_parts(name)) is not None:
+                self.servers.setdefault(parts, []).append(name)
 
     def slot_servers(self, selector: str) -> list[str]:
         """The selector's Maglev table as servers, slot by slot (empty when unknown)."""
         nmap = self.by_name.get(selector)
         if nmap is None:
             return []
-        if nmap.data_type == "verdict":  # L2: goto the server's chain
-            return [server_of_value(elem.value) for _slot, elem in nmap.elements]
         if nmap.data_type != "mark":
-            return [str(elem.value) for _slot, elem in nmap.elements]
-        # Flow pinning: the slot names a server id of the pool's servers map;
-        # L3: a tunnel mark whose address map names the server.
-        names = dict(self.marks())
-        servers = self.by_name.get(servers_map_name(selector_pool(selector), selector_family(selector)))
-        if servers is not None:
-            names.update((key, server_of_value(elem.value)) for key, elem in servers.elements)
-        return [str(names.get(elem.value, f"id {elem.value}")) for _slot, elem in nmap.elements]
+            # A table kdsr made before slots held server ids (an upgrade's
+            # plan reads it): the slot holds the address itself, or a goto to
+            # the member's own chain (``server-<pool>-v4-<address>``).
+            return [_legacy_slot_server(elem.value) for _slot, elem in nmap.elements]
+        # A slot holds a server id; the pool's servers maps name the server
+        # in each element's comment (every one of them the same way).
+        names = server_names(
+            self.by_name[n] for n in self.servers.get((selector_pool(selector), selector_family(selector)), ())
+        )
+        family = selector_family(selector)
+        return [names.get(elem.value) or _server_of_id(elem.value, family) for _slot, elem in nmap.elements]
 
     def pool_shares(self, pool: str, family: int) -> Counter:
         """server -> slots it holds in the pool's tables of this family."""
@@ -133,27 +128,48 @@ class _Maps:
         return total
 
     def same_tables(self, other: _Maps, pool: str, family: int) -> bool:
-        """Whether the pool's slot maps (and servers map) are the same in both
-        tables: most pools of a plan are unchanged, and comparing (by identity
-        first: the daemon's compile keeps an unchanged pool's maps) costs
-        less than reading every slot."""
         names = self.selectors.get((pool, family), [])
         if names != other.selectors.get((pool, family), []):
             return False
-        names = [*names, servers_map_name(pool, family)]
-        return all(_same(self.by_name.get(n), other.by_name.get(n)) for n in names)
+        servers = self.servers.get((pool, family), [])
+        if servers != other.servers.get((pool, family), []):
+            return False
+        return all(_same(self.by_name.get(n), other.by_name.get(n)) for n in [*names, *servers])
+
+
+def table_slots(table: NftTable | None) -> dict[str, list[str]]:
+    """selector -> its Maglev table as servers (member addresses), slot by slot."""
+    maps = _Maps(table)
+    return {name: maps.slot_servers(name) for names in maps.selectors.values() for name in names}
 
 
 def _same(a: object, b: object) -> bool:
     return a is b or a == b
 
 
-def server_of_value(value) -> str:
-    """A slot's value as its server: ``goto server-web-v4-10.1.0.2`` -> ``10.1.0.2``."""
-    if isinstance(value, tuple):
-        found = server_of_chain(value[1])
-        return found[2] if found is not None else str(value[1])
+def _legacy_slot_server(value) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("goto", "jump"):
+        for family in ("-v4-", "-v6-"):
+            _head, sep, address = str(value[1]).rpartition(family)
+            if sep and "v" not in address:
+                return address.replace("-", ":") if family == "-v6-" else address
+        return str(value[1])
     return str(value)
+
+
+def _server_of_id(ident, family: int) -> str:
+    """A server id no servers map names: an IPv4 server's id is its address."""
+    if family == 4 and isinstance(ident, int) and 0 <= ident < 2**32:
+        return str(ipaddress.IPv4Address(ident))
+    return f"id {ident}"
+
+
+def server_names(servers_maps) -> dict:
+    """server id -> the member's address, from servers maps' element comments."""
+    names: dict = {}
+    for nmap in servers_maps:
+        names.update((key, elem.comment) for key, elem in nmap.elements if elem.comment)
+    return names
 
 
 def _elem_parts(item) -> tuple:
@@ -183,22 +199,24 @@ def read_listing(listing: list[dict]) -> dict:
       pool, selector, packets, bytes, source (the intent pointer);
     - ``servers``: per pool member the table knows: pool, family, server,
       selector (the pool's selectors, comma-separated), slots (over them),
-      packets, bytes, counted_in (the chain whose rule counts it, or
-      "slots" where per-slot counters are summed: L3);
+      packets, bytes, counted_in (the servers maps whose elements count it:
+      the pool's L2 one and one per L3 mode);
     - ``selectors``: selector -> {"pool", "family", "size", "slots": {server: slots}}.
     """
     maps = {item["map"]["name"]: item["map"] for item in listing if "map" in item}
     counted: dict[tuple[str, int, str], list] = {}  # (pool, family, server) -> [packets, bytes, counted_in]
-    for item in listing:
-        rule = item.get("rule")
-        if rule is None:
+    names: dict[tuple[str, int], dict] = {}  # (pool, family) -> server id -> address
+    for name, obj in maps.items():
+        parts = servers_map_parts(name)
+        if parts is None:
             continue
-        found = server_of_chain(rule["chain"])
-        if found is None:
-            continue
-        counter = next((s["counter"] for s in rule.get("expr", []) if isinstance(s, dict) and "counter" in s), None)
-        if isinstance(counter, dict):
-            counted[found] = [counter.get("packets", 0), counter.get("bytes", 0), rule["chain"]]
+        for item in obj.get("elem", []):
+            val, _value, comment, count = _elem_parts(item)
+            names.setdefault(parts, {})[val] = comment
+            entry = counted.setdefault((*parts, comment), [0, 0, ""])
+            entry[0] += count[0] if count else 0
+            entry[1] += count[1] if count else 0
+            entry[2] = ",".join(sorted({*entry[2].split(","), name} - {""}))
     ports = []
     for name in SERVICE_MAP_NAMES:
         for item in maps.get(name, {}).get("elem", []):
@@ -219,44 +237,26 @@ def read_listing(listing: list[dict]) -> dict:
                     "source": comment,
                 }
             )
-    tunnels = {}
-    for name in lb_nft_l3.TUNNEL_ADDRESSES.values():
-        for item in maps.get(name, {}).get("elem", []):
-            val, value, _c, _n = _elem_parts(item)
-            tunnels[val] = str(value)
     selectors: dict[str, dict] = {}
     for name, obj in maps.items():
         pool, family = selector_pool(name), selector_family(name)
         if not pool or not name.startswith("pool-"):
             continue
+        by_id = names.get((pool, family), {})
         slots: Counter = Counter()
-        servers_map = maps.get(pinned_servers_map(name)) if obj.get("map") == "mark" else None
-        by_id = {}
-        if servers_map is not None:  # flow pinning: slot -> server id -> goto the server's chain
-            for item in servers_map.get("elem", []):
-                val, value, _c, _n = _elem_parts(item)
-                by_id[val] = _server_of_target(_target(value), value)
         for item in obj.get("elem", []):
-            val, value, _c, count = _elem_parts(item)
-            if obj.get("map") == "verdict":
-                server = _server_of_target(_target(value), value)
-            elif servers_map is not None:
-                server = by_id.get(value, f"id {value}")
-            else:  # L3: a tunnel mark, counted per slot
-                server = tunnels.get(value, f"mark {value}")
-                if count is not None:
-                    entry = counted.setdefault((pool, family, server), [0, 0, "slots"])
-                    entry[0] += count[0]
-                    entry[1] += count[1]
-            slots[server] += 1
-        if servers_map is not None:
-            for server in by_id.values():
-                slots.setdefault(server, 0)  # drained: serves its pinned flows, holds no slot
+            _val, value, _c, _n = _elem_parts(item)
+            slots[by_id.get(value, f"id {value}")] += 1
+        for server in by_id.values():
+            slots.setdefault(server, 0)  # drained or down: in the pool, no slot
         selectors[name] = {"pool": pool, "family": family, "size": sum(slots.values()), "slots": dict(slots)}
     members: dict[tuple[str, int, str], dict] = {}
+    by_pool: dict[tuple[str, int], list[str]] = {}  # (pool, family) -> its selectors, by name
+    for name in sorted(selectors):
+        by_pool.setdefault((selectors[name]["pool"], selectors[name]["family"]), []).append(name)
     for key in sorted(set(counted) | {(s["pool"], s["family"], a) for s in selectors.values() for a in s["slots"]}):
         pool, family, server = key
-        own = sorted(n for n, s in selectors.items() if s["pool"] == pool and s["family"] == family)
+        own = by_pool.get((pool, family), [])
         packets, nbytes, where = counted.get(key, [0, 0, ""])
         members[key] = {
             "pool": pool,
@@ -271,11 +271,119 @@ def read_listing(listing: list[dict]) -> dict:
     return {"services": ports, "servers": list(members.values()), "selectors": selectors}
 
 
-def _server_of_target(target: str | None, value) -> str:
-    if target is None:
-        return str(value)
-    found = server_of_chain(target)
-    return found[2] if found is not None else target
+# --- the ipvs engine: IPVS's own counters, in the same rows ----------------------
+
+IPVS = "ipvs"
+
+
+def ipvs_selector(ident: str) -> str:
+    """The name an IPVS service's table goes by in the report's "selectors"."""
+    return f"{IPVS} {ident}"
+
+
+def mark_labels(listing: list[dict]) -> dict[str, dict[str, str]]:
+    """What each port range's fwmark IPVS service stands for, from the
+    ``inet kdsr`` table's mark maps (kdsr/compile/lb_ipvs.py): VIP, protocol,
+    range and the intent pointer of the element's comment (naming the
+    service; the pool only the intent knows).  For `kdsr show` without an
+    intent, so that a range shows as a VIP's ports, not as a bare mark."""
+    found: dict[str, dict[str, str]] = {}
+    maps = {item["map"]["name"]: item["map"] for item in listing if "map" in item}
+    for family, name in lb_ipvs.MARK_MAPS.items():
+        for item in maps.get(name, {}).get("elem", []):
+            val, mark, comment, _count = _elem_parts(item)
+            vip, protocol, (first, last) = decode_key(val)
+            ident = IpvsService(family, "fwmark", "", 0, int(mark), "", ()).ident
+            found[ident] = {
+                "service": service_name(comment),
+                "vip": vip,
+                "protocol": protocol,
+                "port": str(first) if first == last else f"{first}-{last}",
+                "source": comment,
+            }
+    return found
+
+
+def read_ipvs(stats: list, labels: dict[str, dict[str, str]]) -> dict:
+    """IPVS services (``IpvsBackend.stats``, those kdsr owns) as the rows
+    read_listing gives for the nft engine, each marked ``"engine": "ipvs"``
+    and with ``connections`` (IPVS's connection table counts them):
+
+    - ``services``: per IPVS service, its counters; VIP, protocol, port,
+      service and pool from ``labels`` (lb_ipvs.service_labels of the intent,
+      or mark_labels), else what the kernel says (a fwmark service: protocol
+      "fwmark", port its mark; service and pool "");
+    - ``selectors``: per IPVS service, its destinations' weights as "slots":
+      mh gives each destination a part of its table in proportion to its
+      weight, and weight 0 (drained, down) takes it out;
+    - ``servers``: per pool member, the counters of its destinations in every
+      IPVS service of the pool, added up, and its largest weight there.
+
+    Counters are IPVS's own: inbound packets and bytes (a DSR reply never
+    crosses the load balancer) and connections scheduled.  They survive
+    weight changes, drains and health events, which edit destinations in
+    place."""
+    ports = []
+    selectors: dict[str, dict] = {}
+    members: dict[tuple[str, int, str], list[int]] = {}  # (pool, family, server) -> [packets, bytes, conns, weight]
+    for entry in stats:
+        svc = entry.service
+        label = labels.get(svc.ident, {})
+        pool = label.get("pool", "")
+        if svc.protocol == "fwmark":
+            vip, protocol, port = label.get("vip", ""), label.get("protocol", "fwmark"), label.get("port", "")
+            port = port or str(svc.fwmark)
+        else:
+            vip, protocol, port = svc.address, svc.protocol, str(svc.port)
+        selector = ipvs_selector(svc.ident)
+        ports.append(
+            {
+                "vip": vip,
+                "protocol": protocol,
+                "port": port,
+                "service": label.get("service", ""),
+                "pool": pool,
+                "selector": selector,
+                "packets": entry.counters.packets,
+                "bytes": entry.counters.bytes,
+                "connections": entry.counters.connections,
+                "source": label.get("source", "") or f"IPVS service {svc.ident}",
+                "engine": IPVS,
+            }
+        )
+        weights: dict[str, int] = {}
+        for dest in svc.dests:
+            weights[dest.address] = weights.get(dest.address, 0) + dest.weight
+            counted = entry.dests.get(dest.ident)
+            member = members.setdefault((pool, svc.family, dest.address), [0, 0, 0, 0])
+            if counted is not None:
+                member[0] += counted.packets
+                member[1] += counted.bytes
+                member[2] += counted.connections
+            member[3] = max(member[3], dest.weight)
+        selectors[selector] = {
+            "pool": pool,
+            "family": svc.family,
+            "size": sum(weights.values()),
+            "slots": weights,
+            "engine": IPVS,
+        }
+    servers = [
+        {
+            "pool": pool,
+            "family": family,
+            "server": server,
+            "selector": "",
+            "slots": weight,
+            "packets": packets,
+            "bytes": nbytes,
+            "connections": conns,
+            "counted_in": "",
+            "engine": IPVS,
+        }
+        for (pool, family, server), (packets, nbytes, conns, weight) in sorted(members.items())
+    ]
+    return {"services": ports, "servers": servers, "selectors": selectors}
 
 
 # --- a plan's summary ----------------------------------------------------------
@@ -404,6 +512,13 @@ class ShowFilter:
         return bool(self.services or self.vips or self.servers)
 
 
+def _connections(rows) -> int | None:
+    """Connections of rows of which some count them (IPVS); None where none
+    does (the nft and xdp engines keep no connection table)."""
+    counted = [r["connections"] for r in rows if r.get("connections") is not None]
+    return sum(counted) if counted else None
+
+
 def _rate(now: dict, before: dict | None, elapsed: float | None) -> dict | None:
     """Packets and bytes per second between two reads; None without two reads
     (or when the counter went backwards: the object was made again)."""
@@ -445,10 +560,11 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
 
     ``before``: an earlier report, ``elapsed`` seconds older, for rates.  A
     server's counters are its pool's (one counter per pool member): services
-    that share a pool share them."""
+    that share a pool share them (and a pool that serves services on two
+    engines, say nft and ipvs, adds both engines' counters)."""
     old_ports = {(p["vip"], p["protocol"], p["port"]): p for p in (before or {}).get("services", ())}
-    old_servers = {(s["pool"], s["family"], s["server"]): s for s in (before or {}).get("servers", ())}
-    members = {(s["pool"], s["family"], s["server"]): s for s in report.get("servers", ())}
+    old_servers = _members((before or {}).get("servers", ()))
+    members = _members(report.get("servers", ()))
     by_pool: dict[tuple[str, int], set[str]] = {}
     for pool, family, address in members:
         by_pool.setdefault((pool, family), set()).add(address)
@@ -464,8 +580,8 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
         ports = grouped[name]
         selector = ports[0]["selector"]
         pool = ports[0]["pool"]
-        family = selector_family(selector)
         table = report.get("selectors", {}).get(selector, {"size": 0, "slots": {}})
+        family = table.get("family") or selector_family(selector)
         packets = sum(p["packets"] for p in ports)
         nbytes = sum(p["bytes"] for p in ports)
         was = [old_ports.get((p["vip"], p["protocol"], p["port"])) for p in ports]
@@ -480,7 +596,7 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
         addresses = sorted(by_pool.get((pool, family), set()) | set(known) | set(table["slots"]), key=_address_order)
         servers = []
         for address in addresses:
-            counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "counted_in": ""})
+            counted = members.get((pool, family, address), {"packets": 0, "bytes": 0, "connections": None})
             slots = table["slots"].get(address, 0)
             member = known.get(address) or {"node": nodes.get(address)}
             state, why = _state(
@@ -497,6 +613,7 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
                     "share": round(slots / table["size"], 4) if table["size"] else 0.0,
                     "packets": counted["packets"],
                     "bytes": counted["bytes"],
+                    "connections": counted["connections"],
                     "rate": _rate(counted, old_servers.get((pool, family, address)), elapsed),
                 }
             )
@@ -506,13 +623,21 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
                 "service": name,
                 "vip": ports[0]["vip"],
                 "ports": [
-                    {"protocol": p["protocol"], "port": p["port"], "packets": p["packets"], "bytes": p["bytes"]}
+                    {
+                        "protocol": p["protocol"],
+                        "port": p["port"],
+                        "packets": p["packets"],
+                        "bytes": p["bytes"],
+                        "connections": p.get("connections"),
+                    }
                     for p in sorted(ports, key=lambda p: (p["protocol"], int(p["port"].split("-")[0])))
                 ],
                 "pool": pool,
+                "engine": ports[0].get("engine", "nft"),
                 "selector": selector,
                 "packets": packets,
                 "bytes": nbytes,
+                "connections": _connections(ports),
                 "rate": rate,
                 "serving": serving,
                 "no_server": serving == 0,
@@ -520,6 +645,29 @@ def services_view(report: dict, before: dict | None = None, elapsed: float | Non
             }
         )
     return services
+
+
+def _members(rows) -> dict[tuple[str, int, str], dict]:
+    """(pool, family, server) -> its counters, the rows of the same member
+    added up (a pool on two engines), except rows of one counter
+    (``counted_in``: the xdp engine's per-server counter, in a row per
+    selector of the pool), which count once, as the metrics count them."""
+    found: dict[tuple[str, int, str], dict] = {}
+    seen: set[tuple] = set()
+    for row in rows:
+        key = (row["pool"], row["family"], row["server"])
+        if row.get("counted_in"):
+            if (row["counted_in"], *key) in seen:
+                continue
+            seen.add((row["counted_in"], *key))
+        have = found.get(key)
+        if have is None:
+            found[key] = {"packets": row["packets"], "bytes": row["bytes"], "connections": row.get("connections")}
+            continue
+        have["packets"] += row["packets"]
+        have["bytes"] += row["bytes"]
+        have["connections"] = _connections([have, row])
+    return found
 
 
 def _address_order(address: str) -> tuple:
@@ -592,7 +740,14 @@ def show_lines(services: list[dict], detail: bool, rates: bool) -> list[str]:
                     f"    {r['server'] + node:<30} {r['state']:<8} weight {weight:<3} {100 * r['share']:5.1f}%"
                     f"  {_count(r['packets']):>7} pkts {_count(r['bytes']):>7} B"
                 )
+                if r.get("connections") is not None:
+                    text += f" {_count(r['connections']):>7} conns"
                 if rates:
                     text += f"  {_rate_text(r['rate'])}"
                 lines.append(f"{text}  ({r['reason']})")
+    if any(s.get("engine") == IPVS for s in services):
+        lines.append(
+            "(ipvs engine: IPVS's own counters, inbound only (DSR replies do not cross the load balancer); "
+            "conns: connections IPVS scheduled; share: of the destinations' weights)"
+        )
     return lines

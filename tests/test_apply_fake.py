@@ -53,7 +53,7 @@ def run(it, node, kernel, store):
 
 def snapshot(kernel):
     return (
-        {k: kernel.nft.read_table(*k)[0] for k in kernel.nft.list_tables()},
+        {k: kernel.nft.read_table(*k) for k in kernel.nft.list_tables()},
         {i: sorted(a.cidr for a in addrs) for i, addrs in kernel.links.addresses.items()},
         dict(kernel.sysctl.values),
     )

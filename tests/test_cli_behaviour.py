@@ -20,7 +20,7 @@ from kdsr import cli
 from kdsr.errors import EXIT_ERROR, EXIT_KERNEL_FEATURE, EXIT_USAGE
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
-from kdsr.service_view import server_of_value
+from kdsr.service_view import table_slots
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "l2-web.json"
@@ -40,14 +40,8 @@ def intent(tmp_path):
 
 
 def slots(kernel: FakeKernel, address: str) -> int:
-    table = kernel.nft.read_table("netdev", "kdsr")[0]
-    return sum(
-        1
-        for m in table.maps
-        if m.name.startswith("pool-web-v4")
-        for _k, e in m.elements
-        if server_of_value(e.value) == address
-    )
+    table = kernel.nft.read_table("netdev", "kdsr")
+    return sum(servers.count(address) for name, servers in table_slots(table).items() if name.startswith("pool-web-v4"))
 
 
 def test_global_options_work_after_the_subcommand(tmp_path, kernel, intent):
@@ -79,10 +73,10 @@ def test_destroy_on_a_terminal_asks_and_only_yes_goes_ahead(tmp_path, kernel, in
     writes = kernel.writes
     no = cli_invoke(tmp_path, ["destroy", "--node", "lb1"], "y\n")
     assert no.exit_code == EXIT_ERROR and "Destroy cancelled; nothing was changed." in no.output
-    assert kernel.writes == writes and kernel.nft.read_table("netdev", "kdsr")[0] is not None
+    assert kernel.writes == writes and kernel.nft.read_table("netdev", "kdsr") is not None
     yes = cli_invoke(tmp_path, ["destroy", "--node", "lb1"], "yes\n")
     assert yes.exit_code == 0, yes.output
-    assert "- nft table netdev kdsr" in yes.output and kernel.nft.read_table("netdev", "kdsr")[0] is None
+    assert "- nft table netdev kdsr" in yes.output and kernel.nft.read_table("netdev", "kdsr") is None
     assert run_kdsr(tmp_path, "apply", str(intent), "--node", "lb1").exit_code == 0
     auto = cli_invoke(tmp_path, ["destroy", "--node", "lb1", "--auto-approve"], "")
     assert auto.exit_code == 0 and "Only 'yes'" not in auto.output

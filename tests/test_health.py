@@ -27,7 +27,7 @@ from kdsr.health.state import DOWN, UP, TargetState
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
-from kdsr.service_view import server_of_value
+from kdsr.service_view import table_slots
 
 BASE = {
     "version": 1,
@@ -220,9 +220,8 @@ def feed(runner: Runner, rounds: int) -> None:
 
 
 def slots_of(runner: Runner, server: str) -> int:
-    table, _listing = runner.kernel.nft.read_table("netdev", "kdsr")
-    maps = [m for m in table.maps if m.name.startswith("pool-web-")]
-    return sum(1 for nmap in maps for _k, e in nmap.elements if server_of_value(e.value) == server)
+    table = runner.kernel.nft.read_table("netdev", "kdsr")
+    return sum(servers.count(server) for name, servers in table_slots(table).items() if name.startswith("pool-web-"))
 
 
 def test_daemon_takes_a_failing_server_out_in_one_transaction_and_brings_it_back(daemon):

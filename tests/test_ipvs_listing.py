@@ -1,4 +1,5 @@
-"""Reading the kernel's IPVS table: ``ipvsadm -L -n --nosort --tun-info`` (parse_list).
+"""Reading the kernel's IPVS table: ``ipvsadm -L -n --nosort --tun-info``
+(parse_list), and its statistics with it (parse_stats, for `kdsr show`).
 
 The first listing is what ipvsadm 1.31 printed on kernel 6.1 (the guest)
 for a table holding every kind of service and destination kdsr may meet,
@@ -6,10 +7,13 @@ written by ``ipvsadm -R`` in another order than the kernel lists it.  The
 property test renders generated tables the way ipvsadm prints them, with
 connection counters and column widths varied, and reads them back."""
 
+import subprocess
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdsr.kernel.ipvsadm import parse_list
+from kdsr.kernel.ipvsadm import STATS_INPUT, IpvsCounters, parse_list, parse_stats, read_stats
 from kdsr.model import IpvsDest, IpvsService
 
 # ipvsadm -L -n --nosort --tun-info; "~" stands for the nine spaces ipvsadm prints at the end of a line.
@@ -158,3 +162,120 @@ def test_a_printed_table_reads_back_as_it_was(table, data):
     for svc in table:
         lines += _printed(svc, data.draw)
     assert parse_list("\n".join(lines) + "\n") == table
+
+
+# ---------------------------------------------------------------- statistics: parse_stats
+
+# What ``ipvsadm -R`` printed for ipvs.STATS_INPUT (both listings, one
+# process) with ipvsadm 1.31 on kernel 6.1 (the guest), after three TCP
+# connections to 10.9.0.100:80 that mh gave 10.3.0.12, then a weight 0 for
+# 10.3.0.11 ("~": the nine spaces at the end of a configuration line).
+STATS = """\
+IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port           Forward TunnelInfo    Weight ActiveConn InActConn
+TCP  [fd00:9::100]:443 mh
+  -> [fd00:3::11]:443             Tunnel  ipip          3      0          0~
+UDP  10.9.0.100:53 mh (mh-fallback)
+  -> 10.3.0.11:53                 Route   n/a           1      0          0~
+TCP  10.9.0.100:80 mh (mh-fallback,mh-port)
+  -> 10.3.0.12:80                 Tunnel  ipip          2      0          3~
+  -> 10.3.0.11:80                 Tunnel  gre:-c        0      0          0~
+FWM  7 mh (mh-fallback)
+  -> 10.3.0.11:0                  Tunnel  ipip          1      0          0~
+FWM  8 IPv6 mh (mh-fallback)
+  -> [fd00:3::11]:0               Tunnel  ipip          1      0          0~
+IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes
+  -> RemoteAddress:Port
+TCP  10.9.0.100:80                       3        3        3      180      264
+  -> 10.3.0.11:80                        0        0        0        0        0
+  -> 10.3.0.12:80                        3        3        3      180      264
+UDP  10.9.0.100:53                       0        0        0        0        0
+  -> 10.3.0.11:53                        0        0        0        0        0
+TCP  [fd00:9::100]:443                   0        0        0        0        0
+  -> [fd00:3::11]:443                    0        0        0        0        0
+FWM  7                                   0        0        0        0        0
+  -> 10.3.0.11:0                         0        0        0        0        0
+FWM  8 IPv6                              0        0        0        0        0
+  -> [fd00:3::11]:0                      0        0        0        0        0
+""".replace("~", " " * 9)
+
+
+def test_statistics_join_the_configuration_listing_service_by_service():
+    found = {s.service.ident: s for s in parse_stats(STATS)}
+    assert list(found) == [
+        "tcp [fd00:9::100]:443",
+        "udp 10.9.0.100:53",
+        "tcp 10.9.0.100:80",
+        "fwmark 0x7 ipv4",
+        "fwmark 0x8 ipv6",
+    ]  # the configuration listing's order (--nosort): the statistics one is sorted
+    web = found["tcp 10.9.0.100:80"]
+    assert web.counters == IpvsCounters(connections=3, packets=3, bytes=180)  # inbound: OutPkts/OutBytes left out
+    assert web.dests == {"10.3.0.11:80": IpvsCounters(0, 0, 0), "10.3.0.12:80": IpvsCounters(3, 3, 180)}
+    assert [(d.address, d.weight) for d in web.service.dests] == [("10.3.0.12", 2), ("10.3.0.11", 0)]
+    assert found["fwmark 0x8 ipv6"].dests == {"[fd00:3::11]:0": IpvsCounters(0, 0, 0)}
+
+
+def test_a_service_in_one_listing_only_is_left_out_and_a_missing_listing_is_an_error():
+    config, stats = STATS.split("IP Virtual Server version 1.2.1 (size=4096)\n")[1:]
+    title = "IP Virtual Server version 1.2.1 (size=4096)\n"
+    # Deleted between the two dumps: in the configuration listing only.
+    gone = stats.replace("UDP  10.9.0.100:53", "UDP  10.9.0.100:54")
+    assert "udp 10.9.0.100:53" not in {s.service.ident for s in parse_stats(title + config + title + gone)}
+    with pytest.raises(ValueError, match="0 statistics listings"):
+        parse_stats(title + config)
+    assert parse_stats(title + config.split("TCP")[0] + title + stats.split("TCP")[0]) == []
+
+
+def test_read_stats_runs_one_restore_and_says_what_failed():
+    seen = []
+
+    def restore(text, out=STATS, err="", code=0):
+        seen.append(text)
+        return subprocess.CompletedProcess(["ipvsadm", "-R"], code, out, err)
+
+    assert len(read_stats(restore)) == 5
+    assert seen == [STATS_INPUT] and STATS_INPUT.splitlines() == [
+        "-L -n --nosort --tun-info",
+        "-L -n --stats --exact",
+    ]
+    with pytest.raises(ValueError, match="Can't initialize ipvs"):
+        read_stats(lambda text: restore(text, "", "Can't initialize ipvs: Protocol not available", 1))
+
+
+def _stats_line(head: str, counters: tuple[int, ...]) -> str:
+    """As ipvsadm 1.31 prints --stats --exact: the name in 33 columns, each
+    number right-aligned in 9 or, when longer, in its length plus one."""
+    return f"{head:<33}" + "".join(f"{n:>{9 if len(str(n)) <= 8 else len(str(n)) + 1}}" for n in counters)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(services(), max_size=6, unique_by=lambda s: s.ident), st.data())
+def test_printed_statistics_of_any_size_read_back(table, data):
+    numbers = st.integers(0, 2**64 - 1) | st.integers(0, 999)
+    config = ["IP Virtual Server version 1.2.1 (size=4096)", "Prot LocalAddress:Port Scheduler Flags"]
+    stats = [
+        "IP Virtual Server version 1.2.1 (size=4096)",
+        "Prot LocalAddress:Port  Conns InPkts OutPkts InBytes OutBytes",
+    ]
+    stats.append("  -> RemoteAddress:Port")
+    want = {}
+    for svc in table:
+        config += _printed(svc, data.draw)
+        if svc.protocol == "fwmark":
+            head = f"FWM  {svc.fwmark}{' IPv6' if svc.family == 6 else ''}"
+        else:
+            head = f"{svc.protocol.upper()}  {_bracket(svc.address, svc.port)}"
+        own = tuple(data.draw(numbers) for _ in range(5))
+        stats.append(_stats_line(head, own))
+        dests = {}
+        for d in svc.dests:
+            counted = tuple(data.draw(numbers) for _ in range(5))
+            stats.append(_stats_line(f"  -> {_bracket(d.address, d.port)}", counted))
+            dests[d.ident] = IpvsCounters(counted[0], counted[1], counted[3])
+        want[svc.ident] = (IpvsCounters(own[0], own[1], own[3]), dests)
+    found = parse_stats("\n".join(config + stats) + "\n")
+    assert [s.service for s in found] == table
+    assert {s.service.ident: (s.counters, s.dests) for s in found} == want

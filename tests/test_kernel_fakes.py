@@ -120,13 +120,13 @@ RULE = {"family": "netdev", "table": "kdsr", "chain": "c", "expr": [{"vmap": {"k
 def test_an_nft_batch_is_all_or_nothing_and_a_map_in_use_stays():
     kernel = FakeKernel()
     kernel.nft.apply(table({"add": {"map": MAP}}, {"add": {"chain": CHAIN}}, {"add": {"rule": RULE}}))
-    before = kernel.nft.read_table("netdev", "kdsr")[0]
+    before = kernel.nft.read_table("netdev", "kdsr")
     refused(lambda: kernel.nft.apply([{"delete": {"map": MAP}}]), "map m is used by chain c", kernel)
     missing = {"family": "netdev", "table": "kdsr", "name": "gone"}
     refused(
         lambda: kernel.nft.apply([{"flush": {"chain": CHAIN}}, {"delete": {"chain": missing}}]), "chain gone", kernel
     )
-    assert kernel.nft.read_table("netdev", "kdsr")[0] == before, "the refused batch changed something"
+    assert kernel.nft.read_table("netdev", "kdsr") == before, "the refused batch changed something"
 
 
 def test_an_ingress_chain_needs_its_device_which_the_links_fake_knows():

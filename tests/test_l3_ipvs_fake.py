@@ -5,12 +5,13 @@ history, in-place changes, rollback at every step, modules, ownership."""
 import copy
 import dataclasses
 import json
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from kdsr import naming, operations
-from kdsr.compile.lb_nft_l2 import server_chain_name
+from kdsr.compile.lb_nft_l2 import servers_map_name
 from kdsr.errors import ApplyError, ForeignObjectError, KernelFeatureError
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
@@ -83,17 +84,19 @@ def test_l3_ipip_load_balancer_gets_a_tunnel_route_and_rule_per_server(kernel, s
     # The L3 chains live in the netdev table (hashed and handed to the
     # tunnel at ingress); no inet table without IPVS port ranges.
     assert ("netdev", "kdsr") in kernel.nft.tables and ("inet", "kdsr") not in kernel.nft.tables
-    # Every slot of the selector map jumps to one of the three servers'
-    # chains, which sets the server's tunnel mark (and counts).
-    table, _ = kernel.nft.read_table("netdev", "kdsr")
+    # Every slot of the selector map holds one of the three servers' ids,
+    # which the pool's servers map turns into the server's tunnel mark (and counts).
+    table = kernel.nft.read_table("netdev", "kdsr")
     slot_maps = [m for m in table.maps if m.name.startswith("pool-")]
     assert len(slot_maps) == 1
     marks = {naming.tunnel_mark("l3-ipip", a): a for a in servers}
-    chains = {("jump", server_chain_name("web", a, "l3-ipip")): a for a in servers}
-    assert {e.value for _k, e in slot_maps[0].elements} == set(chains)
-    for (_jump, name), address in chains.items():
-        (rule,) = table.chain(name).rules
-        assert rule.expr[0]["mangle"]["value"] == naming.tunnel_mark("l3-ipip", address)
+    ids = {int(ip_address(a)): a for a in servers}
+    assert {e.value for _k, e in slot_maps[0].elements} == set(ids)
+    counted = table.map(servers_map_name("web", 4, "l3-ipip"))
+    assert counted.counter
+    assert {k: (e.value, e.comment) for k, e in counted.elements} == {
+        k: (naming.tunnel_mark("l3-ipip", a), a) for k, a in ids.items()
+    }
     # ... and each mark names its server and the server's tunnel link.
     maps = {m.name: m for m in table.maps}
     assert {k: e.value for k, e in maps["l3-tunnels-v4"].elements} == marks
@@ -151,7 +154,7 @@ def test_l3_server_decapsulates_loosens_rp_filter_and_clamps_mss(kernel, store):
     assert kernel.sysctl.values["net/ipv4/conf/all/rp_filter"] == "2"
     assert kernel.sysctl.values["net/ipv4/conf/kdsr-ipip/rp_filter"] in ("0", "2")
     assert kernel.sysctl.values["net/ipv4/conf/eth0/rp_filter"] == "0"  # 0 already lets decapsulated packets in
-    table, _ = kernel.nft.read_table("inet", "kdsr")
+    table = kernel.nft.read_table("inet", "kdsr")
     assert table.chain("clamp-1440") is not None  # 1500 - 20 (ipip) - 20 (IP) - 20 (TCP)
     clamp_keys = [k for k, _e in table.map("mss-v4").elements]
     assert ("10.9.0.100", (80, 80)) in clamp_keys and ("10.9.0.100", (53, 53)) in clamp_keys
@@ -204,7 +207,7 @@ def test_ipvs_services_use_mh_with_flags_and_canonical_destination_order(kernel,
     # The port range is a fwmark service, marked by the inet kdsr table.
     mark = naming.ipvs_fwmark(4, "udp", "10.9.0.101", 5000, 5010)
     assert f"fwmark {mark:#x} ipv4" in kernel.ipvs.services
-    table, _ = kernel.nft.read_table("inet", "kdsr")
+    table = kernel.nft.read_table("inet", "kdsr")
     assert dict(table.map("ipvs-marks-v4").elements)[("10.9.0.101", "udp", (5000, 5010))].value == mark
     # The VIPs are local (on lo for L3); the IPVS sysctls are set.
     assert {a.cidr for a in kernel.links.addresses["lo"]} == {"10.9.0.100/32", "10.9.0.101/32"}

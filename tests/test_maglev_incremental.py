@@ -14,12 +14,12 @@ import json
 import pytest
 
 from kdsr import maglev, operations
-from kdsr.compile.lb_nft_l2 import server_chain_name, servers_map_name
+from kdsr.compile.lb_nft_l2 import servers_map_name
 from kdsr.compile.selectors import selectors_for
 from kdsr.intent import parse_intent
 from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.state import StateStore
-from kdsr.service_view import server_of_value
+from kdsr.service_view import table_slots
 
 SIZE = 401  # set in the intent: these tests do not depend on the default ladder
 BASE = {
@@ -85,7 +85,9 @@ def element_keys(batch: list[dict], verb: str, map_name: str) -> list:
     for cmd in batch:
         obj = cmd.get(verb, {}).get("element")
         if obj and obj["name"] == map_name:
-            keys += [item[0] if isinstance(item, list) else item for item in obj["elem"]]
+            for item in obj["elem"]:
+                key = item[0] if isinstance(item, list) else item
+                keys.append(key["elem"]["val"] if isinstance(key, dict) else key)
     return keys
 
 
@@ -111,27 +113,31 @@ def test_one_server_change_rewrites_exactly_the_moved_slots(change, tmp_path):
 
     assert len(kernel.committed) == 1, "more than one transaction"
     (batch,) = kernel.committed
-    # Beyond slot elements, only the chains of servers that joined or left
-    # the pool (their counters come and go with them); the others' chains,
-    # and so their counters, are not touched.
-    members_before = {str(m.address) for m in old_sel.members}
-    members_after = {str(m.address) for m in new_sel.members}
-    joined, left = members_after - members_before, members_before - members_after
-    chains_written = chain_names(batch)
-    assert chains_written == {server_chain_name("web", a) for a in joined | left}
-    if not joined | left:
-        assert {verb for cmd in batch for verb in cmd} <= {"add", "delete"}
-        assert {kind for cmd in batch for body in cmd.values() for kind in body} == {"element"}
+    # Element changes only: slots, and the servers-map elements of servers
+    # that joined or left the pool (their counters come and go with them);
+    # the others' elements, and so their counters, are not touched.
+    members_before = {int(m.address) for m in old_sel.members}
+    members_after = {int(m.address) for m in new_sel.members}
+    servers = servers_map_name("web", 4)
+    assert chain_names(batch) == set()
+    assert {verb for cmd in batch for verb in cmd} <= {"add", "delete"}
+    assert {kind for cmd in batch for body in cmd.values() for kind in body} == {"element"}
+    assert sorted(element_keys(batch, "add", servers)) == sorted(members_after - members_before)
+    assert sorted(element_keys(batch, "delete", servers)) == sorted(members_before - members_after)
     deleted = element_keys(batch, "delete", new_sel.name)
     added = element_keys(batch, "add", new_sel.name)
     # nft cannot update an element in place: each moved slot is deleted and re-added.
     assert sorted(deleted) == sorted(added) == sorted(moved)
-    assert sum(len(cmd[verb]["element"]["elem"]) for cmd in batch for verb in cmd if "element" in cmd[verb]) == 2 * len(
-        moved
-    )
+    slot_elements = [
+        len(cmd[verb]["element"]["elem"])
+        for cmd in batch
+        for verb in cmd
+        if "element" in cmd[verb] and cmd[verb]["element"]["name"] == new_sel.name
+    ]
+    assert sum(slot_elements) == 2 * len(moved)
     # And the kernel now holds the new table.
-    table, _ = kernel.nft.read_table("netdev", "kdsr")
-    assert [server_of_value(elem.value) for _slot, elem in sorted(table.map(new_sel.name).elements)] == list(new)
+    table = kernel.nft.read_table("netdev", "kdsr")
+    assert table_slots(table)[new_sel.name] == list(new)
 
 
 def chain_names(batch: list[dict]) -> set[str]:
@@ -169,8 +175,8 @@ def test_pinned_pool_change_also_touches_only_moved_slots_plus_the_server_list(t
     (old_sel,), (new_sel,) = selectors_for(intent(pinned)), selectors_for(intent(pinned, add_one))
     moved = {s for s, (a, b) in enumerate(zip(old_sel.table(), new_sel.table(), strict=True)) if a != b}
     (batch,) = kernel.committed
-    # The new server's chain (its counter) and elements; nothing else.
-    assert chain_names(batch) == {server_chain_name("web", "10.10.0.15")}
+    # The new server's element (its counter) and slot elements; nothing else.
+    assert chain_names(batch) == set()
     assert sorted(element_keys(batch, "delete", new_sel.name)) == sorted(moved)
     assert sorted(element_keys(batch, "add", new_sel.name)) == sorted(moved)
     servers = servers_map_name("web", 4)

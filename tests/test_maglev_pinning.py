@@ -12,7 +12,7 @@ from kdsr import operations
 from kdsr.compile import compile_node
 from kdsr.compile import selectors as selectors_module
 from kdsr.compile.effective import effective_intent
-from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, server_chain_name, servers_map_name
+from kdsr.compile.lb_nft_l2 import PIN_KEY_MOD, pins_map_name, servers_map_name
 from kdsr.compile.selectors import selectors_for, server_id
 from kdsr.diff import diff
 from kdsr.errors import IntentError
@@ -23,7 +23,6 @@ from kdsr.kernel.fake import FakeKernel
 from kdsr.kernel.nft_json import batch_for, decode_map
 from kdsr.kernel.state import StateStore
 from kdsr.model import Observed
-from kdsr.service_view import server_of_value
 
 BASE = {
     "version": 1,
@@ -108,17 +107,17 @@ def test_pinned_selector_chain_and_maps():
         ["mangle"],  # the table's server id
         ["map"],  # pin a new flow, refresh a known one
         ["mangle"],  # the pinned server id
-        ["vmap"],  # to its chain, when the servers map still has it
+        ["fwd"],  # to its server (counted), when the servers map still has it
         ["map"],  # else the pin is stale: unpin
         ["mangle", "mangle", "map"],  # the table's choice, pinned afresh
-        ["vmap"],
+        ["fwd"],
         ["drop"],  # no server at all (empty table)
     ]
     pin = exprs[2][0]["map"]
     assert pin["op"] == "update" and pin["map"] == "@pins-web-v4"
     assert pin["elem"]["elem"]["timeout"] == 60
     assert pin["elem"]["elem"]["val"]["jhash"]["mod"] == PIN_KEY_MOD
-    assert exprs[4][0]["vmap"]["data"] == "@servers-web-v4"
+    assert exprs[4][0]["fwd"]["addr"]["map"]["data"] == "@servers-web-v4"
     unpin = exprs[5][0]["map"]
     # The kernel wants data with a dynset on a map, even to delete (EINVAL without).
     assert unpin == {"op": "delete", "map": "@pins-web-v4", "elem": pin["elem"]["elem"]["val"], "data": pin["data"]}
@@ -131,11 +130,9 @@ def test_pinned_selector_chain_and_maps():
     ids = {server_id(m): str(m.address) for m in web.members}
     assert {elem.value for _slot, elem in slots.elements} == set(ids)
     servers = table.map(servers_map_name("web", 4))
-    assert {k: server_of_value(e.value) for k, e in servers.elements} == ids
-    # Each server id goes to the server's chain: one rule that counts and forwards.
-    for address in ids.values():
-        (rule,) = table.chain(server_chain_name("web", address)).rules
-        assert [next(iter(stmt)) for stmt in rule.expr] == ["counter", "fwd"]
+    # Each server id -> the server's address, named in the comment, counted per element.
+    assert {k: (e.value, e.comment) for k, e in servers.elements} == {k: (a, a) for k, a in ids.items()}
+    assert servers.counter
     assert ids[server_id(web.members[0])] == "10.10.0.11" and server_id(web.members[0]) == 0x0A0A000B
     pins = table.map(pins_map_name("web", 4))
     assert (pins.key_type, pins.data_type, pins.flags, pins.size, pins.elements) == (
@@ -147,7 +144,7 @@ def test_pinned_selector_chain_and_maps():
     )
     # The unpinned service on the same pool keeps the stateless selector.
     dns = next(s for s in selectors_for(it) if s.family == 4 and not s.hashing.pinning)
-    assert len(table.chain(dns.name).rules) == 2 and table.map(dns.name).data_type == "verdict"
+    assert len(table.chain(dns.name).rules) == 2 and table.map(dns.name).data_type == "mark"
     assert table.map(pins_map_name("web6", 6)).size == DEFAULT_PIN_MAX_FLOWS
 
 
@@ -165,7 +162,7 @@ def test_drained_member_keeps_its_pins_and_a_removed_one_is_gone():
         doc["pools"]["web"]["servers"].pop()
 
     table = lb_table(intent(drain_and_remove))
-    servers = {server_of_value(e.value) for _k, e in table.map(servers_map_name("web", 4)).elements}
+    servers = {e.comment for _k, e in table.map(servers_map_name("web", 4)).elements}
     assert servers == {"10.10.0.11", "10.10.0.12"}
     web = next(s for s in selectors_for(intent(drain_and_remove)) if s.family == 4 and s.hashing.pinning)
     assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000C}
@@ -179,7 +176,7 @@ def test_health_down_members_leave_the_servers_map_and_drained_ones_stay():
     down = frozenset({("web", "10.10.0.11")})
     drained = frozenset({"10.10.0.12"})
     table = lb_table(effective_intent(it, down, drained).intent)
-    servers = {server_of_value(e.value) for _k, e in table.map(servers_map_name("web", 4)).elements}
+    servers = {e.comment for _k, e in table.map(servers_map_name("web", 4)).elements}
     assert servers == {"10.10.0.12", "10.10.0.13"}
     web = next(
         s for s in selectors_for(effective_intent(it, down, drained).intent) if s.family == 4 and s.hashing.pinning
@@ -187,7 +184,7 @@ def test_health_down_members_leave_the_servers_map_and_drained_ones_stay():
     assert {e.value for _k, e in table.map(web.name).elements} == {0x0A0A000D}
     # Drained and down at once: down wins (its pinned flows would go to a server that does not answer).
     both = effective_intent(it, frozenset({("web", "10.10.0.12")}), drained).intent
-    assert {server_of_value(e.value) for _k, e in lb_table(both).map(servers_map_name("web", 4)).elements} == {
+    assert {e.comment for _k, e in lb_table(both).map(servers_map_name("web", 4)).elements} == {
         "10.10.0.11",
         "10.10.0.13",
     }
@@ -207,7 +204,7 @@ def test_show_reports_maglev_shares_of_a_pinned_pool(tmp_path):
     kernel, store = FakeKernel(), StateStore(tmp_path)
     it = intent(drain_first)
     operations.apply(operations.prepare(it, "lb1", kernel, store), kernel, store)
-    kernel.nft.counts[server_chain_name("web", "10.10.0.12")] = (7, 700)
+    kernel.nft.counts[(servers_map_name("web", 4), 0x0A0A000C)] = (7, 700)
     report = operations.show(kernel, store, "lb1", it)
     web = next(s for s in selectors_for(it) if s.family == 4 and s.hashing.pinning)
     shares = dict(collections.Counter(web.addresses()))
@@ -251,7 +248,7 @@ def test_show_says_when_pinned_selectors_share_their_pools_counts(tmp_path):
     rows = [r for r in report["servers"] if r["pool"] == "web" and r["family"] == 4]
     every = sorted(s.name for s in selectors_for(it) if s.family == 4 and s.pool.name == "web")
     assert len(rows) == 3 and {r["selector"] for r in rows} == {",".join(every)}
-    assert {r["counted_in"] for r in rows} == {server_chain_name("web", f"10.10.0.{i}") for i in (11, 12, 13)}
+    assert {r["counted_in"] for r in rows} == {servers_map_name("web", 4)}
 
 
 def test_pins_survive_a_new_table_size(tmp_path):
@@ -316,8 +313,8 @@ def test_text_form_of_a_pinned_batch():
         "update @pins-web-v4 { jhash ip saddr . ip daddr . meta l4proto . th sport . th dport "
         "mod 2147483647 seed 0x6b647372 timeout 60s : meta mark }"
     ) in text
-    assert "meta mark vmap @servers-web6-v6" in text
-    assert 'add rule netdev kdsr server-web6-v6-fd00-10--13 counter fwd ip6 to fd00:10::13 device "eth0"' in text
+    assert 'fwd ip6 to meta mark map @servers-web6-v6 device "eth0"' in text
+    assert "add map netdev kdsr servers-web6-v6 { type mark : ipv6_addr; counter; }" in text
     assert len(text.splitlines()) == len(commands)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import io
 import json
 import socket
 import threading
@@ -22,8 +23,9 @@ from test_health import daemon, doc, feed  # noqa: F401 (daemon: a pytest fixtur
 
 from kdsr import operations
 from kdsr.cli import main
+from kdsr.commands import health as health_commands
 from kdsr.errors import UsageError
-from kdsr.health import metrics
+from kdsr.health import counter_reader, metrics
 from kdsr.kernel.fake import FakeKernel
 
 SERVER_LABELS = {"pool", "server", "server_node"}
@@ -145,6 +147,74 @@ def test_rows_that_name_their_pool_and_service_are_taken_as_named(daemon):  # no
     assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", server="10.10.0.11") == 4
     assert value(families, "kdsr_service_packets", "kdsr_service_packets_total", service="web") == 5
     assert value(families, "kdsr_service_bytes", "kdsr_service_bytes_total", service="web") == 0
+
+
+def _on_xdp(d: dict) -> None:
+    for service in d["services"].values():
+        service["dsr"] = {"mode": "l2", "engine": "xdp"}
+
+
+def test_the_xdp_engines_counters_are_the_same_series_and_a_drained_server_keeps_its_own(tmp_path):
+    """`kdsr run --metrics` with every service on the xdp engine: the
+    program's per-CPU counters, summed, under the nft engine's metric names
+    and labels; a server that goes down leaves the table but keeps its
+    series and its count (monotonic), as an nft per-member chain does."""
+    from test_health import Script
+
+    from kdsr.commands import health as health_command
+    from kdsr.health.daemon import Runner
+    from kdsr.intent import load_intent
+    from kdsr.kernel.state import StateStore
+    from kdsr.kernel.xdp import COUNTER, service_key
+
+    kernel = FakeKernel()
+    kernel.sysctl.values.update({f"net/{f}/conf/eth0/forwarding": "0" for f in ("ipv4", "ipv6")})
+    kernel.sysctl.values.update(
+        {f"net/ipv4/conf/{s}/{n}": "0" for s in ("all", "eth0") for n in ("arp_ignore", "arp_announce")}
+    )
+    store = StateStore(tmp_path / "state")
+    path = tmp_path / "intent.json"
+    path.write_text(json.dumps(doc(_on_xdp)))
+    script = Script()
+    runner = Runner(lambda: load_intent(path), "lb1", kernel, store, emit=lambda line: None, probe_fn=script)
+    started(runner)
+    info = kernel.xdp.io.attached["eth0"]
+    maps, cpus = kernel.xdp.io.maps, kernel.xdp.io.cpus()
+    maps[info.maps["service_stats"]][service_key("10.10.0.100", "tcp", 80)] = COUNTER.pack(3, 180) * cpus
+    for index in maps[info.maps["servers"]]:
+        maps[info.maps["server_stats"]][index] = COUNTER.pack(7, 700) * cpus
+
+    def scrape_daemon() -> dict:
+        server, scraped = health_command._bind_metrics(runner, kernel, store, "127.0.0.1:0")
+        try:
+            families = text_string_to_metric_families(metrics.exposition(scraped))
+            return {f.name: (f.type, [(x.name, x.labels, x.value) for x in f.samples]) for f in families}
+        finally:
+            server.server_close()
+
+    families = scrape_daemon()
+    s2 = {"pool": "web", "server": "10.10.0.12", "server_node": "s2"}
+    for name in ("kdsr_server_packets", "kdsr_server_bytes"):
+        assert families[name][0] == "counter"
+        assert {frozenset(labels) for _n, labels, _v in families[name][1]} == {frozenset(SERVER_LABELS)}
+    assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 7 * cpus
+    assert value(families, "kdsr_server_bytes", "kdsr_server_bytes_total", **s2) == 700 * cpus
+    assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", server="fd00:10::11") == 7 * cpus
+    web80 = {"service": "web", "vip": "10.10.0.100", "protocol": "tcp", "port": "80"}
+    assert value(families, "kdsr_service_packets", "kdsr_service_packets_total", **web80) == 3 * cpus
+    assert value(families, "kdsr_service_bytes", "kdsr_service_bytes_total", **web80) == 180 * cpus
+
+    script.failing.add("10.10.0.12")
+    feed(runner, 3)  # s2 down: its slots go to s1 and s3
+    families = scrape_daemon()
+    assert value(families, "kdsr_server_in_table", **s2) == 0
+    assert value(families, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 7 * cpus
+    report = operations.show(kernel, store, "lb1")  # what the metrics read (no intent): a row with no pool
+    assert [(r["pool"], r["slots"], r["packets"]) for r in report["servers"] if r["server"] == "10.10.0.12"] == [
+        ("", 0, 7 * cpus)
+    ]
+    named = operations.show(kernel, store, "lb1", runner.intent)  # `kdsr show INTENT`, the daemon: its pool
+    assert [(r["pool"], r["slots"]) for r in named["servers"] if r["server"] == "10.10.0.12"] == [("web", 0)]
 
 
 def test_probe_failures_and_reload_results_are_counted(daemon):  # noqa: F811
@@ -307,3 +377,126 @@ def test_a_metrics_port_another_program_holds_stops_kdsr_run_before_its_first_ap
     assert result.exit_code == 4, result.output
     assert f"--metrics 127.0.0.1:{port}: cannot listen there" in result.output and "Traceback" not in result.output
     assert kernel.writes == 0
+
+
+def test_the_counter_reader_child_reports_its_failure_and_is_bounded(tmp_path, monkeypatch):
+    """kdsr/health/counter_reader.py: a child that fails is an error with its
+    last line; one that takes too long is stopped (by its pid) and is an error."""
+    monkeypatch.setattr(
+        counter_reader,
+        "_command",
+        lambda state_dir, node: ["/bin/sh", "-c", "echo one >&2; echo 'no table here' >&2; exit 3"],
+    )
+    with pytest.raises(counter_reader.CounterReadError, match="no table here"):
+        counter_reader.read(str(tmp_path), "lb1")
+    monkeypatch.setattr(counter_reader, "_command", lambda state_dir, node: ["/bin/sh", "-c", "sleep 30"])
+    with pytest.raises(counter_reader.CounterReadError, match="longer than 0.5 s"):
+        counter_reader.read(str(tmp_path), "lb1", timeout=0.5)
+    monkeypatch.setattr(
+        counter_reader,
+        "_command",
+        lambda state_dir, node: ["/bin/sh", "-c", 'echo \'{"services": [], "servers": []}\''],
+    )
+    assert counter_reader.read(str(tmp_path), "lb1") == {"services": [], "servers": []}
+
+
+def test_in_table_is_encoded_again_only_when_the_intent_or_the_members_out_change(daemon):  # noqa: F811
+    """kdsr_server_in_table is 16,000 samples at 10,000 VIPs x 16 servers:
+    a scrape reuses its rendering until the intent or the members taken
+    out change, and then shows the change."""
+    runner = started(daemon)
+    scrape = metrics.scrape_for(runner, None)
+    encodes = []
+    real = metrics.InTableCollector.collect
+    runner.out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics.InTableCollector, "collect", lambda self: encodes.append(1) or real(self))
+        first = metrics.exposition(scrape)
+        again = metrics.exposition(scrape)
+        # (the rest of a scrape is live: probe counts and latencies may move between two)
+        in_table = [line for line in first.splitlines() if "in_table" in line]
+        assert len(encodes) == 1 and in_table == [line for line in again.splitlines() if "in_table" in line]
+        runner.out = {"web": ("10.10.0.12",)}  # health took it out: a new object
+        taken_out = metrics.exposition(scrape)
+        assert len(encodes) == 2
+    line = 'kdsr_server_in_table{pool="web",server="10.10.0.12"'
+    assert f'{line},server_node="s2"}} 1.0' in first and f'{line},server_node="s2"}} 0.0' in taken_out
+
+
+# --- the ipvs engine: IPVS's own counters -------------------------------------------
+
+
+def _on_ipvs(d: dict) -> None:
+    """Service web (tcp/80, 443) on IPVS (L2, DR), its pool checked by plain probes."""
+    d["services"]["web"]["dsr"] = {"mode": "l2", "engine": "ipvs"}
+    d["pools"]["web"]["health"]["mode"] = "plain"
+
+
+def test_ipvs_counters_are_series_named_by_the_daemon_s_intent_and_survive_a_health_event(daemon):  # noqa: F811
+    """kdsr run --metrics on the ipvs engine: the read (commands/health.py's,
+    as the counter reader child makes it) names IPVS services and pools
+    with the intent the daemon runs; a server health takes out is weight 0,
+    edited in place, so its counters do not go back."""
+    daemon.path.write_text(json.dumps(doc(_on_ipvs)))
+    daemon.kernel.sysctl.values.update(
+        {f"net/ipv4/vs/{k}": "0" for k in ("expire_nodest_conn", "sloppy_tcp", "schedule_icmp")}
+    )
+    started(daemon)
+    assert set(daemon.kernel.ipvs.services) == {"tcp 10.10.0.100:80", "tcp 10.10.0.100:443"}
+    daemon.kernel.ipvs.counts.update(
+        {
+            "tcp 10.10.0.100:80": (5, 50, 5000),
+            ("tcp 10.10.0.100:80", "10.10.0.11:80"): (3, 30, 3000),
+            ("tcp 10.10.0.100:80", "10.10.0.12:80"): (2, 20, 2000),
+            ("tcp 10.10.0.100:443", "10.10.0.12:443"): (1, 7, 700),
+        }
+    )
+    server, scrape = health_commands._bind_metrics(daemon, daemon.kernel, daemon.store, "127.0.0.1:0")
+    server.server_close()  # never served: the scrapes below render in this thread
+    scrape.kernel.wait, scrape.kernel.fresh = 10.0, 0.0
+
+    def families() -> dict:
+        parsed = text_string_to_metric_families(metrics.exposition(scrape))
+        return {f.name: (f.type, [(s.name, s.labels, s.value) for s in f.samples]) for f in parsed}
+
+    first = families()
+    web80 = {"service": "web", "vip": "10.10.0.100", "protocol": "tcp", "port": "80"}
+    assert value(first, "kdsr_service_packets", "kdsr_service_packets_total", **web80) == 50
+    assert value(first, "kdsr_service_bytes", "kdsr_service_bytes_total", **web80) == 5000
+    assert value(first, "kdsr_service_connections", "kdsr_service_connections_total", **web80) == 5
+    s2 = {"pool": "web", "server": "10.10.0.12", "server_node": "s2"}
+    assert value(first, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 27  # both services of the pool
+    assert value(first, "kdsr_server_connections", "kdsr_server_connections_total", **s2) == 3
+    for name in ("kdsr_server_packets", "kdsr_server_bytes", "kdsr_server_connections"):
+        assert all(set(labels) == SERVER_LABELS for _s, labels, _v in first[name][1]), name
+    # nft services keep no connection table: no connection series for them.
+    assert {lab["service"] for _s, lab, _v in first["kdsr_service_connections"][1]} == {"web"}
+
+    daemon.script.failing.add("10.10.0.12")
+    feed(daemon, 3)
+    weights = {d.address: d.weight for d in daemon.kernel.ipvs.services["tcp 10.10.0.100:80"].dests}
+    assert weights["10.10.0.12"] == 0  # taken out: weight 0, the same destination
+    daemon.kernel.ipvs.counts[("tcp 10.10.0.100:80", "10.10.0.11:80")] = (4, 40, 4000)
+    second = families()
+    assert value(second, "kdsr_server_packets", "kdsr_server_packets_total", **s2) == 27
+    assert value(second, "kdsr_server_packets", "kdsr_server_packets_total", server="10.10.0.11") == 40
+
+
+def test_the_counter_reader_child_gets_the_ipvs_labels_on_stdin(tmp_path, monkeypatch, capsys):
+    """The daemon hands the child lb_ipvs.service_labels of its intent on
+    stdin (IPVS holds no names); the child passes them to operations.show."""
+    labels = {"tcp 10.10.0.100:80": {"service": "web", "pool": "web", "vip": "10.10.0.100"}}
+    assert counter_reader._command("/s", "lb1")[-1] == "--ipvs-labels"
+    monkeypatch.setattr(counter_reader, "_command", lambda state_dir, node: ["/bin/sh", "-c", "cat"])
+    assert counter_reader.read(str(tmp_path), "lb1", ipvs_labels=labels) == labels
+    seen = {}
+
+    def show(kernel, store, node, intent=None, ipvs_labels=None):
+        seen.update(node=node, labels=ipvs_labels)
+        return {"services": []}
+
+    monkeypatch.setattr(counter_reader.operations, "show", show)
+    monkeypatch.setattr(counter_reader, "SystemKernel", FakeKernel)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(labels)))
+    assert counter_reader.main([str(tmp_path), "lb1", "--ipvs-labels"]) == 0
+    assert seen == {"node": "lb1", "labels": labels} and json.loads(capsys.readouterr().out) == {"services": []}

@@ -29,7 +29,7 @@ def test_text_plan_has_symbols_pointers_and_summary(example_path):
     text = render_text(diff(compile_node(it, "lb1"), Observed()))
     assert "  + nft table netdev kdsr" in text
     assert "# /services" in text
-    assert text.rstrip().splitlines()[-1].startswith("Plan: 16 to add, 0 to change, 0 to replace, 0 to destroy.")
+    assert text.rstrip().splitlines()[-1].startswith("Plan: 12 to add, 0 to change, 0 to replace, 0 to destroy.")
 
 
 def test_no_change_plan_says_so(example_path):
@@ -133,3 +133,79 @@ def test_decode_kernel_listing():
     assert chain.hook.device == "eth0" and chain.hook.priority == 10
     assert chain.rules[0].digest == "abc"
     assert chain.rules[1].comment.startswith("foreign")  # hand-added rule: drift
+
+
+def test_a_batch_with_shared_verdicts_is_the_same_batch():
+    """batch_for encodes each distinct verdict once per batch: the JSON (and
+    the nft text) are what one object per element gives."""
+    from kdsr.diff import diff_table
+    from kdsr.kernel import nft_json, nft_text
+    from kdsr.model import NftMap, NftTable, element
+
+    slots = tuple((k, element(("goto", f"server-{k % 3}"))) for k in range(12))
+    services = tuple(
+        (("10.0.0.1", "tcp", (p, p)), element(("jump", f"pool-{p % 2}"), f"/services/s{p}")) for p in range(4)
+    )
+    table = NftTable(
+        family="netdev",
+        name="kdsr",
+        chains=(),
+        maps=(
+            NftMap(name="slots", key_type=("mark",), data_type="verdict", elements=slots),
+            NftMap(
+                name="services",
+                key_type=("ipv4_addr", "inet_proto", "inet_service"),
+                data_type="verdict",
+                elements=services,
+            ),
+        ),
+    )
+    batch = nft_json.batch_for(diff_table(table, None, []))
+    one_each = [[k, nft_json.encode_value(e.value)] for k, e in slots]
+    (sent,) = [
+        c["add"]["element"]["elem"]
+        for c in batch
+        if "element" in c.get("add", {}) and c["add"]["element"]["name"] == "slots"
+    ]
+    assert json.dumps(sent) == json.dumps(one_each)
+    assert sent[0][1] is sent[3][1], "one object per distinct verdict"
+    assert "0 : goto server-0" in nft_text.render(batch)
+
+
+def test_share_verdicts_keeps_the_listing():
+    from kdsr.kernel.nft_json import share_verdicts
+
+    items = [[k, {"goto": {"target": f"server-{k % 2}"}}] for k in range(6)] + [[9, "10.0.0.1"]]
+    before = json.dumps(items)
+    shared = share_verdicts(items)
+    assert json.dumps(shared) == before
+    assert shared[0][1] is shared[2][1] and shared[0][1] is not shared[1][1]
+
+
+def test_the_items_of_one_table_in_a_listing_of_its_family():
+    from kdsr.kernel.nft_json import table_items
+
+    listing = [
+        {"metainfo": {"json_schema_version": 1}},
+        {"table": {"family": "netdev", "name": "other"}},
+        {"chain": {"family": "netdev", "table": "other", "name": "ingress", "hook": "ingress"}},
+        {"table": {"family": "netdev", "name": "kdsr"}},
+        {"chain": {"family": "netdev", "table": "kdsr", "name": "ingress", "hook": "ingress"}},
+        {"map": {"family": "netdev", "table": "kdsr", "name": "m", "type": "mark", "map": "mark"}},
+    ]
+    mine = table_items(listing, "kdsr")
+    assert [next(iter(i)) for i in mine] == ["table", "chain", "map"]
+    assert all(next(iter(i.values())).get("table", "kdsr") == "kdsr" for i in mine)
+    assert table_items(listing[:3], "kdsr") is None  # no such table
+
+
+def test_devices_of_one_table_from_the_family_s_chains():
+    text = (
+        "table netdev other {\n\tchain ingress {\n"
+        '\t\ttype filter hook ingress device "peer0" priority filter; policy accept;\n\t}\n}\n'
+        "table netdev kdsr {\n\tchain ingress {\n"
+        '\t\ttype filter hook ingress device "eth0" priority filter + 10; policy accept;\n\t}\n'
+        "\tchain pool-x {\n\t}\n}\n"
+    )
+    assert devices_from_text(text, "kdsr") == {"ingress": "eth0"}
+    assert devices_from_text(text, "other") == {"ingress": "peer0"}

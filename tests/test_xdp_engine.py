@@ -2,6 +2,7 @@
 plan, apply, no-op, drift repair, drain, foreign program, destroy, and the
 slot hash, which must be nft's."""
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -9,11 +10,12 @@ import pytest
 from intent_docs import IntentDocs
 
 from kdsr import operations
-from kdsr.compile import compile_node
+from kdsr.compile import compile_node, lb_nft_l3
 from kdsr.compile.selectors import selectors_for
-from kdsr.errors import ForeignObjectError, IntentError
+from kdsr.compile.targets import targets_for
+from kdsr.errors import ForeignObjectError
 from kdsr.kernel.fake import FakeKernel
-from kdsr.kernel.xdp import SELECTOR, U32
+from kdsr.kernel.xdp import CONFIG, COUNTER, SELECTOR, U32, service_key
 
 XDP = {"mode": "l2", "engine": "xdp"}
 BASE = {
@@ -76,14 +78,173 @@ def test_compile_uses_the_nft_engines_tables():
     assert [s.key for s in desired.sysctls] == ["net/ipv6/conf/eth0/forwarding"]
 
 
-def test_l3_mode_is_refused_at_validation():
-    def l3(doc):
-        doc["services"]["web"]["dsr"] = {"mode": "l3-ipip", "engine": "xdp"}
+L3 = {
+    "version": 1,
+    "services": {
+        "web": {"vip": "10.9.0.100", "ports": [80, 443], "protocols": "tcp", "pool": "web",
+                "dsr": {"mode": "l3-ipip", "engine": "xdp", "path_mtu": 1400}},
+        "dns": {"vip": "10.9.0.100", "ports": 53, "protocols": "both", "pool": "web",
+                "dsr": {"mode": "l3-ipip", "engine": "xdp"}},
+        "media": {"vip": "10.9.0.101", "ports": "5000-5010", "protocols": "udp", "pool": "web",
+                  "dsr": {"mode": "l3-gre", "engine": "xdp"}},
+        "web6": {"vip": "fd00:9::100", "ports": 80, "protocols": "both", "pool": "web6",
+                 "dsr": {"mode": "l3-ip6tnl", "engine": "xdp"}},
+    },
+    "pools": {
+        "web": {"servers": [{"address": "10.3.0.11"}, {"address": "10.3.0.12"}, {"address": "10.3.0.13"}]},
+        "web6": {"servers": [{"address": "fd00:3::11"}, {"address": "fd00:3::12"}]},
+    },
+    "load_balancers": {"lb1": {"interface": "eth0", "addresses": ["10.2.0.2/24", "fd00:2::2/64"]}},
+}  # fmt: skip
+l3_intent = IntentDocs(L3, "l3.json").intent
 
-    with pytest.raises(IntentError) as err:
-        intent(l3)
-    text = str(err.value)
-    assert "/services/web/dsr/mode" in text and "xdp engine does not do l3-ipip" in text
+
+def on_nft(doc):
+    for service in doc["services"].values():
+        service["dsr"]["engine"] = "nft"
+
+
+def test_l3_modes_compile_to_the_nft_engines_l3_tables():
+    """ipip, gre and ip6tnl on the xdp engine: the selectors (names, sizes,
+    seeds, slot -> server tables) of the same intent on the nft engine's L3
+    path, each with its tunnel and the path MTU the nft engine's "too big"
+    rule uses; the tunnels' source is the nft engine's (the load balancer's
+    first address of the family); no tunnel link, route or module: the
+    program pushes the outer header itself."""
+    desired = compile_node(l3_intent(), "lb1")
+    assert desired.tables == () and desired.links == () and desired.routes == () and desired.modules == ()
+    xdp = desired.xdp
+    nft = compile_node(l3_intent(on_nft), "lb1")
+    nft_tables = {s.name: s for s in selectors_for(l3_intent(on_nft), lb_nft_l3.wanted)}
+    assert {s.name: (s.table, s.mode, s.size) for s in xdp.selectors} == {
+        name: (s.addresses(), s.mode, s.table_size) for name, s in nft_tables.items()
+    }
+    assert {s.mode: s.path_mtu for s in xdp.selectors} == {"l3-ipip": 1400, "l3-gre": 1500, "l3-ip6tnl": 1500}
+    assert (xdp.source4, xdp.source6) == ("10.2.0.2", "fd00:2::2")
+    assert {link.local for link in nft.links} == {"10.2.0.2", "fd00:2::2"}  # the nft engine's tunnel source
+    assert {s.address: (s.mac, s.neighbour) for s in xdp.servers} == {
+        a: ("", False) for a in ("10.3.0.11", "10.3.0.12", "10.3.0.13", "fd00:3::11", "fd00:3::12")
+    }
+    assert [s.ident for s in xdp.services] == sorted(
+        ["tcp 10.9.0.100:80", "tcp 10.9.0.100:443", "tcp 10.9.0.100:53", "udp 10.9.0.100:53",
+         "udp 10.9.0.101:5000-5010", "tcp [fd00:9::100]:80", "udp [fd00:9::100]:80"]
+    )  # fmt: skip
+    # bpf_fib_lookup needs forwarding on the front interface; the packets the
+    # program hands the stack to forward need IPv6 forwarding in `all`, and
+    # accept_local for their IPv4 source, this balancer's own address.
+    assert {s.key: s.value for s in desired.sysctls} == {
+        "net/ipv4/conf/eth0/forwarding": "1",
+        "net/ipv4/conf/eth0/accept_local": "1",
+        "net/ipv6/conf/eth0/forwarding": "1",
+        "net/ipv6/conf/all/forwarding": "1",
+    }
+
+
+def test_l2_and_l3_selectors_are_sized_apart_as_the_nft_engine_sizes_them():
+    """Each set within its own slot budget: a pool on both l2 and l3-ipip
+    gets the same two tables as on the nft engine."""
+
+    def both(doc):
+        doc["services"]["lan"] = {"vip": "10.2.0.100", "ports": 80, "protocols": "tcp", "pool": "web",
+                                  "dsr": {"mode": "l2", "engine": "xdp"}}  # fmt: skip
+        doc["pools"]["web"]["servers"] = [{"address": f"10.2.0.{10 + i}"} for i in range(1, 4)]
+        for service in doc["services"].values():
+            service.setdefault("hashing", {})["table_size"] = 65537
+        doc["pools"]["extra"] = {"servers": [{"address": f"10.2.0.{50 + i}"} for i in range(1, 4)]}
+        doc["services"]["big"] = {"vip": "10.2.0.101", "ports": 80, "protocols": "tcp", "pool": "extra",
+                                  "dsr": {"mode": "l2", "engine": "xdp"}, "hashing": {"table_size": 65537}}  # fmt: skip
+        del doc["services"]["web6"]
+
+    xdp = compile_node(l3_intent(both), "lb1").xdp
+    nft = l3_intent(lambda d: (both(d), on_nft(d)))
+    expected = selectors_for(nft) + selectors_for(nft, lb_nft_l3.wanted)
+    assert sorted((s.name, s.size) for s in xdp.selectors) == sorted((s.name, s.table_size) for s in expected)
+    assert {s.mode for s in xdp.selectors} == {"l2", "l3-ipip", "l3-gre"}
+
+
+def test_a_dsr_monitor_of_an_l3_pool_gets_the_nft_engines_tunnels_for_its_probes():
+    """The balancer's own probe, marked for one server, leaves through the
+    tunnel link, table and rule the nft engine makes for that server."""
+
+    def monitored(doc):
+        doc["pools"]["web"]["health"] = {"type": "tcp", "port": 80}
+
+    desired = compile_node(l3_intent(monitored), "lb1")
+    nft = compile_node(l3_intent(lambda d: (monitored(d), on_nft(d))), "lb1")
+    ipip = {link for link in nft.links if link.kind == "ipip"}
+    assert set(desired.links) == ipip and len(ipip) == 3
+    assert {r for r in desired.routes} == {r for r in nft.routes if r.family == 4 and r.dev in {x.name for x in ipip}}
+    assert {r.fwmark for r in desired.rules} == {t.mark for t in targets_for(l3_intent(monitored))}
+    assert desired.modules == ("ipip",)
+
+
+def test_flow_pinning_is_still_refused_on_the_xdp_engine():
+    def pinned(doc):
+        doc["services"]["web"]["hashing"] = {"flow_pinning": True}
+
+    problems = l3_intent_problems(pinned)
+    assert (
+        "flow pinning is available for L2 DSR with the nft engine only"
+        in problems["/services/web/hashing/flow_pinning"]
+    )
+    problems = IntentDocs(BASE, "test.json").problems(
+        lambda d: d["services"]["web"].update(hashing={"flow_pinning": True})
+    )
+    hint = problems["/services/web/hashing/flow_pinning"]
+    assert "The xdp engine keeps no per-flow state; remove flow_pinning, or use mode l2 with engine nft." in hint
+
+
+l3_intent_problems = IntentDocs(L3, "l3.json").problems
+
+
+def test_l3_apply_writes_tunnel_sources_and_path_mtus_and_changes_them_in_place(kernel, store):
+    kernel.sysctl.values.update({"net/ipv4/conf/eth0/accept_local": "0", "net/ipv6/conf/all/forwarding": "0"})
+    run(l3_intent(), kernel, store, node="lb1")
+    info = kernel.xdp.io.attached["eth0"]
+    maps = kernel.xdp.io.maps
+    mac, _ifindex, _digest, source4, source6 = CONFIG.unpack(maps[info.maps["config"]][U32.pack(0)])
+    assert (source4, source6) == (bytes([10, 2, 0, 2]), ipaddress.ip_address("fd00:2::2").packed)
+    descriptors = {d[8].rstrip(b"\0").decode(): d for d in map(SELECTOR.unpack, maps[info.maps["selectors"]].values())}
+    encaps = [(d[6], d[7]) for d in descriptors.values() if d[1]]
+    assert sorted(encaps) == [(1, 1400), (2, 1500), (3, 1500)]  # ENCAP_IPIP, _GRE, _IP6TNL and their MTUs
+    assert kernel.sysctl.values["net/ipv4/conf/eth0/accept_local"] == "1"
+    assert run(l3_intent(), kernel, store).empty
+
+    # path_mtu: the selector's descriptor, rewritten in place (no flip: the table is the same)
+    def mtu(doc):
+        doc["services"]["web"]["dsr"]["path_mtu"] = 1300
+
+    before = dict(maps[info.maps["selectors"]])
+    plan = run(l3_intent(mtu), kernel, store)
+    assert [(c.action, c.kind) for c in plan.changes] == [("update", "xdp selector")]
+    (changed,) = [k for k, v in maps[info.maps["selectors"]].items() if before[k] != v]
+    old, new = SELECTOR.unpack(before[changed]), SELECTOR.unpack(maps[info.maps["selectors"]][changed])
+    assert (old[0], old[7], new[0], new[7]) == (old[0], 1400, old[0], 1300)
+    assert run(l3_intent(mtu), kernel, store).empty
+
+    # the load balancer's address changes: the tunnels' source does
+    def moved(doc):
+        mtu(doc)
+        doc["load_balancers"]["lb1"]["addresses"] = ["10.2.0.7/24", "fd00:2::2/64"]
+
+    plan = run(l3_intent(moved), kernel, store)
+    assert [(c.action, c.kind, c.reason) for c in plan.changes] == [("update", "xdp config", "tunnel source")]
+    assert CONFIG.unpack(maps[info.maps["config"]][U32.pack(0)])[3] == bytes([10, 2, 0, 7])
+    assert run(l3_intent(moved), kernel, store).empty
+    text = operations.format_show(operations.show(kernel, store, "lb1"))
+    assert "xdp program kdsr_xdp on eth0 (driver)" in text and "too_big 0" in text
+
+    prepared = operations.prepare_destroy("lb1", kernel, store)
+    operations.apply(prepared, kernel, store)
+    assert kernel.xdp.io.attached == {}
+    assert kernel.sysctl.values["net/ipv4/conf/eth0/accept_local"] == "0"
+
+
+def test_kdsr_maglev_reports_an_xdp_l3_services_table():
+    from kdsr.commands import maglev as maglev_command
+
+    data = maglev_command.report(l3_intent(), "media", without="10.3.0.13")
+    assert data == maglev_command.report(l3_intent(on_nft), "media", without="10.3.0.13")
 
 
 def test_apply_noop_drift_and_destroy(kernel, store):
@@ -101,7 +262,7 @@ def test_apply_noop_drift_and_destroy(kernel, store):
     info = kernel.xdp.io.attached["eth0"]
     selectors = kernel.xdp.io.maps[info.maps["selectors"]]
     index, raw = next((k, v) for k, v in selectors.items() if SELECTOR.unpack(v)[1])
-    active, size, _seed, _fields, base0, base1, _name = SELECTOR.unpack(raw)
+    active, size, _seed, _fields, base0, base1, _encap, _mtu, _name = SELECTOR.unpack(raw)
     slots = kernel.xdp.io.maps[info.maps["slots"]]
     slot_key = U32.pack((base0, base1)[active] + 7)
     slots[slot_key] = U32.pack(4095)
@@ -189,18 +350,26 @@ def test_kdsr_maglev_reports_an_xdp_services_table():
 
 
 def test_a_program_from_an_older_object_is_replaced(kernel, store):
-    from kdsr.kernel.xdp import CONFIG
-
     run(intent(), kernel, store)
     info = kernel.xdp.io.attached["eth0"]
     config = kernel.xdp.io.maps[info.maps["config"]]
     key = U32.pack(0)
-    mac, ifindex, _digest = CONFIG.unpack(config[key])
-    config[key] = CONFIG.pack(mac, ifindex, b"oldobjct")  # as an older kdsr's object left it
+    mac, ifindex, _digest, source4, source6 = CONFIG.unpack(config[key])
+    config[key] = CONFIG.pack(mac, ifindex, b"oldobjct", source4, source6)  # as an older kdsr's object left it
+    # what the old program counted: 3 and 4 packets on two CPUs
+    stats = kernel.xdp.io.maps[info.maps["server_stats"]]
+    index = next(iter(kernel.xdp.io.maps[info.maps["servers"]]))
+    stats[index] = COUNTER.pack(3, 300) + COUNTER.pack(4, 400)
+    kernel.xdp.io.maps[info.maps["service_stats"]][service_key("10.10.0.100", "tcp", 80)] = COUNTER.pack(5, 50) * 2
+    before = kernel.xdp.counters("eth0")
     plan = run(intent(), kernel, store)
     replaced = [c for c in plan.changes if c.kind == "xdp program"]
     assert [(c.action, c.reason) for c in replaced] == [("replace", "program object (build/kdsr_xdp.o)")]
     assert kernel.xdp.io.attached["eth0"].prog_id != info.prog_id
+    # the new program's maps are new: the old counts are carried into them (monotonic counters)
+    after = kernel.xdp.counters("eth0")
+    assert after["servers"] == before["servers"] and after["services"] == before["services"]
+    assert (7, 700) in after["servers"].values() and after["services"]["tcp 10.10.0.100:80"] == (10, 100)
     assert run(intent(), kernel, store).empty
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from kdsr import operations
-from kdsr.compile import CompileCache
+from kdsr.compile import CompileCache, lb_ipvs
 from kdsr.errors import UsageError
-from kdsr.health import CHECK_INTERVAL, control, logs, metrics
+from kdsr.health import CHECK_INTERVAL, control, counter_reader, logs, metrics
 from kdsr.health.daemon import Runner
 from kdsr.health.drain import DrainOutcome, resolve_server, set_drain  # noqa: F401 (the CLI's names)
 from kdsr.health.notify import Notifier
@@ -81,18 +81,26 @@ def run_daemon(
 def _bind_metrics(runner: Runner, kernel, store: StateStore, listen: str):
     """`--metrics`: the daemon's registry (kdsr/health/metrics.py), with the
     kernel's counters read as `kdsr show` reads them, on a bound socket."""
-    reader = _reader(kernel)
-    scrape = metrics.scrape_for(runner, lambda: operations.show(reader, store, runner.node))
+    # (intent, lb_ipvs.service_labels of it): made again after a reload only.
+    labelled: list[tuple] = [(None, {})]
+
+    def ipvs_labels() -> dict:
+        intent = runner.intent
+        if labelled[0][0] is not intent:
+            labelled[0] = (intent, lb_ipvs.service_labels(intent) if intent is not None else {})
+        return labelled[0][1]
+
+    if isinstance(kernel, SystemKernel):
+        # A process of its own lists the table (kdsr/health/counter_reader.py).
+        def read_kernel() -> dict:
+            return counter_reader.read(str(store.directory), runner.node, ipvs_labels=ipvs_labels())
+    else:
+        # A fake kernel (tests) lives in this process only.
+        def read_kernel() -> dict:
+            return operations.show(kernel, store, runner.node, ipvs_labels=ipvs_labels())
+
+    scrape = metrics.scrape_for(runner, read_kernel)
     try:
         return metrics.bind(listen, scrape), scrape
     except OSError as exc:
         raise UsageError(f"--metrics {listen}: cannot listen there: {exc.strerror or exc}") from None
-
-
-def _reader(kernel):
-    """The kernel the metrics' reading thread goes through: a SystemKernel of
-    its own (its own libnftables context and netlink sockets, and no table
-    records on disk), so that a read never switches the output flags of the
-    context the main thread applies through, nor writes the records its
-    applies read; a fake kernel (tests) is shared."""
-    return SystemKernel() if isinstance(kernel, SystemKernel) else kernel

@@ -55,7 +55,10 @@ def _selector(intent: Intent, service: Service) -> Selector:
             f"{intent.source}: service {service.name} uses the {service.engine} engine, whose table the kernel "
             "builds; kdsr maglev shows the tables kdsr builds (nft and xdp engines)."
         )
-    wanted = lb_xdp.wanted if service.engine == ENGINE_XDP else lb_nft_l3.wanted if service.is_l3 else None
+    if service.engine == ENGINE_XDP:
+        wanted = lb_xdp.selectors_of(service)
+    else:
+        wanted = lb_nft_l3.wanted if service.is_l3 else None
     return next(s for s in selectors_for(intent, wanted) if service in s.services)
 
 

@@ -47,9 +47,9 @@ class CompileCache:
         self.slot_elements: BoundedMemo[tuple, tuple] = BoundedMemo(1 << 20, cost=len)
         # Selector chains by everything they are made of.
         self.chains: BoundedMemo[tuple, Any] = BoundedMemo(4096)
-        # The server chains per (pool, family, device or L3 mode), with the
-        # pool object they came from: one chain per pool member, counters in them.
-        self.server_chains: BoundedMemo[tuple, tuple] = BoundedMemo(16384)
+        # The last servers map by name (one per pool, family and mode), with
+        # the pool object and members it came from: forwarding data and counters.
+        self.servers_maps: BoundedMemo[str, tuple] = BoundedMemo(16384)
         # The last slot map per (selector name, intent source), with the pool and hashing it came from.
         self.selector_maps: BoundedMemo[tuple, tuple] = BoundedMemo(4096)
         # The last services maps per pair of map names (L2, L3), with what they came from.

@@ -223,3 +223,34 @@ def compile_ipvs(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -> d
         "sysctls": sysctls,
         "modules": ("ip_vs", "ip_vs_mh") + (("nf_tables",) if chains else ()),
     }
+
+
+def service_labels(intent: Intent) -> dict[str, dict[str, str]]:
+    """What each IPVS service of the intent stands for, by its ident: the
+    intent's service, pool, VIP, protocol and port ("80", or "5000-5010" for
+    a fwmark service) and pointer.  IPVS holds no comment, so `kdsr show`
+    and the metrics name kdsr's IPVS services with this (the nft engine's
+    elements carry their pointer, its selectors their pool)."""
+    found: dict[str, dict[str, str]] = {}
+    for service in intent.services:
+        if not wanted(service):
+            continue
+        family, vip = service.vip.version, str(service.vip)
+        for proto in service.protocols:
+            for ports in service.ports:
+                if ports.first == ports.last:
+                    ident = IpvsService(family, proto, vip, ports.first, 0, "", ()).ident
+                    port = str(ports.first)
+                else:
+                    mark = naming.ipvs_fwmark(family, proto, vip, ports.first, ports.last)
+                    ident = IpvsService(family, "fwmark", "", 0, mark, "", ()).ident
+                    port = f"{ports.first}-{ports.last}"
+                found[ident] = {
+                    "service": service.name,
+                    "pool": service.pool,
+                    "vip": vip,
+                    "protocol": proto,
+                    "port": port,
+                    "source": ports.pointer,
+                }
+    return found

@@ -10,8 +10,9 @@ Shape (see nft/l2-lb.nft for the readable skeleton):
   / ``-v6`` (port ranges) and jumps to the service's selector chain;
 - one selector chain + slot map per (pool, family, hashing profile): the chain
   hashes the flow into a Maglev slot (``jhash`` with the intent's seed, the
-  same on every load balancer) and forwards the unchanged IP packet to the
-  slot's server.
+  same on every load balancer), takes the slot's server id, and forwards the
+  unchanged IP packet to that server through the pool's servers map, whose
+  per-element counters count each member's packets and bytes.
 
 Rules are static; everything that changes with the intent (VIPs, ports,
 servers, weights) is map elements, so a change is an element diff inside one
@@ -29,8 +30,6 @@ from kdsr.intent.model import (
     L3_TUNNELS,
     Intent,
     LoadBalancerNode,
-    Pool,
-    PoolMember,
     address_text,
 )
 from kdsr.model import ChainHook, NftChain, NftMap, NftRule, element
@@ -219,119 +218,130 @@ def _build_selector_chain(sel: Selector, device: str) -> NftChain:
         }
     }
     if sel.hashing.pinning is not None:
-        return _pinned_selector_chain(sel, hashing)
+        return _pinned_selector_chain(sel, hashing, device)
     # Every rule points at the pool, never at one of its services: a
     # service's name in a rule would make adding or removing that service
     # rewrite the chain, where it must be map elements only.
     pointer = sel.pool.pointer
-    # One rule: hash into the slot, and the slot's verdict (goto the
-    # server's chain).  nft 1.0.6 will not key a ``type mark`` map by jhash
-    # directly ("datatype mismatch"), hence the mark in between.
-    to_server = {"vmap": {"key": {"meta": {"key": "mark"}}, "data": f"@{sel.name}"}}
+    # One rule: hash into the slot, the slot's server id, and on to the
+    # server (the servers map's lookup counts the packet).  nft 1.0.6 will
+    # not key a ``type mark`` map by jhash directly ("datatype mismatch"),
+    # hence the mark in between.
     rules = (
-        NftRule.build([hashing, to_server], pointer),
+        NftRule.build([hashing, _to_server_id(sel.name), *forward_to_server(sel, device)], pointer),
         # Reached only when the slot has no server (every member drained).
         NftRule.build([{"drop": None}], f"{pointer} (no server)"),
     )
     return NftChain(name=sel.name, hook=None, rules=rules, pointer=pointer)
 
 
-# --- one chain per server: its counter and its forwarding --------------------
+# --- the pool's servers map: forwarding and counting -------------------------
 #
-# A slot (or, with flow pinning, a server id) names its server by a verdict:
-# ``goto server-<pool>-v<family>-<address>``, a chain of one rule that counts
-# the packet and forwards it.  The chain belongs to the pool's member, not to
-# a slot: a health event, a drain or a weight change moves slot elements from
-# one goto to another and never rewrites the chain, so its counter (a rule
-# counter, per CPU, like an element's) only ever grows while the member is in
-# the pool.  Counters on slot elements, as before, started again at 0 whenever
-# a slot changed hands.  Per packet the path stays one lookup (the slot map)
-# and two rules (hash-and-lookup, count-and-forward), as before; a goto
-# replaces the forwarding lookup's map read with immediate values.
-
-SERVER_CHAIN_PREFIX = "server-"
-
-
-# L3 (lb_nft_l3.py) names its server chains after the mode too: a pool's
-# member has a chain per mode it is reached by (its tunnel mark differs).
-L3_SERVER_CHAIN_PREFIXES = tuple(f"{mode}-{SERVER_CHAIN_PREFIX}" for mode in L3_TUNNELS)
+# A slot names its server by the server's id (selectors.server_id: an IPv4
+# address itself, a digest of an IPv6 one), never by the server's forwarding
+# data.  The pool's servers map turns the id into that data (address, or MAC
+# when the intent pins MACs; L3: the tunnel's mark) and carries a counter per
+# element.  Its elements belong to the pool's members, not to slots: a
+# health event, a drain or a weight change rewrites slot elements only, so a
+# member's counter (per CPU, like a rule's) only ever grows while the member
+# is in the pool.  Per packet that is two lookups (slot, server) and no jump.
+#
+# A chain (or a named counter object) per member counted as well, but
+# libnftables 1.0.6 fetches every chain and object of the table into its
+# cache for any transaction, so at 10,000 VIPs x 16 servers every one-element
+# change paid for 16,000 of them (bench/control_plane.py); elements cost
+# nothing there.
 
 
-def server_chain_name(pool: str, address: str, mode: str = "l2") -> str:
-    """``server-web-v4-10.1.0.2``, ``server-web-v6-fd00--2``, and for L3
-    ``l3-ipip-server-web-v4-10.1.0.2``: nft's text grammar takes letters,
-    digits, ``-``, ``.``, ``_`` and ``/`` in a bare name, not ``:``, and an
-    address holds no ``-``, so ``:`` -> ``-`` is reversible
-    (``server_of_chain``)."""
-    version = 6 if ":" in address else 4
-    head = SERVER_CHAIN_PREFIX if mode == "l2" else f"{mode}-{SERVER_CHAIN_PREFIX}"
-    return f"{head}{pool}-v{version}-{address.replace(':', '-')}"
+def servers_map_name(pool: str, family: int, mode: str = "l2") -> str:
+    """``servers-web-v4`` (L2), ``servers-web-v4-l3-ipip`` (L3, by mode)."""
+    name = f"servers-{pool}-v{family}"
+    return name if mode == "l2" else f"{name}-{mode}"
 
 
-def server_of_chain(name: str) -> tuple[str, int, str] | None:
-    """``server-web-v4-10.1.0.2`` (or ``l3-gre-server-web-v4-10.1.0.2``) ->
-    ("web", 4, "10.1.0.2"); None for any other name.  Pool names may hold
-    ``-v4-``; an address never holds a ``v``, so the last one is the
-    separator."""
-    head = next((p for p in (SERVER_CHAIN_PREFIX, *L3_SERVER_CHAIN_PREFIXES) if name.startswith(p)), None)
-    if head is None:
+def servers_map_parts(name: str) -> tuple[str, int] | None:
+    """``servers-web-v4`` or ``servers-web-v4-l3-gre`` -> ("web", 4); None
+    for any other name.  Pool names are ``[a-z][a-z0-9-]*``; the family and
+    mode parts are fixed."""
+    if not name.startswith("servers-"):
         return None
-    rest = name[len(head) :]
-    for version in (4, 6):
-        pool, sep, address = rest.rpartition(f"-v{version}-")
-        if sep and pool and address and "v" not in address:
-            return pool, version, address.replace("-", ":") if version == 6 else address
-    return None
+    rest = name[len("servers-") :]
+    for mode in L3_TUNNELS:
+        if rest.endswith(f"-{mode}"):
+            rest = rest[: -len(mode) - 1]
+            break
+    pool, _, family = rest.rpartition("-")
+    if not pool or family not in ("v4", "v6"):
+        return None
+    return pool, int(family[1])
 
 
-def _server_chain(pool: Pool, member: PoolMember, device: str, pins_macs: bool) -> NftChain:
-    address = address_text(member.address)
-    if pins_macs:
+def _to_server_id(slot_map: str) -> dict:
+    mark = {"meta": {"key": "mark"}}
+    return {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{slot_map}"}}}}
+
+
+def forward_to_server(sel: Selector, device: str) -> list[dict]:
+    """The statements that send the packet to the server whose id is in the
+    mark, through the pool's servers map (which counts it)."""
+    servers = {"map": {"key": {"meta": {"key": "mark"}}, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
+    if sel.pins_macs:
         # MACs pinned in the intent: rewrite the frame and send it out as is.
-        forward = [
+        return [
             {"mangle": {"key": _payload("ether", "saddr"), "value": _payload("ether", "daddr")}},
-            {"mangle": {"key": _payload("ether", "daddr"), "value": member.mac}},
+            {"mangle": {"key": _payload("ether", "daddr"), "value": servers}},
             {"fwd": {"dev": device}},
         ]
-    else:
-        # The kernel's neighbour layer resolves the server's MAC at packet
-        # time, so a replaced server (new MAC, same address) needs no apply.
-        forward = [{"fwd": {"dev": device, "family": ADDR_PROTO[member.address.version], "addr": address}}]
-    # The pointer names the pool and the address, not the member's index: a
-    # reordered member list must not rewrite the rule (and its counter).
-    rule = NftRule.build([{"counter": None}, *forward], f"{pool.pointer} (server {address})")
-    return NftChain(
-        name=server_chain_name(pool.name, address), hook=None, rules=(rule,), pointer=member.pointer or pool.pointer
+    # The kernel's neighbour layer resolves the server's MAC at packet
+    # time, so a replaced server (new MAC, same address) needs no apply.
+    return [{"fwd": {"dev": device, "family": ADDR_PROTO[sel.family], "addr": servers}}]
+
+
+def servers_map(
+    sel: Selector, source: str, name: str, data_type: str, value, members: tuple, cache: CompileCache
+) -> NftMap:
+    """The pool's servers map: server id -> ``value(member)``, counted, each
+    element's comment the member's address (what `kdsr show` names it by).
+    Kept while the pool object and the members taken are the same: a health
+    event's recompile rebuilds one pool's map, not every pool's."""
+    last = cache.servers_maps.get(name)
+    if last is not None and last[0] is sel.pool and last[1] == members:
+        return last[2]
+    ids = server_ids(sel, source)
+    elements = sorted((ids[address_text(m.address)], element(value(m), address_text(m.address))) for m in members)
+    built = NftMap(
+        name=name,
+        key_type=("mark",),
+        data_type=data_type,
+        counter=True,  # per member: what kdsr sent it (`kdsr show`, the metrics)
+        elements=tuple(elements),
+        pointer=sel.pool.pointer,
     )
+    cache.servers_maps.put(name, (sel.pool, members, built))
+    return built
 
 
-# The server chains last built per (pool, family, device), with the pool
-# object they came from: a health event's recompile at 10,000 VIPs makes a
-# new object of the changed pool only, so the other pools' chains (thousands
-# of members' rules, each built and digested) are reused as they are.
-def _server_chains(selectors: list[Selector], device: str, cache: CompileCache) -> list[NftChain]:
-    """One chain per member (drained and down ones too) of each pool an L2 selector uses."""
-    chains: dict[str, NftChain] = {}
+def _l2_servers_maps(selectors: list[Selector], source: str, cache: CompileCache) -> list[NftMap]:
+    """One servers map per pool and family its L2 selectors use.
+
+    Every member is in it, drained and down ones too, so their counters
+    last; a pool with flow pinning leaves out the members health took down,
+    whose pinned flows must move (see the flow pinning comment below)."""
+    pinned = {(s.pool.name, s.family) for s in selectors if s.hashing.pinning is not None}
+    maps: dict[str, NftMap] = {}
     for sel in selectors:
-        # Kept while the pool object is the same: a health event's recompile
-        # rebuilds one pool's chains, not every pool's.
-        key = (sel.pool.name, sel.family, device)
-        last = cache.server_chains.get(key)
-        if last is not None and last[0] is sel.pool:
-            built = last[1]
+        name = servers_map_name(sel.pool.name, sel.family)
+        if name in maps:
+            continue
+        members = sel.members
+        if (sel.pool.name, sel.family) in pinned:
+            members = tuple(m for m in members if not m.down)
+        if sel.pins_macs:
+            maps[name] = servers_map(sel, source, name, "ether_addr", lambda m: m.mac, members, cache)
         else:
-            pins_macs = sel.pins_macs
-            built = tuple(_server_chain(sel.pool, m, device, pins_macs) for m in sel.members)
-            cache.server_chains.put(key, (sel.pool, built))
-        for chain in built:
-            chains.setdefault(chain.name, chain)
-    return [chains[n] for n in sorted(chains)]
-
-
-def _slot_verdicts(sel: Selector, ids: list) -> tuple:
-    """slot (or server id) -> goto the server's chain, one shared element per server."""
-    values = {a: element(("goto", server_chain_name(sel.pool.name, a))) for a in set(a for _k, a in ids)}
-    return tuple((key, values[a]) for key, a in ids)
+            data_type, value = ADDR_TYPE[sel.family], lambda m: address_text(m.address)
+            maps[name] = servers_map(sel, source, name, data_type, value, members, cache)
+    return [maps[n] for n in sorted(maps)]
 
 
 # --- flow pinning ------------------------------------------------------------
@@ -393,30 +403,15 @@ def pins_map_name(pool: str, family: int) -> str:
     return f"pins-{pool}-v{family}"
 
 
-def servers_map_name(pool: str, family: int) -> str:
-    return f"servers-{pool}-v{family}"
-
-
-def pinned_servers_map(selector_name: str) -> str:
-    """The servers map a selector's slots would name ids in, were it pinned
-    (``pool-web-v4-3d1d4f`` -> ``servers-web-v4``); "" for any other name.
-    Pool names are ``[a-z][a-z0-9-]*`` and the last two parts are fixed."""
-    head, _, rest = selector_name.partition("-")
-    parts = rest.rsplit("-", 2)
-    if head != "pool" or len(parts) != 3 or parts[1] not in ("v4", "v6"):
-        return ""
-    return servers_map_name(parts[0], int(parts[1][1]))
-
-
 def _flow_key(family: int, seed: int) -> dict:
     return {"jhash": {"mod": PIN_KEY_MOD, "seed": seed, "expr": _concat(hash_inputs(HASH_FIVE_TUPLE, family))}}
 
 
-def _pinned_selector_chain(sel: Selector, hashing: dict) -> NftChain:
+def _pinned_selector_chain(sel: Selector, hashing: dict, device: str) -> NftChain:
     mark = {"meta": {"key": "mark"}}
     pins = f"@{pins_map_name(sel.pool.name, sel.family)}"
     flow = _flow_key(sel.family, sel.hashing.seed)
-    to_id = {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{sel.name}"}}}}
+    to_id = _to_server_id(sel.name)
     pin = {
         "map": {
             "op": "update",
@@ -427,11 +422,10 @@ def _pinned_selector_chain(sel: Selector, hashing: dict) -> NftChain:
     }
     pinned = {"mangle": {"key": mark, "value": {"map": {"key": flow, "data": pins}}}}
     unpin = {"map": {"op": "delete", "elem": flow, "data": mark, "map": pins}}
-    # The server id names the server's chain (see "one chain per server");
-    # an id no longer in the servers map matches nothing and falls through.
-    to_server = {"vmap": {"key": mark, "data": f"@{servers_map_name(sel.pool.name, sel.family)}"}}
+    # An id no longer in the servers map matches nothing and falls through.
+    to_server = forward_to_server(sel, device)
     first = NftRule.build([hashing], sel.pool.pointer)
-    forward = NftRule.build([to_server], sel.pool.pointer)
+    forward = NftRule.build(to_server, sel.pool.pointer)
     drop = NftRule.build([{"drop": None}], f"{sel.pool.pointer} (no server)")
     rules = (
         first,
@@ -447,26 +441,13 @@ def _pinned_selector_chain(sel: Selector, hashing: dict) -> NftChain:
     return NftChain(name=sel.name, hook=None, rules=rules, pointer=sel.pool.pointer)
 
 
-def _pinning_maps(selectors: list[Selector], source: str) -> list[NftMap]:
-    """Per pool and family: the servers map (id -> server) and the pins map (flow -> id).
-
-    The servers map holds every member (drained ones too: they serve their
-    pinned flows) except those health took down, whose pinned flows must
-    move; see the flow pinning comment above."""
+def _pins_maps(selectors: list[Selector]) -> list[NftMap]:
+    """Per pinned pool and family: the pins map (flow -> server id).  The
+    servers map it names ids in is the pool's (``_l2_servers_maps``)."""
     maps: dict[str, NftMap] = {}
     for sel in selectors:
         if sel.hashing.pinning is None:
             continue
-        ids = server_ids(sel, source)
-        servers = servers_map_name(sel.pool.name, sel.family)
-        by_address = {str(m.address): m for m in sel.members}
-        maps[servers] = NftMap(
-            name=servers,
-            key_type=("mark",),
-            data_type="verdict",  # server id -> goto the server's chain, which counts its packets
-            elements=_slot_verdicts(sel, sorted((ident, a) for a, ident in ids.items() if not by_address[a].down)),
-            pointer=sel.pool.pointer,
-        )
         pins = pins_map_name(sel.pool.name, sel.family)
         size = max(sel.hashing.pinning.max_flows, maps[pins].size if pins in maps else 0)
         maps[pins] = NftMap(
@@ -497,38 +478,32 @@ def _selector_map(sel: Selector, source: str, cache: CompileCache) -> NftMap:
 
 
 def _build_selector_map(sel: Selector, source: str, cache: CompileCache) -> NftMap:
-    if sel.hashing.pinning is not None:
-        ids = server_ids(sel, source)
-        return NftMap(
-            name=sel.name,
-            key_type=("mark",),
-            data_type="mark",  # slot -> server id; the servers map counts packets
-            elements=tuple((slot, element(ids[a])) for slot, a in enumerate(sel.addresses(cache))),
-            pointer=sel.pool.pointer,
-        )
     return NftMap(
         name=sel.name,
         key_type=("mark",),
-        data_type="verdict",  # slot -> goto the server's chain (see "one chain per server")
-        elements=slot_elements(sel.pool.name, sel.addresses(cache), cache),
+        data_type="mark",  # slot -> server id; the pool's servers map forwards and counts
+        elements=slot_elements(sel, source, cache),
         pointer=sel.pool.pointer,
     )
 
 
-def slot_elements(pool: str, table: tuple[str, ...], cache: CompileCache | None = None) -> tuple:
-    """slot -> goto the server's chain, one shared element value per server.
+def slot_elements(sel: Selector, source: str, cache: CompileCache | None = None) -> tuple:
+    """slot -> the server's id, one shared element value per server.
 
     ``cache``: element tuples already built, by pool and Maglev table (the
     cache hands back the same table for an unchanged pool): the daemon's
     recompile after a change then rebuilds one pool's elements, and the
     diff compares the others' by identity."""
+    table = sel.addresses(cache)
     if cache is None:
-        return _slot_elements(pool, table)
-    return cache.slot_elements.get_or_make((pool, table), lambda: _slot_elements(pool, table))
+        return _slot_elements(server_ids(sel, source), table)
+    return cache.slot_elements.get_or_make(
+        (sel.pool.name, table), lambda: _slot_elements(server_ids(sel, source), table)
+    )
 
 
-def _slot_elements(pool: str, table: tuple[str, ...]) -> tuple:
-    values = {member: element(("goto", server_chain_name(pool, member))) for member in set(table)}
+def _slot_elements(ids: dict[str, int], table: tuple[str, ...]) -> tuple:
+    values = {member: element(ids[member]) for member in set(table)}
     return tuple(zip(range(len(table)), map(values.__getitem__, table), strict=True))
 
 
@@ -536,7 +511,6 @@ def chains_and_maps(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -
     """L2's part of the ``netdev kdsr`` table (compile/load_balancer.py builds the table)."""
     selectors = selectors_for(intent, cache=cache)
     chains = [_ingress_chain(lb)] + [_selector_chain(s, lb.interface, cache) for s in selectors]
-    chains += _server_chains(selectors, lb.interface, cache)
     maps = service_maps(selectors, cache=cache) + [_selector_map(s, intent.source, cache) for s in selectors]
-    maps += _pinning_maps(selectors, intent.source)
+    maps += _l2_servers_maps(selectors, intent.source, cache) + _pins_maps(selectors)
     return chains, maps

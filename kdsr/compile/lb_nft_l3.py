@@ -11,7 +11,8 @@ stack (chains and maps in ``netdev kdsr``, next to L2's):
     not addressed to this host's MAC?   accept (lb_nft_l2.not_for_this_host)
     daddr . l4proto . dport  --vmap-->  selector chain of the service's pool
     selector: mark = jhash(fields, seed) mod M  (the Maglev slot)
-              mark = slot map[mark]             (the server's tunnel mark)
+              mark = slot map[mark]             (the server's id)
+              mark = servers map[mark]          (its tunnel mark; counted)
               longer than the tunnel carries?   accept (see below)
               fwd to l3-tunnels[mark] device l3-tunnel-links[mark]
 
@@ -48,9 +49,11 @@ from kdsr.compile.lb_nft_l2 import (
     INGRESS_PRIORITY,
     hash_inputs,
     not_for_this_host,
-    server_chain_name,
+    servers_map,
+    servers_map_name,
     service_lookups,
     service_maps,
+    slot_elements,
 )
 from kdsr.compile.selectors import Selector, selectors_for
 from kdsr.intent.model import (
@@ -199,9 +202,13 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
     # lb_nft_l2._build_selector_chain): adding a service is map elements only.
     pointer = sel.pool.pointer
     mark = {"meta": {"key": "mark"}}
-    # The slot's verdict jumps to the server's chain (see _server_chain),
-    # which sets the tunnel's mark, counts, and returns here.
-    to_server = {"vmap": {"key": mark, "data": f"@{sel.name}"}}
+    # The slot's server id, then the pool's servers map: the server's tunnel
+    # mark, and its counter (see lb_nft_l2 "the pool's servers map").
+    servers = servers_map_name(sel.pool.name, sel.family, sel.mode)
+    to_server = [
+        {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{sel.name}"}}}},
+        {"mangle": {"key": mark, "value": {"map": {"key": mark, "data": f"@{servers}"}}}},
+    ]
     forward = {
         "fwd": {
             "dev": {"map": {"key": mark, "data": f"@{TUNNEL_LINKS}"}},
@@ -224,7 +231,7 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
             }
         }
         rules = (
-            NftRule.build([slot, to_server], pointer),
+            NftRule.build([slot, *to_server], pointer),
             # Too big for the tunnel: on to the IP stack with the tunnel's mark,
             # whose policy route forwards it into the same tunnel, and
             # forwarding answers "fragmentation needed" (DF) or fragments it;
@@ -238,41 +245,22 @@ def _selector_chains(sel: Selector) -> list[NftChain]:
     return chains
 
 
-def _server_chain(sel: Selector, address: str, pointer: str) -> NftChain:
-    """One per pool member and mode: the tunnel's mark, and the counter of
-    what was sent to the server (see lb_nft_l2 "one chain per server"); a
-    slot that changes hands moves a jump, never this chain."""
-    mark = {"meta": {"key": "mark"}}
-    rule = NftRule.build(
-        [{"mangle": {"key": mark, "value": naming.tunnel_mark(sel.mode, address)}}, {"counter": None}],
-        f"{sel.pool.pointer} (server {address})",
-    )
-    name = server_chain_name(sel.pool.name, address, sel.mode)
-    return NftChain(name=name, hook=None, rules=(rule,), pointer=pointer)
-
-
-def _server_chains(sel: Selector, cache: CompileCache) -> tuple[NftChain, ...]:
-    # Kept while the pool object is the same (as lb_nft_l2._server_chains):
-    # a health event's recompile reuses every other pool's.
-    key = (sel.pool.name, sel.family, sel.mode)
-    last = cache.server_chains.get(key)
-    if last is not None and last[0] is sel.pool:
-        return last[1]
-    built = tuple(_server_chain(sel, str(m.address), m.pointer) for m in sel.members)
-    cache.server_chains.put(key, (sel.pool, built))
-    return built
-
-
-def _selector_map(sel: Selector, cache: CompileCache) -> NftMap:
-    table = sel.table(cache)
-    jumps = {a: element(("jump", server_chain_name(sel.pool.name, a, sel.mode))) for a in set(table)}
+def _selector_map(sel: Selector, source: str, cache: CompileCache) -> NftMap:
     return NftMap(
         name=sel.name,
         key_type=("mark",),
-        data_type="verdict",  # slot -> jump to the server's chain
-        elements=tuple((slot, jumps[a]) for slot, a in enumerate(table)),
+        data_type="mark",  # slot -> server id
+        elements=slot_elements(sel, source, cache),
         pointer=sel.pool.pointer,
     )
+
+
+def _servers_map(sel: Selector, source: str, cache: CompileCache) -> NftMap:
+    """server id -> the server's tunnel mark, counted; every member, drained
+    and down ones too, so their counters last."""
+    name = servers_map_name(sel.pool.name, sel.family, sel.mode)
+    mark = lambda m: naming.tunnel_mark(sel.mode, str(m.address))  # noqa: E731
+    return servers_map(sel, source, name, "mark", mark, sel.members, cache)
 
 
 def _tunnel_maps(tunnels: dict[int, tuple[int, str, str, str]]) -> list[NftMap]:
@@ -342,12 +330,11 @@ def compile_l3(intent: Intent, lb: LoadBalancerNode, cache: CompileCache) -> dic
                 Rule(family=family, fwmark=mark, table=mark, priority=naming.RULE_PRIORITY, pointer=member.pointer)
             )
     chains = [_ingress(lb)] + [c for s in selectors for c in _selector_chains(s)]
-    servers: dict[str, NftChain] = {}
+    servers = {}
     for sel in selectors:
-        for chain in _server_chains(sel, cache):
-            servers.setdefault(chain.name, chain)
-    chains += [servers[n] for n in sorted(servers)]
-    maps = _service_maps(selectors, cache) + [_selector_map(s, cache) for s in selectors] + _tunnel_maps(tunnels)
+        servers.setdefault(servers_map_name(sel.pool.name, sel.family, sel.mode), sel)
+    maps = _service_maps(selectors, cache) + [_selector_map(s, intent.source, cache) for s in selectors]
+    maps += [_servers_map(servers[n], intent.source, cache) for n in sorted(servers)] + _tunnel_maps(tunnels)
     return {
         "chains": chains,
         "maps": maps,

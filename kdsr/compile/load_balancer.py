@@ -5,7 +5,9 @@
                    tunnels, routes and rules (lb_nft_l3);
 - health probes:  for dsr monitors of l2 services, a route and rule per
                    server (kdsr/compile/targets.py);
-- xdp engine, l2:  kdsr's XDP program's map contents (lb_xdp);
+- xdp engine:      kdsr's XDP program's map contents (lb_xdp), and for L3
+                   pools with dsr monitors the probes' tunnels, routes and
+                   rules;
 - ipvs engine:     IPVS services, VIP addresses, IPVS sysctls, and for port
                    ranges a marking chain in ``inet kdsr`` (lb_ipvs);
 - bgp:             the BIRD fragment, and the announce routes that let BIRD
@@ -46,11 +48,16 @@ def compile_load_balancer(
     ipvs = lb_ipvs.compile_ipvs(intent, lb, cache)
     if ipvs.get("chains"):
         tables.append(_table(lb_ipvs.TABLE_FAMILY, lb_ipvs.TABLE_NAME, ipvs["chains"], ipvs.get("maps", []), lb))
+    xdp = lb_xdp.compile_xdp(intent, lb, cache)
     modules.update(l3.get("modules", ()))
     modules.update(ipvs.get("modules", ()))
-    xdp, xdp_sysctls = lb_xdp.compile_xdp(intent, lb, cache)
-    sysctls = {s.key: s for s in list(l3.get("sysctls", ())) + list(ipvs.get("sysctls", ())) + xdp_sysctls}
+    modules.update(xdp.get("modules", ()))
+    sysctls = {s.key: s for s in [*l3.get("sysctls", ()), *ipvs.get("sysctls", ()), *xdp.get("sysctls", ())]}
     probe_routes, probe_rules = probe_paths(intent, lb)
+    # An nft L3 service and an xdp L3 service on one pool and mode name the same tunnels.
+    links = {link.name: link for link in [*xdp.get("links", ()), *l3.get("links", ())]}
+    routes = {r.ident: r for r in [*xdp.get("routes", ()), *l3.get("routes", ()), *probe_routes]}
+    rules = {r.ident: r for r in [*xdp.get("rules", ()), *l3.get("rules", ()), *probe_rules]}
     bird = bird_config(intent, lb, withdraw)
     keepalived = keepalived_config(intent, lb, withdraw)
     return Desired(
@@ -59,14 +66,14 @@ def compile_load_balancer(
         tables=tuple(tables),
         addresses=tuple(sorted(ipvs.get("addresses", ()), key=lambda a: a.ident)),
         sysctls=tuple(sorted(sysctls.values(), key=lambda s: s.key)),
-        links=tuple(l3.get("links", ())),
-        routes=tuple(sorted([*l3.get("routes", ()), *probe_routes], key=lambda r: r.ident)),
-        rules=tuple(sorted([*l3.get("rules", ()), *probe_rules], key=lambda r: r.ident)),
+        links=tuple(sorted(links.values(), key=lambda x: x.name)),
+        routes=tuple(sorted(routes.values(), key=lambda r: r.ident)),
+        rules=tuple(sorted(rules.values(), key=lambda r: r.ident)),
         ipvs=tuple(ipvs.get("ipvs", ())),
         modules=tuple(sorted(modules)),
         bird=bird,
         announce=announce_routes(bird),
-        xdp=xdp,
+        xdp=xdp["state"],
         keepalived=keepalived,
         gates=gates(keepalived),
     )

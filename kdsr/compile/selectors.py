@@ -451,9 +451,10 @@ def _spread(sel: Selector) -> str:
 def server_id(member: PoolMember) -> int:
     """A 32-bit name for a server that stays the same across table changes.
 
-    Flow pinning stores it per flow, so it must not depend on the pool's
-    other members or their order.  IPv4: the address itself; IPv6: the first
-    32 bits of its BLAKE2b digest (``pinning_problems`` rejects a collision).
+    Slots hold it, the pool's servers map keys its forwarding data and
+    counter by it, and flow pinning stores it per flow, so it must not
+    depend on the pool's other members or their order.  IPv4: the address itself; IPv6: the first
+    32 bits of its BLAKE2b digest (``server_ids`` rejects a collision in a pool).
     """
     if member.address.version == 4:
         return int(member.address)
@@ -461,7 +462,7 @@ def server_id(member: PoolMember) -> int:
 
 
 def server_ids(sel: Selector, source: str) -> dict[str, int]:
-    """member address -> server_id for a pinned selector; IntentError on a collision."""
+    """member address -> server_id; IntentError on a collision."""
     ids: dict[int, str] = {}
     for member in sel.members:
         ident = server_id(member)
@@ -472,9 +473,9 @@ def server_ids(sel: Selector, source: str) -> dict[str, int]:
                     Problem(
                         source,
                         sel.pool.pointer,
-                        f"flow pinning names IPv6 servers by a 32-bit digest of their address, and {other} and "
+                        f"kdsr names IPv6 servers by a 32-bit digest of their address, and {other} and "
                         f"{member.address} share one ({ident:#010x}).",
-                        "Give one of them another address, or turn flow_pinning off for the services of this pool.",
+                        "Give one of them another address.",
                     )
                 ]
             )

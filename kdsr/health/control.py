@@ -145,7 +145,7 @@ def request(store: StateStore, node: str, message: dict, timeout: float = ANSWER
 
 
 def _read_line(conn: socket.socket, limit: int = MAX_LINE) -> dict | None:
-    data = b""
+    data = bytearray()  # grown in place: `bytes +=` copies all read so far, per piece
     while not data.endswith(b"\n") and len(data) < limit:
         chunk = conn.recv(65536)
         if not chunk:

@@ -9,7 +9,9 @@ global one, so nothing of another library's registers into it):
 - the health view and the pools' conditions, collected at each scrape
   (``HealthCollector``);
 - the kernel's per-service and per-server packet and byte counters
-  (``KernelFamilies``), from a listing of kdsr's whole nft table.  At
+  (``KernelFamilies``), from a listing of kdsr's whole nft table, and
+  for the ipvs engine IPVS's own (with connections; `kdsr show`'s rows,
+  kdsr/service_view.py read_ipvs).  At
   10,000 VIPs that listing, and formatting its samples, take longer
   than a scrape should: ``KernelCounters`` reads and formats in a thread of
   its own, one read at a time, and a scrape adds the last read's text to
@@ -134,7 +136,7 @@ class Names:
     that pins MACs keeps those in its slots); pools by their selectors'
     names, whose format (``pool-<pool>-v<family>-<digest>``) is
     kdsr/compile/selectors.py's Selector.name, read back as
-    lb_nft_l2.pinned_servers_map reads it.  Not through selectors_for: the
+    service_view.selector_pool reads it.  Not through selectors_for: the
     metrics thread would replace compile's memory of the last intent (the
     effective one the daemon's applies compile) with the intent as loaded.
     Rows that name their pool or service themselves are taken as named."""
@@ -145,6 +147,7 @@ class Names:
         self.nodes: dict[tuple[str, str], str] = {}  # (pool, address) -> server node name
         self.addresses: dict[tuple[str, str], str] = {}  # (pool, address or MAC) -> address
         self.pools: set[str] = set()
+        self.pools_of: dict[str, list[str]] = {}  # address -> the pools it is a member of, by name
         if intent is None:
             return
         for service in intent.services:
@@ -153,12 +156,13 @@ class Names:
                 for ports in service.ports:
                     port = str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
                     self.services[(vip, protocol, port)] = service.name
-        for pool in intent.pools:
+        for pool in sorted(intent.pools, key=lambda p: p.name):
             self.pools.add(pool.name)
             for member in pool.members:
                 address = str(member.address)
                 self.nodes[(pool.name, address)] = member.node or ""
                 self.addresses[(pool.name, address)] = address
+                self.pools_of.setdefault(address, []).append(pool.name)
                 if member.mac:
                     self.addresses[(pool.name, member.mac)] = address
 
@@ -173,7 +177,13 @@ class Names:
         if named:
             return str(named)
         match = _SELECTOR.match(str(row.get("selector", "")))
-        return match["pool"] if match and (match["pool"] in self.pools or not self.pools) else ""
+        if match and (match["pool"] in self.pools or not self.pools):
+            return match["pool"]
+        # A row of the xdp engine for a server that holds no slot now (down,
+        # drained): the pool the intent puts it in (the first, by name, of
+        # several: the program counts per server, not per pool).
+        owners = self.pools_of.get(str(row.get("server", "")))
+        return owners[0] if owners else ""
 
     def server(self, pool: str, value: object) -> tuple[str, str]:
         """(address, server node) of one pool member, from what the kernel holds for it."""
@@ -217,29 +227,14 @@ class HealthCollector(Collector):
 
     def collect(self) -> Iterable:
         view = self._runner.view()
-        out = self._runner.out
         names = self._names.of(self._runner.intent)
         up = GaugeMetricFamily(
             "kdsr_server_up", "1 when the server passes every health check of its pool.", labels=SERVER_LABELS
         )
-        in_table = GaugeMetricFamily(
-            "kdsr_server_in_table",
-            "1 when the server holds slots of its pool's table (not down, not drained, weight above 0).",
-            labels=SERVER_LABELS,
-        )
         for s in view.get("servers", []):
             labels = [s["pool"], s["server"], s.get("node") or names.nodes.get((s["pool"], s["server"]), "")]
             up.add_metric(labels, 1 if s["state"] == UP else 0)
-        # Every member, checked or not: at weight 0 in the intent, or taken
-        # out by health or a drain, it holds no slot.
-        intent = names.intent
-        for pool in intent.pools if intent is not None else ():
-            for member in pool.members:
-                address = str(member.address)
-                serving = member.weight > 0 and address not in out.get(pool.name, ())
-                in_table.add_metric([pool.name, address, member.node or ""], 1 if serving else 0)
         yield up
-        yield in_table
         families = {
             "up": GaugeMetricFamily(
                 "kdsr_check_up", "1 when one health check of one server is up.", labels=CHECK_LABELS
@@ -281,6 +276,60 @@ class HealthCollector(Collector):
         yield dropping
 
 
+class InTableCollector(Collector):
+    """``kdsr_server_in_table``: every member of the intent the daemon runs,
+    checked or not.  It changes only with the intent or the members the
+    daemon took out (``runner.out``, a new object on every change), so its
+    rendering is kept until either changes (``Rendered``): at 10,000 VIPs x
+    16 servers that is 16,000 samples no scrape has to encode again."""
+
+    def __init__(self, runner, names: NamesCache) -> None:
+        self._runner = runner
+        self._names = names
+
+    def key(self) -> tuple:
+        return (self._runner.intent, self._runner.out)
+
+    def collect(self) -> Iterable:
+        intent, out = self.key()
+        in_table = GaugeMetricFamily(
+            "kdsr_server_in_table",
+            "1 when the server holds slots of its pool's table (not down, not drained, weight above 0).",
+            labels=SERVER_LABELS,
+        )
+        # At weight 0 in the intent, or taken out by health or a drain, a
+        # member holds no slot.
+        for pool in intent.pools if intent is not None else ():
+            for member in pool.members:
+                address = str(member.address)
+                serving = member.weight > 0 and address not in out.get(pool.name, ())
+                in_table.add_metric([pool.name, address, member.node or ""], 1 if serving else 0)
+        yield in_table
+
+
+class Rendered:
+    """A collector's exposition per content type, made again only when its
+    ``key()`` (compared by identity) changes."""
+
+    def __init__(self, collector: InTableCollector) -> None:
+        self._collector = collector
+        self._lock = threading.Lock()
+        self._key: tuple = ()
+        self._bytes: dict[str, bytes] = {}
+
+    def exposition(self, content_type: str, encoder: Callable) -> bytes:
+        key = self._collector.key()
+        with self._lock:
+            same = len(key) == len(self._key) and all(a is b for a, b in zip(key, self._key, strict=True))
+            if not same:
+                self._key, self._bytes = key, {}
+            if content_type not in self._bytes:
+                registry = CollectorRegistry()
+                registry.register(self._collector)
+                self._bytes[content_type] = encoder(registry)
+            return self._bytes[content_type]
+
+
 # --- the kernel's counters ----------------------------------------------------------
 
 
@@ -306,17 +355,28 @@ def _kernel_families(report: dict, names: Names) -> Iterable:
         "Bytes the load balancer matched per service, VIP, protocol and port.",
         labels=SERVICE_LABELS,
     )
+    service_connections = CounterMetricFamily(
+        "kdsr_service_connections",
+        "Connections IPVS scheduled per service, VIP, protocol and port (ipvs engine: IPVS's own counter; "
+        "the nft and xdp engines keep no connection table).",
+        labels=SERVICE_LABELS,
+    )
     for s in report.get("services", []):
         labels = [names.service(s), str(s.get("vip", "")), str(s.get("protocol", "")), str(s.get("port", ""))]
         service_packets.add_metric(labels, s.get("packets", 0))
         service_bytes.add_metric(labels, s.get("bytes", 0))
+        if s.get("connections") is not None:
+            service_connections.add_metric(labels, s["connections"])
     yield service_packets
     yield service_bytes
+    if service_connections.samples:
+        yield service_connections
     # Per pool and server: the rows of a pool's selectors (one per address
     # family and hashing) add up, except where one nft map counts for
     # several selectors (flow pinning's servers map, ``counted_in``), which
     # counts once.
     totals: dict[tuple[str, str, str], list[int]] = {}
+    connections: dict[tuple[str, str, str], int] = {}
     seen_shared: set[tuple[str, str]] = set()
     for s in report.get("servers", []):
         shared = s.get("counted_in")
@@ -329,17 +389,28 @@ def _kernel_families(report: dict, names: Names) -> Iterable:
         entry = totals.setdefault((pool, address, node), [0, 0])
         entry[0] += s.get("packets", 0)
         entry[1] += s.get("bytes", 0)
+        if s.get("connections") is not None:
+            connections[(pool, address, node)] = connections.get((pool, address, node), 0) + s["connections"]
     server_packets = CounterMetricFamily(
         "kdsr_server_packets", "Packets the load balancer forwarded per pool and server.", labels=SERVER_LABELS
     )
     server_bytes = CounterMetricFamily(
         "kdsr_server_bytes", "Bytes the load balancer forwarded per pool and server.", labels=SERVER_LABELS
     )
+    server_connections = CounterMetricFamily(
+        "kdsr_server_connections",
+        "Connections IPVS scheduled to the server, per pool (ipvs engine only).",
+        labels=SERVER_LABELS,
+    )
     for labels, (packets, nbytes) in sorted(totals.items()):
         server_packets.add_metric(list(labels), packets)
         server_bytes.add_metric(list(labels), nbytes)
+    for labels, count in sorted(connections.items()):
+        server_connections.add_metric(list(labels), count)
     yield server_packets
     yield server_bytes
+    if server_connections.samples:
+        yield server_connections
 
 
 class KernelCounters:
@@ -483,20 +554,24 @@ class Scrape:
     its health view, the state of the kernel reads) rendered now, then the
     kernel's counters as their last read rendered them."""
 
-    def __init__(self, registry: CollectorRegistry, kernel: KernelCounters | None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, kernel: KernelCounters | None, kept: tuple[Rendered, ...] = ()
+    ) -> None:
         self.registry = registry
         self.kernel = kernel
+        self.kept = kept
 
     def body(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` (an Accept header) asks for, and its content type."""
         encoder, content_type = choose_encoder(accept or "")
-        live = encoder(self.registry)
-        if self.kernel is None:
-            return live, content_type
-        counters = self.kernel.exposition(content_type, encoder)
-        if counters and content_type.startswith("application/openmetrics-text"):
-            live = live.removesuffix(b"# EOF\n")  # one EOF, at the very end
-        return live + counters, content_type
+        parts = [encoder(self.registry)] + [kept.exposition(content_type, encoder) for kept in self.kept]
+        if self.kernel is not None:
+            parts.append(self.kernel.exposition(content_type, encoder))
+        parts = [p for p in parts if p]
+        if content_type.startswith("application/openmetrics-text"):
+            # One EOF, at the very end.
+            parts = [p.removesuffix(b"# EOF\n") for p in parts[:-1]] + parts[-1:]
+        return b"".join(parts), content_type
 
 
 def scrape_for(runner, read_kernel: Callable[[], dict] | None, wait: float = KERNEL_WAIT) -> Scrape:
@@ -507,11 +582,12 @@ def scrape_for(runner, read_kernel: Callable[[], dict] | None, wait: float = KER
     registry = CollectorRegistry()
     registry.register(_Registry(runner.metrics.registry))
     registry.register(HealthCollector(runner, names))
+    kept = (Rendered(InTableCollector(runner, names)),)
     counters = None
     if read_kernel is not None:
         counters = KernelCounters(read_kernel, lambda report: KernelFamilies(report, names.of(runner.intent)), wait)
         registry.register(KernelReadCollector(counters))
-    return Scrape(registry, counters)
+    return Scrape(registry, counters, kept)
 
 
 def exposition(scrape: Scrape, accept: str | None = None) -> str:

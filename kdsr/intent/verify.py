@@ -108,7 +108,6 @@ class _Verifier:
         self.check_table_sizes()
         self.check_l3()
         self.check_ipvs()
-        self.check_xdp()
         self.check_flow_pinning()
         self.check_tunnel_names()
         self.check_health()
@@ -501,23 +500,17 @@ class _Verifier:
         for name, service in self.services.items():
             if service.get("hashing", {}).get("flow_pinning", False) is False:
                 continue
-            if service_engine(service) != ENGINE_NFT or service_mode(service) != DSR_L2:
+            engine = service_engine(service)
+            if engine != ENGINE_NFT or service_mode(service) != DSR_L2:
+                why = {
+                    ENGINE_IPVS: "The ipvs engine keeps established connections on their server by itself; ",
+                    # bpf/kdsr_xdp.c is stateless: a pin would need a flow table it does not keep.
+                    ENGINE_XDP: "The xdp engine keeps no per-flow state; ",
+                }.get(engine, "")
                 self.report(
                     f"/services/{name}/hashing/flow_pinning",
                     "flow pinning is available for L2 DSR with the nft engine only.",
-                    "The ipvs engine keeps established connections on their server by itself; "
-                    "remove flow_pinning, or use mode l2 with engine nft.",
-                )
-
-    # The xdp engine (bpf/kdsr_xdp.c) does L2 DSR only so far: an L3 mode is
-    # refused here, before anything is planned, never half applied.
-    def check_xdp(self) -> None:
-        for name, service in self.services.items():
-            if service_engine(service) == ENGINE_XDP and service_mode(service) != DSR_L2:
-                self.report(
-                    f"/services/{name}/dsr/mode",
-                    f"the xdp engine does not do {service_mode(service)} yet, only l2.",
-                    'Use "mode": "l2" with the xdp engine, or the nft or ipvs engine for L3 DSR.',
+                    f"{why}remove flow_pinning, or use mode l2 with engine nft.",
                 )
 
     # The ipvs engine: what IPVS's mh scheduler can and cannot honour.

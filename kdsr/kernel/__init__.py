@@ -26,7 +26,7 @@ from kdsr.model import Address, AnnounceRoute, IpvsDest, IpvsService, Link, NftT
 from kdsr.model_xdp import XdpState
 
 if TYPE_CHECKING:
-    from kdsr.kernel.ipvsadm import IpvsCommand
+    from kdsr.kernel.ipvsadm import IpvsCommand, IpvsStats
 
 
 class KernelError(Exception):
@@ -36,13 +36,14 @@ class KernelError(Exception):
 class NftBackend(Protocol):
     writes: int
 
-    def read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]: ...
+    def read_table(self, family: str, name: str, reuse: bool = False) -> NftTable | None: ...
 
     def list_tables(self) -> list[tuple[str, str]]: ...
 
     # The table's libnftables JSON listing as the kernel has it now, counters
     # included, never a kept read (None: no such table); `kdsr show` reads
-    # counters and slots from it without building the model.
+    # counters and slots from it without building the model.  The elements
+    # of maps the packet path fills (flow pins) may be left out.
     def listing(self, family: str, name: str) -> list[dict] | None: ...
 
     def apply(self, commands: list[dict], check_only: bool = False, becomes: NftTable | None = None) -> bool: ...
@@ -104,6 +105,10 @@ class IpvsBackend(Protocol):
     # Those of ``services`` the kernel holds, as it holds them, each listed
     # by its selector (an apply's read-back of what it wrote).
     def list_some(self, services: list[IpvsService]) -> list[IpvsService]: ...
+
+    # Every IPVS service with its counters and its destinations' (`kdsr show`,
+    # the metrics): one read, whatever the number of services.
+    def stats(self) -> list[IpvsStats]: ...
 
     def service(self, verb: str, svc: IpvsService) -> None: ...  # "-A" add, "-E" edit, "-D" delete
 

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from kdsr.kernel import KernelError, ipvsadm
-from kdsr.kernel.ipvsadm import IpvsCommand
+from kdsr.kernel.ipvsadm import IpvsCommand, IpvsStats
 from kdsr.model import IpvsDest, IpvsService
 
 
@@ -41,6 +41,16 @@ class Ipvs:
         if not Path("/proc/net/ip_vs").exists():
             return []
         return ipvsadm.parse_list(self._ipvsadm(list(ipvsadm.LIST_ARGS), write=False))
+
+    def stats(self) -> list[IpvsStats]:
+        """Every IPVS service with its counters and its destinations' (one
+        ``ipvsadm -R``, ipvsadm.read_stats)."""
+        if not Path("/proc/net/ip_vs").exists():
+            return []
+        try:
+            return ipvsadm.read_stats(self._ipvsadm_restore)
+        except ValueError as exc:
+            raise KernelError(f"{exc}") from None
 
     def list_some(self, services: list[IpvsService]) -> list[IpvsService]:
         """Those of ``services`` the kernel holds: ``-L`` lines through ONE

@@ -17,7 +17,10 @@ refuses ``--nosort``; ``/proc/net/ip_vs`` has the order but not the flags
 or the tunnel type.  kdsr read both until the one listing was found to
 carry everything, at 10,000 services in less time.)
 
-Pure: ``Listing`` takes the reader as a callable.
+`kdsr show` and the metrics read IPVS's own counters with the same listing
+and a statistics one, in one process (``read_stats``).
+
+Pure: ``Listing`` and ``read_stats`` take the reader as a callable.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import dataclasses
 import functools
 import ipaddress
 import re
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from kdsr.model import IpvsDest, IpvsService, ipvs_dest
 
@@ -270,3 +275,141 @@ def parse_list(text: str) -> list[IpvsService]:
 
 def _with(s: IpvsService, dests: list[IpvsDest]) -> IpvsService:
     return IpvsService(s.family, s.protocol, s.address, s.port, s.fwmark, s.scheduler, s.flags, tuple(dests))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+class IpvsCounters(NamedTuple):
+    """IPVS's own counters of a service or destination: connections it
+    scheduled, packets and bytes it received for them.  Inbound only: a DSR
+    server answers the client directly, so the director never sees a reply
+    (ipvsadm's OutPkts and OutBytes stay 0 for DR and TUN traffic)."""
+
+    connections: int
+    packets: int
+    bytes: int
+
+
+ZERO = IpvsCounters(0, 0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class IpvsStats:
+    """One IPVS service as the kernel holds it (``service``: scheduler,
+    flags, destinations with their weights, in list order) and its counters,
+    the service's own and per destination (``dests``: IpvsDest.ident ->
+    counters).  IPVS edits a destination in place for a weight change, so its
+    counters survive drains and health events; they start again at 0 only when
+    the destination or the service is deleted and added again."""
+
+    service: IpvsService
+    counters: IpvsCounters
+    dests: dict[str, IpvsCounters]
+
+
+# The one read of `kdsr show` and of each metrics scrape: both listings
+# through ONE ``ipvsadm -R`` (restore runs listing commands too, as
+# ``list_text`` does).  The configuration listing carries the weights (the
+# share of mh's table and whether a destination is in it); the statistics
+# listing carries the counters and no weight.  ipvsadm 1.31 prints
+# ``--stats`` instead of the configuration columns whatever else is asked
+# (with --tun-info too), so it takes two listings.  ``--exact``: whole
+# numbers, not "12K"; each number is printed with at least one space before
+# it, so the columns split on white space however large they grow.
+STATS_INPUT = "-L -n --nosort --tun-info\n-L -n --stats --exact\n"
+_TITLE = "IP Virtual Server version"
+
+
+def parse_stats(text: str) -> list[IpvsStats]:
+    """The output of ``ipvsadm -R`` given STATS_INPUT: each service of the
+    configuration listing with its counters from the statistics listing.
+
+    A statistics listing, as ipvsadm 1.31 prints it on kernel 6.1::
+
+        IP Virtual Server version 1.2.1 (size=4096)
+        Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes
+          -> RemoteAddress:Port
+        TCP  10.9.0.100:80                       3        3        0      180        0
+          -> 10.3.0.11:80                        0        0        0        0        0
+          -> 10.3.0.12:80                        3        3        0      180        0
+        FWM  8 IPv6                              0        0        0        0        0
+          -> [fd00:3::11]:0                      0        0        0        0        0
+
+    The two listings are two dumps: a service made or deleted between them
+    is in one only, and is left out (the next read has it, or not)."""
+    config, stats = _split_listings(text)
+    counted = _parse_counters(stats)
+    found = []
+    for service in parse_list(config):
+        entry = counted.get(service.ident)
+        if entry is not None:
+            found.append(IpvsStats(service, entry[0], entry[1]))
+    return found
+
+
+def _split_listings(text: str) -> tuple[str, str]:
+    """(configuration listing, statistics listing) out of both, printed one after the other."""
+    parts: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith(_TITLE) or not parts:
+            parts.append([])
+        parts[-1].append(line)
+    config = [p for p in parts if len(p) > 1 and "Scheduler" in p[1]]
+    stats = [p for p in parts if len(p) > 1 and "InPkts" in p[1]]
+    if len(config) != 1 or len(stats) != 1:
+        raise ValueError(
+            f"ipvsadm printed {len(config)} configuration and {len(stats)} statistics listings, not 1 each"
+        )
+    return "\n".join(config[0]), "\n".join(stats[0])
+
+
+def _parse_counters(text: str) -> dict[str, tuple[IpvsCounters, dict[str, IpvsCounters]]]:
+    """service ident -> (its counters, destination ident -> counters).
+
+    10,000 services name the same few hundred destinations: each
+    destination's text is made an ident once (``idents``)."""
+    found: dict[str, tuple[IpvsCounters, dict[str, IpvsCounters]]] = {}
+    dests: dict[str, IpvsCounters] | None = None
+    idents: dict[str, str] = {}  # a destination as printed -> IpvsDest.ident
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 7 or not words[-1].isdigit():
+            continue  # the title, the column heads
+        counters = IpvsCounters(int(words[-5]), int(words[-4]), int(words[-2]))  # Conns, InPkts, InBytes
+        if words[0] == "->":
+            if dests is not None:
+                ident = idents.get(words[1])
+                if ident is None:
+                    ident = idents[words[1]] = _hostport(*_split_hostport(words[1]))
+                dests[ident] = counters
+            continue
+        ident = _stats_ident(words[:-5])
+        dests = None if ident is None else {}
+        if dests is not None:
+            found[ident] = (counters, dests)
+    return found
+
+
+def _stats_ident(words: list[str]) -> str | None:
+    """The ident of the service a statistics line names (``TCP  10.9.0.100:80``,
+    ``FWM  7``, ``FWM  8 IPv6``), None for a kind kdsr never creates."""
+    if words[:1] == ["FWM"] and len(words) in (2, 3):
+        return IpvsService(6 if words[2:] == ["IPv6"] else 4, "fwmark", "", 0, int(words[1]), "", ()).ident
+    if words[:1] in (["TCP"], ["UDP"]) and len(words) == 2:
+        address, port = _split_hostport(words[1])
+        return IpvsService(6 if ":" in address else 4, _LISTED_PROTOCOL[words[0]], address, port, 0, "", ()).ident
+    return None
+
+
+def read_stats(restore: Callable[[str], subprocess.CompletedProcess]) -> list[IpvsStats]:
+    """Every IPVS service with its counters, in one ``ipvsadm -R`` run
+    (``restore``: runs ipvsadm -R with its argument on stdin).  ValueError
+    names what went wrong."""
+    result = restore(STATS_INPUT)
+    if result.returncode != 0 or result.stderr.strip():
+        raise ValueError(f"ipvsadm -R (listing statistics): {result.stderr.strip() or f'exit {result.returncode}'}")
+    try:
+        return parse_stats(result.stdout)
+    except ValueError as exc:
+        raise ValueError(f"ipvsadm -R (listing statistics): {exc}") from None

@@ -1,10 +1,9 @@
 """A kdsr table as last read or written, kept on disk while nothing has
 committed an nftables transaction since.
 
-Listing a table is the dearest thing kdsr does: nft 1.0.6 fetches every
-element of every set for any listing, so listing and decoding a large
-table takes seconds and hundreds of MB (bench/control_plane.py), and the
-ruleset-wide cost stays even for one map or one element.  The kernel bumps
+Listing a table is the dearest thing kdsr does: a listing of each map
+(Nftables._list_table, kdsr/kernel/nft.py), so a large table takes seconds to list and
+decode (bench/control_plane.py).  The kernel bumps
 its ruleset generation on every committed transaction, whoever sends it
 (nft_generation.py).  A table recorded together with the generation it was
 read at is therefore still the kernel's table while the generation is the
@@ -42,7 +41,7 @@ from kdsr.kernel.statefiles import StateFileError, ensure_dir, read_text, write_
 from kdsr.memo import BoundedMemo
 from kdsr.model import ChainHook, NftChain, NftMap, NftRule, NftTable, element
 
-FORMAT = 1
+FORMAT = 2  # 2: one line per map, so a load keeps each map's text
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux >= 5.14
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -88,13 +87,14 @@ def _tuples(value):
 
 
 def encode_table_text(table: NftTable, texts: EncodedTexts | None = None, remember: bool = True) -> str:
-    """The table as JSON text.  ``texts``: the encodings already made, by
-    map and element tuple (see ``EncodedTexts``), so recording a table after
-    a change re-encodes only the changed maps, not every element.
-    ``remember``: keep the texts of maps not seen before (compiled maps,
-    which the next compile hands back); a table just listed from the kernel
-    is made of new objects no later record meets, and keeping them would
-    keep every listing's elements alive."""
+    """The table as JSON lines: the table without its maps, then one line
+    per map.  ``texts``: the encodings already made, by map and element
+    tuple (see ``EncodedTexts``), so recording a table after a change
+    re-encodes only the changed maps, not every element.  ``remember``:
+    keep the texts of maps not seen before (compiled maps, which the next
+    compile hands back); a table just listed from the kernel is made of new
+    objects no later record meets, and keeping them would keep every
+    listing's elements alive."""
     texts = texts if texts is not None else EncodedTexts()
     chains = []
     for chain in table.chains:
@@ -105,8 +105,7 @@ def encode_table_text(table: NftTable, texts: EncodedTexts | None = None, rememb
         rules = [[r.comment, r.expr_json] for r in chain.rules]
         chains.append({"name": chain.name, "hook": hook, "rules": rules, "pointer": chain.pointer})
     head = _dumps({"family": table.family, "name": table.name, "pointer": table.pointer, "chains": chains})
-    maps = ",".join(texts.map_text(m, remember) for m in table.maps)
-    return f'{head[:-1]},"maps":[{maps}]}}'
+    return "\n".join([head, *(texts.map_text(m, remember) for m in table.maps)])
 
 
 def _by_identity(
@@ -141,6 +140,14 @@ class EncodedTexts:
             lambda m: f"{_dumps(_encode_declaration(m))[:-1]},{self._elements_text(m.elements, remember)}}}",
             remember,
         )
+
+    def keep(self, nmap: NftMap, text: str) -> None:
+        """``text`` is ``nmap``'s encoding (a record's line, or an equal map's)."""
+        self._maps.put(id(nmap), (nmap, text))
+
+    def known(self, nmap: NftMap) -> str | None:
+        found = self._maps.get(id(nmap))
+        return found[1] if found is not None and found[0] is nmap else None
 
     def _elements_text(self, elements: tuple, remember: bool) -> str:
         """The ``"keys":…,"values":…,"index":…`` members of a map's JSON object."""
@@ -178,37 +185,45 @@ def _encode_elements(elements: tuple) -> str:
     return _dumps(encoded)[1:-1]
 
 
-def decode_table(doc: dict) -> NftTable:
+def decode_table(text: str) -> tuple[NftTable, list[tuple[NftMap, str]]]:
+    """A table from its JSON lines, with each map and the line it came from."""
+    head, *lines = text.split("\n")
+    doc = json.loads(head)
     chains = []
     for c in doc["chains"]:
         hook = ChainHook(*c["hook"]) if c["hook"] is not None else None
         rules = tuple(NftRule(comment=comment, expr_json=expr) for comment, expr in c["rules"])
         chains.append(NftChain(name=c["name"], hook=hook, rules=rules, pointer=c["pointer"]))
-    maps = []
-    for m in doc["maps"]:
-        values = [element(_tuples(value), comment) for value, comment in m["values"]]
-        if m["keys"] is None:
-            keys = range(len(m["index"]))
-        elif all(isinstance(k, int | str) for k in m["keys"]):
-            keys = m["keys"]
-        else:
-            keys = [_tuples(k) for k in m["keys"]]
-        elements = tuple(zip(keys, map(values.__getitem__, m["index"]), strict=True))
-        maps.append(
-            NftMap(
-                name=m["name"],
-                key_type=tuple(m["key_type"]),
-                data_type=m["data_type"],
-                flags=tuple(m["flags"]),
-                counter=m["counter"],
-                elements=elements,
-                pointer=m["pointer"],
-                size=m["size"],
-                timeout=m["timeout"],
-            )
-        )
-    return NftTable(
-        family=doc["family"], name=doc["name"], chains=tuple(chains), maps=tuple(maps), pointer=doc["pointer"]
+    maps = [(_decode_map(json.loads(line)), line) for line in lines]
+    table = NftTable(
+        family=doc["family"],
+        name=doc["name"],
+        chains=tuple(chains),
+        maps=tuple(m for m, _line in maps),
+        pointer=doc["pointer"],
+    )
+    return table, maps
+
+
+def _decode_map(m: dict) -> NftMap:
+    values = [element(_tuples(value), comment) for value, comment in m["values"]]
+    if m["keys"] is None:
+        keys = range(len(m["index"]))
+    elif all(isinstance(k, int | str) for k in m["keys"]):
+        keys = m["keys"]
+    else:
+        keys = [_tuples(k) for k in m["keys"]]
+    elements = tuple(zip(keys, map(values.__getitem__, m["index"]), strict=True))
+    return NftMap(
+        name=m["name"],
+        key_type=tuple(m["key_type"]),
+        data_type=m["data_type"],
+        flags=tuple(m["flags"]),
+        counter=m["counter"],
+        elements=elements,
+        pointer=m["pointer"],
+        size=m["size"],
+        timeout=m["timeout"],
     )
 
 
@@ -220,6 +235,8 @@ class TableCache:
         self.directory = Path(directory) / "cache"
         self._cookie = netns_cookie()
         self._texts = EncodedTexts()
+        # The maps of the last load, by name, with their record lines.
+        self._loaded: dict[str, tuple[NftMap, str]] = {}
 
     def _path(self, family: str, name: str) -> Path | None:
         if self._cookie is None:
@@ -235,20 +252,54 @@ class TableCache:
         if path is None:
             return None
         try:
-            doc = json.loads(read_text(path))
+            head, _, rest = read_text(path).partition("\n")
+            doc = json.loads(head)
             if doc["identity"] != self._identity() or doc["generation"] != generation or doc["chains"] != chains:
                 return None
-            return decode_table(doc["table"])
+            table, maps = decode_table(rest)
         except (OSError, ValueError, KeyError, TypeError, StateFileError):
             return None
+        # Each map's line is its text: recording the table again (after a
+        # change, or from the compiled twin of a map that did not change)
+        # re-encodes only what changed.
+        self._loaded = {m.name: (m, line) for m, line in maps}
+        return table
+
+    def adopt(self, read: NftTable, same: NftTable) -> None:
+        """``same`` equals ``read`` (the caller compared them): its maps take
+        the texts of ``read``'s, so the next record encodes neither.  A
+        map's intent pointer does not take part (a table listed from the
+        kernel has none, and the record of a read is only ever compared)."""
+        by_name = {m.name: m for m in read.maps}
+        for nmap in same.maps:
+            twin = by_name.get(nmap.name)
+            text = self._text_of(twin)
+            if text is not None:
+                self._texts.keep(nmap, text)
+
+    def _text_of(self, nmap: NftMap | None) -> str | None:
+        if nmap is None:
+            return None
+        loaded = self._loaded.get(nmap.name)
+        if loaded is not None and loaded[0] is nmap:
+            return loaded[1]
+        return self._texts.known(nmap)
 
     def save(self, generation: int, chains: str, table: NftTable, remember: bool = True) -> None:
         """``remember``: as for ``encode_table_text`` (False for a table just listed)."""
         path = self._path(table.family, table.name)
         if path is None:
             return
+        for nmap in table.maps:
+            # A map equal to the one last loaded (a new process's apply of
+            # one change: every other map) keeps the loaded map's text.
+            loaded = self._loaded.get(nmap.name)
+            if loaded is None or loaded[0] is nmap or self._texts.known(nmap) is not None:
+                continue
+            if loaded[0] == nmap:
+                self._texts.keep(nmap, loaded[1])
         head = _dumps({"identity": self._identity(), "generation": generation, "chains": chains})
-        text = f'{head[:-1]},"table":{encode_table_text(table, self._texts, remember)}}}'
+        text = f"{head}\n{encode_table_text(table, self._texts, remember)}"
         try:
             ensure_dir(self.directory.parent)  # the state directory's own checks (0700, ours) first
             write_atomic(path, text, sync=False)

@@ -40,10 +40,22 @@ def encode_value(value: Any) -> Any:
     return value
 
 
-def encode_element(key: Any, elem: NftElement | None) -> Any:
-    """One element as listed in an ``elem`` array (value omitted when None)."""
-    if type(key) is int and elem is not None and type(elem.value) is str and not elem.comment:
-        return [key, elem.value]  # a slot: 251,000 of 271,000 elements at 10,000 VIPs
+def encode_element(key: Any, elem: NftElement | None, verdicts: dict | None = None) -> Any:
+    """One element as listed in an ``elem`` array (value omitted when None).
+    ``verdicts``: the verdicts encoded so far in this batch, by value; a slot
+    map's elements name the same few chains over and over, and one shared
+    object per chain keeps a full apply's batch from holding two dicts per
+    slot (libnftables reads the batch as text or as one JSON document, where
+    sharing makes no difference)."""
+    if type(key) is int and elem is not None and not elem.comment:  # a slot: most elements of a large table
+        value = elem.value
+        if type(value) is int or type(value) is str:
+            return [key, value]
+        if verdicts is not None and type(value) is tuple:
+            encoded = verdicts.get(value)
+            if encoded is None:
+                encoded = verdicts[value] = encode_value(value)
+            return [key, encoded]
     val = encode_key(key)
     if elem is not None and elem.comment:
         val = {"elem": {"val": val, "comment": elem.comment}}
@@ -111,6 +123,7 @@ def batch_for(td: TableDiff) -> list[dict]:
     element jumps to it; a new element can only jump to a chain that exists.
     """
     cmds: list[dict] = []
+    verdicts: dict = {}  # shared by the batch's elements (encode_element)
     table_ref = {"table": {"family": td.family, "name": td.name}}
     if td.desired is None:
         return [{"delete": table_ref}]
@@ -148,10 +161,10 @@ def batch_for(td: TableDiff) -> list[dict]:
         cmds.append({"add": chain_object(td, chain)})
 
     for nmap in td.maps_add + replaced_maps:
-        for part in _chunks([encode_element(k, e) for k, e in nmap.elements]):
+        for part in _chunks([encode_element(k, e, verdicts) for k, e in nmap.elements]):
             cmds.append(_elements_cmd("add", td, nmap.name, part))
     for map_name, items in sorted(td.elements_add.items()):
-        for part in _chunks([encode_element(k, e) for k, e in items]):
+        for part in _chunks([encode_element(k, e, verdicts) for k, e in items]):
             cmds.append(_elements_cmd("add", td, map_name, part))
 
     for chain in new_chains + [rebuild[n] for n in sorted(rebuild)]:
@@ -218,41 +231,79 @@ def decode_element(item: Any) -> tuple[Any, NftElement]:
     return decode_key(key_part), element(decode_value(value), comment)
 
 
+def is_dynamic(obj: dict) -> bool:
+    """A listed map the packet path fills (flags "timeout": flow pinning):
+    its elements are traffic state, not configuration, so they are not read."""
+    return "timeout" in obj.get("flags", ())
+
+
+def decode_elements(items: Iterable) -> tuple:
+    """A map's listed elements, in key order (keys of one map share a shape)."""
+    return tuple(sorted((decode_element(item) for item in items), key=lambda kv: kv[0]))
+
+
 def decode_map(obj: dict) -> NftMap:
     key_type = obj["type"]
     key_type = tuple(key_type) if isinstance(key_type, list) else (key_type,)
     counter = any("counter" in stmt for stmt in obj.get("stmt", []))
-    flags = tuple(obj.get("flags", []))
-    # A map with timeouts is filled by the packet path (flow pinning): its
-    # elements are traffic state, not configuration, so they are not read.
-    dynamic = "timeout" in flags
-    elements = sorted(
-        (decode_element(item) for item in ([] if dynamic else obj.get("elem", []))), key=lambda kv: kv[0]
-    )  # keys of one map share a shape
+    dynamic = is_dynamic(obj)
     return NftMap(
         name=obj["name"],
         key_type=key_type,
         data_type=obj.get("map", ""),
-        flags=flags,
+        flags=tuple(obj.get("flags", [])),
         counter=counter,
-        elements=tuple(elements),
+        elements=() if dynamic else decode_elements(obj.get("elem", [])),
         size=obj.get("size") if dynamic else None,
         timeout=obj.get("timeout") if dynamic else None,
     )
 
 
-DEVICE_RE = re.compile(r'^\s*chain (\S+) \{\s*$|type \w+ hook \w+ device "([^"]+)"', re.M)
+def share_verdicts(items: list) -> list:
+    """A map's listed elements (``items``, changed in place) with one object
+    per distinct verdict: JSON decodes two dicts for each of a slot map's
+    elements, which name the same few chains over and over."""
+    seen: dict[tuple, Any] = {}
+    for item in items:
+        if type(item) is list and len(item) == 2 and type(item[1]) is dict:
+            value = decode_value(item[1])
+            if type(value) is tuple:
+                item[1] = seen.setdefault(value, item[1])
+    return items
 
 
-def devices_from_text(text: str) -> dict[str, str]:
-    """Base chain -> device, from ``nft list table`` text (JSON lacks it in 1.0.6)."""
+def table_items(listing: list[dict], name: str) -> list[dict] | None:
+    """The items of table ``name`` in a listing of a whole family (``list
+    ruleset FAMILY``: every table of it); None when the family has no such table."""
+    items, found = [], False
+    for item in listing:
+        for kind, obj in item.items():
+            if kind == "table" and obj.get("name") == name:
+                found = True
+                items.append(item)
+            elif kind != "table" and isinstance(obj, dict) and obj.get("table") == name:
+                items.append(item)
+    return items if found else None
+
+
+DEVICE_RE = re.compile(r'^table \S+ (\S+) \{\s*$|^\s*chain (\S+) \{\s*$|type \w+ hook \w+ device "([^"]+)"', re.M)
+
+
+def devices_from_text(text: str, table: str | None = None) -> dict[str, str]:
+    """Base chain -> device, from ``nft list table`` or ``nft list chains``
+    text (JSON lacks it in 1.0.6).  ``table``: only the chains of that table
+    (``list chains FAMILY`` lists every table of the family)."""
     devices: dict[str, str] = {}
     current = None
+    inside = table is None
     for match in DEVICE_RE.finditer(text):
         if match.group(1):
-            current = match.group(1)
+            inside = table is None or match.group(1) == table
+            current = None
+        elif match.group(2):
+            current = match.group(2) if inside else None
         elif current:
-            devices[current] = match.group(2)
+            devices[current] = match.group(3)
     return devices
 
 

@@ -43,7 +43,7 @@ def read_tables(kernel: Kernel, desired: Desired, state: NodeState, orphans: boo
         if f"{family} {name}" not in wanted and not orphans:
             continue
         # Reuse a read no nftables transaction has outdated (nft_generation.py).
-        table, _listing = kernel.nft.read_table(family, name, reuse=True)
+        table = kernel.nft.read_table(family, name, reuse=True)
         if table is not None:
             tables.append(table)
     return tables

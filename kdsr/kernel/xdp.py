@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kdsr.kernel import KernelError
-from kdsr.model_xdp import HASH_FIELDS, PROGRAM_NAME, XdpSelector, XdpServer, XdpService, XdpState
+from kdsr.model_xdp import ENCAPS, HASH_FIELDS, PROGRAM_NAME, XdpSelector, XdpServer, XdpService, XdpState
 
 MAP_NAMES = (
     "config",
@@ -52,20 +52,32 @@ MAP_NAMES = (
 )
 MAX_SELECTORS = 4096
 MAX_SERVERS = 4096
-MAX_SLOTS = 2 * 262144 + 2 * 65537
+MAX_SLOTS = 4 * 262144 + 2 * 65537
 RANGES_PER_KEY = 16
 NO_SERVER = 0xFFFFFFFF
 SERVER_HAS_MAC = 1
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 FIELD_NAMES = {v: k for k, v in HASH_FIELDS.items()}
-EVENTS = ("pass", "not_for_host", "no_server", "no_neighbour", "redirect")
+MODE_NAMES = {v: k for k, v in ENCAPS.items()}
+# bpf/kdsr_xdp.c EV_*, by index
+EVENTS = (
+    "pass",
+    "not_for_host",
+    "no_server",
+    "no_neighbour",
+    "redirect",
+    "too_big",
+    "to_stack",
+    "no_route",
+    "icmp_error",
+)
 
 # struct layouts of bpf/kdsr_xdp.c (x86-64 and every little-endian target)
 SVC_KEY = struct.Struct("<16sBBH")
-SELECTOR = struct.Struct("<6I64s")  # active, size, seed, fields, base[0], base[1], name
+SELECTOR = struct.Struct("<8I64s")  # active, size, seed, fields, base[0], base[1], encap, mtu, name
 SERVER = struct.Struct("<6sBB16s")
-CONFIG = struct.Struct("<6s2xI8s")
+CONFIG = struct.Struct("<6s2xI8s4s16s")  # mac, ifindex, object digest, tunnel source v4, v6
 U32 = struct.Struct("<I")
 COUNTER = struct.Struct("<QQ")
 PORT_RANGE = struct.Struct("<HHI")
@@ -90,6 +102,17 @@ def _addr_text(family: int, raw: bytes) -> str:
     import ipaddress
 
     return str(ipaddress.ip_address(raw[:4] if family == 4 else raw[:16]))
+
+
+def _source_bytes(address: str) -> bytes:
+    """A tunnel source for the config element: 4 or 16 bytes, zeros when none."""
+    import ipaddress
+
+    return ipaddress.ip_address(address).packed if address else b""
+
+
+def _source_text(family: int, raw: bytes) -> str:
+    return "" if not any(raw) else _addr_text(family, raw.ljust(16, b"\0"))
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -124,6 +147,8 @@ class MapsIO(Protocol):
 
     def lookup(self, map_id: int, key: bytes) -> bytes | None: ...
 
+    def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]: ...  # array elements first..
+
     def keys(self, map_id: int) -> list[bytes]: ...
 
     def update(self, map_id: int, key: bytes, value: bytes) -> None: ...
@@ -156,6 +181,8 @@ class LibbpfIO:
         self._lib = None
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, tuple[int, int]] = {}
+        self._per_cpu: dict[int, bool] = {}
+        self._programs: dict[int, ProgramInfo] = {}  # by program id
 
     @property
     def lib(self):
@@ -170,6 +197,7 @@ class LibbpfIO:
             lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
             lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
             lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+            lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6
             self._lib = lib
         return self._lib
 
@@ -177,14 +205,22 @@ class LibbpfIO:
         found = json.loads(_run(["bpftool", "-j", "net", "show", "dev", ifname]) or "[]")
         for entry in found:
             for xdp in entry.get("xdp", []):
-                if xdp.get("devname") == ifname:
+                if xdp.get("devname") != ifname:
+                    continue
+                # A program's name and maps never change, and the kernel does
+                # not reuse program ids: asked once per program (a plan, show
+                # or metrics read asks several times).
+                known = self._programs.get(xdp["id"])
+                if known is None:
                     prog = json.loads(_run(["bpftool", "-j", "prog", "show", "id", str(xdp["id"])]))
                     maps = {}
                     for map_id in prog.get("map_ids", []):
                         info = json.loads(_run(["bpftool", "-j", "map", "show", "id", str(map_id)]))
                         maps[info.get("name", "")] = map_id
                         self._sizes[map_id] = (info["bytes_key"], info["bytes_value"])
-                    return ProgramInfo(xdp["id"], prog.get("name", ""), xdp.get("mode", ""), maps)
+                        self._per_cpu[map_id] = "percpu" in info.get("type", "")
+                    known = self._programs[xdp["id"]] = ProgramInfo(xdp["id"], prog.get("name", ""), "", maps)
+                return ProgramInfo(known.prog_id, known.name, xdp.get("mode", ""), dict(known.maps))
         return None
 
     def attach(self, ifname: str, obj: Path, force: bool) -> str:
@@ -220,6 +256,7 @@ class LibbpfIO:
         if map_id not in self._sizes:
             info = json.loads(_run(["bpftool", "-j", "map", "show", "id", str(map_id)]))
             self._sizes[map_id] = (info["bytes_key"], info["bytes_value"])
+            self._per_cpu[map_id] = "percpu" in info.get("type", "")
         key, value = self._sizes[map_id]
         return value
 
@@ -231,6 +268,41 @@ class LibbpfIO:
         if rc != 0:
             return None
         return buf.raw
+
+    def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]:
+        """Elements first .. first + count - 1 of an array map, in batches of
+        one syscall (BPF_MAP_LOOKUP_BATCH, Linux 5.6): reading the program's
+        4,096-entry arrays one element at a time took a tenth of a second,
+        and every plan, show and metrics read does it."""
+        size = self._value_size(map_id)
+        stride = (size + 7) // 8 * 8 * self.cpus() if self._per_cpu.get(map_id) else size
+        found: list[bytes] = []
+        while len(found) < count:
+            want = count - len(found)
+            keys = ctypes.create_string_buffer(4 * want)
+            values = ctypes.create_string_buffer(stride * want)
+            start = first + len(found)
+            # The batch starts after in_batch (the key before the first one, none for key 0).
+            in_batch = ctypes.c_uint32(start - 1)
+            out_batch = ctypes.c_uint32(0)
+            got = ctypes.c_uint32(want)
+            rc = self.lib.bpf_map_lookup_batch(
+                self._fd(map_id),
+                ctypes.byref(in_batch) if start else None,
+                ctypes.byref(out_batch),
+                keys,
+                values,
+                ctypes.byref(got),
+                None,
+            )
+            errno = ctypes.get_errno()
+            raw = values.raw  # a copy of the whole buffer: once, not per element
+            found += [raw[i * stride : (i + 1) * stride] for i in range(got.value)]
+            if rc != 0 and errno not in (0, 2):  # ENOENT: the end of the array
+                raise KernelError(f"BPF map id {map_id}: batch lookup: {os.strerror(errno)}")
+            if rc != 0 or got.value == 0:
+                break
+        return found
 
     def keys(self, map_id: int) -> list[bytes]:
         key_size = self._sizes[map_id][0] if map_id in self._sizes else None
@@ -308,9 +380,8 @@ class XdpBackend:
     def _layout(self, info: ProgramInfo) -> _Layout:
         servers: dict[str, int] = {}
         entries: dict[int, XdpServer] = {}
-        for index in range(MAX_SERVERS):
-            raw = self.io.lookup(info.maps["servers"], U32.pack(index))
-            if raw is None:
+        for index, raw in enumerate(self.io.lookup_range(info.maps["servers"], 0, MAX_SERVERS)):
+            if len(raw) < SERVER.size:
                 continue
             mac, flags, family, addr = SERVER.unpack_from(raw)
             if family not in (4, 6):
@@ -319,14 +390,13 @@ class XdpBackend:
             servers[address] = index
             entries[index] = XdpServer(address, _mac_text(mac) if flags & SERVER_HAS_MAC else "")
         selectors = {}
-        for index in range(MAX_SELECTORS):
-            raw = self.io.lookup(info.maps["selectors"], U32.pack(index))
-            if raw is None:
+        for index, raw in enumerate(self.io.lookup_range(info.maps["selectors"], 0, MAX_SELECTORS)):
+            if len(raw) < SELECTOR.size:
                 continue
             desc = SELECTOR.unpack_from(raw)
             if desc[1] == 0:
                 continue
-            name = desc[6].split(b"\0", 1)[0].decode(errors="replace")
+            name = desc[8].split(b"\0", 1)[0].decode(errors="replace")
             selectors[name] = (index, desc)
         return _Layout(info, servers, entries, selectors)
 
@@ -336,12 +406,11 @@ class XdpBackend:
         names_by_id = {index: name for name, (index, _) in layout.selectors.items()}
         selectors = []
         for name, (_index, desc) in sorted(layout.selectors.items()):
-            active, size, seed, fields, base0, base1, _name = desc
+            active, size, seed, fields, base0, base1, encap, mtu, _name = desc
             base = (base0, base1)[active & 1]
             table = []
-            for slot in range(size):
-                raw = self.io.lookup(maps["slots"], U32.pack(base + slot))
-                index = U32.unpack_from(raw)[0] if raw else NO_SERVER
+            for raw in self.io.lookup_range(maps["slots"], base, size):
+                index = U32.unpack_from(raw)[0] if len(raw) >= U32.size else NO_SERVER
                 server = layout.server_entries.get(index)
                 table.append(server.address if server else ("" if index == NO_SERVER else f"#{index}"))
             if all(t == "" for t in table):
@@ -349,7 +418,18 @@ class XdpBackend:
             family = 6 if ":" in next((t for t in table if t), "") else 4
             if name.split("-")[-2:-1] == ["v6"]:
                 family = 6
-            selectors.append(XdpSelector(name, family, FIELD_NAMES.get(fields, str(fields)), seed, size, tuple(table)))
+            selectors.append(
+                XdpSelector(
+                    name,
+                    family,
+                    FIELD_NAMES.get(fields, str(fields)),
+                    seed,
+                    size,
+                    tuple(table),
+                    mode=MODE_NAMES.get(encap, str(encap)),
+                    path_mtu=mtu,
+                )
+            )
         services = []
         for key in self.io.keys(maps["services"]):
             addr, family, proto, port = SVC_KEY.unpack(key[: SVC_KEY.size])
@@ -373,10 +453,10 @@ class XdpBackend:
                     XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), first, last, sel)
                 )
         config = self.io.lookup(maps["config"], U32.pack(0))
-        config_mac = _mac_text(CONFIG.unpack_from(config)[0]) if config else ""
+        mac, _ifindex, loaded, source4, source6 = CONFIG.unpack_from(config) if config else (b"", 0, b"", b"", b"")
+        config_mac = _mac_text(mac) if config else ""
         if config_mac != self.io.interface_mac(ifname):
             config_mac = ""
-        loaded = CONFIG.unpack_from(config)[2] if config else b""
         stale = bool(config_mac) and loaded != self.object_digest()
         return XdpState(
             interface=ifname,
@@ -394,6 +474,8 @@ class XdpBackend:
             mode=layout.info.mode,
             config_mac=config_mac,
             stale=stale,
+            source4=_source_text(4, source4),
+            source6=_source_text(6, source6),
         )
 
     def object_digest(self) -> bytes:
@@ -439,11 +521,15 @@ class XdpBackend:
             self.io.delete(maps[map_name], key)
             self.writes += 1
 
-        # 1. the interface's MAC: frames for it are the ones to balance
-        if not have.config_mac:
+        # 1. the interface's MAC (frames for it are the ones to balance) and
+        # the L3 tunnels' outer sources
+        if not have.config_mac or (have.source4, have.source6) != (want.source4, want.source6):
             ifindex = 0
             mac = _mac_bytes(self.io.interface_mac(want.interface))
-            write("config", U32.pack(0), CONFIG.pack(mac, ifindex, self.object_digest()))
+            config = CONFIG.pack(
+                mac, ifindex, self.object_digest(), _source_bytes(want.source4), _source_bytes(want.source6)
+            )
+            write("config", U32.pack(0), config)
         # 2. servers first (a table may name them only once they exist), and
         # the managed neighbour entries of those without a MAC
         have_neighbours = {s.address for s in have.servers if s.neighbour}
@@ -482,11 +568,14 @@ class XdpBackend:
             if sel.name in layout.selectors:
                 index, desc = layout.selectors[sel.name]
                 active = desc[0] & 1
-                target = desc[4 + (1 - active)]
-                for slot, value in enumerate(slots):
-                    write("slots", U32.pack(target + slot), U32.pack(value))
-                flipped = (1 - active, *desc[1:])
-                write("selectors", U32.pack(index), SELECTOR.pack(*flipped))
+                if have_tables[sel.name].table != sel.table:
+                    target = desc[4 + (1 - active)]
+                    for slot, value in enumerate(slots):
+                        write("slots", U32.pack(target + slot), U32.pack(value))
+                    active = 1 - active
+                # The name fixes size, seed, fields and mode: only the
+                # active region and the path MTU change in place.
+                write("selectors", U32.pack(index), SELECTOR.pack(active, *desc[1:7], sel.path_mtu, desc[8]))
                 continue
             index = next((i for i in range(MAX_SELECTORS) if i not in used_ids), None)
             if index is None:
@@ -498,7 +587,8 @@ class XdpBackend:
             regions = sorted([*regions, (base1, sel.size)])
             for slot, value in enumerate(slots):
                 write("slots", U32.pack(base0 + slot), U32.pack(value))
-            desc = (0, sel.size, sel.seed, HASH_FIELDS[sel.fields], base0, base1, sel.name.encode()[:64])
+            fields, encap = HASH_FIELDS[sel.fields], ENCAPS[sel.mode]
+            desc = (0, sel.size, sel.seed, fields, base0, base1, encap, sel.path_mtu, sel.name.encode())
             write("selectors", U32.pack(index), SELECTOR.pack(*desc))
             id_of[sel.name] = index
         # 4. services (one element each; a VIP's and protocol's port ranges
@@ -533,7 +623,7 @@ class XdpBackend:
                 remove("ranges", key)
         for name, (index, _desc) in layout.selectors.items():
             if name not in wanted_names:
-                write("selectors", U32.pack(index), SELECTOR.pack(0, 0, 0, 0, 0, 0, b""))
+                write("selectors", U32.pack(index), SELECTOR.pack(0, 0, 0, 0, 0, 0, 0, 0, b""))
         want_servers = {s.address for s in want.servers}
         for address, index in layout.servers.items():
             if address not in want_servers:
@@ -546,16 +636,12 @@ class XdpBackend:
             self.writes += 1
 
     # ---------------------------------------------------------------- counters
-    def counters(self, ifname: str) -> dict:
-        """Per server, per service and per event: packets and bytes summed over CPUs."""
-        info = self.io.program(ifname)
-        if info is None or info.name != PROGRAM_NAME:
-            return {}
-        layout = self._layout(info)
+    def _counted(self, info: ProgramInfo, layout: _Layout) -> tuple[dict[str, tuple[int, int]], dict]:
+        """(server address -> (packets, bytes), service key -> (packets, bytes)), summed over CPUs."""
         cpus = self.io.cpus()
 
         def summed(raw: bytes | None) -> tuple[int, int]:
-            if raw is None:
+            if not raw:
                 return 0, 0
             packets = sum(COUNTER.unpack_from(raw, i * COUNTER.size)[0] for i in range(cpus))
             octets = sum(COUNTER.unpack_from(raw, i * COUNTER.size)[1] for i in range(cpus))
@@ -565,19 +651,60 @@ class XdpBackend:
             address: summed(self.io.lookup(info.maps["server_stats"], U32.pack(index)))
             for address, index in layout.servers.items()
         }
+        services = {
+            key: summed(self.io.lookup(info.maps["service_stats"], key))
+            for key in self.io.keys(info.maps["service_stats"])
+        }
+        return servers, services
+
+    def counters(self, ifname: str) -> dict:
+        """Per server, per service and per event: packets and bytes summed over CPUs."""
+        info = self.io.program(ifname)
+        if info is None or info.name != PROGRAM_NAME:
+            return {}
+        layout = self._layout(info)
+        cpus = self.io.cpus()
+        servers, by_key = self._counted(info, layout)
         services = {}
-        for key in self.io.keys(info.maps["service_stats"]):
+        for key, counted in by_key.items():
             addr, family, proto, port = SVC_KEY.unpack(key[: SVC_KEY.size])
             host = _addr_text(family, addr)
             host = f"[{host}]" if family == 6 else host
-            services[f"{PROTOCOL_NAMES.get(proto, proto)} {host}:{port}"] = summed(
-                self.io.lookup(info.maps["service_stats"], key)
-            )
+            services[f"{PROTOCOL_NAMES.get(proto, proto)} {host}:{port}"] = counted
         events = {}
         for i, name in enumerate(EVENTS):
             raw = self.io.lookup(info.maps["events"], U32.pack(i))
             events[name] = sum(struct.unpack_from("<Q", raw, j * 8)[0] for j in range(cpus)) if raw else 0
         return {"servers": servers, "services": services, "events": events, "mode": info.mode}
+
+    def carried(self, ifname: str) -> tuple[dict, dict] | None:
+        """What kdsr's program on ``ifname`` counted, to carry into the
+        program that replaces it (a newer object): its maps die with it, and
+        the metrics promise counters that only grow."""
+        info = self.io.program(ifname)
+        if info is None or info.name != PROGRAM_NAME:
+            return None
+        return self._counted(info, self._layout(info))
+
+    def carry_over(self, ifname: str, counted: tuple[dict, dict] | None) -> None:
+        """Put ``counted`` (``carried()``, from the program replaced) into the
+        new program's counters, on the first CPU's share."""
+        info = self.io.program(ifname)
+        if counted is None or info is None or info.name != PROGRAM_NAME:
+            return
+        layout = self._layout(info)
+        rest = COUNTER.pack(0, 0) * (self.io.cpus() - 1)
+        servers, services = counted
+        for address, (packets, octets) in sorted(servers.items()):
+            if address in layout.servers and packets:
+                self.io.update(
+                    info.maps["server_stats"], U32.pack(layout.servers[address]), COUNTER.pack(packets, octets) + rest
+                )
+                self.writes += 1
+        for key, (packets, octets) in sorted(services.items()):
+            if packets:
+                self.io.update(info.maps["service_stats"], key, COUNTER.pack(packets, octets) + rest)
+                self.writes += 1
 
 
 def _first_fit(regions: list[tuple[int, int]], size: int) -> int:
@@ -635,6 +762,9 @@ class FakeIO:
 
     def lookup(self, map_id: int, key: bytes) -> bytes | None:
         return self.maps[map_id].get(key)
+
+    def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]:
+        return [self.maps[map_id].get(U32.pack(i), b"") for i in range(first, first + count)]
 
     def keys(self, map_id: int) -> list[bytes]:
         return list(self.maps[map_id])

@@ -232,9 +232,10 @@ def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(depl
     """lb2 runs the table kdsr wrote before the check (RELEASE_WITHOUT_CHECK);
     the new kdsr plans in-place chain updates (the ingress chain gains the
     check; the selector chains' rules, whose comments named the pool's first
-    service, now name the pool and go to the servers' chains), the servers'
-    chains (their counters) and the slot maps made again as verdict maps,
-    and nothing else; it applies them in one transaction while datagrams
+    service, now name the pool and look the server up in its servers map),
+    the pools' servers maps (server id -> address, counted per element) and
+    the slot maps made again as server-id maps, and nothing else; the plan's
+    summary names each slot's server the same before and after; it applies them in one transaction while datagrams
     stream through lb2 (each arrives exactly once), and a second apply
     changes nothing."""
     lab = deployed.lab
@@ -248,6 +249,9 @@ def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(depl
     plan = deployed.kdsr("lb2", "plan", str(deployed.intent), "--node", "lb2")
     print(f"\nupgrade plan:\n{plan.stdout}")
     assert "~ nft chain netdev kdsr/ingress" in plan.stdout, plan.stdout
+    # The old slot maps held addresses: the summary reads them as servers, so
+    # no server is "removed" and "added" by the new shape.
+    assert " removed " not in plan.stdout and "id " not in plan.stdout, plan.stdout
     assert " to destroy." in plan.stdout and ", 0 to destroy." in plan.stdout, plan.stdout
     as_json = deployed.kdsr("lb2", "plan", str(deployed.intent), "--node", "lb2", "--json").stdout
     changes = json.loads(as_json)["changes"]
@@ -256,7 +260,7 @@ def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(depl
         name = c["id"].split("/", 1)[1]
         assert (
             (c["action"], c["kind"]) == ("update", "nft chain")
-            or ((c["action"], c["kind"]) == ("create", "nft chain") and name.startswith("server-"))
+            or ((c["action"], c["kind"]) == ("create", "nft map") and name.startswith("servers-"))
             or ((c["action"], c["kind"]) == ("replace", "nft map") and name.startswith("pool-"))
         ), c
 
@@ -283,15 +287,16 @@ def test_upgrade_from_a_table_without_the_check_is_one_in_place_transaction(depl
     print(f"datagrams: {sent} sent at {rate:g}/s, {len(received)} received")
     assert received == list(range(sent)), f"{sent} sent, {len(received)} received, {len(set(received))} distinct"
     # One transaction: the chains' old rules go and the new ones come, the
-    # servers' chains are added and the slot maps made again, nothing else.
+    # servers maps are added and the slot maps made again, nothing else.
     writes = [e for e in events if not e.startswith("#")]
     allowed = (
         "delete rule netdev kdsr ",
         "add rule netdev kdsr ",
-        "add chain netdev kdsr server-",
         "delete set netdev kdsr pool-",  # (nft monitor says "set" for a map)
         "add map netdev kdsr pool-",
         "add element netdev kdsr pool-",
+        "add map netdev kdsr servers-",
+        "add element netdev kdsr servers-",
     )
     assert writes and all(e.startswith(allowed) for e in writes), events
     assert sum(e.startswith("# new generation") for e in events) == 1, events

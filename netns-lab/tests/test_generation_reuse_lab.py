@@ -35,7 +35,7 @@ operations.apply(operations.prepare(intent, "lb1", kernel, store), kernel, store
 out = {"generation_after_apply": read_generation()}
 first = kernel.nft.read_table("netdev", "kdsr", reuse=True)
 again = kernel.nft.read_table("netdev", "kdsr", reuse=True)
-out["reused_when_unchanged"] = first[0] is again[0]
+out["reused_when_unchanged"] = first is again
 out["noop_plan"] = len(operations.prepare(intent, "lb1", kernel, store).plan.changes)
 # A new handle (kdsr run after a start) lists the table; the no-op plan
 # proves it equal to the compiled one, which the handle keeps as its read.
@@ -43,9 +43,9 @@ fresh = SystemKernel()
 prepared = operations.prepare(intent, "lb1", fresh, store)
 compiled = next(t for t in prepared.desired.tables if t.family == "netdev")
 out["fresh_noop_plan"] = len(prepared.plan.changes)
-out["fresh_keeps_compiled"] = fresh.nft.read_table("netdev", "kdsr", reuse=True)[0] is compiled
+out["fresh_keeps_compiled"] = fresh.nft.read_table("netdev", "kdsr", reuse=True) is compiled
 
-maps = [m for m in first[0].maps if m.name.startswith("pool-web-v4") and m.elements]
+maps = [m for m in first.maps if m.name.startswith("pool-web-v4") and m.elements]
 name, (key, _value) = maps[0].name, maps[0].elements[0]
 subprocess.run(["nft", "delete", "element", "netdev", "kdsr", name, "{", str(key), "}"], check=True)
 out["generation_after_drift"] = read_generation()

@@ -259,7 +259,7 @@ def test_drift_is_planned_exactly_and_repaired_foreign_state_untouched(deployed)
     that, `apply` restores it, and the next plan is empty (exit 0)."""
     lab = deployed.lab
     drifts = {
-        "lb": (["nft", "flush", "ruleset"], "+ nft table netdev kdsr", "Plan: 16 to add, 0 to change"),
+        "lb": (["nft", "flush", "ruleset"], "+ nft table netdev kdsr", "Plan: 12 to add, 0 to change"),
         "s1": (["sysctl", "-w", "net.ipv4.conf.eth0.arp_ignore=0"], "net.ipv4.conf.eth0.arp_ignore", "1 to change"),
         "s2": (["ip", "addr", "del", f"{VIP4}/32", "dev", "lo"], f"{VIP4}/32", "Plan: 1 to add, 0 to change"),
     }

@@ -16,7 +16,10 @@ servers.  Each scenario checks, with packets:
   services, routes, rules and sysctls exactly as they were.
 
 Agreement between load balancers with different histories is checked once
-per engine with 10,000 flows.
+per engine with 10,000 flows.  The xdp engine's three L3 modes are one
+compact test (test_xdp_l3_flows_encapsulation_and_agreement): flows, the
+encapsulation on the wire, "too big" answers, the dsr probe path, and the
+nft engine's choice of server for every flow.
 """
 
 from __future__ import annotations
@@ -303,17 +306,25 @@ def test_second_apply_writes_nothing(deployed):
 
 
 def test_counters_grow_across_a_drain_and_add_up(deployed):
-    """nft engine: per-server counters (one chain per member and mode) never
-    go back when a drain moves slots, and a pool's servers counted as many
-    packets as its services did."""
+    """nft engine: per-server counters (the pool's servers map, one element
+    per member and mode) never go back when a drain moves slots, and a
+    pool's servers counted as many packets as its services did, plus the
+    ICMP errors about its flows that went the same way (a reply the client
+    got after its probe gave up is answered by port-unreachable to the VIP,
+    which the balancer sends on to the flow's server)."""
     if deployed.engine != "nft":
         pytest.skip("`kdsr show` reads the nft engine's counters only")
     lab = deployed.lab
 
+    def icmp_errors() -> int:
+        listed = json.loads(lab.run("lb", ["nft", "-j", "list", "map", "netdev", "kdsr", "l3-icmp-v4"]).stdout)
+        elements = next(i["map"] for i in listed["nftables"] if "map" in i).get("elem", [])
+        return sum(e[0]["elem"].get("counter", {}).get("packets", 0) for e in elements if isinstance(e[0], dict))
+
     def read() -> tuple[dict, int]:
         report = json.loads(deployed.kdsr("lb", "show", "--json").stdout)["kernel"]
         servers = {r["server"]: r["packets"] for r in report["servers"]}
-        return servers, sum(r["packets"] for r in report["services"])
+        return servers, sum(r["packets"] for r in report["services"]) + icmp_errors()
 
     history = [read()]
     for step in ("traffic", "drain", "undrain"):
@@ -369,6 +380,127 @@ def test_two_lbs_with_different_histories_pick_the_same_servers(lab, tmp_path, m
     finally:
         lab.route_vips_via("lb")
         dep.kdsr_on(nodes, "destroy", check=False)
+
+
+# ---------------------------------------------------------------- xdp engine
+
+# One intent with the three tunnels (a VIP each, a port range on gre, TCP
+# and UDP), applied once: under emulation every apply costs tens of seconds.
+XDP_CASES = [  # mode, VIP, protocol, port
+    ("l3-ipip", "10.9.0.100", "udp", 53),
+    ("l3-ipip", "10.9.0.100", "tcp", 80),
+    ("l3-gre", "10.9.0.101", "udp", 5005),
+    ("l3-ip6tnl", "fd00:9::100", "tcp", 80),
+    ("l3-ip6tnl", "fd00:9::100", "udp", 80),
+]
+XDP_FLOWS = 20
+MARKED_CONNECT = """
+import socket, sys
+vip, mark = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK: a dsr health probe's
+s.settimeout(10)
+s.connect((vip, 80))
+s.sendall(b"KDSR1 5\\nprobe")
+print(s.recv(200).split()[0].decode())
+"""
+
+
+def xdp_l3_intent(engine: str) -> dict:
+    doc = intent_for("l3-ipip", engine)
+    six = intent_for("l3-ip6tnl", engine)
+    doc["pools"] = {"web": doc["pools"]["web"], "web6": six["pools"]["web6"]}
+    doc["pools"]["web"]["health"] = {"type": "tcp", "port": 80, "interval": 5, "timeout": 2}
+    doc["services"] = {
+        "web": {"vip": "10.9.0.100", "ports": [53, 80], "protocols": "both", "pool": "web",
+                "dsr": {"mode": "l3-ipip", "engine": engine}},
+        "media": {"vip": "10.9.0.101", "ports": "5000-5010", "protocols": "udp", "pool": "web",
+                  "dsr": {"mode": "l3-gre", "engine": engine}},
+        "web6": {"vip": "fd00:9::100", "ports": 80, "protocols": "both", "pool": "web6",
+                 "dsr": {"mode": "l3-ip6tnl", "engine": engine}},
+    }  # fmt: skip
+    return doc
+
+
+def test_xdp_l3_flows_encapsulation_and_agreement(lab, tmp_path):
+    """The xdp engine's ipip, gre and ip6tnl, with the servers' decap set-up
+    kdsr makes for the other engines: Debian 6.1's verifier takes the
+    program and it runs natively; every flow is answered from the VIP by the
+    server it reached, no reply crosses the balancer; on the servers'
+    uplinks each request arrives encapsulated balancer -> server with the
+    client's packet inside; a datagram too big for the tunnel gets the
+    tunnel's MTU back; a dsr health probe (marked for s1) leaves through the
+    probe tunnel kdsr makes for it and is answered by s1; and the nft engine,
+    given the same intent, sends every flow to the same server.
+
+    As on the host (test_xdp_l3_lab.py), the balancer's port on the bridge
+    runs an XDP_PASS program and the client's transmit checksum offload is off."""
+    from kdsr import naming
+
+    dep = Deployment(lab, tmp_path, "l3-ipip", "xdp")
+    dep.intent = dep.write("xdp-l3.json", xdp_l3_intent("xdp"))
+    pass_object = ROOT / "build" / "xdp_pass.o"
+    lab.run(lab.SWITCH, ["ip", "link", "set", "dev", "plb0", "xdpdrv", "obj", str(pass_object), "sec", "xdp"])
+    lab.run("client", [PYTHON, str(ROOT / "netns-lab" / "txcsum.py"), "eth0"])
+    try:
+        dep.kdsr_on(NODES, "apply", dep.intent)
+        (prog,) = json.loads(lab.run("lb", ["bpftool", "-j", "net", "show", "dev", "eth0"]).stdout)[0]["xdp"]
+        assert prog["mode"] == "driver", prog
+        firsts = {case: lab.next_sports(XDP_FLOWS) for case in XDP_CASES}
+        tunnels = "ip proto 4 or ip proto 47 or ip6 proto 41"
+        vips = " or ".join(f"src host {v}" for v in sorted({c[1] for c in XDP_CASES}))
+        picks: dict[str, dict] = {"xdp": {}, "nft": {}}
+        with (
+            lab.capture("lb", "eth0", vips) as replies_at_lb,
+            lab.capture("s1", "eth0", tunnels) as c1,
+            lab.capture("s2", "eth0", tunnels) as c2,
+            lab.capture("s3", "eth0", tunnels) as c3,
+        ):
+            for case in XDP_CASES:
+                mode, vip, proto, port = case
+                report = lab.probe(vip, proto, port, flows=XDP_FLOWS, first_sport=firsts[case], timeout=5.0)
+                assert report.all_ok, (case, report.describe_failures())
+                assert len(report.by_server()) >= 2, (case, report.by_server())
+                family = 6 if ":" in vip else 4
+                for flow in report.flows:
+                    assert flow.server_saw_dst == vip and flow.reply_src == vip, flow
+                    assert flow.server_saw_peer.startswith(CLIENT[family]), flow
+                picks["xdp"][case] = report.server_by_sport()
+        assert replies_at_lb.packets == [], f"{len(replies_at_lb.packets)} replies crossed the load balancer"
+        outer_proto = {"l3-ipip": "ipip", "l3-gre": "gre", "l3-ip6tnl": "ipv6"}
+        for server, capture in (("s1", c1), ("s2", c2), ("s3", c3)):
+            host = lab.HOSTS[server]
+            requests = [p for p in capture.packets if p.inner is not None and p.inner.src in CLIENT.values()]
+            assert requests, f"{server} saw no encapsulated request"
+            for packet in requests:
+                mode = next(m for m, v, _p, _n in XDP_CASES if v == packet.inner.dst)
+                family = 6 if mode == "l3-ip6tnl" else 4
+                assert packet.proto == outer_proto[mode], (server, packet)
+                assert packet.src == LB_ADDRESS[family], packet  # the nft engine's tunnel source
+                assert packet.dst == (host.addr4 if family == 4 else host.addr6), packet
+        for mode, vip, udp_port in (("l3-ipip", "10.9.0.100", 53), ("l3-gre", "10.9.0.101", 5005),
+                                     ("l3-ip6tnl", "fd00:9::100", 80)):  # fmt: skip
+            forget_path_mtus(lab)
+            argv = [PYTHON, "-c", BIG_DATAGRAM, vip, "6" if ":" in vip else "4", str(udp_port)]
+            learned = int(lab.run("client", argv, timeout=120).stdout.strip())
+            assert learned == TUNNEL_MTU[mode], f"{mode}: the client learned path MTU {learned}"
+        forget_path_mtus(lab)
+        mark = str(naming.tunnel_mark("l3-ipip", "10.3.0.11"))
+        answered = lab.run("lb", [PYTHON, "-c", MARKED_CONNECT, "10.9.0.100", mark], timeout=60).stdout.strip()
+        assert answered == "s1", answered
+
+        dep.kdsr("lb", "apply", str(dep.write("nft-l3.json", xdp_l3_intent("nft"))), "--node", "lb1")
+        assert json.loads(lab.run("lb", ["bpftool", "-j", "net", "show", "dev", "eth0"]).stdout)[0]["xdp"] == []
+        for case in XDP_CASES:
+            mode, vip, proto, port = case
+            report = lab.probe(vip, proto, port, flows=XDP_FLOWS, first_sport=firsts[case], timeout=5.0)
+            assert report.all_ok, (case, report.describe_failures())
+            picks["nft"][case] = report.server_by_sport()
+        assert picks["xdp"] == picks["nft"]
+        print(f"\nxdp L3: {len(XDP_CASES) * XDP_FLOWS} flows, the nft engine's server for each")
+    finally:
+        dep.kdsr_on(NODES, "destroy", check=False)
+        lab.run(lab.SWITCH, ["ip", "link", "set", "dev", "plb0", "xdp", "off"], check=False)
 
 
 def test_a_kernel_rejection_rolls_back(lab, tmp_path):

@@ -51,7 +51,7 @@ out["rehearsal before the links"] = check(_rehearsal(plan, td, commands))
 for link in desired.links:
     subprocess.run(["ip", "link", "add", link.name, "type", "veth", "peer", "name", "p" + link.name[5:]], check=True)
 kernel.nft.apply(commands)
-read, _ = kernel.nft.read_table("netdev", "kdsr")
+read = kernel.nft.read_table("netdev", "kdsr")
 out["read back equal"] = read == td.desired
 selector = next(c.name for c in td.desired.chains if c.name.startswith("pool-"))
 out["fwd rule"] = [r.expr for r in read.chain(selector).rules if "fwd" in r.expr_json]
@@ -60,7 +60,7 @@ first = desired.links[0].name
 subprocess.run(["ip", "link", "del", first], check=True)
 subprocess.run(["ip", "link", "add", first, "type", "veth", "peer", "name", "p" + first[5:]], check=True)
 again = SystemKernel(cache_dir=cache)
-reread, _ = again.nft.read_table("netdev", "kdsr", reuse=True)
+reread = again.nft.read_table("netdev", "kdsr", reuse=True)
 links = {m.name: m for m in reread.maps}["l3-tunnel-links"]
 out["links map after"] = {str(k): e.value for k, e in links.elements}
 out["read equal after"] = reread == td.desired

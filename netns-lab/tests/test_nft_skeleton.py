@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kdsr.compile import compile_node
-from kdsr.compile.lb_nft_l2 import pins_map_name, server_chain_name, servers_map_name
+from kdsr.compile.lb_nft_l2 import pins_map_name, servers_map_name
 from kdsr.compile.selectors import selectors_for
 from kdsr.diff import diff
 from kdsr.intent import load_intent
@@ -78,20 +78,15 @@ def test_skeleton_matches_compiler(scratch_ns, skeleton, case, node, family):
     device = desired.tables[0].chain("ingress").hook.device
     selector = next(s for s in selectors_for(intent) if s.family == family)
     subprocess.run(["ip", "-n", scratch_ns, "link", "add", device, "type", "veth", "peer", "name", "peer0"], check=True)
-    member = selector.members[0]
-    server = server_chain_name(selector.pool.name, str(member.address))
-    keep = {"ingress", "services-v4", "services-v6", "service-ranges-v4", "service-ranges-v6", selector.name, server}
     pins, servers = pins_map_name(selector.pool.name, family), servers_map_name(selector.pool.name, family)
+    keep = {"ingress", "services-v4", "services-v6", "service-ranges-v4", "service-ranges-v6", selector.name, servers}
     if selector.hashing.pinning is not None:
-        keep |= {pins, servers}
+        keep |= {pins}
 
     text = (ROOT / "nft" / skeleton).read_text()
     for placeholder, value in {
         "@DEVICE@": device,
         "@SELECTOR@": selector.name,
-        "@SERVER_ADDRESS@": str(member.address),
-        "@SERVER_MAC@": member.mac or "",
-        "@SERVER@": server,
         "@MOD@": str(selector.table_size),
         "@SEED@": hex(selector.hashing.seed),
         "@PINS@": pins,

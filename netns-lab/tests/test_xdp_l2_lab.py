@@ -357,6 +357,72 @@ def test_xdp_and_nft_agree_on_other_hash_fields(deployed, fields):
     deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
 
 
+METRICS = "127.0.0.1:9469"
+
+
+def test_kdsr_run_metrics_count_the_programs_traffic(deployed):
+    """`kdsr run --metrics` on the balancer: the program's counters under the
+    nft engine's metric names and labels, growing with real traffic."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lab = deployed.lab
+    argv = [sys.executable, "-m", "kdsr", "--state-dir", str(deployed.state_dir), "run", str(deployed.intent)]
+    daemon = lab.spawn("lb", argv + ["--node", "lb1", "--metrics", METRICS], tag="kdsr-run")
+    code = (
+        f"import urllib.request; print(urllib.request.urlopen('http://{METRICS}/metrics', timeout=10).read().decode())"
+    )
+
+    def scrape() -> dict[tuple[str, frozenset], float]:
+        text = lab.run("lb", [sys.executable, "-c", code], timeout=30).stdout
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def total(samples, name: str, **labels: str) -> float:
+        return sum(v for (n, lab_), v in samples.items() if n == name and dict(lab_).items() >= labels.items())
+
+    try:
+        deadline = time.monotonic() + 60
+        while "event=metrics" not in daemon.stderr() and time.monotonic() < deadline:
+            assert daemon.running(), daemon.stderr()
+            time.sleep(0.1)
+        assert "event=metrics" in daemon.stderr(), daemon.stderr()
+        dns = {"service": "dns", "vip": VIP4, "protocol": "udp", "port": "53"}
+        before = scrape()
+        report = lab.probe(VIP4, "udp", 53, flows=30, first_sport=lab.next_sports(30))
+        assert report.all_ok, report.describe_failures()
+        # A scrape serves a read at most metrics.KERNEL_FRESH old (or, were
+        # reads slow, the last one): the traffic shows within a few.
+        for _ in range(20):
+            time.sleep(0.5)
+            after = scrape()
+            grown = total(after, "kdsr_service_packets_total", **dns) - total(
+                before, "kdsr_service_packets_total", **dns
+            )
+            if grown >= 30:
+                break
+        assert grown >= 30, (grown, after.get(("kdsr_kernel_read_duration_seconds", frozenset())))
+        assert after[("kdsr_kernel_read_errors_total", frozenset())] == 0
+        print(f"\nkernel read for the metrics: {after[('kdsr_kernel_read_duration_seconds', frozenset())]:.3f} s")
+        servers = {dict(labels)["server_node"] for (n, labels) in after if n == "kdsr_server_packets_total"}
+        assert {"s1", "s2", "s3"} <= servers, servers
+        assert {frozenset(dict(labels)) for (n, labels) in after if n == "kdsr_server_packets_total"} == {
+            frozenset({"pool", "server", "server_node"})
+        }
+        sent = total(after, "kdsr_server_packets_total", pool="web") - total(
+            before, "kdsr_server_packets_total", pool="web"
+        )
+        assert sent >= 30, sent
+        assert total(after, "kdsr_server_bytes_total", pool="web") > total(
+            before, "kdsr_server_bytes_total", pool="web"
+        )
+    finally:
+        daemon.stop(signal.SIGTERM)
+    assert "No changes" in deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1").stdout
+
+
 def test_foreign_program_refused_and_destroy_leaves_nothing(deployed):
     lab = deployed.lab
     deployed.kdsr("lb", "destroy", "--node", "lb1")

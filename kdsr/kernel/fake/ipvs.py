@@ -1,7 +1,8 @@
 """IPVS in memory (kdsr/kernel/ipvs.py's fake): services in creation order,
 each with its destinations in the kernel's list order (a new one at the
 head, as the kernel adds it); a service or destination added twice, or
-edited or deleted when missing, is refused as ipvsadm refuses it."""
+edited or deleted when missing, is refused as ipvsadm refuses it; the
+counters ``stats`` reports are what a test puts in ``counts``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 
 from kdsr.kernel import KernelError
 from kdsr.kernel.fake.log import FakeLog
-from kdsr.kernel.ipvsadm import IpvsCommand
+from kdsr.kernel.ipvsadm import ZERO, IpvsCommand, IpvsCounters, IpvsStats
 from kdsr.model import IpvsDest, IpvsService
 
 
@@ -22,6 +23,16 @@ class FakeIpvs:
         self.some_lists = 0  # list_some calls (a read-back of the services written)
         self.batches = 0
         self.batch_runs_on = False  # True: a refused batch line does not stop the rest
+        # IPVS statistics ``stats`` reports; tests set them: service ident ->
+        # (connections, packets, bytes), (service ident, destination ident) ->
+        # the same.  As the kernel (6.1) does: an edit (weight) keeps them; a
+        # deleted destination goes to a trash and comes back from it, counters
+        # and all, when added again (kdsr's re-adds that keep mh's list order;
+        # the kernel empties its trash after a minute, the fake never does); a
+        # deleted service takes its counters and its destinations' along.
+        self.counts: dict = {}
+        self.trash: dict = {}
+        self.stats_reads = 0
 
     def _write(self, what: str) -> None:
         self.log.write(what)
@@ -30,6 +41,17 @@ class FakeIpvs:
     def list_all(self) -> list[IpvsService]:
         self.lists += 1
         return list(self.services.values())
+
+    def stats(self) -> list[IpvsStats]:
+        self.stats_reads += 1
+        return [
+            IpvsStats(
+                svc,
+                IpvsCounters(*self.counts.get(ident, ZERO)),
+                {d.ident: IpvsCounters(*self.counts.get((ident, d.ident), ZERO)) for d in svc.dests},
+            )
+            for ident, svc in self.services.items()
+        ]
 
     def list_some(self, services: list[IpvsService]) -> list[IpvsService]:
         self.some_lists += 1
@@ -52,6 +74,8 @@ class FakeIpvs:
                 raise KernelError(f"ipvsadm -D {svc.ident}: No such service")
             self._write(f"ipvs del {svc.ident}")
             del self.services[svc.ident]
+            self.counts = {k: v for k, v in self.counts.items() if (k[0] if isinstance(k, tuple) else k) != svc.ident}
+            self.trash = {k: v for k, v in self.trash.items() if k[0] != svc.ident}
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
 
@@ -66,6 +90,8 @@ class FakeIpvs:
                 raise KernelError(f"ipvsadm -a {svc.ident} {dest.ident}: Destination already exists")
             self._write(f"ipvs dest add {svc.ident} {dest.ident}")
             dests.insert(0, dest)  # the kernel adds at the head of the list
+            if (svc.ident, dest.ident) in self.trash:
+                self.counts[(svc.ident, dest.ident)] = self.trash.pop((svc.ident, dest.ident))
         elif verb in ("-e", "-d"):
             if index is None:
                 raise KernelError(f"ipvsadm {verb} {svc.ident} {dest.ident}: No such destination")
@@ -74,6 +100,8 @@ class FakeIpvs:
                 dests[index] = dest
             else:
                 del dests[index]
+                if (svc.ident, dest.ident) in self.counts:
+                    self.trash[(svc.ident, dest.ident)] = self.counts.pop((svc.ident, dest.ident))
         else:
             raise KernelError(f"fake kernel: unknown ipvs verb {verb}")
         self.services[svc.ident] = dataclasses.replace(have, dests=tuple(dests))

@@ -46,20 +46,18 @@ class FakeNftables:
     def list_tables(self) -> list[tuple[str, str]]:
         return sorted(self.tables)
 
-    def read_table(self, family: str, name: str, reuse: bool = False) -> tuple[NftTable | None, list[dict]]:
+    def read_table(self, family: str, name: str, reuse: bool = False) -> NftTable | None:
         table = self.tables.get((family, name))
         if table is None:
-            return None, []
+            return None
         chains = tuple(
             NftChain(name=n, hook=hook, rules=tuple(rules)) for n, (hook, rules) in sorted(table.chains.items())
         )
         maps = []
-        listing: list[dict] = []
-        for n, (decl, elements) in sorted(table.maps.items()):
+        for _n, (decl, elements) in sorted(table.maps.items()):
             items = tuple(sorted(elements.items()))
             maps.append(dataclasses.replace(decl, elements=items, pointer=""))
-            listing.append({"map": {"name": n, "elem": []}})
-        return NftTable(family=family, name=name, chains=chains, maps=tuple(maps)), listing
+        return NftTable(family=family, name=name, chains=chains, maps=tuple(maps))
 
     def listing(self, family: str, name: str) -> list[dict] | None:
         """A listing in libnftables' JSON shape, counters from ``counts``
