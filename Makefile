@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: setup bpf demo test deb man docs unit lab lab-full lab-l3 golden lint bench-maglev bench-control-plane bench-compile \
-	bench-ipvs-control-plane bench-netlink bench-cli-noop bench-sighup bench-metrics
+	bench-ipvs-control-plane bench-netlink bench-cli-noop bench-sighup bench-metrics bench-reload
 
 setup:
 	./scripts/setup.sh
@@ -107,3 +107,8 @@ bench-sighup: setup
 # VIPs, this checkout beside an older release (root; throw-away namespaces).
 bench-metrics: setup
 	$(PY) bench/metrics_scrape.py
+
+# `kdsr run`'s reload of an edited intent, with each incremental part left
+# out in turn (no root, no kernel): why json_entries/reload/reverify are kept.
+bench-reload: setup
+	$(PY) bench/reload_parts.py

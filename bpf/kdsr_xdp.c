@@ -7,8 +7,8 @@
  *   1. a frame whose destination MAC is not the interface's own goes on
  *      untouched (XDP_PASS), like `meta pkttype != host accept`: a flooded,
  *      mirrored, broadcast or multicast frame is another host's;
- *   2. IPv4 (first fragments only) or IPv6 (TCP/UDP right after the fixed
- *      header) looks up VIP . protocol . destination port in `services`
+ *   2. IPv4 (first fragments only) or IPv6 (TCP/UDP, past the extension
+ *      headers nft walks: ipv6_upper_layer()) looks up VIP . protocol . destination port in `services`
  *      (single ports), then in `ranges` (the port ranges of that VIP and
  *      protocol); no match: XDP_PASS, the host keeps working;
  *   3. the service names a selector: the Maglev table kdsr compiles for the
@@ -314,6 +314,54 @@ static __always_inline __u32 jhash_words(const __u32 *k, __u32 n, __u32 seed)
 		break;
 	}
 	return c;
+}
+
+/* An IPv6 fragment header (the kernel's struct frag_hdr is not uapi). */
+struct ipv6_frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
+
+#define IPV6_EXT_MAX 4 /* extension headers walked before giving the packet to the stack */
+
+/* The upper-layer protocol of an IPv6 packet and where its header starts,
+ * past the extension headers nft's `meta l4proto` and `th` walk
+ * (ipv6_find_hdr(): hop-by-hop, routing, destination options, and the
+ * fragment header of a first fragment), so a packet that carries one is
+ * balanced as the nft engine balances it.  -1: a non-first fragment (no
+ * ports: nft's `th dport` fails too), a truncated header, or a chain
+ * longer than IPV6_EXT_MAX; the caller passes those to the stack.  AH, ESP
+ * and the rest end the walk as the protocol itself, which no service has. */
+static __always_inline int ipv6_upper_layer(struct ipv6hdr *ip6h, void **l4, void *data_end)
+{
+	void *p = ip6h + 1;
+	__u8 nexthdr = ip6h->nexthdr;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < IPV6_EXT_MAX; i++) {
+		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS) {
+			struct ipv6_opt_hdr *opt = p;
+
+			if ((void *)(opt + 1) > data_end)
+				return -1;
+			nexthdr = opt->nexthdr;
+			p += (opt->hdrlen + 1) * 8;
+		} else if (nexthdr == IPPROTO_FRAGMENT) {
+			struct ipv6_frag_hdr *frag = p;
+
+			if ((void *)(frag + 1) > data_end || (frag->frag_off & bpf_htons(0xfff8)))
+				return -1;
+			nexthdr = frag->nexthdr;
+			p = frag + 1;
+		} else {
+			*l4 = p;
+			return nexthdr;
+		}
+	}
+	return -1;
 }
 
 static __always_inline int same_mac(const __u8 *a, const __u8 *b)
@@ -815,14 +863,18 @@ int kdsr_xdp(struct xdp_md *ctx)
 		struct ipv6hdr *ip6h = (void *)(eth + 1);
 		__u32 saddr[4], daddr[4];
 
+		int upper;
+
 		if ((void *)(ip6h + 1) > data_end)
 			return XDP_PASS;
-		l4 = (void *)(ip6h + 1);
+		upper = ipv6_upper_layer(ip6h, &l4, data_end);
+		if (upper < 0)
+			return XDP_PASS;
 		v6 = 1;
 		key.family = 6;
 		inner_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
 		dsfield = (bpf_ntohs(*(__be16 *)ip6h) >> 4) & 0xff;
-		if (ip6h->nexthdr == IPPROTO_ICMPV6) {
+		if (upper == IPPROTO_ICMPV6) {
 			struct icmp6hdr *icmp = l4;
 			struct ipv6hdr *quoted = (void *)(icmp + 1);
 
@@ -844,13 +896,11 @@ int kdsr_xdp(struct xdp_md *ctx)
 				goto pass;
 			flow_words(&f, sel->fields, 1, saddr, daddr, quoted->nexthdr, sport_raw, dport_raw);
 		} else {
-			/* Extension headers: not parsed here; such packets pass to
-			 * the stack (nft's `meta l4proto` walks them: a difference). */
-			if (ip6h->nexthdr != IPPROTO_TCP && ip6h->nexthdr != IPPROTO_UDP)
+			if (upper != IPPROTO_TCP && upper != IPPROTO_UDP)
 				return XDP_PASS;
 			if (l4 + 4 > data_end)
 				return XDP_PASS;
-			key.proto = ip6h->nexthdr;
+			key.proto = upper;
 			__builtin_memcpy(key.addr, &ip6h->daddr, 16);
 			__builtin_memcpy(saddr, &ip6h->saddr, 16);
 			__builtin_memcpy(daddr, &ip6h->daddr, 16);
@@ -861,7 +911,7 @@ int kdsr_xdp(struct xdp_md *ctx)
 			sel = bpf_map_lookup_elem(&selectors, &sel_id);
 			if (!sel)
 				goto pass;
-			flow_words(&f, sel->fields, 1, saddr, daddr, ip6h->nexthdr, sport_raw, dport_raw);
+			flow_words(&f, sel->fields, 1, saddr, daddr, upper, sport_raw, dport_raw);
 		}
 	} else {
 		return XDP_PASS;

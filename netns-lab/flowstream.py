@@ -49,6 +49,7 @@ def main() -> int:
         payload_bytes=32,
         timeout=args.timeout,
         source="0.0.0.0" if ":" not in args.vip else "::",
+        ipv6_ext=[],
     )
     lock = threading.Lock()
     start = time.monotonic()

@@ -593,6 +593,7 @@ class L2Lab:
         source: str | None = None,
         client: str = "client",
         deadline: float | None = None,
+        ipv6_ext: str = "",
     ) -> ProbeReport:
         """Run probe.py in the client; returns every flow's result (it does not assert)."""
         deadline = deadline if deadline is not None else min(120.0, 5.0 + flows * timeout / max(workers, 1) * 2)
@@ -620,6 +621,7 @@ class L2Lab:
             "--json",
         ]
         argv += ["--source", source] if source else []
+        argv += ["--ipv6-ext", ipv6_ext] if ipv6_ext else []
         result = self.run(client, argv, check=False, timeout=deadline + 15)
         if result.returncode not in (0, 1):
             raise LabError(f"probe failed (exit {result.returncode}): {result.stderr.strip()}")

@@ -5,6 +5,7 @@ Run inside the client namespace (stdlib only):
 
     probe.py --vip 10.10.0.100 --proto tcp --port 80 --flows 20 \
              --first-sport 40000 [--payload-bytes 64] [--timeout 2] [--json]
+             [--ipv6-ext hop,dst]
 
 Flow i binds source port first_sport + i, sends a random payload to a
 responder (responder.py), and checks the reply: the header line names the
@@ -16,6 +17,10 @@ exact, and the reply came from the address we sent to (a UDP reply from the
 server's own address instead of the VIP is what a broken DSR server does;
 connected UDP sockets in real clients drop it). For TCP the reply source is
 the connected peer, which the kernel guarantees.
+
+``--ipv6-ext``: every packet of an IPv6 flow carries these extension headers
+(sticky socket options: ``hop`` a hop-by-hop, ``dst`` a destination options
+header, each one PadN option long), as some clients' stacks send them.
 
 Exit status: 0 every flow ok, 1 some flow failed, 2 bad arguments.
 """
@@ -35,6 +40,10 @@ from dataclasses import asdict, dataclass
 TCP_FRAME_MAGIC = b"KDSR1 "  # must match responder.py
 MAX_WORKERS = 16
 MAX_REPLY_HEADER = 512
+# An options header of 8 bytes: next header and length (the kernel fills
+# both in), then one PadN option of 4 zero bytes.
+OPTIONS_HEADER = bytes([0, 0, 1, 4, 0, 0, 0, 0])
+IPV6_EXT_OPTION = {"hop": socket.IPV6_HOPOPTS, "dst": socket.IPV6_DSTOPTS}
 
 
 @dataclass
@@ -75,6 +84,7 @@ def tcp_exchange(args, sport: int, payload: bytes, timeout: float) -> tuple[byte
         # SO_REUSEADDR lets us bind a source port whose previous connection
         # the server (not we) holds in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        extension_headers(sock, args)
         sock.settimeout(timeout)
         sock.bind((args.source, sport))
         sock.connect((args.vip, args.port))
@@ -94,6 +104,7 @@ UDP_TRIES = 3
 
 def udp_exchange(args, sport: int, payload: bytes, timeout: float) -> tuple[bytes, tuple]:
     with socket.socket(family_of(args.vip), socket.SOCK_DGRAM) as sock:
+        extension_headers(sock, args)
         sock.bind((args.source, sport))
         deadline = time.monotonic() + timeout
         for attempt in range(UDP_TRIES):
@@ -109,6 +120,11 @@ def udp_exchange(args, sport: int, payload: bytes, timeout: float) -> tuple[byte
             except TimeoutError:
                 continue
         raise TimeoutError(f"no reply to {UDP_TRIES} datagrams within {timeout:g}s")
+
+
+def extension_headers(sock: socket.socket, args) -> None:
+    for name in args.ipv6_ext:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_EXT_OPTION[name], OPTIONS_HEADER)
 
 
 def recv_until_eof(sock: socket.socket, deadline: float, limit: int) -> bytes:
@@ -182,11 +198,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=8, help=f"parallel flows (1..{MAX_WORKERS})")
     parser.add_argument("--source", help="local address to bind (default: any of the VIP's family)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--ipv6-ext", default="", help="IPv6 extension headers on every packet: hop,dst")
     args = parser.parse_args(argv)
+    args.ipv6_ext = [name for name in args.ipv6_ext.split(",") if name]
+    if any(name not in IPV6_EXT_OPTION for name in args.ipv6_ext):
+        parser.error(f"--ipv6-ext takes a list of {', '.join(IPV6_EXT_OPTION)}")
     try:
         family = family_of(args.vip)
     except ValueError:
         parser.error(f"--vip {args.vip!r} is not an IP address")
+    if args.ipv6_ext and family != socket.AF_INET6:
+        parser.error("--ipv6-ext needs an IPv6 --vip")
     if not 1 <= args.port <= 65535:
         parser.error("--port must be 1-65535")
     if not 1 <= args.flows or not 1 <= args.first_sport or args.first_sport + args.flows - 1 > 65535:

@@ -26,6 +26,10 @@ are exactly verify's.  An edit of anything but services and pools (nodes,
 load balancers, BGP) verifies the whole document.
 
 tests/test_intent_reverify.py checks chains of random edits against cold loads.
+
+Why kept: verify on the whole document is most of a whole reload's time and
+by itself over the daemon's 150 ms budget for an edit at 10,000 VIPs
+(bench/reload_parts.py, variant "whole verify").
 """
 
 from __future__ import annotations

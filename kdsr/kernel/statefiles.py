@@ -3,6 +3,11 @@ steer them: the directory is 0700, files are 0600, every write goes to a new
 temp file (O_EXCL) that is fsync'd and renamed over the old one, and no path
 is followed through a symlink (someone who can plant one must not get root
 to overwrite /etc/shadow, nor to feed kdsr a record of objects to delete).
+
+Why hand-written: the libraries for atomic writes (atomicwrites, archived
+by its author; the stdlib's ``tempfile`` + ``os.replace``) do the rename
+but follow symlinks in the path and do not check who owns the directory,
+which is the half that matters when the writer is root.
 """
 
 from __future__ import annotations

@@ -336,6 +336,26 @@ def test_xdp_and_nft_choose_the_same_server(deployed):
     assert "No changes" in deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1").stdout
 
 
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_ipv6_extension_headers_are_balanced_like_nft(deployed, proto):
+    """IPv6 flows whose every packet carries a hop-by-hop and a destination
+    options header: the program walks them as nft does (``meta l4proto``,
+    ``th dport``), so each flow is answered, through the xdp engine, by the
+    server nft's table gives it."""
+    lab = deployed.lab
+    first = lab.next_sports(60)
+    picks = {}
+    for engine in ("xdp", "nft"):
+        path = deployed.write(f"ext-{engine}", _intent(lab, engine))
+        deployed.kdsr("lb", "apply", str(path), "--node", "lb1")
+        report = lab.probe(VIP6, proto, 80, flows=60, first_sport=first, ipv6_ext="hop,dst")
+        assert report.all_ok, (engine, report.describe_failures())
+        _assert_flows(report, VIP6)
+        picks[engine] = report.server_by_sport()
+    assert picks["xdp"] == picks["nft"]
+    deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
+
+
 @pytest.mark.parametrize("fields", ["five-tuple", "source-ip"])
 def test_xdp_and_nft_agree_on_other_hash_fields(deployed, fields):
     """nft's jhash over five fields (address, address, l4proto, port, port:
