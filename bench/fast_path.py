@@ -462,14 +462,16 @@ def run_pktgen(ns: str, dev: str, duration: float) -> dict:
 
 
 def run_afpacket(sender: str, row: str, macs: dict[str, str], duration: float) -> dict:
+    """sender: the compiled sender's path, then its method (``mmsg`` or ``ring``) after a space."""
     """The compiled AF_PACKET sender on CPU 0, on the same interface and
     with the same frames pktgen would send."""
     ns, port, dst_mac = target(row, macs)
-    argv = [sender, port, macs["client"], dst_mac, CLIENT_ADDR, VIP, str(PORT), str(SPORTS[0])]
-    argv += [str(SPORTS[1]), str(duration), "0"]
+    path, method = sender.split(" ")
+    argv = [path, port, macs["client"], dst_mac, CLIENT_ADDR, VIP, str(PORT), str(SPORTS[0])]
+    argv += [str(SPORTS[1]), str(duration), "0", method]
     res = nsx(ns, argv, timeout=duration + 30)
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"usec": out["usec"], "sent": out["sent"]}
+    return {"usec": out["usec"], "sent": out["sent"], "refused": out["dropped"]}
 
 
 def measure(row: str, macs: dict[str, str], duration: float, sender: str | None = None) -> dict:
@@ -490,6 +492,10 @@ def measure(row: str, macs: dict[str, str], duration: float, sender: str | None 
         "seconds": round(secs, 3),
         "sent": pg["sent"],
         "sent_pps": round(pg["sent"] / secs),
+        # frames the first hop refused at its entry (the backlog or a veth's
+        # XDP ring full): the sender offered sent + refused.
+        "refused": pg.get("refused", 0),
+        "offered_pps": round((pg["sent"] + pg.get("refused", 0)) / secs),
         "delivered": delivered,
         "delivered_pps": round(delivered / secs),
         "lost": pg["sent"] - delivered,
@@ -586,6 +592,7 @@ def summarise(info: dict) -> dict:
         pps = [r["delivered_pps"] for r in mine]
         med = statistics.median(pps)
         sent_med = statistics.median(r["sent_pps"] for r in mine)
+        offered_med = statistics.median(r.get("offered_pps", r["sent_pps"]) for r in mine)
         per_round = [
             round(r["delivered_pps"] / base_by_round[r["round"]], 3) for r in mine if base_by_round.get(r["round"])
         ]
@@ -616,6 +623,7 @@ def summarise(info: dict) -> dict:
                 "spread": round((max(pps) - min(pps)) / med, 3) if med else None,
                 "sent_pps_median": round(sent_med),
                 "delivered_over_sent": round(med / sent_med, 3) if sent_med else None,
+                "offered_pps_median": round(offered_med),
                 "ratio_to_baseline": round(med / base_med, 3) if base_med else None,
                 "ratio_per_round": per_round,
                 "cpu1_busy_median": busy,
@@ -628,7 +636,11 @@ def summarise(info: dict) -> dict:
                 "bound": bound,
             }
         )
-    return {"table": table, "goals": goals(table), "sender_ceiling_pps": ceiling}
+    offered = {
+        path: _median([r.get("offered_pps", r["sent_pps"]) for r in runs if r["row"] == sink])
+        for path, sink in SINK_OF.items()
+    }
+    return {"table": table, "goals": goals(table), "sender_ceiling_pps": ceiling, "sender_offered_pps": offered}
 
 
 def _pps_goal(by: dict, num: str, den: str, goal: float) -> dict | None:
@@ -684,7 +696,7 @@ def print_table(result: dict) -> None:
     where = "this kernel, AF_PACKET sender" if result["params"].get("host") else "guest, pktgen sender"
     print(f"Fast path, delivered UDP pps ({where}, {result['params']}):")
     hdr = (
-        f"{'row':<36} {'delivered':>9} {'spread':>6} {'x fwd':>6} {'sent pps':>9} {'CPU1':>5} "
+        f"{'row':<36} {'delivered':>9} {'spread':>6} {'x fwd':>6} {'sent pps':>9} {'offered':>9} {'CPU1':>5} "
         f"{'path ns':>7} {'balancer ns':>11} {'sender ns':>9}  bound"
     )
     print(hdr)
@@ -692,12 +704,17 @@ def print_table(result: dict) -> None:
     for t in s["table"]:
         print(
             f"{t['label']:<36} {t['delivered_pps_median']:>9} {_fmt(t['spread'], '.3f'):>6} "
-            f"{_fmt(t['ratio_to_baseline'], '.3f'):>6} {t['sent_pps_median']:>9} {t['cpu1_busy_median']:>5.2f} "
+            f"{_fmt(t['ratio_to_baseline'], '.3f'):>6} {t['sent_pps_median']:>9} {t['offered_pps_median']:>9} "
+            f"{t['cpu1_busy_median']:>5.2f} "
             f"{_fmt(t['path_ns_median'], '.0f'):>7} {_fmt(t['balancer_ns_median'], '.0f'):>11} "
             f"{_fmt(t['sender_ns_median'], '.0f'):>9}  {t['bound']}"
         )
-    ceil = ", ".join(f"into {k}: {_fmt(v, '.0f')} pps" for k, v in s.get("sender_ceiling_pps", {}).items())
-    print(f"sender ceiling (median sent pps of the sink rows): {ceil}")
+    offered = s.get("sender_offered_pps", {})
+    ceil = ", ".join(
+        f"into the {k} hop {_fmt(v, '.0f')} pps (offered {_fmt(offered.get(k), '.0f')})"
+        for k, v in s.get("sender_ceiling_pps", {}).items()
+    )
+    print(f"sender ceiling (sink rows, median pps the hop took): {ceil}")
     print("per round, x fwd / balancer ns:")
     for t in s["table"]:
         if t["row"] not in SINKS:
@@ -738,8 +755,9 @@ def run_on_host(args: argparse.Namespace, params: dict) -> int:
     """The rows the host kernel can carry, on real CPUs instead of the
     emulated guest, with the compiled sender in place of pktgen."""
     with tempfile.TemporaryDirectory(prefix="kdsrfp-sender-") as work:
-        info = inside(args, sender=build_sender(Path(work)))
-    info["sender"] = "bench/fastpath_sender.c: AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg x256, CPU 0"
+        info = inside(args, sender=f"{build_sender(Path(work))} {args.sender}")
+    how = {"mmsg": "sendmmsg x256", "ring": "PACKET_TX_RING (TPACKET_V2), send(MSG_DONTWAIT)"}[args.sender]
+    info["sender"] = f"bench/fastpath_sender.c: AF_PACKET, PACKET_QDISC_BYPASS, {how}, CPU 0"
     result = {"params": params, "summary": summarise(info), "detail": info}
     write(result, args.json)
     print_table(result)
@@ -755,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rows",
         help="comma-separated subset of " + ",".join(ROWS) + " (the reference and the sinks are always added; "
         "default: every row the mode carries)",
+    )
+    p.add_argument(
+        "--sender",
+        choices=("ring", "mmsg"),
+        default="mmsg",
+        help="--host: the compiled sender's method (PACKET_TX_RING, or sendmmsg)",
     )
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--keep", action="store_true", help="leave the namespaces up (inside mode)")
@@ -775,6 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows: {sorted(unknown)}")
     args.rows = with_yardsticks(asked)
     params = {"rounds": args.rounds, "duration_s": args.duration, "rows": args.rows}
+    if args.host:
+        params["sender"] = args.sender
     if args.host:
         if set(args.rows) - set(HOST_ROWS):
             p.error(f"--host carries only {','.join(HOST_ROWS)}; pass --rows with those (the rest need the guest)")
