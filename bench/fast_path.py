@@ -416,24 +416,31 @@ def cpu_times() -> list[list[int]]:
     out = []
     for line in Path("/proc/stat").read_text().splitlines():
         if re.match(r"cpu\d+ ", line):
-            out.append([int(x) for x in line.split()[1:8]])
+            out.append([int(x) for x in line.split()[1:9]])
     return out
+
+
+USER_HZ = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_busy(before: list[list[int]], after: list[list[int]]) -> list[dict]:
     """Per CPU, fractions of the window: busy (not idle), softirq, and kernel
     (system + irq + softirq: the packet path's own time, which a threaded
-    NAPI spends as system time; user time is other processes')."""
+    NAPI spends as system time; user time is other processes'), and the
+    kernel time in seconds (the hypervisor's steal is neither)."""
     res = []
     for b, a in zip(before, after, strict=True):
         d = [y - x for x, y in zip(b, a, strict=True)]
         total = sum(d) or 1
-        # user nice system idle iowait irq softirq
+        # user nice system idle iowait irq softirq steal
         res.append(
             {
-                "busy": round(1 - (d[3] + d[4]) / total, 3),
+                "busy": round(1 - (d[3] + d[4] + d[7]) / total, 3),
                 "softirq": round(d[6] / total, 3),
                 "kernel": round((d[2] + d[5] + d[6]) / total, 3),
+                "kernel_s": round((d[2] + d[5] + d[6]) / USER_HZ, 3),
+                "busy_s": round((sum(d) - d[3] - d[4] - d[7]) / USER_HZ, 3),
+                "steal": round(d[7] / total, 3),
             }
         )
     return res
@@ -503,10 +510,10 @@ def measure(row: str, macs: dict[str, str], duration: float, sender: str | None 
         "squeezes_per_cpu": [b[2] - a[2] for a, b in zip(s0, s1, strict=True)],
         "cpu": cpu,
         # CPU time per packet: the path's (CPU 1's kernel time per packet
-        # delivered, or taken by a sink), the sender's (CPU 0's per packet
-        # sent).  The CPU fraction is of the window the sender ran.
-        "path_ns": round(cpu[1]["kernel"] * secs * 1e9 / delivered, 1) if delivered and len(cpu) > 1 else None,
-        "sender_ns": round(cpu[0]["busy"] * secs * 1e9 / pg["sent"], 1) if pg["sent"] else None,
+        # delivered, or taken by a sink), the sender's (CPU 0's busy time per
+        # packet sent), both over the sender's window.
+        "path_ns": round(cpu[1]["kernel_s"] * 1e9 / delivered, 1) if delivered and len(cpu) > 1 else None,
+        "sender_ns": round(cpu[0]["busy_s"] * 1e9 / pg["sent"], 1) if pg["sent"] else None,
     }
 
 
