@@ -30,6 +30,20 @@ same segment, all configured once before the rounds:
     l3    .7  kdsr apply, dsr l3-ipip / engine nft
     xdp-l2 .8 kdsr apply, dsr l2 / engine xdp, 1 VIP (host: native XDP on veth)
     xdp-l2-10k .9 the same, 10,000 VIPs
+    xdp-l3 .10 kdsr apply, dsr l3-ipip / engine xdp
+
+and the yardsticks, measured in every run beside the rows asked for:
+
+    direct     no balancer hop: the client's own eth0 sends the same frames
+               to server s1's MAC (bridge, server veth, server ingress, as
+               in every row; RPS on the client's bridge port puts them on
+               CPU 1); its path CPU per packet is subtracted from each
+               row's to give the balancer's own cost
+    sink .21   a first hop that drops everything at ingress (nft netdev)
+    sink-xdp .22 the same on an XDP veth (bpf/xdp_drop.c, threaded NAPI on
+               CPU 1): what the sender gets into that kind of hop when
+               nothing after it costs anything, the sender's ceiling for
+               the rows with that kind of first hop
 
 (the servers are on the load balancers' segment in the L3 rows too: the
 outer packet is still LB -> server over ipip, just without a router hop, so
@@ -66,7 +80,14 @@ Rounds: each round runs every row once (order reversed on alternate rounds,
 after one unmeasured warm-up of every row); the table gives the median over
 rounds, the spread (max-min)/median, and the ratio of medians to the
 plain-forwarding row, plus per-round ratios (each row over the baseline of
-the same round).  Not a timed test: absolute rates depend on the machine
+the same round).  Beside the rates: CPU 1's kernel time per delivered packet
+(path ns), that less the ``direct`` row's of the same round (the balancer's
+own cost, median over rounds), CPU 0's busy time per packet sent (the
+sender's), what the sender offered (sent + frames the first hop refused),
+and whether the row is bound by the sender (within 3% of its sink's rate
+while CPU 1 has time left) or by its path (CPU 1 saturated).  A goal on
+delivered rates that a sender-bound row cannot decide says so instead of
+met or missed.  Not a timed test: absolute rates depend on the machine
 (under TCG emulation they are small); the ratios are the point.
 """
 
