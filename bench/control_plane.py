@@ -560,7 +560,10 @@ def inner(args: argparse.Namespace) -> int:
 
     paths = {
         "kdsr apply, no-op (full plan)": {"seconds": cli_noop.seconds, "peak_mb": cli_noop.peak_mb},
-        "kdsr apply, no-op (receipt)": {"seconds": cli_receipt.seconds, "peak_mb": cli_receipt.peak_mb},
+        "kdsr apply, no-op (receipt)" if receipt_served else "kdsr apply, no-op (receipt not served: full plan)": {
+            "seconds": cli_receipt.seconds,
+            "peak_mb": cli_receipt.peak_mb,
+        },
         **{f"kdsr apply, {label}": {"seconds": r.seconds, "peak_mb": r.peak_mb} for label, r in cli_changes.items()},
     }
     measure_paths(args.intent, work / "one-weight-change.json", args.state_dir, work, paths, doc_engine(doc))
@@ -570,7 +573,7 @@ def inner(args: argparse.Namespace) -> int:
         "steps": steps,
         "cli": {
             "no-op re-apply": cli_noop.seconds,
-            "no-op, receipt": cli_receipt.seconds,
+            ("no-op, receipt" if receipt_served else "no-op, receipt not served (full plan)"): cli_receipt.seconds,
             **{label: r.seconds for label, r in cli_changes.items()},
         },
         "receipt_served": receipt_served,
