@@ -491,7 +491,10 @@ def run_pktgen(ns: str, dev: str, duration: float) -> dict:
     if not m:
         raise RuntimeError("pktgen left no result:\n" + text)
     usec, sent = int(m.group(1)), int(m.group(2))
-    return {"usec": usec, "sent": sent}
+    # pktgen counts a frame the device refused (NET_XMIT_DROP/CN) in
+    # "errors", not in what it sent.
+    errors = re.search(r"\berrors: (\d+)", text)
+    return {"usec": usec, "sent": sent, "refused": int(errors.group(1)) if errors else 0}
 
 
 def run_afpacket(sender: str, row: str, macs: dict[str, str], duration: float) -> dict:
