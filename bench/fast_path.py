@@ -567,12 +567,14 @@ def sink_count(row: str) -> int:
     return json.loads(nsx(lb_ns(row), ["ip", "-j", "-s", "link", "show", "eth0"]).stdout)[0]["stats64"]["rx"]["packets"]
 
 
-def first_hop_dropped(row: str) -> int:
-    """Frames the row's first hop refused: a veth's rx_dropped counts the XDP
-    frames its 256-frame ring had no room for (veth_get_stats64:
-    peer_tq_xdp_xmit_err)."""
+def first_hop_rx(row: str) -> dict[str, int]:
+    """The row's first hop's receive counters: on a veth running XDP,
+    ``packets`` counts the frames its NAPI took off its ring, ``dropped``
+    (among others) those the 256-frame ring had no room for
+    (veth_get_stats64: peer_tq_xdp_xmit_err)."""
     ns, dev = first_hop(row)
-    return json.loads(nsx(ns, ["ip", "-j", "-s", "link", "show", dev]).stdout)[0]["stats64"]["rx"]["dropped"]
+    rx = json.loads(nsx(ns, ["ip", "-j", "-s", "link", "show", dev]).stdout)[0]["stats64"]["rx"]
+    return {"packets": rx["packets"], "dropped": rx["dropped"]}
 
 
 def per_server() -> dict[str, int]:
@@ -679,7 +681,7 @@ def measure(row: str, macs: dict[str, str], duration: float, sender: str | None 
     ns, dev = pktgen_setup(row, macs) if sender is None else ("", "")
     counts = (lambda: sink_count(row)) if row in SINKS else server_counts
     redirect = sender is not None and XDP_FIRST_HOP["all"]
-    d0 = first_hop_dropped(row) if redirect else 0
+    h0 = first_hop_rx(row) if redirect else {}
     path_tasks = [*PATH_TASKS, ksoftirqd(1) or "0"]
     sender_tasks = [*SENDER_TASKS, ksoftirqd(0) or "0"]
     r0 = runtimes(path_tasks + sender_tasks)
@@ -691,15 +693,16 @@ def measure(row: str, macs: dict[str, str], duration: float, sender: str | None 
     time.sleep(0.3)
     c1 = counts()
     v1 = per_server()
+    hop = {}
     if redirect:
-        # the sender counted the socket buffers its own veth took, each
-        # FANOUT frames for the first hop, whose ring refused some.
-        hop_refused = first_hop_dropped(row) - d0
-        pg = {
-            **pg,
-            "sent": pg["sent"] * FANOUT - hop_refused,
-            "refused": pg["refused"] * FANOUT + hop_refused,
-        }
+        # the sender counted the socket buffers its own veth took (each
+        # FANOUT frames for the first hop) and refused; what the first hop
+        # took is what its NAPI took off its ring, the rest it refused.
+        h1 = first_hop_rx(row)
+        hop = {k: h1[k] - h0[k] for k in h1}
+        offered = (pg["sent"] + pg["refused"]) * FANOUT
+        hop["sender_buffers"] = {"sent": pg["sent"], "refused": pg["refused"]}
+        pg = {**pg, "sent": hop["packets"], "refused": offered - hop["packets"]}
     secs = pg["usec"] / 1e6
     delivered = c1 - c0
     cpu = cpu_busy(t0, t1)
@@ -718,6 +721,7 @@ def measure(row: str, macs: dict[str, str], duration: float, sender: str | None 
         "delivered_pps": round(delivered / secs),
         # how the row spread the flows (the reference sends all to s1)
         "per_server": {k: v1[k] - v0[k] for k in v0},
+        "first_hop_rx": hop,
         "lost": pg["sent"] - delivered,
         "backlog_drops_per_cpu": [b[1] - a[1] for a, b in zip(s0, s1, strict=True)],
         "squeezes_per_cpu": [b[2] - a[2] for a, b in zip(s0, s1, strict=True)],
