@@ -10,7 +10,11 @@
  * The source port steps by one per frame over [SPORT_MIN, SPORT_MAX), as
  * pktgen's does, so the flows are the same.  Runs for SECONDS (bounded:
  * at most 60), pinned to CPU, then prints one JSON line:
- *   {"sent": <frames the driver took>, "dropped": <frames it refused>, "usec": <elapsed>, "errors": <failed calls>}
+ *   {"sent": <frames the driver took>, "dropped": <frames it refused>, "usec": <elapsed>, "errors": <failed calls>,
+ *    "cpu_ns": <this thread's CPU time over the run>}
+ * cpu_ns is the scheduler's runtime of the thread (/proc/thread-self/schedstat,
+ * nanoseconds): its system calls and the softirq work (an XDP veth's NAPI
+ * poll, for one) that ran on its CPU in its context, not other tasks' time.
  *
  * A frame the driver refuses (ENOBUFS: veth's NET_XMIT_DROP, the receiving
  * backlog or a veth's XDP ring full) is counted in "dropped" and the next
@@ -73,6 +77,19 @@ static uint16_t ip_checksum(const void *data, size_t len)
 	while (sum >> 16)
 		sum = (sum & 0xffff) + (sum >> 16);
 	return (uint16_t)~sum;
+}
+
+/* The calling thread's runtime in ns (the first field of its schedstat), or 0. */
+static unsigned long long runtime_ns(void)
+{
+	unsigned long long ns = 0;
+	FILE *f = fopen("/proc/thread-self/schedstat", "r");
+	if (f) {
+		if (fscanf(f, "%llu", &ns) != 1)
+			ns = 0;
+		fclose(f);
+	}
+	return ns;
 }
 
 static double now(void)
@@ -151,6 +168,7 @@ static int send_ring(int fd, size_t flows, const uint8_t src_mac[6], const uint8
 	 * byte count misses frames taken by a call that then failed. */
 	unsigned long long handed = 0, dropped = 0, errors = 0;
 	size_t cursor = 0;
+	unsigned long long cpu0 = runtime_ns();
 	double start = now(), end = start + seconds, t = start;
 	while (!stop && t < end) {
 		/* hand over every free frame from the cursor on (at most one ring) */
@@ -180,8 +198,8 @@ static int send_ring(int fd, size_t flows, const uint8_t src_mac[6], const uint8
 		if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) == TP_STATUS_SEND_REQUEST)
 			sent--;
 	}
-	printf("{\"sent\": %llu, \"dropped\": %llu, \"usec\": %llu, \"errors\": %llu}\n", sent, dropped,
-	       (unsigned long long)((t - start) * 1e6), errors);
+	printf("{\"sent\": %llu, \"dropped\": %llu, \"usec\": %llu, \"errors\": %llu, \"cpu_ns\": %llu}\n", sent,
+	       dropped, (unsigned long long)((t - start) * 1e6), errors, runtime_ns() - cpu0);
 	munmap(ring, len);
 	close(fd);
 	return 0;
@@ -266,6 +284,7 @@ int main(int argc, char **argv)
 
 	unsigned long long sent = 0, dropped = 0, errors = 0;
 	size_t next = 0;
+	unsigned long long cpu0 = runtime_ns();
 	double start = now(), end = start + seconds, t = start;
 	while (!stop && t < end) {
 		for (int i = 0; i < BATCH; i++)
@@ -292,8 +311,8 @@ int main(int argc, char **argv)
 		next = (next + (size_t)n) % flows;
 		t = now();
 	}
-	printf("{\"sent\": %llu, \"dropped\": %llu, \"usec\": %llu, \"errors\": %llu}\n", sent, dropped,
-	       (unsigned long long)((t - start) * 1e6), errors);
+	printf("{\"sent\": %llu, \"dropped\": %llu, \"usec\": %llu, \"errors\": %llu, \"cpu_ns\": %llu}\n", sent,
+	       dropped, (unsigned long long)((t - start) * 1e6), errors, runtime_ns() - cpu0);
 	close(fd);
 	free(frames);
 	return 0;
