@@ -11,7 +11,7 @@ setup:
 # target; kdsr loads build/kdsr_xdp.o (or $$KDSR_XDP_OBJECT) at apply time and
 # needs no compiler on the balancer.  -g keeps the BTF libbpf loads maps by.
 MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
-bpf: build/kdsr_xdp.o build/xdp_pass.o
+bpf: build/kdsr_xdp.o build/xdp_pass.o build/xdp_drop.o
 build/%.o: bpf/%.c
 	@mkdir -p build
 	clang -O2 -g -Wall -Werror -target bpf -I/usr/include/$(MULTIARCH) -c $< -o $@

@@ -2,23 +2,33 @@
  * The fast-path bench's sender where pktgen is not built (the host kernel):
  * 60-byte UDP/IPv4 frames, the same ones bench/fast_path.py asks pktgen for,
  * written straight to one interface's driver with AF_PACKET and
- * PACKET_QDISC_BYPASS, in batches of sendmmsg.
+ * PACKET_QDISC_BYPASS, in batches of sendmmsg, or (METHOD "ring") from a
+ * PACKET_TX_RING (TPACKET_V2) that send() flushes, frames written once.
  *
- *   fastpath_sender IFNAME SRC_MAC DST_MAC SRC_IP DST_IP DPORT SPORT_MIN SPORT_MAX SECONDS CPU
+ *   fastpath_sender IFNAME SRC_MAC DST_MAC SRC_IP DST_IP DPORT SPORT_MIN SPORT_MAX SECONDS CPU [mmsg|ring]
  *
  * The source port steps by one per frame over [SPORT_MIN, SPORT_MAX), as
  * pktgen's does, so the flows are the same.  Runs for SECONDS (bounded:
  * at most 60), pinned to CPU, then prints one JSON line:
- *   {"sent": <frames the driver took>, "usec": <elapsed>, "errors": <failed sends>}
+ *   {"sent": <frames the driver took>, "dropped": <frames it refused>, "usec": <elapsed>, "errors": <failed calls>}
  *
- * On veth the transmit enqueues to the peer's backlog and never blocks, so
- * like pktgen the sender runs flat out and what the path cannot take is
- * dropped at the receiving CPU's backlog, where the bench counts it.
+ * A frame the driver refuses (ENOBUFS: veth's NET_XMIT_DROP, the receiving
+ * backlog or a veth's XDP ring full) is counted in "dropped" and the next
+ * frame follows it: sent + dropped is what the sender offered.
+ *
+ * On veth the transmit enqueues to the peer's backlog and never blocks; a
+ * frame holds its share of the socket's send buffer until the path frees it
+ * (veth keeps the socket reference across namespaces), so the sender waits
+ * for a path slower than itself instead of flooding the receiving backlog.
+ * The ring sends with MSG_DONTWAIT (a blocking send() waits until every
+ * frame it sent has been freed, idling the sender for a whole batch) and
+ * retries while the send buffer is full.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <linux/if_packet.h>
+#include <sys/mman.h>
 #include <net/ethernet.h>
 #include <net/if.h>
 #include <netinet/ip.h>
@@ -98,11 +108,96 @@ static void build_frame(uint8_t *f, const uint8_t src_mac[6], const uint8_t dst_
 	udp->check = 0; /* optional for UDP over IPv4 */
 }
 
+/* PACKET_TX_RING: RING_BLOCKS blocks of one page, each holding frames of
+ * RING_FRAME bytes; the frames are written once (frame i carries flow
+ * i % flows) and only their status word changes after that. */
+#define RING_FRAME 128
+#define RING_BLOCK 4096
+#define RING_BLOCKS 1024
+
+static int send_ring(int fd, size_t flows, const uint8_t src_mac[6], const uint8_t dst_mac[6], struct in_addr src,
+		     struct in_addr dst, uint16_t smin, uint16_t dport, double seconds)
+{
+	int version = TPACKET_V2;
+	if (setsockopt(fd, SOL_PACKET, PACKET_VERSION, &version, sizeof(version))) {
+		perror("PACKET_VERSION");
+		return 1;
+	}
+	struct tpacket_req req = {
+		.tp_block_size = RING_BLOCK,
+		.tp_block_nr = RING_BLOCKS,
+		.tp_frame_size = RING_FRAME,
+		.tp_frame_nr = RING_BLOCKS * (RING_BLOCK / RING_FRAME),
+	};
+	if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &req, sizeof(req))) {
+		perror("PACKET_TX_RING");
+		return 1;
+	}
+	size_t nr = req.tp_frame_nr, len = (size_t)req.tp_block_size * req.tp_block_nr;
+	uint8_t *ring = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (ring == MAP_FAILED) {
+		perror("mmap");
+		return 1;
+	}
+	const size_t data = TPACKET_ALIGN(sizeof(struct tpacket2_hdr));
+	for (size_t i = 0; i < nr; i++) {
+		struct tpacket2_hdr *h = (struct tpacket2_hdr *)(ring + i * RING_FRAME);
+		build_frame((uint8_t *)h + data, src_mac, dst_mac, src, dst, (uint16_t)(smin + i % flows), dport);
+		h->tp_len = FRAME_LEN;
+	}
+	/* sent: frames handed over less those the kernel never took (still
+	 * SEND_REQUEST at the end) and those it refused (a send() failing with
+	 * ENOBUFS stopped at one refused frame, which is free again); send()'s
+	 * byte count misses frames taken by a call that then failed. */
+	unsigned long long handed = 0, dropped = 0, errors = 0;
+	size_t cursor = 0;
+	double start = now(), end = start + seconds, t = start;
+	while (!stop && t < end) {
+		/* hand over every free frame from the cursor on (at most one ring) */
+		for (size_t n = 0; n < nr; n++) {
+			struct tpacket2_hdr *h = (struct tpacket2_hdr *)(ring + cursor * RING_FRAME);
+			if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) != TP_STATUS_AVAILABLE)
+				break;
+			__atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+			cursor = cursor + 1 == nr ? 0 : cursor + 1;
+			handed++;
+		}
+		ssize_t n = send(fd, NULL, 0, MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno != ENOBUFS && errno != EAGAIN && errno != EINTR) {
+				perror("send");
+				break;
+			}
+			errors++;
+			if (errno == ENOBUFS)
+				dropped++;
+		}
+		t = now();
+	}
+	unsigned long long sent = handed - dropped;
+	for (size_t i = 0; i < nr; i++) {
+		struct tpacket2_hdr *h = (struct tpacket2_hdr *)(ring + i * RING_FRAME);
+		if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) == TP_STATUS_SEND_REQUEST)
+			sent--;
+	}
+	printf("{\"sent\": %llu, \"dropped\": %llu, \"usec\": %llu, \"errors\": %llu}\n", sent, dropped,
+	       (unsigned long long)((t - start) * 1e6), errors);
+	munmap(ring, len);
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
-	if (argc != 11) {
-		fprintf(stderr, "usage: %s IFNAME SRC_MAC DST_MAC SRC_IP DST_IP DPORT SPORT_MIN SPORT_MAX SECONDS CPU\n",
+	if (argc != 11 && argc != 12) {
+		fprintf(stderr,
+			"usage: %s IFNAME SRC_MAC DST_MAC SRC_IP DST_IP DPORT SPORT_MIN SPORT_MAX SECONDS CPU [mmsg|ring]\n",
 			argv[0]);
+		return 2;
+	}
+	int use_ring = argc == 12 && strcmp(argv[11], "ring") == 0;
+	if (argc == 12 && !use_ring && strcmp(argv[11], "mmsg") != 0) {
+		fprintf(stderr, "%s: METHOD is mmsg or ring\n", argv[0]);
 		return 2;
 	}
 	uint8_t src_mac[6], dst_mac[6];
@@ -148,6 +243,10 @@ int main(int argc, char **argv)
 	}
 
 	size_t flows = (size_t)(smax - smin);
+	signal(SIGINT, on_signal);
+	signal(SIGTERM, on_signal);
+	if (use_ring)
+		return send_ring(fd, flows, src_mac, dst_mac, src, dst, (uint16_t)smin, (uint16_t)dport, seconds);
 	uint8_t *frames = malloc(flows * FRAME_LEN);
 	if (!frames) {
 		perror("malloc");
@@ -165,16 +264,14 @@ int main(int argc, char **argv)
 		msgs[i].msg_hdr.msg_iovlen = 1;
 	}
 
-	signal(SIGINT, on_signal);
-	signal(SIGTERM, on_signal);
-	unsigned long long sent = 0, errors = 0;
+	unsigned long long sent = 0, dropped = 0, errors = 0;
 	size_t next = 0;
 	double start = now(), end = start + seconds, t = start;
 	while (!stop && t < end) {
-		for (int i = 0; i < BATCH; i++) {
-			iov[i].iov_base = frames + next * FRAME_LEN;
-			next = next + 1 == flows ? 0 : next + 1;
-		}
+		for (int i = 0; i < BATCH; i++)
+			iov[i].iov_base = frames + ((next + (size_t)i) % flows) * FRAME_LEN;
+		/* sendmmsg stops at the first frame refused: it returns the count
+		 * before it (the error is lost), or -1 when it was the first */
 		int n = sendmmsg(fd, msgs, BATCH, 0);
 		if (n < 0) {
 			if (errno != ENOBUFS && errno != EAGAIN && errno != EINTR) {
@@ -182,12 +279,20 @@ int main(int argc, char **argv)
 				break;
 			}
 			errors++;
-		} else {
-			sent += (unsigned long long)n;
+			n = 0;
+			if (errno == ENOBUFS) {
+				dropped++;
+				next = (next + 1) % flows;
+			}
+		} else if (n < BATCH) {
+			dropped++;
+			next = (next + 1) % flows;
 		}
+		sent += (unsigned long long)n;
+		next = (next + (size_t)n) % flows;
 		t = now();
 	}
-	printf("{\"sent\": %llu, \"usec\": %llu, \"errors\": %llu}\n", sent,
+	printf("{\"sent\": %llu, \"dropped\": %llu, \"usec\": %llu, \"errors\": %llu}\n", sent, dropped,
 	       (unsigned long long)((t - start) * 1e6), errors);
 	close(fd);
 	free(frames);

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kdsr import model
+from kdsr import model, model_xdp
 from kdsr.diff import Plan, diff
 from kdsr.health import status as health_status
 from kdsr.kernel import Kernel
@@ -214,10 +214,13 @@ def unchanged(store: StateStore, kernel: Kernel, source: str, text: bytes, node_
 
 # ---------------------------------------------------------------- codec
 # The model's frozen dataclasses as JSON: {"$": class name, field: value},
-# tuples as {"t": [...]}, sets as {"s": [...]}.  Only kdsr.model classes
-# decode.
+# tuples as {"t": [...]}, sets as {"s": [...]}.  Only the model's classes
+# (kdsr.model, and kdsr.model_xdp for the xdp engine's state) decode.
 _CLASSES = {
-    name: cls for name, cls in vars(model).items() if dataclasses.is_dataclass(cls) and cls.__module__ == model.__name__
+    name: cls
+    for module in (model, model_xdp)
+    for name, cls in vars(module).items()
+    if dataclasses.is_dataclass(cls) and cls.__module__ == module.__name__
 }
 
 

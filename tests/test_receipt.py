@@ -200,3 +200,28 @@ def test_a_missing_announce_route_is_planned_in_full(tmp_path, kernel, loads):
     kernel.links.announce.remove(gone)
     plan = kdsr(tmp_path, "plan", str(intent), "--node", "lb1", "--detailed-exitcode")
     assert plan.exit_code == 2 and f"+ announce route {gone.prefix}" in plan.output and len(loads) == 2, plan.output
+
+
+def _on_xdp(example_path: Path, tmp_path: Path) -> Path:
+    doc = json.loads(example_path.read_text())
+    for service in doc["services"].values():
+        service["dsr"] = {**service.get("dsr", {}), "mode": "l2", "engine": "xdp"}
+    path = tmp_path / "xdp.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_the_receipt_keeps_an_xdp_model_exactly(example_path, tmp_path):
+    intent = load_intent(_on_xdp(example_path, tmp_path))
+    desired = compile_node(intent, "lb1")
+    assert desired.xdp is not None
+    assert receipt.decode(json.loads(json.dumps(receipt.encode(desired)))) == desired
+
+
+def test_an_unchanged_xdp_reapply_is_answered_by_the_receipt(tmp_path, example_path, kernel, loads):
+    for family in ("ipv4", "ipv6"):
+        kernel.sysctls[f"net/{family}/conf/eth0/forwarding"] = "0"
+    path = _on_xdp(example_path, tmp_path)
+    again = apply_twice(tmp_path, path, "lb1")
+    assert again.exit_code == 0 and "No changes" in again.output, again.output
+    assert len(loads) == 1
