@@ -220,7 +220,7 @@ def test_the_receipt_keeps_an_xdp_model_exactly(example_path, tmp_path):
 
 def test_an_unchanged_xdp_reapply_is_answered_by_the_receipt(tmp_path, example_path, kernel, loads):
     for family in ("ipv4", "ipv6"):
-        kernel.sysctls[f"net/{family}/conf/eth0/forwarding"] = "0"
+        kernel.sysctl.values[f"net/{family}/conf/eth0/forwarding"] = "0"
     path = _on_xdp(example_path, tmp_path)
     again = apply_twice(tmp_path, path, "lb1")
     assert again.exit_code == 0 and "No changes" in again.output, again.output
