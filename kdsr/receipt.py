@@ -224,7 +224,16 @@ _CLASSES = {
 }
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def encode(value: Any) -> Any:
+    # The xdp engine's tables hold hundreds of thousands of address strings:
+    # plain values, and tuples of nothing else, leave without the checks below.
+    if type(value) in _PLAIN:
+        return value
+    if type(value) is tuple and all(type(v) is str for v in value):
+        return {"t": list(value)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return {"$": type(value).__name__, **fields}
