@@ -427,7 +427,8 @@ class LibbpfIO:
                 self._fd(map_id), token_in if started else None, token_out, keys, values, ctypes.byref(got), None
             )
             errno = ctypes.get_errno() if rc != 0 else 0
-            if rc != 0 and errno in NO_BATCH and not got_total and not got.value:
+            if rc != 0 and errno in NO_BATCH and not got_total:
+                # (libbpf copies the count it sent back when the kernel refused)
                 return None
             n = got.value
             keys_out.append(keys.raw[: n * meta.key_size])
