@@ -245,7 +245,7 @@ def _run(argv: list[str]) -> str:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError as exc:
-        raise KernelError(f"{argv[0]} is not installed (the xdp engine needs bpftool and iproute2)") from exc
+        raise KernelError(f"{argv[0]} is not installed (the xdp engine needs iproute2)") from exc
     if result.returncode != 0:
         raise KernelError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
