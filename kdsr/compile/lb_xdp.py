@@ -109,9 +109,22 @@ def _selector_model(sel: Selector, cache: CompileCache) -> tuple[XdpSelector, tu
     ):
         return last[3]
     made = (_table(sel, cache), _services(sel))
+    if last is not None:
+        # A pool's server went down: its table changed, its services did
+        # not, and stay the objects they were (so do the sorted services).
+        made = tuple(_same_or(old, new) for old, new in zip(last[3], made, strict=True))
     inputs = (sel.family, sel.hashing, sel.table_size, sel.mode)
     cache.xdp_selectors.put(sel.name, (sel.pool, inputs, sel.services, made))
     return made
+
+
+def _same_or(old, new):
+    """``old`` when it equals ``new`` down to its pointers (which equality leaves out)."""
+    if old != new:
+        return new
+    if isinstance(new, tuple):
+        return old if all(a.pointer == b.pointer for a, b in zip(old, new, strict=True)) else new
+    return old if old.pointer == new.pointer else new
 
 
 def _sorted(cache: CompileCache, which: str, parts: tuple, make):
