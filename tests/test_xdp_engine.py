@@ -466,3 +466,40 @@ def test_libbpf_reads_fall_back_to_the_element_loop_where_batches_are_refused():
     io._fds[8] = -1
     assert io.array(8, 5) == b"".join(U32.pack(i * 10) for i in range(5))
     assert io.lookup_range(8, 2, 2) == [U32.pack(20), U32.pack(30)]
+
+
+def test_a_kept_read_is_compiles_own_objects_and_a_hand_edit_still_shows(kernel, store):
+    """After a plan or read-back found the maps equal to compile's state,
+    the backend hands back compile's objects for the same bytes
+    (XdpBackend.adopt), so the daemon's next diff, converge and receipt stop
+    at identity; a hand edit after that is still read, planned and repaired."""
+    from kdsr.compile import CompileCache
+
+    cache = CompileCache()
+    it = intent()
+    prepared = operations.prepare(it, "lb1", kernel, store, cache=cache)
+    operations.apply(prepared, kernel, store)
+    again = operations.prepare(it, "lb1", kernel, store, cache=cache)
+    assert again.plan.empty
+    want = again.desired.xdp
+    assert want is not None and want.services is prepared.desired.xdp.services  # compile's cache
+    have, _ = kernel.xdp.read("eth0")
+    assert have.services is want.services
+    assert all(h is w for h, w in zip(have.selectors, want.selectors, strict=True))
+    io = kernel.xdp.io
+    info = io.attached["eth0"]
+    del io.maps[info.maps["services"]][next(iter(io.maps[info.maps["services"]]))]
+    selectors = io.maps[info.maps["selectors"]]
+    raw = next(v for v in selectors.values() if SELECTOR.unpack(v)[1])
+    active, _size, _seed, _fields, base0, base1, *_rest, _name = SELECTOR.unpack(raw)
+    io.maps[info.maps["slots"]][U32.pack((base0, base1)[active])] = U32.pack(0xFFFFFFFF)
+    edited, _ = kernel.xdp.read("eth0")
+    assert edited.services is not want.services and len(edited.services) == len(want.services) - 1
+    repaired = operations.prepare(it, "lb1", kernel, store, cache=cache)
+    assert sorted((c.action, c.kind) for c in repaired.plan.changes) == [
+        ("create", "xdp service"),
+        ("update", "xdp selector"),
+    ]
+    operations.apply(repaired, kernel, store)
+    assert kernel.xdp.read("eth0")[0] == want
+    assert operations.prepare(it, "lb1", kernel, store, cache=cache).plan.empty

@@ -187,6 +187,8 @@ class XdpEngine(Protocol):
 
     def converge(self, want: XdpState) -> None: ...
 
+    def adopt(self, want: XdpState) -> None: ...  # keep the last read's equal parts as ``want``'s objects
+
     def counters(self, ifname: str) -> dict: ...
 
 

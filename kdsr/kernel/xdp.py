@@ -556,6 +556,11 @@ class XdpBackend:
         # What the last read decoded, with the bytes it decoded it from
         # (``_layout``, ``_tables``, ``_services``).
         self._decoded: dict[str, tuple] = {}
+        # Objects of the last read that equal compile's (``adopt``): the
+        # selectors by name, with the descriptor and table read; the services
+        # with the decoded list they equal.
+        self._selectors_read: dict[str, tuple] = {}
+        self._services_adopted: tuple[list, tuple[XdpService, ...]] | None = None
         self._digest: tuple[tuple, bytes] | None = None
 
     # ---------------------------------------------------------------- read
@@ -568,6 +573,22 @@ class XdpBackend:
             return None, f"XDP program {info.name or '(no name)'} (id {info.prog_id}, {info.mode})"
         layout = self._layout(info)
         return self._state(ifname, layout), ""
+
+    def adopt(self, want: XdpState) -> None:
+        """Keep what equals ``want`` in the last read as ``want``'s own objects
+        (observe.keep_unchanged calls this after a diff or a read-back): the
+        next read of the same bytes hands them back, so the diff, converge and
+        the daemon's receipt meet compile's objects and stop at identity, as
+        the nft backend's ``adopt`` does for tables.  Only what compares equal
+        is kept, so a read returns the same values either way."""
+        known = self._decoded.get("services")
+        adopted = self._services_adopted
+        if known is not None and not (adopted and adopted[0] is known[1] and adopted[1] is want.services):
+            self._services_adopted = (known[1], want.services) if tuple(known[1]) == want.services else None
+        for sel in want.selectors:
+            hit = self._selectors_read.get(sel.name)
+            if hit is not None and hit[2] is not sel and hit[2] == sel:
+                self._selectors_read[sel.name] = (hit[0], hit[1], sel)
 
     def _layout(self, info: ProgramInfo) -> _Layout:
         # Each map is read whole from the kernel every time (a BPF map has no
@@ -668,9 +689,15 @@ class XdpBackend:
         names_by_id = {index: name for name, (index, _) in layout.selectors.items()}
         tables = self._tables(layout)
         selectors = []
+        read: dict[str, tuple] = {}
         for name, (_index, desc) in sorted(layout.selectors.items()):
             active, size, seed, fields, base0, base1, encap, mtu, _name = desc
             table = tables[name]
+            hit = self._selectors_read.get(name)
+            if hit is not None and hit[0] == desc and hit[1] is table:
+                selectors.append(hit[2])  # the same bytes: what they decoded to (or equal) last time
+                read[name] = hit
+                continue
             family = 6 if ":" in next((t for t in table if t), "") else 4
             if name.split("-")[-2:-1] == ["v6"]:
                 family = 6
@@ -686,7 +713,11 @@ class XdpBackend:
                     path_mtu=mtu,
                 )
             )
-        services = self._services(maps, names_by_id)
+            read[name] = (desc, table, selectors[-1])
+        self._selectors_read = read
+        listed = self._services(maps, names_by_id)
+        adopted = self._services_adopted
+        services = adopted[1] if adopted is not None and adopted[0] is listed else tuple(listed)
         config = self.io.lookup(maps["config"], U32.pack(0))
         mac, _ifindex, loaded, source4, source6 = CONFIG.unpack_from(config) if config else (b"", 0, b"", b"", b"")
         config_mac = _mac_text(mac) if config else ""
@@ -695,7 +726,7 @@ class XdpBackend:
         stale = bool(config_mac) and loaded != self.object_digest()
         return XdpState(
             interface=ifname,
-            services=tuple(services),
+            services=services,
             selectors=tuple(selectors),
             servers=tuple(
                 sorted(
@@ -802,7 +833,7 @@ class XdpBackend:
         id_of = {name: index for name, (index, _) in layout.selectors.items()}
         wanted_names = {s.name for s in want.selectors}
         for sel in want.selectors:
-            if sel.name in layout.selectors and have_tables.get(sel.name) == sel:
+            if sel.name in layout.selectors and ((old := have_tables.get(sel.name)) is sel or old == sel):
                 continue
             slots = [index_of[a] for a in sel.table] if sel.table else [NO_SERVER] * sel.size
             if sel.name in layout.selectors:
@@ -832,17 +863,20 @@ class XdpBackend:
             write("selectors", U32.pack(index), SELECTOR.pack(*desc))
             id_of[sel.name] = index
         # 4. services (one element each; a VIP's and protocol's port ranges
-        # are one element, rewritten whole)
-        have_services = {s.ident: s for s in have.services}
-        want_services = {s.ident: s for s in want.services}
+        # are one element, rewritten whole); none to compare when the read
+        # is compile's own tuple (``adopt``): it holds what is wanted
+        same = have.services is want.services
+        want_listed, have_listed = ((), ()) if same else (want.services, have.services)
+        have_services = {s.ident: s for s in have_listed}
+        want_services = {s.ident: s for s in want_listed}
         ranges: dict[bytes, list[XdpService]] = {}
-        for svc in want.services:
+        for svc in want_listed:
             if svc.first != svc.last:
                 ranges.setdefault(service_key(svc.vip, svc.protocol, 0), []).append(svc)
             elif have_services.get(svc.ident) != svc:
                 write("services", service_key(svc.vip, svc.protocol, svc.first), U32.pack(id_of[svc.selector]))
         have_ranges: dict[bytes, list[XdpService]] = {}
-        for svc in have.services:
+        for svc in have_listed:
             if svc.first != svc.last:
                 have_ranges.setdefault(service_key(svc.vip, svc.protocol, 0), []).append(svc)
         for key, items in ranges.items():
