@@ -503,3 +503,39 @@ def test_a_kept_read_is_compiles_own_objects_and_a_hand_edit_still_shows(kernel,
     operations.apply(repaired, kernel, store)
     assert kernel.xdp.read("eth0")[0] == want
     assert operations.prepare(it, "lb1", kernel, store, cache=cache).plan.empty
+
+
+def test_a_converge_that_fails_part_way_is_undone_to_the_maps_it_found(kernel, store, monkeypatch):
+    """The xdp step's undo converges back to what converge read before its
+    first write (no read of its own): a services write refused after the
+    changed table went in (its active half flipped) leaves the maps holding
+    what they held, and the apply says the previous state was restored."""
+    from kdsr.errors import ApplyError
+    from kdsr.kernel import KernelError
+
+    run(intent(), kernel, store)
+    io = kernel.xdp.io
+    info = io.attached["eth0"]
+    selectors_before = dict(io.maps[info.maps["selectors"]])
+    services_before = dict(io.maps[info.maps["services"]])
+    first, _ = kernel.xdp.read("eth0")
+    doc = json.loads(json.dumps(BASE))
+    doc["pools"]["web"]["servers"][0]["weight"] = 0
+    doc["services"]["web"]["ports"] = [80, 443, 8080]
+    real, written = io.update, []
+
+    def refusing(map_id, key, value):
+        if map_id == info.maps["services"] and not written:
+            written.append(key)
+            raise KernelError("BPF map: update: No space left on device")
+        real(map_id, key, value)
+
+    monkeypatch.setattr(io, "update", refusing)
+    with pytest.raises(ApplyError, match="previous state was restored"):
+        run(IntentDocs(doc, "test.json").intent(), kernel, store)
+    assert written, "the services write was never tried"
+    # The old table written again into the half made inactive, and that half active again.
+    assert io.maps[info.maps["selectors"]] == selectors_before
+    assert io.maps[info.maps["services"]] == services_before
+    assert kernel.xdp.read("eth0")[0] == first
+    assert run(intent(), kernel, store).empty

@@ -40,6 +40,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -775,14 +776,18 @@ class XdpBackend:
                 "socket buffer is built: it costs about what the nft engine does and gains little over it."
             )
 
-    def converge(self, want: XdpState) -> None:
-        """Make the maps on ``want.interface`` hold ``want`` (the program is attached)."""
+    def converge(self, want: XdpState, found: Callable[[XdpState], None] | None = None) -> None:
+        """Make the maps on ``want.interface`` hold ``want`` (the program is
+        attached); ``found``: told what the maps held, before the first write
+        (the apply's undo converges back to it)."""
         info = self.io.program(want.interface)
         if info is None or info.name != PROGRAM_NAME:
             raise KernelError(f"{want.interface}: kdsr's XDP program is not attached")
         maps = info.maps
         layout = self._layout(info)
         have = self._state(want.interface, layout)
+        if found is not None:
+            found(have)
 
         def write(map_name: str, key: bytes, value: bytes) -> None:
             self.io.update(maps[map_name], key, value)
