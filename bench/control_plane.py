@@ -223,8 +223,9 @@ def run_pipeline(
 ):
     """load (when ``path``) -> compile -> read -> diff -> apply -> read-back, each a step.
     ``down``: (pool, server) pairs health took out, as the daemon passes them.
-    ``receipt_of``: (file, text, warnings) of the daemon's intent: then the
-    receipt ``kdsr run`` records after each verified apply is a step too.
+    ``receipt_of``: (file, text, warnings, context) of the daemon's intent,
+    ``context`` the daemon's cli.Context (kept, as kdsr run keeps its own):
+    then the receipt ``kdsr run`` records after each verified apply is a step too.
     ``cache``: the daemon's CompileCache, kept from one step to the next
     (None: compile from nothing, as a new ``kdsr apply`` process does)."""
     from kdsr import apply as apply_module
@@ -279,10 +280,10 @@ def run_pipeline(
     if receipt_of is not None:
         from kdsr import cli
 
-        source, text, warnings = receipt_of
+        source, text, warnings, context = receipt_of
         prepared = operations.Prepared(intent=intent, node="lb1", desired=desired, state=state, plan=plan, down=down)
         with rec.step(f"{label}: receipt"):
-            cli._record_receipt(cli.Context(store.directory, 0.0), kernel, source, text, "lb1", prepared, warnings)
+            cli._record_receipt(context, kernel, source, text, "lb1", prepared, warnings)
     return intent, kernel
 
 
@@ -515,18 +516,30 @@ def inner(args: argparse.Namespace) -> int:
 
     daemon_kernel = SystemKernel(store.directory)
     daemon_cache = CompileCache()  # as kdsr run's Runner keeps one
-    run_pipeline(rec, "warm daemon", None, intent, store, fresh_kernel=False, kernel=daemon_kernel, cache=daemon_cache)
-    from kdsr import collector
+    from kdsr import cli, collector
+
+    # kdsr run records a receipt after each verified apply (kdsr/cli.py:
+    # run_command), its first one after its start, its warnings computed
+    # once per intent, through the one Context it keeps.
+    daemon_context = cli.Context(str(store.directory), 0.0)
+    daemon_context.compile_cache = daemon_cache
+    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent, daemon_cache), daemon_context)
+    run_pipeline(
+        rec,
+        "warm daemon",
+        None,
+        intent,
+        store,
+        fresh_kernel=False,
+        kernel=daemon_kernel,
+        cache=daemon_cache,
+        receipt_of=receipt_of,
+    )
 
     collector.settle()  # as kdsr run does after its first apply
     # A health event: the same intent object, one server of one pool down,
     # then up again (what ``kdsr run`` does after a probe changes state).
     down = frozenset({("p0", str(intent.pool("p0").members[1].address))})
-    # kdsr run records a receipt after each verified apply (kdsr/cli.py:
-    # run_command), its warnings computed once per intent.
-    from kdsr import cli
-
-    receipt_of = (str(daemon_file), reloader.text, cli._warnings(intent, daemon_cache))
     for label, now_down in (("one server down (health)", down), ("the server back up (health)", frozenset())):
         daemon_path = {"fresh_kernel": False, "kernel": daemon_kernel, "receipt_of": receipt_of, "cache": daemon_cache}
         run_pipeline(rec, label, None, intent, store, down=now_down, **daemon_path)
@@ -542,7 +555,7 @@ def inner(args: argparse.Namespace) -> int:
         daemon_file.write_text(changed_path.read_text())
         with collector.paused(), rec.step(f"{label}: load+validate"):
             changed_intent = reloader.load(daemon_file)
-        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent, daemon_cache))
+        receipt_of = (str(daemon_file), reloader.text, cli._warnings(changed_intent, daemon_cache), daemon_context)
         run_pipeline(
             rec,
             label,

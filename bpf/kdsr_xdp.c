@@ -222,6 +222,9 @@ struct {
 	__uint(max_entries, MAX_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32); /* server index */
+	/* kdsr reads a million slots on every change: mapped, that is a copy of
+	 * memory instead of a million element copies through bpf() (Linux 5.5) */
+	__uint(map_flags, BPF_F_MMAPABLE);
 } slots SEC(".maps");
 
 struct {

@@ -655,9 +655,19 @@ def _xdp_steps(
             state.xdp.add(want.interface)
             store.save(state)
             xdp.attach(want.interface, force=force)
-        else:
-            before["state"] = xdp.read(want.interface)[0]
-        xdp.converge(want)
+        try:
+            if replace or create:
+                xdp.converge(want)
+            else:
+                # The undo's copy is what converge read before its first
+                # write: no read of its own.
+                xdp.converge(want, found=lambda have: before.__setitem__("state", have))
+        except Exception:
+            # Many writes, one step: the journal undoes only the steps that
+            # completed, so this one takes its own writes back (as
+            # _in_batches does for addresses).
+            undo()
+            raise
         xdp.carry_over(want.interface, carried)
 
     def undo() -> None:

@@ -78,7 +78,7 @@ def _record_receipt(
     )
     if warnings is None:
         warnings = _warnings(prepared.intent, obj.compile_cache)
-    receipt.record(obj.store, kernel, node, inputs, prepared.desired, prepared.plan.notes, warnings)
+    receipt.record(obj.store, kernel, node, inputs, prepared.desired, prepared.plan.notes, warnings, obj.receipt_parts)
 
 
 def _fail(exc: Exception) -> None:
@@ -99,6 +99,8 @@ class Context:
         # One per command: its warnings, plan and receipt size the same
         # selectors; `kdsr run` keeps it for the daemon's life.
         self.compile_cache = CompileCache()
+        # The receipt's encoded parts, reused as compile's objects are.
+        self.receipt_parts = receipt.Parts()
 
 
 STATE_DIR_HELP = "Where kdsr records what it owns (default /var/lib/kdsr)."

@@ -545,12 +545,17 @@ def _diff_xdp(desired: Desired, observed: Observed, changes: list[Change]) -> No
         ("xdp selector", want.selectors, have.selectors),
         ("xdp service", want.services, have.services),
     ):
+        if wanted_items is present_items or (
+            len(wanted_items) == len(present_items)
+            and all(a is b for a, b in zip(wanted_items, present_items, strict=True))
+        ):
+            continue  # the read hands back compile's own objects (XdpBackend.adopt): equal
         present = {item.ident: item for item in present_items}
         for item in wanted_items:
             old = present.pop(item.ident, None)
             if old is None:
                 changes.append(Change(CREATE, kind, item.ident, after=item, pointer=item.pointer))
-            elif old != item:
+            elif old is not item and old != item:
                 changes.append(Change(UPDATE, kind, item.ident, old, item, pointer=item.pointer))
         for item in present.values():
             changes.append(Change(DELETE, kind, item.ident, before=item))

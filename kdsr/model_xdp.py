@@ -10,6 +10,7 @@ changes of these elements.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 # The program's name in the kernel (bpf/kdsr_xdp.c's SEC("xdp") function,
@@ -77,7 +78,7 @@ class XdpService:
     def family(self) -> int:
         return 6 if ":" in self.vip else 4
 
-    @property
+    @functools.cached_property  # sorted and matched by, tens of thousands at a time
     def ident(self) -> str:
         host = f"[{self.vip}]" if self.family == 6 else self.vip
         ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"

@@ -149,11 +149,13 @@ def record(
     desired: Desired,
     notes: list[str],
     warnings: list[str],
+    parts: Parts | None = None,
 ) -> None:
     """Write the receipt right after kdsr verified the kernel against ``desired``
     (an apply's read-back, or an empty plan).  Nothing is written when a
     table's token cannot vouch for that verification: another commit came in
-    between, or the kernel has no generation."""
+    between, or the kernel has no generation.  ``parts``: the caller's memo
+    of encoded parts (``kdsr run`` keeps one), which changes nothing written."""
     path = _path(store, node_arg)
     if path is None:
         return
@@ -165,14 +167,14 @@ def record(
         "format": FORMAT,
         "inputs": inputs,
         "tables": tokens,
-        "desired": encode(dataclasses.replace(desired, tables=())),
+        "desired": dataclasses.replace(desired, tables=()),
         "notes": notes,
         "warnings": warnings,
     }
     try:
         ensure_dir(store.directory)
         ensure_dir(path.parent)
-        write_atomic(path, json.dumps(doc, separators=(",", ":")), sync=False)
+        write_atomic(path, (parts or Parts()).dumps(doc, "desired"), sync=False)
     except (OSError, StateFileError):
         pass  # a receipt that cannot be written is a full plan next time
 
@@ -224,19 +226,79 @@ _CLASSES = {
 }
 
 
-def encode(value: Any) -> Any:
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def encode(value: Any, memo: Any = None) -> Any:
+    """``memo(value)``: a stand-in for ``value``'s encoding, or None to encode it here."""
+    if memo is not None and (stand_in := memo(value)) is not None:
+        return stand_in
+    # The xdp engine's tables hold hundreds of thousands of address strings:
+    # plain values, and tuples of nothing else, leave without the checks below.
+    if type(value) in _PLAIN:
+        return value
+    if type(value) is tuple and all(type(v) is str for v in value):
+        return {"t": list(value)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {f.name: encode(getattr(value, f.name), memo) for f in dataclasses.fields(value)}
         return {"$": type(value).__name__, **fields}
     if isinstance(value, tuple):
-        return {"t": [encode(v) for v in value]}
+        return {"t": [encode(v, memo) for v in value]}
     if isinstance(value, (set, frozenset)):
-        return {"s": [encode(v) for v in sorted(value, key=repr)]}
+        return {"s": [encode(v, memo) for v in sorted(value, key=repr)]}
     if isinstance(value, list):
-        return [encode(v) for v in value]
+        return [encode(v, memo) for v in value]
     if isinstance(value, dict):
-        return {"d": [[encode(k), encode(v)] for k, v in value.items()]}
+        return {"d": [[encode(k, memo), encode(v, memo)] for k, v in value.items()]}
     return value
+
+
+class Parts:
+    """The JSON text of the receipt's large parts (the xdp engine's tables,
+    services and servers), by the identity of the frozen objects they encode.
+
+    ``kdsr run`` writes a receipt after every health event and reload, where
+    one pool changed; compile hands back the very objects of the last compile
+    for the rest (kdsr/compile/cache.py), so their text is reused instead of
+    encoded again.  The text is the one ``encode`` gives: a receipt written
+    with parts reads back as one written without.  Holds the parts of the
+    last receipt only."""
+
+    # Where a part goes in the document before its text does: no JSON string
+    # kdsr writes holds a NUL (the stand-ins are checked all the same).
+    _MARK = "\0kdsr-receipt-part-"
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[Any, str]] = {}
+
+    def dumps(self, doc: dict, model_key: str) -> str:
+        """``doc`` as JSON, its ``model_key`` encoded (``encode``), the rest as it is."""
+        used: dict[int, tuple[Any, str]] = {}
+        order: list[str] = []
+
+        def memo(value: Any) -> Any:
+            if type(value) is model_xdp.XdpSelector or (
+                type(value) is tuple and value and type(value[0]) in (model_xdp.XdpService, model_xdp.XdpServer)
+            ):
+                known = self._texts.get(id(value))
+                if known is None or known[0] is not value:
+                    known = (value, json.dumps(encode(value), separators=(",", ":")))
+                used[id(value)] = known
+                order.append(known[1])
+                return f"{self._MARK}{len(order) - 1}"
+            return None
+
+        text = json.dumps({**doc, model_key: encode(doc[model_key], memo)}, separators=(",", ":"))
+        self._texts = used
+        pieces = text.split(json.dumps(self._MARK)[:-1])
+        if len(pieces) != len(order) + 1:  # a stand-in's text elsewhere in the document
+            return json.dumps({**doc, model_key: encode(doc[model_key])}, separators=(",", ":"))
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            number, rest = piece.split('"', 1)
+            out.append(order[int(number)])
+            out.append(rest)
+        return "".join(out)
 
 
 def decode(value: Any) -> Any:

@@ -66,7 +66,9 @@ def edit(doc: dict, rng: random.Random) -> None:
             [{}, {"seed": 7}, {"fields": "five-tuple"}, {"table_size": 4093}, {"table_size": 251}]
         )
     elif kind == 2:
-        service["dsr"] = rng.choice([{}, {"engine": "ipvs"}, {"mode": "l3-gre"}])
+        service["dsr"] = rng.choice(
+            [{}, {"engine": "ipvs"}, {"mode": "l3-gre"}, {"engine": "xdp"}, {"mode": "l3-gre", "engine": "xdp"}]
+        )
     elif kind == 3 and len(doc["services"]) > 1:
         del doc["services"][name]
     elif kind == 4:
@@ -106,6 +108,9 @@ def same(warm, cold) -> None:
             assert [e.comment for _k, e in wm.elements] == [e.comment for _k, e in cm.elements]
         assert nft_cache.encode_table_text(wt) == nft_cache.encode_table_text(ct)
     assert [s.pointer for s in warm.ipvs] == [s.pointer for s in cold.ipvs]
+    if warm.xdp is not None:  # the xdp engine's elements: their pointers too
+        for kind in ("services", "selectors", "servers"):
+            assert [x.pointer for x in getattr(warm.xdp, kind)] == [x.pointer for x in getattr(cold.xdp, kind)]
 
 
 CACHE_SETTINGS = settings(

@@ -225,3 +225,25 @@ def test_an_unchanged_xdp_reapply_is_answered_by_the_receipt(tmp_path, example_p
     again = apply_twice(tmp_path, path, "lb1")
     assert again.exit_code == 0 and "No changes" in again.output, again.output
     assert len(loads) == 1
+
+
+def test_the_daemons_receipt_parts_write_what_a_full_encoding_writes(example_path, tmp_path):
+    """`kdsr run` reuses the encoded text of the xdp objects compile hands
+    back again (receipt.Parts): the file must be the one a fresh encoding
+    writes, after any sequence of health events, and a note holding a
+    part's stand-in must not be taken for one."""
+    from kdsr.compile import CompileCache
+    from kdsr.compile.effective import effective_intent
+
+    intent = load_intent(_on_xdp(example_path, tmp_path))
+    cache, parts = CompileCache(), receipt.Parts()
+    pool = next(p for p in intent.pools if len(p.members) > 1)
+    down = frozenset({(pool.name, str(pool.members[0].address))})
+    notes = ["plain", "\0kdsr-receipt-part-0"]
+    for gone in (frozenset(), down, frozenset(), down, down):
+        desired = compile_node(effective_intent(intent, gone).intent, "lb1", cache=cache)
+        assert desired.xdp is not None
+        for doc in ({"desired": desired, "notes": notes[:1]}, {"desired": desired, "notes": notes}):
+            text = parts.dumps(doc, "desired")
+            assert text == json.dumps({**doc, "desired": receipt.encode(desired)}, separators=(",", ":"))
+            assert receipt.decode(json.loads(text)["desired"]) == desired

@@ -388,3 +388,154 @@ def test_plan_json_of_xdp_changes_matches_the_plan_schema():
     text = render_text(plan)
     assert "+ xdp service udp 10.10.0.101:5000-5010: -> pool-web-v4-" in text
     assert "+ xdp server 10.10.0.11: MAC 02:00:00:00:00:11" in text
+
+
+def test_a_read_after_a_hand_edit_sees_it_although_the_last_read_is_kept(kernel, store):
+    """The backend keeps what it decoded with the bytes it decoded it from:
+    every read still reads the maps, so an edit between two reads of the
+    same process (a services element deleted, a slot and a server changed)
+    shows in the second."""
+    run(intent(), kernel, store)
+    backend, io = kernel.xdp, kernel.xdp.io
+    first, _ = backend.read("eth0")
+    assert backend.read("eth0")[0] == first  # unchanged maps: the same state
+    info = io.attached["eth0"]
+    services = io.maps[info.maps["services"]]
+    gone = next(iter(services))
+    del services[gone]
+    selectors = io.maps[info.maps["selectors"]]
+    raw = next(v for v in selectors.values() if SELECTOR.unpack(v)[1])
+    active, _size, _seed, _fields, base0, base1, *_rest, name = SELECTOR.unpack(raw)
+    io.maps[info.maps["slots"]][U32.pack((base0, base1)[active])] = U32.pack(0xFFFFFFFF)
+    second, _ = backend.read("eth0")
+    assert len(second.services) == len(first.services) - 1
+    table = {s.name: s.table for s in second.selectors}[name.rstrip(b"\0").decode()]
+    assert table[0] == "" and table[1:] == {s.name: s.table for s in first.selectors}[name.rstrip(b"\0").decode()][1:]
+    prepared = operations.prepare(intent(), "lb1", kernel, store)
+    assert sorted((c.action, c.kind) for c in prepared.plan.changes) == [
+        ("create", "xdp service"),
+        ("update", "xdp selector"),
+    ]
+    operations.apply(prepared, kernel, store)
+    assert backend.read("eth0")[0] == first
+    assert run(intent(), kernel, store).empty
+
+
+class _RefusingBatchLib:
+    """libbpf as a kernel without batch operations answers (EINVAL), over a dict."""
+
+    def __init__(self, elements: dict[bytes, bytes]) -> None:
+        self.elements = elements
+
+    def bpf_map_lookup_batch(self, *args):
+        import ctypes
+
+        ctypes.set_errno(22)
+        return -1
+
+    def bpf_map_get_next_key(self, fd, prev, nxt):
+        keys = sorted(self.elements)
+        after = [k for k in keys if prev is None or k > prev.raw]
+        if not after:
+            return -1
+        nxt.raw = after[0]
+        return 0
+
+    def bpf_map_lookup_elem(self, fd, key, buf):
+        value = self.elements.get(bytes(key))
+        if value is None:
+            return -1
+        buf.raw = value
+        return 0
+
+
+def test_libbpf_reads_fall_back_to_the_element_loop_where_batches_are_refused():
+    from kdsr.kernel.xdp import LibbpfIO, _MapMeta
+
+    elements = {service_key("10.0.0.1", "tcp", 80): U32.pack(3), service_key("10.0.0.2", "udp", 53): U32.pack(4)}
+    io = LibbpfIO()
+    io._lib = _RefusingBatchLib(elements)
+    io._fds[7] = -1
+    io._meta[7] = _MapMeta("services", len(next(iter(elements))), 4, 64, False, False)
+    keys, values = io.dump(7)
+    assert keys == b"".join(sorted(elements)) and values == b"".join(elements[k] for k in sorted(elements))
+    assert 7 in io._no_batch  # asked once, not on every read
+    array = {U32.pack(i): U32.pack(i * 10) for i in range(5)}
+    io._lib = _RefusingBatchLib(array)
+    io._meta[8] = _MapMeta("slots", 4, 4, 5, False, False)
+    io._fds[8] = -1
+    assert io.array(8, 5) == b"".join(U32.pack(i * 10) for i in range(5))
+    assert io.lookup_range(8, 2, 2) == [U32.pack(20), U32.pack(30)]
+
+
+def test_a_kept_read_is_compiles_own_objects_and_a_hand_edit_still_shows(kernel, store):
+    """After a plan or read-back found the maps equal to compile's state,
+    the backend hands back compile's objects for the same bytes
+    (XdpBackend.adopt), so the daemon's next diff, converge and receipt stop
+    at identity; a hand edit after that is still read, planned and repaired."""
+    from kdsr.compile import CompileCache
+
+    cache = CompileCache()
+    it = intent()
+    prepared = operations.prepare(it, "lb1", kernel, store, cache=cache)
+    operations.apply(prepared, kernel, store)
+    again = operations.prepare(it, "lb1", kernel, store, cache=cache)
+    assert again.plan.empty
+    want = again.desired.xdp
+    assert want is not None and want.services is prepared.desired.xdp.services  # compile's cache
+    have, _ = kernel.xdp.read("eth0")
+    assert have.services is want.services
+    assert all(h is w for h, w in zip(have.selectors, want.selectors, strict=True))
+    io = kernel.xdp.io
+    info = io.attached["eth0"]
+    del io.maps[info.maps["services"]][next(iter(io.maps[info.maps["services"]]))]
+    selectors = io.maps[info.maps["selectors"]]
+    raw = next(v for v in selectors.values() if SELECTOR.unpack(v)[1])
+    active, _size, _seed, _fields, base0, base1, *_rest, _name = SELECTOR.unpack(raw)
+    io.maps[info.maps["slots"]][U32.pack((base0, base1)[active])] = U32.pack(0xFFFFFFFF)
+    edited, _ = kernel.xdp.read("eth0")
+    assert edited.services is not want.services and len(edited.services) == len(want.services) - 1
+    repaired = operations.prepare(it, "lb1", kernel, store, cache=cache)
+    assert sorted((c.action, c.kind) for c in repaired.plan.changes) == [
+        ("create", "xdp service"),
+        ("update", "xdp selector"),
+    ]
+    operations.apply(repaired, kernel, store)
+    assert kernel.xdp.read("eth0")[0] == want
+    assert operations.prepare(it, "lb1", kernel, store, cache=cache).plan.empty
+
+
+def test_a_converge_that_fails_part_way_is_undone_to_the_maps_it_found(kernel, store, monkeypatch):
+    """The xdp step's undo converges back to what converge read before its
+    first write (no read of its own): a services write refused after the
+    changed table went in (its active half flipped) leaves the maps holding
+    what they held, and the apply says the previous state was restored."""
+    from kdsr.errors import ApplyError
+    from kdsr.kernel import KernelError
+
+    run(intent(), kernel, store)
+    io = kernel.xdp.io
+    info = io.attached["eth0"]
+    selectors_before = dict(io.maps[info.maps["selectors"]])
+    services_before = dict(io.maps[info.maps["services"]])
+    first, _ = kernel.xdp.read("eth0")
+    doc = json.loads(json.dumps(BASE))
+    doc["pools"]["web"]["servers"][0]["weight"] = 0
+    doc["services"]["web"]["ports"] = [80, 443, 8080]
+    real, written = io.update, []
+
+    def refusing(map_id, key, value):
+        if map_id == info.maps["services"] and not written:
+            written.append(key)
+            raise KernelError("BPF map: update: No space left on device")
+        real(map_id, key, value)
+
+    monkeypatch.setattr(io, "update", refusing)
+    with pytest.raises(ApplyError, match="previous state was restored"):
+        run(IntentDocs(doc, "test.json").intent(), kernel, store)
+    assert written, "the services write was never tried"
+    # The old table written again into the half made inactive, and that half active again.
+    assert io.maps[info.maps["selectors"]] == selectors_before
+    assert io.maps[info.maps["services"]] == services_before
+    assert kernel.xdp.read("eth0")[0] == first
+    assert run(intent(), kernel, store).empty

@@ -56,6 +56,11 @@ class CompileCache:
         self.service_maps: BoundedMemo[tuple, tuple] = BoundedMemo(8)
         # The last selectors per (which services, slot budget), with the steps that made them.
         self.selectors: BoundedMemo[tuple, Any] = BoundedMemo(8)
+        # The xdp engine's last model of each selector (its table and its
+        # services), with the selector it came from.
+        self.xdp_selectors: BoundedMemo[str, tuple] = BoundedMemo(16384)
+        # The xdp engine's last sorted services and servers, with the per-selector parts they came from.
+        self.xdp_sorted: BoundedMemo[str, tuple] = BoundedMemo(2)
         # IPVS destinations per (pool, method, tunnel type, port, family), with the pool they came from.
         self.ipvs_dests: BoundedMemo[tuple, tuple] = BoundedMemo(1 << 15)
         # The last unserved VIPs, with the services and per-pool reasons they came from.

@@ -84,21 +84,72 @@ def _table(sel: Selector, cache: CompileCache | None) -> XdpSelector:
     )
 
 
+def _services(sel: Selector) -> tuple[XdpService, ...]:
+    services = []
+    for service in sel.services:
+        vip = address_text(service.vip)
+        for proto in service.protocols:
+            for ports in service.ports:
+                services.append(XdpService(vip, proto, ports.first, ports.last, sel.name, ports.pointer))
+    return tuple(services)
+
+
+def _selector_model(sel: Selector, cache: CompileCache) -> tuple[XdpSelector, tuple[XdpService, ...]]:
+    """A selector's table and services, the objects of the last compile
+    when nothing they are made of changed (a health event's effective intent
+    shares every pool and service object but the one that changed), so the
+    diff and the daemon's receipt meet them by identity."""
+    last = cache.xdp_selectors.get(sel.name)
+    if (
+        last is not None
+        and last[0] is sel.pool
+        and last[1] == (sel.family, sel.hashing, sel.table_size, sel.mode)
+        and len(last[2]) == len(sel.services)
+        and all(a is b for a, b in zip(last[2], sel.services, strict=True))
+    ):
+        return last[3]
+    made = (_table(sel, cache), _services(sel))
+    if last is not None:
+        # A pool's server went down: its table changed, its services did
+        # not, and stay the objects they were (so do the sorted services).
+        made = tuple(_same_or(old, new) for old, new in zip(last[3], made, strict=True))
+    inputs = (sel.family, sel.hashing, sel.table_size, sel.mode)
+    cache.xdp_selectors.put(sel.name, (sel.pool, inputs, sel.services, made))
+    return made
+
+
+def _same_or(old, new):
+    """``old`` when it equals ``new`` down to its pointers (which equality leaves out)."""
+    if old != new:
+        return new
+    if isinstance(new, tuple):
+        return old if all(a.pointer == b.pointer for a, b in zip(old, new, strict=True)) else new
+    return old if old.pointer == new.pointer else new
+
+
+def _sorted(cache: CompileCache, which: str, parts: tuple, make):
+    """``make()``, or the last one when ``parts`` are the very objects it came from."""
+    last = cache.xdp_sorted.get(which)
+    if last is not None and len(last[0]) == len(parts) and all(a is b for a, b in zip(last[0], parts, strict=True)):
+        return last[1]
+    return cache.xdp_sorted.put(which, (parts, make()))[1]
+
+
 def compile_xdp(intent: Intent, lb: LoadBalancerNode, cache: CompileCache | None = None) -> dict:
     """The XDP program's state on the front interface ("state": None when no
     service is on xdp), and what else the node needs for it: "sysctls", and
     for L3 pools with dsr health monitors "links", "routes", "rules" and
     "modules" (the probes' path)."""
+    if cache is None:
+        cache = CompileCache()
     l2 = selectors_for(intent, wanted, cache=cache)
     l3 = selectors_for(intent, wanted_l3, cache=cache)
     if not l2 and not l3:
         return {"state": None}
-    services: list[XdpService] = []
-    tables: list[XdpSelector] = []
+    models = [_selector_model(sel, cache) for sel in l2 + l3]
     servers: dict[str, XdpServer] = {}
     resolve: set[int] = set()
     for sel in l2 + l3:
-        tables.append(_table(sel, cache))
         for member in sel.members:
             address = address_text(member.address)
             if sel.mode in L3_TUNNELS:
@@ -111,16 +162,18 @@ def compile_xdp(intent: Intent, lb: LoadBalancerNode, cache: CompileCache | None
             )
             if not member.mac:
                 resolve.add(sel.family)
-        for service in sel.services:
-            vip = address_text(service.vip)
-            for proto in service.protocols:
-                for ports in service.ports:
-                    services.append(XdpService(vip, proto, ports.first, ports.last, sel.name, ports.pointer))
+    tables = tuple(table for table, _ in models)
+    by_selector = tuple(services for _, services in models)
     families = {sel.family for sel in l3}
     state = XdpState(
         interface=lb.interface,
-        services=tuple(sorted(services, key=lambda s: s.ident)),
-        selectors=tuple(sorted(tables, key=lambda s: s.name)),
+        services=_sorted(
+            cache,
+            "services",
+            by_selector,
+            lambda: tuple(sorted((s for part in by_selector for s in part), key=lambda s: s.ident)),
+        ),
+        selectors=_sorted(cache, "selectors", tables, lambda: tuple(sorted(tables, key=lambda s: s.name))),
         servers=tuple(sorted(servers.values(), key=lambda s: s.ident)),
         pointer=f"{lb.pointer}/interface",
         source4=tunnel_source(lb, 4) if 4 in families else "",

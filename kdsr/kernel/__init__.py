@@ -19,7 +19,7 @@ their sum.  The backends do not import one another (tests/test_layers.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from kdsr.model import Address, AnnounceRoute, IpvsDest, IpvsService, Link, NftTable, Route, Rule
@@ -185,7 +185,9 @@ class XdpEngine(Protocol):
 
     def detach(self, ifname: str) -> None: ...
 
-    def converge(self, want: XdpState) -> None: ...
+    def converge(self, want: XdpState, found: Callable[[XdpState], None] | None = None) -> None: ...
+
+    def adopt(self, want: XdpState) -> None: ...  # keep the last read's equal parts as ``want``'s objects
 
     def counters(self, ifname: str) -> dict: ...
 

@@ -125,6 +125,8 @@ def keep_unchanged(kernel: Kernel, desired: Desired, observed: Observed, changed
     diff (the daemon's next health event) then meets compile's own map
     tuples and stops at identity.  Without this the first event after a
     start compared every read element with its compiled twin, pair by pair."""
+    if desired.xdp is not None and observed.xdp is not None:
+        kernel.xdp.adopt(desired.xdp)  # the xdp maps' elements that equal compile's, likewise
     touched = {(td.family, td.name) for td in changed}
     read = {t.ident: t for t in observed.tables}
     for table in desired.tables:

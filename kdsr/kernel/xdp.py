@@ -3,10 +3,12 @@
 Finding kdsr's objects: nothing is pinned.  bpffs is not mounted on these
 machines, and ``ip netns exec`` gives each namespace its own mounts, so a pin
 made in one would not be seen from another shell.  The program is found
-through the interface it is attached to (``bpftool net show dev X``: the
-program id; ``bpftool prog show id N``: its name and map ids; ``bpftool map
-show id M``: each map's name); a program named ``kdsr_xdp`` with kdsr's maps
-is kdsr's, any other XDP program on the interface is someone else's.  The
+through the interface it is attached to, with libbpf itself (``bpf_xdp_query``:
+the program id and mode; ``bpf_prog_get_fd_by_id`` and
+``bpf_obj_get_info_by_fd``: its name and map ids; ``bpf_map_get_fd_by_id``
+and ``bpf_obj_get_info_by_fd``: each map's name, type and sizes); a program
+named ``kdsr_xdp`` with kdsr's maps is kdsr's, any other XDP program on the
+interface is someone else's.  The
 maps live as long as the program: detaching it frees them, so destroy leaves
 nothing behind.
 
@@ -14,7 +16,9 @@ Loading: ``ip link set dev X xdpdrv obj build/kdsr_xdp.o sec xdp``
 (iproute2's libbpf loader; no compiler at run time), native mode, falling
 back to generic XDP (``xdpgeneric``) where the driver has none, with a
 warning.  Map elements are read and written through libbpf itself
-(``bpf_map_get_fd_by_id``, ``bpf_map_lookup_elem``, ...) via ctypes.
+(``bpf_map_lookup_batch``, ``bpf_map_update_elem``, ...) via ctypes: a map
+is read whole in a few batch calls (Linux 5.6 has them for hash and array
+maps; the element loop stays for a kernel that refuses them).
 
 Layout (bpf/kdsr_xdp.c): this module decides where things go; compile
 only says what (kdsr/model_xdp.py).  Each server gets an index in
@@ -25,13 +29,18 @@ into the inactive region, then the selector's ``active`` flips.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import hashlib
 import json
+import mmap
 import os
+import socket
 import struct
 import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -149,6 +158,10 @@ class MapsIO(Protocol):
 
     def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]: ...  # array elements first..
 
+    def array(self, map_id: int, count: int) -> bytes: ...  # values of elements 0 .. count-1, end to end
+
+    def dump(self, map_id: int) -> tuple[bytes, bytes]: ...  # every (key, value) of a hash map: keys, values end to end
+
     def keys(self, map_id: int) -> list[bytes]: ...
 
     def update(self, map_id: int, key: bytes, value: bytes) -> None: ...
@@ -164,25 +177,92 @@ class MapsIO(Protocol):
     def neighbour(self, ifname: str, address: str, add: bool) -> None: ...
 
 
+# bpf_xdp_query's options (libbpf 0.7+; later libbpf versions append fields,
+# and accept a shorter ``sz`` from an older caller)
+class _XdpQueryOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("prog_id", ctypes.c_uint32),
+        ("drv_prog_id", ctypes.c_uint32),
+        ("hw_prog_id", ctypes.c_uint32),
+        ("skb_prog_id", ctypes.c_uint32),
+        ("attach_mode", ctypes.c_uint8),
+    ]
+
+
+# The leading fields of struct bpf_prog_info and struct bpf_map_info
+# (linux/bpf.h): the kernel fills as much of the struct as the caller gives.
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+# linux/bpf.h: BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH;
+# BPF_MAP_TYPE_ARRAY; BPF_F_MMAPABLE
+PER_CPU_TYPES = {5, 6, 10}
+ARRAY_TYPE = 2
+BPF_F_MMAPABLE = 1 << 10
+# linux/if_link.h XDP_ATTACHED_*: where the program runs
+ATTACH_MODES = ((1, "drv_prog_id", "driver"), (2, "skb_prog_id", "generic"), (3, "hw_prog_id", "offload"))
+# errno values of a kernel without batch operations for a map type
+NO_BATCH = {22, 95, 524}  # EINVAL, EOPNOTSUPP, ENOTSUPP (the kernel's own 524)
+
+
+@dataclass(frozen=True)
+class _MapMeta:
+    name: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    per_cpu: bool
+    mmapable: bool
+
+
 def _run(argv: list[str]) -> str:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError as exc:
-        raise KernelError(f"{argv[0]} is not installed (the xdp engine needs bpftool and iproute2)") from exc
+        raise KernelError(f"{argv[0]} is not installed (the xdp engine needs iproute2)") from exc
     if result.returncode != 0:
         raise KernelError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
 
 
 class LibbpfIO:
-    """The real kernel: bpftool and iproute2 for programs, libbpf for map elements."""
+    """The real kernel: iproute2 to attach and detach, libbpf (ctypes) to find
+    the program and its maps and to read and write their elements."""
 
     def __init__(self) -> None:
         self._lib = None
         self._fds: dict[int, int] = {}
-        self._sizes: dict[int, tuple[int, int]] = {}
-        self._per_cpu: dict[int, bool] = {}
+        self._meta: dict[int, _MapMeta] = {}  # by map id
         self._programs: dict[int, ProgramInfo] = {}  # by program id
+        self._no_batch: set[int] = set()  # map ids whose kernel refused a batch lookup
+        self._mapped: dict[int, mmap.mmap] = {}  # BPF_F_MMAPABLE arrays, by map id
 
     @property
     def lib(self):
@@ -197,31 +277,81 @@ class LibbpfIO:
             lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
             lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
             lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+            lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+            lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
             lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6
+            lib.bpf_xdp_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_XdpQueryOpts)]
             self._lib = lib
         return self._lib
 
+    def _info(self, fd: int, info: ctypes.Structure, what: str) -> None:
+        length = ctypes.c_uint32(ctypes.sizeof(info))
+        if self.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(length)) != 0:
+            raise KernelError(f"{what}: {os.strerror(ctypes.get_errno())}")
+
     def program(self, ifname: str) -> ProgramInfo | None:
-        found = json.loads(_run(["bpftool", "-j", "net", "show", "dev", ifname]) or "[]")
-        for entry in found:
-            for xdp in entry.get("xdp", []):
-                if xdp.get("devname") != ifname:
-                    continue
-                # A program's name and maps never change, and the kernel does
-                # not reuse program ids: asked once per program (a plan, show
-                # or metrics read asks several times).
-                known = self._programs.get(xdp["id"])
-                if known is None:
-                    prog = json.loads(_run(["bpftool", "-j", "prog", "show", "id", str(xdp["id"])]))
-                    maps = {}
-                    for map_id in prog.get("map_ids", []):
-                        info = json.loads(_run(["bpftool", "-j", "map", "show", "id", str(map_id)]))
-                        maps[info.get("name", "")] = map_id
-                        self._sizes[map_id] = (info["bytes_key"], info["bytes_value"])
-                        self._per_cpu[map_id] = "percpu" in info.get("type", "")
-                    known = self._programs[xdp["id"]] = ProgramInfo(xdp["id"], prog.get("name", ""), "", maps)
-                return ProgramInfo(known.prog_id, known.name, xdp.get("mode", ""), dict(known.maps))
-        return None
+        """The XDP program on ``ifname``: one netlink query (``bpf_xdp_query``)
+        each time, the program's name and maps asked of the kernel once per
+        program id (they never change, and the kernel does not hand out a
+        program id again while the program lives)."""
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError as exc:
+            raise KernelError(f"{ifname}: no such interface") from exc
+        opts = _XdpQueryOpts(sz=ctypes.sizeof(_XdpQueryOpts))
+        rc = self.lib.bpf_xdp_query(ifindex, 0, ctypes.byref(opts))
+        if rc != 0:
+            raise KernelError(f"{ifname}: XDP query: {os.strerror(-rc)}")
+        prog_id, mode = opts.prog_id, ""
+        for attach_mode, field_name, name in ATTACH_MODES:
+            # one program: prog_id and attach_mode; several (XDP_ATTACHED_MULTI):
+            # one id per mode, prog_id 0
+            if opts.attach_mode == attach_mode or (not prog_id and getattr(opts, field_name)):
+                prog_id, mode = prog_id or getattr(opts, field_name), name
+                break
+        if not prog_id:
+            return None
+        known = self._programs.get(prog_id)
+        if known is None:
+            known = self._programs[prog_id] = self._program_info(prog_id)
+            # The maps of a program replaced or detached meanwhile: let them go.
+            self._programs = {prog_id: known}
+            alive = set(known.maps.values())
+            for map_id in [m for m in self._fds if m not in alive]:
+                self._forget(map_id)
+        return ProgramInfo(known.prog_id, known.name, mode, dict(known.maps))
+
+    def _program_info(self, prog_id: int) -> ProgramInfo:
+        fd = self.lib.bpf_prog_get_fd_by_id(prog_id)
+        if fd < 0:
+            raise KernelError(f"BPF program id {prog_id}: {os.strerror(ctypes.get_errno())}")
+        try:
+            info = _ProgInfo()
+            self._info(fd, info, f"BPF program id {prog_id}")
+            ids = (ctypes.c_uint32 * info.nr_map_ids)()
+            info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+            self._info(fd, info, f"BPF program id {prog_id}")
+        finally:
+            os.close(fd)
+        maps = {}
+        for map_id in ids[: min(len(ids), info.nr_map_ids)]:
+            maps[self._map_meta(map_id).name] = map_id
+        return ProgramInfo(prog_id, info.name.decode(errors="replace"), "", maps)
+
+    def _map_meta(self, map_id: int) -> _MapMeta:
+        meta = self._meta.get(map_id)
+        if meta is None:
+            info = _MapInfo()
+            self._info(self._fd(map_id), info, f"BPF map id {map_id}")
+            meta = self._meta[map_id] = _MapMeta(
+                info.name.decode(errors="replace"),
+                info.key_size,
+                info.value_size,
+                info.max_entries,
+                info.type in PER_CPU_TYPES,
+                info.type == ARRAY_TYPE and bool(info.map_flags & BPF_F_MMAPABLE),
+            )
+        return meta
 
     def attach(self, ifname: str, obj: Path, force: bool) -> str:
         if not obj.exists():
@@ -239,76 +369,135 @@ class LibbpfIO:
 
     def detach(self, ifname: str) -> None:
         _run(["ip", "link", "set", "dev", ifname, "xdp", "off"])
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for map_id in list(self._fds):
+            self._forget(map_id)
+        self._programs.clear()
+
+    def _forget(self, map_id: int) -> None:
+        """Let a map go: its mapping and descriptor (the map lives while either does)."""
+        mapped = self._mapped.pop(map_id, None)
+        if mapped is not None:
+            mapped.close()
+        os.close(self._fds.pop(map_id))
 
     def _fd(self, map_id: int) -> int:
         fd = self._fds.get(map_id)
         if fd is None:
             fd = self.lib.bpf_map_get_fd_by_id(map_id)
             if fd < 0:
-                raise KernelError(f"BPF map id {map_id}: {os.strerror(-fd)}")
+                raise KernelError(f"BPF map id {map_id}: {os.strerror(ctypes.get_errno())}")
             self._fds[map_id] = fd
         return fd
 
-    def _value_size(self, map_id: int) -> int:
-        if map_id not in self._sizes:
-            info = json.loads(_run(["bpftool", "-j", "map", "show", "id", str(map_id)]))
-            self._sizes[map_id] = (info["bytes_key"], info["bytes_value"])
-            self._per_cpu[map_id] = "percpu" in info.get("type", "")
-        key, value = self._sizes[map_id]
-        return value
+    def _stride(self, meta: _MapMeta) -> int:
+        """Bytes of one value as the kernel copies it: a per-CPU value is one
+        8-byte aligned copy per possible CPU."""
+        return (meta.value_size + 7) // 8 * 8 * self.cpus() if meta.per_cpu else meta.value_size
 
     def lookup(self, map_id: int, key: bytes) -> bytes | None:
-        size = self._value_size(map_id)
-        per_cpu = (size + 7) // 8 * 8 * self.cpus()  # room for a per-CPU value too
-        buf = ctypes.create_string_buffer(max(size, per_cpu))
+        meta = self._map_meta(map_id)
+        buf = ctypes.create_string_buffer(self._stride(meta))
         rc = self.lib.bpf_map_lookup_elem(self._fd(map_id), key, buf)
         if rc != 0:
             return None
         return buf.raw
 
-    def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]:
-        """Elements first .. first + count - 1 of an array map, in batches of
-        one syscall (BPF_MAP_LOOKUP_BATCH, Linux 5.6): reading the program's
-        4,096-entry arrays one element at a time took a tenth of a second,
-        and every plan, show and metrics read does it."""
-        size = self._value_size(map_id)
-        stride = (size + 7) // 8 * 8 * self.cpus() if self._per_cpu.get(map_id) else size
-        found: list[bytes] = []
-        while len(found) < count:
-            want = count - len(found)
-            keys = ctypes.create_string_buffer(4 * want)
-            values = ctypes.create_string_buffer(stride * want)
-            start = first + len(found)
-            # The batch starts after in_batch (the key before the first one, none for key 0).
-            in_batch = ctypes.c_uint32(start - 1)
-            out_batch = ctypes.c_uint32(0)
-            got = ctypes.c_uint32(want)
+    def _batch(self, map_id: int, first: int | None, want: int) -> tuple[bytes, bytes, bool] | None:
+        """Up to ``want`` elements in batch calls (BPF_MAP_LOOKUP_BATCH), from
+        array index ``first`` (None: a hash map from its start): (keys,
+        values, whether the map's end was reached), or None when the kernel
+        has no batch operation for this map."""
+        meta = self._map_meta(map_id)
+        stride = self._stride(meta)
+        keys_out, values_out = [], []
+        got_total = 0
+        # The batch token: the last key for an array (the batch starts after
+        # it), a bucket number for a hash map; 8 bytes hold either.
+        token_in = ctypes.create_string_buffer(8)
+        token_out = ctypes.create_string_buffer(8)
+        started = False
+        if first:
+            token_in.raw = U32.pack(first - 1) + bytes(4)
+            started = True
+        while got_total < want:
+            chunk = want - got_total
+            keys = ctypes.create_string_buffer(meta.key_size * chunk)
+            values = ctypes.create_string_buffer(stride * chunk)
+            got = ctypes.c_uint32(chunk)
             rc = self.lib.bpf_map_lookup_batch(
-                self._fd(map_id),
-                ctypes.byref(in_batch) if start else None,
-                ctypes.byref(out_batch),
-                keys,
-                values,
-                ctypes.byref(got),
-                None,
+                self._fd(map_id), token_in if started else None, token_out, keys, values, ctypes.byref(got), None
             )
-            errno = ctypes.get_errno()
-            raw = values.raw  # a copy of the whole buffer: once, not per element
-            found += [raw[i * stride : (i + 1) * stride] for i in range(got.value)]
-            if rc != 0 and errno not in (0, 2):  # ENOENT: the end of the array
-                raise KernelError(f"BPF map id {map_id}: batch lookup: {os.strerror(errno)}")
-            if rc != 0 or got.value == 0:
-                break
-        return found
+            errno = ctypes.get_errno() if rc != 0 else 0
+            if rc != 0 and errno in NO_BATCH and not got_total:
+                # (libbpf copies the count it sent back when the kernel refused)
+                return None
+            n = got.value
+            keys_out.append(keys.raw[: n * meta.key_size])
+            values_out.append(values.raw[: n * stride])
+            got_total += n
+            if rc != 0 and errno != 2:  # ENOENT: the end of the map
+                raise KernelError(f"BPF map id {map_id} ({meta.name}): batch lookup: {os.strerror(errno)}")
+            if rc != 0 or n == 0:
+                return b"".join(keys_out), b"".join(values_out), True
+            token_in.raw = token_out.raw
+            started = True
+        return b"".join(keys_out), b"".join(values_out), False
+
+    def array(self, map_id: int, count: int) -> bytes:
+        """Values of array elements 0 .. count-1, end to end (per-CPU values
+        whole): one batch call where the kernel has them."""
+        meta = self._map_meta(map_id)
+        count = min(count, meta.max_entries)
+        if meta.mmapable:
+            # The kernel lays an array's elements 8-byte aligned (elem_size).
+            elem = (meta.value_size + 7) // 8 * 8
+            mapped = self._mapped.get(map_id)
+            if mapped is None:
+                length = -(-meta.max_entries * elem // mmap.PAGESIZE) * mmap.PAGESIZE
+                mapped = self._mapped[map_id] = mmap.mmap(self._fd(map_id), length, mmap.MAP_SHARED, mmap.PROT_READ)
+            raw = mapped[: count * elem]
+            if elem == meta.value_size:
+                return raw
+            if meta.value_size == 4:
+                return array.array("I", raw)[::2].tobytes()
+            return b"".join(raw[i : i + meta.value_size] for i in range(0, len(raw), elem))
+        got = None if map_id in self._no_batch else self._batch(map_id, 0, count)
+        if got is None:
+            self._no_batch.add(map_id)
+            stride = self._stride(meta)
+            return b"".join((self.lookup(map_id, U32.pack(i)) or bytes(stride)) for i in range(count))
+        return got[1]
+
+    def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]:
+        """Elements first .. first + count - 1 of an array map."""
+        meta = self._map_meta(map_id)
+        stride = self._stride(meta)
+        count = max(0, min(count, meta.max_entries - first))
+        got = None if map_id in self._no_batch else self._batch(map_id, first, count)
+        if got is None:
+            self._no_batch.add(map_id)
+            return [self.lookup(map_id, U32.pack(i)) or b"" for i in range(first, first + count)]
+        raw = got[1]
+        return [raw[i * stride : (i + 1) * stride] for i in range(len(raw) // stride)]
+
+    def dump(self, map_id: int) -> tuple[bytes, bytes]:
+        """Every element of a hash map: (keys, values), each end to end, in the
+        kernel's order; batch calls of the whole map where the kernel has them."""
+        meta = self._map_meta(map_id)
+        got = None if map_id in self._no_batch else self._batch(map_id, None, max(meta.max_entries, 1))
+        if got is not None:
+            return got[0], got[1]
+        self._no_batch.add(map_id)
+        keys, values = [], []
+        for key in self.keys(map_id):
+            value = self.lookup(map_id, key)
+            if value is not None:  # deleted since
+                keys.append(key)
+                values.append(value)
+        return b"".join(keys), b"".join(values)
 
     def keys(self, map_id: int) -> list[bytes]:
-        key_size = self._sizes[map_id][0] if map_id in self._sizes else None
-        if key_size is None:
-            self._value_size(map_id)
-            key_size = self._sizes[map_id][0]
+        key_size = self._map_meta(map_id).key_size
         found = []
         prev = None
         nxt = ctypes.create_string_buffer(key_size)
@@ -365,6 +554,15 @@ class XdpBackend:
         self.obj = obj or default_object()
         self.warnings: list[str] = []
         self.writes = 0
+        # What the last read decoded, with the bytes it decoded it from
+        # (``_layout``, ``_tables``, ``_services``).
+        self._decoded: dict[str, tuple] = {}
+        # Objects of the last read that equal compile's (``adopt``): the
+        # selectors by name, with the descriptor and table read; the services
+        # with the decoded list they equal.
+        self._selectors_read: dict[str, tuple] = {}
+        self._services_adopted: tuple[list, tuple[XdpService, ...]] | None = None
+        self._digest: tuple[tuple, bytes] | None = None
 
     # ---------------------------------------------------------------- read
     def read(self, ifname: str) -> tuple[XdpState | None, str]:
@@ -377,44 +575,130 @@ class XdpBackend:
         layout = self._layout(info)
         return self._state(ifname, layout), ""
 
+    def adopt(self, want: XdpState) -> None:
+        """Keep what equals ``want`` in the last read as ``want``'s own objects
+        (observe.keep_unchanged calls this after a diff or a read-back): the
+        next read of the same bytes hands them back, so the diff, converge and
+        the daemon's receipt meet compile's objects and stop at identity, as
+        the nft backend's ``adopt`` does for tables.  Only what compares equal
+        is kept, so a read returns the same values either way."""
+        known = self._decoded.get("services")
+        adopted = self._services_adopted
+        if known is not None and not (adopted and adopted[0] is known[1] and adopted[1] is want.services):
+            self._services_adopted = (known[1], want.services) if tuple(known[1]) == want.services else None
+        for sel in want.selectors:
+            hit = self._selectors_read.get(sel.name)
+            if hit is not None and hit[2] is not sel and hit[2] == sel:
+                self._selectors_read[sel.name] = (hit[0], hit[1], sel)
+
     def _layout(self, info: ProgramInfo) -> _Layout:
-        servers: dict[str, int] = {}
-        entries: dict[int, XdpServer] = {}
-        for index, raw in enumerate(self.io.lookup_range(info.maps["servers"], 0, MAX_SERVERS)):
-            if len(raw) < SERVER.size:
-                continue
-            mac, flags, family, addr = SERVER.unpack_from(raw)
-            if family not in (4, 6):
-                continue
-            address = _addr_text(family, addr)
-            servers[address] = index
-            entries[index] = XdpServer(address, _mac_text(mac) if flags & SERVER_HAS_MAC else "")
-        selectors = {}
-        for index, raw in enumerate(self.io.lookup_range(info.maps["selectors"], 0, MAX_SELECTORS)):
-            if len(raw) < SELECTOR.size:
-                continue
-            desc = SELECTOR.unpack_from(raw)
-            if desc[1] == 0:
-                continue
-            name = desc[8].split(b"\0", 1)[0].decode(errors="replace")
-            selectors[name] = (index, desc)
-        return _Layout(info, servers, entries, selectors)
+        # Each map is read whole from the kernel every time (a BPF map has no
+        # generation to prove a copy current); what the decoding made of the
+        # same bytes last time is reused, so an unchanged map costs its
+        # read and one comparison of bytes.
+        raw_servers = self.io.array(info.maps["servers"], MAX_SERVERS)
+        known = self._decoded.get("servers")
+        if known is not None and known[0] == raw_servers:
+            servers, entries = known[1]
+        else:
+            servers, entries = {}, {}
+            for index, (mac, flags, family, addr) in enumerate(_unpack_all(SERVER, raw_servers)):
+                if family not in (4, 6):
+                    continue
+                address = _addr_text(family, addr)
+                servers[address] = index
+                entries[index] = XdpServer(address, _mac_text(mac) if flags & SERVER_HAS_MAC else "")
+            self._decoded["servers"] = (raw_servers, (servers, entries))
+        raw_selectors = self.io.array(info.maps["selectors"], MAX_SELECTORS)
+        known = self._decoded.get("selectors")
+        if known is not None and known[0] == raw_selectors:
+            selectors = known[1]
+        else:
+            selectors = {}
+            for index, desc in enumerate(_unpack_all(SELECTOR, raw_selectors)):
+                if desc[1] == 0:
+                    continue
+                name = desc[8].split(b"\0", 1)[0].decode(errors="replace")
+                selectors[name] = (index, desc)
+            self._decoded["selectors"] = (raw_selectors, selectors)
+        return _Layout(info, dict(servers), dict(entries), dict(selectors))
+
+    def _tables(self, layout: _Layout) -> dict[str, tuple[str, ...]]:
+        """Each selector's active table, as server addresses: the slots array
+        read up to the end of the last region in one batch."""
+        maps = layout.info.maps
+        end = max((desc[4 + r] + desc[1] for _, desc in layout.selectors.values() for r in (0, 1)), default=0)
+        raw = memoryview(self.io.array(maps["slots"], end)) if end else memoryview(b"")
+        servers_raw = self._decoded["servers"][0]
+        known: dict = self._decoded.get("tables", {})
+        tables, memo = {}, {}
+        address_of = {index: server.address for index, server in layout.server_entries.items()}
+        for name, (_index, desc) in layout.selectors.items():
+            size, active = desc[1], desc[0] & 1
+            base = desc[4 + active]
+            region = bytes(raw[base * U32.size : (base + size) * U32.size])
+            key = (base, size, region, servers_raw)
+            hit = known.get(name)
+            if hit is not None and hit[0] == key:
+                table = hit[1]
+            else:
+                indices = array.array("I", region)
+                if sys.byteorder != "little":
+                    indices.byteswap()
+                table = tuple(address_of.get(i) or ("" if i == NO_SERVER else f"#{i}") for i in indices) + ("",) * (
+                    size - len(indices)
+                )
+                if not any(table):
+                    table = ()
+            tables[name] = table
+            memo[name] = (key, table)
+        self._decoded["tables"] = memo
+        return tables
+
+    def _services(self, maps: dict[str, int], names_by_id: dict[int, str]) -> list[XdpService]:
+        keys, values = self.io.dump(maps["services"])
+        rkeys, rvalues = self.io.dump(maps["ranges"])
+        key = (keys, values, rkeys, rvalues, tuple(sorted(names_by_id.items())))
+        known = self._decoded.get("services")
+        if known is not None and known[0] == key:
+            return known[1]
+        size = SVC_KEY.size
+        services = []
+        for i, (sel_id,) in enumerate(_unpack_all(U32, values)):
+            addr, family, proto, port = SVC_KEY.unpack_from(keys, i * size)
+            sel = names_by_id.get(sel_id, f"#{sel_id}")
+            services.append(
+                XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), port, port, sel)
+            )
+        stride = 4 + RANGES_PER_KEY * PORT_RANGE.size
+        for i in range(len(rvalues) // stride if stride else 0):
+            addr, family, proto, _port = SVC_KEY.unpack_from(rkeys, i * size)
+            count = U32.unpack_from(rvalues, i * stride)[0]
+            for j in range(min(count, RANGES_PER_KEY)):
+                first, last, sel_id = PORT_RANGE.unpack_from(rvalues, i * stride + 4 + j * PORT_RANGE.size)
+                sel = names_by_id.get(sel_id, f"#{sel_id}")
+                services.append(
+                    XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), first, last, sel)
+                )
+        services.sort(key=lambda s: s.ident)
+        self._decoded["services"] = (key, services)
+        return services
 
     def _state(self, ifname: str, layout: _Layout) -> XdpState:
         maps = layout.info.maps
         managed = self.io.managed_neighbours(ifname)
         names_by_id = {index: name for name, (index, _) in layout.selectors.items()}
+        tables = self._tables(layout)
         selectors = []
+        read: dict[str, tuple] = {}
         for name, (_index, desc) in sorted(layout.selectors.items()):
             active, size, seed, fields, base0, base1, encap, mtu, _name = desc
-            base = (base0, base1)[active & 1]
-            table = []
-            for raw in self.io.lookup_range(maps["slots"], base, size):
-                index = U32.unpack_from(raw)[0] if len(raw) >= U32.size else NO_SERVER
-                server = layout.server_entries.get(index)
-                table.append(server.address if server else ("" if index == NO_SERVER else f"#{index}"))
-            if all(t == "" for t in table):
-                table = []
+            table = tables[name]
+            hit = self._selectors_read.get(name)
+            if hit is not None and hit[0] == desc and hit[1] is table:
+                selectors.append(hit[2])  # the same bytes: what they decoded to (or equal) last time
+                read[name] = hit
+                continue
             family = 6 if ":" in next((t for t in table if t), "") else 4
             if name.split("-")[-2:-1] == ["v6"]:
                 family = 6
@@ -425,33 +709,16 @@ class XdpBackend:
                     FIELD_NAMES.get(fields, str(fields)),
                     seed,
                     size,
-                    tuple(table),
+                    table,
                     mode=MODE_NAMES.get(encap, str(encap)),
                     path_mtu=mtu,
                 )
             )
-        services = []
-        for key in self.io.keys(maps["services"]):
-            addr, family, proto, port = SVC_KEY.unpack(key[: SVC_KEY.size])
-            raw = self.io.lookup(maps["services"], key)
-            if raw is None:
-                continue
-            sel = names_by_id.get(U32.unpack_from(raw)[0], f"#{U32.unpack_from(raw)[0]}")
-            services.append(
-                XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), port, port, sel)
-            )
-        for key in self.io.keys(maps["ranges"]):
-            addr, family, proto, _port = SVC_KEY.unpack(key[: SVC_KEY.size])
-            raw = self.io.lookup(maps["ranges"], key)
-            if raw is None:
-                continue
-            count = U32.unpack_from(raw)[0]
-            for i in range(min(count, RANGES_PER_KEY)):
-                first, last, sel_id = PORT_RANGE.unpack_from(raw, 4 + i * PORT_RANGE.size)
-                sel = names_by_id.get(sel_id, f"#{sel_id}")
-                services.append(
-                    XdpService(_addr_text(family, addr), PROTOCOL_NAMES.get(proto, str(proto)), first, last, sel)
-                )
+            read[name] = (desc, table, selectors[-1])
+        self._selectors_read = read
+        listed = self._services(maps, names_by_id)
+        adopted = self._services_adopted
+        services = adopted[1] if adopted is not None and adopted[0] is listed else tuple(listed)
         config = self.io.lookup(maps["config"], U32.pack(0))
         mac, _ifindex, loaded, source4, source6 = CONFIG.unpack_from(config) if config else (b"", 0, b"", b"", b"")
         config_mac = _mac_text(mac) if config else ""
@@ -460,7 +727,7 @@ class XdpBackend:
         stale = bool(config_mac) and loaded != self.object_digest()
         return XdpState(
             interface=ifname,
-            services=tuple(sorted(services, key=lambda s: s.ident)),
+            services=services,
             selectors=tuple(selectors),
             servers=tuple(
                 sorted(
@@ -479,9 +746,14 @@ class XdpBackend:
         )
 
     def object_digest(self) -> bytes:
-        """The first 8 bytes of the object file's SHA-256 (zeros without a file)."""
+        """The first 8 bytes of the object file's SHA-256 (zeros without a
+        file), hashed again when the file's size or modification time moves."""
         try:
-            return hashlib.sha256(self.obj.read_bytes()).digest()[:8]
+            st = self.obj.stat()
+            stamp = (str(self.obj), st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._digest is None or self._digest[0] != stamp:
+                self._digest = (stamp, hashlib.sha256(self.obj.read_bytes()).digest()[:8])
+            return self._digest[1]
         except OSError:
             return bytes(8)
 
@@ -504,14 +776,18 @@ class XdpBackend:
                 "socket buffer is built: it costs about what the nft engine does and gains little over it."
             )
 
-    def converge(self, want: XdpState) -> None:
-        """Make the maps on ``want.interface`` hold ``want`` (the program is attached)."""
+    def converge(self, want: XdpState, found: Callable[[XdpState], None] | None = None) -> None:
+        """Make the maps on ``want.interface`` hold ``want`` (the program is
+        attached); ``found``: told what the maps held, before the first write
+        (the apply's undo converges back to it)."""
         info = self.io.program(want.interface)
         if info is None or info.name != PROGRAM_NAME:
             raise KernelError(f"{want.interface}: kdsr's XDP program is not attached")
         maps = info.maps
         layout = self._layout(info)
         have = self._state(want.interface, layout)
+        if found is not None:
+            found(have)
 
         def write(map_name: str, key: bytes, value: bytes) -> None:
             self.io.update(maps[map_name], key, value)
@@ -562,7 +838,7 @@ class XdpBackend:
         id_of = {name: index for name, (index, _) in layout.selectors.items()}
         wanted_names = {s.name for s in want.selectors}
         for sel in want.selectors:
-            if sel.name in layout.selectors and have_tables.get(sel.name) == sel:
+            if sel.name in layout.selectors and ((old := have_tables.get(sel.name)) is sel or old == sel):
                 continue
             slots = [index_of[a] for a in sel.table] if sel.table else [NO_SERVER] * sel.size
             if sel.name in layout.selectors:
@@ -592,17 +868,20 @@ class XdpBackend:
             write("selectors", U32.pack(index), SELECTOR.pack(*desc))
             id_of[sel.name] = index
         # 4. services (one element each; a VIP's and protocol's port ranges
-        # are one element, rewritten whole)
-        have_services = {s.ident: s for s in have.services}
-        want_services = {s.ident: s for s in want.services}
+        # are one element, rewritten whole); none to compare when the read
+        # is compile's own tuple (``adopt``): it holds what is wanted
+        same = have.services is want.services
+        want_listed, have_listed = ((), ()) if same else (want.services, have.services)
+        have_services = {s.ident: s for s in have_listed}
+        want_services = {s.ident: s for s in want_listed}
         ranges: dict[bytes, list[XdpService]] = {}
-        for svc in want.services:
+        for svc in want_listed:
             if svc.first != svc.last:
                 ranges.setdefault(service_key(svc.vip, svc.protocol, 0), []).append(svc)
             elif have_services.get(svc.ident) != svc:
                 write("services", service_key(svc.vip, svc.protocol, svc.first), U32.pack(id_of[svc.selector]))
         have_ranges: dict[bytes, list[XdpService]] = {}
-        for svc in have.services:
+        for svc in have_listed:
             if svc.first != svc.last:
                 have_ranges.setdefault(service_key(svc.vip, svc.protocol, 0), []).append(svc)
         for key, items in ranges.items():
@@ -707,6 +986,12 @@ class XdpBackend:
                 self.writes += 1
 
 
+def _unpack_all(layout: struct.Struct, raw: bytes):
+    """Every whole element of ``raw`` (elements of ``layout.size`` end to end)."""
+    whole = len(raw) - len(raw) % layout.size
+    return layout.iter_unpack(memoryview(raw)[:whole])
+
+
 def _first_fit(regions: list[tuple[int, int]], size: int) -> int:
     """The lowest base where ``size`` slots fit between the used ``regions`` (sorted)."""
     at = 0
@@ -719,6 +1004,10 @@ def _first_fit(regions: list[tuple[int, int]], size: int) -> int:
     return at
 
 
+# The array maps' value sizes, as bpf/kdsr_xdp.c declares them (FakeIO.array)
+FAKE_VALUE_SIZES = {"config": CONFIG.size, "selectors": SELECTOR.size, "slots": U32.size, "servers": SERVER.size}
+
+
 class FakeIO:
     """An in-memory stand-in for the kernel's BPF maps and XDP hook (unit tests)."""
 
@@ -727,6 +1016,7 @@ class FakeIO:
         self.neighbours: dict[str, set[str]] = {}  # managed neighbour entries per interface
         self.attached: dict[str, ProgramInfo] = {}
         self.maps: dict[int, dict[bytes, bytes]] = {}
+        self.names: dict[int, str] = {}  # map id -> name
         self._next_id = 100
         self._cpus = cpus
 
@@ -749,6 +1039,7 @@ class FakeIO:
             self._next_id += 1
             maps[name] = self._next_id
             self.maps[self._next_id] = {}
+            self.names[self._next_id] = name
         self._next_id += 1
         self.attached[ifname] = ProgramInfo(self._next_id, PROGRAM_NAME, "driver", maps)
         return "driver"
@@ -765,6 +1056,15 @@ class FakeIO:
 
     def lookup_range(self, map_id: int, first: int, count: int) -> list[bytes]:
         return [self.maps[map_id].get(U32.pack(i), b"") for i in range(first, first + count)]
+
+    def array(self, map_id: int, count: int) -> bytes:
+        zero = bytes(FAKE_VALUE_SIZES[self.names[map_id]])
+        held = self.maps[map_id]
+        return b"".join(held.get(U32.pack(i), zero) for i in range(count))
+
+    def dump(self, map_id: int) -> tuple[bytes, bytes]:
+        held = self.maps[map_id]
+        return b"".join(held), b"".join(held.values())
 
     def keys(self, map_id: int) -> list[bytes]:
         return list(self.maps[map_id])
