@@ -150,6 +150,7 @@ ROWS = {
     "xdp-l2": ("10.10.0.8", "l2", "xdp", 1),
     "xdp-l2-10k": ("10.10.0.9", "l2", "xdp", N_VIPS),
     "xdp-l3": ("10.10.0.10", "l3-ipip", "xdp", 1),
+    "nft-l2-base": ("10.10.0.23", "l2", "nft", 1),
 }
 # The yardsticks every run measures beside the rows asked for (see the
 # module's docstring): no balancer hop at all, and a first hop that drops
@@ -171,7 +172,12 @@ LABEL = {
     "direct": "no balancer hop (client -> server)",
     "sink": "sender ceiling: first hop drops",
     "sink-xdp": "sender ceiling: XDP hop drops",
+    "nft-l2-base": "kdsr nft L2, 1 VIP, --baseline's kdsr",
 }
+# --baseline REV: the kdsr that applies the nft-l2-base row (unpacked from
+# this clone's history by netns-lab/releases.py), to measure what a change
+# of the nft table bought beside this checkout's nft-l2, in one run.
+BASELINE_RELEASE: dict[str, Path] = {}
 BASELINE = "fwd"
 # --host --sender redirect (the default there): every row's first hop gets
 # the frames as XDP frames (see redirect_stage()), so every first hop is an
@@ -467,10 +473,10 @@ def intent(row: str) -> dict:
     }
 
 
-def kdsr_apply(ns: str, intent_path: Path, node: str, state: Path) -> dict:
+def kdsr_apply(ns: str, intent_path: Path, node: str, state: Path, release: Path = ROOT) -> dict:
     argv = [sys.executable, "-m", "kdsr", "--state-dir", str(state), "apply", str(intent_path), "--node", node]
     t0 = time.monotonic()
-    res = nsx(ns, argv, check=False, timeout=1200, cwd=ROOT)
+    res = nsx(ns, argv, check=False, timeout=1200, cwd=release)
     return {
         "ns": ns,
         "node": node,
@@ -487,11 +493,12 @@ def apply_all(rows: list[str], work: Path) -> list[dict]:
             continue
         path = work / f"{row}.json"
         path.write_text(json.dumps(intent(row)))
-        jobs.append((lb_ns(row), path, "lb1", work / "state" / row))
+        release = BASELINE_RELEASE["dir"] if row == "nft-l2-base" else ROOT
+        jobs.append((lb_ns(row), path, "lb1", work / "state" / row, release))
     # the servers: kdsr's L2 server role (VIP on lo, arp_ignore/announce).
     srv = work / "servers-l2.json"
     srv.write_text(json.dumps(intent("nft-l2")))
-    jobs += [(PREFIX + s, srv, s, work / "state" / f"srv-{s}") for s in SERVERS]
+    jobs += [(PREFIX + s, srv, s, work / "state" / f"srv-{s}", ROOT) for s in SERVERS]
     # the 10k-VIP apply is the long one: start it first.
     jobs.sort(key=lambda j: "10k" not in j[0])
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
@@ -985,7 +992,7 @@ def capable() -> bool:
 
 
 # Rows that need nothing the host kernel lacks (IPVS, ipip, pktgen).
-HOST_ROWS = ("direct", "sink", "sink-xdp", "fwd", "nft-l2", "nft-l2-10k", "xdp-l2", "xdp-l2-10k")
+HOST_ROWS = ("direct", "sink", "sink-xdp", "fwd", "nft-l2", "nft-l2-10k", "xdp-l2", "xdp-l2-10k", "nft-l2-base")
 # Without --rows: every row the mode can carry (the guest carries them all).
 GUEST_ROWS = tuple(ROWS)
 SENDER_SOURCE = ROOT / "bench" / "fastpath_sender.c"
@@ -1047,6 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--keep", action="store_true", help="leave the namespaces up (inside mode)")
+    p.add_argument("--baseline", help="a git revision whose kdsr applies the row nft-l2-base (host)")
     p.add_argument(
         "--host",
         action="store_true",
@@ -1060,13 +1068,21 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root", file=sys.stderr)
         return 1
     if args.rows is None:
-        args.rows = ",".join(HOST_ROWS if args.host else GUEST_ROWS)
+        default = [r for r in HOST_ROWS if r != "nft-l2-base"] + (["nft-l2-base"] if args.baseline else [])
+        args.rows = ",".join(default if args.host else GUEST_ROWS)
     asked = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(asked) - set(ROWS)
     if unknown:
         p.error(f"unknown rows: {sorted(unknown)}")
+    if ("nft-l2-base" in asked) != bool(args.baseline):
+        p.error("--baseline REV and the row nft-l2-base go together (--host only)")
+    if args.baseline:
+        sys.path.insert(0, str(ROOT / "netns-lab"))
+        import releases  # noqa: PLC0415
+
+        BASELINE_RELEASE["dir"] = releases.unpack(args.baseline, Path(tempfile.mkdtemp(prefix="kdsrfp-base-")))
     args.rows = with_yardsticks(asked)
-    params = {"rounds": args.rounds, "duration_s": args.duration, "rows": args.rows}
+    params = {"rounds": args.rounds, "duration_s": args.duration, "rows": args.rows, "baseline": args.baseline}
     if args.host:
         params["sender"] = args.sender
         missing = [o for o in ("xdp_pass.o", "xdp_drop.o", "xdp_redirect_tx.o") if not (ROOT / "build" / o).exists()]
