@@ -34,6 +34,7 @@ from array import array
 PROBE = struct.Struct("!Id")
 MAX_PROBES = 500_000
 RECV_BUFFER = 8 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value; Python does not name it
 
 
 def send(args: argparse.Namespace) -> int:
@@ -63,7 +64,13 @@ def send(args: argparse.Namespace) -> int:
 def sink(args: argparse.Namespace) -> int:
     family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+    # SO_RCVBUF is capped at net.core.rmem_max (a few hundred KB by default,
+    # less than a stalled sink needs on a busy machine); as root, FORCE
+    # takes the size asked for.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECV_BUFFER)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
     sock.bind((args.bind, args.port))
     sock.settimeout(0.2)
     stop = []
