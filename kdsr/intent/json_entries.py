@@ -29,8 +29,8 @@ words the problem.
 Why hand-written: the library it stands in for is the standard ``json``
 parser (C), which reads the whole text on every reload; side by side in
 bench/reload_parts.py (10,000 VIPs, one weight edited) the whole-text parse
-makes a reload several times slower, a large part of the daemon's 150 ms
-budget for an edit.  Its C scanner still parses every value here.
+makes a reload several times slower, a large part of the daemon's budget
+for an edit (its goal: docs/performance.md).  Its C scanner still parses every value here.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ reports exactly what ``kdsr plan`` would.
 must not let ``true`` through where the last file had ``1``.
 
 Why kept: a whole reload (``load.parse_intent``: jsonschema-rs, then the
-whole build and verify) alone exceeds the daemon's 150 ms budget for an
-edit at 10,000 VIPs; bench/reload_parts.py times it beside this reload and
+whole build and verify) alone exceeds the daemon's budget for an edit on
+a large intent (its goal: docs/performance.md); bench/reload_parts.py times it beside this reload and
 beside each part of it left out.
 """
 

@@ -28,8 +28,8 @@ load balancers, BGP) verifies the whole document.
 tests/test_intent_reverify.py checks chains of random edits against cold loads.
 
 Why kept: verify on the whole document is most of a whole reload's time and
-by itself over the daemon's 150 ms budget for an edit at 10,000 VIPs
-(bench/reload_parts.py, variant "whole verify").
+by itself over the daemon's budget for an edit on a large intent
+(docs/performance.md; bench/reload_parts.py, variant "whole verify").
 """
 
 from __future__ import annotations
