@@ -312,24 +312,32 @@ def test_no_flow_lost_across_table_flips(deployed, tmp_path):
     deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
 
 
+def _picks_per_engine(
+    deployed, name: str, probes, fields: str | None = None, ipv6_ext: str = "", spread: bool = False
+) -> dict:
+    """One intent on the xdp engine, then on the nft engine; per engine, the
+    server each flow of ``probes`` (vip, proto, port, flows, first sport)
+    reached, every flow answered (``spread``: from the VIP, over 2+ servers)."""
+    lab = deployed.lab
+    picks: dict[str, dict] = {}
+    for engine in ("xdp", "nft"):
+        path = deployed.write(f"{name}-{engine}", _intent(lab, engine, fields=fields))
+        deployed.kdsr("lb", "apply", str(path), "--node", "lb1")
+        for vip, proto, port, count, first in probes:
+            report = lab.probe(vip, proto, port, flows=count, first_sport=first, ipv6_ext=ipv6_ext)
+            assert report.all_ok, (engine, report.describe_failures())
+            if spread:
+                _assert_flows(report, vip)
+            picks.setdefault(engine, {}).update({(vip, proto, k): v for k, v in report.server_by_sport().items()})
+    return picks
+
+
 def test_xdp_and_nft_choose_the_same_server(deployed):
     """One intent on the xdp engine, then on the nft engine: every flow to the same server."""
-    lab = deployed.lab
-    first = lab.next_sports(300)
-    picks = {}
-    for engine in ("xdp", "nft"):
-        intent = deployed.write(f"same-{engine}", _intent(lab, engine))
-        deployed.kdsr("lb", "apply", str(intent), "--node", "lb1")
-        for vip, proto, port, count, offset in (
-            (VIP4, "udp", 53, 100, 0),
-            (VIP4, "tcp", 80, 100, 100),
-            (VIP6, "udp", 80, 100, 200),
-        ):
-            report = lab.probe(vip, proto, port, flows=count, first_sport=first + offset)
-            assert report.all_ok, (engine, report.describe_failures())
-            picks.setdefault(engine, {}).update({(vip, proto, k): v for k, v in report.server_by_sport().items()})
-    if engine == "nft":
-        assert deployed.xdp_on("lb") == []  # switching engines took kdsr's program away
+    first = deployed.lab.next_sports(300)
+    probes = [(VIP4, "udp", 53, 100, first), (VIP4, "tcp", 80, 100, first + 100), (VIP6, "udp", 80, 100, first + 200)]
+    picks = _picks_per_engine(deployed, "same", probes)
+    assert deployed.xdp_on("lb") == []  # switching engines took kdsr's program away
     assert picks["xdp"] == picks["nft"]
     assert len(set(picks["xdp"].values())) == 3
     deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
@@ -342,16 +350,8 @@ def test_ipv6_extension_headers_are_balanced_like_nft(deployed, proto):
     options header: the program walks them as nft does (``meta l4proto``,
     ``th dport``), so each flow is answered, through the xdp engine, by the
     server nft's table gives it."""
-    lab = deployed.lab
-    first = lab.next_sports(60)
-    picks = {}
-    for engine in ("xdp", "nft"):
-        path = deployed.write(f"ext-{engine}", _intent(lab, engine))
-        deployed.kdsr("lb", "apply", str(path), "--node", "lb1")
-        report = lab.probe(VIP6, proto, 80, flows=60, first_sport=first, ipv6_ext="hop,dst")
-        assert report.all_ok, (engine, report.describe_failures())
-        _assert_flows(report, VIP6)
-        picks[engine] = report.server_by_sport()
+    probes = [(VIP6, proto, 80, 60, deployed.lab.next_sports(60))]
+    picks = _picks_per_engine(deployed, "ext", probes, ipv6_ext="hop,dst", spread=True)
     assert picks["xdp"] == picks["nft"]
     deployed.kdsr("lb", "apply", str(deployed.intent), "--node", "lb1")
 
@@ -361,16 +361,9 @@ def test_xdp_and_nft_agree_on_other_hash_fields(deployed, fields):
     """nft's jhash over five fields (address, address, l4proto, port, port:
     each in its own register) and over the source address alone, computed
     by the program: the same server, flow by flow, IPv4 and IPv6."""
-    lab = deployed.lab
-    first = lab.next_sports(120)
-    picks = {}
-    for engine in ("xdp", "nft"):
-        path = deployed.write(f"{fields}-{engine}", _intent(lab, engine, fields=fields))
-        deployed.kdsr("lb", "apply", str(path), "--node", "lb1")
-        for vip, proto, port, offset in ((VIP4, "udp", 53, 0), (VIP6, "tcp", 80, 60)):
-            report = lab.probe(vip, proto, port, flows=60, first_sport=first + offset)
-            assert report.all_ok, (engine, report.describe_failures())
-            picks.setdefault(engine, {}).update({(vip, k): v for k, v in report.server_by_sport().items()})
+    first = deployed.lab.next_sports(120)
+    probes = [(VIP4, "udp", 53, 60, first), (VIP6, "tcp", 80, 60, first + 60)]
+    picks = _picks_per_engine(deployed, fields, probes, fields=fields)
     assert picks["xdp"] == picks["nft"]
     if fields == "five-tuple":
         assert len(set(picks["xdp"].values())) == 3
